@@ -1,0 +1,14 @@
+//! Shared building blocks of pushcluster: keys and limits, message frames,
+//! the consistent-hash ring over shards, subscriber tokens and the ops
+//! endpoints (`/metrics`, `/healthz`, `/readyz`) every service serves.
+
+pub mod frame;
+pub mod key;
+pub mod ops;
+pub mod ring;
+pub mod token;
+
+/// Message group of a private message (one key).
+pub const GID_PRIVATE: i32 = 0;
+/// Message group of a public (broadcast) message.
+pub const GID_PUBLIC: i32 = 1;

@@ -1,0 +1,260 @@
+//! The embedded backend: redb on local disk, for one machine and `make run`.
+//!
+//! All writes go through one writer thread that groups whatever appends are
+//! waiting into a single transaction and one fsync, then answers each; the
+//! durability of every acknowledged append costs a share of one fsync. Reads
+//! run on MVCC snapshots beside it.
+
+use crate::{now_ms, Channel, Result, Retention, Store, StoreError, Stored};
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// channel name -> (last mid, last append in ms).
+const SEQ: TableDefinition<&str, (u64, u64)> = TableDefinition::new("seq");
+/// (channel name, mid) -> (expires at in ms, payload).
+const MSGS: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("msgs");
+
+/// How many queued writes one transaction takes at most.
+const MAX_BATCH: usize = 512;
+/// How often expired messages and idle sequences are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+fn channel_name(ch: Channel<'_>) -> String {
+    match ch {
+        Channel::Private(k) => format!("k/{k}"),
+        Channel::Public => "g/".to_owned(),
+    }
+}
+
+enum Op {
+    Append {
+        chan: String,
+        payload: Bytes,
+        expire_at: u64,
+        reply: oneshot::Sender<Result<i64>>,
+    },
+    Delete {
+        chan: String,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Sweep,
+}
+
+/// redb-backed store.
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    writes: mpsc::Sender<Op>,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the database file at `path` and starts its writer.
+    pub fn open(path: &Path, retention: Retention) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(redb::Error::from)?;
+        }
+        let db = Arc::new(Database::create(path).map_err(redb::Error::from)?);
+        {
+            let tx = db.begin_write().map_err(redb::Error::from)?;
+            tx.open_table(SEQ).map_err(redb::Error::from)?;
+            tx.open_table(MSGS).map_err(redb::Error::from)?;
+            tx.commit().map_err(redb::Error::from)?;
+        }
+        let (writes, rx) = mpsc::channel(4096);
+        let writer_db = db.clone();
+        std::thread::Builder::new()
+            .name("redb-writer".into())
+            .spawn(move || writer(writer_db, rx, retention))
+            .map_err(redb::Error::from)?;
+        // Weak, so that dropping the store stops the writer and frees the file.
+        let sweeper = writes.downgrade();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(tx) = sweeper.upgrade() else { return };
+                if tx.send(Op::Sweep).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self { db, writes })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| StoreError::Corrupt(format!("read task failed: {e}")))?
+    }
+}
+
+fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Op>, retention: Retention) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(op) = rx.blocking_recv() {
+        batch.push(op);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        match apply(&db, &mut batch, &retention) {
+            Ok(results) => {
+                for (op, r) in batch.drain(..).zip(results) {
+                    match (op, r) {
+                        (Op::Append { reply, .. }, r) => {
+                            let _ = reply.send(Ok(r));
+                        }
+                        (Op::Delete { reply, .. }, _) => {
+                            let _ = reply.send(Ok(()));
+                        }
+                        (Op::Sweep, _) => {}
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, ops = batch.len(), "embedded store write failed");
+                for op in batch.drain(..) {
+                    match op {
+                        Op::Append { reply, .. } => {
+                            let _ = reply.send(Err(StoreError::Corrupt(e.to_string())));
+                        }
+                        Op::Delete { reply, .. } => {
+                            let _ = reply.send(Err(StoreError::Corrupt(e.to_string())));
+                        }
+                        Op::Sweep => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Applies a batch in one durable transaction; one result per op (the mid for appends).
+fn apply(db: &Database, batch: &mut [Op], retention: &Retention) -> Result<Vec<i64>, redb::Error> {
+    let now = now_ms();
+    let tx = db.begin_write()?;
+    let mut out = Vec::with_capacity(batch.len());
+    {
+        let mut seq = tx.open_table(SEQ)?;
+        let mut msgs = tx.open_table(MSGS)?;
+        let backlog = retention.max_backlog.max(1) as u64;
+        for op in batch.iter() {
+            match op {
+                Op::Append {
+                    chan,
+                    payload,
+                    expire_at,
+                    ..
+                } => {
+                    let last = seq.get(chan.as_str())?.map(|g| g.value().0).unwrap_or(0);
+                    let mid = last + 1;
+                    seq.insert(chan.as_str(), (mid, now))?;
+                    msgs.insert((chan.as_str(), mid), (*expire_at, payload.as_ref()))?;
+                    if mid > backlog {
+                        msgs.retain_in(
+                            (chan.as_str(), 0)..=(chan.as_str(), mid - backlog),
+                            |_, _| false,
+                        )?;
+                    }
+                    out.push(mid as i64);
+                }
+                Op::Delete { chan, .. } => {
+                    msgs.retain_in((chan.as_str(), 0)..=(chan.as_str(), u64::MAX), |_, _| false)?;
+                    out.push(0);
+                }
+                Op::Sweep => {
+                    msgs.retain(|_, (expire_at, _)| expire_at > now)?;
+                    let idle_ms = retention.idle_ttl_seconds.saturating_mul(1000);
+                    seq.retain(|_, (_, touched)| touched.saturating_add(idle_ms) > now)?;
+                    out.push(0);
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+impl Store for EmbeddedStore {
+    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Append {
+            chan: channel_name(ch),
+            payload,
+            expire_at: now_ms().saturating_add(ttl.as_millis() as u64),
+            reply,
+        };
+        self.writes
+            .send(op)
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {
+        let chan = channel_name(ch);
+        let from = after.max(0) as u64 + 1;
+        self.read(move |db| {
+            let now = now_ms();
+            let tx = db.begin_read().map_err(redb::Error::from)?;
+            let msgs = tx.open_table(MSGS).map_err(redb::Error::from)?;
+            let mut out = Vec::new();
+            for item in msgs
+                .range((chan.as_str(), from)..=(chan.as_str(), u64::MAX))
+                .map_err(redb::Error::from)?
+            {
+                let (k, v) = item.map_err(redb::Error::from)?;
+                let (expire_at, payload) = v.value();
+                if expire_at <= now {
+                    continue;
+                }
+                out.push(Stored {
+                    mid: k.value().1 as i64,
+                    payload: Bytes::copy_from_slice(payload),
+                });
+                if out.len() >= limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Delete {
+            chan: channel_name(Channel::Private(key)),
+            reply,
+        };
+        self.writes
+            .send(op)
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    async fn last_mid(&self, ch: Channel<'_>) -> Result<i64> {
+        let chan = channel_name(ch);
+        self.read(move |db| {
+            let tx = db.begin_read().map_err(redb::Error::from)?;
+            let seq = tx.open_table(SEQ).map_err(redb::Error::from)?;
+            let last = seq
+                .get(chan.as_str())
+                .map_err(redb::Error::from)?
+                .map(|g| g.value().0)
+                .unwrap_or(0);
+            Ok(last as i64)
+        })
+        .await
+    }
+}

@@ -1,0 +1,145 @@
+//! Message storage: where a pushed message is kept and its mid assigned.
+//!
+//! One [`Store`] trait, two backends that pass the same behaviour suite
+//! (`tests/behaviour.rs`): [`redis::RedisStore`] for production and
+//! [`embedded::EmbeddedStore`] (redb on local disk) for one machine.
+//!
+//! Semantics every backend keeps:
+//! - mids are assigned atomically with the write, strictly increasing and
+//!   contiguous per channel from 1; the public channel has its own sequence;
+//! - an append returns only once the message is durable (redb fsyncs the commit;
+//!   Redis durability is the server's own setting);
+//! - each message expires on its own; a channel keeps at most `max_backlog`
+//!   messages (the oldest go first);
+//! - delete removes a key's messages but keeps its sequence, so a client that
+//!   remembers mid 10 gets 11 next and never mistakes a new message for an old
+//!   one; the sequence itself vanishes after `idle_ttl` without appends.
+
+pub mod embedded;
+pub mod redis;
+#[doc(hidden)]
+pub mod testing;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Which sequence a message belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel<'a> {
+    /// One key's private messages (gid 0).
+    Private(&'a str),
+    /// The cluster's public (broadcast) messages (gid 1).
+    Public,
+}
+
+/// A stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// Its id within its channel.
+    pub mid: i64,
+    /// The JSON body as pushed.
+    pub payload: Bytes,
+}
+
+/// How long and how much a backend keeps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
+pub struct Retention {
+    /// Most messages kept per channel; older ones are dropped first.
+    pub max_backlog: usize,
+    /// A channel's sequence is forgotten after this long without appends, in
+    /// seconds. Keep it longer than the longest message expiry.
+    pub idle_ttl_seconds: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_backlog: 1000,
+            idle_ttl_seconds: 60 * 24 * 3600,
+        }
+    }
+}
+
+/// A storage failure; the caller must not acknowledge the message.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("embedded store: {0}")]
+    Embedded(#[from] redb::Error),
+    #[error("embedded store writer has stopped")]
+    WriterGone,
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Result of store operations.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The operations the message service needs from storage.
+pub trait Store: Send + Sync + 'static {
+    /// Stores `payload` on `ch` for `ttl` and returns its mid once durable.
+    fn append(
+        &self,
+        ch: Channel<'_>,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<i64>> + Send;
+    /// Messages of `ch` with mid > `after`, oldest first, at most `limit`, unexpired.
+    fn fetch(
+        &self,
+        ch: Channel<'_>,
+        after: i64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<Stored>>> + Send;
+    /// Removes every message of `key` (its sequence stays).
+    fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
+    /// The last mid assigned on `ch` (0 when none).
+    fn last_mid(&self, ch: Channel<'_>) -> impl Future<Output = Result<i64>> + Send;
+}
+
+/// The backend chosen by configuration.
+pub enum Backend {
+    /// Redis single node.
+    Redis(redis::RedisStore),
+    /// redb on local disk.
+    Embedded(embedded::EmbeddedStore),
+}
+
+impl Store for Backend {
+    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
+        match self {
+            Backend::Redis(s) => s.append(ch, payload, ttl).await,
+            Backend::Embedded(s) => s.append(ch, payload, ttl).await,
+        }
+    }
+    async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {
+        match self {
+            Backend::Redis(s) => s.fetch(ch, after, limit).await,
+            Backend::Embedded(s) => s.fetch(ch, after, limit).await,
+        }
+    }
+    async fn delete(&self, key: &str) -> Result<()> {
+        match self {
+            Backend::Redis(s) => s.delete(key).await,
+            Backend::Embedded(s) => s.delete(key).await,
+        }
+    }
+    async fn last_mid(&self, ch: Channel<'_>) -> Result<i64> {
+        match self {
+            Backend::Redis(s) => s.last_mid(ch).await,
+            Backend::Embedded(s) => s.last_mid(ch).await,
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,154 @@
+//! The Redis backend.
+//!
+//! Per channel two keys share one hash tag, so they sit in one slot of a Redis
+//! Cluster and one script updates them atomically: `<ns>:k:{<key>}:s` (the
+//! sequence, an INCR counter) and `<ns>:k:{<key>}:m` (a list of messages in mid
+//! order, each `"<mid> <expires-at-ms> <payload>"`). The public channel uses
+//! `<ns>:g:{all}:*`. A list, not a sorted set: a sorted-set score is a double,
+//! the seed's precision problem; list positions follow from contiguous mids.
+//! The list lives as long as its longest-lived message; the sequence as long
+//! as `idle_ttl` after the last append.
+
+use crate::{now_ms, Channel, Result, Retention, Store, StoreError, Stored};
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+use std::time::Duration;
+
+const APPEND: &str = r"
+local mid = redis.call('INCR', KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('RPUSH', KEYS[2], string.format('%d %d ', mid, ARGV[2]) .. ARGV[1])
+local len = redis.call('LLEN', KEYS[2])
+local keep = tonumber(ARGV[4])
+if len > keep then redis.call('LTRIM', KEYS[2], len - keep, -1) end
+local want = tonumber(ARGV[2]) - tonumber(ARGV[3])
+if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], want) end
+return mid
+";
+
+const FETCH: &str = r"
+local head = redis.call('LINDEX', KEYS[1], 0)
+if not head then return {} end
+local first = tonumber(string.match(head, '^(%d+) '))
+local start = tonumber(ARGV[1]) - first + 1
+if start < 0 then start = 0 end
+return redis.call('LRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
+";
+
+/// Redis-backed store (single node; keys are Cluster-ready).
+pub struct RedisStore {
+    conn: ConnectionManager,
+    ns: String,
+    retention: Retention,
+    append: Script,
+    fetch: Script,
+}
+
+impl RedisStore {
+    /// Connects to `url` (`redis://host:port/db`), prefixing every key with `ns`.
+    pub async fn connect(url: &str, ns: &str, retention: Retention) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client).await?;
+        Ok(Self {
+            conn,
+            ns: ns.to_owned(),
+            retention,
+            append: Script::new(APPEND),
+            fetch: Script::new(FETCH),
+        })
+    }
+
+    fn keys(&self, ch: Channel<'_>) -> (String, String) {
+        let base = match ch {
+            Channel::Private(k) => format!("{}:k:{{{k}}}", self.ns),
+            Channel::Public => format!("{}:g:{{all}}", self.ns),
+        };
+        (format!("{base}:s"), format!("{base}:m"))
+    }
+}
+
+fn parse_entry(raw: &[u8]) -> Result<(i64, u64, Bytes)> {
+    let mut parts = raw.splitn(3, |&b| b == b' ');
+    let mut num = |what: &str| -> Result<u64> {
+        parts
+            .next()
+            .and_then(|p| std::str::from_utf8(p).ok())
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| StoreError::Corrupt(format!("message entry without {what}")))
+    };
+    let mid = num("mid")? as i64;
+    let expire_at = num("expiry")?;
+    let payload = parts
+        .next()
+        .ok_or_else(|| StoreError::Corrupt("message entry without payload".into()))?;
+    Ok((mid, expire_at, Bytes::copy_from_slice(payload)))
+}
+
+impl Store for RedisStore {
+    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
+        let (seq, list) = self.keys(ch);
+        let now = now_ms();
+        let mut conn = self.conn.clone();
+        let mid: i64 = self
+            .append
+            .key(seq)
+            .key(list)
+            .arg(payload.as_ref())
+            .arg(now.saturating_add(ttl.as_millis() as u64))
+            .arg(now)
+            .arg(self.retention.max_backlog.max(1))
+            .arg(self.retention.idle_ttl_seconds.saturating_mul(1000).max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(mid)
+    }
+
+    async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {
+        let (_, list) = self.keys(ch);
+        let mut conn = self.conn.clone();
+        let raw: Vec<Vec<u8>> = self
+            .fetch
+            .key(list)
+            .arg(after.max(0))
+            .arg(limit.max(1))
+            .invoke_async(&mut conn)
+            .await?;
+        let now = now_ms();
+        let mut out = Vec::with_capacity(raw.len());
+        for r in raw {
+            let (mid, expire_at, payload) = parse_entry(&r)?;
+            if mid > after && expire_at > now {
+                out.push(Stored { mid, payload });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let (_, list) = self.keys(Channel::Private(key));
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.del(list).await?;
+        Ok(())
+    }
+
+    async fn last_mid(&self, ch: Channel<'_>) -> Result<i64> {
+        let (seq, _) = self.keys(ch);
+        let mut conn = self.conn.clone();
+        let v: Option<i64> = conn.get(seq).await?;
+        Ok(v.unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_parse() {
+        let (mid, exp, p) = parse_entry(b"12 3456 {\"a\": \"b c\"}").unwrap();
+        assert_eq!((mid, exp, p.as_ref()), (12, 3456, &b"{\"a\": \"b c\"}"[..]));
+        assert!(parse_entry(b"12").is_err());
+        assert!(parse_entry(b"x 1 {}").is_err());
+    }
+}

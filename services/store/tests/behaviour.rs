@@ -1,0 +1,277 @@
+//! One behaviour suite, run on every backend: Redis against a real
+//! `redis-server` on a free port, embedded against a redb file in a temp dir.
+
+use bytes::Bytes;
+use pushcluster_store::embedded::EmbeddedStore;
+use pushcluster_store::redis::RedisStore;
+use pushcluster_store::testing::RedisServer;
+use pushcluster_store::{Channel, Retention, Store};
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+fn retention(max_backlog: usize) -> Retention {
+    Retention {
+        max_backlog,
+        ..Retention::default()
+    }
+}
+
+fn mids(v: &[pushcluster_store::Stored]) -> Vec<i64> {
+    v.iter().map(|m| m.mid).collect()
+}
+
+async fn mids_are_contiguous_per_key_from_one<S: Store>(s: &S) {
+    for i in 1..=5 {
+        assert_eq!(
+            s.append(Channel::Private("a"), b("{}"), HOUR)
+                .await
+                .unwrap(),
+            i
+        );
+    }
+    assert_eq!(
+        s.append(Channel::Private("b"), b("{}"), HOUR)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(s.last_mid(Channel::Private("a")).await.unwrap(), 5);
+    assert_eq!(s.last_mid(Channel::Private("nobody")).await.unwrap(), 0);
+}
+
+async fn public_channel_has_its_own_sequence<S: Store>(s: &S) {
+    s.append(Channel::Private("p1"), b("1"), HOUR)
+        .await
+        .unwrap();
+    s.append(Channel::Private("p1"), b("2"), HOUR)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.append(Channel::Public, b("\"all\""), HOUR).await.unwrap(),
+        1
+    );
+    let got = s.fetch(Channel::Public, 0, 100).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload, b("\"all\""));
+    // A private key named like the public channel stays separate.
+    assert_eq!(
+        s.append(Channel::Private("all"), b("1"), HOUR)
+            .await
+            .unwrap(),
+        1
+    );
+}
+
+async fn fetch_returns_what_follows_a_mid_in_order<S: Store>(s: &S) {
+    for i in 1..=10 {
+        let body = format!(r#"{{"n":{i}, "s":"a b"}}"#);
+        s.append(Channel::Private("f"), b(&body), HOUR)
+            .await
+            .unwrap();
+    }
+    let all = s.fetch(Channel::Private("f"), 0, 100).await.unwrap();
+    assert_eq!(mids(&all), (1..=10).collect::<Vec<_>>());
+    assert_eq!(all[2].payload, b(r#"{"n":3, "s":"a b"}"#));
+    let tail = s.fetch(Channel::Private("f"), 7, 100).await.unwrap();
+    assert_eq!(mids(&tail), vec![8, 9, 10]);
+    let page = s.fetch(Channel::Private("f"), 2, 3).await.unwrap();
+    assert_eq!(mids(&page), vec![3, 4, 5]);
+    assert!(s
+        .fetch(Channel::Private("f"), 10, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .fetch(Channel::Private("f"), 99, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(s
+        .fetch(Channel::Private("none"), 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.fetch(Channel::Private("f"), -5, 100).await.unwrap().len(),
+        10
+    );
+}
+
+async fn messages_expire_one_by_one<S: Store>(s: &S) {
+    let short = Duration::from_millis(300);
+    s.append(Channel::Private("e"), b("1"), short)
+        .await
+        .unwrap();
+    s.append(Channel::Private("e"), b("2"), HOUR).await.unwrap();
+    s.append(Channel::Private("e"), b("3"), short)
+        .await
+        .unwrap();
+    assert_eq!(
+        s.fetch(Channel::Private("e"), 0, 100).await.unwrap().len(),
+        3
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = s.fetch(Channel::Private("e"), 0, 100).await.unwrap();
+    assert_eq!(mids(&left), vec![2]);
+    // Expiry never reuses an id.
+    assert_eq!(
+        s.append(Channel::Private("e"), b("4"), HOUR).await.unwrap(),
+        4
+    );
+}
+
+async fn backlog_is_bounded_oldest_first<S: Store>(s: &S) {
+    // The store was opened with max_backlog = 50.
+    for _ in 0..60 {
+        s.append(Channel::Private("big"), b("{}"), HOUR)
+            .await
+            .unwrap();
+    }
+    let got = s.fetch(Channel::Private("big"), 0, 1000).await.unwrap();
+    assert_eq!(got.len(), 50);
+    assert_eq!(got[0].mid, 11);
+    assert_eq!(got[49].mid, 60);
+    let tail = s.fetch(Channel::Private("big"), 55, 1000).await.unwrap();
+    assert_eq!(mids(&tail), vec![56, 57, 58, 59, 60]);
+}
+
+async fn delete_removes_messages_and_keeps_the_sequence<S: Store>(s: &S) {
+    s.append(Channel::Private("d"), b("1"), HOUR).await.unwrap();
+    s.append(Channel::Private("d"), b("2"), HOUR).await.unwrap();
+    s.append(Channel::Private("other"), b("1"), HOUR)
+        .await
+        .unwrap();
+    s.delete("d").await.unwrap();
+    assert!(s
+        .fetch(Channel::Private("d"), 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        s.fetch(Channel::Private("other"), 0, 100)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        s.append(Channel::Private("d"), b("3"), HOUR).await.unwrap(),
+        3
+    );
+    s.delete("never-written").await.unwrap();
+}
+
+async fn concurrent_appends_get_unique_contiguous_mids<S: Store>(s: Arc<S>) {
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for i in 0..25 {
+                let body = format!("[{t},{i}]");
+                got.push(
+                    s.append(Channel::Private("race"), b(&body), HOUR)
+                        .await
+                        .unwrap(),
+                );
+            }
+            got
+        }));
+    }
+    let mut all = BTreeSet::new();
+    for t in tasks {
+        for m in t.await.unwrap() {
+            assert!(all.insert(m), "mid {m} given twice");
+        }
+    }
+    assert_eq!(all, (1..=200).collect::<BTreeSet<i64>>());
+    let stored = s.fetch(Channel::Private("race"), 0, 1000).await.unwrap();
+    assert_eq!(stored.len(), 200);
+    assert!(stored.windows(2).all(|w| w[1].mid == w[0].mid + 1));
+}
+
+/// Runs every case, each on a fresh store from `make(max_backlog)`.
+async fn run_suite<S: Store, F: std::future::Future<Output = S>>(make: impl Fn(usize) -> F) {
+    mids_are_contiguous_per_key_from_one(&make(1000).await).await;
+    public_channel_has_its_own_sequence(&make(1000).await).await;
+    fetch_returns_what_follows_a_mid_in_order(&make(1000).await).await;
+    messages_expire_one_by_one(&make(1000).await).await;
+    backlog_is_bounded_oldest_first(&make(50).await).await;
+    delete_removes_messages_and_keeps_the_sequence(&make(1000).await).await;
+    concurrent_appends_get_unique_contiguous_mids(Arc::new(make(1000).await)).await;
+}
+
+static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn next_id() -> usize {
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_backend_passes_the_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_owned();
+    run_suite(|backlog| {
+        let path = root.join(format!("db{}.redb", next_id()));
+        async move { EmbeddedStore::open(&path, retention(backlog)).unwrap() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_backend_passes_the_suite() {
+    let server = RedisServer::start();
+    let url = server.url();
+    // Each case gets its own key namespace on the one server.
+    run_suite(|backlog| {
+        let url = url.clone();
+        async move {
+            let ns = format!("t{}", next_id());
+            RedisStore::connect(&url, &ns, retention(backlog))
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_data_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.redb");
+    {
+        let s = EmbeddedStore::open(&path, Retention::default()).unwrap();
+        s.append(Channel::Private("k"), b("1"), HOUR).await.unwrap();
+        s.append(Channel::Private("k"), b("2"), HOUR).await.unwrap();
+        s.append(Channel::Public, b("3"), HOUR).await.unwrap();
+    }
+    // The writer thread lets go of the file once its queue closes.
+    let mut tries = 0;
+    let s = loop {
+        match EmbeddedStore::open(&path, Retention::default()) {
+            Ok(s) => break s,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("cannot reopen: {e}"),
+        }
+    };
+    assert_eq!(
+        s.fetch(Channel::Private("k"), 0, 10).await.unwrap().len(),
+        2
+    );
+    assert_eq!(
+        s.append(Channel::Private("k"), b("4"), HOUR).await.unwrap(),
+        3
+    );
+    assert_eq!(s.last_mid(Channel::Public).await.unwrap(), 1);
+}
