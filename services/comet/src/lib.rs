@@ -1,1 +1,416 @@
-//! placeholder
+//! The comet: holds subscriber connections (WebSocket, TCP, SSE) for the keys
+//! of its shard and delivers messages to them in mid order.
+//!
+//! A push arrives over gRPC from web ([`rpc`]); the comet stores it through the
+//! message service first (a push is acknowledged only once stored), then
+//! queues it on the key's connections ([`registry`]). Pushes to one key are
+//! serialised from store to enqueue, so every connection sees mids in order.
+
+pub mod protocol;
+pub mod registry;
+pub mod rpc;
+pub mod sse;
+pub mod tcp;
+pub mod ws;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry as MetricsRegistry;
+use protocol::{HeartbeatBounds, Subscribe};
+use pushcluster_core::frame;
+use pushcluster_core::key::Limits;
+use pushcluster_core::membership::{ClusterView, Membership, ShardEndpoint, StaticMembership};
+use pushcluster_core::ops::Readiness;
+use pushcluster_proto::v1::message_client::MessageClient;
+use registry::{RegisterError, Registry, Subscription};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// Configuration of `push-comet` (YAML; flags override).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
+pub struct Config {
+    /// The shard this comet serves (static membership).
+    pub shard: u32,
+    /// Number of shards in the cluster (static membership: all present).
+    pub shards: u32,
+    /// WebSocket (`/sub`) and SSE (`/sub/sse`) listen address.
+    pub ws_listen: SocketAddr,
+    /// TCP protocol listen address.
+    pub tcp_listen: SocketAddr,
+    /// gRPC listen address (web pushes here).
+    pub rpc_listen: SocketAddr,
+    /// Ops listen address (`/metrics`, `/healthz`, `/readyz`).
+    pub ops_listen: SocketAddr,
+    /// gRPC URL of the message service.
+    pub message_url: String,
+    /// Most connections one key may hold on this comet (gopush-cluster: 64).
+    pub max_subscribers_per_key: usize,
+    /// Messages queued per connection before it counts as a slow consumer.
+    pub queue_depth: usize,
+    /// Shortest heartbeat interval a client may ask for, in seconds.
+    pub min_heartbeat_seconds: u64,
+    /// Longest heartbeat interval a client may ask for, in seconds.
+    pub max_heartbeat_seconds: u64,
+    /// Added to the client's heartbeat to give its read deadline (gopush: 5 s).
+    pub heartbeat_grace_seconds: u64,
+    /// Seconds between SSE keep-alive comments.
+    pub sse_keepalive_seconds: u64,
+    /// Secret for subscriber tokens; when unset, tokens are not checked.
+    pub subscriber_secret: Option<String>,
+    /// Input limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            shard: 0,
+            shards: 1,
+            ws_listen: ([127, 0, 0, 1], 6968).into(),
+            tcp_listen: ([127, 0, 0, 1], 6969).into(),
+            rpc_listen: ([127, 0, 0, 1], 6970).into(),
+            ops_listen: ([127, 0, 0, 1], 6971).into(),
+            message_url: "http://127.0.0.1:8070".into(),
+            max_subscribers_per_key: 64,
+            queue_depth: 256,
+            min_heartbeat_seconds: 1,
+            max_heartbeat_seconds: 3600,
+            heartbeat_grace_seconds: 5,
+            sse_keepalive_seconds: 15,
+            subscriber_secret: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
+}
+
+/// Metrics a push operator watches on a comet.
+#[derive(Clone)]
+pub struct Metrics {
+    connections: Family<TransportLabel, Gauge>,
+    pushes: Counter,
+    push_errors: Counter,
+    deliveries: Counter,
+    push_latency: Histogram,
+    slow_consumers: Counter,
+    reconnects_sent: Counter,
+}
+
+impl Metrics {
+    fn register(reg: &mut MetricsRegistry, slow_consumers: Counter) -> Self {
+        let m = Self {
+            connections: Family::default(),
+            pushes: Counter::default(),
+            push_errors: Counter::default(),
+            deliveries: Counter::default(),
+            push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            slow_consumers,
+            reconnects_sent: Counter::default(),
+        };
+        reg.register(
+            "pushcluster_comet_connections",
+            "Open subscriber connections",
+            m.connections.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_pushes",
+            "Pushes stored and delivered",
+            m.pushes.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_push_errors",
+            "Pushes that failed",
+            m.push_errors.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_deliveries",
+            "Messages queued on connections",
+            m.deliveries.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_push_latency_seconds",
+            "Time from push received to queued on connections (includes storing)",
+            m.push_latency.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_slow_consumers_dropped",
+            "Connections closed because their queue was full",
+            m.slow_consumers.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_reconnect_frames",
+            "Reconnect frames sent to clients",
+            m.reconnects_sent.clone(),
+        );
+        m
+    }
+
+    fn conn_gauge(&self, transport: &'static str) -> Gauge {
+        self.connections
+            .get_or_create(&TransportLabel { transport })
+            .clone()
+    }
+}
+
+/// Number of locks pushes to keys are serialised on; keys that share one only
+/// wait for each other's store round trip.
+const PUSH_STRIPES: usize = 4096;
+
+/// Shared state of one comet.
+pub struct Comet {
+    cfg: Config,
+    registry: Arc<Registry>,
+    message: MessageClient<Channel>,
+    membership: Arc<dyn Membership>,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    metrics: Metrics,
+}
+
+/// A refusal at subscribe time, sent as a protocol error frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `-p`: a parameter is wrong.
+    Param,
+    /// `-a`: the token does not authorise this key.
+    Auth,
+    /// `-c`: the key cannot take this connection here.
+    Channel,
+}
+
+impl Refusal {
+    /// The error frame for this refusal.
+    pub fn frame(self) -> &'static [u8] {
+        match self {
+            Refusal::Param => frame::ERR_PARAM,
+            Refusal::Auth => frame::ERR_AUTH,
+            Refusal::Channel => frame::ERR_CHANNEL,
+        }
+    }
+}
+
+impl Comet {
+    /// Builds the comet state; `membership` says which keys this comet owns.
+    pub fn new(
+        cfg: Config,
+        membership: Arc<dyn Membership>,
+        reg: &mut MetricsRegistry,
+    ) -> Result<Arc<Self>, Error> {
+        let slow = Counter::default();
+        let registry = Registry::new(cfg.max_subscribers_per_key, cfg.queue_depth, slow.clone());
+        let channel = tonic::transport::Endpoint::from_shared(cfg.message_url.clone())
+            .map_err(|e| Error::Config(format!("message_url: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Arc::new(Self {
+            registry,
+            message: MessageClient::new(channel),
+            membership,
+            stripes: (0..PUSH_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+            metrics: Metrics::register(reg, slow),
+            cfg,
+        }))
+    }
+
+    /// Heartbeat bounds clients must respect.
+    pub fn heartbeat_bounds(&self) -> HeartbeatBounds {
+        HeartbeatBounds {
+            min: self.cfg.min_heartbeat_seconds,
+            max: self.cfg.max_heartbeat_seconds,
+        }
+    }
+
+    /// A client's read deadline: its heartbeat plus the grace period.
+    pub fn read_deadline(&self, heartbeat: u64) -> Duration {
+        Duration::from_secs(heartbeat + self.cfg.heartbeat_grace_seconds)
+    }
+
+    fn owns(&self, view: &ClusterView, key: &str) -> bool {
+        view.ring.shard_for(key) == Some(self.cfg.shard)
+    }
+
+    /// Checks a subscribe request and registers the connection.
+    pub fn admit(&self, sub: &Subscribe) -> Result<Subscription, Refusal> {
+        if self.cfg.limits.check_key(&sub.key).is_err() {
+            return Err(Refusal::Param);
+        }
+        if let Some(secret) = &self.cfg.subscriber_secret {
+            let now = pushcluster_core::token::unix_now();
+            if let Err(e) =
+                pushcluster_core::token::verify(secret.as_bytes(), &sub.key, &sub.token, now)
+            {
+                tracing::debug!(key = %sub.key, error = %e, "subscriber token refused");
+                return Err(Refusal::Auth);
+            }
+        }
+        if !self.owns(&self.membership.view(), &sub.key) {
+            tracing::debug!(key = %sub.key, "key is not owned by this comet");
+            return Err(Refusal::Channel);
+        }
+        self.registry.register(&sub.key).map_err(|e| {
+            tracing::debug!(key = %sub.key, error = %e, "subscribe refused");
+            match e {
+                RegisterError::TooManySubscribers(_) | RegisterError::ShuttingDown => {
+                    Refusal::Channel
+                }
+            }
+        })
+    }
+
+    /// The registry of connections.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Counts a reconnect frame sent.
+    pub fn reconnect_sent(&self) {
+        self.metrics.reconnects_sent.inc();
+    }
+
+    /// Closes the connections of keys this comet no longer owns whenever the
+    /// membership view changes.
+    async fn follow_membership(self: Arc<Self>, cancel: CancellationToken) {
+        let mut rx = self.membership.watch();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let view = rx.borrow_and_update().clone();
+                    let n = self.registry.close_where(|k| self.owns(&view, k));
+                    if n > 0 {
+                        tracing::info!(connections = n, "keys moved away: asked clients to reconnect");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Errors that stop a comet.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Membership for local mode: shards `0..shards` all present.
+pub fn static_membership(cfg: &Config) -> StaticMembership {
+    StaticMembership::new(
+        (0..cfg.shards.max(1))
+            .map(|shard| ShardEndpoint {
+                shard,
+                rpc: String::new(),
+                ws: String::new(),
+                tcp: String::new(),
+            })
+            .collect(),
+    )
+}
+
+/// Runs a comet until `cancel` fires, then drains: stops accepting, finishes
+/// in-flight pushes, flushes queued messages, closes connections.
+pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
+    if cfg.shard >= cfg.shards.max(1) {
+        return Err(Error::Config(format!(
+            "shard {} is not below shards {}",
+            cfg.shard, cfg.shards
+        )));
+    }
+    let mut reg = MetricsRegistry::default();
+    let membership: Arc<dyn Membership> = Arc::new(static_membership(&cfg));
+    let comet = Comet::new(cfg.clone(), membership, &mut reg)?;
+    let ready = Readiness::default();
+
+    let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen).await?;
+    let tcp_listener = tokio::net::TcpListener::bind(cfg.tcp_listen).await?;
+    let rpc_listener = tokio::net::TcpListener::bind(cfg.rpc_listen).await?;
+    tracing::info!(
+        shard = cfg.shard,
+        ws = %cfg.ws_listen,
+        tcp = %cfg.tcp_listen,
+        rpc = %cfg.rpc_listen,
+        "comet listening"
+    );
+
+    // Listeners stop on `stop_accepting`; connections close on `cancel` later.
+    let stop_accepting = CancellationToken::new();
+    let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
+        cfg.ops_listen,
+        Arc::new(reg),
+        ready.clone(),
+        cancel.clone(),
+    ));
+    let ws_task = tokio::spawn({
+        let app = ws::router(comet.clone());
+        let stop = stop_accepting.clone();
+        async move {
+            axum::serve(
+                ws_listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await
+        }
+    });
+    let tcp_task = tokio::spawn(tcp::serve(
+        comet.clone(),
+        tcp_listener,
+        stop_accepting.clone(),
+    ));
+    let follow = tokio::spawn(comet.clone().follow_membership(cancel.clone()));
+    let rpc_task = tokio::spawn({
+        let svc = rpc::CometRpc::new(comet.clone()).into_server();
+        let stop = stop_accepting.clone();
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(rpc_listener).with_nodelay(Some(true));
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+    });
+    ready.set(true);
+
+    cancel.cancelled().await;
+    tracing::info!("comet draining");
+    ready.set(false);
+    stop_accepting.cancel();
+    // In-flight pushes finish (stored and queued) before connections close.
+    match rpc_task.await {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "gRPC task failed"),
+    }
+    comet.registry.close_all();
+    let _ = tcp_task.await;
+    // axum's graceful shutdown waits for open WebSocket/SSE connections, which
+    // end once their queues are flushed after close_all.
+    let _ = tokio::time::timeout(Duration::from_secs(10), ws_task).await;
+    let _ = follow.await;
+    let _ = ops.await;
+    Ok(())
+}

@@ -1,1 +1,73 @@
-fn main() {}
+//! `push-comet`: holds subscriber connections and delivers messages.
+
+use clap::Parser;
+use push_comet::Config;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// pushcluster comet: holds WebSocket (/sub), SSE (/sub/sse) and TCP subscriber
+/// connections for the keys of its shard and delivers pushed messages in order.
+///
+/// Settings come from the YAML file given with --config; flags and environment
+/// variables override it.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// YAML config file (see config/comet-0.yaml for every setting).
+    #[arg(short, long, env = "PUSH_COMET_CONFIG")]
+    config: Option<PathBuf>,
+    /// The shard this comet serves.
+    #[arg(long, env = "PUSH_COMET_SHARD")]
+    shard: Option<u32>,
+    /// Number of shards in the cluster.
+    #[arg(long, env = "PUSH_COMET_SHARDS")]
+    shards: Option<u32>,
+    /// WebSocket and SSE listen address.
+    #[arg(long, env = "PUSH_COMET_WS_LISTEN")]
+    ws_listen: Option<SocketAddr>,
+    /// TCP protocol listen address.
+    #[arg(long, env = "PUSH_COMET_TCP_LISTEN")]
+    tcp_listen: Option<SocketAddr>,
+    /// gRPC listen address.
+    #[arg(long, env = "PUSH_COMET_RPC_LISTEN")]
+    rpc_listen: Option<SocketAddr>,
+    /// Listen address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "PUSH_COMET_OPS_LISTEN")]
+    ops_listen: Option<SocketAddr>,
+    /// gRPC URL of the message service.
+    #[arg(long, env = "PUSH_MESSAGE_URL")]
+    message_url: Option<String>,
+    /// Secret for subscriber tokens (HMAC-SHA256); unset = no token check.
+    #[arg(long, env = "PUSH_SUBSCRIBER_SECRET", hide_env_values = true)]
+    subscriber_secret: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "PUSH_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    pushcluster_core::ops::init_tracing(a.log_json);
+    let mut cfg: Config = pushcluster_core::ops::load_yaml(a.config.as_deref())?;
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
+    }
+    set!(
+        shard,
+        shards,
+        ws_listen,
+        tcp_listen,
+        rpc_listen,
+        ops_listen,
+        message_url
+    );
+    if a.subscriber_secret.is_some() {
+        cfg.subscriber_secret = a.subscriber_secret;
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    pushcluster_core::ops::cancel_on_signal(cancel.clone());
+    push_comet::run(cfg, cancel).await?;
+    tracing::info!("comet stopped");
+    Ok(())
+}

@@ -84,6 +84,8 @@ impl Limits {
                 self.max_message_bytes,
             ));
         }
+        // Checked apart from the JSON parse, which may skip over string contents.
+        std::str::from_utf8(body).map_err(|e| InputError::MessageNotJson(e.to_string()))?;
         serde_json::from_slice::<serde::de::IgnoredAny>(body)
             .map_err(|e| InputError::MessageNotJson(e.to_string()))?;
         Ok(())
@@ -129,6 +131,7 @@ mod tests {
         assert_eq!(l.check_message(br#"{"a":1}"#), Ok(()));
         assert_eq!(l.check_message(b"\"text\""), Ok(()));
         assert_eq!(l.check_message(b""), Err(InputError::EmptyMessage));
+        assert!(l.check_message(b"\"\xff\"").is_err());
         assert!(matches!(
             l.check_message(b"{not json"),
             Err(InputError::MessageNotJson(_))

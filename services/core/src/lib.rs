@@ -4,6 +4,7 @@
 
 pub mod frame;
 pub mod key;
+pub mod membership;
 pub mod ops;
 pub mod ring;
 pub mod token;

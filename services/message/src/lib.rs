@@ -1,1 +1,299 @@
-//! placeholder
+//! The message service: the gRPC front of storage. Comets store through it
+//! before they deliver; web reads offline messages and deletes through it.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use pushcluster_core::key::Limits;
+use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_proto::v1 as pb;
+use pushcluster_proto::v1::message_server::{Message, MessageServer};
+use pushcluster_store::{Backend, Channel, Retention, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+/// Configuration of `push-message` (YAML; flags override).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Ops listen address (`/metrics`, `/healthz`, `/readyz`).
+    pub ops_listen: SocketAddr,
+    /// Where messages are kept.
+    pub storage: StorageConfig,
+    /// How long and how much is kept.
+    pub retention: Retention,
+    /// Input limits (checked again here, whoever the caller is).
+    pub limits: Limits,
+    /// Most messages one fetch returns.
+    pub fetch_limit: u32,
+}
+
+/// Storage backend selection: Redis when `redis_url` is set, else embedded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
+pub struct StorageConfig {
+    /// `redis://host:port/db`; empty for the embedded store.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key, so clusters can share one Redis.
+    pub redis_namespace: String,
+    /// File of the embedded store.
+    pub path: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_namespace: "pc".into(),
+            path: PathBuf::from("data/messages.redb"),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: ([127, 0, 0, 1], 8070).into(),
+            ops_listen: ([127, 0, 0, 1], 8071).into(),
+            storage: StorageConfig::default(),
+            retention: Retention::default(),
+            limits: Limits::default(),
+            fetch_limit: 1000,
+        }
+    }
+}
+
+/// Opens the configured backend.
+pub async fn open_store(cfg: &Config) -> Result<Backend, StoreError> {
+    match &cfg.storage.redis_url {
+        Some(url) if !url.is_empty() => {
+            let s = pushcluster_store::redis::RedisStore::connect(
+                url,
+                &cfg.storage.redis_namespace,
+                cfg.retention.clone(),
+            )
+            .await?;
+            tracing::info!(url = %url, "storage: redis");
+            Ok(Backend::Redis(s))
+        }
+        _ => {
+            let s = pushcluster_store::embedded::EmbeddedStore::open(
+                &cfg.storage.path,
+                cfg.retention.clone(),
+            )?;
+            tracing::info!(path = %cfg.storage.path.display(), "storage: embedded");
+            Ok(Backend::Embedded(s))
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct OpLabels {
+    op: &'static str,
+}
+
+/// Metrics of the message service.
+#[derive(Clone)]
+struct Metrics {
+    ops: Family<OpLabels, Counter>,
+    errors: Family<OpLabels, Counter>,
+    latency: Family<OpLabels, Histogram>,
+}
+
+impl Metrics {
+    fn register(reg: &mut Registry) -> Self {
+        let m = Self {
+            ops: Family::default(),
+            errors: Family::default(),
+            latency: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+            }),
+        };
+        reg.register("pushcluster_store_ops", "Store operations", m.ops.clone());
+        reg.register(
+            "pushcluster_store_errors",
+            "Store operations that failed",
+            m.errors.clone(),
+        );
+        reg.register(
+            "pushcluster_store_latency_seconds",
+            "Store operation latency",
+            m.latency.clone(),
+        );
+        m
+    }
+
+    fn record<T>(&self, op: &'static str, start: Instant, r: &Result<T, StoreError>) {
+        let l = OpLabels { op };
+        self.ops.get_or_create(&l).inc();
+        self.latency
+            .get_or_create(&l)
+            .observe(start.elapsed().as_secs_f64());
+        if let Err(e) = r {
+            self.errors.get_or_create(&l).inc();
+            tracing::error!(op, error = %e, "store operation failed");
+        }
+    }
+}
+
+/// The gRPC message service over a store.
+pub struct MessageService<S> {
+    store: Arc<S>,
+    limits: Limits,
+    fetch_limit: u32,
+    metrics: Metrics,
+}
+
+impl<S: Store> MessageService<S> {
+    /// Wraps `store`, registering metrics in `reg`.
+    pub fn new(store: Arc<S>, cfg: &Config, reg: &mut Registry) -> Self {
+        Self {
+            store,
+            limits: cfg.limits.clone(),
+            fetch_limit: cfg.fetch_limit.max(1),
+            metrics: Metrics::register(reg),
+        }
+    }
+
+    fn channel<'a>(&self, key: &'a str, gid: i32) -> Result<Channel<'a>, Status> {
+        match gid {
+            GID_PUBLIC => Ok(Channel::Public),
+            GID_PRIVATE => {
+                self.limits
+                    .check_key(key)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                Ok(Channel::Private(key))
+            }
+            other => Err(Status::invalid_argument(format!("unknown gid {other}"))),
+        }
+    }
+}
+
+fn internal(e: StoreError) -> Status {
+    Status::unavailable(format!("storage: {e}"))
+}
+
+#[tonic::async_trait]
+impl<S: Store> Message for MessageService<S> {
+    async fn append(
+        &self,
+        req: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendReply>, Status> {
+        let r = req.into_inner();
+        let ch = self.channel(&r.key, r.gid)?;
+        self.limits
+            .check_message(&r.payload)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let ttl = self
+            .limits
+            .expire(r.expire_seconds)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let start = Instant::now();
+        let res = self.store.append(ch, r.payload, ttl).await;
+        self.metrics.record("append", start, &res);
+        Ok(Response::new(pb::AppendReply {
+            mid: res.map_err(internal)?,
+        }))
+    }
+
+    async fn fetch(
+        &self,
+        req: Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchReply>, Status> {
+        let r = req.into_inner();
+        let ch = self.channel(&r.key, r.gid)?;
+        let limit = match r.limit {
+            0 => self.fetch_limit,
+            n => n.min(self.fetch_limit),
+        };
+        let start = Instant::now();
+        let res = self.store.fetch(ch, r.after_mid, limit as usize).await;
+        self.metrics.record("fetch", start, &res);
+        let messages = res
+            .map_err(internal)?
+            .into_iter()
+            .map(|m| pb::StoredMessage {
+                mid: m.mid,
+                gid: r.gid,
+                payload: m.payload,
+            })
+            .collect();
+        Ok(Response::new(pb::FetchReply { messages }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteReply>, Status> {
+        let r = req.into_inner();
+        self.channel(&r.key, GID_PRIVATE)?;
+        let start = Instant::now();
+        let res = self.store.delete(&r.key).await;
+        self.metrics.record("delete", start, &res);
+        res.map_err(internal)?;
+        Ok(Response::new(pb::DeleteReply {}))
+    }
+
+    async fn last_mid(
+        &self,
+        req: Request<pb::LastMidRequest>,
+    ) -> Result<Response<pb::LastMidReply>, Status> {
+        let r = req.into_inner();
+        let ch = self.channel(&r.key, r.gid)?;
+        let start = Instant::now();
+        let res = self.store.last_mid(ch).await;
+        self.metrics.record("last_mid", start, &res);
+        Ok(Response::new(pb::LastMidReply {
+            mid: res.map_err(internal)?,
+        }))
+    }
+}
+
+/// Errors that stop the message service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("ops listener: {0}")]
+    Ops(#[from] std::io::Error),
+}
+
+/// Runs the service until `cancel` fires; in-flight requests finish first.
+pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
+    let mut registry = Registry::default();
+    let store = Arc::new(open_store(&cfg).await?);
+    let svc = MessageService::new(store, &cfg, &mut registry);
+    let ready = pushcluster_core::ops::Readiness::default();
+    let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
+        cfg.ops_listen,
+        Arc::new(registry),
+        ready.clone(),
+        cancel.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
+    tracing::info!(addr = %cfg.listen, "message gRPC listening");
+    ready.set(true);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let shutdown = cancel.clone();
+    tonic::transport::Server::builder()
+        .add_service(MessageServer::new(svc))
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.cancelled().await;
+            ready.set(false);
+        })
+        .await?;
+    cancel.cancel();
+    ops.await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+    Ok(())
+}

@@ -1,1 +1,59 @@
-fn main() {}
+//! `push-message`: stores messages and assigns message ids.
+
+use clap::Parser;
+use push_message::Config;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// pushcluster message service: stores pushed messages, assigns per-key message
+/// ids, serves offline reads to web and comets over gRPC.
+///
+/// Storage is Redis when a Redis URL is configured, else an embedded on-disk
+/// store (redb) that survives restarts. Settings come from the YAML file given
+/// with --config; flags and environment variables override it.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// YAML config file (see config/message.yaml for every setting).
+    #[arg(short, long, env = "PUSH_MESSAGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address.
+    #[arg(long, env = "PUSH_MESSAGE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Listen address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "PUSH_MESSAGE_OPS_LISTEN")]
+    ops_listen: Option<SocketAddr>,
+    /// Redis URL (redis://host:port/db); without it the embedded store is used.
+    #[arg(long, env = "PUSH_REDIS_URL")]
+    redis_url: Option<String>,
+    /// File of the embedded store.
+    #[arg(long, env = "PUSH_MESSAGE_DATA")]
+    data: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long, env = "PUSH_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    pushcluster_core::ops::init_tracing(args.log_json);
+    let mut cfg: Config = pushcluster_core::ops::load_yaml(args.config.as_deref())?;
+    if let Some(a) = args.listen {
+        cfg.listen = a;
+    }
+    if let Some(a) = args.ops_listen {
+        cfg.ops_listen = a;
+    }
+    if let Some(u) = args.redis_url {
+        cfg.storage.redis_url = Some(u);
+    }
+    if let Some(p) = args.data {
+        cfg.storage.path = p;
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    pushcluster_core::ops::cancel_on_signal(cancel.clone());
+    push_message::run(cfg, cancel).await?;
+    tracing::info!("message service stopped");
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! The comet's gRPC service: web pushes here.
+
+use crate::registry::Delivery;
+use crate::Comet;
+use bytes::Bytes;
+use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_proto::v1 as pb;
+use pushcluster_proto::v1::comet_server::{Comet as CometService, CometServer};
+use std::sync::Arc;
+use std::time::Instant;
+use tonic::{Request, Response, Status};
+
+/// gRPC front of a [`Comet`].
+pub struct CometRpc {
+    comet: Arc<Comet>,
+}
+
+impl CometRpc {
+    /// Wraps a comet.
+    pub fn new(comet: Arc<Comet>) -> Self {
+        Self { comet }
+    }
+    /// The tonic server for it.
+    pub fn into_server(self) -> CometServer<Self> {
+        CometServer::new(self)
+    }
+}
+
+impl Comet {
+    /// Stores a private message through the message service, then queues it on
+    /// the key's connections. Pushes to one key are serialised from store to
+    /// enqueue, so connections receive mids in order.
+    pub async fn push(&self, key: &str, payload: Bytes, expire: u64) -> Result<i64, Status> {
+        let start = Instant::now();
+        let stripe = pushcluster_core::ring::key_hash(key) as usize % self.stripes.len();
+        let _order = self.stripes[stripe].lock().await;
+        let req = pb::AppendRequest {
+            key: key.to_owned(),
+            payload: payload.clone(),
+            expire_seconds: expire,
+            gid: GID_PRIVATE,
+        };
+        let mid = match self.message.clone().append(req).await {
+            Ok(r) => r.into_inner().mid,
+            Err(e) => {
+                self.metrics.push_errors.inc();
+                return Err(e);
+            }
+        };
+        let n = self
+            .registry
+            .deliver(key, &Delivery::new(mid, GID_PRIVATE, payload));
+        self.metrics.pushes.inc();
+        self.metrics.deliveries.inc_by(n);
+        self.metrics
+            .push_latency
+            .observe(start.elapsed().as_secs_f64());
+        Ok(mid)
+    }
+
+    fn check(&self, key: &str, payload: &[u8]) -> Result<(), Status> {
+        let l = &self.cfg.limits;
+        l.check_key(key)
+            .and_then(|()| l.check_message(payload))
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+}
+
+#[tonic::async_trait]
+impl CometService for CometRpc {
+    async fn push(&self, req: Request<pb::PushRequest>) -> Result<Response<pb::PushReply>, Status> {
+        let r = req.into_inner();
+        self.comet.check(&r.key, &r.payload)?;
+        let mid = self.comet.push(&r.key, r.payload, r.expire_seconds).await?;
+        Ok(Response::new(pb::PushReply { mid }))
+    }
+
+    async fn multi_push(
+        &self,
+        req: Request<pb::MultiPushRequest>,
+    ) -> Result<Response<pb::MultiPushReply>, Status> {
+        let r = req.into_inner();
+        let limits = &self.comet.cfg.limits;
+        limits
+            .check_message(&r.payload)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if r.keys.len() > limits.max_keys_per_multipush {
+            return Err(Status::invalid_argument(format!(
+                "{} keys, more than {}",
+                r.keys.len(),
+                limits.max_keys_per_multipush
+            )));
+        }
+        let pushes = r.keys.iter().map(|key| {
+            let payload = r.payload.clone();
+            async move {
+                let res = match limits.check_key(key) {
+                    Err(e) => Err(Status::invalid_argument(e.to_string())),
+                    Ok(()) => self.comet.push(key, payload, r.expire_seconds).await,
+                };
+                match res {
+                    Ok(mid) => pb::KeyResult {
+                        key: key.clone(),
+                        mid,
+                        error: String::new(),
+                    },
+                    Err(e) => pb::KeyResult {
+                        key: key.clone(),
+                        mid: 0,
+                        error: e.message().to_owned(),
+                    },
+                }
+            }
+        });
+        let results = futures::future::join_all(pushes).await;
+        Ok(Response::new(pb::MultiPushReply { results }))
+    }
+
+    async fn deliver(
+        &self,
+        req: Request<pb::DeliverRequest>,
+    ) -> Result<Response<pb::DeliverReply>, Status> {
+        let m = req
+            .into_inner()
+            .message
+            .ok_or_else(|| Status::invalid_argument("message is required"))?;
+        if m.gid != GID_PUBLIC {
+            return Err(Status::invalid_argument(
+                "only public messages are delivered to everyone",
+            ));
+        }
+        let n = self
+            .comet
+            .registry
+            .broadcast(&Delivery::new(m.mid, m.gid, m.payload));
+        self.comet.metrics.deliveries.inc_by(n);
+        Ok(Response::new(pb::DeliverReply { connections: n }))
+    }
+
+    async fn stats(
+        &self,
+        _req: Request<pb::StatsRequest>,
+    ) -> Result<Response<pb::StatsReply>, Status> {
+        Ok(Response::new(pb::StatsReply {
+            shard: self.comet.cfg.shard,
+            connections: self.comet.registry.connections(),
+            keys: self.comet.registry.keys(),
+        }))
+    }
+}

@@ -1,0 +1,151 @@
+//! Server-sent events: `GET /sub/sse?key=&token=`, for browsers and tools that
+//! cannot hold a WebSocket.
+//!
+//! Each private message is an event whose id is its mid; a client that
+//! reconnects with `Last-Event-ID` (or `last_id=`) first gets what it missed,
+//! fetched from the message service, then live messages, with no duplicate.
+//! Public (broadcast) messages are events of type `public` without an id, so
+//! they do not disturb the resume point. Refusals are HTTP errors with a JSON
+//! body (`ret` as on web: 65534 parameter, 401 auth, 1002 channel).
+
+use crate::protocol::Subscribe;
+use crate::registry::Delivery;
+use crate::Comet;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use pushcluster_core::frame::Format;
+use pushcluster_core::GID_PRIVATE;
+use pushcluster_proto::v1 as pb;
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+fn refuse(status: StatusCode, ret: u32, msg: &str) -> Response {
+    (status, Json(serde_json::json!({"ret": ret, "msg": msg}))).into_response()
+}
+
+fn event(d: &Delivery) -> Event {
+    let e = Event::default().data(d.json(Format::Json).as_str());
+    if d.gid == GID_PRIVATE {
+        e.id(d.mid.to_string())
+    } else {
+        e.event("public")
+    }
+}
+
+/// Handles `GET /sub/sse`.
+pub async fn subscribe(
+    State(comet): State<Arc<Comet>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let key = q.get("key").cloned().unwrap_or_default();
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| q.get("last_id").cloned());
+    let last: i64 = match last.as_deref().map(str::trim) {
+        None | Some("") => -1,
+        Some(v) => match v.parse() {
+            Ok(n) if n >= 0 => n,
+            _ => return refuse(StatusCode::BAD_REQUEST, 65534, "Last-Event-ID is not a mid"),
+        },
+    };
+    if key.is_empty() {
+        return refuse(StatusCode::BAD_REQUEST, 65534, "key is required");
+    }
+    let sub = Subscribe {
+        key: key.clone(),
+        heartbeat: comet.cfg.sse_keepalive_seconds,
+        token: q.get("token").cloned().unwrap_or_default(),
+        format: Format::Json,
+    };
+    let mut s = match comet.admit(&sub) {
+        Ok(s) => s,
+        Err(crate::Refusal::Param) => return refuse(StatusCode::BAD_REQUEST, 65534, "invalid key"),
+        Err(crate::Refusal::Auth) => return refuse(StatusCode::UNAUTHORIZED, 401, "token refused"),
+        Err(crate::Refusal::Channel) => {
+            return refuse(
+                StatusCode::CONFLICT,
+                1002,
+                "key cannot subscribe here (subscriber limit, wrong comet or shutting down)",
+            )
+        }
+    };
+    // Subscribed first, fetched second: nothing falls in between.
+    let missed = if last >= 0 {
+        let req = pb::FetchRequest {
+            key: key.clone(),
+            after_mid: last,
+            gid: GID_PRIVATE,
+            limit: 0,
+        };
+        match comet.message.clone().fetch(req).await {
+            Ok(r) => r.into_inner().messages,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "SSE resume fetch failed");
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    65535,
+                    "storage unavailable",
+                );
+            }
+        }
+    } else {
+        Vec::new()
+    };
+
+    let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
+    let gauge = comet.metrics.conn_gauge("sse");
+    gauge.inc();
+    let comet2 = comet.clone();
+    tokio::spawn(async move {
+        let mut sent = last;
+        for m in missed {
+            sent = sent.max(m.mid);
+            let d = Delivery::new(m.mid, GID_PRIVATE, m.payload);
+            if tx.send(Ok(event(&d))).await.is_err() {
+                gauge.dec();
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                biased;
+                _ = s.close.cancelled() => {
+                    while let Ok(d) = s.rx.try_recv() {
+                        let _ = tx.send(Ok(event(&d))).await;
+                    }
+                    let _ = tx.send(Ok(Event::default().event("reconnect").data("reconnect"))).await;
+                    comet2.reconnect_sent();
+                    break;
+                }
+                d = s.rx.recv() => {
+                    let Some(d) = d else { break };
+                    // Live messages already sent from the fetch are skipped.
+                    if d.gid == GID_PRIVATE && d.mid <= sent {
+                        continue;
+                    }
+                    if tx.send(Ok(event(&d))).await.is_err() {
+                        break;
+                    }
+                }
+                _ = tx.closed() => break,
+            }
+        }
+        gauge.dec();
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(
+            KeepAlive::new()
+                .interval(Duration::from_secs(comet.cfg.sse_keepalive_seconds.max(1)))
+                .text("h"),
+        )
+        .into_response()
+}

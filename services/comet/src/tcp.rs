@@ -1,0 +1,197 @@
+//! TCP transport, gopush-cluster compatible.
+//!
+//! The client sends one RESP array `sub <key> <heartbeat> [token] [ver]` within
+//! 5 s of connecting; the comet answers `+h\r\n` (or `-p`/`-a`/`-c` and closes),
+//! answers every `h` byte with `+h\r\n`, and sends each message as a RESP bulk
+//! string `$<len>\r\n<json>\r\n`.
+
+use crate::protocol::{parse_command, subscribe_params};
+use crate::registry::Subscription;
+use crate::Comet;
+use pushcluster_core::frame::{self, Format};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// The first command must arrive within this long (as in gopush-cluster).
+const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts TCP subscribers until `stop` fires.
+pub async fn serve(comet: Arc<Comet>, listener: TcpListener, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    tokio::spawn(handle(comet.clone(), stream));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "TCP accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn read_command(
+    r: &mut OwnedReadHalf,
+    buf: &mut Vec<u8>,
+) -> Result<Vec<String>, &'static [u8]> {
+    let mut chunk = [0u8; 512];
+    loop {
+        match parse_command(buf) {
+            Ok(Some((args, used))) => {
+                buf.drain(..used);
+                return Ok(args);
+            }
+            Ok(None) => {}
+            Err(_) => return Err(frame::ERR_PARAM),
+        }
+        let n = r.read(&mut chunk).await.map_err(|_| frame::ERR_PARAM)?;
+        if n == 0 {
+            return Err(frame::ERR_PARAM);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+async fn handle(comet: Arc<Comet>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let (mut r, w) = stream.into_split();
+    let w = BufWriter::with_capacity(4096, w);
+    let mut buf = Vec::with_capacity(128);
+    let args =
+        match tokio::time::timeout(FIRST_PACKET_TIMEOUT, read_command(&mut r, &mut buf)).await {
+            Ok(Ok(args)) => args,
+            Ok(Err(reply)) => return refuse(w, reply).await,
+            Err(_) => return,
+        };
+    let arg = |i: usize| args.get(i).map(String::as_str);
+    if arg(0) != Some("sub") {
+        return refuse(w, frame::ERR_PARAM).await;
+    }
+    let Some(sub) = subscribe_params(arg(1), arg(2), arg(3), arg(4), comet.heartbeat_bounds())
+    else {
+        return refuse(w, frame::ERR_PARAM).await;
+    };
+    let s = match comet.admit(&sub) {
+        Ok(s) => s,
+        Err(refusal) => return refuse(w, refusal.frame()).await,
+    };
+    let gauge = comet.metrics.conn_gauge("tcp");
+    gauge.inc();
+    drive(
+        &comet,
+        r,
+        w,
+        buf,
+        s,
+        sub.format,
+        comet.read_deadline(sub.heartbeat),
+    )
+    .await;
+    gauge.dec();
+}
+
+async fn refuse(mut w: BufWriter<OwnedWriteHalf>, reply: &[u8]) {
+    let _ = w.write_all(reply).await;
+    let _ = w.flush().await;
+    let _ = w.shutdown().await;
+}
+
+/// Answers heartbeats in `bytes`; false when something else arrived.
+async fn heartbeats(w: &mut BufWriter<OwnedWriteHalf>, bytes: &[u8]) -> std::io::Result<bool> {
+    for &b in bytes {
+        match b {
+            b'h' => w.write_all(frame::HEARTBEAT_REPLY).await?,
+            // Tolerate clients that end their heartbeat with a newline.
+            b'\r' | b'\n' => {}
+            _ => return Ok(false),
+        }
+    }
+    Ok(true)
+}
+
+async fn drive(
+    comet: &Comet,
+    mut r: OwnedReadHalf,
+    mut w: BufWriter<OwnedWriteHalf>,
+    pending: Vec<u8>,
+    mut s: Subscription,
+    format: Format,
+    deadline: Duration,
+) {
+    if w.write_all(frame::HEARTBEAT_REPLY).await.is_err() {
+        return;
+    }
+    match heartbeats(&mut w, &pending).await {
+        Ok(true) => {}
+        _ => return,
+    }
+    if w.flush().await.is_err() {
+        return;
+    }
+    let timer = tokio::time::sleep(deadline);
+    tokio::pin!(timer);
+    let mut chunk = [0u8; 64];
+    loop {
+        tokio::select! {
+            biased;
+            _ = s.close.cancelled() => {
+                while let Ok(d) = s.rx.try_recv() {
+                    if w.write_all(d.resp(format)).await.is_err() {
+                        return;
+                    }
+                }
+                if format == Format::Json {
+                    let _ = w.write_all(frame::RECONNECT).await;
+                    comet.reconnect_sent();
+                }
+                let _ = w.flush().await;
+                let _ = w.shutdown().await;
+                return;
+            }
+            d = s.rx.recv() => {
+                let Some(d) = d else { return };
+                if w.write_all(d.resp(format)).await.is_err() {
+                    return;
+                }
+                // Everything already queued goes out in as few writes as fit.
+                while let Ok(d) = s.rx.try_recv() {
+                    if w.write_all(d.resp(format)).await.is_err() {
+                        return;
+                    }
+                }
+                if w.flush().await.is_err() {
+                    return;
+                }
+            }
+            n = r.read(&mut chunk) => match n {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    match heartbeats(&mut w, &chunk[..n]).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::debug!("unknown bytes from TCP subscriber, closing");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                    if w.flush().await.is_err() {
+                        return;
+                    }
+                    timer.as_mut().reset(tokio::time::Instant::now() + deadline);
+                }
+            },
+            _ = &mut timer => {
+                tracing::debug!("heartbeat timeout, closing");
+                return;
+            }
+        }
+    }
+}
