@@ -44,7 +44,13 @@ impl Comet {
             Ok(r) => r.into_inner().mid,
             Err(e) => {
                 self.metrics.push_errors.inc();
-                return Err(e);
+                // Unavailable is kept for "this comet was not reached": web then
+                // stores the push itself. A storage failure behind a reached
+                // comet must not look like that, or a retry could store twice.
+                return Err(match e.code() {
+                    tonic::Code::InvalidArgument => e,
+                    _ => Status::internal(format!("store: {}", e.message())),
+                });
             }
         };
         let n = self

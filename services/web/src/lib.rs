@@ -1,1 +1,209 @@
-//! placeholder
+//! Web: the HTTP API of a pushcluster.
+//!
+//! Two listeners, as in gopush-cluster: the public one (resolve a key's comet,
+//! offline messages, time) and the admin one (push, multi-push, broadcast,
+//! delete), which the public Service never exposes. Web holds no state: it
+//! routes keys to comets through [`Membership`] and reads storage through the
+//! message service.
+
+pub mod admin;
+pub mod public;
+pub mod reply;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use pushcluster_core::key::Limits;
+use pushcluster_core::membership::{Membership, ShardEndpoint, StaticMembership};
+use pushcluster_core::ops::Readiness;
+use pushcluster_proto::v1::comet_client::CometClient;
+use pushcluster_proto::v1::message_client::MessageClient;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+/// The OpenAPI document describing every endpoint, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Configuration of `push-web` (YAML; flags override).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
+pub struct Config {
+    /// Public listener: `/1/server/get`, `/1/msg/get`, `/1/time/get` and legacy forms.
+    pub public_listen: SocketAddr,
+    /// Admin listener: `/1/admin/...` and legacy `/admin/...`; keep it private.
+    pub admin_listen: SocketAddr,
+    /// Ops listener (`/metrics`, `/healthz`, `/readyz`).
+    pub ops_listen: SocketAddr,
+    /// gRPC URL of the message service.
+    pub message_url: String,
+    /// When set, admin requests need `Authorization: Bearer <token>`.
+    pub admin_token: Option<String>,
+    /// Comets by shard (static membership).
+    pub comets: Vec<ShardEndpoint>,
+    /// Input limits.
+    pub limits: Limits,
+    /// Deadline of one call to a comet or the message service, in ms.
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            public_listen: ([127, 0, 0, 1], 8090).into(),
+            admin_listen: ([127, 0, 0, 1], 8091).into(),
+            ops_listen: ([127, 0, 0, 1], 8092).into(),
+            message_url: "http://127.0.0.1:8070".into(),
+            admin_token: None,
+            comets: vec![ShardEndpoint {
+                shard: 0,
+                rpc: "http://127.0.0.1:6970".into(),
+                ws: "127.0.0.1:6968".into(),
+                tcp: "127.0.0.1:6969".into(),
+            }],
+            limits: Limits::default(),
+            rpc_timeout_ms: 5000,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: &'static str,
+    ret: u32,
+}
+
+/// Metrics of web.
+#[derive(Clone)]
+pub struct Metrics {
+    requests: Family<RequestLabels, Counter>,
+    push_latency: Histogram,
+    stored_without_comet: Counter,
+}
+
+impl Metrics {
+    fn register(reg: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            stored_without_comet: Counter::default(),
+        };
+        reg.register(
+            "pushcluster_web_requests",
+            "HTTP requests by route and ret",
+            m.requests.clone(),
+        );
+        reg.register(
+            "pushcluster_web_push_latency_seconds",
+            "Admin push latency, from request to acknowledgement",
+            m.push_latency.clone(),
+        );
+        reg.register(
+            "pushcluster_web_stored_without_comet",
+            "Pushes stored directly because no comet could take them",
+            m.stored_without_comet.clone(),
+        );
+        m
+    }
+
+    /// Counts a finished request.
+    pub fn request(&self, route: &'static str, ret: u32) {
+        self.requests
+            .get_or_create(&RequestLabels { route, ret })
+            .inc();
+    }
+}
+
+/// Shared state of the web handlers.
+pub struct AppState {
+    cfg: Config,
+    membership: Arc<dyn Membership>,
+    message: MessageClient<Channel>,
+    comets: Mutex<HashMap<String, CometClient<Channel>>>,
+    /// Broadcasts from this web are stored and fanned out one at a time, so
+    /// comets receive them in mid order.
+    broadcast_order: tokio::sync::Mutex<()>,
+    metrics: Metrics,
+}
+
+impl AppState {
+    /// Builds the state; `membership` tells where each shard's comet is.
+    pub fn new(
+        cfg: Config,
+        membership: Arc<dyn Membership>,
+        reg: &mut Registry,
+    ) -> Result<Arc<Self>, Error> {
+        let message = MessageClient::new(channel(&cfg.message_url, cfg.rpc_timeout_ms)?);
+        Ok(Arc::new(Self {
+            message,
+            membership,
+            comets: Mutex::new(HashMap::new()),
+            broadcast_order: tokio::sync::Mutex::new(()),
+            metrics: Metrics::register(reg),
+            cfg,
+        }))
+    }
+
+    /// A client for the comet at `rpc` (connections are made lazily and reused).
+    fn comet(&self, rpc: &str) -> Result<CometClient<Channel>, Error> {
+        let mut map = self.comets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(rpc) {
+            return Ok(c.clone());
+        }
+        let c = CometClient::new(channel(rpc, self.cfg.rpc_timeout_ms)?);
+        map.insert(rpc.to_owned(), c.clone());
+        Ok(c)
+    }
+}
+
+fn channel(url: &str, timeout_ms: u64) -> Result<Channel, Error> {
+    Ok(Endpoint::from_shared(url.to_owned())
+        .map_err(|e| Error::Config(format!("{url}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_millis(timeout_ms.max(1)))
+        .tcp_nodelay(true)
+        .connect_lazy())
+}
+
+/// Errors that stop web.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs web until `cancel` fires; in-flight requests finish first.
+pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
+    let mut reg = Registry::default();
+    let membership: Arc<dyn Membership> = Arc::new(StaticMembership::new(cfg.comets.clone()));
+    let state = AppState::new(cfg.clone(), membership, &mut reg)?;
+    let ready = Readiness::default();
+    let public = tokio::net::TcpListener::bind(cfg.public_listen).await?;
+    let admin = tokio::net::TcpListener::bind(cfg.admin_listen).await?;
+    tracing::info!(public = %cfg.public_listen, admin = %cfg.admin_listen, "web listening");
+    let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
+        cfg.ops_listen,
+        Arc::new(reg),
+        ready.clone(),
+        cancel.clone(),
+    ));
+    let p = axum::serve(public, public::router(state.clone()))
+        .with_graceful_shutdown(cancel.clone().cancelled_owned());
+    let a = axum::serve(admin, admin::router(state))
+        .with_graceful_shutdown(cancel.clone().cancelled_owned());
+    ready.set(true);
+    let (rp, ra) = tokio::join!(p, a);
+    ready.set(false);
+    rp?;
+    ra?;
+    let _ = ops.await;
+    Ok(())
+}

@@ -1,1 +1,59 @@
-fn main() {}
+//! `push-web`: the HTTP API of a pushcluster.
+
+use clap::Parser;
+use push_web::Config;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// pushcluster web: the gopush-cluster compatible HTTP API.
+///
+/// Public listener: /1/server/get, /1/msg/get, /1/time/get (and the legacy
+/// /server/get, /msg/get, /time/get). Admin listener (keep it private):
+/// /1/admin/push/private, /1/admin/push/mprivate, /1/admin/push/broadcast,
+/// /1/admin/msg/del (and legacy /admin/push, /admin/msg/clean). Both serve
+/// /openapi.json. Settings come from the YAML file given with --config; flags
+/// and environment variables override it.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// YAML config file (see config/web.yaml for every setting).
+    #[arg(short, long, env = "PUSH_WEB_CONFIG")]
+    config: Option<PathBuf>,
+    /// Public listen address.
+    #[arg(long, env = "PUSH_WEB_PUBLIC_LISTEN")]
+    public_listen: Option<SocketAddr>,
+    /// Admin listen address.
+    #[arg(long, env = "PUSH_WEB_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Listen address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "PUSH_WEB_OPS_LISTEN")]
+    ops_listen: Option<SocketAddr>,
+    /// gRPC URL of the message service.
+    #[arg(long, env = "PUSH_MESSAGE_URL")]
+    message_url: Option<String>,
+    /// Bearer token required on the admin listener.
+    #[arg(long, env = "PUSH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "PUSH_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    pushcluster_core::ops::init_tracing(a.log_json);
+    let mut cfg: Config = pushcluster_core::ops::load_yaml(a.config.as_deref())?;
+    macro_rules! set {
+        ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
+    }
+    set!(public_listen, admin_listen, ops_listen, message_url);
+    if a.admin_token.is_some() {
+        cfg.admin_token = a.admin_token;
+    }
+    let cancel = tokio_util::sync::CancellationToken::new();
+    pushcluster_core::ops::cancel_on_signal(cancel.clone());
+    push_web::run(cfg, cancel).await?;
+    tracing::info!("web stopped");
+    Ok(())
+}

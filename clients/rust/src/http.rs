@@ -1,0 +1,168 @@
+//! The web HTTP API.
+
+use crate::{parse_message, Error, Message, Result};
+use serde_json::Value;
+
+/// Client of a cluster's web listeners.
+#[derive(Debug, Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    public: String,
+    admin: String,
+    admin_token: Option<String>,
+}
+
+/// Protocol asked of `/1/server/get`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    WebSocket = 1,
+    Tcp = 2,
+    Sse = 3,
+}
+
+impl Client {
+    /// `public` and `admin` are base URLs such as `http://127.0.0.1:8090`.
+    pub fn new(public: &str, admin: &str, admin_token: Option<String>) -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            public: public.trim_end_matches('/').to_owned(),
+            admin: admin.trim_end_matches('/').to_owned(),
+            admin_token,
+        }
+    }
+
+    async fn call(&self, req: reqwest::RequestBuilder) -> Result<Option<Value>> {
+        let req = match &self.admin_token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let v: Value = req.send().await?.json().await?;
+        let ret = v.get("ret").and_then(Value::as_i64).unwrap_or(-1);
+        if ret != 0 {
+            return Err(Error::Api {
+                ret,
+                msg: v
+                    .get("msg")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+            });
+        }
+        Ok(v.get("data").cloned())
+    }
+
+    /// The address of the comet serving `key` for `proto`.
+    pub async fn resolve(&self, key: &str, proto: Proto) -> Result<String> {
+        let url = format!("{}/1/server/get", self.public);
+        let p = (proto as u8).to_string();
+        let data = self
+            .call(self.http.get(url).query(&[("k", key), ("p", &p)]))
+            .await?;
+        data.and_then(|d| d.get("server").and_then(Value::as_str).map(str::to_owned))
+            .ok_or_else(|| Error::Frame("no server in reply".into()))
+    }
+
+    /// Private messages after `after` and, when `public_after` is given, public
+    /// messages after it.
+    pub async fn fetch(
+        &self,
+        key: &str,
+        after: i64,
+        public_after: Option<i64>,
+    ) -> Result<(Vec<Message>, Vec<Message>)> {
+        let url = format!("{}/1/msg/get", self.public);
+        let mut q = vec![("k", key.to_owned()), ("m", after.to_string())];
+        if let Some(p) = public_after {
+            q.push(("p", p.to_string()));
+        }
+        let Some(data) = self.call(self.http.get(url).query(&q)).await? else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let list = |name: &str| -> Result<Vec<Message>> {
+            data.get(name)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().map(parse_message).collect())
+                .unwrap_or(Ok(Vec::new()))
+        };
+        Ok((list("msgs")?, list("pmsgs")?))
+    }
+
+    /// The key's last mid and the last public mid.
+    pub async fn last_mids(&self, key: &str) -> Result<(i64, i64)> {
+        let url = format!("{}/1/time/get", self.public);
+        let d = self
+            .call(self.http.get(url).query(&[("k", key)]))
+            .await?
+            .unwrap_or_default();
+        let get = |n: &str| d.get(n).and_then(Value::as_i64).unwrap_or(0);
+        Ok((get("mid"), get("pmid")))
+    }
+
+    fn expire_query(expire: Option<u64>) -> Vec<(&'static str, String)> {
+        expire
+            .map(|e| vec![("expire", e.to_string())])
+            .unwrap_or_default()
+    }
+
+    /// Pushes `json` to `key`; returns its mid once stored.
+    pub async fn push(&self, key: &str, json: &str, expire: Option<u64>) -> Result<i64> {
+        let url = format!("{}/1/admin/push/private", self.admin);
+        let mut q = Self::expire_query(expire);
+        q.push(("key", key.to_owned()));
+        let d = self
+            .call(self.http.post(url).query(&q).body(json.to_owned()))
+            .await?;
+        d.and_then(|d| d.get("mid").and_then(Value::as_i64))
+            .ok_or_else(|| Error::Frame("no mid in reply".into()))
+    }
+
+    /// Pushes `json` to every key; returns the keys that failed.
+    pub async fn mpush(
+        &self,
+        keys: &[&str],
+        json: &str,
+        expire: Option<u64>,
+    ) -> Result<Vec<String>> {
+        let url = format!("{}/1/admin/push/mprivate", self.admin);
+        let body = serde_json::json!({"m": json, "k": keys.join(",")});
+        let d = self
+            .call(
+                self.http
+                    .post(url)
+                    .query(&Self::expire_query(expire))
+                    .json(&body),
+            )
+            .await?;
+        Ok(d.and_then(|d| {
+            d.get("fk").and_then(Value::as_array).map(|a| {
+                a.iter()
+                    .filter_map(|k| k.as_str().map(str::to_owned))
+                    .collect()
+            })
+        })
+        .unwrap_or_default())
+    }
+
+    /// Broadcasts `json` to every connection; returns its public mid.
+    pub async fn broadcast(&self, json: &str, expire: Option<u64>) -> Result<i64> {
+        let url = format!("{}/1/admin/push/broadcast", self.admin);
+        let d = self
+            .call(
+                self.http
+                    .post(url)
+                    .query(&Self::expire_query(expire))
+                    .body(json.to_owned()),
+            )
+            .await?;
+        d.and_then(|d| d.get("mid").and_then(Value::as_i64))
+            .ok_or_else(|| Error::Frame("no mid in reply".into()))
+    }
+
+    /// Deletes the key's stored messages.
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        let url = format!("{}/1/admin/msg/del", self.admin);
+        self.call(self.http.post(url).query(&[("key", key)]))
+            .await
+            .map(|_| ())
+    }
+}

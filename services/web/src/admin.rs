@@ -1,0 +1,459 @@
+//! The admin listener: push, multi-push, broadcast, delete. Never exposed by
+//! the public Service; when `admin_token` is configured every request needs
+//! `Authorization: Bearer <token>`.
+//!
+//! A push is acknowledged only once stored. It goes to the comet that owns the
+//! key (which stores, then delivers); when no comet owns the key or the owner
+//! cannot be reached, web stores it through the message service itself, so it
+//! is delivered on reconnect and never lost. A comet that was reached but
+//! failed answers with an error instead: retrying then could store twice.
+
+use crate::reply::{Reply, INTERNAL, UNAUTHORIZED};
+use crate::AppState;
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use bytes::Bytes;
+use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_proto::v1 as pb;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+use tonic::Code;
+
+type Params = Query<HashMap<String, String>>;
+
+/// Routes of the admin listener.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/1/admin/push/private", post(push_private))
+        .route("/1/admin/push/mprivate", post(push_multi))
+        .route("/1/admin/push/broadcast", post(broadcast))
+        .route("/1/admin/msg/del", post(delete))
+        .route("/admin/push", post(legacy_push))
+        .route("/admin/msg/clean", post(legacy_delete))
+        .route("/openapi.json", axum::routing::get(crate::public::openapi))
+        .fallback(crate::public::not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+async fn authorize(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(token) = s.cfg.admin_token.as_deref().filter(|t| !t.is_empty()) {
+        let given = req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+            s.metrics.request("admin_unauthorized", UNAUTHORIZED);
+            return Reply::err(
+                UNAUTHORIZED,
+                "missing or wrong admin token (Authorization: Bearer …)",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Maps an RPC failure to a reply.
+pub(crate) fn status_reply(s: tonic::Status) -> Reply {
+    match s.code() {
+        Code::InvalidArgument => Reply::param(s.message().to_owned()),
+        Code::DeadlineExceeded => Reply::err(
+            INTERNAL,
+            "timed out: the message may or may not be stored; retry and dedupe by content",
+        ),
+        _ => Reply::err(INTERNAL, s.message().to_owned()),
+    }
+}
+
+/// The comet was never reached, so nothing was stored by it.
+fn unreached(s: &tonic::Status) -> bool {
+    s.code() == Code::Unavailable
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, Reply> {
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        Reply::param(format!("request body is larger than {limit} bytes"))
+            .with_status(StatusCode::PAYLOAD_TOO_LARGE)
+    })
+}
+
+fn param<'a>(q: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    q.get(name).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+impl AppState {
+    fn expire(&self, q: &HashMap<String, String>) -> Result<u64, Reply> {
+        let secs = match param(q, "expire") {
+            None => 0,
+            Some(v) => v
+                .parse::<u64>()
+                .map_err(|_| Reply::param("expire must be a whole number of seconds"))?,
+        };
+        self.cfg
+            .limits
+            .expire(secs)
+            .map(|d| d.as_secs())
+            .map_err(|e| Reply::param(e.to_string()))
+    }
+
+    fn check_message(&self, body: &[u8]) -> Result<(), Reply> {
+        self.cfg
+            .limits
+            .check_message(body)
+            .map_err(|e| Reply::param(e.to_string()))
+    }
+
+    fn check_key<'a>(&self, key: Option<&'a str>) -> Result<&'a str, Reply> {
+        let key = key.ok_or_else(|| Reply::param("key is required"))?;
+        self.cfg
+            .limits
+            .check_key(key)
+            .map_err(|e| Reply::param(format!("key {key:?}: {e}")))?;
+        Ok(key)
+    }
+
+    async fn store_direct(
+        &self,
+        key: &str,
+        gid: i32,
+        payload: Bytes,
+        expire: u64,
+    ) -> Result<i64, Reply> {
+        let req = pb::AppendRequest {
+            key: key.to_owned(),
+            payload,
+            expire_seconds: expire,
+            gid,
+        };
+        self.message
+            .clone()
+            .append(req)
+            .await
+            .map(|r| r.into_inner().mid)
+            .map_err(status_reply)
+    }
+
+    /// Pushes one private message; returns its mid once stored.
+    pub async fn push_private(&self, key: &str, payload: Bytes, expire: u64) -> Result<i64, Reply> {
+        let view = self.membership.view();
+        if let Some(ep) = view.endpoint_for(key) {
+            let req = pb::PushRequest {
+                key: key.to_owned(),
+                payload: payload.clone(),
+                expire_seconds: expire,
+            };
+            match self
+                .comet(&ep.rpc)
+                .map_err(|e| Reply::err(INTERNAL, e.to_string()))?
+                .push(req)
+                .await
+            {
+                Ok(r) => return Ok(r.into_inner().mid),
+                Err(s) if unreached(&s) => {
+                    tracing::warn!(shard = ep.shard, error = %s.message(), "comet unreachable: storing directly");
+                }
+                Err(s) => return Err(status_reply(s)),
+            }
+        }
+        self.metrics.stored_without_comet.inc();
+        self.store_direct(key, GID_PRIVATE, payload, expire).await
+    }
+}
+
+async fn push_private_inner(s: &AppState, q: &HashMap<String, String>, body: Body) -> Reply {
+    let start = Instant::now();
+    let run = async {
+        let key = s.check_key(param(q, "key"))?;
+        let expire = s.expire(q)?;
+        let body = read_body(body, s.cfg.limits.max_message_bytes).await?;
+        s.check_message(&body)?;
+        let mid = s.push_private(key, body, expire).await?;
+        Ok::<_, Reply>(Reply::ok(Some(json!({ "mid": mid }))))
+    };
+    let r = run.await.unwrap_or_else(|e| e);
+    s.metrics
+        .push_latency
+        .observe(start.elapsed().as_secs_f64());
+    r
+}
+
+/// `POST /1/admin/push/private?key=KEY&expire=SECONDS`, body = the JSON message.
+async fn push_private(State(s): State<Arc<AppState>>, Query(q): Params, body: Body) -> Reply {
+    let r = push_private_inner(&s, &q, body).await;
+    s.metrics.request("push_private", r.ret());
+    r
+}
+
+/// `POST /admin/push?key=&expire=` (legacy), same as `/1/admin/push/private`.
+async fn legacy_push(State(s): State<Arc<AppState>>, Query(q): Params, body: Body) -> Reply {
+    let r = push_private_inner(&s, &q, body).await;
+    s.metrics.request("legacy_push", r.ret());
+    r
+}
+
+/// Parses `{"m": <message as a JSON string, or the JSON itself>, "k": "a,b,c"}`.
+fn parse_multi(body: &[u8]) -> Result<(Bytes, Vec<String>), Reply> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| Reply::param(format!("body must be {{\"m\":…,\"k\":\"a,b\"}}: {e}")))?;
+    let m = match v.get("m") {
+        Some(Value::String(s)) => Bytes::from(s.clone().into_bytes()),
+        Some(Value::Null) | None => return Err(Reply::param("m (the message) is required")),
+        Some(other) => Bytes::from(other.to_string().into_bytes()),
+    };
+    let k = v
+        .get("k")
+        .and_then(Value::as_str)
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| Reply::param("k (comma-separated keys) is required"))?;
+    let mut seen = HashSet::new();
+    let keys = k
+        .split(',')
+        .filter(|key| seen.insert(*key))
+        .map(str::to_owned)
+        .collect();
+    Ok((m, keys))
+}
+
+/// `POST /1/admin/push/mprivate?expire=SECONDS`, body `{"m":…,"k":"a,b,c"}`.
+/// Every key is checked before anything is stored; keys that could not be
+/// stored come back in `data.fk`.
+async fn push_multi(State(s): State<Arc<AppState>>, Query(q): Params, body: Body) -> Reply {
+    let run = async {
+        let expire = s.expire(&q)?;
+        let l = &s.cfg.limits;
+        let limit = l.max_message_bytes * 2 + l.max_keys_per_multipush * (l.max_key_bytes + 1) + 64;
+        let body = read_body(body, limit).await?;
+        let (payload, keys) = parse_multi(&body)?;
+        s.check_message(&payload)?;
+        if keys.len() > l.max_keys_per_multipush {
+            return Err(Reply::param(format!(
+                "{} keys, more than the limit of {}",
+                keys.len(),
+                l.max_keys_per_multipush
+            )));
+        }
+        for k in &keys {
+            s.check_key(Some(k))?;
+        }
+        let failed = s.multi_push(keys, payload, expire).await;
+        Ok(if failed.is_empty() {
+            Reply::ok(None)
+        } else {
+            Reply::ok(Some(json!({ "fk": failed })))
+        })
+    };
+    let r = run.await.unwrap_or_else(|e| e);
+    s.metrics.request("push_mprivate", r.ret());
+    r
+}
+
+impl AppState {
+    /// Pushes to many keys, one call per comet; returns the keys that failed.
+    async fn multi_push(&self, keys: Vec<String>, payload: Bytes, expire: u64) -> Vec<String> {
+        let view = self.membership.view();
+        let mut by_comet: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut no_comet = Vec::new();
+        for k in keys {
+            match view.endpoint_for(&k) {
+                Some(ep) => by_comet.entry(ep.rpc.clone()).or_default().push(k),
+                None => no_comet.push(k),
+            }
+        }
+        let groups = by_comet.into_iter().map(|(rpc, keys)| {
+            let payload = payload.clone();
+            async move {
+                let req = pb::MultiPushRequest {
+                    keys: keys.clone(),
+                    payload: payload.clone(),
+                    expire_seconds: expire,
+                };
+                let client = self.comet(&rpc);
+                let res = match client {
+                    Ok(mut c) => c.multi_push(req).await,
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                };
+                match res {
+                    Ok(r) => r
+                        .into_inner()
+                        .results
+                        .into_iter()
+                        .filter(|k| !k.error.is_empty())
+                        .map(|k| k.key)
+                        .collect::<Vec<_>>(),
+                    Err(s) if unreached(&s) => self.store_each(keys, payload, expire).await,
+                    Err(s) => {
+                        tracing::error!(comet = %rpc, error = %s.message(), "multi-push failed");
+                        keys
+                    }
+                }
+            }
+        });
+        let (mut failed, direct) = tokio::join!(
+            futures::future::join_all(groups),
+            self.store_each(no_comet, payload.clone(), expire)
+        );
+        let mut out: Vec<String> = failed.drain(..).flatten().collect();
+        out.extend(direct);
+        out
+    }
+
+    async fn store_each(&self, keys: Vec<String>, payload: Bytes, expire: u64) -> Vec<String> {
+        if !keys.is_empty() {
+            self.metrics.stored_without_comet.inc_by(keys.len() as u64);
+        }
+        let stores = keys.into_iter().map(|k| {
+            let payload = payload.clone();
+            async move {
+                match self.store_direct(&k, GID_PRIVATE, payload, expire).await {
+                    Ok(_) => None,
+                    Err(_) => Some(k),
+                }
+            }
+        });
+        futures::future::join_all(stores)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+}
+
+/// `POST /1/admin/push/broadcast?expire=SECONDS`, body = the JSON message:
+/// stored once on the public sequence (gid 1), then delivered to every
+/// connection of every comet. Clients that were offline read it from
+/// `/1/msg/get?...&p=LAST_PUBLIC_MID`.
+async fn broadcast(State(s): State<Arc<AppState>>, Query(q): Params, body: Body) -> Reply {
+    let run = async {
+        let expire = s.expire(&q)?;
+        let body = read_body(body, s.cfg.limits.max_message_bytes).await?;
+        s.check_message(&body)?;
+        let _order = s.broadcast_order.lock().await;
+        let mid = s.store_direct("", GID_PUBLIC, body.clone(), expire).await?;
+        let view = s.membership.view();
+        let deliveries = view.endpoints.values().map(|ep| {
+            let req = pb::DeliverRequest {
+                message: Some(pb::StoredMessage {
+                    mid,
+                    gid: GID_PUBLIC,
+                    payload: body.clone(),
+                }),
+            };
+            let client = s.comet(&ep.rpc);
+            async move {
+                let res = match client {
+                    Ok(mut c) => c.deliver(req).await.map(|r| r.into_inner().connections),
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                };
+                res.unwrap_or_else(|e| {
+                    // Stored already: its clients read it on reconnect.
+                    tracing::warn!(shard = ep.shard, error = %e.message(), "broadcast delivery failed");
+                    0
+                })
+            }
+        });
+        let connections: u64 = futures::future::join_all(deliveries)
+            .await
+            .into_iter()
+            .sum();
+        Ok::<_, Reply>(Reply::ok(Some(
+            json!({ "mid": mid, "connections": connections }),
+        )))
+    };
+    let r = run.await.unwrap_or_else(|e| e);
+    s.metrics.request("push_broadcast", r.ret());
+    r
+}
+
+async fn delete_inner(s: &AppState, q: &HashMap<String, String>, body: Body) -> Reply {
+    let run = async {
+        // gopush-cluster sent `key` in a form body; the query works too.
+        let body = read_body(body, 4096).await?;
+        let form: HashMap<String, String> = url_form(&body);
+        let key = param(q, "key").or_else(|| param(&form, "key"));
+        let key = s.check_key(key)?;
+        s.message
+            .clone()
+            .delete(pb::DeleteRequest {
+                key: key.to_owned(),
+            })
+            .await
+            .map_err(status_reply)?;
+        Ok::<_, Reply>(Reply::ok(None))
+    };
+    run.await.unwrap_or_else(|e| e)
+}
+
+/// Parses an `application/x-www-form-urlencoded` body with axum's query parser.
+fn url_form(body: &[u8]) -> HashMap<String, String> {
+    let text = String::from_utf8_lossy(body);
+    let uri = format!("/?{}", text.trim());
+    uri.parse::<axum::http::Uri>()
+        .ok()
+        .and_then(|u| Query::<HashMap<String, String>>::try_from_uri(&u).ok())
+        .map(|Query(m)| m)
+        .unwrap_or_default()
+}
+
+/// `POST /1/admin/msg/del?key=KEY` (or form body `key=KEY`): removes the key's
+/// stored messages. Its mid sequence continues, so clients never mistake a new
+/// message for one they have seen.
+async fn delete(State(s): State<Arc<AppState>>, Query(q): Params, body: Body) -> Reply {
+    let r = delete_inner(&s, &q, body).await;
+    s.metrics.request("msg_del", r.ret());
+    r
+}
+
+/// `POST /admin/msg/clean` (legacy), same as `/1/admin/msg/del`.
+async fn legacy_delete(State(s): State<Arc<AppState>>, Query(q): Params, body: Body) -> Reply {
+    let r = delete_inner(&s, &q, body).await;
+    s.metrics.request("legacy_msg_clean", r.ret());
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multi_push_bodies() {
+        let (m, k) = parse_multi(br#"{"m":"{\"a\":1}","k":"x,y,x"}"#).unwrap();
+        assert_eq!(m.as_ref(), br#"{"a":1}"#);
+        assert_eq!(k, vec!["x", "y"]);
+        let (m, _) = parse_multi(br#"{"m":{"a":1},"k":"x"}"#).unwrap();
+        assert_eq!(m.as_ref(), br#"{"a":1}"#);
+        assert!(parse_multi(br#"{"k":"x"}"#).is_err());
+        assert!(parse_multi(br#"{"m":"1"}"#).is_err());
+        assert!(parse_multi(br#"{"m":"1","k":""}"#).is_err());
+        assert!(parse_multi(b"nope").is_err());
+    }
+
+    #[test]
+    fn form_bodies() {
+        assert_eq!(
+            url_form(b"key=a%2Cb&x=1").get("key").map(String::as_str),
+            Some("a,b")
+        );
+        assert!(url_form(b"").is_empty());
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

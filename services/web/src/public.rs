@@ -1,0 +1,249 @@
+//! The public listener: resolve a key's comet, read offline messages, time.
+//! Versioned (`/1/...`, params `k`, `p`, `m`, `cb`) and legacy unversioned
+//! (`/server/get`, `/msg/get`, `/time/get`, params `key`, `proto`, `mid`,
+//! `pmid`, `callback`) forms, as gopush-cluster served them.
+
+use crate::reply::{Reply, INTERNAL, NO_NODE};
+use crate::AppState;
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use pushcluster_core::frame::{encode_json, Format};
+use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_proto::v1 as pb;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+type Params = Query<HashMap<String, String>>;
+
+/// Routes of the public listener.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/1/server/get", get(server_get))
+        .route("/1/msg/get", get(msg_get))
+        .route("/1/time/get", get(time_get))
+        .route("/server/get", get(legacy_server_get))
+        .route("/msg/get", get(legacy_msg_get))
+        .route("/time/get", get(legacy_time_get))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Unknown paths get a JSON error too.
+pub async fn not_found() -> Reply {
+    Reply::param("no such endpoint; see /openapi.json")
+        .with_status(axum::http::StatusCode::NOT_FOUND)
+}
+
+/// Serves the OpenAPI document.
+pub async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], crate::OPENAPI)
+}
+
+fn param<'a>(q: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
+    q.get(name).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+fn parse_mid(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Reply> {
+    match param(q, name) {
+        None => Ok(None),
+        Some(v) => v
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| Reply::param(format!("{name} must be an integer message id"))),
+    }
+}
+
+impl AppState {
+    /// Resolves the comet address for `key` and protocol `proto` (1 ws, 2 tcp, 3 sse).
+    fn resolve(&self, key: Option<&str>, proto: Option<&str>) -> Result<Value, Reply> {
+        let key = key.ok_or_else(|| Reply::param("key is required"))?;
+        self.cfg
+            .limits
+            .check_key(key)
+            .map_err(|e| Reply::param(e.to_string()))?;
+        let view = self.membership.view();
+        let ep = view
+            .endpoint_for(key)
+            .ok_or_else(|| Reply::err(NO_NODE, "no comet serves this key right now"))?;
+        let addr = match proto.unwrap_or("1") {
+            "1" | "3" => &ep.ws,
+            "2" => &ep.tcp,
+            other => {
+                return Err(Reply::param(format!(
+                    "unknown protocol {other:?}: 1 websocket, 2 tcp, 3 sse"
+                )))
+            }
+        };
+        if addr.is_empty() {
+            return Err(Reply::err(
+                NO_NODE,
+                "the comet has no address for this protocol",
+            ));
+        }
+        Ok(json!({ "server": addr }))
+    }
+
+    /// Stored messages of a channel after `after`, oldest first.
+    pub(crate) async fn fetch(
+        &self,
+        key: &str,
+        gid: i32,
+        after: i64,
+    ) -> Result<Vec<pb::StoredMessage>, Reply> {
+        let req = pb::FetchRequest {
+            key: key.to_owned(),
+            after_mid: after,
+            gid,
+            limit: 0,
+        };
+        self.message
+            .clone()
+            .fetch(req)
+            .await
+            .map(|r| r.into_inner().messages)
+            .map_err(crate::admin::status_reply)
+    }
+
+    fn checked_key<'a>(&self, key: Option<&'a str>) -> Result<&'a str, Reply> {
+        let key = key.ok_or_else(|| Reply::param("key is required"))?;
+        self.cfg
+            .limits
+            .check_key(key)
+            .map_err(|e| Reply::param(e.to_string()))?;
+        Ok(key)
+    }
+}
+
+/// The JSON object clients receive, as a `serde_json::Value`.
+fn message_value(m: &pb::StoredMessage) -> Value {
+    let raw = encode_json(&m.payload, m.mid, m.gid, Format::Json);
+    serde_json::from_slice(&raw).unwrap_or(Value::Null)
+}
+
+/// The legacy element: the old-format message object serialised as a string.
+fn legacy_message_string(m: &pb::StoredMessage) -> Value {
+    Value::String(
+        String::from_utf8_lossy(&encode_json(&m.payload, m.mid, m.gid, Format::Legacy))
+            .into_owned(),
+    )
+}
+
+fn timeid() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| (d.as_nanos() / 100) as i64)
+        .unwrap_or(0)
+}
+
+async fn server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
+    let r = match s.resolve(param(&q, "k"), param(&q, "p")) {
+        Ok(d) => Reply::ok(Some(d)),
+        Err(e) => e,
+    };
+    s.metrics.request("server_get", r.ret());
+    r.jsonp(param(&q, "cb"))
+}
+
+async fn legacy_server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
+    let r = match s.resolve(param(&q, "key"), param(&q, "proto")) {
+        Ok(d) => Reply::ok(Some(d)),
+        Err(e) => e,
+    };
+    s.metrics.request("legacy_server_get", r.ret());
+    r.jsonp(param(&q, "callback"))
+}
+
+/// `/1/msg/get?k=KEY&m=MID[&p=PUBLIC_MID]`: private messages after `m`
+/// (`data.msgs`) and, when `p` is given, public messages after `p`
+/// (`data.pmsgs`). At most the message service's fetch limit per call: call
+/// again from the last mid for more. `data` is left out when nothing is new.
+async fn msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
+    let r = msg_get_inner(&s, &q, "k", "m", "p", message_value).await;
+    s.metrics.request("msg_get", r.ret());
+    r.jsonp(param(&q, "cb"))
+}
+
+/// `/msg/get?key=&mid=&pmid=`: the same, each element a JSON string of the
+/// old-format message.
+async fn legacy_msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
+    let r = msg_get_inner(&s, &q, "key", "mid", "pmid", legacy_message_string).await;
+    s.metrics.request("legacy_msg_get", r.ret());
+    r.jsonp(param(&q, "callback"))
+}
+
+async fn msg_get_inner(
+    s: &AppState,
+    q: &HashMap<String, String>,
+    key_name: &str,
+    mid_name: &str,
+    pmid_name: &str,
+    render: fn(&pb::StoredMessage) -> Value,
+) -> Reply {
+    let run = async {
+        let key = s.checked_key(param(q, key_name))?;
+        let mid = parse_mid(q, mid_name)?
+            .ok_or_else(|| Reply::param(format!("{mid_name} is required")))?;
+        let pmid = parse_mid(q, pmid_name)?;
+        let msgs = s.fetch(key, GID_PRIVATE, mid).await?;
+        let pmsgs = match pmid {
+            Some(p) => s.fetch("", GID_PUBLIC, p).await?,
+            None => Vec::new(),
+        };
+        if msgs.is_empty() && pmsgs.is_empty() {
+            return Ok(Reply::ok(None));
+        }
+        let mut data = json!({ "msgs": msgs.iter().map(render).collect::<Vec<_>>() });
+        if pmid.is_some() {
+            data["pmsgs"] = pmsgs.iter().map(render).collect::<Vec<_>>().into();
+        }
+        Ok::<_, Reply>(Reply::ok(Some(data)))
+    };
+    run.await.unwrap_or_else(|e| e)
+}
+
+/// `/1/time/get`: `data.timeid` (Unix time in 100 ns units, as gopush-cluster).
+/// With `k=KEY` it adds `data.mid`, the key's last mid, and `data.pmid`, the
+/// last public mid: a client compares them with what it has seen to know
+/// whether to fetch, and detects a sequence that was reset (idle expiry).
+async fn time_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
+    let r = time_inner(&s, param(&q, "k")).await;
+    s.metrics.request("time_get", r.ret());
+    r.jsonp(param(&q, "cb"))
+}
+
+async fn legacy_time_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
+    let r = time_inner(&s, None).await;
+    s.metrics.request("legacy_time_get", r.ret());
+    r.jsonp(param(&q, "callback"))
+}
+
+async fn time_inner(s: &AppState, key: Option<&str>) -> Reply {
+    let mut data = json!({ "timeid": timeid() });
+    if let Some(k) = key {
+        let k = match s.checked_key(Some(k)) {
+            Ok(k) => k,
+            Err(e) => return e,
+        };
+        let last = |key: &str, gid: i32| {
+            let req = pb::LastMidRequest {
+                key: key.to_owned(),
+                gid,
+            };
+            let mut c = s.message.clone();
+            async move { c.last_mid(req).await.map(|r| r.into_inner().mid) }
+        };
+        match tokio::try_join!(last(k, GID_PRIVATE), last("", GID_PUBLIC)) {
+            Ok((mid, pmid)) => {
+                data["mid"] = mid.into();
+                data["pmid"] = pmid.into();
+            }
+            Err(e) => return Reply::err(INTERNAL, format!("storage: {}", e.message())),
+        }
+    }
+    Reply::ok(Some(data))
+}

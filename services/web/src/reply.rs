@@ -1,0 +1,137 @@
+//! gopush-cluster style replies: `{"ret":N,"msg":"…","data":…}`, optionally
+//! wrapped for JSONP.
+//!
+//! `ret` codes: 0 ok, 1001 no comet serves the key, 65533 unauthorized,
+//! 65534 parameter error, 65535 internal error. The HTTP status matches
+//! (200, 503, 401, 400 or 413, 500) except for JSONP, which is always 200:
+//! a browser never runs a script that came with an error status, so the
+//! callback could not see the error.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+/// Success.
+pub const OK: u32 = 0;
+/// No comet serves the key.
+pub const NO_NODE: u32 = 1001;
+/// Missing or wrong admin token.
+pub const UNAUTHORIZED: u32 = 65533;
+/// A parameter is missing or wrong.
+pub const PARAM: u32 = 65534;
+/// Something failed inside the cluster.
+pub const INTERNAL: u32 = 65535;
+
+/// A reply on its way out.
+#[derive(Debug)]
+pub struct Reply {
+    status: StatusCode,
+    ret: u32,
+    msg: String,
+    data: Option<Value>,
+    callback: Option<String>,
+}
+
+impl Reply {
+    /// `{"ret":0,"msg":"ok"}`, with `data` when there is something to return.
+    pub fn ok(data: Option<Value>) -> Self {
+        Self {
+            status: StatusCode::OK,
+            ret: OK,
+            msg: "ok".into(),
+            data,
+            callback: None,
+        }
+    }
+    /// An error with a clear message.
+    pub fn err(ret: u32, msg: impl Into<String>) -> Self {
+        let status = match ret {
+            PARAM => StatusCode::BAD_REQUEST,
+            UNAUTHORIZED => StatusCode::UNAUTHORIZED,
+            NO_NODE => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self {
+            status,
+            ret,
+            msg: msg.into(),
+            data: None,
+            callback: None,
+        }
+    }
+    /// A parameter error.
+    pub fn param(msg: impl Into<String>) -> Self {
+        Self::err(PARAM, msg)
+    }
+    /// Overrides the HTTP status (e.g. 413 for a body over the limit).
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+    /// Wraps the reply as `callback(...)` when a valid callback name is given.
+    pub fn jsonp(mut self, callback: Option<&str>) -> Self {
+        match callback.filter(|c| !c.is_empty()) {
+            None => self,
+            Some(c) if valid_callback(c) => {
+                self.callback = Some(c.to_owned());
+                self
+            }
+            Some(_) => {
+                Self::param("callback must be a JavaScript identifier path ([A-Za-z0-9_$.])")
+            }
+        }
+    }
+    /// The `ret` code.
+    pub fn ret(&self) -> u32 {
+        self.ret
+    }
+}
+
+/// A JSONP callback may only name a function, so it cannot inject script.
+pub fn valid_callback(c: &str) -> bool {
+    c.len() <= 128
+        && c.chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '$' || ch == '.')
+        && !c.starts_with('.')
+}
+
+impl IntoResponse for Reply {
+    fn into_response(self) -> Response {
+        let mut body = json!({"ret": self.ret, "msg": self.msg});
+        if let Some(d) = self.data {
+            body["data"] = d;
+        }
+        match self.callback {
+            None => (
+                self.status,
+                [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
+                body.to_string(),
+            )
+                .into_response(),
+            Some(cb) => (
+                StatusCode::OK,
+                [(
+                    header::CONTENT_TYPE,
+                    "application/javascript; charset=utf-8",
+                )],
+                format!("{cb}({body})"),
+            )
+                .into_response(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callbacks() {
+        assert!(valid_callback("cb"));
+        assert!(valid_callback("jQuery_123.done$"));
+        assert!(!valid_callback("alert(1)//"));
+        assert!(!valid_callback("a b"));
+        assert!(!valid_callback(".x"));
+        assert_eq!(Reply::ok(None).jsonp(Some("x;alert(1)")).ret(), PARAM);
+    }
+}
