@@ -1,1 +1,399 @@
-//! placeholder
+//! Harness for system tests: the real pushcluster binaries as processes on
+//! loopback, each on free ports, with their logs kept in a temp dir.
+//!
+//! The binaries come from the same target directory as the test executable;
+//! `make test` builds them first (`cargo build --workspace --bins`).
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use pushcluster_store::testing::{free_port, RedisServer};
+
+/// The directory holding the workspace binaries (`target/<profile>`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> -> target/<profile>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_path_buf()
+}
+
+fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which `make test` does)",
+        p.display()
+    );
+    p
+}
+
+/// One service process; killed on drop.
+pub struct Proc {
+    pub name: String,
+    bin: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+    /// Its ops port (`/readyz`).
+    pub ops_port: u16,
+}
+
+impl Proc {
+    fn spawn(dir: &Path, name: &str, bin_name: &str, config: &str, ops_port: u16) -> Self {
+        let cfg = dir.join(format!("{name}.yaml"));
+        std::fs::write(&cfg, config).expect("write config");
+        let mut p = Self {
+            name: name.to_owned(),
+            bin: bin_name.to_owned(),
+            config: cfg,
+            log: dir.join(format!("{name}.log")),
+            child: None,
+            ops_port,
+        };
+        p.start();
+        p
+    }
+
+    /// Starts the process (again) with the same config.
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open log");
+        let child = Command::new(bin(&self.bin))
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.bin));
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_status(self.ops_port, "/readyz") == Some(200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!(
+            "{} did not become ready; log:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    /// The process's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a graceful exit (SIGKILL after 15 s).
+    pub fn term(&mut self) -> Duration {
+        let start = Instant::now();
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!("{} did not stop within 15 s of SIGTERM", self.name);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        start.elapsed()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A minimal HTTP GET returning the status code (no client library, so it
+/// can run in blocking helpers).
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// How to build a test cluster.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub shards: u32,
+    pub redis_url: Option<String>,
+    pub admin_token: Option<String>,
+    pub subscriber_secret: Option<String>,
+    pub queue_depth: usize,
+    pub max_subscribers_per_key: usize,
+    pub heartbeat_grace_seconds: u64,
+    pub max_message_bytes: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            shards: 2,
+            redis_url: None,
+            admin_token: None,
+            subscriber_secret: None,
+            queue_depth: 256,
+            max_subscribers_per_key: 64,
+            heartbeat_grace_seconds: 5,
+            max_message_bytes: 65536,
+        }
+    }
+}
+
+/// Addresses of one comet.
+#[derive(Debug, Clone)]
+pub struct CometAddrs {
+    pub ws: String,
+    pub tcp: String,
+    pub rpc_port: u16,
+}
+
+/// A running cluster: message, comets, web.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub message: Proc,
+    pub comets: Vec<Proc>,
+    pub comet_addrs: Vec<CometAddrs>,
+    pub web: Proc,
+    pub public_url: String,
+    pub admin_url: String,
+    pub opts: Options,
+}
+
+fn yaml_opt(v: &Option<String>) -> String {
+    match v {
+        Some(s) => format!("{s:?}"),
+        None => "null".into(),
+    }
+}
+
+impl Cluster {
+    /// Starts a cluster and waits until every process is ready.
+    pub fn start(opts: Options) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let limits = format!(
+            "limits: {{ max_message_bytes: {}, max_key_bytes: 64, max_keys_per_multipush: 50 }}",
+            opts.max_message_bytes
+        );
+        let msg_port = free_port();
+        let msg_ops = free_port();
+        let message = Proc::spawn(
+            dir.path(),
+            "message",
+            "push-message",
+            &format!(
+                "listen: 127.0.0.1:{msg_port}\nops_listen: 127.0.0.1:{msg_ops}\nstorage: {{ redis_url: {}, path: {:?} }}\n{limits}\n",
+                yaml_opt(&opts.redis_url),
+                dir.path().join("data/messages.redb"),
+            ),
+            msg_ops,
+        );
+        let mut comets = Vec::new();
+        let mut comet_addrs = Vec::new();
+        for shard in 0..opts.shards {
+            let (ws, tcp, rpc, ops) = (free_port(), free_port(), free_port(), free_port());
+            comets.push(Proc::spawn(
+                dir.path(),
+                &format!("comet-{shard}"),
+                "push-comet",
+                &format!(
+                    "shard: {shard}\nshards: {}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_port}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\n{limits}\n",
+                    opts.shards,
+                    opts.queue_depth,
+                    opts.max_subscribers_per_key,
+                    opts.heartbeat_grace_seconds,
+                    yaml_opt(&opts.subscriber_secret),
+                ),
+                ops,
+            ));
+            comet_addrs.push(CometAddrs {
+                ws: format!("127.0.0.1:{ws}"),
+                tcp: format!("127.0.0.1:{tcp}"),
+                rpc_port: rpc,
+            });
+        }
+        let (public, admin, ops) = (free_port(), free_port(), free_port());
+        let mut comets_yaml = String::from("comets:\n");
+        for (shard, a) in comet_addrs.iter().enumerate() {
+            comets_yaml.push_str(&format!(
+                "  - {{ shard: {shard}, rpc: \"http://127.0.0.1:{}\", ws: \"{}\", tcp: \"{}\" }}\n",
+                a.rpc_port, a.ws, a.tcp
+            ));
+        }
+        let web = Proc::spawn(
+            dir.path(),
+            "web",
+            "push-web",
+            &format!(
+                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_port}\nadmin_token: {}\nrpc_timeout_ms: 3000\n{limits}\n{comets_yaml}",
+                yaml_opt(&opts.admin_token),
+            ),
+            ops,
+        );
+        Self {
+            dir,
+            message,
+            comets,
+            comet_addrs,
+            web,
+            public_url: format!("http://127.0.0.1:{public}"),
+            admin_url: format!("http://127.0.0.1:{admin}"),
+            opts,
+        }
+    }
+
+    /// A client of this cluster's web.
+    pub fn client(&self) -> pushcluster_client::http::Client {
+        pushcluster_client::http::Client::new(
+            &self.public_url,
+            &self.admin_url,
+            self.opts.admin_token.clone(),
+        )
+    }
+
+    /// A comet's metric value from its `/metrics` (0 when absent).
+    pub fn comet_metric(&self, shard: usize, name: &str) -> f64 {
+        metric(self.comets[shard].ops_port, name)
+    }
+
+    /// Every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in std::iter::once(&self.message)
+            .chain(self.comets.iter())
+            .chain(std::iter::once(&self.web))
+        {
+            out.push_str(&format!("==== {} ====\n{}\n", p.name, p.log_text()));
+        }
+        out
+    }
+}
+
+/// Reads one unlabelled metric from a service's `/metrics`.
+pub fn metric(port: u16, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return 0.0;
+    };
+    let _ = write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut buf = String::new();
+    let _ = s.read_to_string(&mut buf);
+    buf.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Transport of a test subscriber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Ws,
+    Tcp,
+    Sse,
+}
+
+/// Resolves `key` through web and subscribes; returns once the comet has
+/// registered the connection (after `+h`, or the SSE response headers).
+pub async fn subscribe(
+    c: &Cluster,
+    key: &str,
+    t: Transport,
+    versioned: bool,
+) -> pushcluster_client::sub::Subscriber {
+    use pushcluster_client::http::Proto;
+    use pushcluster_client::sub::{Params, Subscriber};
+    let api = c.client();
+    let p = Params {
+        key: key.to_owned(),
+        heartbeat: 30,
+        token: None,
+        versioned,
+    };
+    let proto = match t {
+        Transport::Ws => Proto::WebSocket,
+        Transport::Tcp => Proto::Tcp,
+        Transport::Sse => Proto::Sse,
+    };
+    let addr = api.resolve(key, proto).await.expect("resolve");
+    let mut sub = match t {
+        Transport::Ws => Subscriber::websocket(&addr, &p).await,
+        Transport::Tcp => Subscriber::tcp(&addr, &p).await,
+        Transport::Sse => Subscriber::sse(&addr, &p, None).await,
+    }
+    .expect("connect");
+    if t != Transport::Sse {
+        let f = sub
+            .next_timeout(Duration::from_secs(5))
+            .await
+            .expect("first frame");
+        assert_eq!(
+            f,
+            pushcluster_client::Frame::Heartbeat,
+            "first frame must be +h"
+        );
+    }
+    sub
+}
+
+/// Collects `n` messages (skipping heartbeats), failing after `timeout`.
+pub async fn collect(
+    sub: &mut pushcluster_client::sub::Subscriber,
+    n: usize,
+    timeout: Duration,
+) -> Vec<pushcluster_client::Message> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match sub.next_timeout(left).await {
+            Ok(pushcluster_client::Frame::Message(m)) => out.push(m),
+            Ok(pushcluster_client::Frame::Heartbeat) => {}
+            Ok(other) => panic!("unexpected frame {other:?} after {} messages", out.len()),
+            Err(e) => panic!("after {} of {n} messages: {e}", out.len()),
+        }
+    }
+    out
+}
