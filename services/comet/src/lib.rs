@@ -379,10 +379,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
             .await
         }
     });
+    let tcp_conns = tokio_util::task::TaskTracker::new();
     let tcp_task = tokio::spawn(tcp::serve(
         comet.clone(),
         tcp_listener,
         stop_accepting.clone(),
+        tcp_conns.clone(),
     ));
     let follow = tokio::spawn(comet.clone().follow_membership(cancel.clone()));
     let rpc_task = tokio::spawn({
@@ -407,6 +409,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     }
     comet.registry.close_all();
     let _ = tcp_task.await;
+    tcp_conns.close();
+    // Each connection flushes its queue and sends the reconnect frame.
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp_conns.wait()).await;
     // axum's graceful shutdown waits for open WebSocket/SSE connections, which
     // end once their queues are flushed after close_all.
     let _ = tokio::time::timeout(Duration::from_secs(10), ws_task).await;

@@ -15,18 +15,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// The first command must arrive within this long (as in gopush-cluster).
 const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Accepts TCP subscribers until `stop` fires.
-pub async fn serve(comet: Arc<Comet>, listener: TcpListener, stop: CancellationToken) {
+/// Accepts TCP subscribers until `stop` fires; connection tasks are tracked by
+/// `conns` so shutdown can wait for them to flush.
+pub async fn serve(
+    comet: Arc<Comet>,
+    listener: TcpListener,
+    stop: CancellationToken,
+    conns: TaskTracker,
+) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    tokio::spawn(handle(comet.clone(), stream));
+                    conns.spawn(handle(comet.clone(), stream));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
