@@ -234,7 +234,8 @@ mod tests {
 
     #[test]
     fn tcp_frames() {
-        let mut buf = b"+h\r\n$36\r\n{\"msg\":{\"a\":1},\"mid\":1,\"gid\":0}\r\n-c\r\n".to_vec();
+        let json = r#"{"msg":{"a":1},"mid":1,"gid":0}"#;
+        let mut buf = format!("+h\r\n${}\r\n{json}\r\n-c\r\n", json.len()).into_bytes();
         let (f, n) = parse_tcp_frame(&buf).unwrap().unwrap();
         assert_eq!(f, Frame::Heartbeat);
         buf.drain(..n);
@@ -245,7 +246,7 @@ mod tests {
             parse_tcp_frame(&buf).unwrap().unwrap().0,
             Frame::Error("-c".into())
         );
-        assert!(parse_tcp_frame(b"$36\r\n{\"msg\"").unwrap().is_none());
+        assert!(parse_tcp_frame(b"$31\r\n{\"msg\"").unwrap().is_none());
     }
 
     #[test]

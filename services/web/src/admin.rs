@@ -5,8 +5,13 @@
 //! A push is acknowledged only once stored. It goes to the comet that owns the
 //! key (which stores, then delivers); when no comet owns the key or the owner
 //! cannot be reached, web stores it through the message service itself, so it
-//! is delivered on reconnect and never lost. A comet that was reached but
-//! failed answers with an error instead: retrying then could store twice.
+//! is delivered on reconnect and never lost. A comet that answered with an
+//! error (storage failed behind it) gets that error passed on instead.
+//!
+//! Delivery is at least once in one edge: when a comet's connection breaks
+//! while a push is in flight (the comet crashed), web cannot know whether the
+//! comet stored it, and stores it itself; the message may then exist under two
+//! mids. Back ends that need exactly-once put an id of their own in the message.
 
 use crate::reply::{Reply, INTERNAL, UNAUTHORIZED};
 use crate::AppState;
@@ -79,9 +84,11 @@ pub(crate) fn status_reply(s: tonic::Status) -> Reply {
     }
 }
 
-/// The comet was never reached, so nothing was stored by it.
+/// The push did not get an answer from the comet: it was unreachable or its
+/// connection broke. Statuses the comet answers itself carry no source; tonic
+/// attaches the transport error as the source of those it makes up.
 fn unreached(s: &tonic::Status) -> bool {
-    s.code() == Code::Unavailable
+    s.code() == Code::Unavailable || std::error::Error::source(s).is_some()
 }
 
 async fn read_body(body: Body, limit: usize) -> Result<Bytes, Reply> {

@@ -1,0 +1,39 @@
+# pushcluster — the two commands a user needs are `make run` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: help run build release test lint unit deps clean
+
+help:
+	@echo "make run    - build (release) and start a local cluster: web, message (embedded store), two comets"
+	@echo "make test   - install what tests need (redis-server), lint, build, run every test"
+	@echo "make lint   - cargo fmt --check and clippy -D warnings"
+	@echo "make build  - debug build of every binary"
+
+deps:
+	@scripts/ensure-deps.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+release:
+	$(CARGO) build --release --bins -p push-message -p push-comet -p push-web -p pushctl
+
+run: release
+	BIN=target/release scripts/run-local.sh
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# System tests start the real binaries, so they are built first.
+test: deps lint build
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+		$(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+clean:
+	$(CARGO) clean
+	rm -rf .run

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what the tests need and the Rust toolchain does not bring:
+# redis-server (the Redis storage suite and system tests start a real one)
+# and python3 (the gopush-cluster compatibility client). protoc comes from the
+# protoc-bin-vendored crate, so no system package is needed for it.
+set -euo pipefail
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing ${missing[*]} with apt-get"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+elif command -v sudo >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  echo "installing ${missing[*]} with sudo apt-get"
+  sudo apt-get update -qq
+  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+  echo "missing: ${missing[*]}. Install them (Debian: apt-get install -y ${missing[*]}) and run make test again." >&2
+  exit 1
+fi
