@@ -213,3 +213,36 @@ async fn messages_expire_on_their_own_schedule() {
     assert_eq!(left.iter().map(|m| m.mid).collect::<Vec<_>>(), vec![2]);
     assert_eq!(api.last_mids("exp").await.unwrap().0, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_resumes_after_last_event_id_without_duplicates() {
+    let c = Cluster::start(Options::default());
+    let api = c.client();
+    for i in 1..=5 {
+        api.push("sse-resume", &json!({ "n": i }).to_string(), None)
+            .await
+            .unwrap();
+    }
+    let addr = api
+        .resolve("sse-resume", pushcluster_client::http::Proto::Sse)
+        .await
+        .unwrap();
+    let p = pushcluster_client::sub::Params {
+        key: "sse-resume".into(),
+        heartbeat: 30,
+        token: None,
+        versioned: true,
+    };
+    let mut sub = pushcluster_client::sub::Subscriber::sse(&addr, &p, Some(2))
+        .await
+        .unwrap();
+    api.push("sse-resume", r#"{"n":6}"#, None).await.unwrap();
+    let got = collect(&mut sub, 4, WAIT).await;
+    assert_eq!(
+        got.iter().map(|m| m.mid).collect::<Vec<_>>(),
+        vec![3, 4, 5, 6]
+    );
+    assert_eq!(got[3].msg, json!({"n": 6}));
+    // Nothing else follows (no duplicate of the live message).
+    assert!(sub.next_timeout(Duration::from_millis(300)).await.is_err());
+}
