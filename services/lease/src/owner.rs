@@ -1,0 +1,181 @@
+//! The shard-ownership state machine: standby → acquire → renew … → step down
+//! or release.
+//!
+//! Safety: the holder dates each renewal from the moment it *sent* the
+//! request, so its own idea of when the lease runs out is never later than the
+//! backend's. It steps down when `renew_deadline` has passed since the last
+//! renewal it knows landed, which is `duration - renew_deadline` before the
+//! lease can expire for anyone else: that margin absorbs clock-rate drift and
+//! a slow step-down. It never serves a shard it cannot prove it holds.
+
+use crate::{Candidate, Held, LeaseBackend, LeaseTiming};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// What this process serves now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ownership {
+    /// No shard: a standby.
+    Standby,
+    /// Holds `shard`'s lease under fencing token `token`.
+    Serving { shard: u32, token: u64 },
+}
+
+impl Ownership {
+    /// The shard served, if any.
+    pub fn shard(&self) -> Option<u32> {
+        match self {
+            Ownership::Standby => None,
+            Ownership::Serving { shard, .. } => Some(*shard),
+        }
+    }
+}
+
+/// Runs the ownership loop of one process.
+pub struct ShardOwner<B> {
+    backend: Arc<B>,
+    me: Candidate,
+    shards: u32,
+    preferred: Option<u32>,
+    timing: LeaseTiming,
+    tx: watch::Sender<Ownership>,
+}
+
+impl<B: LeaseBackend> ShardOwner<B> {
+    /// A standby for shards `0..shards`; `preferred` is tried first when free.
+    pub fn new(
+        backend: Arc<B>,
+        me: Candidate,
+        shards: u32,
+        preferred: Option<u32>,
+        timing: LeaseTiming,
+    ) -> (Self, watch::Receiver<Ownership>) {
+        let (tx, rx) = watch::channel(Ownership::Standby);
+        (
+            Self {
+                backend,
+                me,
+                shards,
+                preferred,
+                timing,
+                tx,
+            },
+            rx,
+        )
+    }
+
+    /// Free shards in the order to try them.
+    async fn free_shards(&self) -> crate::Result<Vec<u32>> {
+        let snap = self.backend.snapshot(self.shards).await?;
+        let mut free: Vec<u32> = snap
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.is_none())
+            .map(|(k, _)| k as u32)
+            .collect();
+        if let Some(p) = self.preferred {
+            if let Some(i) = free.iter().position(|&k| k == p) {
+                free.remove(i);
+                free.insert(0, p);
+            }
+        }
+        Ok(free)
+    }
+
+    async fn try_take(&self) -> crate::Result<Option<(Held, Instant)>> {
+        for shard in self.free_shards().await? {
+            let sent = Instant::now();
+            if let Some(h) = self
+                .backend
+                .try_acquire(shard, &self.me, self.timing.duration())
+                .await?
+            {
+                return Ok(Some((h, sent)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn publish(&self, o: Ownership) {
+        self.tx.send_replace(o);
+    }
+
+    /// Runs until `cancel` fires; then releases the held lease, if any, first.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut held: Option<(Held, Instant)> = None;
+        let mut next_try = Instant::now();
+        loop {
+            let Some((h, last_ok)) = held.clone() else {
+                // Standby: take any free or expired lease.
+                match self.try_take().await {
+                    Ok(Some((h, sent))) => {
+                        tracing::info!(shard = h.record.shard, token = h.record.token, holder = %self.me.holder, "acquired shard lease");
+                        self.publish(Ownership::Serving {
+                            shard: h.record.shard,
+                            token: h.record.token,
+                        });
+                        next_try = sent + self.timing.retry_period();
+                        held = Some((h, sent));
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "looking for a free shard lease failed"),
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = self.backend.changed() => {}
+                    _ = tokio::time::sleep(self.timing.retry_period()) => {}
+                }
+                continue;
+            };
+            let deadline = last_ok + self.timing.renew_deadline();
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    // Stop serving first, then hand the lease over at once.
+                    self.publish(Ownership::Standby);
+                    match tokio::time::timeout(Duration::from_secs(1), self.backend.release(&h)).await {
+                        Ok(Ok(())) => tracing::info!(shard = h.record.shard, "released shard lease"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "releasing the lease failed; it will expire"),
+                        Err(_) => tracing::warn!("releasing the lease timed out; it will expire"),
+                    }
+                    return;
+                }
+                _ = tokio::time::sleep_until(next_try.min(deadline)) => {}
+            }
+            if Instant::now() >= deadline {
+                self.step_down(&h, "renew deadline passed");
+                held = None;
+                continue;
+            }
+            let sent = Instant::now();
+            match tokio::time::timeout_at(deadline, self.backend.renew(&h, self.timing.duration()))
+                .await
+            {
+                Ok(Ok(true)) => {
+                    held = Some((h, sent));
+                    next_try = sent + self.timing.retry_period();
+                }
+                Ok(Ok(false)) => {
+                    self.step_down(&h, "lease was lost");
+                    held = None;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(shard = h.record.shard, error = %e, "renewing the lease failed; retrying");
+                    next_try = Instant::now() + self.timing.retry_period() / 4;
+                }
+                Err(_) => {
+                    self.step_down(&h, "renew deadline passed");
+                    held = None;
+                }
+            }
+        }
+    }
+
+    fn step_down(&self, h: &Held, why: &str) {
+        tracing::warn!(shard = h.record.shard, reason = why, "stepping down");
+        self.publish(Ownership::Standby);
+    }
+}

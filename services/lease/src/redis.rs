@@ -1,0 +1,188 @@
+//! Redis leases, for a cluster of plain processes (no Kubernetes).
+//!
+//! Shard k's lease is the key `<ns>:lease:{k}` holding `"<token> <candidate
+//! JSON>"` with a PX expiry, set only if absent; `<ns>:lease:{k}:fence` counts
+//! acquisitions and gives the fencing token. Renew and release compare the
+//! whole stored value, so only the holder of that very acquisition can extend
+//! or drop it. Expiry is judged by the Redis server's clock alone. Acquire and
+//! release publish on `<ns>:leases`, so standbys and routers react at once.
+
+use crate::{Candidate, Error, Held, LeaseBackend, LeaseRecord, Result};
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::Script;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+const ACQUIRE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return false end
+local t = redis.call('INCR', KEYS[2])
+local v = string.format('%d ', t) .. ARGV[1]
+redis.call('SET', KEYS[1], v, 'PX', ARGV[2])
+redis.call('PUBLISH', ARGV[3], 'acquired')
+return v
+";
+
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], 'released')
+  return 1
+end
+return 0
+";
+
+/// Leases in one Redis.
+pub struct RedisLeases {
+    conn: ConnectionManager,
+    ns: String,
+    acquire: Script,
+    renew: Script,
+    release: Script,
+    notify: Arc<Notify>,
+    _listener: tokio::task::JoinHandle<()>,
+}
+
+impl RedisLeases {
+    /// Connects to `url`; keys are prefixed with `ns`.
+    pub async fn connect(url: &str, ns: &str) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client.clone()).await?;
+        let notify = Arc::new(Notify::new());
+        let channel = format!("{ns}:leases");
+        let listener = tokio::spawn(listen(client, channel, notify.clone()));
+        Ok(Self {
+            conn,
+            ns: ns.to_owned(),
+            acquire: Script::new(ACQUIRE),
+            renew: Script::new(RENEW),
+            release: Script::new(RELEASE),
+            notify,
+            _listener: listener,
+        })
+    }
+
+    fn key(&self, shard: u32) -> String {
+        format!("{}:lease:{{{shard}}}", self.ns)
+    }
+
+    fn channel(&self) -> String {
+        format!("{}:leases", self.ns)
+    }
+}
+
+impl Drop for RedisLeases {
+    fn drop(&mut self) {
+        self._listener.abort();
+    }
+}
+
+/// Wakes `notify` on every lease event; reconnects when the connection drops.
+async fn listen(client: redis::Client, channel: String, notify: Arc<Notify>) {
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut ps) => {
+                if ps.subscribe(&channel).await.is_ok() {
+                    let mut msgs = ps.on_message();
+                    while msgs.next().await.is_some() {
+                        notify.notify_waiters();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "lease event subscription failed"),
+        }
+        // Whatever happened meanwhile, let waiters look again.
+        notify.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn parse(shard: u32, raw: &str) -> Result<LeaseRecord> {
+    let (token, json) = raw
+        .split_once(' ')
+        .ok_or_else(|| Error::Corrupt(raw.to_owned()))?;
+    Ok(LeaseRecord {
+        shard,
+        token: token.parse().map_err(|_| Error::Corrupt(raw.to_owned()))?,
+        candidate: serde_json::from_str(json).map_err(|e| Error::Corrupt(e.to_string()))?,
+    })
+}
+
+fn ms(d: Duration) -> u64 {
+    (d.as_millis() as u64).max(1)
+}
+
+impl LeaseBackend for RedisLeases {
+    async fn try_acquire(&self, shard: u32, me: &Candidate, ttl: Duration) -> Result<Option<Held>> {
+        let json = serde_json::to_string(me).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = self
+            .acquire
+            .key(self.key(shard))
+            .key(format!("{}:fence", self.key(shard)))
+            .arg(json)
+            .arg(ms(ttl))
+            .arg(self.channel())
+            .invoke_async(&mut conn)
+            .await?;
+        match raw {
+            None => Ok(None),
+            Some(raw) => Ok(Some(Held {
+                record: parse(shard, &raw)?,
+                raw,
+            })),
+        }
+    }
+
+    async fn renew(&self, held: &Held, ttl: Duration) -> Result<bool> {
+        let mut conn = self.conn.clone();
+        let ok: i64 = self
+            .renew
+            .key(self.key(held.record.shard))
+            .arg(&held.raw)
+            .arg(ms(ttl))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(ok == 1)
+    }
+
+    async fn release(&self, held: &Held) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .release
+            .key(self.key(held.record.shard))
+            .arg(&held.raw)
+            .arg(self.channel())
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn snapshot(&self, shards: u32) -> Result<Vec<Option<LeaseRecord>>> {
+        if shards == 0 {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for k in 0..shards {
+            pipe.get(self.key(k));
+        }
+        let mut conn = self.conn.clone();
+        let raws: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        raws.into_iter()
+            .enumerate()
+            .map(|(k, raw)| raw.map(|r| parse(k as u32, &r)).transpose())
+            .collect()
+    }
+
+    async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}

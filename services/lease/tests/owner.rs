@@ -1,0 +1,225 @@
+//! The ownership state machine on the in-memory backend, on tokio's paused
+//! clock: every duration below is virtual and exact.
+
+use pushcluster_lease::memory::MemoryLeases;
+use pushcluster_lease::owner::{Ownership, ShardOwner};
+use pushcluster_lease::{Candidate, LeaseBackend, LeaseTiming};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+const TIMING: LeaseTiming = LeaseTiming {
+    duration_ms: 3000,
+    renew_deadline_ms: 2000,
+    retry_period_ms: 500,
+};
+
+fn candidate(name: &str) -> Candidate {
+    Candidate {
+        holder: name.into(),
+        rpc: format!("http://{name}:1"),
+        ws: format!("{name}:2"),
+        tcp: format!("{name}:3"),
+    }
+}
+
+/// Every ownership change of every candidate, with its (virtual) time.
+type Log = Arc<Mutex<Vec<(Instant, String, Ownership)>>>;
+
+fn start(
+    leases: &MemoryLeases,
+    name: &str,
+    shards: u32,
+    log: &Log,
+) -> (CancellationToken, watch::Receiver<Ownership>) {
+    let (owner, rx) = ShardOwner::new(
+        Arc::new(leases.handle_for(name)),
+        candidate(name),
+        shards,
+        None,
+        TIMING,
+    );
+    let cancel = CancellationToken::new();
+    tokio::spawn(owner.run(cancel.clone()));
+    let mut watch = rx.clone();
+    let (log, name) = (log.clone(), name.to_owned());
+    tokio::spawn(async move {
+        while watch.changed().await.is_ok() {
+            let o = *watch.borrow_and_update();
+            log.lock().unwrap().push((Instant::now(), name.clone(), o));
+        }
+    });
+    (cancel, rx)
+}
+
+/// Replays the log and fails if two candidates ever served one shard at once.
+fn assert_never_two_holders(log: &Log) {
+    let log = log.lock().unwrap();
+    let mut serving: std::collections::HashMap<String, Option<u32>> = Default::default();
+    for (t, name, o) in log.iter() {
+        serving.insert(name.clone(), o.shard());
+        let mut seen = std::collections::HashSet::new();
+        for s in serving.values().flatten() {
+            assert!(
+                seen.insert(*s),
+                "two holders of shard {s} at {t:?}: {log:?}"
+            );
+        }
+    }
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn racing_candidates_split_the_shards_one_holder_each() {
+    let leases = MemoryLeases::new();
+    let log = Log::default();
+    let owners: Vec<_> = (0..5)
+        .map(|i| start(&leases, &format!("c{i}"), 3, &log))
+        .collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let mut shards: Vec<u32> = owners
+        .iter()
+        .filter_map(|(_, rx)| rx.borrow().shard())
+        .collect();
+    shards.sort();
+    assert_eq!(shards, vec![0, 1, 2], "each shard held exactly once");
+    // Held leases are renewed: nobody changed hands in 5 s.
+    for k in 0..3 {
+        assert_eq!(leases.transitions(k), 1);
+    }
+    assert_never_two_holders(&log);
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_on_shutdown_hands_over_at_once() {
+    let leases = MemoryLeases::new();
+    let log = Log::default();
+    let (a_cancel, a) = start(&leases, "a", 1, &log);
+    settle().await;
+    assert_eq!(a.borrow().shard(), Some(0));
+    let (_b_cancel, b) = start(&leases, "b", 1, &log);
+    settle().await;
+    assert_eq!(b.borrow().shard(), None, "b is a standby");
+    let t0 = Instant::now();
+    a_cancel.cancel();
+    let mut b2 = b.clone();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        b2.wait_for(|o| o.shard() == Some(0)),
+    )
+    .await
+    .expect("standby took over")
+    .unwrap();
+    let took = t0.elapsed();
+    assert!(took < Duration::from_millis(50), "takeover took {took:?}");
+    assert_eq!(*a.borrow(), Ownership::Standby);
+    assert_never_two_holders(&log);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partitioned_holder_steps_down_before_anyone_else_can_take_over() {
+    let leases = MemoryLeases::new();
+    let log = Log::default();
+    let (_a_cancel, a) = start(&leases, "a", 1, &log);
+    settle().await;
+    let (_b_cancel, b) = start(&leases, "b", 1, &log);
+    settle().await;
+    let last_renew = Instant::now();
+    leases.partition("a", true);
+    let mut a2 = a.clone();
+    a2.wait_for(|o| *o == Ownership::Standby).await.unwrap();
+    let stepped_down = Instant::now();
+    let mut b2 = b.clone();
+    b2.wait_for(|o| o.shard() == Some(0)).await.unwrap();
+    let taken = Instant::now();
+    // a stepped down within its renew deadline; b only after the lease expired.
+    assert!(stepped_down - last_renew <= Duration::from_millis(TIMING.renew_deadline_ms));
+    assert!(
+        taken > stepped_down + Duration::from_millis(500),
+        "margin {:?}",
+        taken - stepped_down
+    );
+    assert!(
+        taken - last_renew
+            <= Duration::from_millis(TIMING.duration_ms + TIMING.retry_period_ms + 10)
+    );
+    // Healed, a stays a standby: the shard is b's.
+    leases.partition("a", false);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(*a.borrow(), Ownership::Standby);
+    assert_eq!(b.borrow().shard(), Some(0));
+    assert_never_two_holders(&log);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_holder_that_lost_its_lease_steps_down() {
+    let leases = MemoryLeases::new();
+    let log = Log::default();
+    let (_a_cancel, a) = start(&leases, "a", 1, &log);
+    settle().await;
+    // Somebody else's release-and-acquire (e.g. an operator) takes the lease.
+    let snap = leases.snapshot(1).await.unwrap();
+    let token = snap[0].as_ref().unwrap().token;
+    let held = pushcluster_lease::Held {
+        raw: token.to_string(),
+        record: snap[0].clone().unwrap(),
+    };
+    leases.release(&held).await.unwrap();
+    let intruder = leases
+        .try_acquire(0, &candidate("x"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert!(intruder.is_some());
+    let mut a2 = a.clone();
+    tokio::time::timeout(
+        Duration::from_millis(TIMING.retry_period_ms + 50),
+        a2.wait_for(|o| *o == Ownership::Standby),
+    )
+    .await
+    .expect("a noticed at its next renewal")
+    .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standby_takes_a_free_shard_when_one_appears() {
+    let leases = MemoryLeases::new();
+    let log = Log::default();
+    let (c0, _) = start(&leases, "h0", 2, &log);
+    let (_c1, _) = start(&leases, "h1", 2, &log);
+    settle().await;
+    let (_s, standby) = start(&leases, "standby", 2, &log);
+    settle().await;
+    assert_eq!(*standby.borrow(), Ownership::Standby);
+    c0.cancel();
+    let mut s2 = standby.clone();
+    tokio::time::timeout(
+        Duration::from_millis(50),
+        s2.wait_for(|o| o.shard().is_some()),
+    )
+    .await
+    .expect("standby serves the freed shard")
+    .unwrap();
+    assert_never_two_holders(&log);
+}
+
+#[test]
+fn timing_must_leave_a_margin() {
+    assert!(TIMING.validate().is_ok());
+    let bad = LeaseTiming {
+        duration_ms: 1000,
+        renew_deadline_ms: 1000,
+        retry_period_ms: 100,
+    };
+    assert!(bad.validate().is_err());
+    let bad = LeaseTiming {
+        duration_ms: 3000,
+        renew_deadline_ms: 1000,
+        retry_period_ms: 1000,
+    };
+    assert!(bad.validate().is_err());
+}

@@ -1,0 +1,82 @@
+//! The Redis lease backend against a real `redis-server` on a free port.
+
+use pushcluster_lease::redis::RedisLeases;
+use pushcluster_lease::{Candidate, LeaseBackend};
+use pushcluster_store::testing::RedisServer;
+use std::time::Duration;
+
+fn c(name: &str) -> Candidate {
+    Candidate {
+        holder: name.into(),
+        rpc: format!("http://{name}:1"),
+        ws: format!("{name}:2"),
+        tcp: format!("{name}:3"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_exclusive_fenced_and_expire() {
+    let server = RedisServer::start();
+    let a = RedisLeases::connect(&server.url(), "t").await.unwrap();
+    let b = RedisLeases::connect(&server.url(), "t").await.unwrap();
+    let ttl = Duration::from_millis(400);
+
+    let held = a
+        .try_acquire(0, &c("a"), ttl)
+        .await
+        .unwrap()
+        .expect("free lease");
+    assert_eq!(held.record.token, 1);
+    assert!(
+        b.try_acquire(0, &c("b"), ttl).await.unwrap().is_none(),
+        "held by a"
+    );
+    let other = b
+        .try_acquire(1, &c("b"), ttl)
+        .await
+        .unwrap()
+        .expect("shard 1 is free");
+
+    let snap = b.snapshot(3).await.unwrap();
+    assert_eq!(snap[0].as_ref().unwrap().candidate, c("a"));
+    assert_eq!(snap[1].as_ref().unwrap().candidate.ws, "b:2");
+    assert!(snap[2].is_none());
+
+    // Renewing keeps it past its first expiry.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(a.renew(&held, ttl).await.unwrap());
+    }
+    // b cannot renew or release what a holds.
+    let forged = pushcluster_lease::Held {
+        record: held.record.clone(),
+        raw: other.raw.clone(),
+    };
+    assert!(!b.renew(&forged, ttl).await.unwrap());
+    b.release(&forged).await.unwrap();
+    assert!(b.snapshot(1).await.unwrap()[0].is_some());
+
+    // Expired, it goes to the next candidate with a larger fencing token,
+    // and the old holder's renew fails.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let taken = b
+        .try_acquire(0, &c("b"), ttl)
+        .await
+        .unwrap()
+        .expect("expired lease");
+    assert_eq!(taken.record.token, 2);
+    assert!(!a.renew(&held, ttl).await.unwrap());
+
+    // Release frees it at once and wakes whoever waits for a change.
+    let waiter = tokio::spawn(async move {
+        a.changed().await;
+        a.snapshot(1).await.unwrap()[0].is_none()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.release(&taken).await.unwrap();
+    let freed = tokio::time::timeout(Duration::from_secs(2), waiter)
+        .await
+        .expect("woken")
+        .unwrap();
+    assert!(freed);
+}
