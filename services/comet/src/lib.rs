@@ -22,14 +22,18 @@ use prometheus_client::registry::Registry as MetricsRegistry;
 use protocol::{HeartbeatBounds, Subscribe};
 use pushcluster_core::frame;
 use pushcluster_core::key::Limits;
-use pushcluster_core::membership::{ClusterView, Membership, ShardEndpoint, StaticMembership};
+use pushcluster_core::membership::{Membership, ShardEndpoint, StaticMembership};
 use pushcluster_core::ops::Readiness;
+use pushcluster_core::ring::{Ring, DEFAULT_VNODES};
+use pushcluster_lease::owner::{Ownership, ShardOwner};
+use pushcluster_lease::{Candidate, MembershipConfig, MembershipKind};
 use pushcluster_proto::v1::message_client::MessageClient;
 use registry::{RegisterError, Registry, Subscription};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
@@ -37,10 +41,18 @@ use tonic::transport::Channel;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "snake_case", deny_unknown_fields)]
 pub struct Config {
-    /// The shard this comet serves (static membership).
+    /// The shard this comet serves (static membership); with leases, the
+    /// shard it tries first when that one is free.
     pub shard: u32,
-    /// Number of shards in the cluster (static membership: all present).
+    /// Number of shards in the cluster.
     pub shards: u32,
+    /// Static (fixed shard) or lease-based ownership with failover.
+    pub membership: MembershipConfig,
+    /// Addresses stored with the lease for web and clients; derived from the
+    /// listen addresses when unset (fine on one machine, not behind NAT).
+    pub advertise: Advertise,
+    /// Unique name of this process in leases; default `<hostname>-<pid>`.
+    pub holder: Option<String>,
     /// WebSocket (`/sub`) and SSE (`/sub/sse`) listen address.
     pub ws_listen: SocketAddr,
     /// TCP protocol listen address.
@@ -69,11 +81,56 @@ pub struct Config {
     pub limits: Limits,
 }
 
+/// Addresses a comet advertises.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Advertise {
+    /// gRPC URL, e.g. `http://10.0.0.5:6970`.
+    pub rpc: Option<String>,
+    /// WebSocket/SSE `host:port`.
+    pub ws: Option<String>,
+    /// TCP `host:port`.
+    pub tcp: Option<String>,
+}
+
+impl Config {
+    /// Who this comet is in leases, and where it is reached.
+    pub fn candidate(&self) -> Candidate {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "comet".into());
+        Candidate {
+            holder: self
+                .holder
+                .clone()
+                .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+            rpc: self
+                .advertise
+                .rpc
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", self.rpc_listen)),
+            ws: self
+                .advertise
+                .ws
+                .clone()
+                .unwrap_or_else(|| self.ws_listen.to_string()),
+            tcp: self
+                .advertise
+                .tcp
+                .clone()
+                .unwrap_or_else(|| self.tcp_listen.to_string()),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             shard: 0,
             shards: 1,
+            membership: MembershipConfig::default(),
+            advertise: Advertise::default(),
+            holder: None,
             ws_listen: ([127, 0, 0, 1], 6968).into(),
             tcp_listen: ([127, 0, 0, 1], 6969).into(),
             rpc_listen: ([127, 0, 0, 1], 6970).into(),
@@ -106,6 +163,7 @@ pub struct Metrics {
     push_latency: Histogram,
     slow_consumers: Counter,
     reconnects_sent: Counter,
+    lease_transitions: Counter,
 }
 
 impl Metrics {
@@ -118,7 +176,13 @@ impl Metrics {
             push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             slow_consumers,
             reconnects_sent: Counter::default(),
+            lease_transitions: Counter::default(),
         };
+        reg.register(
+            "pushcluster_comet_lease_transitions",
+            "Times this comet started or stopped serving a shard",
+            m.lease_transitions.clone(),
+        );
         reg.register(
             "pushcluster_comet_connections",
             "Open subscriber connections",
@@ -174,6 +238,12 @@ pub struct Comet {
     registry: Arc<Registry>,
     message: MessageClient<Channel>,
     membership: Arc<dyn Membership>,
+    /// The shard served now (static: fixed; leases: follows the owner).
+    ownership: watch::Receiver<Ownership>,
+    /// The ring over present shards plus our own, which our membership view
+    /// may not show yet right after we acquire it.
+    ring: RwLock<Arc<Ring>>,
+    ready: Readiness,
     stripes: Vec<tokio::sync::Mutex<()>>,
     metrics: Metrics,
 }
@@ -205,6 +275,7 @@ impl Comet {
     pub fn new(
         cfg: Config,
         membership: Arc<dyn Membership>,
+        ownership: watch::Receiver<Ownership>,
         reg: &mut MetricsRegistry,
     ) -> Result<Arc<Self>, Error> {
         let slow = Counter::default();
@@ -215,16 +286,46 @@ impl Comet {
             .timeout(Duration::from_secs(10))
             .tcp_nodelay(true)
             .connect_lazy();
-        Ok(Arc::new(Self {
+        let comet = Arc::new(Self {
             registry,
             message: MessageClient::new(channel),
             membership,
+            ownership,
+            ring: RwLock::new(Arc::new(Ring::new([], DEFAULT_VNODES))),
+            ready: Readiness::default(),
             stripes: (0..PUSH_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             metrics: Metrics::register(reg, slow),
             cfg,
-        }))
+        });
+        comet.refresh();
+        Ok(comet)
+    }
+
+    /// Recomputes the ring and readiness from membership and ownership.
+    fn refresh(&self) {
+        let mine = self.ownership.borrow().shard();
+        let view = self.membership.view();
+        let ring = Ring::new(
+            view.endpoints
+                .keys()
+                .copied()
+                .chain(mine)
+                .collect::<std::collections::BTreeSet<_>>(),
+            DEFAULT_VNODES,
+        );
+        *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
+        self.ready.set(mine.is_some());
+    }
+
+    /// Whether this comet serves `key` now.
+    pub fn owns(&self, key: &str) -> bool {
+        let Some(mine) = self.ownership.borrow().shard() else {
+            return false;
+        };
+        let ring = self.ring.read().unwrap_or_else(|e| e.into_inner()).clone();
+        ring.shard_for(key) == Some(mine)
     }
 
     /// Heartbeat bounds clients must respect.
@@ -238,10 +339,6 @@ impl Comet {
     /// A client's read deadline: its heartbeat plus the grace period.
     pub fn read_deadline(&self, heartbeat: u64) -> Duration {
         Duration::from_secs(heartbeat + self.cfg.heartbeat_grace_seconds)
-    }
-
-    fn owns(&self, view: &ClusterView, key: &str) -> bool {
-        view.ring.shard_for(key) == Some(self.cfg.shard)
     }
 
     /// Checks a subscribe request and registers the connection.
@@ -258,7 +355,7 @@ impl Comet {
                 return Err(Refusal::Auth);
             }
         }
-        if !self.owns(&self.membership.view(), &sub.key) {
+        if !self.owns(&sub.key) {
             tracing::debug!(key = %sub.key, "key is not owned by this comet");
             return Err(Refusal::Channel);
         }
@@ -287,23 +384,33 @@ impl Comet {
         self.metrics.reconnects_sent.inc();
     }
 
-    /// Closes the connections of keys this comet no longer owns whenever the
-    /// membership view changes.
+    /// Whenever membership or ownership changes: recompute the ring and
+    /// readiness, and close (with a reconnect frame) the connections of keys
+    /// this comet no longer owns.
     async fn follow_membership(self: Arc<Self>, cancel: CancellationToken) {
-        let mut rx = self.membership.watch();
+        let mut view = self.membership.watch();
+        let mut owner = self.ownership.clone();
+        let mut serving = owner.borrow().shard();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                changed = rx.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    let view = rx.borrow_and_update().clone();
-                    let n = self.registry.close_where(|k| self.owns(&view, k));
-                    if n > 0 {
-                        tracing::info!(connections = n, "keys moved away: asked clients to reconnect");
-                    }
-                }
+                r = view.changed() => if r.is_err() { return },
+                r = owner.changed() => if r.is_err() { return },
+            }
+            let now = owner.borrow_and_update().shard();
+            view.borrow_and_update();
+            if now != serving {
+                tracing::info!(from = ?serving, to = ?now, "shard ownership changed");
+                self.metrics.lease_transitions.inc();
+                serving = now;
+            }
+            self.refresh();
+            let n = self.registry.close_where(|k| self.owns(k));
+            if n > 0 {
+                tracing::info!(
+                    connections = n,
+                    "keys moved away: asked clients to reconnect"
+                );
             }
         }
     }
@@ -344,9 +451,45 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         )));
     }
     let mut reg = MetricsRegistry::default();
-    let membership: Arc<dyn Membership> = Arc::new(static_membership(&cfg));
-    let comet = Comet::new(cfg.clone(), membership, &mut reg)?;
-    let ready = Readiness::default();
+    let background = CancellationToken::new();
+    let owner_cancel = CancellationToken::new();
+    let (membership, ownership, owner_task, _static_owner): (Arc<dyn Membership>, _, _, _) =
+        match cfg.membership.kind {
+            MembershipKind::Static => {
+                let (tx, rx) = watch::channel(Ownership::Serving {
+                    shard: cfg.shard,
+                    token: 0,
+                });
+                (Arc::new(static_membership(&cfg)), rx, None, Some(tx))
+            }
+            MembershipKind::Redis => {
+                let backend = Arc::new(
+                    cfg.membership
+                        .redis_backend()
+                        .await
+                        .map_err(|e| Error::Config(format!("membership: {e}")))?,
+                );
+                let membership = pushcluster_lease::membership::LeaseMembership::start(
+                    backend.clone(),
+                    cfg.shards,
+                    cfg.membership.lease.retry_period(),
+                    background.clone(),
+                );
+                let candidate = cfg.candidate();
+                tracing::info!(holder = %candidate.holder, "standby: waiting for a shard lease");
+                let (owner, rx) = ShardOwner::new(
+                    backend,
+                    candidate,
+                    cfg.shards,
+                    Some(cfg.shard),
+                    cfg.membership.lease,
+                );
+                let task = tokio::spawn(owner.run(owner_cancel.clone()));
+                (Arc::new(membership), rx, Some(task), None)
+            }
+        };
+    let comet = Comet::new(cfg.clone(), membership, ownership, &mut reg)?;
+    let ready = comet.ready.clone();
 
     let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen).await?;
     let tcp_listener = tokio::net::TcpListener::bind(cfg.tcp_listen).await?;
@@ -386,7 +529,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         stop_accepting.clone(),
         tcp_conns.clone(),
     ));
-    let follow = tokio::spawn(comet.clone().follow_membership(cancel.clone()));
+    let follow = tokio::spawn(comet.clone().follow_membership(background.clone()));
     let rpc_task = tokio::spawn({
         let svc = rpc::CometRpc::new(comet.clone()).into_server();
         let stop = stop_accepting.clone();
@@ -396,10 +539,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
     });
-    ready.set(true);
 
     cancel.cancelled().await;
     tracing::info!("comet draining");
+    // Hand the shard over first, so a standby takes it while we drain.
+    owner_cancel.cancel();
+    if let Some(t) = owner_task {
+        let _ = t.await;
+    }
     ready.set(false);
     stop_accepting.cancel();
     // In-flight pushes finish (stored and queued) before connections close.
@@ -415,6 +562,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     // axum's graceful shutdown waits for open WebSocket/SSE connections, which
     // end once their queues are flushed after close_all.
     let _ = tokio::time::timeout(Duration::from_secs(10), ws_task).await;
+    background.cancel();
     let _ = follow.await;
     let _ = ops.await;
     Ok(())

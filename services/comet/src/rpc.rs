@@ -70,6 +70,17 @@ impl Comet {
             .and_then(|()| l.check_message(payload))
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
+
+    /// Unavailable (so web stores the push itself) unless this comet serves `key`.
+    fn check_owner(&self, key: &str) -> Result<(), Status> {
+        if self.owns(key) {
+            Ok(())
+        } else {
+            Err(Status::unavailable(
+                "this comet does not serve the key's shard now",
+            ))
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -77,6 +88,7 @@ impl CometService for CometRpc {
     async fn push(&self, req: Request<pb::PushRequest>) -> Result<Response<pb::PushReply>, Status> {
         let r = req.into_inner();
         self.comet.check(&r.key, &r.payload)?;
+        self.comet.check_owner(&r.key)?;
         let mid = self.comet.push(&r.key, r.payload, r.expire_seconds).await?;
         Ok(Response::new(pb::PushReply { mid }))
     }
@@ -102,18 +114,23 @@ impl CometService for CometRpc {
             async move {
                 let res = match limits.check_key(key) {
                     Err(e) => Err(Status::invalid_argument(e.to_string())),
-                    Ok(()) => self.comet.push(key, payload, r.expire_seconds).await,
+                    Ok(()) => match self.comet.check_owner(key) {
+                        Err(e) => Err(e),
+                        Ok(()) => self.comet.push(key, payload, r.expire_seconds).await,
+                    },
                 };
                 match res {
                     Ok(mid) => pb::KeyResult {
                         key: key.clone(),
                         mid,
                         error: String::new(),
+                        unserved: false,
                     },
                     Err(e) => pb::KeyResult {
                         key: key.clone(),
                         mid: 0,
                         error: e.message().to_owned(),
+                        unserved: e.code() == tonic::Code::Unavailable,
                     },
                 }
             }

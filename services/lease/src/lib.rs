@@ -151,3 +151,57 @@ pub trait LeaseBackend: Send + Sync + 'static {
     /// Resolves when leases may have changed (released, taken); may be spurious.
     fn changed(&self) -> impl Future<Output = ()> + Send;
 }
+
+/// How a service learns who serves which shard.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MembershipKind {
+    /// Fixed by configuration; no failover.
+    #[default]
+    Static,
+    /// Shard leases in Redis: failover for a cluster of plain processes.
+    Redis,
+}
+
+/// Membership settings shared by comets and web.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
+pub struct MembershipConfig {
+    /// Static or lease-based.
+    pub kind: MembershipKind,
+    /// Redis holding the leases (kind: redis).
+    pub redis_url: Option<String>,
+    /// Prefix of the lease keys, so clusters can share one Redis.
+    pub namespace: String,
+    /// Number of shards (web; comets use their own `shards`).
+    pub shards: u32,
+    /// Lease timing.
+    pub lease: LeaseTiming,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self {
+            kind: MembershipKind::Static,
+            redis_url: None,
+            namespace: "pc".into(),
+            shards: 1,
+            lease: LeaseTiming::default(),
+        }
+    }
+}
+
+impl MembershipConfig {
+    /// Connects the Redis lease backend this config names.
+    pub async fn redis_backend(&self) -> Result<redis::RedisLeases> {
+        self.lease.validate()?;
+        let url = self
+            .redis_url
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| {
+                Error::Corrupt("membership.kind redis needs membership.redis_url".into())
+            })?;
+        redis::RedisLeases::connect(url, &self.namespace).await
+    }
+}

@@ -294,13 +294,18 @@ impl AppState {
                     Err(e) => Err(tonic::Status::unavailable(e.to_string())),
                 };
                 match res {
-                    Ok(r) => r
-                        .into_inner()
-                        .results
-                        .into_iter()
-                        .filter(|k| !k.error.is_empty())
-                        .map(|k| k.key)
-                        .collect::<Vec<_>>(),
+                    Ok(r) => {
+                        let (unserved, failed): (Vec<_>, Vec<_>) = r
+                            .into_inner()
+                            .results
+                            .into_iter()
+                            .filter(|k| !k.error.is_empty())
+                            .partition(|k| k.unserved);
+                        let mut failed: Vec<String> = failed.into_iter().map(|k| k.key).collect();
+                        let unserved = unserved.into_iter().map(|k| k.key).collect();
+                        failed.extend(self.store_each(unserved, payload, expire).await);
+                        failed
+                    }
                     Err(s) if unreached(&s) => self.store_each(keys, payload, expire).await,
                     Err(s) => {
                         tracing::error!(comet = %rpc, error = %s.message(), "multi-push failed");

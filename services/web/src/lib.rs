@@ -47,6 +47,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Comets by shard (static membership).
     pub comets: Vec<ShardEndpoint>,
+    /// Static (the `comets` list) or lease-based (who holds each shard's lease).
+    pub membership: pushcluster_lease::MembershipConfig,
     /// Input limits.
     pub limits: Limits,
     /// Deadline of one call to a comet or the message service, in ms.
@@ -67,6 +69,7 @@ impl Default for Config {
                 ws: "127.0.0.1:6968".into(),
                 tcp: "127.0.0.1:6969".into(),
             }],
+            membership: pushcluster_lease::MembershipConfig::default(),
             limits: Limits::default(),
             rpc_timeout_ms: 5000,
         }
@@ -183,7 +186,24 @@ pub enum Error {
 /// Runs web until `cancel` fires; in-flight requests finish first.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut reg = Registry::default();
-    let membership: Arc<dyn Membership> = Arc::new(StaticMembership::new(cfg.comets.clone()));
+    let membership: Arc<dyn Membership> = match cfg.membership.kind {
+        pushcluster_lease::MembershipKind::Static => {
+            Arc::new(StaticMembership::new(cfg.comets.clone()))
+        }
+        pushcluster_lease::MembershipKind::Redis => {
+            let backend = cfg
+                .membership
+                .redis_backend()
+                .await
+                .map_err(|e| Error::Config(format!("membership: {e}")))?;
+            Arc::new(pushcluster_lease::membership::LeaseMembership::start(
+                Arc::new(backend),
+                cfg.membership.shards,
+                cfg.membership.lease.retry_period(),
+                cancel.clone(),
+            ))
+        }
+    };
     let state = AppState::new(cfg.clone(), membership, &mut reg)?;
     let ready = Readiness::default();
     let public = tokio::net::TcpListener::bind(cfg.public_listen).await?;
