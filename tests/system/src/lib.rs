@@ -40,10 +40,24 @@ pub struct Proc {
     child: Option<Child>,
     /// Its ops port (`/readyz`).
     pub ops_port: u16,
+    /// Path polled after start: `/readyz`, or `/healthz` for a lease-mode
+    /// comet, which is only ready once it holds a shard.
+    wait_path: &'static str,
 }
 
 impl Proc {
     fn spawn(dir: &Path, name: &str, bin_name: &str, config: &str, ops_port: u16) -> Self {
+        Self::spawn_waiting(dir, name, bin_name, config, ops_port, "/readyz")
+    }
+
+    fn spawn_waiting(
+        dir: &Path,
+        name: &str,
+        bin_name: &str,
+        config: &str,
+        ops_port: u16,
+        wait_path: &'static str,
+    ) -> Self {
         let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, config).expect("write config");
         let mut p = Self {
@@ -53,9 +67,15 @@ impl Proc {
             log: dir.join(format!("{name}.log")),
             child: None,
             ops_port,
+            wait_path,
         };
         p.start();
         p
+    }
+
+    /// Whether `/readyz` answers 200 now.
+    pub fn is_ready(&self) -> bool {
+        http_status(self.ops_port, "/readyz") == Some(200)
     }
 
     /// Starts the process (again) with the same config.
@@ -77,11 +97,11 @@ impl Proc {
         self.wait_ready();
     }
 
-    /// Waits until `/readyz` answers 200.
+    /// Waits until its wait path (`/readyz` or `/healthz`) answers 200.
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if http_status(self.ops_port, "/readyz") == Some(200) {
+            if http_status(self.ops_port, self.wait_path) == Some(200) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -106,13 +126,26 @@ impl Proc {
         }
     }
 
-    /// SIGTERM, then wait for a graceful exit (SIGKILL after 15 s).
-    pub fn term(&mut self) -> Duration {
-        let start = Instant::now();
-        if let Some(mut c) = self.child.take() {
+    /// Sends SIGTERM without waiting; `term` or `reap` waits.
+    pub fn send_term(&self) {
+        if let Some(c) = &self.child {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
                 .status();
+        }
+    }
+
+    /// SIGTERM, then wait for a graceful exit (SIGKILL after 15 s).
+    pub fn term(&mut self) -> Duration {
+        let start = Instant::now();
+        self.send_term();
+        self.reap();
+        start.elapsed()
+    }
+
+    /// Waits for the process to exit after a signal (SIGKILL after 15 s).
+    pub fn reap(&mut self) {
+        if let Some(mut c) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(15);
             loop {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -126,7 +159,6 @@ impl Proc {
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
-        start.elapsed()
     }
 }
 
@@ -163,6 +195,12 @@ pub struct Options {
     pub max_subscribers_per_key: usize,
     pub heartbeat_grace_seconds: u64,
     pub max_message_bytes: usize,
+    /// Redis holding shard leases: comets fail over (membership kind redis).
+    pub lease_redis: Option<String>,
+    /// Extra comets without a shard of their own (lease mode).
+    pub standbys: u32,
+    /// Lease duration, renew deadline, retry period in ms (lease mode).
+    pub lease_ms: (u64, u64, u64),
 }
 
 impl Default for Options {
@@ -176,6 +214,9 @@ impl Default for Options {
             max_subscribers_per_key: 64,
             heartbeat_grace_seconds: 5,
             max_message_bytes: 65536,
+            lease_redis: None,
+            standbys: 0,
+            lease_ms: (2000, 1400, 300),
         }
     }
 }
@@ -228,16 +269,30 @@ impl Cluster {
             ),
             msg_ops,
         );
+        let (dur, deadline, retry) = opts.lease_ms;
+        let membership = match &opts.lease_redis {
+            None => "membership: { kind: static }".to_owned(),
+            Some(url) => format!(
+                "membership: {{ kind: redis, redis_url: {url:?}, namespace: t, shards: {}, lease: {{ duration_ms: {dur}, renew_deadline_ms: {deadline}, retry_period_ms: {retry} }} }}",
+                opts.shards
+            ),
+        };
+        let wait_path = if opts.lease_redis.is_some() {
+            "/healthz"
+        } else {
+            "/readyz"
+        };
         let mut comets = Vec::new();
         let mut comet_addrs = Vec::new();
-        for shard in 0..opts.shards {
+        for i in 0..opts.shards + opts.standbys {
+            let shard = i % opts.shards;
             let (ws, tcp, rpc, ops) = (free_port(), free_port(), free_port(), free_port());
-            comets.push(Proc::spawn(
+            comets.push(Proc::spawn_waiting(
                 dir.path(),
-                &format!("comet-{shard}"),
+                &format!("comet-{i}"),
                 "push-comet",
                 &format!(
-                    "shard: {shard}\nshards: {}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_port}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\n{limits}\n",
+                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_port}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\n{limits}\n",
                     opts.shards,
                     opts.queue_depth,
                     opts.max_subscribers_per_key,
@@ -245,7 +300,16 @@ impl Cluster {
                     yaml_opt(&opts.subscriber_secret),
                 ),
                 ops,
+                wait_path,
             ));
+            if opts.lease_redis.is_some() && i < opts.shards {
+                // The first comets take their preferred shards before standbys start.
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !comets[i as usize].is_ready() {
+                    assert!(Instant::now() < deadline, "comet-{i} took no shard");
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
             comet_addrs.push(CometAddrs {
                 ws: format!("127.0.0.1:{ws}"),
                 tcp: format!("127.0.0.1:{tcp}"),
@@ -265,7 +329,7 @@ impl Cluster {
             "web",
             "push-web",
             &format!(
-                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_port}\nadmin_token: {}\nrpc_timeout_ms: 3000\n{limits}\n{comets_yaml}",
+                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_port}\nadmin_token: {}\nrpc_timeout_ms: 3000\n{membership}\n{limits}\n{comets_yaml}",
                 yaml_opt(&opts.admin_token),
             ),
             ops,

@@ -1,0 +1,247 @@
+//! Chaos tests of shard failover with the real binaries, a real redis-server
+//! (storage and leases) and clients that follow their key across comets:
+//! SIGKILL a shard holder mid-stream, then SIGTERM one, and check that every
+//! acknowledged message reached its client exactly once (after dedupe by mid)
+//! with no gap. Prints the measured takeover times.
+
+use pushcluster_client::http::{Client, Proto};
+use pushcluster_client::sub::{Params, Subscriber};
+use pushcluster_client::Frame;
+use pushcluster_systest::{Cluster, Options, RedisServer};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const KEYS: usize = 6;
+
+/// What one following client saw.
+#[derive(Debug, Default)]
+struct Seen {
+    mids: Vec<i64>,
+    duplicates_dropped: usize,
+    connections: usize,
+}
+
+/// A client as the docs tell it to behave: resolve, subscribe, fetch after the
+/// last mid, fill gaps from storage, drop mids it has, reconnect when told to
+/// or when the connection breaks. Runs until it has seen mid `until`.
+async fn follow(api: Client, key: String, until: Arc<AtomicI64>) -> Seen {
+    let mut seen = Seen::default();
+    let mut last = 0i64;
+    let p = Params {
+        key: key.clone(),
+        heartbeat: 30,
+        token: None,
+        versioned: true,
+    };
+    let apply = |m: i64, last: &mut i64, seen: &mut Seen| {
+        if m <= *last {
+            seen.duplicates_dropped += 1;
+        } else {
+            assert_eq!(m, *last + 1, "{key}: gap before mid {m}");
+            seen.mids.push(m);
+            *last = m;
+        }
+    };
+    let done = |last: i64| last >= until.load(Ordering::SeqCst);
+    'connect: while !done(last) {
+        let Ok(addr) = api.resolve(&key, Proto::WebSocket).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let Ok(mut sub) = Subscriber::websocket(&addr, &p).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        match sub.next_timeout(Duration::from_secs(2)).await {
+            Ok(Frame::Heartbeat) => seen.connections += 1,
+            _ => {
+                // Refused (-c: this comet does not serve the key yet) or dead.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        }
+        let Ok((stored, _)) = api.fetch(&key, last, None).await else {
+            continue;
+        };
+        for m in stored {
+            apply(m.mid, &mut last, &mut seen);
+        }
+        while !done(last) {
+            match sub.next_timeout(Duration::from_millis(300)).await {
+                Ok(Frame::Message(m)) => {
+                    if m.mid > last + 1 {
+                        let Ok((stored, _)) = api.fetch(&key, last, None).await else {
+                            continue 'connect;
+                        };
+                        for s in stored.into_iter().filter(|s| s.mid < m.mid) {
+                            apply(s.mid, &mut last, &mut seen);
+                        }
+                    }
+                    apply(m.mid, &mut last, &mut seen);
+                }
+                Ok(Frame::Heartbeat) => {}
+                Err(pushcluster_client::Error::Timeout) => {}
+                Ok(Frame::Reconnect) | Ok(Frame::Error(_)) | Err(_) => continue 'connect,
+            }
+        }
+    }
+    seen
+}
+
+/// Index of the comet serving `key` now, per web.
+async fn holder_of(c: &Cluster, key: &str) -> Option<usize> {
+    let addr = c.client().resolve(key, Proto::WebSocket).await.ok()?;
+    c.comet_addrs.iter().position(|a| a.ws == addr)
+}
+
+/// The one comet that holds no shard now.
+fn standby(c: &Cluster) -> usize {
+    let idle: Vec<usize> = (0..c.comets.len())
+        .filter(|&i| !c.comets[i].is_ready())
+        .collect();
+    assert_eq!(
+        idle.len(),
+        1,
+        "expected exactly one standby, found {idle:?}"
+    );
+    idle[0]
+}
+
+/// Waits until the standby `heir` holds the shard (it is ready) and web routes
+/// `key` to it. While the shard has no holder its keys go to the next shard on
+/// the ring, so "some other comet serves the key" would end the wait too early.
+async fn wait_takeover(c: &Cluster, key: &str, heir: usize, limit: Duration) -> usize {
+    let start = Instant::now();
+    loop {
+        if c.comets[heir].is_ready() && holder_of(c, key).await == Some(heir) {
+            return heir;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "no takeover of {key}'s shard within {limit:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_loses_no_acknowledged_message() {
+    let redis = RedisServer::start();
+    let opts = Options {
+        shards: 2,
+        standbys: 1,
+        redis_url: Some(redis.url()),
+        lease_redis: Some(redis.url()),
+        lease_ms: (2000, 1400, 300),
+        ..Options::default()
+    };
+    let lease_duration = Duration::from_millis(opts.lease_ms.0);
+    let mut c = Cluster::start(opts);
+    let api = c.client();
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("user-{i}")).collect();
+    let untils: Vec<Arc<AtomicI64>> = keys
+        .iter()
+        .map(|_| Arc::new(AtomicI64::new(i64::MAX)))
+        .collect();
+    let followers: Vec<_> = keys
+        .iter()
+        .zip(&untils)
+        .map(|(k, u)| tokio::spawn(follow(api.clone(), k.clone(), u.clone())))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let pusher = {
+        let (api, keys, stop) = (api.clone(), keys.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut acked: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+            let (mut sent, mut failed) = (0u64, 0u64);
+            while !stop.load(Ordering::SeqCst) {
+                for k in &keys {
+                    sent += 1;
+                    match api.push(k, &format!(r#"{{"n":{sent}}}"#), Some(600)).await {
+                        Ok(mid) => acked.entry(k.clone()).or_default().push(mid),
+                        Err(e) => {
+                            failed += 1;
+                            eprintln!("push failed: {e}");
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            (acked, sent, failed)
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Crash: SIGKILL the holder of user-0's shard.
+    let victim = holder_of(&c, &keys[0]).await.expect("user-0 is served");
+    let heir = standby(&c);
+    let t0 = Instant::now();
+    c.comets[victim].kill9();
+    wait_takeover(&c, &keys[0], heir, lease_duration + Duration::from_secs(1)).await;
+    let crash = t0.elapsed();
+    eprintln!("crash takeover: comet-{victim} SIGKILLed, comet-{heir} serving after {crash:?}");
+    assert!(crash <= lease_duration + Duration::from_secs(1));
+
+    // The killed comet comes back as a standby.
+    c.comets[victim].start();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Graceful: SIGTERM the holder of user-1's shard.
+    let victim2 = holder_of(&c, &keys[1]).await.expect("user-1 is served");
+    let heir2 = standby(&c);
+    let t1 = Instant::now();
+    c.comets[victim2].send_term();
+    wait_takeover(&c, &keys[1], heir2, Duration::from_secs(5)).await;
+    let graceful = t1.elapsed();
+    eprintln!(
+        "graceful takeover: comet-{victim2} SIGTERMed, comet-{heir2} serving after {graceful:?}"
+    );
+    c.comets[victim2].reap();
+    assert!(
+        graceful < Duration::from_secs(1),
+        "graceful takeover took {graceful:?}"
+    );
+    c.comets[victim2].start();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    stop.store(true, Ordering::SeqCst);
+    let (mut acked, sent, failed) = pusher.await.unwrap();
+    // A last message per key: a client learns of anything stored while it was
+    // away at the latest when the next message shows it a gap.
+    let mut last_mid = BTreeMap::new();
+    for k in &keys {
+        let mid = api.push(k, r#"{"last":true}"#, Some(600)).await.unwrap();
+        acked.entry(k.clone()).or_default().push(mid);
+        last_mid.insert(k.clone(), mid);
+    }
+    for (k, u) in keys.iter().zip(&untils) {
+        u.store(last_mid[k], Ordering::SeqCst);
+    }
+    let mut received = 0usize;
+    let mut dupes = 0usize;
+    let mut connections = 0usize;
+    for (k, f) in keys.iter().zip(followers) {
+        let seen = tokio::time::timeout(Duration::from_secs(20), f)
+            .await
+            .unwrap_or_else(|_| panic!("{k}: follower did not catch up\n{}", c.logs()))
+            .unwrap();
+        let want = &acked[k];
+        assert_eq!(&seen.mids, want, "{k}: received differs from acknowledged");
+        received += seen.mids.len();
+        dupes += seen.duplicates_dropped;
+        connections += seen.connections;
+    }
+    let acked_total: usize = acked.values().map(Vec::len).sum();
+    eprintln!(
+        "sent {} acknowledged {acked_total} received {received} (failed {failed}, duplicates dropped by mid {dupes}, client connections {connections})",
+        sent + KEYS as u64
+    );
+    assert_eq!(failed, 0);
+    assert_eq!(acked_total as u64, sent + KEYS as u64);
+    assert_eq!(received, acked_total);
+}
