@@ -474,6 +474,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                     cfg.shards,
                     cfg.membership.lease.retry_period(),
                     background.clone(),
+                    pushcluster_lease::membership::MembershipMetrics::register(&mut reg),
                 );
                 let candidate = cfg.candidate();
                 tracing::info!(holder = %candidate.holder, "standby: waiting for a shard lease");

@@ -2,11 +2,47 @@
 //! lease, at the address stored with it.
 
 use crate::LeaseBackend;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use pushcluster_core::membership::{ClusterView, Membership};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabel {
+    shard: u32,
+}
+
+/// Metrics of lease-based membership.
+#[derive(Clone, Default)]
+pub struct MembershipMetrics {
+    without_holder: Family<ShardLabel, Counter<f64, AtomicU64>>,
+    holder_changes: Family<ShardLabel, Counter>,
+}
+
+impl MembershipMetrics {
+    /// Registers the metrics in `reg`.
+    pub fn register(reg: &mut Registry) -> Self {
+        let m = Self::default();
+        reg.register(
+            "pushcluster_shard_without_holder_seconds",
+            "Time each shard spent with no lease holder, as seen by this process",
+            m.without_holder.clone(),
+        );
+        reg.register(
+            "pushcluster_shard_holder_changes",
+            "Lease holder changes per shard, as seen by this process",
+            m.holder_changes.clone(),
+        );
+        m
+    }
+}
 
 /// Watches leases and publishes the cluster view.
 pub struct LeaseMembership {
@@ -21,12 +57,30 @@ impl LeaseMembership {
         shards: u32,
         poll: Duration,
         cancel: CancellationToken,
+        metrics: MembershipMetrics,
     ) -> Self {
         let (tx, rx) = watch::channel(Arc::new(ClusterView::new([])));
         tokio::spawn(async move {
+            let mut prev: Option<(Instant, Vec<Option<u64>>)> = None;
             loop {
                 match backend.snapshot(shards).await {
                     Ok(snap) => {
+                        let now = Instant::now();
+                        let tokens: Vec<Option<u64>> =
+                            snap.iter().map(|r| r.as_ref().map(|r| r.token)).collect();
+                        if let Some((then, before)) = &prev {
+                            let dt = (now - *then).as_secs_f64();
+                            for (k, (b, a)) in before.iter().zip(&tokens).enumerate() {
+                                let l = ShardLabel { shard: k as u32 };
+                                if b.is_none() {
+                                    metrics.without_holder.get_or_create(&l).inc_by(dt);
+                                }
+                                if b != a && a.is_some() {
+                                    metrics.holder_changes.get_or_create(&l).inc();
+                                }
+                            }
+                        }
+                        prev = Some((now, tokens));
                         let view = ClusterView::new(snap.iter().flatten().map(|r| r.endpoint()));
                         tx.send_if_modified(|cur| {
                             if **cur != view {

@@ -201,6 +201,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                 cfg.membership.shards,
                 cfg.membership.lease.retry_period(),
                 cancel.clone(),
+                pushcluster_lease::membership::MembershipMetrics::register(&mut reg),
             ))
         }
     };

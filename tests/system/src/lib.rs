@@ -373,7 +373,7 @@ impl Cluster {
     }
 }
 
-/// Reads one unlabelled metric from a service's `/metrics`.
+/// Reads a metric from a service's `/metrics`, summed over its labels (0 when absent).
 pub fn metric(port: u16, name: &str) -> f64 {
     use std::io::{Read, Write};
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
@@ -385,10 +385,20 @@ pub fn metric(port: u16, name: &str) -> f64 {
     );
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
-    buf.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    sum_metric(&buf, name)
+}
+
+/// Sums the samples of metric `name` in Prometheus text, over all labels.
+pub fn sum_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(name))
+        .filter_map(|rest| match rest.as_bytes().first() {
+            Some(b' ') => Some(rest),
+            Some(b'{') => rest.split_once("} ").map(|(_, v)| v),
+            _ => None,
+        })
+        .filter_map(|v| v.trim().parse::<f64>().ok())
+        .sum()
 }
 
 /// Transport of a test subscriber.
@@ -460,4 +470,15 @@ pub async fn collect(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sums_labelled_and_plain_samples() {
+        let text = "# HELP x_total X.\n# TYPE x counter\nx_total{shard=\"0\"} 2\nx_total{shard=\"1\"} 1.5\nx_totally 9\ny 3\n# EOF\n";
+        assert_eq!(super::sum_metric(text, "x_total"), 3.5);
+        assert_eq!(super::sum_metric(text, "y"), 3.0);
+        assert_eq!(super::sum_metric(text, "z"), 0.0);
+    }
 }

@@ -241,6 +241,10 @@ async fn failover_loses_no_acknowledged_message() {
         "sent {} acknowledged {acked_total} received {received} (failed {failed}, duplicates dropped by mid {dupes}, client connections {connections})",
         sent + KEYS as u64
     );
+    let changes =
+        pushcluster_systest::metric(c.web.ops_port, "pushcluster_shard_holder_changes_total");
+    eprintln!("web saw {changes} shard holder changes");
+    assert!(changes >= 2.0, "web saw {changes} holder changes");
     assert_eq!(failed, 0);
     assert_eq!(acked_total as u64, sent + KEYS as u64);
     assert_eq!(received, acked_total);
