@@ -14,6 +14,8 @@
 //! turns the leases into the [`pushcluster_core::membership::Membership`]
 //! that web and comets route by.
 
+pub mod endpoints;
+pub mod kubernetes;
 pub mod membership;
 pub mod memory;
 pub mod owner;
@@ -121,6 +123,8 @@ pub struct Held {
 pub enum Error {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("kubernetes: {0}")]
+    Kube(Box<kube::Error>),
     #[error("lease record is corrupt: {0}")]
     Corrupt(String),
     #[error("lease timing must satisfy retry_period < renew_deadline < duration: {0:?}")]

@@ -1,0 +1,317 @@
+//! Kubernetes leases: `coordination.k8s.io/v1` Lease `<cluster>-comet-<k>` per
+//! shard, and the pod label `pushcluster.io/shard=<k>` that puts the holder
+//! behind its shard's Service.
+//!
+//! Writes are optimistic: every update carries the resourceVersion last read,
+//! and 409 Conflict means somebody else wrote first (we lost the race).
+//! Expiry is judged as client-go's leader election does: by this process's
+//! monotonic clock, from the moment it first observed the lease's current
+//! holder and renewTime. A standby whose wall clock is off therefore never
+//! takes over early; only clock *rate* drift matters, and the margin
+//! `duration - renew_deadline` covers it. The holder's addresses ride along
+//! as annotations, so comets can build the ring from leases alone.
+
+use crate::{Candidate, Error, Held, LeaseBackend, LeaseRecord, Result};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Label with the PushCluster's name, on Leases, Services and EndpointSlices.
+pub const CLUSTER_LABEL: &str = "pushcluster.io/cluster";
+/// Label with the shard id, on Leases, per-shard Services and the holder pod.
+pub const SHARD_LABEL: &str = "pushcluster.io/shard";
+const ANN_RPC: &str = "pushcluster.io/rpc";
+const ANN_WS: &str = "pushcluster.io/ws";
+const ANN_TCP: &str = "pushcluster.io/tcp";
+
+/// Name of shard `k`'s Lease (and Service) in cluster `cluster`.
+pub fn lease_name(cluster: &str, shard: u32) -> String {
+    format!("{cluster}-comet-{shard}")
+}
+
+impl From<kube::Error> for Error {
+    fn from(e: kube::Error) -> Self {
+        Error::Kube(Box::new(e))
+    }
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+/// What a lease says, for expiry by observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Observed {
+    holder: String,
+    renew: Option<String>,
+}
+
+fn observe(l: &Lease) -> Observed {
+    let spec = l.spec.clone().unwrap_or_default();
+    Observed {
+        holder: spec.holder_identity.unwrap_or_default(),
+        renew: spec.renew_time.map(|t| t.0.to_string()),
+    }
+}
+
+/// Leases in one namespace.
+pub struct KubeLeases {
+    api: Api<Lease>,
+    cluster: String,
+    /// Last Lease object seen per shard (for its resourceVersion).
+    cache: Mutex<HashMap<u32, Lease>>,
+    /// When each lease's current holder/renewTime was first observed here.
+    observed: Mutex<HashMap<u32, (Observed, Instant)>>,
+    notify: Arc<Notify>,
+}
+
+impl KubeLeases {
+    /// Leases of `cluster` through `api` (namespaced).
+    pub fn new(api: Api<Lease>, cluster: &str) -> Self {
+        Self {
+            api,
+            cluster: cluster.to_owned(),
+            cache: Mutex::new(HashMap::new()),
+            observed: Mutex::new(HashMap::new()),
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Watches the cluster's Leases and wakes standbys on every change, so a
+    /// released lease is taken at once rather than at the next retry.
+    pub fn spawn_watcher(&self) -> tokio::task::JoinHandle<()> {
+        let api = self.api.clone();
+        let notify = self.notify.clone();
+        let cfg = kube::runtime::watcher::Config::default()
+            .labels(&format!("{CLUSTER_LABEL}={}", self.cluster));
+        tokio::spawn(async move {
+            let mut events = kube::runtime::watcher(api, cfg).boxed();
+            while let Some(ev) = events.next().await {
+                if let Err(e) = ev {
+                    tracing::warn!(error = %e, "lease watch failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                notify.notify_waiters();
+            }
+        })
+    }
+
+    /// Whether `l` is held by someone right now, judged by observation.
+    fn valid(&self, shard: u32, l: &Lease) -> bool {
+        let now = Instant::now();
+        let o = observe(l);
+        let mut seen = self.observed.lock().unwrap_or_else(|e| e.into_inner());
+        let since = match seen.get(&shard) {
+            Some((prev, at)) if *prev == o => *at,
+            _ => {
+                seen.insert(shard, (o.clone(), now));
+                now
+            }
+        };
+        let duration = l
+            .spec
+            .as_ref()
+            .and_then(|s| s.lease_duration_seconds)
+            .unwrap_or(0)
+            .max(0) as u64;
+        !o.holder.is_empty() && now.duration_since(since) < Duration::from_secs(duration)
+    }
+
+    fn remember(&self, shard: u32, l: &Lease) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(shard, l.clone());
+        self.observed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(shard, (observe(l), Instant::now()));
+    }
+
+    fn cached(&self, shard: u32) -> Option<Lease> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&shard)
+            .cloned()
+    }
+
+    fn record(shard: u32, l: &Lease) -> LeaseRecord {
+        let spec = l.spec.clone().unwrap_or_default();
+        let ann = l.metadata.annotations.clone().unwrap_or_default();
+        let get = |k: &str| ann.get(k).cloned().unwrap_or_default();
+        LeaseRecord {
+            shard,
+            token: spec.lease_transitions.unwrap_or(0).max(0) as u64,
+            candidate: Candidate {
+                holder: spec.holder_identity.unwrap_or_default(),
+                rpc: get(ANN_RPC),
+                ws: get(ANN_WS),
+                tcp: get(ANN_TCP),
+            },
+        }
+    }
+
+    fn claim(&self, shard: u32, base: Option<Lease>, me: &Candidate, ttl: Duration) -> Lease {
+        let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+        let mut l = base.unwrap_or_else(|| Lease {
+            metadata: ObjectMeta {
+                name: Some(lease_name(&self.cluster, shard)),
+                labels: Some(BTreeMap::from([
+                    (CLUSTER_LABEL.to_owned(), self.cluster.clone()),
+                    (SHARD_LABEL.to_owned(), shard.to_string()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec::default()),
+        });
+        let ann = l.metadata.annotations.get_or_insert_with(BTreeMap::new);
+        ann.insert(ANN_RPC.into(), me.rpc.clone());
+        ann.insert(ANN_WS.into(), me.ws.clone());
+        ann.insert(ANN_TCP.into(), me.tcp.clone());
+        let spec = l.spec.get_or_insert_with(LeaseSpec::default);
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+        spec.holder_identity = Some(me.holder.clone());
+        spec.lease_duration_seconds = Some(ttl.as_secs().max(1) as i32);
+        spec.acquire_time = Some(now.clone());
+        spec.renew_time = Some(now);
+        l
+    }
+}
+
+impl LeaseBackend for KubeLeases {
+    async fn try_acquire(&self, shard: u32, me: &Candidate, ttl: Duration) -> Result<Option<Held>> {
+        let name = lease_name(&self.cluster, shard);
+        let current = self.api.get_opt(&name).await?;
+        if let Some(l) = &current {
+            if self.valid(shard, l) {
+                return Ok(None);
+            }
+        }
+        let existed = current.is_some();
+        let want = self.claim(shard, current, me, ttl);
+        let written = if existed {
+            // Carries the resourceVersion we read: a concurrent writer makes this 409.
+            self.api.replace(&name, &PostParams::default(), &want).await
+        } else {
+            self.api.create(&PostParams::default(), &want).await
+        };
+        match written {
+            Ok(l) => {
+                self.remember(shard, &l);
+                self.notify.notify_waiters();
+                Ok(Some(Held {
+                    record: Self::record(shard, &l),
+                    raw: me.holder.clone(),
+                }))
+            }
+            Err(e) if is_conflict(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn renew(&self, held: &Held, ttl: Duration) -> Result<bool> {
+        let shard = held.record.shard;
+        let Some(mut l) = self.cached(shard) else {
+            return Ok(false);
+        };
+        let spec = l.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(held.raw.as_str()) {
+            return Ok(false);
+        }
+        spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
+        spec.lease_duration_seconds = Some(ttl.as_secs().max(1) as i32);
+        let name = lease_name(&self.cluster, shard);
+        match self.api.replace(&name, &PostParams::default(), &l).await {
+            Ok(l) => {
+                self.remember(shard, &l);
+                Ok(true)
+            }
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn release(&self, held: &Held) -> Result<()> {
+        let shard = held.record.shard;
+        let Some(mut l) = self.cached(shard) else {
+            return Ok(());
+        };
+        let spec = l.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(held.raw.as_str()) {
+            return Ok(());
+        }
+        spec.holder_identity = None;
+        spec.renew_time = None;
+        let name = lease_name(&self.cluster, shard);
+        match self.api.replace(&name, &PostParams::default(), &l).await {
+            Ok(l) => {
+                self.remember(shard, &l);
+                self.notify.notify_waiters();
+                Ok(())
+            }
+            Err(e) if is_conflict(&e) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn snapshot(&self, shards: u32) -> Result<Vec<Option<LeaseRecord>>> {
+        let lp = ListParams::default().labels(&format!("{CLUSTER_LABEL}={}", self.cluster));
+        let list = self.api.list(&lp).await?;
+        let mut out = vec![None; shards as usize];
+        for l in &list.items {
+            let Some(shard) = l
+                .metadata
+                .name
+                .as_deref()
+                .and_then(|n| n.strip_prefix(&format!("{}-comet-", self.cluster)))
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if shard < shards && self.valid(shard, l) {
+                out[shard as usize] = Some(Self::record(shard, l));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Labels this comet's own pod with the shard it serves, so the shard's
+/// Service selects it (and removes the label when it stops).
+pub struct PodLabeler {
+    api: Api<Pod>,
+    pod: String,
+}
+
+impl PodLabeler {
+    /// The pod `pod` (from the downward API) through `api`.
+    pub fn new(api: Api<Pod>, pod: &str) -> Self {
+        Self {
+            api,
+            pod: pod.to_owned(),
+        }
+    }
+
+    /// Sets `pushcluster.io/shard` to `shard`, or removes it for `None`.
+    pub async fn set_shard(&self, shard: Option<u32>) -> Result<()> {
+        let patch = serde_json::json!({
+            "metadata": { "labels": { SHARD_LABEL: shard.map(|s| s.to_string()) } }
+        });
+        self.api
+            .patch(&self.pod, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,358 @@
+//! The Kubernetes lease backend and pod labeller against kube's mocked API
+//! service (tower-test): each test states the exact requests expected.
+
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::Pod;
+use kube::client::Body;
+use kube::{Api, Client};
+use pushcluster_lease::kubernetes::{KubeLeases, PodLabeler};
+use pushcluster_lease::owner::{Ownership, ShardOwner};
+use pushcluster_lease::{Candidate, LeaseBackend, LeaseTiming};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases";
+
+fn client() -> (Client, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(svc, "ns"), handle)
+}
+
+fn me() -> Candidate {
+    Candidate {
+        holder: "comet-a".into(),
+        rpc: "http://10.0.0.1:6970".into(),
+        ws: "10.0.0.1:6968".into(),
+        tcp: "10.0.0.1:6969".into(),
+    }
+}
+
+fn status(code: u16, reason: &str) -> (u16, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": reason, "reason": reason, "code": code}),
+    )
+}
+
+fn lease(rv: &str, holder: Option<&str>, renew: &str, transitions: i32) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "pc-comet-0", "namespace": "ns", "resourceVersion": rv,
+                     "labels": {"pushcluster.io/cluster": "pc", "pushcluster.io/shard": "0"}},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 10,
+                 "renewTime": renew, "leaseTransitions": transitions}
+    })
+}
+
+/// Answers the next request, after checking its method and path; returns its body.
+async fn expect(h: &mut Handle, method: Method, path: &str, reply: (u16, Value)) -> Value {
+    let (req, send) = h.next_request().await.expect("a request");
+    assert_eq!(req.method(), method, "method of {}", req.uri());
+    assert_eq!(req.uri().path(), path);
+    let body = req.into_body().collect_bytes().await.unwrap();
+    let sent = if body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body).unwrap()
+    };
+    send.send_response(
+        Response::builder()
+            .status(reply.0)
+            .body(Body::from(serde_json::to_vec(&reply.1).unwrap()))
+            .unwrap(),
+    );
+    sent
+}
+
+#[tokio::test]
+async fn acquiring_a_missing_lease_creates_it() {
+    let (c, mut h) = client();
+    let leases = KubeLeases::new(Api::namespaced(c, "ns"), "pc");
+    let server = tokio::spawn(async move {
+        expect(
+            &mut h,
+            Method::GET,
+            &format!("{LEASES}/pc-comet-0"),
+            status(404, "NotFound"),
+        )
+        .await;
+        let created = expect(
+            &mut h,
+            Method::POST,
+            LEASES,
+            (
+                201,
+                lease("1", Some("comet-a"), "2026-01-01T00:00:00.000000Z", 1),
+            ),
+        )
+        .await;
+        assert_eq!(created["metadata"]["name"], "pc-comet-0");
+        assert_eq!(
+            created["metadata"]["labels"]["pushcluster.io/cluster"],
+            "pc"
+        );
+        assert_eq!(created["metadata"]["labels"]["pushcluster.io/shard"], "0");
+        assert_eq!(
+            created["metadata"]["annotations"]["pushcluster.io/ws"],
+            "10.0.0.1:6968"
+        );
+        assert_eq!(created["spec"]["holderIdentity"], "comet-a");
+        assert_eq!(created["spec"]["leaseTransitions"], 1);
+        assert_eq!(created["spec"]["leaseDurationSeconds"], 6);
+        assert!(created["spec"]["renewTime"].is_string());
+    });
+    let held = leases
+        .try_acquire(0, &me(), Duration::from_secs(6))
+        .await
+        .unwrap()
+        .expect("acquired");
+    assert_eq!(held.record.token, 1);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_create_race_lost_with_409_is_not_an_error() {
+    let (c, mut h) = client();
+    let leases = KubeLeases::new(Api::namespaced(c, "ns"), "pc");
+    let server = tokio::spawn(async move {
+        expect(
+            &mut h,
+            Method::GET,
+            &format!("{LEASES}/pc-comet-0"),
+            status(404, "NotFound"),
+        )
+        .await;
+        expect(&mut h, Method::POST, LEASES, status(409, "AlreadyExists")).await;
+    });
+    assert!(leases
+        .try_acquire(0, &me(), Duration::from_secs(6))
+        .await
+        .unwrap()
+        .is_none());
+    server.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fresh_holder_is_respected_and_an_expired_one_replaced_with_its_resource_version() {
+    let (c, mut h) = client();
+    let leases = KubeLeases::new(Api::namespaced(c, "ns"), "pc");
+    let theirs = lease("7", Some("comet-b"), "2026-01-01T00:00:00.000000Z", 3);
+    let server = tokio::spawn(async move {
+        let path = format!("{LEASES}/pc-comet-0");
+        // Held and just observed: no write at all.
+        expect(&mut h, Method::GET, &path, (200, theirs.clone())).await;
+        // Unchanged for longer than its duration: expired. The replace carries
+        // resourceVersion 7; somebody else wins (409).
+        expect(&mut h, Method::GET, &path, (200, theirs.clone())).await;
+        let put = expect(&mut h, Method::PUT, &path, status(409, "Conflict")).await;
+        assert_eq!(put["metadata"]["resourceVersion"], "7");
+        assert_eq!(put["spec"]["holderIdentity"], "comet-a");
+        assert_eq!(put["spec"]["leaseTransitions"], 4);
+        // The winner renewed (new renewTime): observed anew, so valid again.
+        let renewed = lease("8", Some("comet-c"), "2026-01-01T00:00:11.000000Z", 4);
+        expect(&mut h, Method::GET, &path, (200, renewed.clone())).await;
+        // After its duration without change it is ours.
+        expect(&mut h, Method::GET, &path, (200, renewed)).await;
+        let put = expect(
+            &mut h,
+            Method::PUT,
+            &path,
+            (
+                200,
+                lease("9", Some("comet-a"), "2026-01-01T00:00:22.000000Z", 5),
+            ),
+        )
+        .await;
+        assert_eq!(put["metadata"]["resourceVersion"], "8");
+    });
+    let ttl = Duration::from_secs(10);
+    assert!(leases.try_acquire(0, &me(), ttl).await.unwrap().is_none());
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert!(
+        leases.try_acquire(0, &me(), ttl).await.unwrap().is_none(),
+        "lost the race"
+    );
+    assert!(
+        leases.try_acquire(0, &me(), ttl).await.unwrap().is_none(),
+        "fresh holder"
+    );
+    tokio::time::advance(Duration::from_secs(11)).await;
+    let held = leases
+        .try_acquire(0, &me(), ttl)
+        .await
+        .unwrap()
+        .expect("expired lease taken");
+    assert_eq!(held.record.token, 5);
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn renew_and_release_carry_the_resource_version_and_a_conflict_means_lost() {
+    let (c, mut h) = client();
+    let leases = KubeLeases::new(Api::namespaced(c, "ns"), "pc");
+    let server = tokio::spawn(async move {
+        let path = format!("{LEASES}/pc-comet-0");
+        expect(&mut h, Method::GET, &path, status(404, "NotFound")).await;
+        expect(
+            &mut h,
+            Method::POST,
+            LEASES,
+            (
+                201,
+                lease("1", Some("comet-a"), "2026-01-01T00:00:00.000000Z", 1),
+            ),
+        )
+        .await;
+        let put = expect(
+            &mut h,
+            Method::PUT,
+            &path,
+            (
+                200,
+                lease("2", Some("comet-a"), "2026-01-01T00:00:01.000000Z", 1),
+            ),
+        )
+        .await;
+        assert_eq!(put["metadata"]["resourceVersion"], "1");
+        assert_ne!(put["spec"]["renewTime"], "2026-01-01T00:00:00.000000Z");
+        let put = expect(&mut h, Method::PUT, &path, status(409, "Conflict")).await;
+        assert_eq!(put["metadata"]["resourceVersion"], "2");
+        let released = expect(
+            &mut h,
+            Method::PUT,
+            &path,
+            (200, lease("3", None, "2026-01-01T00:00:01.000000Z", 1)),
+        )
+        .await;
+        assert_eq!(released["metadata"]["resourceVersion"], "2");
+        assert!(released["spec"]["holderIdentity"].is_null());
+    });
+    let ttl = Duration::from_secs(6);
+    let held = leases.try_acquire(0, &me(), ttl).await.unwrap().unwrap();
+    assert!(leases.renew(&held, ttl).await.unwrap());
+    assert!(
+        !leases.renew(&held, ttl).await.unwrap(),
+        "409 on renew: lost"
+    );
+    leases.release(&held).await.unwrap();
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_pod_is_labelled_with_its_shard_and_unlabelled_after() {
+    let (c, mut h) = client();
+    let labeler = PodLabeler::new(Api::<Pod>::namespaced(c, "ns"), "comet-x");
+    let server = tokio::spawn(async move {
+        let path = "/api/v1/namespaces/ns/pods/comet-x";
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "comet-x"}});
+        let p = expect(&mut h, Method::PATCH, path, (200, pod.clone())).await;
+        assert_eq!(
+            p,
+            json!({"metadata": {"labels": {"pushcluster.io/shard": "3"}}})
+        );
+        let p = expect(&mut h, Method::PATCH, path, (200, pod)).await;
+        assert_eq!(
+            p,
+            json!({"metadata": {"labels": {"pushcluster.io/shard": null}}})
+        );
+    });
+    labeler.set_shard(Some(3)).await.unwrap();
+    labeler.set_shard(None).await.unwrap();
+    server.await.unwrap();
+}
+
+/// A standby with a 60 s retry period takes a lease within moments of its
+/// release, because the lease watch wakes it.
+#[tokio::test]
+async fn a_released_lease_is_taken_at_once_because_the_watch_wakes_the_standby() {
+    let (c, mut h) = client();
+    let leases = Arc::new(KubeLeases::new(Api::namespaced(c, "ns"), "pc"));
+    let _watch = leases.spawn_watcher();
+    let released = Arc::new(tokio::sync::Notify::new());
+    let held_by_b = lease("7", Some("comet-b"), "2026-01-01T00:00:00.000000Z", 1);
+    let free = lease("8", None, "2026-01-01T00:00:00.000000Z", 1);
+    let fake = {
+        let released = released.clone();
+        tokio::spawn(async move {
+            let mut is_free = false;
+            let mut watches = Vec::new();
+            while let Some((req, send)) = h.next_request().await {
+                let (method, uri) = (req.method().clone(), req.uri().to_string());
+                let current = if is_free {
+                    free.clone()
+                } else {
+                    held_by_b.clone()
+                };
+                let reply = |v: Value| {
+                    Response::builder()
+                        .body(Body::from(serde_json::to_vec(&v).unwrap()))
+                        .unwrap()
+                };
+                if uri.contains("watch=true") {
+                    // Held open until the lease is released, then one event.
+                    let (released, free) = (released.clone(), free.clone());
+                    watches.push(tokio::spawn(async move {
+                        released.notified().await;
+                        let ev = json!({"type": "MODIFIED", "object": free});
+                        send.send_response(
+                            Response::builder()
+                                .body(Body::from(format!("{ev}\n").into_bytes()))
+                                .unwrap(),
+                        );
+                    }));
+                    is_free = true;
+                } else if method == Method::GET && uri.starts_with(&format!("{LEASES}?")) {
+                    send.send_response(reply(json!({"apiVersion": "v1", "kind": "LeaseList",
+                        "metadata": {"resourceVersion": "7"}, "items": [current]})));
+                } else if method == Method::GET {
+                    send.send_response(reply(current));
+                } else if method == Method::PUT {
+                    send.send_response(reply(lease(
+                        "9",
+                        Some("comet-a"),
+                        "2026-01-01T00:00:01.000000Z",
+                        2,
+                    )));
+                    return uri;
+                } else {
+                    panic!("unexpected {method} {uri}");
+                }
+            }
+            String::new()
+        })
+    };
+    let timing = LeaseTiming {
+        duration_ms: 120_000,
+        renew_deadline_ms: 90_000,
+        retry_period_ms: 60_000,
+    };
+    let (owner, mut rx) = ShardOwner::new(leases, me(), 1, None, timing);
+    let cancel = CancellationToken::new();
+    tokio::spawn(owner.run(cancel.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(*rx.borrow(), Ownership::Standby, "held by comet-b");
+    let t0 = std::time::Instant::now();
+    released.notify_waiters();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        rx.wait_for(|o| o.shard() == Some(0)),
+    )
+    .await
+    .expect("acquired long before the 60 s retry period")
+    .unwrap();
+    eprintln!("acquired {:?} after the release event", t0.elapsed());
+    let put_uri = tokio::time::timeout(Duration::from_secs(1), fake)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        put_uri.split('?').next(),
+        Some(format!("{LEASES}/pc-comet-0").as_str())
+    );
+    cancel.cancel();
+}
