@@ -244,6 +244,8 @@ pub struct Comet {
     /// may not show yet right after we acquire it.
     ring: RwLock<Arc<Ring>>,
     ready: Readiness,
+    /// Kubernetes: labels our pod with the shard we serve.
+    labeler: Option<pushcluster_lease::kubernetes::PodLabeler>,
     stripes: Vec<tokio::sync::Mutex<()>>,
     metrics: Metrics,
 }
@@ -276,6 +278,7 @@ impl Comet {
         cfg: Config,
         membership: Arc<dyn Membership>,
         ownership: watch::Receiver<Ownership>,
+        labeler: Option<pushcluster_lease::kubernetes::PodLabeler>,
         reg: &mut MetricsRegistry,
     ) -> Result<Arc<Self>, Error> {
         let slow = Counter::default();
@@ -293,6 +296,7 @@ impl Comet {
             ownership,
             ring: RwLock::new(Arc::new(Ring::new([], DEFAULT_VNODES))),
             ready: Readiness::default(),
+            labeler,
             stripes: (0..PUSH_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -403,6 +407,13 @@ impl Comet {
                 tracing::info!(from = ?serving, to = ?now, "shard ownership changed");
                 self.metrics.lease_transitions.inc();
                 serving = now;
+                // The label puts this pod behind its shard's Service; set it
+                // before turning ready, drop it as soon as we stop serving.
+                if let Some(l) = &self.labeler {
+                    if let Err(e) = l.set_shard(now).await {
+                        tracing::warn!(error = %e, "cannot label this pod with its shard");
+                    }
+                }
             }
             self.refresh();
             let n = self.registry.close_where(|k| self.owns(k));
@@ -453,6 +464,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut reg = MetricsRegistry::default();
     let background = CancellationToken::new();
     let owner_cancel = CancellationToken::new();
+    let mut labeler = None;
     let (membership, ownership, owner_task, _static_owner): (Arc<dyn Membership>, _, _, _) =
         match cfg.membership.kind {
             MembershipKind::Static => {
@@ -488,8 +500,44 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                 let task = tokio::spawn(owner.run(owner_cancel.clone()));
                 (Arc::new(membership), rx, Some(task), None)
             }
+            MembershipKind::Kubernetes => {
+                use pushcluster_lease::kubernetes::{KubeLeases, PodLabeler};
+                let (client, ns) = cfg
+                    .membership
+                    .kube_client()
+                    .await
+                    .map_err(|e| Error::Config(format!("membership: {e}")))?;
+                let cluster = &cfg.membership.cluster;
+                let leases = Arc::new(KubeLeases::new(
+                    kube::Api::namespaced(client.clone(), &ns),
+                    cluster,
+                ));
+                let _watch = leases.spawn_watcher();
+                // Same ring as web: from the per-shard Services' EndpointSlices.
+                let membership = pushcluster_lease::endpoints::EndpointSliceMembership::start(
+                    client.clone(),
+                    &ns,
+                    cluster,
+                    background.clone(),
+                );
+                let mut candidate = cfg.candidate();
+                if let Ok(pod) = std::env::var("POD_NAME") {
+                    labeler = Some(PodLabeler::new(kube::Api::namespaced(client, &ns), &pod));
+                    // The lease holder is the pod: EndpointSlices name it.
+                    candidate.holder = pod;
+                } else {
+                    tracing::warn!(
+                        "POD_NAME is not set: this pod will not be labelled with its shard"
+                    );
+                }
+                tracing::info!(holder = %candidate.holder, namespace = %ns, "standby: waiting for a shard Lease");
+                let (owner, rx) =
+                    ShardOwner::new(leases, candidate, cfg.shards, None, cfg.membership.lease);
+                let task = tokio::spawn(owner.run(owner_cancel.clone()));
+                (Arc::new(membership), rx, Some(task), None)
+            }
         };
-    let comet = Comet::new(cfg.clone(), membership, ownership, &mut reg)?;
+    let comet = Comet::new(cfg.clone(), membership, ownership, labeler, &mut reg)?;
     let ready = comet.ready.clone();
 
     let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen).await?;

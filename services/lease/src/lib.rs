@@ -165,6 +165,8 @@ pub enum MembershipKind {
     Static,
     /// Shard leases in Redis: failover for a cluster of plain processes.
     Redis,
+    /// Kubernetes Leases, pod labels and EndpointSlices (in a cluster).
+    Kubernetes,
 }
 
 /// Membership settings shared by comets and web.
@@ -181,6 +183,11 @@ pub struct MembershipConfig {
     pub shards: u32,
     /// Lease timing.
     pub lease: LeaseTiming,
+    /// Name of the PushCluster (kind: kubernetes): Leases and Services are
+    /// `<cluster>-comet-<k>`.
+    pub cluster: String,
+    /// Namespace (kind: kubernetes); default `POD_NAMESPACE`, then the client's.
+    pub kube_namespace: Option<String>,
 }
 
 impl Default for MembershipConfig {
@@ -191,6 +198,8 @@ impl Default for MembershipConfig {
             namespace: "pc".into(),
             shards: 1,
             lease: LeaseTiming::default(),
+            cluster: "pushcluster".into(),
+            kube_namespace: None,
         }
     }
 }
@@ -207,5 +216,17 @@ impl MembershipConfig {
                 Error::Corrupt("membership.kind redis needs membership.redis_url".into())
             })?;
         redis::RedisLeases::connect(url, &self.namespace).await
+    }
+
+    /// A Kubernetes client (in cluster, or from `$KUBECONFIG`) and the namespace to use.
+    pub async fn kube_client(&self) -> Result<(kube::Client, String)> {
+        self.lease.validate()?;
+        let client = kube::Client::try_default().await?;
+        let ns = self
+            .kube_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| client.default_namespace().to_owned());
+        Ok((client, ns))
     }
 }

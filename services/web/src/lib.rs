@@ -204,6 +204,21 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                 pushcluster_lease::membership::MembershipMetrics::register(&mut reg),
             ))
         }
+        pushcluster_lease::MembershipKind::Kubernetes => {
+            let (client, ns) = cfg
+                .membership
+                .kube_client()
+                .await
+                .map_err(|e| Error::Config(format!("membership: {e}")))?;
+            Arc::new(
+                pushcluster_lease::endpoints::EndpointSliceMembership::start(
+                    client,
+                    &ns,
+                    &cfg.membership.cluster,
+                    cancel.clone(),
+                ),
+            )
+        }
     };
     let state = AppState::new(cfg.clone(), membership, &mut reg)?;
     let ready = Readiness::default();
