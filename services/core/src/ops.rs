@@ -99,8 +99,10 @@ pub fn cancel_on_signal(cancel: CancellationToken) {
         }
         #[cfg(not(unix))]
         let _ = ctrl_c.await;
-        tracing::info!("shutdown requested");
+        // Cancel before logging: if the log cannot be written (stderr is a
+        // closed pipe), nothing may stand between the signal and the shutdown.
         cancel.cancel();
+        tracing::info!("shutdown requested");
     });
 }
 
@@ -111,6 +113,9 @@ pub fn init_tracing(json: bool) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // Its default reports a failed write with eprintln!, which panics when
+        // stderr itself is the broken pipe; a lost log line must not kill a task.
+        .log_internal_errors(false)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -176,3 +176,49 @@ async fn sigterm_flushes_queued_messages_and_asks_clients_to_reconnect() {
     );
     assert!(legacy.next_timeout(Duration::from_secs(5)).await.is_err());
 }
+
+/// A service whose stderr reader went away (a dead log shipper) still stops
+/// on SIGTERM: a failed log write must not stand in the way of shutdown.
+#[test]
+fn sigterm_stops_a_service_whose_stderr_is_a_broken_pipe() {
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let (port, ops) = (
+        pushcluster_systest::free_port(),
+        pushcluster_systest::free_port(),
+    );
+    let mut child = Command::new(pushcluster_systest::bin_dir().join("push-message"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--ops-listen",
+            &format!("127.0.0.1:{ops}"),
+        ])
+        .arg("--data")
+        .arg(dir.path().join("m.redb"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while pushcluster_systest::http_status(ops, "/readyz") != Some(200) {
+        assert!(std::time::Instant::now() < deadline, "not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(child.stderr.take());
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("push-message ignored SIGTERM with a broken stderr");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
