@@ -1,0 +1,396 @@
+//! The `PushCluster` resource (`pushcluster.io/v1alpha1`): one object, one
+//! running push cluster. Defaults are filled by the schema; CEL rules reject
+//! specs that cannot work before the operator ever sees them.
+
+use k8s_openapi::api::core::v1::{
+    Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Desired state of a push cluster.
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "pushcluster.io",
+    version = "v1alpha1",
+    kind = "PushCluster",
+    plural = "pushclusters",
+    singular = "pushcluster",
+    shortname = "pushc",
+    namespaced,
+    status = "PushClusterStatus",
+    cel,
+    printcolumn = r#"{"name":"Shards","type":"integer","jsonPath":".spec.comet.shards"}"#,
+    printcolumn = r#"{"name":"Ready Shards","type":"integer","jsonPath":".status.readyShards"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[x_kube(validation = Rule::new("has(self.storage.redis) || self.message.replicas == 1").message("without storage.redis the embedded store runs in one message pod: set message.replicas to 1"))]
+#[serde(rename_all = "camelCase")]
+pub struct PushClusterSpec {
+    /// Container image holding push-comet, push-message and push-web.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// Comets: connection holders, one shard each.
+    #[serde(default)]
+    pub comet: CometSpec,
+    /// The message service (storage front).
+    #[serde(default)]
+    pub message: MessageSpec,
+    /// The HTTP API.
+    #[serde(default)]
+    pub web: WebSpec,
+    /// Where messages are stored.
+    #[serde(default)]
+    pub storage: StorageSpec,
+    /// Shard lease timing.
+    #[serde(default)]
+    pub lease: LeaseSpec,
+    /// Secrets for admin and subscriber authentication.
+    #[serde(default)]
+    pub auth: AuthSpec,
+    /// Passed to every pod of the cluster.
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
+}
+
+fn default_image() -> String {
+    "ghcr.io/pushcluster/pushcluster:0.1.0".into()
+}
+
+/// Comet settings.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CometSpec {
+    /// Shards of the key space; each is served by one comet at a time.
+    #[serde(default = "default_shards")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 256").message("shards must be between 1 and 256"))]
+    pub shards: i32,
+    /// Extra comets that take over a shard when its holder fails.
+    #[serde(default = "default_standbys")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("standbys must be between 0 and 64"))]
+    pub standbys: i32,
+    /// Most connections per key on one comet.
+    #[serde(default = "default_max_subscribers")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxSubscribersPerKey must be at least 1"))]
+    pub max_subscribers_per_key: i32,
+    /// Messages queued per connection before it counts as a slow consumer.
+    #[serde(default = "default_queue_depth")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 65536").message("queueDepth must be between 1 and 65536"))]
+    pub queue_depth: i32,
+    /// Addresses web gives clients for shard `{shard}` (e.g.
+    /// `push-{shard}.example.com:443`); unset, the pod address is given,
+    /// which only clients inside the cluster can reach.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<AdvertiseSpec>,
+    /// Container resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Container ports.
+    #[serde(default)]
+    pub ports: CometPorts,
+}
+
+fn default_shards() -> i32 {
+    2
+}
+fn default_standbys() -> i32 {
+    1
+}
+fn default_max_subscribers() -> i32 {
+    64
+}
+fn default_queue_depth() -> i32 {
+    256
+}
+
+impl Default for CometSpec {
+    fn default() -> Self {
+        Self {
+            shards: default_shards(),
+            standbys: default_standbys(),
+            max_subscribers_per_key: default_max_subscribers(),
+            queue_depth: default_queue_depth(),
+            advertise: None,
+            resources: None,
+            ports: CometPorts::default(),
+        }
+    }
+}
+
+/// Client-facing address templates; `{shard}` is replaced by the shard id.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AdvertiseSpec {
+    /// WebSocket and SSE address template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ws: Option<String>,
+    /// TCP address template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
+}
+
+/// Comet container ports.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CometPorts {
+    /// WebSocket and SSE.
+    #[serde(default = "p_ws")]
+    pub ws: i32,
+    /// gopush-cluster TCP protocol.
+    #[serde(default = "p_tcp")]
+    pub tcp: i32,
+    /// gRPC from web.
+    #[serde(default = "p_rpc")]
+    pub rpc: i32,
+    /// Metrics and probes.
+    #[serde(default = "p_ops")]
+    pub ops: i32,
+}
+
+fn p_ws() -> i32 {
+    6968
+}
+fn p_tcp() -> i32 {
+    6969
+}
+fn p_rpc() -> i32 {
+    6970
+}
+fn p_ops() -> i32 {
+    6971
+}
+
+impl Default for CometPorts {
+    fn default() -> Self {
+        Self {
+            ws: p_ws(),
+            tcp: p_tcp(),
+            rpc: p_rpc(),
+            ops: p_ops(),
+        }
+    }
+}
+
+/// Message service settings.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MessageSpec {
+    /// Replicas (stateless with Redis; 1 with the embedded store).
+    #[serde(default = "one")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("message.replicas must be between 1 and 64"))]
+    pub replicas: i32,
+    /// Container resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn one() -> i32 {
+    1
+}
+fn two() -> i32 {
+    2
+}
+
+impl Default for MessageSpec {
+    fn default() -> Self {
+        Self {
+            replicas: one(),
+            resources: None,
+        }
+    }
+}
+
+/// Web settings.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WebSpec {
+    /// Replicas (stateless).
+    #[serde(default = "two")]
+    #[x_kube(validation = Rule::new("self >= 1 && self <= 64").message("web.replicas must be between 1 and 64"))]
+    pub replicas: i32,
+    /// Type of the public Service (`ClusterIP`, `NodePort`, `LoadBalancer`).
+    #[serde(default)]
+    pub service_type: ServiceType,
+    /// Container resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for WebSpec {
+    fn default() -> Self {
+        Self {
+            replicas: two(),
+            service_type: ServiceType::default(),
+            resources: None,
+        }
+    }
+}
+
+/// Kubernetes Service type of web's public Service.
+#[derive(
+    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum ServiceType {
+    #[default]
+    ClusterIP,
+    NodePort,
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The Service API's spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ServiceType::ClusterIP => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Storage settings.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Redis; without it the message pod uses its embedded store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSpec>,
+}
+
+/// How to reach Redis: a URL or a Secret holding it, not both.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.secretRef)").message("give exactly one of storage.redis.url and storage.redis.secretRef"))]
+pub struct RedisSpec {
+    /// `redis://host:port/db`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// A Secret key holding the URL (when it carries a password).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<SecretKeyRef>,
+    /// Redis Cluster (keys of one push key share a hash tag).
+    #[serde(default)]
+    pub cluster: bool,
+}
+
+/// A key of a Secret in the PushCluster's namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+pub struct SecretKeyRef {
+    /// Secret name.
+    pub name: String,
+    /// Key within the Secret.
+    pub key: String,
+}
+
+/// Shard lease timing, in seconds.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.renewDeadlineSeconds < self.durationSeconds").message("lease.renewDeadlineSeconds must be below lease.durationSeconds"))]
+#[x_kube(validation = Rule::new("self.retryPeriodSeconds < self.renewDeadlineSeconds").message("lease.retryPeriodSeconds must be below lease.renewDeadlineSeconds"))]
+pub struct LeaseSpec {
+    /// How long a lease lasts without renewal.
+    #[serde(default = "d_duration")]
+    #[x_kube(validation = Rule::new("self >= 2 && self <= 300").message("lease.durationSeconds must be between 2 and 300"))]
+    pub duration_seconds: i32,
+    /// A holder that could not renew for this long stops serving.
+    #[serde(default = "d_renew")]
+    pub renew_deadline_seconds: i32,
+    /// How often holders renew and standbys look.
+    #[serde(default = "one")]
+    #[x_kube(validation = Rule::new("self >= 1").message("lease.retryPeriodSeconds must be at least 1"))]
+    pub retry_period_seconds: i32,
+}
+
+fn d_duration() -> i32 {
+    6
+}
+fn d_renew() -> i32 {
+    4
+}
+
+impl Default for LeaseSpec {
+    fn default() -> Self {
+        Self {
+            duration_seconds: d_duration(),
+            renew_deadline_seconds: d_renew(),
+            retry_period_seconds: one(),
+        }
+    }
+}
+
+/// Authentication secrets.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// Bearer token required on web's admin listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_secret: Option<SecretKeyRef>,
+    /// HMAC secret for subscriber tokens (checked by comets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscriber_secret: Option<SecretKeyRef>,
+}
+
+/// Scheduling passed to every pod of the cluster.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SchedulingSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_spread_constraints: Option<Vec<TopologySpreadConstraint>>,
+}
+
+/// Observed state.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PushClusterStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Shards whose holder is ready.
+    #[serde(default)]
+    pub ready_shards: i32,
+    /// Ready replicas per component.
+    #[serde(default)]
+    pub comet: ComponentStatus,
+    #[serde(default)]
+    pub message: ComponentStatus,
+    #[serde(default)]
+    pub web: ComponentStatus,
+    /// Who holds each shard's lease.
+    #[serde(default)]
+    pub shards: Vec<ShardStatus>,
+}
+
+/// Replicas of one component.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentStatus {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+}
+
+/// One row of the shard table.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    pub shard: i32,
+    /// Pod holding the shard's lease, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// When the holder acquired it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Times the lease changed hands.
+    pub transitions: i32,
+}

@@ -1,0 +1,121 @@
+//! The CRD: checked-in copy up to date, examples valid against its schema,
+//! CEL rules accept good specs and reject bad ones (evaluated locally with
+//! kube's CEL interpreter, the same rules the API server runs).
+
+use kube::CustomResourceExt;
+use push_operator::crd::PushCluster;
+use serde_json::{json, Value};
+
+fn root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn example(name: &str) -> Value {
+    let text = std::fs::read_to_string(root().join("examples").join(name)).unwrap();
+    serde_yaml::from_str(&text).unwrap()
+}
+
+#[test]
+fn checked_in_crd_matches_the_rust_types() {
+    let generated = serde_yaml::to_string(&PushCluster::crd()).unwrap();
+    let file = root().join("crds/pushcluster.io_pushclusters.yaml");
+    let checked_in = std::fs::read_to_string(&file).unwrap();
+    assert!(
+        generated == checked_in,
+        "{} is stale: run `cargo run -p push-operator --bin crdgen > {}`",
+        file.display(),
+        file.display()
+    );
+}
+
+fn spec_schema() -> Value {
+    let crd = serde_json::to_value(PushCluster::crd()).unwrap();
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+}
+
+#[test]
+fn examples_match_the_schema() {
+    let validator = jsonschema::validator_for(&spec_schema()).unwrap();
+    for name in [
+        "pushcluster-minimal.yaml",
+        "pushcluster-full.yaml",
+        "pushcluster-invalid.yaml",
+    ] {
+        let v = example(name);
+        let errors: Vec<String> = validator.iter_errors(&v).map(|e| e.to_string()).collect();
+        assert!(errors.is_empty(), "{name}: {errors:?}");
+    }
+    // The schema itself rejects wrong types and unknown enum values.
+    let mut bad = example("pushcluster-minimal.yaml");
+    bad["spec"] = json!({"comet": {"shards": "two"}, "web": {"serviceType": "Ingress"}});
+    assert!(validator.iter_errors(&bad).count() >= 2);
+}
+
+fn cel_errors(v: &Value) -> Vec<String> {
+    let pc: PushCluster = serde_json::from_value(v.clone()).unwrap();
+    match pc.validate_cel() {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![e.to_string()],
+    }
+}
+
+#[test]
+fn cel_accepts_the_good_examples() {
+    for name in ["pushcluster-minimal.yaml", "pushcluster-full.yaml"] {
+        assert_eq!(cel_errors(&example(name)), Vec::<String>::new(), "{name}");
+    }
+}
+
+#[test]
+fn cel_rejects_bad_specs_with_clear_messages() {
+    let invalid = cel_errors(&example("pushcluster-invalid.yaml")).join("\n");
+    assert!(
+        invalid.contains("renewDeadlineSeconds must be below"),
+        "{invalid}"
+    );
+    assert!(
+        invalid.contains("exactly one of storage.redis.url"),
+        "{invalid}"
+    );
+    let base = example("pushcluster-minimal.yaml");
+    let cases = [
+        (
+            json!({"comet": {"shards": 0}}),
+            "shards must be between 1 and 256",
+        ),
+        (
+            json!({"comet": {"shards": 1000}}),
+            "shards must be between 1 and 256",
+        ),
+        (
+            json!({"comet": {"standbys": -1}}),
+            "standbys must be between 0 and 64",
+        ),
+        (
+            json!({"lease": {"durationSeconds": 6, "renewDeadlineSeconds": 4, "retryPeriodSeconds": 4}}),
+            "retryPeriodSeconds must be below",
+        ),
+        (
+            json!({"message": {"replicas": 3}}),
+            "embedded store runs in one message pod",
+        ),
+        (
+            json!({"storage": {"redis": {}}}),
+            "exactly one of storage.redis.url",
+        ),
+    ];
+    for (spec, want) in cases {
+        let mut v = base.clone();
+        v["spec"] = spec.clone();
+        let errs = cel_errors(&v).join("\n");
+        assert!(
+            errs.contains(want),
+            "{spec}: expected {want:?}, got {errs:?}"
+        );
+    }
+    // Redis lifts the one-message-pod rule.
+    let mut ok = base.clone();
+    ok["spec"] =
+        json!({"message": {"replicas": 3}, "storage": {"redis": {"url": "redis://r:6379"}}});
+    assert_eq!(cel_errors(&ok), Vec::<String>::new());
+}
