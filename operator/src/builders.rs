@@ -1,1 +1,560 @@
-//! placeholder
+//! Desired Kubernetes objects of a PushCluster: pure functions of the
+//! resource, so most operator behaviour is tested without any API server.
+//!
+//! Every object carries the cluster's labels and a controller owner reference
+//! to the PushCluster, so deleting it deletes everything. Service configs are
+//! rendered from the services' own `Config` types; their hash annotates the pod
+//! templates, so a config change rolls the pods.
+
+use crate::crd::{PushCluster, SecretKeyRef};
+use crate::{Error, Result};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{ApiResource, DynamicObject};
+use kube::{Resource, ResourceExt};
+use pushcluster_lease::{LeaseTiming, MembershipConfig, MembershipKind};
+use serde::Serialize;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+/// Field manager of every server-side apply.
+pub const MANAGER: &str = "pushcluster-operator";
+/// Annotation with the hash of the service configs, on pod templates.
+pub const CONFIG_HASH: &str = "pushcluster.io/config-hash";
+/// Annotation with the hash of the desired object, for no-op detection.
+pub const APPLIED_HASH: &str = "pushcluster.io/applied-hash";
+/// Where the ConfigMap is mounted.
+const CONFIG_DIR: &str = "/etc/pushcluster";
+const MESSAGE_PORT: i32 = 8070;
+const MESSAGE_OPS: i32 = 8071;
+const WEB_PUBLIC: i32 = 8090;
+const WEB_ADMIN: i32 = 8091;
+const WEB_OPS: i32 = 8092;
+
+/// Components of a cluster.
+pub const COMPONENTS: [&str; 3] = ["comet", "message", "web"];
+
+/// Labels of every object of `pc` (and `component` when given).
+pub fn labels(pc: &PushCluster, component: Option<&str>) -> BTreeMap<String, String> {
+    let mut l = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_owned(),
+            "pushcluster".to_owned(),
+        ),
+        ("app.kubernetes.io/instance".to_owned(), pc.name_any()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            MANAGER.to_owned(),
+        ),
+        (
+            pushcluster_lease::kubernetes::CLUSTER_LABEL.to_owned(),
+            pc.name_any(),
+        ),
+    ]);
+    if let Some(c) = component {
+        l.insert("app.kubernetes.io/component".to_owned(), c.to_owned());
+    }
+    l
+}
+
+/// Pod selector of one component.
+pub fn selector(pc: &PushCluster, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/instance".to_owned(), pc.name_any()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.to_owned(),
+        ),
+    ])
+}
+
+/// Name of a component's objects: `<cluster>-<component>`.
+pub fn name(pc: &PushCluster, component: &str) -> String {
+    format!("{}-{component}", pc.name_any())
+}
+
+fn metadata(pc: &PushCluster, name: &str, component: Option<&str>) -> Value {
+    let owner = pc.controller_owner_ref(&()).map(|o| vec![o]);
+    json!({
+        "name": name,
+        "namespace": pc.namespace(),
+        "labels": labels(pc, component),
+        "ownerReferences": owner,
+    })
+}
+
+fn timing(pc: &PushCluster) -> LeaseTiming {
+    let l = &pc.spec.lease;
+    LeaseTiming {
+        duration_ms: l.duration_seconds.max(1) as u64 * 1000,
+        renew_deadline_ms: l.renew_deadline_seconds.max(1) as u64 * 1000,
+        retry_period_ms: l.retry_period_seconds.max(1) as u64 * 1000,
+    }
+}
+
+fn membership(pc: &PushCluster) -> MembershipConfig {
+    MembershipConfig {
+        kind: MembershipKind::Kubernetes,
+        shards: pc.spec.comet.shards.max(1) as u32,
+        lease: timing(pc),
+        cluster: pc.name_any(),
+        ..MembershipConfig::default()
+    }
+}
+
+fn any(port: i32) -> std::net::SocketAddr {
+    ([0, 0, 0, 0], port as u16).into()
+}
+
+fn yaml<T: Serialize>(v: &T) -> Result<String> {
+    serde_yaml::to_string(v).map_err(|e| Error::Render(e.to_string()))
+}
+
+/// The three service configs, keyed by file name.
+pub fn configs(pc: &PushCluster) -> Result<BTreeMap<String, String>> {
+    let s = &pc.spec;
+    let message_url = format!("http://{}:{MESSAGE_PORT}", name(pc, "message"));
+    let comet = push_comet::Config {
+        shards: s.comet.shards.max(1) as u32,
+        membership: membership(pc),
+        ws_listen: any(s.comet.ports.ws),
+        tcp_listen: any(s.comet.ports.tcp),
+        rpc_listen: any(s.comet.ports.rpc),
+        ops_listen: any(s.comet.ports.ops),
+        message_url: message_url.clone(),
+        max_subscribers_per_key: s.comet.max_subscribers_per_key.max(1) as usize,
+        queue_depth: s.comet.queue_depth.max(1) as usize,
+        ..push_comet::Config::default()
+    };
+    let mut message = push_message::Config {
+        listen: any(MESSAGE_PORT),
+        ops_listen: any(MESSAGE_OPS),
+        ..push_message::Config::default()
+    };
+    message.storage.path = "/data/messages.redb".into();
+    message.storage.redis_url = s.storage.redis.as_ref().and_then(|r| r.url.clone());
+    let web = push_web::Config {
+        public_listen: any(WEB_PUBLIC),
+        admin_listen: any(WEB_ADMIN),
+        ops_listen: any(WEB_OPS),
+        message_url,
+        comets: Vec::new(),
+        membership: membership(pc),
+        advertise: push_web::ClientAddresses {
+            ws: s.comet.advertise.as_ref().and_then(|a| a.ws.clone()),
+            tcp: s.comet.advertise.as_ref().and_then(|a| a.tcp.clone()),
+        },
+        ..push_web::Config::default()
+    };
+    Ok(BTreeMap::from([
+        ("comet.yaml".to_owned(), yaml(&comet)?),
+        ("message.yaml".to_owned(), yaml(&message)?),
+        ("web.yaml".to_owned(), yaml(&web)?),
+    ]))
+}
+
+/// Hex SHA-256 of a value's JSON.
+pub fn hash_of<T: Serialize>(v: &T) -> String {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    hex::encode(Sha256::digest(bytes))[..16].to_owned()
+}
+
+/// The ConfigMap holding the service configs.
+pub fn config_map(pc: &PushCluster) -> Result<ConfigMap> {
+    typed(json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": metadata(pc, &name(pc, "config"), None),
+        "data": configs(pc)?,
+    }))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::Render(e.to_string()))
+}
+
+fn secret_env(var: &str, r: &Option<SecretKeyRef>) -> Option<Value> {
+    r.as_ref().map(
+        |r| json!({"name": var, "valueFrom": {"secretKeyRef": {"name": r.name, "key": r.key}}}),
+    )
+}
+
+fn pod_env() -> Vec<Value> {
+    vec![
+        json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        json!({"name": "PUSH_LOG_JSON", "value": "true"}),
+    ]
+}
+
+struct PodParts<'a> {
+    component: &'a str,
+    binary: &'a str,
+    ports: Vec<(&'a str, i32)>,
+    ops_port: i32,
+    env: Vec<Value>,
+    resources: Option<&'a k8s_openapi::api::core::v1::ResourceRequirements>,
+    volumes: Vec<Value>,
+    mounts: Vec<Value>,
+    api_access: bool,
+    grace_seconds: i64,
+}
+
+fn deployment(pc: &PushCluster, hash: &str, replicas: i32, p: PodParts<'_>) -> Result<Deployment> {
+    let sched = &pc.spec.scheduling;
+    let mut volumes = vec![json!({"name": "config", "configMap": {"name": name(pc, "config")}})];
+    volumes.extend(p.volumes);
+    let mut mounts = vec![json!({"name": "config", "mountPath": CONFIG_DIR, "readOnly": true})];
+    mounts.extend(p.mounts);
+    let probe = |path: &str| json!({"httpGet": {"path": path, "port": "ops"}, "periodSeconds": 2, "failureThreshold": 3});
+    let mut ports: Vec<Value> = p
+        .ports
+        .iter()
+        .map(|(n, port)| json!({"name": n, "containerPort": port, "protocol": "TCP"}))
+        .collect();
+    ports.push(json!({"name": "ops", "containerPort": p.ops_port, "protocol": "TCP"}));
+    typed(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": metadata(pc, &name(pc, p.component), Some(p.component)),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector(pc, p.component)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": labels(pc, Some(p.component)),
+                    "annotations": {CONFIG_HASH: hash},
+                },
+                "spec": {
+                    "serviceAccountName": name(pc, p.component),
+                    "automountServiceAccountToken": p.api_access,
+                    "terminationGracePeriodSeconds": p.grace_seconds,
+                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "nodeSelector": sched.node_selector,
+                    "tolerations": sched.tolerations,
+                    "affinity": sched.affinity,
+                    "topologySpreadConstraints": sched.topology_spread_constraints,
+                    "volumes": volumes,
+                    "containers": [{
+                        "name": p.component,
+                        "image": pc.spec.image,
+                        "command": [p.binary, "--config", format!("{CONFIG_DIR}/{}.yaml", p.component)],
+                        "env": p.env,
+                        "ports": ports,
+                        "readinessProbe": probe("/readyz"),
+                        "livenessProbe": probe("/healthz"),
+                        "resources": p.resources,
+                        "volumeMounts": mounts,
+                        "securityContext": {
+                            "allowPrivilegeEscalation": false,
+                            "readOnlyRootFilesystem": true,
+                            "capabilities": {"drop": ["ALL"]},
+                        },
+                    }],
+                },
+            },
+        },
+    }))
+}
+
+/// Comets: `shards + standbys` pods; a pod turns ready once it holds a shard.
+pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
+    let c = &pc.spec.comet;
+    let mut env = pod_env();
+    env.extend(secret_env(
+        "PUSH_SUBSCRIBER_SECRET",
+        &pc.spec.auth.subscriber_secret,
+    ));
+    deployment(
+        pc,
+        hash,
+        c.shards + c.standbys,
+        PodParts {
+            component: "comet",
+            binary: "push-comet",
+            ports: vec![
+                ("ws", c.ports.ws),
+                ("tcp", c.ports.tcp),
+                ("rpc", c.ports.rpc),
+            ],
+            ops_port: c.ports.ops,
+            env,
+            resources: c.resources.as_ref(),
+            volumes: vec![],
+            mounts: vec![],
+            api_access: true,
+            // Release the lease, flush queues, close connections.
+            grace_seconds: 30,
+        },
+    )
+}
+
+/// The message service.
+pub fn message_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
+    let mut env = pod_env();
+    env.extend(
+        pc.spec
+            .storage
+            .redis
+            .as_ref()
+            .and_then(|r| secret_env("PUSH_REDIS_URL", &r.secret_ref)),
+    );
+    deployment(
+        pc,
+        hash,
+        pc.spec.message.replicas,
+        PodParts {
+            component: "message",
+            binary: "push-message",
+            ports: vec![("grpc", MESSAGE_PORT)],
+            ops_port: MESSAGE_OPS,
+            env,
+            resources: pc.spec.message.resources.as_ref(),
+            volumes: vec![json!({"name": "data", "emptyDir": {}})],
+            mounts: vec![json!({"name": "data", "mountPath": "/data"})],
+            api_access: false,
+            grace_seconds: 30,
+        },
+    )
+}
+
+/// Web.
+pub fn web_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
+    let mut env = pod_env();
+    env.extend(secret_env(
+        "PUSH_ADMIN_TOKEN",
+        &pc.spec.auth.admin_token_secret,
+    ));
+    deployment(
+        pc,
+        hash,
+        pc.spec.web.replicas,
+        PodParts {
+            component: "web",
+            binary: "push-web",
+            ports: vec![("public", WEB_PUBLIC), ("admin", WEB_ADMIN)],
+            ops_port: WEB_OPS,
+            env,
+            resources: pc.spec.web.resources.as_ref(),
+            volumes: vec![],
+            mounts: vec![],
+            api_access: true,
+            grace_seconds: 30,
+        },
+    )
+}
+
+fn service(
+    pc: &PushCluster,
+    name: &str,
+    component: Option<&str>,
+    extra: BTreeMap<String, String>,
+    sel: BTreeMap<String, String>,
+    ports: &[(&str, i32)],
+    kind: &str,
+) -> Result<Service> {
+    let mut meta = metadata(pc, name, component);
+    if let Some(l) = meta["labels"].as_object_mut() {
+        for (k, v) in extra {
+            l.insert(k, v.into());
+        }
+    }
+    typed(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": kind,
+            "selector": sel,
+            "ports": ports.iter().map(|(n, p)| json!({"name": n, "port": p, "targetPort": n, "protocol": "TCP"})).collect::<Vec<_>>(),
+        },
+    }))
+}
+
+/// One Service per shard, `<cluster>-comet-<k>`, selecting the pod labelled
+/// `pushcluster.io/shard=k`: a stable name per shard, and the EndpointSlices
+/// web routes by.
+pub fn shard_services(pc: &PushCluster) -> Result<Vec<Service>> {
+    let c = &pc.spec.comet;
+    (0..c.shards.max(1))
+        .map(|k| {
+            let shard = (
+                pushcluster_lease::kubernetes::SHARD_LABEL.to_owned(),
+                k.to_string(),
+            );
+            let mut sel = selector(pc, "comet");
+            sel.insert(shard.0.clone(), shard.1.clone());
+            service(
+                pc,
+                &pushcluster_lease::kubernetes::lease_name(&pc.name_any(), k as u32),
+                Some("comet"),
+                BTreeMap::from([shard]),
+                sel,
+                &[
+                    ("ws", c.ports.ws),
+                    ("tcp", c.ports.tcp),
+                    ("rpc", c.ports.rpc),
+                ],
+                "ClusterIP",
+            )
+        })
+        .collect()
+}
+
+/// Services of message (gRPC), web's public listener and web's admin listener
+/// (never exposed outside the cluster).
+pub fn component_services(pc: &PushCluster) -> Result<Vec<Service>> {
+    Ok(vec![
+        service(
+            pc,
+            &name(pc, "message"),
+            Some("message"),
+            BTreeMap::new(),
+            selector(pc, "message"),
+            &[("grpc", MESSAGE_PORT)],
+            "ClusterIP",
+        )?,
+        service(
+            pc,
+            &name(pc, "web"),
+            Some("web"),
+            BTreeMap::new(),
+            selector(pc, "web"),
+            &[("public", WEB_PUBLIC)],
+            pc.spec.web.service_type.as_str(),
+        )?,
+        service(
+            pc,
+            &name(pc, "web-admin"),
+            Some("web"),
+            BTreeMap::new(),
+            selector(pc, "web"),
+            &[("admin", WEB_ADMIN)],
+            "ClusterIP",
+        )?,
+    ])
+}
+
+/// A ServiceAccount per component.
+pub fn service_accounts(pc: &PushCluster) -> Result<Vec<ServiceAccount>> {
+    COMPONENTS
+        .iter()
+        .map(|c| {
+            typed(json!({
+                "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": metadata(pc, &name(pc, c), Some(c)),
+                "automountServiceAccountToken": *c != "message",
+            }))
+        })
+        .collect()
+}
+
+/// Least-privilege Roles: comets take and renew shard Leases, label their own
+/// pod and read EndpointSlices; web reads EndpointSlices and Leases; the
+/// message service needs no API access at all.
+pub fn roles(pc: &PushCluster) -> Result<Vec<Role>> {
+    let slices = json!({"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]});
+    Ok(vec![
+        typed(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": metadata(pc, &name(pc, "comet"), Some("comet")),
+            "rules": [
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update"]},
+                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+                slices,
+            ],
+        }))?,
+        typed(json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": metadata(pc, &name(pc, "web"), Some("web")),
+            "rules": [
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch"]},
+                slices,
+            ],
+        }))?,
+    ])
+}
+
+/// RoleBindings of the comet and web Roles to their ServiceAccounts.
+pub fn role_bindings(pc: &PushCluster) -> Result<Vec<RoleBinding>> {
+    ["comet", "web"]
+        .iter()
+        .map(|c| {
+            typed(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": metadata(pc, &name(pc, c), Some(c)),
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name(pc, c)},
+                "subjects": [{"kind": "ServiceAccount", "name": name(pc, c), "namespace": pc.namespace()}],
+            }))
+        })
+        .collect()
+}
+
+/// PodDisruptionBudgets: voluntary evictions take one pod of a component at a
+/// time (a comet holder hands its shard over on eviction like on SIGTERM).
+pub fn pdbs(pc: &PushCluster) -> Result<Vec<PodDisruptionBudget>> {
+    COMPONENTS
+        .iter()
+        .map(|c| {
+            typed(json!({
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": metadata(pc, &name(pc, c), Some(c)),
+                "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(pc, c)}},
+            }))
+        })
+        .collect()
+}
+
+fn dynamic<K: Resource<DynamicType = ()> + Serialize>(obj: &K) -> Result<DynamicObject> {
+    let ar = ApiResource::erase::<K>(&());
+    let mut v = serde_json::to_value(obj).map_err(|e| Error::Render(e.to_string()))?;
+    v["apiVersion"] = ar.api_version.clone().into();
+    v["kind"] = ar.kind.clone().into();
+    let hash = hash_of(&v);
+    v["metadata"]["annotations"][APPLIED_HASH] = hash.into();
+    serde_json::from_value(v).map_err(|e| Error::Render(e.to_string()))
+}
+
+/// One desired child object, with the API resource it is applied through.
+#[derive(Debug, Clone)]
+pub struct Child {
+    pub resource: ApiResource,
+    pub object: DynamicObject,
+}
+
+fn child<K: Resource<DynamicType = ()> + Serialize>(obj: &K) -> Result<Child> {
+    Ok(Child {
+        resource: ApiResource::erase::<K>(&()),
+        object: dynamic(obj)?,
+    })
+}
+
+/// Every child of `pc`, in apply order (config and RBAC before the pods that use them).
+pub fn desired(pc: &PushCluster) -> Result<Vec<Child>> {
+    let cm = config_map(pc)?;
+    let hash = hash_of(&cm.data);
+    let mut out = vec![child(&cm)?];
+    for sa in service_accounts(pc)? {
+        out.push(child(&sa)?);
+    }
+    for r in roles(pc)? {
+        out.push(child(&r)?);
+    }
+    for rb in role_bindings(pc)? {
+        out.push(child(&rb)?);
+    }
+    for s in shard_services(pc)?
+        .iter()
+        .chain(component_services(pc)?.iter())
+    {
+        out.push(child(s)?);
+    }
+    out.push(child(&message_deployment(pc, &hash)?)?);
+    out.push(child(&comet_deployment(pc, &hash)?)?);
+    out.push(child(&web_deployment(pc, &hash)?)?);
+    for p in pdbs(pc)? {
+        out.push(child(&p)?);
+    }
+    Ok(out)
+}

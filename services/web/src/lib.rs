@@ -53,6 +53,20 @@ pub struct Config {
     pub limits: Limits,
     /// Deadline of one call to a comet or the message service, in ms.
     pub rpc_timeout_ms: u64,
+    /// Addresses given to clients by `/1/server/get`, as templates where
+    /// `{shard}` is the shard id (e.g. `push-{shard}.example.com:443`); unset,
+    /// the comet's own address is given.
+    pub advertise: ClientAddresses,
+}
+
+/// Client-facing address templates.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientAddresses {
+    /// WebSocket and SSE.
+    pub ws: Option<String>,
+    /// TCP.
+    pub tcp: Option<String>,
 }
 
 impl Default for Config {
@@ -72,6 +86,7 @@ impl Default for Config {
             membership: pushcluster_lease::MembershipConfig::default(),
             limits: Limits::default(),
             rpc_timeout_ms: 5000,
+            advertise: ClientAddresses::default(),
         }
     }
 }

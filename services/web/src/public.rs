@@ -70,14 +70,18 @@ impl AppState {
         let ep = view
             .endpoint_for(key)
             .ok_or_else(|| Reply::err(NO_NODE, "no comet serves this key right now"))?;
-        let addr = match proto.unwrap_or("1") {
-            "1" | "3" => &ep.ws,
-            "2" => &ep.tcp,
+        let (own, template) = match proto.unwrap_or("1") {
+            "1" | "3" => (&ep.ws, &self.cfg.advertise.ws),
+            "2" => (&ep.tcp, &self.cfg.advertise.tcp),
             other => {
                 return Err(Reply::param(format!(
                     "unknown protocol {other:?}: 1 websocket, 2 tcp, 3 sse"
                 )))
             }
+        };
+        let addr = match template {
+            Some(t) => t.replace("{shard}", &ep.shard.to_string()),
+            None => own.clone(),
         };
         if addr.is_empty() {
             return Err(Reply::err(

@@ -1,0 +1,212 @@
+//! Desired objects of the example PushClusters: YAML snapshots of every
+//! object (`UPDATE_SNAPSHOTS=1 cargo test -p push-operator --test builders`
+//! rewrites them after an intended change) and the properties that matter.
+
+use kube::ResourceExt;
+use push_operator::builders::{self, desired, CONFIG_HASH};
+use push_operator::crd::PushCluster;
+use std::path::Path;
+
+fn example(name: &str) -> PushCluster {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(root.join("examples").join(name)).unwrap();
+    let mut pc: PushCluster = serde_yaml::from_str(&text).unwrap();
+    pc.metadata.namespace = Some("team-a".into());
+    pc.metadata.uid = Some("0000-uid".into());
+    pc
+}
+
+fn snapshot(name: &str, pc: &PushCluster) {
+    let objects: Vec<_> = desired(pc).unwrap().into_iter().map(|c| c.object).collect();
+    let text = objects
+        .iter()
+        .map(|o| serde_yaml::to_string(o).unwrap())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(name);
+    if std::env::var("UPDATE_SNAPSHOTS").is_ok() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        want == text,
+        "{} differs: rerun with UPDATE_SNAPSHOTS=1 after checking the change",
+        path.display()
+    );
+}
+
+#[test]
+fn snapshots_of_every_object() {
+    snapshot("minimal.yaml", &example("pushcluster-minimal.yaml"));
+    snapshot("full.yaml", &example("pushcluster-full.yaml"));
+}
+
+#[test]
+fn the_minimal_example_produces_the_whole_cluster() {
+    let pc = example("pushcluster-minimal.yaml");
+    let list: Vec<String> = desired(&pc)
+        .unwrap()
+        .iter()
+        .map(|c| format!("{}/{}", c.resource.kind, c.object.name_any()))
+        .collect();
+    eprintln!("{}", list.join("\n"));
+    assert_eq!(
+        list,
+        [
+            "ConfigMap/push-config",
+            "ServiceAccount/push-comet",
+            "ServiceAccount/push-message",
+            "ServiceAccount/push-web",
+            "Role/push-comet",
+            "Role/push-web",
+            "RoleBinding/push-comet",
+            "RoleBinding/push-web",
+            "Service/push-comet-0",
+            "Service/push-comet-1",
+            "Service/push-message",
+            "Service/push-web",
+            "Service/push-web-admin",
+            "Deployment/push-message",
+            "Deployment/push-comet",
+            "Deployment/push-web",
+            "PodDisruptionBudget/push-comet",
+            "PodDisruptionBudget/push-message",
+            "PodDisruptionBudget/push-web",
+        ]
+    );
+    for c in desired(&pc).unwrap() {
+        let o = &c.object;
+        let owner = &o.metadata.owner_references.as_ref().unwrap()[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.controller),
+            ("PushCluster", "push", Some(true))
+        );
+        assert_eq!(o.labels()["pushcluster.io/cluster"], "push");
+        assert_eq!(o.metadata.namespace.as_deref(), Some("team-a"));
+    }
+}
+
+#[test]
+fn comets_and_shard_services_follow_the_shard_count() {
+    let pc = example("pushcluster-full.yaml");
+    let d = builders::comet_deployment(&pc, "h").unwrap();
+    assert_eq!(
+        d.spec.as_ref().unwrap().replicas,
+        Some(10),
+        "8 shards + 2 standbys"
+    );
+    let svcs = builders::shard_services(&pc).unwrap();
+    assert_eq!(svcs.len(), 8);
+    for (k, s) in svcs.iter().enumerate() {
+        assert_eq!(s.name_any(), format!("push-prod-comet-{k}"));
+        let sel = s.spec.as_ref().unwrap().selector.as_ref().unwrap();
+        assert_eq!(sel["pushcluster.io/shard"], k.to_string());
+        assert_eq!(sel["app.kubernetes.io/component"], "comet");
+        // EndpointSlices inherit these labels; web finds shards by them.
+        assert_eq!(s.labels()["pushcluster.io/shard"], k.to_string());
+    }
+}
+
+#[test]
+fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
+    let pc = example("pushcluster-full.yaml");
+    let cfg = builders::configs(&pc).unwrap();
+    let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
+    assert_eq!(comet.shards, 8);
+    assert_eq!(
+        comet.membership.kind,
+        pushcluster_lease::MembershipKind::Kubernetes
+    );
+    assert_eq!(comet.membership.cluster, "push-prod");
+    assert_eq!(comet.membership.lease.renew_deadline_ms, 4000);
+    assert_eq!(comet.message_url, "http://push-prod-message:8070");
+    let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
+    assert_eq!(web.membership.shards, 8);
+    assert_eq!(
+        web.advertise.ws.as_deref(),
+        Some("push-{shard}.example.com:443")
+    );
+    let message: push_message::Config = serde_yaml::from_str(&cfg["message.yaml"]).unwrap();
+    assert_eq!(
+        message.storage.redis_url, None,
+        "the URL comes from the Secret through PUSH_REDIS_URL"
+    );
+
+    let hash = |pc: &PushCluster| {
+        let d = desired(pc).unwrap();
+        let dep = d
+            .iter()
+            .find(|c| c.object.name_any() == "push-prod-comet" && c.resource.kind == "Deployment")
+            .unwrap();
+        dep.object.data["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH].clone()
+    };
+    let before = hash(&pc);
+    let mut more = pc.clone();
+    more.spec.comet.queue_depth = 512;
+    assert_ne!(hash(&more), before, "a config change must roll the pods");
+    let mut same = pc.clone();
+    same.spec.web.replicas = 5;
+    assert_eq!(hash(&same), before, "replicas are not config");
+}
+
+#[test]
+fn rbac_is_least_privilege() {
+    let pc = example("pushcluster-minimal.yaml");
+    for r in builders::roles(&pc).unwrap() {
+        for rule in r.rules.unwrap() {
+            assert!(
+                !rule.verbs.iter().any(|v| v == "*" || v == "delete"),
+                "{rule:?}"
+            );
+            assert!(!rule.resources.unwrap_or_default().iter().any(|x| x == "*"));
+        }
+    }
+    let sas = builders::service_accounts(&pc).unwrap();
+    let message = sas.iter().find(|s| s.name_any() == "push-message").unwrap();
+    assert_eq!(message.automount_service_account_token, Some(false));
+    let d = builders::message_deployment(&pc, "h").unwrap();
+    assert_eq!(
+        d.spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .automount_service_account_token,
+        Some(false)
+    );
+}
+
+#[test]
+fn secrets_and_scheduling_reach_the_pods() {
+    let pc = example("pushcluster-full.yaml");
+    let env = |d: k8s_openapi::api::apps::v1::Deployment| {
+        serde_json::to_string(&d.spec.unwrap().template.spec.unwrap().containers[0].env).unwrap()
+    };
+    assert!(env(builders::web_deployment(&pc, "h").unwrap()).contains(r#""name":"PUSH_ADMIN_TOKEN","valueFrom":{"secretKeyRef":{"key":"admin-token","name":"push-auth"}}"#));
+    assert!(env(builders::comet_deployment(&pc, "h").unwrap()).contains("PUSH_SUBSCRIBER_SECRET"));
+    assert!(
+        env(builders::message_deployment(&pc, "h").unwrap()).contains(r#""name":"PUSH_REDIS_URL""#)
+    );
+    let spec = builders::comet_deployment(&pc, "h")
+        .unwrap()
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    assert_eq!(spec.node_selector.unwrap()["kubernetes.io/os"], "linux");
+    assert_eq!(spec.tolerations.unwrap().len(), 1);
+    assert_eq!(spec.topology_spread_constraints.unwrap().len(), 1);
+    let svc = builders::component_services(&pc).unwrap();
+    assert_eq!(
+        svc[1].spec.as_ref().unwrap().type_.as_deref(),
+        Some("LoadBalancer")
+    );
+    assert_eq!(
+        svc[2].spec.as_ref().unwrap().type_.as_deref(),
+        Some("ClusterIP"),
+        "admin stays private"
+    );
+}
