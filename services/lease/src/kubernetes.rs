@@ -65,6 +65,8 @@ fn observe(l: &Lease) -> Observed {
 pub struct KubeLeases {
     api: Api<Lease>,
     cluster: String,
+    /// Lease names are `<prefix>-<k>`.
+    prefix: String,
     /// Last Lease object seen per shard (for its resourceVersion).
     cache: Mutex<HashMap<u32, Lease>>,
     /// When each lease's current holder/renewTime was first observed here.
@@ -75,9 +77,16 @@ pub struct KubeLeases {
 impl KubeLeases {
     /// Leases of `cluster` through `api` (namespaced).
     pub fn new(api: Api<Lease>, cluster: &str) -> Self {
+        Self::with_prefix(api, cluster, &format!("{cluster}-comet"))
+    }
+
+    /// Leases named `<prefix>-<k>`, labelled with `cluster` (e.g. an
+    /// operator's leader election: one lease, `<prefix>-0`).
+    pub fn with_prefix(api: Api<Lease>, cluster: &str, prefix: &str) -> Self {
         Self {
             api,
             cluster: cluster.to_owned(),
+            prefix: prefix.to_owned(),
             cache: Mutex::new(HashMap::new()),
             observed: Mutex::new(HashMap::new()),
             notify: Arc::new(Notify::new()),
@@ -163,7 +172,7 @@ impl KubeLeases {
         let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
         let mut l = base.unwrap_or_else(|| Lease {
             metadata: ObjectMeta {
-                name: Some(lease_name(&self.cluster, shard)),
+                name: Some(format!("{}-{shard}", self.prefix)),
                 labels: Some(BTreeMap::from([
                     (CLUSTER_LABEL.to_owned(), self.cluster.clone()),
                     (SHARD_LABEL.to_owned(), shard.to_string()),
@@ -188,7 +197,7 @@ impl KubeLeases {
 
 impl LeaseBackend for KubeLeases {
     async fn try_acquire(&self, shard: u32, me: &Candidate, ttl: Duration) -> Result<Option<Held>> {
-        let name = lease_name(&self.cluster, shard);
+        let name = format!("{}-{shard}", self.prefix);
         let current = self.api.get_opt(&name).await?;
         if let Some(l) = &current {
             if self.valid(shard, l) {
@@ -228,7 +237,7 @@ impl LeaseBackend for KubeLeases {
         }
         spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
         spec.lease_duration_seconds = Some(ttl.as_secs().max(1) as i32);
-        let name = lease_name(&self.cluster, shard);
+        let name = format!("{}-{shard}", self.prefix);
         match self.api.replace(&name, &PostParams::default(), &l).await {
             Ok(l) => {
                 self.remember(shard, &l);
@@ -250,7 +259,7 @@ impl LeaseBackend for KubeLeases {
         }
         spec.holder_identity = None;
         spec.renew_time = None;
-        let name = lease_name(&self.cluster, shard);
+        let name = format!("{}-{shard}", self.prefix);
         match self.api.replace(&name, &PostParams::default(), &l).await {
             Ok(l) => {
                 self.remember(shard, &l);
@@ -271,7 +280,7 @@ impl LeaseBackend for KubeLeases {
                 .metadata
                 .name
                 .as_deref()
-                .and_then(|n| n.strip_prefix(&format!("{}-comet-", self.cluster)))
+                .and_then(|n| n.strip_prefix(&format!("{}-", self.prefix)))
                 .and_then(|s| s.parse::<u32>().ok())
             else {
                 continue;
