@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run build release test lint unit deps clean
+.PHONY: help run build release test lint chart-lint crds deps clean
 
 help:
 	@echo "make run    - build (release) and start a local cluster: web, message (embedded store), two comets"
@@ -26,8 +26,17 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# The operator's Helm chart, linted by Helm's own library.
+chart-lint:
+	python3 scripts/helm-lint.py charts/pushcluster-operator
+
+# Regenerates crds/ (and the chart's copy) from the Rust types.
+crds:
+	$(CARGO) run -q -p push-operator --bin crdgen > crds/pushcluster.io_pushclusters.yaml
+	cp crds/pushcluster.io_pushclusters.yaml charts/pushcluster-operator/crds/
+
 # System tests start the real binaries, so they are built first.
-test: deps lint build
+test: deps lint chart-lint build
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --no-fail-fast; \
 	else \

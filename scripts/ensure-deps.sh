@@ -7,7 +7,19 @@ set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
-[ ${#missing[@]} -eq 0 ] && exit 0
+install_helm_lib() {
+  # Helm's own library, for `helm lint` in make test (no Helm binary needed).
+  python3 -c "import helm_sdkpy" 2>/dev/null && return 0
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    echo "installing python3-pip with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >/dev/null
+  fi
+  echo "installing helm-sdkpy with pip"
+  # Debian's system Python refuses plain installs (PEP 668); this is a test tool.
+  python3 -m pip install --quiet --ignore-requires-python --no-deps helm-sdkpy 2>/dev/null ||
+    python3 -m pip install --quiet --ignore-requires-python --no-deps --break-system-packages helm-sdkpy
+}
+if [ ${#missing[@]} -eq 0 ]; then install_helm_lib; exit 0; fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing ${missing[*]} with apt-get"
   apt-get update -qq
@@ -20,3 +32,4 @@ else
   echo "missing: ${missing[*]}. Install them (Debian: apt-get install -y ${missing[*]}) and run make test again." >&2
   exit 1
 fi
+install_helm_lib
