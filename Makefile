@@ -2,13 +2,17 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run build release test lint chart-lint crds deps clean
+.PHONY: help run build release test lint chart-lint crds deps clean image e2e
+
+IMAGE ?= ghcr.io/pushcluster/pushcluster:0.1.0
 
 help:
 	@echo "make run    - build (release) and start a local cluster: web, message (embedded store), two comets"
 	@echo "make test   - install what tests need (redis-server), lint, build, run every test"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make build  - debug build of every binary"
+	@echo "make e2e    - end-to-end tests against the cluster of \$$KUBECONFIG (skips without one)"
+	@echo "make image  - container image with every binary (needs Docker)"
 
 deps:
 	@scripts/ensure-deps.sh
@@ -38,10 +42,20 @@ crds:
 # System tests start the real binaries, so they are built first.
 test: deps lint chart-lint build
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --workspace --no-fail-fast; \
+		$(CARGO) nextest run --workspace --exclude pushcluster-e2e --no-fail-fast; \
 	else \
-		$(CARGO) test --workspace --no-fail-fast; \
+		$(CARGO) test --workspace --exclude pushcluster-e2e --no-fail-fast; \
 	fi
+
+# Container image with every binary (needs a Docker engine; none runs here).
+image:
+	docker build -t $(IMAGE) .
+
+# Cluster end-to-end tests against $$KUBECONFIG; skips with a message when
+# no cluster answers. Not part of make test.
+e2e:
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p pushcluster-e2e -- --test-threads=1 --nocapture
 
 clean:
 	$(CARGO) clean
