@@ -29,6 +29,8 @@ struct Fake {
     log: Vec<Seen>,
     /// Paths whose apply is rejected with 422.
     reject: Vec<String>,
+    /// Answer every request with 503, as an API server that is down.
+    down: bool,
     rv: u64,
 }
 
@@ -76,64 +78,71 @@ fn start(fake: Shared) -> Client {
                 query,
                 body: body.clone(),
             });
-            let reply = match method {
-                Method::GET => match f.objects.get(&path) {
-                    Some(o) => respond(200, o),
-                    None => {
-                        // A collection: every stored object directly below it.
-                        let items: Vec<Value> = f
-                            .objects
-                            .iter()
-                            .filter(|(p, _)| {
-                                p.rsplit_once('/').map(|(dir, _)| dir) == Some(path.as_str())
-                            })
-                            .map(|(_, o)| o.clone())
-                            .collect();
-                        // Namespaced collections: /api/v1/namespaces/ns/<plural>
-                        // (6 segments) or /apis/<group>/<v>/namespaces/ns/<plural> (7).
-                        let segments = path.split('/').count();
-                        let is_list = if path.starts_with("/api/") {
-                            segments == 6
-                        } else {
-                            segments == 7
-                        };
-                        if is_list {
-                            respond(
-                                200,
-                                &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
-                            )
-                        } else {
-                            respond(404, &not_found())
+            let reply = if f.down {
+                respond(
+                    503,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd is down"}),
+                )
+            } else {
+                match method {
+                    Method::GET => match f.objects.get(&path) {
+                        Some(o) => respond(200, o),
+                        None => {
+                            // A collection: every stored object directly below it.
+                            let items: Vec<Value> = f
+                                .objects
+                                .iter()
+                                .filter(|(p, _)| {
+                                    p.rsplit_once('/').map(|(dir, _)| dir) == Some(path.as_str())
+                                })
+                                .map(|(_, o)| o.clone())
+                                .collect();
+                            // Namespaced collections: /api/v1/namespaces/ns/<plural>
+                            // (6 segments) or /apis/<group>/<v>/namespaces/ns/<plural> (7).
+                            let segments = path.split('/').count();
+                            let is_list = if path.starts_with("/api/") {
+                                segments == 6
+                            } else {
+                                segments == 7
+                            };
+                            if is_list {
+                                respond(
+                                    200,
+                                    &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+                                )
+                            } else {
+                                respond(404, &not_found())
+                            }
                         }
+                    },
+                    Method::PATCH if path.ends_with("/status") => {
+                        let obj_path = path.trim_end_matches("/status").to_owned();
+                        let obj = f.objects.entry(obj_path).or_insert(json!({}));
+                        merge(obj, &body);
+                        respond(200, &obj.clone())
                     }
-                },
-                Method::PATCH if path.ends_with("/status") => {
-                    let obj_path = path.trim_end_matches("/status").to_owned();
-                    let obj = f.objects.entry(obj_path).or_insert(json!({}));
-                    merge(obj, &body);
-                    respond(200, &obj.clone())
+                    Method::PATCH if f.reject.contains(&path) => respond(
+                        422,
+                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Invalid", "code": 422, "message": "rejected by admission"}),
+                    ),
+                    Method::PATCH => {
+                        f.rv += 1;
+                        let mut obj = body.clone();
+                        obj["metadata"]["uid"] = json!(format!("uid-{}", f.rv));
+                        obj["metadata"]["resourceVersion"] = json!(f.rv.to_string());
+                        f.objects.insert(path, obj.clone());
+                        respond(200, &obj)
+                    }
+                    Method::POST => respond(201, &body),
+                    Method::DELETE => {
+                        f.objects.remove(&path);
+                        respond(
+                            200,
+                            &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                        )
+                    }
+                    other => panic!("unexpected {other} {path}"),
                 }
-                Method::PATCH if f.reject.contains(&path) => respond(
-                    422,
-                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Invalid", "code": 422, "message": "rejected by admission"}),
-                ),
-                Method::PATCH => {
-                    f.rv += 1;
-                    let mut obj = body.clone();
-                    obj["metadata"]["uid"] = json!(format!("uid-{}", f.rv));
-                    obj["metadata"]["resourceVersion"] = json!(f.rv.to_string());
-                    f.objects.insert(path, obj.clone());
-                    respond(200, &obj)
-                }
-                Method::POST => respond(201, &body),
-                Method::DELETE => {
-                    f.objects.remove(&path);
-                    respond(
-                        200,
-                        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
-                    )
-                }
-                other => panic!("unexpected {other} {path}"),
             };
             drop(f);
             send.send_response(reply);
@@ -421,4 +430,35 @@ async fn a_rejected_apply_sets_degraded_warns_and_backs_off() {
         kube::runtime::controller::Action::requeue(Duration::from_secs(10))
     );
     let _ = pc.object_ref(&());
+}
+
+#[tokio::test]
+async fn an_unavailable_api_server_fails_the_reconcile_and_backs_off() {
+    let fake = Shared::default();
+    let client = start(fake.clone());
+    seed(&fake, &cluster(2));
+    fake.lock().unwrap().down = true;
+    let pc = Arc::new(cluster(2));
+    let c = ctx(client);
+    let err = reconcile(pc.clone(), c.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("etcd is down"), "{err}");
+    assert_eq!(err.metric_label(), "kube");
+    // It stopped at the first object and tried to record Degraded.
+    let log = requests(&fake);
+    assert_eq!(
+        log.first(),
+        Some(&(
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/push-config".to_owned()
+        ))
+    );
+    assert!(log.iter().any(|(m, p)| *m == Method::PATCH && p == STATUS));
+    let requeue = |s| kube::runtime::controller::Action::requeue(Duration::from_secs(s));
+    for want in [5, 10, 20, 40] {
+        assert_eq!(error_policy(pc.clone(), &err, c.clone()), requeue(want));
+    }
+    // Recovered, a success resets the backoff.
+    fake.lock().unwrap().down = false;
+    reconcile(pc.clone(), c.clone()).await.unwrap();
+    assert_eq!(error_policy(pc, &err, c), requeue(5));
 }
