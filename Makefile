@@ -10,6 +10,8 @@ help:
 	@echo "make run    - build (release) and start a local cluster: web, message (embedded store), two comets"
 	@echo "make test   - install what tests need (redis-server), lint, build, run every test"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
+	@echo "make chart-lint - helm lint of charts/pushcluster-operator (Helm's library)"
+	@echo "make crds   - regenerate crds/ and the chart's copy from the Rust types"
 	@echo "make build  - debug build of every binary"
 	@echo "make e2e    - end-to-end tests against the cluster of \$$KUBECONFIG (skips without one)"
 	@echo "make image  - container image with every binary (needs Docker)"
