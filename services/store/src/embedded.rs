@@ -85,6 +85,15 @@ impl EmbeddedStore {
         Ok(Self { db, writes })
     }
 
+    /// Hands `op` to the writer thread and waits for its durable result.
+    async fn submit<T>(&self, op: Op, rx: oneshot::Receiver<Result<T>>) -> Result<T> {
+        self.writes
+            .send(op)
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Database) -> Result<T> + Send + 'static,
@@ -193,11 +202,7 @@ impl Store for EmbeddedStore {
             expire_at: now_ms().saturating_add(ttl.as_millis() as u64),
             reply,
         };
-        self.writes
-            .send(op)
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+        self.submit(op, rx).await
     }
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {
@@ -236,11 +241,7 @@ impl Store for EmbeddedStore {
             chan: channel_name(Channel::Private(key)),
             reply,
         };
-        self.writes
-            .send(op)
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+        self.submit(op, rx).await
     }
 
     async fn last_mid(&self, ch: Channel<'_>) -> Result<i64> {
