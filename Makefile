@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run build release test lint chart-lint crds deps clean image e2e
+.PHONY: help run build release test lint chart-lint crds deps clean image e2e bench
 
 IMAGE ?= ghcr.io/pushcluster/pushcluster:0.1.0
 
@@ -13,6 +13,7 @@ help:
 	@echo "make chart-lint - helm lint of charts/pushcluster-operator (Helm's library)"
 	@echo "make crds   - regenerate crds/ and the chart's copy from the Rust types"
 	@echo "make build  - debug build of every binary"
+	@echo "make bench  - criterion benchmarks (ring, frames, store on both backends)"
 	@echo "make e2e    - end-to-end tests against the cluster of \$$KUBECONFIG (skips without one)"
 	@echo "make image  - container image with every binary (needs Docker)"
 
@@ -48,6 +49,12 @@ test: deps lint chart-lint build
 	else \
 		$(CARGO) test --workspace --exclude pushcluster-e2e --no-fail-fast; \
 	fi
+
+# Benchmarks (not in CI): criterion for ring, frames, checks, tokens, and the
+# store on both backends (Redis: a redis-server on a free port).
+bench: deps
+	$(CARGO) bench -p pushcluster-core --bench core
+	$(CARGO) bench -p pushcluster-store --bench store
 
 # Container image with every binary (needs a Docker engine; none runs here).
 image:

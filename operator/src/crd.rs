@@ -260,7 +260,9 @@ pub struct StorageSpec {
     pub redis: Option<RedisSpec>,
 }
 
-/// How to reach Redis: a URL or a Secret holding it, not both.
+/// How to reach Redis (a single node): a URL or a Secret holding it, not both.
+/// Keys are already laid out for Redis Cluster (one hash tag per push key);
+/// a cluster client is not wired in yet, so there is no `cluster` switch.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.url) != has(self.secretRef)").message("give exactly one of storage.redis.url and storage.redis.secretRef"))]
@@ -271,9 +273,6 @@ pub struct RedisSpec {
     /// A Secret key holding the URL (when it carries a password).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
-    /// Redis Cluster (keys of one push key share a hash tag).
-    #[serde(default)]
-    pub cluster: bool,
 }
 
 /// A key of a Secret in the PushCluster's namespace.

@@ -270,7 +270,17 @@ async fn subscribe(
         if !matches!(proto, Transport::Sse) {
             match sub.next_timeout(Duration::from_secs(10)).await {
                 Ok(Frame::Heartbeat) => {}
-                Ok(Frame::Error(e)) => bail!("comet refused the subscription: {e}"),
+                // -c: this comet does not take the key now (it moved during a
+                // failover, or the per-key limit): resolve again and retry.
+                Ok(Frame::Error(e)) if e == "-c" => {
+                    eprintln!("comet refused the key for now (-c); retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+                Ok(Frame::Error(e)) => {
+                    bail!("comet refused the subscription: {e} (-p parameter, -a token)")
+                }
                 Ok(other) => bail!("unexpected first frame {other:?}"),
                 Err(e) => {
                     eprintln!("subscribe failed ({e}); retrying");

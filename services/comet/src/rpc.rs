@@ -30,7 +30,13 @@ impl Comet {
     /// Stores a private message through the message service, then queues it on
     /// the key's connections. Pushes to one key are serialised from store to
     /// enqueue, so connections receive mids in order.
-    pub async fn push(&self, key: &str, payload: Bytes, expire: u64) -> Result<i64, Status> {
+    pub async fn push(
+        &self,
+        key: &str,
+        payload: Bytes,
+        expire: u64,
+        push_id: &str,
+    ) -> Result<i64, Status> {
         let start = Instant::now();
         let stripe = pushcluster_core::ring::key_hash(key) as usize % self.stripes.len();
         let _order = self.stripes[stripe].lock().await;
@@ -39,6 +45,7 @@ impl Comet {
             payload: payload.clone(),
             expire_seconds: expire,
             gid: GID_PRIVATE,
+            push_id: push_id.to_owned(),
         };
         let mid = match self.message.clone().append(req).await {
             Ok(r) => r.into_inner().mid,
@@ -89,7 +96,10 @@ impl CometService for CometRpc {
         let r = req.into_inner();
         self.comet.check(&r.key, &r.payload)?;
         self.comet.check_owner(&r.key)?;
-        let mid = self.comet.push(&r.key, r.payload, r.expire_seconds).await?;
+        let mid = self
+            .comet
+            .push(&r.key, r.payload, r.expire_seconds, &r.push_id)
+            .await?;
         Ok(Response::new(pb::PushReply { mid }))
     }
 
@@ -109,6 +119,7 @@ impl CometService for CometRpc {
                 limits.max_keys_per_multipush
             )));
         }
+        let (push_id, expire) = (r.push_id.as_str(), r.expire_seconds);
         let pushes = r.keys.iter().map(|key| {
             let payload = r.payload.clone();
             async move {
@@ -116,7 +127,7 @@ impl CometService for CometRpc {
                     Err(e) => Err(Status::invalid_argument(e.to_string())),
                     Ok(()) => match self.comet.check_owner(key) {
                         Err(e) => Err(e),
-                        Ok(()) => self.comet.push(key, payload, r.expire_seconds).await,
+                        Ok(()) => self.comet.push(key, payload, expire, push_id).await,
                     },
                 };
                 match res {

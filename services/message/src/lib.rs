@@ -197,7 +197,23 @@ impl<S: Store> Message for MessageService<S> {
             .expire(r.expire_seconds)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let start = Instant::now();
-        let res = self.store.append(ch, r.payload, ttl).await;
+        let res = if r.push_id.is_empty() {
+            self.store.append(ch, r.payload, ttl).await
+        } else {
+            if r.push_id.len() > 64
+                || !r
+                    .push_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(Status::invalid_argument(
+                    "push_id must be 1-64 characters of [A-Za-z0-9_-]",
+                ));
+            }
+            self.store
+                .append_idempotent(ch, &r.push_id, r.payload, ttl)
+                .await
+        };
         self.metrics.record("append", start, &res);
         Ok(Response::new(pb::AppendReply {
             mid: res.map_err(internal)?,

@@ -17,6 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 const SEQ: TableDefinition<&str, (u64, u64)> = TableDefinition::new("seq");
 /// (channel name, mid) -> (expires at in ms, payload).
 const MSGS: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("msgs");
+/// (channel name, push id) -> (mid, forgotten at in ms): idempotent appends.
+const IDS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("push_ids");
 
 /// How many queued writes one transaction takes at most.
 const MAX_BATCH: usize = 512;
@@ -35,6 +37,7 @@ enum Op {
         chan: String,
         payload: Bytes,
         expire_at: u64,
+        push_id: Option<String>,
         reply: oneshot::Sender<Result<i64>>,
     },
     Delete {
@@ -61,6 +64,7 @@ impl EmbeddedStore {
             let tx = db.begin_write().map_err(redb::Error::from)?;
             tx.open_table(SEQ).map_err(redb::Error::from)?;
             tx.open_table(MSGS).map_err(redb::Error::from)?;
+            tx.open_table(IDS).map_err(redb::Error::from)?;
             tx.commit().map_err(redb::Error::from)?;
         }
         let (writes, rx) = mpsc::channel(4096);
@@ -155,15 +159,25 @@ fn apply(db: &Database, batch: &mut [Op], retention: &Retention) -> Result<Vec<i
     {
         let mut seq = tx.open_table(SEQ)?;
         let mut msgs = tx.open_table(MSGS)?;
+        let mut ids = tx.open_table(IDS)?;
         let backlog = retention.max_backlog.max(1) as u64;
+        let window = retention.dedupe_window_seconds.saturating_mul(1000);
         for op in batch.iter() {
             match op {
                 Op::Append {
                     chan,
                     payload,
                     expire_at,
+                    push_id,
                     ..
                 } => {
+                    if let Some(id) = push_id {
+                        let seen = ids.get((chan.as_str(), id.as_str()))?.map(|g| g.value());
+                        if let Some((mid, _)) = seen.filter(|(_, until)| *until > now) {
+                            out.push(mid as i64);
+                            continue;
+                        }
+                    }
                     let last = seq.get(chan.as_str())?.map(|g| g.value().0).unwrap_or(0);
                     let mid = last + 1;
                     seq.insert(chan.as_str(), (mid, now))?;
@@ -174,6 +188,12 @@ fn apply(db: &Database, batch: &mut [Op], retention: &Retention) -> Result<Vec<i
                             |_, _| false,
                         )?;
                     }
+                    if let Some(id) = push_id {
+                        ids.insert(
+                            (chan.as_str(), id.as_str()),
+                            (mid, now.saturating_add(window)),
+                        )?;
+                    }
                     out.push(mid as i64);
                 }
                 Op::Delete { chan, .. } => {
@@ -182,6 +202,7 @@ fn apply(db: &Database, batch: &mut [Op], retention: &Retention) -> Result<Vec<i
                 }
                 Op::Sweep => {
                     msgs.retain(|_, (expire_at, _)| expire_at > now)?;
+                    ids.retain(|_, (_, until)| until > now)?;
                     let idle_ms = retention.idle_ttl_seconds.saturating_mul(1000);
                     seq.retain(|_, (_, touched)| touched.saturating_add(idle_ms) > now)?;
                     out.push(0);
@@ -200,6 +221,25 @@ impl Store for EmbeddedStore {
             chan: channel_name(ch),
             payload,
             expire_at: now_ms().saturating_add(ttl.as_millis() as u64),
+            push_id: None,
+            reply,
+        };
+        self.submit(op, rx).await
+    }
+
+    async fn append_idempotent(
+        &self,
+        ch: Channel<'_>,
+        push_id: &str,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> Result<i64> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::Append {
+            chan: channel_name(ch),
+            payload,
+            expire_at: now_ms().saturating_add(ttl.as_millis() as u64),
+            push_id: Some(push_id.to_owned()),
             reply,
         };
         self.submit(op, rx).await

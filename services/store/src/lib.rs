@@ -52,6 +52,8 @@ pub struct Retention {
     /// A channel's sequence is forgotten after this long without appends, in
     /// seconds. Keep it longer than the longest message expiry.
     pub idle_ttl_seconds: u64,
+    /// How long a push id is remembered for deduplication, in seconds.
+    pub dedupe_window_seconds: u64,
 }
 
 impl Default for Retention {
@@ -59,6 +61,7 @@ impl Default for Retention {
         Self {
             max_backlog: 1000,
             idle_ttl_seconds: 60 * 24 * 3600,
+            dedupe_window_seconds: 600,
         }
     }
 }
@@ -88,6 +91,16 @@ pub trait Store: Send + Sync + 'static {
         payload: Bytes,
         ttl: Duration,
     ) -> impl Future<Output = Result<i64>> + Send;
+    /// Like `append`, but an append repeating `push_id` on the same channel
+    /// within the dedupe window stores nothing and returns the first mid: a
+    /// push retried after a broken connection is stored exactly once.
+    fn append_idempotent(
+        &self,
+        ch: Channel<'_>,
+        push_id: &str,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<i64>> + Send;
     /// Messages of `ch` with mid > `after`, oldest first, at most `limit`, unexpired.
     fn fetch(
         &self,
@@ -114,6 +127,18 @@ impl Store for Backend {
         match self {
             Backend::Redis(s) => s.append(ch, payload, ttl).await,
             Backend::Embedded(s) => s.append(ch, payload, ttl).await,
+        }
+    }
+    async fn append_idempotent(
+        &self,
+        ch: Channel<'_>,
+        push_id: &str,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> Result<i64> {
+        match self {
+            Backend::Redis(s) => s.append_idempotent(ch, push_id, payload, ttl).await,
+            Backend::Embedded(s) => s.append_idempotent(ch, push_id, payload, ttl).await,
         }
     }
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

@@ -16,6 +16,10 @@ use redis::{AsyncCommands, Script};
 use std::time::Duration;
 
 const APPEND: &str = r"
+if ARGV[6] ~= '' then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then return tonumber(seen) end
+end
 local mid = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('RPUSH', KEYS[2], string.format('%d %d ', mid, ARGV[2]) .. ARGV[1])
@@ -24,6 +28,7 @@ local keep = tonumber(ARGV[4])
 if len > keep then redis.call('LTRIM', KEYS[2], len - keep, -1) end
 local want = tonumber(ARGV[2]) - tonumber(ARGV[3])
 if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], want) end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[3], mid, 'PX', ARGV[7]) end
 return mid
 ";
 
@@ -85,23 +90,56 @@ fn parse_entry(raw: &[u8]) -> Result<(i64, u64, Bytes)> {
     Ok((mid, expire_at, Bytes::copy_from_slice(payload)))
 }
 
-impl Store for RedisStore {
-    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
+impl RedisStore {
+    /// One atomic script: dedupe by push id (same hash tag, same slot),
+    /// INCR the sequence, append, trim, extend the list's life.
+    async fn append_with(
+        &self,
+        ch: Channel<'_>,
+        push_id: &str,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> Result<i64> {
         let (seq, list) = self.keys(ch);
+        let id_key = format!("{}:id:{push_id}", &seq[..seq.len() - 2]);
         let now = now_ms();
         let mut conn = self.conn.clone();
         let mid: i64 = self
             .append
             .key(seq)
             .key(list)
+            .key(id_key)
             .arg(payload.as_ref())
             .arg(now.saturating_add(ttl.as_millis() as u64))
             .arg(now)
             .arg(self.retention.max_backlog.max(1))
             .arg(self.retention.idle_ttl_seconds.saturating_mul(1000).max(1))
+            .arg(push_id)
+            .arg(
+                self.retention
+                    .dedupe_window_seconds
+                    .saturating_mul(1000)
+                    .max(1),
+            )
             .invoke_async(&mut conn)
             .await?;
         Ok(mid)
+    }
+}
+
+impl Store for RedisStore {
+    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
+        self.append_with(ch, "", payload, ttl).await
+    }
+
+    async fn append_idempotent(
+        &self,
+        ch: Channel<'_>,
+        push_id: &str,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> Result<i64> {
+        self.append_with(ch, push_id, payload, ttl).await
     }
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

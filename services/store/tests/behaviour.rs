@@ -197,6 +197,45 @@ async fn concurrent_appends_get_unique_contiguous_mids<S: Store>(s: Arc<S>) {
     assert!(stored.windows(2).all(|w| w[1].mid == w[0].mid + 1));
 }
 
+async fn idempotent_appends_store_once<S: Store>(s: &S) {
+    let first = s
+        .append_idempotent(Channel::Private("i"), "push-1", b("1"), HOUR)
+        .await
+        .unwrap();
+    // The same push retried (after a broken connection) stores nothing new.
+    let again = s
+        .append_idempotent(Channel::Private("i"), "push-1", b("1"), HOUR)
+        .await
+        .unwrap();
+    assert_eq!((first, again), (1, 1));
+    assert_eq!(
+        s.append_idempotent(Channel::Private("i"), "push-2", b("2"), HOUR)
+            .await
+            .unwrap(),
+        2
+    );
+    // Ids are per channel: a multi-push uses one id for many keys.
+    assert_eq!(
+        s.append_idempotent(Channel::Private("j"), "push-1", b("1"), HOUR)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.append(Channel::Private("i"), b("3"), HOUR).await.unwrap(),
+        3
+    );
+    let stored = s.fetch(Channel::Private("i"), 0, 10).await.unwrap();
+    assert_eq!(mids(&stored), vec![1, 2, 3]);
+    // Concurrent retries of one push: one message.
+    let (a, b2) = tokio::join!(
+        s.append_idempotent(Channel::Private("k"), "dup", b("x"), HOUR),
+        s.append_idempotent(Channel::Private("k"), "dup", b("x"), HOUR)
+    );
+    assert_eq!(a.unwrap(), b2.unwrap());
+    assert_eq!(s.last_mid(Channel::Private("k")).await.unwrap(), 1);
+}
+
 /// Runs every case, each on a fresh store from `make(max_backlog)`.
 async fn run_suite<S: Store, F: std::future::Future<Output = S>>(make: impl Fn(usize) -> F) {
     mids_are_contiguous_per_key_from_one(&make(1000).await).await;
@@ -206,6 +245,7 @@ async fn run_suite<S: Store, F: std::future::Future<Output = S>>(make: impl Fn(u
     backlog_is_bounded_oldest_first(&make(50).await).await;
     delete_removes_messages_and_keeps_the_sequence(&make(1000).await).await;
     concurrent_appends_get_unique_contiguous_mids(Arc::new(make(1000).await)).await;
+    idempotent_appends_store_once(&make(1000).await).await;
 }
 
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -8,10 +8,11 @@
 //! is delivered on reconnect and never lost. A comet that answered with an
 //! error (storage failed behind it) gets that error passed on instead.
 //!
-//! Delivery is at least once in one edge: when a comet's connection breaks
-//! while a push is in flight (the comet crashed), web cannot know whether the
-//! comet stored it, and stores it itself; the message may then exist under two
-//! mids. Back ends that need exactly-once put an id of their own in the message.
+//! Every push carries a fresh id, passed to storage with the message. When a
+//! comet's connection breaks while a push is in flight (the comet crashed),
+//! web cannot know whether the comet stored it and stores it itself under the
+//! same id: storage recognises the id and returns the first mid, so the
+//! message is stored exactly once.
 
 use crate::reply::{Reply, INTERNAL, UNAUTHORIZED};
 use crate::AppState;
@@ -139,12 +140,14 @@ impl AppState {
         gid: i32,
         payload: Bytes,
         expire: u64,
+        push_id: &str,
     ) -> Result<i64, Reply> {
         let req = pb::AppendRequest {
             key: key.to_owned(),
             payload,
             expire_seconds: expire,
             gid,
+            push_id: push_id.to_owned(),
         };
         self.message
             .clone()
@@ -156,12 +159,14 @@ impl AppState {
 
     /// Pushes one private message; returns its mid once stored.
     pub async fn push_private(&self, key: &str, payload: Bytes, expire: u64) -> Result<i64, Reply> {
+        let push_id = new_push_id();
         let view = self.membership.view();
         if let Some(ep) = view.endpoint_for(key) {
             let req = pb::PushRequest {
                 key: key.to_owned(),
                 payload: payload.clone(),
                 expire_seconds: expire,
+                push_id: push_id.clone(),
             };
             match self
                 .comet(&ep.rpc)
@@ -177,8 +182,14 @@ impl AppState {
             }
         }
         self.metrics.stored_without_comet.inc();
-        self.store_direct(key, GID_PRIVATE, payload, expire).await
+        self.store_direct(key, GID_PRIVATE, payload, expire, &push_id)
+            .await
     }
+}
+
+/// A fresh push id: 128 random bits, hex.
+fn new_push_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
 }
 
 async fn push_private_inner(s: &AppState, q: &HashMap<String, String>, body: Body) -> Reply {
@@ -271,6 +282,8 @@ async fn push_multi(State(s): State<Arc<AppState>>, Query(q): Params, body: Body
 impl AppState {
     /// Pushes to many keys, one call per comet; returns the keys that failed.
     async fn multi_push(&self, keys: Vec<String>, payload: Bytes, expire: u64) -> Vec<String> {
+        let push_id = new_push_id();
+        let push_id = push_id.as_str();
         let view = self.membership.view();
         let mut by_comet: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut no_comet = Vec::new();
@@ -287,6 +300,7 @@ impl AppState {
                     keys: keys.clone(),
                     payload: payload.clone(),
                     expire_seconds: expire,
+                    push_id: push_id.to_owned(),
                 };
                 let client = self.comet(&rpc);
                 let res = match client {
@@ -303,10 +317,12 @@ impl AppState {
                             .partition(|k| k.unserved);
                         let mut failed: Vec<String> = failed.into_iter().map(|k| k.key).collect();
                         let unserved = unserved.into_iter().map(|k| k.key).collect();
-                        failed.extend(self.store_each(unserved, payload, expire).await);
+                        failed.extend(self.store_each(unserved, payload, expire, push_id).await);
                         failed
                     }
-                    Err(s) if unreached(&s) => self.store_each(keys, payload, expire).await,
+                    Err(s) if unreached(&s) => {
+                        self.store_each(keys, payload, expire, push_id).await
+                    }
                     Err(s) => {
                         tracing::error!(comet = %rpc, error = %s.message(), "multi-push failed");
                         keys
@@ -316,21 +332,30 @@ impl AppState {
         });
         let (mut failed, direct) = tokio::join!(
             futures::future::join_all(groups),
-            self.store_each(no_comet, payload.clone(), expire)
+            self.store_each(no_comet, payload.clone(), expire, push_id)
         );
         let mut out: Vec<String> = failed.drain(..).flatten().collect();
         out.extend(direct);
         out
     }
 
-    async fn store_each(&self, keys: Vec<String>, payload: Bytes, expire: u64) -> Vec<String> {
+    async fn store_each(
+        &self,
+        keys: Vec<String>,
+        payload: Bytes,
+        expire: u64,
+        push_id: &str,
+    ) -> Vec<String> {
         if !keys.is_empty() {
             self.metrics.stored_without_comet.inc_by(keys.len() as u64);
         }
         let stores = keys.into_iter().map(|k| {
             let payload = payload.clone();
             async move {
-                match self.store_direct(&k, GID_PRIVATE, payload, expire).await {
+                match self
+                    .store_direct(&k, GID_PRIVATE, payload, expire, push_id)
+                    .await
+                {
                     Ok(_) => None,
                     Err(_) => Some(k),
                 }
@@ -354,7 +379,10 @@ async fn broadcast(State(s): State<Arc<AppState>>, Query(q): Params, body: Body)
         let body = read_body(body, s.cfg.limits.max_message_bytes).await?;
         s.check_message(&body)?;
         let _order = s.broadcast_order.lock().await;
-        let mid = s.store_direct("", GID_PUBLIC, body.clone(), expire).await?;
+        // Stored once by web itself, never retried: no push id needed.
+        let mid = s
+            .store_direct("", GID_PUBLIC, body.clone(), expire, "")
+            .await?;
         let view = s.membership.view();
         let deliveries = view.endpoints.values().map(|ep| {
             let req = pb::DeliverRequest {
