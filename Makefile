@@ -51,10 +51,13 @@ test: deps lint chart-lint build
 	fi
 
 # Benchmarks (not in CI): criterion for ring, frames, checks, tokens, and the
-# store on both backends (Redis: a redis-server on a free port).
+# store on both backends (Redis: a redis-server on a free port); then the
+# load generator's scenarios on fresh release binaries (bench/scenarios.sh).
 bench: deps
 	$(CARGO) bench -p pushcluster-core --bench core
 	$(CARGO) bench -p pushcluster-store --bench store
+	$(CARGO) build --release -p push-message -p push-comet -p push-web -p push-bench
+	bench/scenarios.sh
 
 # Container image with every binary (needs a Docker engine; none runs here).
 image:
