@@ -20,6 +20,10 @@ use std::sync::Arc;
 
 /// Largest frame a subscriber may send; they only ever send `h`.
 const MAX_CLIENT_FRAME: usize = 1024;
+/// Read buffer per connection.
+const READ_BUFFER: usize = 1024;
+/// Bytes gathered before a write; `flush` sends whatever is gathered.
+const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Routes of the comet's HTTP listener: WebSocket and SSE.
 pub fn router(comet: Arc<Comet>) -> Router {
@@ -41,7 +45,12 @@ async fn upgrade(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
-    ws.max_message_size(MAX_CLIENT_FRAME)
+    // tungstenite's defaults (128 KiB read and write buffers per connection)
+    // dominated an idle subscriber's memory; clients only ever send `h`, and
+    // queued messages are flushed as soon as they are written.
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
         .on_upgrade(move |socket| serve(comet, socket, q))
 }
