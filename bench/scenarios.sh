@@ -2,6 +2,9 @@
 # Scenarios with the real release binaries on loopback, each on freshly
 # started servers (a warm server reuses its heap and reports too little):
 #   S1 idle density: CONNS WebSocket subscribers on one comet, RSS per connection.
+#   S2 broadcast fan-out: FAN_CONNS subscribers on that comet (after S1), 100-byte
+#      broadcasts from (a) 2 publishers x 2 in flight, (b) 16 x 1; deliveries
+#      per server CPU-second.
 #   S3 private push latency: KEYS subscribers on distinct keys, RATE pushes/s
 #      for SECS seconds through web with the Redis store; latency from the
 #      scheduled send time to delivery.
@@ -12,6 +15,7 @@ BIN=${BIN:-target/release}
 CONNS=${CONNS:-10000}
 KEYS=${KEYS:-2000}
 RATE=${RATE:-2000}
+FAN_CONNS=${FAN_CONNS:-2000}
 SECS=${SECS:-10}
 tmp=$(mktemp -d)
 pids=()
@@ -31,6 +35,17 @@ ws=$(port); tcp=$(port); rpc=$(port); ops=$(port)
   --rpc-listen 127.0.0.1:$rpc --ops-listen 127.0.0.1:$ops --message-url http://127.0.0.1:$mp 2>"$tmp/s1-comet.log" & comet=$!; pids+=($comet)
 wait_ready $ops
 "$BIN/push-bench" idle --ws 127.0.0.1:$ws --conns "$CONNS" --sources $sources --server-pids $comet --hold 10
+
+# ---- S2: broadcast fan-out through a web in front of that comet ----
+pub=$(port); adm=$(port); wops=$(port)
+printf 'public_listen: 127.0.0.1:%s\nadmin_listen: 127.0.0.1:%s\nops_listen: 127.0.0.1:%s\nmessage_url: http://127.0.0.1:%s\ncomets:\n  - { shard: 0, rpc: "http://127.0.0.1:%s", ws: "127.0.0.1:%s", tcp: "127.0.0.1:%s" }\n' \
+  $pub $adm $wops $mp $rpc $ws $tcp > "$tmp/s2-web.yaml"
+"$BIN/push-web" --config "$tmp/s2-web.yaml" 2>"$tmp/s2-web.log" & pids+=($!)
+wait_ready $wops
+"$BIN/push-bench" fanout --ws 127.0.0.1:$ws --admin http://127.0.0.1:$adm --conns "$FAN_CONNS" --publishers 2 --in-flight 2 \
+  --seconds "$SECS" --sources $sources --server-pids $comet
+"$BIN/push-bench" fanout --ws 127.0.0.1:$ws --admin http://127.0.0.1:$adm --conns "$FAN_CONNS" --publishers 16 --in-flight 1 \
+  --seconds "$SECS" --sources $sources --server-pids $comet
 
 # ---- S3: private push latency, Redis store, 2 comets, web ----
 command -v redis-server >/dev/null || { echo "S3 needs redis-server (make test installs it)"; exit 1; }

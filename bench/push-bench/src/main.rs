@@ -67,6 +67,35 @@ enum Cmd {
         #[arg(long, value_delimiter = ',')]
         server_pids: Vec<u32>,
     },
+    /// Broadcast fan-out: N subscribers, broadcasts from P publishers with at
+    /// most K in flight each; deliveries per server CPU-second.
+    Fanout {
+        /// Comet WebSocket addresses; subscribers go round-robin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        ws: Vec<SocketAddr>,
+        /// Web admin base URL (broadcasts).
+        #[arg(long)]
+        admin: String,
+        /// Subscribers.
+        #[arg(long)]
+        conns: usize,
+        /// Publishers.
+        #[arg(long, default_value_t = 2)]
+        publishers: usize,
+        /// Broadcasts in flight per publisher.
+        #[arg(long, default_value_t = 2)]
+        in_flight: usize,
+        /// Seconds of broadcasting.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Message body size in bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+        sources: Vec<IpAddr>,
+        #[arg(long, value_delimiter = ',')]
+        server_pids: Vec<u32>,
+    },
 }
 
 /// RSS (KiB) and CPU seconds (user, system) of a process, from /proc.
@@ -294,6 +323,110 @@ async fn main() -> anyhow::Result<()> {
             for r in readers {
                 r.abort();
             }
+        }
+        Cmd::Fanout {
+            ws,
+            admin,
+            conns,
+            publishers,
+            in_flight,
+            seconds,
+            size,
+            sources,
+            server_pids,
+        } => {
+            if conns as u64 + 64 > limit {
+                bail!("{conns} connections need more than this process's {limit} file descriptors");
+            }
+            let pids: Vec<String> = server_pids.iter().map(|p| p.to_string()).collect();
+            let delivered = Arc::new(AtomicU64::new(0));
+            let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
+                1, 60_000_000, 3,
+            )?));
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let mut readers = Vec::with_capacity(conns);
+            for i in 0..conns {
+                let mut w = subscribe(
+                    ws[i % ws.len()],
+                    sources[i % sources.len()],
+                    &format!("fan-{i}"),
+                    300,
+                )
+                .await?;
+                let (delivered, hist, mut stop) =
+                    (delivered.clone(), hist.clone(), stop_rx.clone());
+                readers.push(tokio::spawn(async move {
+                    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+                    loop {
+                        let m = tokio::select! {
+                            _ = stop.changed() => break,
+                            m = w.next() => m,
+                        };
+                        let Some(Ok(m)) = m else { break };
+                        let Message::Text(t) = m else { continue };
+                        // The send time sits at a fixed place: {"msg":{"t":<ns>,...
+                        if let Some(sent) = t
+                            .as_str()
+                            .split("\"t\":")
+                            .nth(1)
+                            .and_then(|r| r.split(',').next())
+                            .and_then(|n| n.parse::<u64>().ok())
+                        {
+                            delivered.fetch_add(1, Ordering::Relaxed);
+                            if let Some(h) = local.as_mut() {
+                                let _ = h.record((now_ns().saturating_sub(sent) / 1000).max(1));
+                            }
+                        }
+                    }
+                    if let (Some(l), Ok(mut h)) = (local, hist.lock()) {
+                        let _ = h.add(l);
+                    }
+                }));
+            }
+            let pad = "x".repeat(size.saturating_sub(40));
+            let http = reqwest::Client::new();
+            let (before, me0) = (usage(&pids), usage(std::slice::from_ref(&me)));
+            let sent = Arc::new(AtomicU64::new(0));
+            let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+            let mut pubs = Vec::new();
+            for _ in 0..publishers * in_flight {
+                let (http, admin, pad, sent) =
+                    (http.clone(), admin.clone(), pad.clone(), sent.clone());
+                pubs.push(tokio::spawn(async move {
+                    while tokio::time::Instant::now() < end {
+                        let body = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
+                        let ok = http
+                            .post(format!("{admin}/1/admin/push/broadcast?expire=60"))
+                            .body(body)
+                            .send()
+                            .await
+                            .map(|r| r.status().is_success())
+                            .unwrap_or(false);
+                        if ok {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }));
+            }
+            for p in pubs {
+                let _ = p.await;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (su, ss) = delta(before, usage(&pids));
+            let (mu, ms) = delta(me0, usage(std::slice::from_ref(&me)));
+            let (n, d) = (
+                sent.load(Ordering::Relaxed),
+                delivered.load(Ordering::Relaxed),
+            );
+            let _ = stop_tx.send(true);
+            for r in readers {
+                let _ = r.await;
+            }
+            let h = hist
+                .lock()
+                .map_err(|_| anyhow::anyhow!("histogram poisoned"))?;
+            println!("scenario=fanout conns={conns} publishers={publishers} in_flight={in_flight} size={size} broadcasts={n} deliveries={d} expected={} deliveries_per_server_cpu_s={:.0} p50_us={} p99_us={} server_cpu_user_s={su:.2} server_cpu_sys_s={ss:.2} bench_cpu_s={:.2}",
+                n * conns as u64, d as f64 / (su + ss).max(0.001), h.value_at_quantile(0.5), h.value_at_quantile(0.99), mu + ms);
         }
     }
     Ok(())
