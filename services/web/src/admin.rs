@@ -125,15 +125,6 @@ impl AppState {
             .map_err(|e| Reply::param(e.to_string()))
     }
 
-    fn check_key<'a>(&self, key: Option<&'a str>) -> Result<&'a str, Reply> {
-        let key = key.ok_or_else(|| Reply::param("key is required"))?;
-        self.cfg
-            .limits
-            .check_key(key)
-            .map_err(|e| Reply::param(format!("key {key:?}: {e}")))?;
-        Ok(key)
-    }
-
     async fn store_direct(
         &self,
         key: &str,

@@ -61,11 +61,7 @@ fn parse_mid(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Rep
 impl AppState {
     /// Resolves the comet address for `key` and protocol `proto` (1 ws, 2 tcp, 3 sse).
     fn resolve(&self, key: Option<&str>, proto: Option<&str>) -> Result<Value, Reply> {
-        let key = key.ok_or_else(|| Reply::param("key is required"))?;
-        self.cfg
-            .limits
-            .check_key(key)
-            .map_err(|e| Reply::param(e.to_string()))?;
+        let key = self.check_key(key)?;
         let view = self.membership.view();
         let ep = view
             .endpoint_for(key)
@@ -113,12 +109,13 @@ impl AppState {
             .map_err(crate::admin::status_reply)
     }
 
-    fn checked_key<'a>(&self, key: Option<&'a str>) -> Result<&'a str, Reply> {
+    /// A present key within the limits, or the parameter error to answer.
+    pub(crate) fn check_key<'a>(&self, key: Option<&'a str>) -> Result<&'a str, Reply> {
         let key = key.ok_or_else(|| Reply::param("key is required"))?;
         self.cfg
             .limits
             .check_key(key)
-            .map_err(|e| Reply::param(e.to_string()))?;
+            .map_err(|e| Reply::param(format!("key {key:?}: {e}")))?;
         Ok(key)
     }
 }
@@ -189,7 +186,7 @@ async fn msg_get_inner(
     render: fn(&pb::StoredMessage) -> Value,
 ) -> Reply {
     let run = async {
-        let key = s.checked_key(param(q, key_name))?;
+        let key = s.check_key(param(q, key_name))?;
         let mid = parse_mid(q, mid_name)?
             .ok_or_else(|| Reply::param(format!("{mid_name} is required")))?;
         let pmid = parse_mid(q, pmid_name)?;
@@ -229,7 +226,7 @@ async fn legacy_time_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Re
 async fn time_inner(s: &AppState, key: Option<&str>) -> Reply {
     let mut data = json!({ "timeid": timeid() });
     if let Some(k) = key {
-        let k = match s.checked_key(Some(k)) {
+        let k = match s.check_key(Some(k)) {
             Ok(k) => k,
             Err(e) => return e,
         };
