@@ -122,8 +122,8 @@ impl AppState {
 
 /// The JSON object clients receive, as a `serde_json::Value`.
 fn message_value(m: &pb::StoredMessage) -> Value {
-    let raw = encode_json(&m.payload, m.mid, m.gid, Format::Json);
-    serde_json::from_slice(&raw).unwrap_or(Value::Null)
+    let msg: Value = serde_json::from_slice(&m.payload).unwrap_or(Value::Null);
+    json!({ "msg": msg, "mid": m.mid, "gid": m.gid })
 }
 
 /// The legacy element: the old-format message object serialised as a string.
