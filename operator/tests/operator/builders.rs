@@ -1,5 +1,5 @@
 //! Desired objects of the example PushClusters: YAML snapshots of every
-//! object (`UPDATE_SNAPSHOTS=1 cargo test -p push-operator --test builders`
+//! object (`UPDATE_SNAPSHOTS=1 cargo test -p push-operator --test operator builders`
 //! rewrites them after an intended change) and the properties that matter.
 
 use kube::ResourceExt;

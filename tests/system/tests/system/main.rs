@@ -1,0 +1,10 @@
+//! System tests: the real binaries as processes on loopback. One test binary
+//! for all of them (nextest still runs each test in its own process), so a
+//! build links the dependency graph once instead of once per file.
+
+mod compat;
+mod delivery;
+mod durability;
+mod errors;
+mod failover;
+mod pushctl;
