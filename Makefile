@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run build release test lint chart-lint crds deps clean image e2e bench
+.PHONY: help run build release test lint chart-lint crds deps clean image e2e bench bench-compare
 
 IMAGE ?= ghcr.io/pushcluster/pushcluster:0.1.0
 
@@ -14,6 +14,7 @@ help:
 	@echo "make crds   - regenerate crds/ and the chart's copy from the Rust types"
 	@echo "make build  - debug build of every binary"
 	@echo "make bench  - criterion benchmarks (ring, frames, store on both backends)"
+	@echo "make bench-compare - the scenarios against pushcluster, push-floor, nginx+nchan and Node ws; writes docs/benchmarks.md"
 	@echo "make e2e    - end-to-end tests against the cluster of \$$KUBECONFIG (skips without one)"
 	@echo "make image  - container image with every binary (needs Docker)"
 
@@ -52,12 +53,19 @@ test: deps lint chart-lint build
 
 # Benchmarks (not in CI): criterion for ring, frames, checks, tokens, and the
 # store on both backends (Redis: a redis-server on a free port); then the
-# load generator's scenarios on fresh release binaries (bench/scenarios.sh).
+# load generator's scenarios S1-S5 on fresh release binaries, pushcluster only
+# (bench/compare/run with SERVERS=pushcluster), printed as one report.
 bench: deps
 	$(CARGO) bench -p pushcluster-core --bench core
 	$(CARGO) bench -p pushcluster-store --bench store
-	$(CARGO) build --release -p push-message -p push-comet -p push-web -p push-bench
-	bench/scenarios.sh
+	SERVERS=pushcluster OUT=target/bench REPORT=target/bench/benchmarks.md bench/compare/run
+	@cat target/bench/benchmarks.md
+
+# The same scenarios against pushcluster and its peers (push-floor,
+# nginx+nchan, Node ws) in one run; installs the peers (apt, npm) when missing
+# and writes docs/benchmarks.md. Scale with the variables bench/compare/run lists.
+bench-compare: deps
+	bench/compare/run
 
 # Container image with every binary (needs a Docker engine; none runs here).
 image:

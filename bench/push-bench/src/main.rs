@@ -1,16 +1,23 @@
-//! push-bench: load generator for pushcluster (and any server speaking the
-//! gopush-cluster WebSocket protocol). Loopback only, bounded in count and
-//! time. Reports the server's RSS and CPU from /proc and its own CPU, since
-//! the server and the generator share the machine.
+//! push-bench: load generator for pushcluster and the servers it is compared
+//! with (nginx+nchan, Node `ws`, the push-floor). Which URLs to subscribe and
+//! publish to are templates, so one generator drives every server with the
+//! same message sizes, subscriber counts and timing. Loopback only, bounded in
+//! count and time. Reports the server's memory and CPU from /proc and its own
+//! CPU, since the server and the generator share the machine.
+
+mod proc;
+mod target;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
+use proc::{delta, usage, Usage};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
+use target::{now_ns, sent_at, Sub};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Load generator for push servers.
@@ -21,38 +28,51 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Where the server is, as the generator sees it.
+#[derive(clap::Args, Debug, Clone)]
+struct Server {
+    /// WebSocket addresses (host:port); subscribers go round-robin.
+    #[arg(long, value_delimiter = ',')]
+    ws: Vec<SocketAddr>,
+    #[command(flatten)]
+    sub: Sub,
+    /// Source addresses to spread connections over (each has ~28k ports).
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
+    sources: Vec<IpAddr>,
+    /// Server process ids: memory and CPU are summed over them.
+    #[arg(long, value_delimiter = ',')]
+    server_pids: Vec<u32>,
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Idle density: hold N WebSocket subscribers with heartbeats, report server RSS per connection.
+    /// Idle density: hold N subscribers with heartbeats; prints `open=N` once
+    /// they are connected, then the server's memory per connection.
     Idle {
-        /// Comet WebSocket addresses (host:port); connections go round-robin.
-        #[arg(long, value_delimiter = ',', required = true)]
-        ws: Vec<SocketAddr>,
+        #[command(flatten)]
+        server: Server,
         /// Connections to open.
         #[arg(long)]
         conns: usize,
-        /// Source addresses to spread connections over (each has ~28k ports).
-        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
-        sources: Vec<IpAddr>,
-        /// Server process ids (RSS and CPU are summed over them).
-        #[arg(long, value_delimiter = ',')]
-        server_pids: Vec<u32>,
+        /// First connection number (keys are `idle-<n>`), for several generators.
+        #[arg(long, default_value_t = 0)]
+        first: usize,
         /// Seconds to hold the connections once open.
         #[arg(long, default_value_t = 10)]
         hold: u64,
-        /// Heartbeat interval the subscribers announce and keep.
-        #[arg(long, default_value_t = 30)]
-        heartbeat: u64,
     },
-    /// Private push latency: one subscriber per key; pushes at a fixed rate
-    /// through web; latency from the scheduled send time to delivery.
+    /// Private push latency: one subscriber per key; pushes at a fixed rate;
+    /// latency from the scheduled send time to delivery.
     Latency {
-        /// Web public base URL (resolves each key's comet).
+        #[command(flatten)]
+        server: Server,
+        /// Publish URL; `{key}` is replaced by the key.
         #[arg(long)]
-        web: String,
-        /// Web admin base URL (pushes).
+        publish: String,
+        /// Resolve each key's WebSocket address through pushcluster's web
+        /// (`<url>/1/server/get`) instead of going round-robin over --ws.
         #[arg(long)]
-        admin: String,
+        resolve: Option<String>,
         /// Subscribers, one key each.
         #[arg(long)]
         keys: usize,
@@ -62,20 +82,19 @@ enum Cmd {
         /// Seconds of pushing.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
-        sources: Vec<IpAddr>,
-        #[arg(long, value_delimiter = ',')]
-        server_pids: Vec<u32>,
     },
     /// Broadcast fan-out: N subscribers, broadcasts from P publishers with at
     /// most K in flight each; deliveries per server CPU-second.
     Fanout {
-        /// Comet WebSocket addresses; subscribers go round-robin.
-        #[arg(long, value_delimiter = ',', required = true)]
-        ws: Vec<SocketAddr>,
-        /// Web admin base URL (broadcasts).
+        #[command(flatten)]
+        server: Server,
+        /// Broadcast URL (POSTed the message body).
         #[arg(long)]
-        admin: String,
+        publish: String,
+        /// Key every subscriber subscribes to (`{i}`: its number), e.g. one
+        /// shared channel for servers whose broadcast is a channel.
+        #[arg(long, default_value = "fan-{i}")]
+        key: String,
         /// Subscribers.
         #[arg(long)]
         conns: usize,
@@ -91,119 +110,91 @@ enum Cmd {
         /// Message body size in bytes.
         #[arg(long, default_value_t = 100)]
         size: usize,
-        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1")]
-        sources: Vec<IpAddr>,
-        #[arg(long, value_delimiter = ',')]
+    },
+    /// Offline catch-up (pushcluster): stores M messages for each of K keys,
+    /// then K clients subscribe and fetch their backlog; time until all have it.
+    Catchup {
+        #[command(flatten)]
+        server: Server,
+        /// pushcluster web public URL (resolve and /1/msg/get).
+        #[arg(long)]
+        web: String,
+        /// pushcluster web admin URL (multi-push to store the backlog).
+        #[arg(long)]
+        admin: String,
+        #[arg(long, default_value_t = 1000)]
+        keys: usize,
+        #[arg(long, default_value_t = 100)]
+        messages: usize,
+        /// Clients fetching at once.
+        #[arg(long, default_value_t = 64)]
+        parallel: usize,
+    },
+    /// Prints the memory (PSS and RSS, KiB) and CPU seconds of processes.
+    Usage {
+        #[arg(long, value_delimiter = ',', required = true)]
         server_pids: Vec<u32>,
     },
 }
 
-/// RSS (KiB) and CPU seconds (user, system) of a process, from /proc.
-fn proc_usage(pid: &str) -> anyhow::Result<(u64, f64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0);
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may contain spaces) start at ')'.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = 100.0; // USER_HZ on Linux
-    let utime = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / ticks;
-    let stime = f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0) / ticks;
-    Ok((rss, utime, stime))
+fn pids(p: &[u32]) -> Vec<String> {
+    p.iter().map(|p| p.to_string()).collect()
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    rss_kib: u64,
-    user: f64,
-    system: f64,
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::new_with_bounds(1, 60_000_000, 3)?)
 }
 
-fn usage(pids: &[String]) -> Usage {
-    pids.iter()
-        .filter_map(|p| proc_usage(p).ok())
-        .fold(Usage::default(), |a, (r, u, s)| Usage {
-            rss_kib: a.rss_kib + r,
-            user: a.user + u,
-            system: a.system + s,
-        })
-}
-
-fn delta(a: Usage, b: Usage) -> (f64, f64) {
-    (b.user - a.user, b.system - a.system)
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// Connects a subscriber from `source` and waits for `+h`.
-async fn subscribe(
-    addr: SocketAddr,
-    source: IpAddr,
-    key: &str,
-    heartbeat: u64,
-) -> anyhow::Result<Ws> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(source, 0))?;
-    let stream = sock.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let url = format!("ws://{addr}/sub?key={key}&heartbeat={heartbeat}&ver=1");
-    let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
-    match tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) if t.as_str() == "+h\r\n" => Ok(ws),
-        other => bail!("subscribe {key}: unexpected first frame {other:?}"),
-    }
-}
-
-fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+fn cpu(before: Usage, after: Usage) -> String {
+    let (u, s) = delta(before, after);
+    format!("server_cpu_user_s={u:.2} server_cpu_sys_s={s:.2}")
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Each connection is a file descriptor; the hard limit is the ceiling.
     let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
-    let me = std::process::id().to_string();
+    let me = vec![std::process::id().to_string()];
     match Cli::parse().cmd {
+        Cmd::Usage { server_pids } => {
+            let u = usage(&pids(&server_pids));
+            println!(
+                "pss_kib={} rss_kib={} cpu_user_s={:.2} cpu_sys_s={:.2}",
+                u.pss_kib, u.rss_kib, u.user, u.system
+            );
+        }
         Cmd::Idle {
-            ws,
+            server,
             conns,
-            sources,
-            server_pids,
+            first,
             hold,
-            heartbeat,
         } => {
             if conns as u64 + 64 > limit {
                 bail!("{conns} connections need more than this process's {limit} file descriptors: run several generators");
             }
-            let pids: Vec<String> = server_pids.iter().map(|p| p.to_string()).collect();
-            let (before, me0, t0) = (
-                usage(&pids),
-                usage(std::slice::from_ref(&me)),
-                Instant::now(),
-            );
+            let sp = pids(&server.server_pids);
+            let (before, me0, t0) = (usage(&sp), usage(&me), Instant::now());
             let open = Arc::new(AtomicU64::new(0));
             let errors = Arc::new(AtomicU64::new(0));
             let mut tasks = Vec::with_capacity(conns);
-            for i in 0..conns {
-                let (addr, src) = (ws[i % ws.len()], sources[i % sources.len()]);
-                let (open, errors) = (open.clone(), errors.clone());
+            for i in first..first + conns {
+                let (addr, src) = (
+                    server.ws[i % server.ws.len()],
+                    server.sources[i % server.sources.len()],
+                );
+                let (open, errors, sub) = (open.clone(), errors.clone(), server.sub.clone());
                 tasks.push(tokio::spawn(async move {
-                    match subscribe(addr, src, &format!("idle-{i}"), heartbeat).await {
+                    match sub.connect(addr, src, &format!("idle-{i}")).await {
                         Ok(mut w) => {
                             open.fetch_add(1, Ordering::Relaxed);
-                            let end = tokio::time::Instant::now() + Duration::from_secs(hold + 30);
-                            let mut beat = tokio::time::interval(Duration::from_secs(heartbeat));
+                            let end = tokio::time::Instant::now() + Duration::from_secs(hold + 60);
+                            let mut beat = tokio::time::interval(Duration::from_secs(sub.heartbeat));
                             loop {
                                 tokio::select! {
                                     _ = tokio::time::sleep_until(end) => break,
-                                    _ = beat.tick() => if w.send(Message::Text("h".into())).await.is_err() { break },
+                                    _ = beat.tick(), if !sub.heartbeat_frame.is_empty() => {
+                                        if w.send(Message::Text(sub.heartbeat_frame.clone().into())).await.is_err() { break }
+                                    }
                                     m = w.next() => if !matches!(m, Some(Ok(_))) { break },
                                 }
                             }
@@ -219,57 +210,71 @@ async fn main() -> anyhow::Result<()> {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
+            // Connected (or failed) means the first frame, when there is one,
+            // arrived; give the rest a moment to settle.
+            while open.load(Ordering::Relaxed) + errors.load(Ordering::Relaxed) < conns as u64
+                && t0.elapsed() < Duration::from_secs(120)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             let setup = t0.elapsed();
+            println!(
+                "open={} errors={} setup_s={:.1}",
+                open.load(Ordering::Relaxed),
+                errors.load(Ordering::Relaxed),
+                setup.as_secs_f64()
+            );
             tokio::time::sleep(Duration::from_secs(hold)).await;
-            let after = usage(&pids);
+            let after = usage(&sp);
             let held = open.load(Ordering::Relaxed);
             let per_conn =
-                (after.rss_kib.saturating_sub(before.rss_kib)) as f64 * 1024.0 / held.max(1) as f64;
-            let (su, ss) = delta(before, after);
-            let (mu, ms) = delta(me0, usage(std::slice::from_ref(&me)));
-            println!("scenario=idle conns_held={held} errors={} setup_s={:.1} server_rss_before_kib={} server_rss_after_kib={} bytes_per_conn={per_conn:.0} server_cpu_user_s={su:.2} server_cpu_sys_s={ss:.2} bench_cpu_s={:.2}",
-                errors.load(Ordering::Relaxed), setup.as_secs_f64(), before.rss_kib, after.rss_kib, mu + ms);
+                |a: u64, b: u64| b.saturating_sub(a) as f64 * 1024.0 / held.max(1) as f64;
+            println!("scenario=idle conns_held={held} errors={} setup_s={:.1} server_pss_kib={} pss_bytes_per_conn={:.0} rss_bytes_per_conn={:.0} {} bench_cpu_s={:.2}",
+                errors.load(Ordering::Relaxed), setup.as_secs_f64(), after.pss_kib,
+                per_conn(before.pss_kib, after.pss_kib), per_conn(before.rss_kib, after.rss_kib),
+                cpu(before, after), usage(&me).cpu() - me0.cpu());
             for t in tasks {
                 t.abort();
             }
         }
         Cmd::Latency {
-            web,
-            admin,
+            server,
+            publish,
+            resolve,
             keys,
             rate,
             seconds,
-            sources,
-            server_pids,
         } => {
-            let pids: Vec<String> = server_pids.iter().map(|p| p.to_string()).collect();
+            let sp = pids(&server.server_pids);
             let http = reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
                 .build()?;
-            let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-                1, 60_000_000, 3,
-            )?));
+            let hist = Arc::new(Mutex::new(histogram()?));
             let received = Arc::new(AtomicU64::new(0));
             let mut readers = Vec::new();
             for i in 0..keys {
                 let key = format!("lat-{i}");
-                let v: serde_json::Value = http
-                    .get(format!("{web}/1/server/get?k={key}&p=1"))
-                    .send()
-                    .await?
-                    .json()
+                let addr = match &resolve {
+                    Some(web) => {
+                        let v: serde_json::Value = http
+                            .get(format!("{web}/1/server/get?k={key}&p=1"))
+                            .send()
+                            .await?
+                            .json()
+                            .await?;
+                        v["data"]["server"].as_str().context("no server")?.parse()?
+                    }
+                    None => server.ws[i % server.ws.len()],
+                };
+                let mut w = server
+                    .sub
+                    .connect(addr, server.sources[i % server.sources.len()], &key)
                     .await?;
-                let addr: SocketAddr =
-                    v["data"]["server"].as_str().context("no server")?.parse()?;
-                let mut w = subscribe(addr, sources[i % sources.len()], &key, 300).await?;
                 let (hist, received) = (hist.clone(), received.clone());
                 readers.push(tokio::spawn(async move {
                     while let Some(Ok(m)) = w.next().await {
                         let Message::Text(t) = m else { continue };
-                        let Ok(v) = serde_json::from_str::<serde_json::Value>(t.as_str()) else {
-                            continue;
-                        };
-                        if let Some(sent) = v["msg"]["t"].as_u64() {
+                        if let Some(sent) = sent_at(t.as_str()) {
                             let us = now_ns().saturating_sub(sent) / 1000;
                             if let Ok(mut h) = hist.lock() {
                                 let _ = h.record(us.max(1));
@@ -279,7 +284,7 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }));
             }
-            let (before, me0) = (usage(&pids), usage(std::slice::from_ref(&me)));
+            let (before, me0) = (usage(&sp), usage(&me));
             let total = rate * seconds;
             let acked = Arc::new(AtomicU64::new(0));
             let failed = Arc::new(AtomicU64::new(0));
@@ -291,12 +296,8 @@ async fn main() -> anyhow::Result<()> {
                 tokio::time::sleep_until(start + at).await;
                 // Latency counts from the scheduled time: publisher lag counts too.
                 let body = format!(r#"{{"t":{},"i":{i}}}"#, start_ns + at.as_nanos() as u64);
-                let req = http
-                    .post(format!(
-                        "{admin}/1/admin/push/private?key=lat-{}&expire=60",
-                        i as usize % keys
-                    ))
-                    .body(body);
+                let url = publish.replace("{key}", &format!("lat-{}", i as usize % keys));
+                let req = http.post(url).body(body);
                 let (acked, failed) = (acked.clone(), failed.clone());
                 pushes.push(tokio::spawn(async move {
                     match req.send().await {
@@ -309,8 +310,7 @@ async fn main() -> anyhow::Result<()> {
                 let _ = p.await;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let (su, ss) = delta(before, usage(&pids));
-            let (mu, ms) = delta(me0, usage(std::slice::from_ref(&me)));
+            let after = usage(&sp);
             let h = hist
                 .lock()
                 .map_err(|_| anyhow::anyhow!("histogram poisoned"))?;
@@ -318,45 +318,44 @@ async fn main() -> anyhow::Result<()> {
                 acked.load(Ordering::Relaxed),
                 received.load(Ordering::Relaxed),
             );
-            println!("scenario=latency keys={keys} rate={rate}/s pushes={total} acked={acked} failed={} received={got} lost={} p50_us={} p90_us={} p99_us={} max_us={} server_cpu_user_s={su:.2} server_cpu_sys_s={ss:.2} bench_cpu_s={:.2}",
-                failed.load(Ordering::Relaxed), acked.saturating_sub(got), h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.max(), mu + ms);
+            println!("scenario=latency keys={keys} rate={rate}/s pushes={total} acked={acked} failed={} received={got} lost={} p50_us={} p90_us={} p99_us={} max_us={} {} bench_cpu_s={:.2}",
+                failed.load(Ordering::Relaxed), acked.saturating_sub(got), h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.max(),
+                cpu(before, after), usage(&me).cpu() - me0.cpu());
             for r in readers {
                 r.abort();
             }
         }
         Cmd::Fanout {
-            ws,
-            admin,
+            server,
+            publish,
+            key,
             conns,
             publishers,
             in_flight,
             seconds,
             size,
-            sources,
-            server_pids,
         } => {
             if conns as u64 + 64 > limit {
                 bail!("{conns} connections need more than this process's {limit} file descriptors");
             }
-            let pids: Vec<String> = server_pids.iter().map(|p| p.to_string()).collect();
+            let sp = pids(&server.server_pids);
             let delivered = Arc::new(AtomicU64::new(0));
-            let hist = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(
-                1, 60_000_000, 3,
-            )?));
+            let hist = Arc::new(Mutex::new(histogram()?));
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             let mut readers = Vec::with_capacity(conns);
             for i in 0..conns {
-                let mut w = subscribe(
-                    ws[i % ws.len()],
-                    sources[i % sources.len()],
-                    &format!("fan-{i}"),
-                    300,
-                )
-                .await?;
+                let mut w = server
+                    .sub
+                    .connect(
+                        server.ws[i % server.ws.len()],
+                        server.sources[i % server.sources.len()],
+                        &key.replace("{i}", &i.to_string()),
+                    )
+                    .await?;
                 let (delivered, hist, mut stop) =
                     (delivered.clone(), hist.clone(), stop_rx.clone());
                 readers.push(tokio::spawn(async move {
-                    let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).ok();
+                    let mut local = histogram().ok();
                     loop {
                         let m = tokio::select! {
                             _ = stop.changed() => break,
@@ -364,14 +363,7 @@ async fn main() -> anyhow::Result<()> {
                         };
                         let Some(Ok(m)) = m else { break };
                         let Message::Text(t) = m else { continue };
-                        // The send time sits at a fixed place: {"msg":{"t":<ns>,...
-                        if let Some(sent) = t
-                            .as_str()
-                            .split("\"t\":")
-                            .nth(1)
-                            .and_then(|r| r.split(',').next())
-                            .and_then(|n| n.parse::<u64>().ok())
-                        {
+                        if let Some(sent) = sent_at(t.as_str()) {
                             delivered.fetch_add(1, Ordering::Relaxed);
                             if let Some(h) = local.as_mut() {
                                 let _ = h.record((now_ns().saturating_sub(sent) / 1000).max(1));
@@ -383,20 +375,22 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }));
             }
+            // Let the last subscriptions settle before the clock starts.
+            tokio::time::sleep(Duration::from_millis(500)).await;
             let pad = "x".repeat(size.saturating_sub(40));
             let http = reqwest::Client::new();
-            let (before, me0) = (usage(&pids), usage(std::slice::from_ref(&me)));
+            let (before, me0) = (usage(&sp), usage(&me));
             let sent = Arc::new(AtomicU64::new(0));
             let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
             let mut pubs = Vec::new();
             for _ in 0..publishers * in_flight {
-                let (http, admin, pad, sent) =
-                    (http.clone(), admin.clone(), pad.clone(), sent.clone());
+                let (http, publish, pad, sent) =
+                    (http.clone(), publish.clone(), pad.clone(), sent.clone());
                 pubs.push(tokio::spawn(async move {
                     while tokio::time::Instant::now() < end {
                         let body = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
                         let ok = http
-                            .post(format!("{admin}/1/admin/push/broadcast?expire=60"))
+                            .post(&publish)
                             .body(body)
                             .send()
                             .await
@@ -412,8 +406,8 @@ async fn main() -> anyhow::Result<()> {
                 let _ = p.await;
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let (su, ss) = delta(before, usage(&pids));
-            let (mu, ms) = delta(me0, usage(std::slice::from_ref(&me)));
+            let after = usage(&sp);
+            let (su, ss) = delta(before, after);
             let (n, d) = (
                 sent.load(Ordering::Relaxed),
                 delivered.load(Ordering::Relaxed),
@@ -425,8 +419,103 @@ async fn main() -> anyhow::Result<()> {
             let h = hist
                 .lock()
                 .map_err(|_| anyhow::anyhow!("histogram poisoned"))?;
-            println!("scenario=fanout conns={conns} publishers={publishers} in_flight={in_flight} size={size} broadcasts={n} deliveries={d} expected={} deliveries_per_server_cpu_s={:.0} p50_us={} p99_us={} server_cpu_user_s={su:.2} server_cpu_sys_s={ss:.2} bench_cpu_s={:.2}",
-                n * conns as u64, d as f64 / (su + ss).max(0.001), h.value_at_quantile(0.5), h.value_at_quantile(0.99), mu + ms);
+            println!("scenario=fanout conns={conns} publishers={publishers} in_flight={in_flight} size={size} broadcasts={n} deliveries={d} expected={} deliveries_per_server_cpu_s={:.0} p50_us={} p99_us={} {} bench_cpu_s={:.2}",
+                n * conns as u64, d as f64 / (su + ss).max(0.001), h.value_at_quantile(0.5), h.value_at_quantile(0.99),
+                cpu(before, after), usage(&me).cpu() - me0.cpu());
+        }
+        Cmd::Catchup {
+            server,
+            web,
+            admin,
+            keys,
+            messages,
+            parallel,
+        } => {
+            let sp = pids(&server.server_pids);
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(parallel)
+                .build()?;
+            let names: Vec<String> = (0..keys).map(|i| format!("off-{i}")).collect();
+            let t0 = Instant::now();
+            for m in 0..messages {
+                // One multi-push per round stores message m for up to 1000 keys.
+                for chunk in names.chunks(1000) {
+                    let body =
+                        serde_json::json!({ "m": format!(r#"{{"n":{m}}}"#), "k": chunk.join(",") });
+                    let r = http
+                        .post(format!("{admin}/1/admin/push/mprivate?expire=600"))
+                        .body(body.to_string())
+                        .send()
+                        .await?;
+                    let v: serde_json::Value = r.json().await?;
+                    if v["ret"] != 0 || v["data"]["fk"].as_array().is_some_and(|a| !a.is_empty()) {
+                        bail!("storing the backlog failed: {v}");
+                    }
+                }
+            }
+            let store_s = t0.elapsed().as_secs_f64();
+            let (before, me0) = (usage(&sp), usage(&me));
+            let hist = Arc::new(Mutex::new(histogram()?));
+            let sem = Arc::new(tokio::sync::Semaphore::new(parallel));
+            let t1 = Instant::now();
+            let mut tasks = Vec::new();
+            for (i, key) in names.into_iter().enumerate() {
+                let (http, web, sub, hist, sem) = (
+                    http.clone(),
+                    web.clone(),
+                    server.sub.clone(),
+                    hist.clone(),
+                    sem.clone(),
+                );
+                let src = server.sources[i % server.sources.len()];
+                tasks.push(tokio::spawn(async move {
+                    let _permit = sem.acquire().await?;
+                    let t = Instant::now();
+                    let v: serde_json::Value = http
+                        .get(format!("{web}/1/server/get?k={key}&p=1"))
+                        .send()
+                        .await?
+                        .json()
+                        .await?;
+                    let addr: SocketAddr =
+                        v["data"]["server"].as_str().context("no server")?.parse()?;
+                    let _ws = sub.connect(addr, src, &key).await?;
+                    let (mut got, mut after) = (0usize, 0i64);
+                    loop {
+                        let v: serde_json::Value = http
+                            .get(format!("{web}/1/msg/get?k={key}&m={after}"))
+                            .send()
+                            .await?
+                            .json()
+                            .await?;
+                        let msgs = v["data"]["msgs"].as_array().cloned().unwrap_or_default();
+                        if msgs.is_empty() {
+                            break;
+                        }
+                        got += msgs.len();
+                        after = msgs.last().and_then(|m| m["mid"].as_i64()).unwrap_or(after);
+                    }
+                    if let Ok(mut h) = hist.lock() {
+                        let _ = h.record((t.elapsed().as_micros() as u64).max(1));
+                    }
+                    anyhow::Ok(got)
+                }));
+            }
+            let (mut complete, mut fetched) = (0usize, 0usize);
+            for t in tasks {
+                if let Ok(Ok(n)) = t.await {
+                    fetched += n;
+                    complete += usize::from(n >= messages);
+                }
+            }
+            let total_s = t1.elapsed().as_secs_f64();
+            let after = usage(&sp);
+            let h = hist
+                .lock()
+                .map_err(|_| anyhow::anyhow!("histogram poisoned"))?;
+            println!("scenario=catchup keys={keys} messages_per_key={messages} store_s={store_s:.1} clients_complete={complete} messages_fetched={fetched} total_s={total_s:.2} per_client_p50_ms={:.1} per_client_p99_ms={:.1} {} bench_cpu_s={:.2}",
+                h.value_at_quantile(0.5) as f64 / 1000.0, h.value_at_quantile(0.99) as f64 / 1000.0,
+                cpu(before, after), usage(&me).cpu() - me0.cpu());
         }
     }
     Ok(())

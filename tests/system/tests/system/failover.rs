@@ -249,3 +249,61 @@ async fn failover_loses_no_acknowledged_message() {
     assert_eq!(acked_total as u64, sent + KEYS as u64);
     assert_eq!(received, acked_total);
 }
+
+/// S5 of the benchmarks (`bench/compare/run`, not in `make test`): crash and
+/// graceful takeover times over `TAKEOVER_REPS` repetitions (default 20),
+/// 2 s leases in Redis. Prints one `scenario=takeover` line per kind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run by bench/compare/run"]
+async fn takeover_series() {
+    let reps: usize = std::env::var("TAKEOVER_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let redis = RedisServer::start();
+    let opts = Options {
+        shards: 2,
+        standbys: 1,
+        redis_url: Some(redis.url()),
+        lease_redis: Some(redis.url()),
+        lease_ms: (2000, 1400, 300),
+        ..Options::default()
+    };
+    let lease_duration = Duration::from_millis(opts.lease_ms.0);
+    let mut c = Cluster::start(opts);
+    let key = "user-0";
+    let (mut crash, mut graceful) = (Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let victim = holder_of(&c, key).await.expect("user-0 is served");
+        let heir = standby(&c);
+        let t = Instant::now();
+        c.comets[victim].kill9();
+        wait_takeover(&c, key, heir, lease_duration + Duration::from_secs(2)).await;
+        crash.push(t.elapsed());
+        c.comets[victim].start();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let victim = holder_of(&c, key).await.expect("user-0 is served");
+        let heir = standby(&c);
+        let t = Instant::now();
+        c.comets[victim].send_term();
+        wait_takeover(&c, key, heir, Duration::from_secs(5)).await;
+        graceful.push(t.elapsed());
+        c.comets[victim].reap();
+        c.comets[victim].start();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for (kind, mut times) in [("crash", crash), ("graceful", graceful)] {
+        times.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let at = |q: f64| ms(times[((times.len() - 1) as f64 * q).round() as usize]);
+        println!(
+            "scenario=takeover kind={kind} reps={reps} lease_ms={} min_ms={:.0} p50_ms={:.0} p90_ms={:.0} max_ms={:.0}",
+            lease_duration.as_millis(),
+            ms(times[0]),
+            at(0.5),
+            at(0.9),
+            ms(times[times.len() - 1])
+        );
+    }
+}
