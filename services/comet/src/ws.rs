@@ -13,15 +13,16 @@ use axum::extract::{Query, State};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use futures::{SinkExt, StreamExt};
+use futures::SinkExt;
 use pushcluster_core::frame::{self, Format};
 use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Largest frame a subscriber may send; they only ever send `h`.
 const MAX_CLIENT_FRAME: usize = 1024;
-/// Read buffer per connection.
-const READ_BUFFER: usize = 1024;
+/// Read buffer per connection: subscribers send only `h` and close frames,
+/// and a larger frame is read in several passes.
+const READ_BUFFER: usize = 256;
 /// Bytes gathered before a write; `flush` sends whatever is gathered.
 const WRITE_BUFFER: usize = 16 * 1024;
 
@@ -45,6 +46,24 @@ async fn upgrade(
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // Parameters are checked and the connection registered before the
+    // upgrade, so the connection's task keeps only what it needs (an idle
+    // subscriber's memory is mostly that task); a refusal is sent after it.
+    let get = |k: &str| q.get(k).map(String::as_str);
+    let admitted = match subscribe_params(
+        get("key"),
+        get("heartbeat"),
+        get("token"),
+        get("ver"),
+        comet.heartbeat_bounds(),
+    ) {
+        None => Err(frame::ERR_PARAM),
+        Some(sub) => comet
+            .admit(&sub)
+            .map(|s| (s, sub.format, comet.read_deadline(sub.heartbeat)))
+            .map_err(|refusal| refusal.frame()),
+    };
+    drop(q);
     // tungstenite's defaults (128 KiB read and write buffers per connection)
     // dominated an idle subscriber's memory; clients only ever send `h`, and
     // queued messages are flushed as soon as they are written.
@@ -52,53 +71,39 @@ async fn upgrade(
         .write_buffer_size(WRITE_BUFFER)
         .max_message_size(MAX_CLIENT_FRAME)
         .max_frame_size(MAX_CLIENT_FRAME)
-        .on_upgrade(move |socket| serve(comet, socket, q))
+        .on_upgrade(move |socket| serve(comet, socket, admitted))
 }
 
-async fn serve(comet: Arc<Comet>, mut socket: WebSocket, q: HashMap<String, String>) {
-    let get = |k: &str| q.get(k).map(String::as_str);
-    let sub = subscribe_params(
-        get("key"),
-        get("heartbeat"),
-        get("token"),
-        get("ver"),
-        comet.heartbeat_bounds(),
-    );
-    let Some(sub) = sub else {
-        let _ = socket.send(text(frame::ERR_PARAM)).await;
-        let _ = socket.close().await;
-        return;
-    };
-    let subscription = match comet.admit(&sub) {
-        Ok(s) => s,
+/// A registered subscription with its format and heartbeat deadline, or the
+/// error frame to send instead.
+type Admitted = Result<(Subscription, Format, std::time::Duration), &'static [u8]>;
+
+async fn serve(comet: Arc<Comet>, mut socket: WebSocket, admitted: Admitted) {
+    let (subscription, format, deadline) = match admitted {
+        Ok(a) => a,
         Err(refusal) => {
-            let _ = socket.send(text(refusal.frame())).await;
-            let _ = socket.close().await;
+            let _ = socket.send(text(refusal)).await;
+            let _ = SinkExt::close(&mut socket).await;
             return;
         }
     };
     let gauge = comet.metrics.conn_gauge("websocket");
     gauge.inc();
-    drive(
-        &comet,
-        socket,
-        subscription,
-        sub.format,
-        comet.read_deadline(sub.heartbeat),
-    )
-    .await;
+    drive(&comet, socket, subscription, format, deadline).await;
     gauge.dec();
 }
 
+/// One connection's loop. The socket is not split: a split puts it behind
+/// a lock in its own allocation, and every branch below runs only after the
+/// others' futures are dropped, so one owner is enough.
 async fn drive(
     comet: &Comet,
-    socket: WebSocket,
+    mut socket: WebSocket,
     mut s: Subscription,
     format: Format,
     deadline: std::time::Duration,
 ) {
-    let (mut tx, mut rx) = socket.split();
-    if tx.send(text(frame::HEARTBEAT_REPLY)).await.is_err() {
+    if socket.send(text(frame::HEARTBEAT_REPLY)).await.is_err() {
         return;
     }
     let timer = tokio::time::sleep(deadline);
@@ -110,36 +115,36 @@ async fn drive(
                 // Flush what is already queued, then tell versioned clients to
                 // reconnect; legacy clients reconnect on close.
                 while let Ok(d) = s.rx.try_recv() {
-                    if tx.feed(Message::Text(d.json(format).clone())).await.is_err() {
+                    if socket.feed(Message::Text(d.json(format).clone())).await.is_err() {
                         return;
                     }
                 }
                 if format == Format::Json {
-                    let _ = tx.feed(text(frame::RECONNECT)).await;
+                    let _ = socket.feed(text(frame::RECONNECT)).await;
                     comet.reconnect_sent();
                 }
-                let _ = tx.flush().await;
-                let _ = tx.close().await;
+                let _ = socket.flush().await;
+                let _ = SinkExt::close(&mut socket).await;
                 return;
             }
             d = s.rx.recv() => {
                 let Some(d) = d else { return };
-                if tx.feed(Message::Text(d.json(format).clone())).await.is_err() {
+                if socket.feed(Message::Text(d.json(format).clone())).await.is_err() {
                     return;
                 }
                 // Everything already queued goes out with one flush.
                 while let Ok(d) = s.rx.try_recv() {
-                    if tx.feed(Message::Text(d.json(format).clone())).await.is_err() {
+                    if socket.feed(Message::Text(d.json(format).clone())).await.is_err() {
                         return;
                     }
                 }
-                if tx.flush().await.is_err() {
+                if socket.flush().await.is_err() {
                     return;
                 }
             }
-            m = rx.next() => match m {
+            m = socket.recv() => match m {
                 Some(Ok(Message::Text(t))) if t.as_str() == "h" => {
-                    if tx.send(text(frame::HEARTBEAT_REPLY)).await.is_err() {
+                    if socket.send(text(frame::HEARTBEAT_REPLY)).await.is_err() {
                         return;
                     }
                     timer.as_mut().reset(tokio::time::Instant::now() + deadline);
@@ -147,14 +152,14 @@ async fn drive(
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                 Some(Ok(Message::Text(_) | Message::Binary(_))) => {
                     tracing::debug!("unknown frame from subscriber, closing");
-                    let _ = tx.send(text(frame::ERR_PARAM)).await;
+                    let _ = socket.send(text(frame::ERR_PARAM)).await;
                     return;
                 }
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
             },
             _ = &mut timer => {
                 tracing::debug!("heartbeat timeout, closing");
-                let _ = tx.close().await;
+                let _ = SinkExt::close(&mut socket).await;
                 return;
             }
         }
