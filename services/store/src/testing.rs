@@ -12,12 +12,37 @@ pub struct RedisServer {
     _dir: Option<std::path::PathBuf>,
 }
 
-/// A TCP port that was free a moment ago on 127.0.0.1.
+/// First and last port handed out: below Linux's ephemeral range (32768 up),
+/// so no outgoing connection and no bind to port 0 can take a port while a
+/// test restarts the process that listens on it. (Taking ports from the
+/// ephemeral range made a SIGKILL-and-restart test flaky: the freed port was
+/// sometimes in use by another test's connection when the process came back.)
+const PORTS: std::ops::RangeInclusive<u16> = 20000..=32767;
+
+/// A TCP port on 127.0.0.1 that is free now and that this process has not
+/// handed out before. Each test process walks the range from its own
+/// starting point, so parallel test processes rarely meet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("cannot bind an ephemeral port on 127.0.0.1")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end() - PORTS.start()) + 1;
+    let start = {
+        let seed = std::process::id().wrapping_mul(2_654_435_761)
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+        seed % span
+    };
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::SeqCst, Ordering::SeqCst);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::SeqCst) % span;
+        let port = PORTS.start() + n as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {PORTS:?} on 127.0.0.1")
 }
 
 impl RedisServer {
