@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use target::{now_ns, sent_at, Sub};
+use target::{now_ns, sent_at, sent_at_bytes, Sub};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Load generator for push servers.
@@ -346,7 +346,7 @@ async fn main() -> anyhow::Result<()> {
             for i in 0..conns {
                 let mut w = server
                     .sub
-                    .connect(
+                    .connect_raw(
                         server.ws[i % server.ws.len()],
                         server.sources[i % server.sources.len()],
                         &key.replace("{i}", &i.to_string()),
@@ -357,13 +357,17 @@ async fn main() -> anyhow::Result<()> {
                 readers.push(tokio::spawn(async move {
                     let mut local = histogram().ok();
                     loop {
-                        let m = tokio::select! {
+                        let f = tokio::select! {
                             _ = stop.changed() => break,
-                            m = w.next() => m,
+                            f = w.next_frame() => f,
                         };
-                        let Some(Ok(m)) = m else { break };
-                        let Message::Text(t) = m else { continue };
-                        if let Some(sent) = sent_at(t.as_str()) {
+                        let Ok(Some((op, payload))) = f else { break };
+                        match op {
+                            1 => {}
+                            8 => break,
+                            _ => continue,
+                        }
+                        if let Some(sent) = sent_at_bytes(w.payload(payload)) {
                             delivered.fetch_add(1, Ordering::Relaxed);
                             if let Some(h) = local.as_mut() {
                                 let _ = h.record((now_ns().saturating_sub(sent) / 1000).max(1));

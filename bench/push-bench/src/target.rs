@@ -5,6 +5,7 @@ use anyhow::bail;
 use futures::StreamExt;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 
 /// A subscriber's WebSocket connection.
@@ -49,6 +50,135 @@ impl Sub {
     }
 }
 
+impl Sub {
+    /// Connects a [`RawSub`]: the same handshake and greeting, read by hand.
+    pub async fn connect_raw(
+        &self,
+        addr: SocketAddr,
+        source: IpAddr,
+        key: &str,
+    ) -> anyhow::Result<RawSub> {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(source, 0))?;
+        let mut stream = sock.connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let url = self
+            .sub_url
+            .replace("{addr}", &addr.to_string())
+            .replace("{key}", key);
+        let path = url
+            .strip_prefix("ws://")
+            .and_then(|rest| rest.find('/').map(|i| &rest[i..]))
+            .unwrap_or("/");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut sub = RawSub {
+            stream,
+            buf: vec![0; 8192],
+            start: 0,
+            end: 0,
+        };
+        let head_end = loop {
+            if let Some(i) = sub.buf[..sub.end].windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if sub.end == sub.buf.len() || sub.fill().await? == 0 {
+                bail!("subscribe {key}: no HTTP response");
+            }
+        };
+        if !sub.buf.starts_with(b"HTTP/1.1 101") {
+            bail!(
+                "subscribe {key}: upgrade refused: {}",
+                String::from_utf8_lossy(&sub.buf[..head_end])
+            );
+        }
+        sub.start = head_end;
+        if !self.hello.is_empty() {
+            let first = tokio::time::timeout(Duration::from_secs(10), sub.next_frame()).await;
+            match first {
+                Ok(Ok(Some((1, r)))) if &sub.buf[r.clone()] == self.hello.as_bytes() => {}
+                _ => bail!("subscribe {key}: no greeting"),
+            }
+        }
+        Ok(sub)
+    }
+}
+
+/// A WebSocket subscriber that parses frames in place: no allocation per
+/// message, so in fan-out runs the generator costs as little as it can next
+/// to the server it measures. It only reads (no pongs, no heartbeats).
+pub struct RawSub {
+    stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl RawSub {
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// The next frame's opcode and where its payload is in [`Self::payload`];
+    /// `None` at the end of the stream. Cancel-safe: a frame is consumed only
+    /// when it is returned.
+    pub async fn next_frame(&mut self) -> std::io::Result<Option<(u8, std::ops::Range<usize>)>> {
+        loop {
+            if let Some((op, header, len)) = frame_header(&self.buf[self.start..self.end]) {
+                let total = header + len;
+                if self.end - self.start >= total {
+                    let payload = self.start + header..self.start + total;
+                    self.start += total;
+                    return Ok(Some((op, payload)));
+                }
+                if total > self.buf.len() {
+                    self.buf.resize(total, 0);
+                }
+            }
+            // Make room at the end: move the partial frame to the front.
+            if self.end == self.buf.len() {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            if self.start == self.end {
+                self.start = 0;
+                self.end = 0;
+            }
+            if self.fill().await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Bytes of a payload range returned by [`Self::next_frame`], valid
+    /// until the next call.
+    pub fn payload(&self, r: std::ops::Range<usize>) -> &[u8] {
+        &self.buf[r]
+    }
+}
+
+/// Opcode, header length and payload length of the frame at the start of
+/// `b`, when its header is complete.
+fn frame_header(b: &[u8]) -> Option<(u8, usize, usize)> {
+    let (b0, b1) = (*b.first()?, *b.get(1)?);
+    let mask = if b1 & 0x80 != 0 { 4 } else { 0 };
+    let (len, n) = match b1 & 0x7f {
+        126 => (u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize, 4),
+        127 => {
+            let bytes: [u8; 8] = b.get(2..10)?.try_into().ok()?;
+            (u64::from_be_bytes(bytes) as usize, 10)
+        }
+        l => (l as usize, 2),
+    };
+    Some((b0 & 0x0f, n + mask, len))
+}
+
 /// Nanoseconds since the Unix epoch.
 pub fn now_ns() -> u64 {
     SystemTime::now()
@@ -60,17 +190,29 @@ pub fn now_ns() -> u64 {
 /// The send time a message carries as `"t":<ns>`, however the server wraps it
 /// (pushcluster: `{"msg":{"t":…},…}`; the others deliver the body as is).
 pub fn sent_at(text: &str) -> Option<u64> {
-    text.split("\"t\":")
-        .nth(1)?
-        .split([',', '}'])
-        .next()?
-        .parse()
-        .ok()
+    sent_at_bytes(text.as_bytes())
+}
+
+/// [`sent_at`] on raw bytes.
+pub fn sent_at_bytes(b: &[u8]) -> Option<u64> {
+    let at = b.windows(4).position(|w| w == b"\"t\":")? + 4;
+    let digits = b[at..].iter().take_while(|c| c.is_ascii_digit()).count();
+    std::str::from_utf8(&b[at..at + digits]).ok()?.parse().ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::sent_at;
+
+    #[test]
+    fn frame_headers_in_every_length_form() {
+        use super::frame_header;
+        assert_eq!(frame_header(&[0x81, 5]), Some((1, 2, 5)));
+        assert_eq!(frame_header(&[0x81, 126, 1, 0]), Some((1, 4, 256)));
+        assert_eq!(frame_header(&[0x88, 0x82, 0, 0, 0, 0]), Some((8, 6, 2)));
+        assert_eq!(frame_header(&[0x81, 127, 0, 0]), None);
+        assert_eq!(frame_header(&[0x81]), None);
+    }
 
     #[test]
     fn finds_the_send_time_wrapped_or_not() {
