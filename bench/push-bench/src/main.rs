@@ -137,6 +137,17 @@ enum Cmd {
     },
 }
 
+/// The WebSocket address pushcluster's web gives for `key`.
+async fn resolve_ws(http: &reqwest::Client, web: &str, key: &str) -> anyhow::Result<SocketAddr> {
+    let v: serde_json::Value = http
+        .get(format!("{web}/1/server/get?k={key}&p=1"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(v["data"]["server"].as_str().context("no server")?.parse()?)
+}
+
 fn pids(p: &[u32]) -> Vec<String> {
     p.iter().map(|p| p.to_string()).collect()
 }
@@ -255,15 +266,7 @@ async fn main() -> anyhow::Result<()> {
             for i in 0..keys {
                 let key = format!("lat-{i}");
                 let addr = match &resolve {
-                    Some(web) => {
-                        let v: serde_json::Value = http
-                            .get(format!("{web}/1/server/get?k={key}&p=1"))
-                            .send()
-                            .await?
-                            .json()
-                            .await?;
-                        v["data"]["server"].as_str().context("no server")?.parse()?
-                    }
+                    Some(web) => resolve_ws(&http, web, &key).await?,
                     None => server.ws[i % server.ws.len()],
                 };
                 let mut w = server
@@ -475,14 +478,7 @@ async fn main() -> anyhow::Result<()> {
                 tasks.push(tokio::spawn(async move {
                     let _permit = sem.acquire().await?;
                     let t = Instant::now();
-                    let v: serde_json::Value = http
-                        .get(format!("{web}/1/server/get?k={key}&p=1"))
-                        .send()
-                        .await?
-                        .json()
-                        .await?;
-                    let addr: SocketAddr =
-                        v["data"]["server"].as_str().context("no server")?.parse()?;
+                    let addr = resolve_ws(&http, &web, &key).await?;
                     let _ws = sub.connect(addr, src, &key).await?;
                     let (mut got, mut after) = (0usize, 0i64);
                     loop {

@@ -127,9 +127,8 @@ async fn wait_takeover(c: &Cluster, key: &str, heir: usize, limit: Duration) -> 
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failover_loses_no_acknowledged_message() {
-    let redis = RedisServer::start();
+/// Two shards and a standby comet, storage and 2 s leases in `redis`.
+fn failover_cluster(redis: &RedisServer) -> (Cluster, Duration) {
     let opts = Options {
         shards: 2,
         standbys: 1,
@@ -139,7 +138,13 @@ async fn failover_loses_no_acknowledged_message() {
         ..Options::default()
     };
     let lease_duration = Duration::from_millis(opts.lease_ms.0);
-    let mut c = Cluster::start(opts);
+    (Cluster::start(opts), lease_duration)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_loses_no_acknowledged_message() {
+    let redis = RedisServer::start();
+    let (mut c, lease_duration) = failover_cluster(&redis);
     let api = c.client();
     let keys: Vec<String> = (0..KEYS).map(|i| format!("user-{i}")).collect();
     let untils: Vec<Arc<AtomicI64>> = keys
@@ -261,16 +266,7 @@ async fn takeover_series() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
     let redis = RedisServer::start();
-    let opts = Options {
-        shards: 2,
-        standbys: 1,
-        redis_url: Some(redis.url()),
-        lease_redis: Some(redis.url()),
-        lease_ms: (2000, 1400, 300),
-        ..Options::default()
-    };
-    let lease_duration = Duration::from_millis(opts.lease_ms.0);
-    let mut c = Cluster::start(opts);
+    let (mut c, lease_duration) = failover_cluster(&redis);
     let key = "user-0";
     let (mut crash, mut graceful) = (Vec::new(), Vec::new());
     for _ in 0..reps {
