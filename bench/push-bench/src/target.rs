@@ -28,18 +28,27 @@ pub struct Sub {
     pub heartbeat: u64,
 }
 
+/// A TCP connection to `addr` from `source` (any port).
+async fn dial(addr: SocketAddr, source: IpAddr) -> std::io::Result<tokio::net::TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(source, 0))?;
+    let stream = sock.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
 impl Sub {
+    /// The subscribe URL for `key` at `addr`.
+    fn url(&self, addr: SocketAddr, key: &str) -> String {
+        self.sub_url
+            .replace("{addr}", &addr.to_string())
+            .replace("{key}", key)
+    }
+
     /// Connects from `source` and, when the server greets, waits for it.
     pub async fn connect(&self, addr: SocketAddr, source: IpAddr, key: &str) -> anyhow::Result<Ws> {
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(SocketAddr::new(source, 0))?;
-        let stream = sock.connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let url = self
-            .sub_url
-            .replace("{addr}", &addr.to_string())
-            .replace("{key}", key);
-        let (mut ws, _) = tokio_tungstenite::client_async(url, stream).await?;
+        let stream = dial(addr, source).await?;
+        let (mut ws, _) = tokio_tungstenite::client_async(self.url(addr, key), stream).await?;
         if self.hello.is_empty() {
             return Ok(ws);
         }
@@ -48,9 +57,7 @@ impl Sub {
             other => bail!("subscribe {key}: unexpected first frame {other:?}"),
         }
     }
-}
 
-impl Sub {
     /// Connects a [`RawSub`]: the same handshake and greeting, read by hand.
     pub async fn connect_raw(
         &self,
@@ -58,14 +65,8 @@ impl Sub {
         source: IpAddr,
         key: &str,
     ) -> anyhow::Result<RawSub> {
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(SocketAddr::new(source, 0))?;
-        let mut stream = sock.connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let url = self
-            .sub_url
-            .replace("{addr}", &addr.to_string())
-            .replace("{key}", key);
+        let mut stream = dial(addr, source).await?;
+        let url = self.url(addr, key);
         let path = url
             .strip_prefix("ws://")
             .and_then(|rest| rest.find('/').map(|i| &rest[i..]))

@@ -214,17 +214,30 @@ fn apply(db: &Database, batch: &mut [Op], retention: &Retention) -> Result<Vec<i
     Ok(out)
 }
 
-impl Store for EmbeddedStore {
-    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
+impl EmbeddedStore {
+    /// Queues an append for the writer thread, deduplicated by `push_id` when given.
+    async fn append_with(
+        &self,
+        ch: Channel<'_>,
+        push_id: Option<String>,
+        payload: Bytes,
+        ttl: Duration,
+    ) -> Result<i64> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Append {
             chan: channel_name(ch),
             payload,
             expire_at: now_ms().saturating_add(ttl.as_millis() as u64),
-            push_id: None,
+            push_id,
             reply,
         };
         self.submit(op, rx).await
+    }
+}
+
+impl Store for EmbeddedStore {
+    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
+        self.append_with(ch, None, payload, ttl).await
     }
 
     async fn append_idempotent(
@@ -234,15 +247,8 @@ impl Store for EmbeddedStore {
         payload: Bytes,
         ttl: Duration,
     ) -> Result<i64> {
-        let (reply, rx) = oneshot::channel();
-        let op = Op::Append {
-            chan: channel_name(ch),
-            payload,
-            expire_at: now_ms().saturating_add(ttl.as_millis() as u64),
-            push_id: Some(push_id.to_owned()),
-            reply,
-        };
-        self.submit(op, rx).await
+        self.append_with(ch, Some(push_id.to_owned()), payload, ttl)
+            .await
     }
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {
