@@ -8,11 +8,10 @@
 //! server costs above this is its own overhead: the rest is the kernel's.
 
 use anyhow::Context;
-use base64::Engine;
 use clap::Parser;
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use sha1::{Digest, Sha1};
+use pushcluster_core::websocket;
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::SocketAddr;
@@ -30,7 +29,6 @@ struct Cli {
 }
 
 const LISTENER: Token = Token(usize::MAX);
-const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 /// Largest HTTP request (headers and body) a publisher may send.
 const MAX_REQUEST: usize = 1 << 20;
 
@@ -111,25 +109,8 @@ fn parse(buf: &[u8]) -> Result<Option<(Request<'_>, usize)>, &'static str> {
 /// One unmasked WebSocket text frame holding `payload`.
 fn text_frame(payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(payload.len() + 10);
-    f.push(0x81);
-    match payload.len() {
-        n if n < 126 => f.push(n as u8),
-        n if n <= u16::MAX as usize => {
-            f.push(126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(payload);
+    websocket::put_frame(&mut f, websocket::Opcode::Text, payload);
     f
-}
-
-fn accept_key(ws_key: &str) -> String {
-    let digest = Sha1::digest(format!("{ws_key}{WS_GUID}").as_bytes());
-    base64::engine::general_purpose::STANDARD.encode(digest)
 }
 
 struct Server {
@@ -249,7 +230,7 @@ impl Server {
                 Err(_) => return false,
                 Ok(Some((req, used))) => match (req.method, req.path, req.ws_key) {
                     ("GET", _, Some(ws_key)) => {
-                        let reply = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n", accept_key(ws_key));
+                        let reply = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n", websocket::accept_key(ws_key));
                         (
                             reply,
                             None,
@@ -375,14 +356,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accept_key_matches_rfc_6455_example() {
-        assert_eq!(
-            accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
-        );
-    }
-
-    #[test]
     fn parse_waits_for_the_whole_body() {
         let req = b"POST /pub?key=a HTTP/1.1\r\nContent-Length: 5\r\n\r\nhel";
         assert!(matches!(parse(req), Ok(None)));
@@ -392,11 +365,5 @@ mod tests {
             (r.method, r.path, r.key, r.body, used),
             ("POST", "/pub", Some("a"), &b"hello"[..], req.len() - 3)
         );
-    }
-
-    #[test]
-    fn frames_use_the_right_length_form() {
-        assert_eq!(text_frame(b"hi"), vec![0x81, 2, b'h', b'i']);
-        assert_eq!(&text_frame(&[0; 200])[..4], &[0x81, 126, 0, 200]);
     }
 }

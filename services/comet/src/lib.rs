@@ -345,8 +345,13 @@ impl Comet {
         Duration::from_secs(heartbeat + self.cfg.heartbeat_grace_seconds)
     }
 
-    /// Checks a subscribe request and registers the connection.
-    pub fn admit(&self, sub: &Subscribe) -> Result<Subscription, Refusal> {
+    /// Checks a subscribe request and registers the connection; `silence` is
+    /// how long the client may send nothing (None: the server keeps it alive).
+    pub fn admit(
+        &self,
+        sub: &Subscribe,
+        silence: Option<Duration>,
+    ) -> Result<Subscription, Refusal> {
         if self.cfg.limits.check_key(&sub.key).is_err() {
             return Err(Refusal::Param);
         }
@@ -363,7 +368,7 @@ impl Comet {
             tracing::debug!(key = %sub.key, "key is not owned by this comet");
             return Err(Refusal::Channel);
         }
-        self.registry.register(&sub.key).map_err(|e| {
+        self.registry.register(&sub.key, silence).map_err(|e| {
             tracing::debug!(key = %sub.key, error = %e, "subscribe refused");
             match e {
                 RegisterError::TooManySubscribers(_) | RegisterError::ShuttingDown => {
@@ -559,8 +564,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         ready.clone(),
         cancel.clone(),
     ));
+    let ws_conns = tokio_util::task::TaskTracker::new();
     let ws_task = tokio::spawn({
-        let app = ws::router(comet.clone());
+        let app = ws::router(comet.clone(), ws_conns.clone());
         let stop = stop_accepting.clone();
         async move {
             axum::serve(
@@ -579,6 +585,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         tcp_conns.clone(),
     ));
     let follow = tokio::spawn(comet.clone().follow_membership(background.clone()));
+    let sweeper = tokio::spawn(sweep_silent(comet.clone(), background.clone()));
     let rpc_task = tokio::spawn({
         let svc = rpc::CometRpc::new(comet.clone()).into_server();
         let stop = stop_accepting.clone();
@@ -608,11 +615,36 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     tcp_conns.close();
     // Each connection flushes its queue and sends the reconnect frame.
     let _ = tokio::time::timeout(Duration::from_secs(10), tcp_conns.wait()).await;
-    // axum's graceful shutdown waits for open WebSocket/SSE connections, which
-    // end once their queues are flushed after close_all.
+    // axum's graceful shutdown waits for open SSE responses, which end once
+    // their queues are flushed after close_all; WebSocket connections are
+    // tracked apart (they left axum at the upgrade).
     let _ = tokio::time::timeout(Duration::from_secs(10), ws_task).await;
+    ws_conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), ws_conns.wait()).await;
     background.cancel();
     let _ = follow.await;
+    let _ = sweeper.await;
     let _ = ops.await;
     Ok(())
+}
+
+/// How often connections are checked for silence past their deadline.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Closes silent connections (one pass per [`SWEEP_EVERY`]) until `stop`:
+/// one sweep over the registry instead of a timer in every connection.
+async fn sweep_silent(comet: Arc<Comet>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                let n = comet.registry.sweep();
+                if n > 0 {
+                    tracing::debug!(connections = n, "closed for missing heartbeats");
+                }
+            }
+        }
+    }
 }

@@ -9,11 +9,11 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use pushcluster_core::frame::{encode_json, encode_resp_bulk, Format};
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 /// A stored message on its way to connections, encoded lazily per format.
 #[derive(Debug)]
@@ -61,13 +61,147 @@ impl Delivery {
     }
 }
 
+/// Why the comet ends a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Slow consumer, shutdown, or the key moved to another comet: flush
+    /// what is queued, tell versioned clients to reconnect, close.
+    Reconnect,
+    /// No heartbeat within the deadline: close without flushing.
+    Timeout,
+    /// Closing took longer than [`FLUSH_GRACE`] (the peer stopped reading):
+    /// drop the socket now.
+    Abort,
+}
+
+/// What a connection takes next from its mailbox.
+#[derive(Debug)]
+pub enum Next {
+    /// A message to write.
+    Message(Arc<Delivery>),
+    /// The connection is to close, for this reason.
+    Close(Close),
+}
+
+/// How long a closing connection may take to flush before it is dropped.
+pub const FLUSH_GRACE: Duration = Duration::from_secs(5);
+/// A deadline that never passes (connections without client heartbeats).
+const NEVER: u64 = u64::MAX;
+
+/// One connection's queue and close signal, shared by the registry (which
+/// offers messages) and the connection (which takes them).
+///
+/// Hand-written instead of a channel plus a cancellation token: an idle
+/// subscriber's memory is mostly per-connection structures, and this one is
+/// a single small allocation whose queue is allocated only while messages
+/// wait (a bounded tokio channel allocates its first block up front).
+#[derive(Debug)]
+struct Mailbox {
+    inner: Mutex<Inbox>,
+    /// Milliseconds on the registry's clock after which the connection is
+    /// closed for silence (or, once closing, dropped).
+    deadline_ms: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Inbox {
+    queue: VecDeque<Arc<Delivery>>,
+    close: Option<Close>,
+    waker: Option<Waker>,
+}
+
+enum Offer {
+    Queued,
+    Full,
+    Closed,
+}
+
+impl Mailbox {
+    fn offer(&self, d: &Arc<Delivery>, depth: usize) -> Offer {
+        let waker = {
+            let mut inbox = lock(&self.inner);
+            if inbox.close.is_some() {
+                return Offer::Closed;
+            }
+            if inbox.queue.len() >= depth {
+                return Offer::Full;
+            }
+            inbox.queue.push_back(d.clone());
+            inbox.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Offer::Queued
+    }
+
+    /// Asks the connection to close; a later, harsher reason replaces an
+    /// earlier one (Abort over Timeout over Reconnect). True if it changed.
+    fn close(&self, why: Close, now_ms: u64) -> bool {
+        let rank = |c: Option<Close>| match c {
+            None => 0,
+            Some(Close::Reconnect) => 1,
+            Some(Close::Timeout) => 2,
+            Some(Close::Abort) => 3,
+        };
+        let waker = {
+            let mut inbox = lock(&self.inner);
+            if rank(Some(why)) <= rank(inbox.close) {
+                return false;
+            }
+            if inbox.close.is_none() {
+                self.deadline_ms.store(
+                    now_ms.saturating_add(FLUSH_GRACE.as_millis() as u64),
+                    Ordering::Relaxed,
+                );
+            }
+            inbox.close = Some(why);
+            if why != Close::Reconnect {
+                // Nothing more will be written.
+                inbox.queue = VecDeque::new();
+            }
+            inbox.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    fn is_closing(&self) -> bool {
+        lock(&self.inner).close.is_some()
+    }
+
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Next> {
+        let mut inbox = lock(&self.inner);
+        if let Some(d) = inbox.queue.pop_front() {
+            if inbox.queue.is_empty() {
+                // Give the buffer back: an idle connection keeps no queue.
+                inbox.queue = VecDeque::new();
+            }
+            return Poll::Ready(Next::Message(d));
+        }
+        // The waker is kept even when reporting a close, so a closing
+        // connection still hears of a later Abort.
+        if !inbox
+            .waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            inbox.waker = Some(cx.waker().clone());
+        }
+        match inbox.close {
+            Some(c) => Poll::Ready(Next::Close(c)),
+            None => Poll::Pending,
+        }
+    }
+}
+
 /// The registry's handle on one connection.
 #[derive(Debug, Clone)]
-pub struct ConnHandle {
+struct ConnHandle {
     id: u64,
-    tx: mpsc::Sender<Arc<Delivery>>,
-    /// Fired to close the connection (slow consumer, shutdown, key moved).
-    pub close: CancellationToken,
+    mailbox: Arc<Mailbox>,
 }
 
 /// Why a connection was refused.
@@ -88,15 +222,16 @@ pub struct Registry {
     connections: AtomicU64,
     max_per_key: usize,
     queue_depth: usize,
-    closing: CancellationToken,
+    closing: AtomicBool,
+    /// The clock heartbeat deadlines are kept on.
+    epoch: Instant,
     /// Connections closed because their queue was full.
     pub slow_consumers: Counter,
 }
 
-/// A registered connection: its queue and its id; unregisters on drop.
+/// A registered connection: its queue and close signal; unregisters on drop.
 pub struct Subscription {
-    pub rx: mpsc::Receiver<Arc<Delivery>>,
-    pub close: CancellationToken,
+    mailbox: Arc<Mailbox>,
     key: String,
     id: u64,
     registry: Arc<Registry>,
@@ -105,6 +240,44 @@ pub struct Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.registry.unregister(&self.key, self.id);
+    }
+}
+
+impl Subscription {
+    /// The next message, or why to close once nothing is left to flush.
+    pub fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Next> {
+        self.mailbox.poll_next(cx)
+    }
+
+    /// [`Self::poll_next`] as a future.
+    pub async fn next(&self) -> Next {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// A message that is already queued, if any.
+    pub fn try_message(&self) -> Option<Arc<Delivery>> {
+        let mut inbox = lock(&self.mailbox.inner);
+        let d = inbox.queue.pop_front();
+        if inbox.queue.is_empty() {
+            inbox.queue = VecDeque::new();
+        }
+        d
+    }
+
+    /// The client proved it is alive: it may stay silent for `for_` more.
+    pub fn heartbeat(&self, for_: Duration) {
+        if !self.mailbox.is_closing() {
+            let at = self
+                .registry
+                .now_ms()
+                .saturating_add(for_.as_millis() as u64);
+            self.mailbox.deadline_ms.store(at, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the comet asked this connection to close.
+    pub fn is_closing(&self) -> bool {
+        self.mailbox.is_closing()
     }
 }
 
@@ -117,9 +290,14 @@ impl Registry {
             connections: AtomicU64::new(0),
             max_per_key: max_per_key.max(1),
             queue_depth: queue_depth.max(1),
-            closing: CancellationToken::new(),
+            closing: AtomicBool::new(false),
+            epoch: Instant::now(),
             slow_consumers,
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     fn shard(&self, key: &str) -> &Mutex<HashMap<String, Vec<ConnHandle>>> {
@@ -127,30 +305,41 @@ impl Registry {
         &self.shards[h % SHARDS]
     }
 
-    /// Adds a connection for `key`, within the per-key limit.
-    pub fn register(self: &Arc<Self>, key: &str) -> Result<Subscription, RegisterError> {
-        if self.closing.is_cancelled() {
-            return Err(RegisterError::ShuttingDown);
-        }
-        let (tx, rx) = mpsc::channel(self.queue_depth);
+    /// Adds a connection for `key`, within the per-key limit. `silence` is how
+    /// long the client may send nothing before it is closed (None: never).
+    pub fn register(
+        self: &Arc<Self>,
+        key: &str,
+        silence: Option<Duration>,
+    ) -> Result<Subscription, RegisterError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let close = self.closing.child_token();
+        let deadline = silence.map_or(NEVER, |d| {
+            self.now_ms().saturating_add(d.as_millis() as u64)
+        });
+        let mailbox = Arc::new(Mailbox {
+            inner: Mutex::new(Inbox::default()),
+            deadline_ms: AtomicU64::new(deadline),
+        });
         {
             let mut map = lock(self.shard(key));
+            // Checked under the shard lock: close_all sets the flag before it
+            // walks the shards, so a registration either sees the flag or is
+            // in the map when close_all gets to its shard.
+            if self.closing.load(Ordering::SeqCst) {
+                return Err(RegisterError::ShuttingDown);
+            }
             let conns = map.entry(key.to_owned()).or_default();
             if conns.len() >= self.max_per_key {
                 return Err(RegisterError::TooManySubscribers(conns.len()));
             }
             conns.push(ConnHandle {
                 id,
-                tx,
-                close: close.clone(),
+                mailbox: mailbox.clone(),
             });
         }
         self.connections.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
-            rx,
-            close,
+            mailbox,
             key: key.to_owned(),
             id,
             registry: self.clone(),
@@ -195,28 +384,28 @@ impl Registry {
     }
 
     fn offer(&self, c: &ConnHandle, d: &Arc<Delivery>) -> bool {
-        match c.tx.try_send(d.clone()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !c.close.is_cancelled() {
+        match c.mailbox.offer(d, self.queue_depth) {
+            Offer::Queued => true,
+            Offer::Full => {
+                if c.mailbox.close(Close::Reconnect, self.now_ms()) {
                     self.slow_consumers.inc();
                     tracing::warn!(conn = c.id, "slow consumer: queue full, closing");
-                    c.close.cancel();
                 }
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Offer::Closed => false,
         }
     }
 
     /// Closes every connection whose key `keep` rejects (keys that moved away).
     pub fn close_where(&self, keep: impl Fn(&str) -> bool) -> u64 {
+        let now = self.now_ms();
         let mut n = 0;
         for shard in &self.shards {
             for (k, conns) in lock(shard).iter() {
                 if !keep(k) {
                     for c in conns {
-                        c.close.cancel();
+                        c.mailbox.close(Close::Reconnect, now);
                         n += 1;
                     }
                 }
@@ -227,7 +416,30 @@ impl Registry {
 
     /// Refuses new connections and closes every open one.
     pub fn close_all(&self) {
-        self.closing.cancel();
+        self.closing.store(true, Ordering::SeqCst);
+        self.close_where(|_| false);
+    }
+
+    /// Closes connections whose client went silent past its deadline, and
+    /// drops closing connections that could not flush within [`FLUSH_GRACE`].
+    /// Returns how many were closed for silence.
+    pub fn sweep(&self) -> u64 {
+        let now = self.now_ms();
+        let mut silent = 0;
+        for shard in &self.shards {
+            for c in lock(shard).values().flatten() {
+                if c.mailbox.deadline_ms.load(Ordering::Relaxed) > now {
+                    continue;
+                }
+                if !c.mailbox.is_closing() {
+                    c.mailbox.close(Close::Timeout, now);
+                    silent += 1;
+                } else {
+                    c.mailbox.close(Close::Abort, now);
+                }
+            }
+        }
+        silent
     }
 
     /// Open connections.
@@ -258,17 +470,17 @@ mod tests {
     #[test]
     fn delivers_in_order_to_every_connection_of_a_key() {
         let r = Registry::new(4, 16, Counter::default());
-        let mut a = r.register("k").unwrap();
-        let mut b = r.register("k").unwrap();
-        let mut other = r.register("x").unwrap();
+        let mut a = r.register("k", None).unwrap();
+        let mut b = r.register("k", None).unwrap();
+        let other = r.register("x", None).unwrap();
         for mid in 1..=3 {
             assert_eq!(r.deliver("k", &d(mid)), 2);
         }
         for sub in [&mut a, &mut b] {
-            let got: Vec<i64> = (0..3).map(|_| sub.rx.try_recv().unwrap().mid).collect();
+            let got: Vec<i64> = (0..3).map(|_| sub.try_message().unwrap().mid).collect();
             assert_eq!(got, vec![1, 2, 3]);
         }
-        assert!(other.rx.try_recv().is_err());
+        assert!(other.try_message().is_none());
         assert_eq!(r.connections(), 3);
         assert_eq!(r.keys(), 2);
     }
@@ -276,20 +488,20 @@ mod tests {
     #[test]
     fn per_key_limit() {
         let r = Registry::new(2, 16, Counter::default());
-        let _a = r.register("k").unwrap();
-        let b = r.register("k").unwrap();
+        let _a = r.register("k", None).unwrap();
+        let b = r.register("k", None).unwrap();
         assert_eq!(
-            r.register("k").err(),
+            r.register("k", None).err(),
             Some(RegisterError::TooManySubscribers(2))
         );
         drop(b);
-        assert!(r.register("k").is_ok());
+        assert!(r.register("k", None).is_ok());
     }
 
     #[test]
     fn dropping_a_subscription_unregisters_it() {
         let r = Registry::new(2, 16, Counter::default());
-        let a = r.register("k").unwrap();
+        let a = r.register("k", None).unwrap();
         drop(a);
         assert_eq!(r.connections(), 0);
         assert_eq!(r.keys(), 0);
@@ -299,14 +511,14 @@ mod tests {
     #[test]
     fn a_full_queue_closes_only_that_connection() {
         let r = Registry::new(4, 2, Counter::default());
-        let slow = r.register("k").unwrap();
-        let mut fast = r.register("k").unwrap();
+        let slow = r.register("k", None).unwrap();
+        let fast = r.register("k", None).unwrap();
         for mid in 1..=3 {
             r.deliver("k", &d(mid));
-            let _ = fast.rx.try_recv();
+            let _ = fast.try_message();
         }
-        assert!(slow.close.is_cancelled());
-        assert!(!fast.close.is_cancelled());
+        assert!(slow.is_closing());
+        assert!(!fast.is_closing());
         assert_eq!(r.slow_consumers.get(), 1);
     }
 
@@ -315,18 +527,90 @@ mod tests {
         let r = Registry::new(4, 4, Counter::default());
         let mut subs: Vec<_> = ["a", "b", "c"]
             .iter()
-            .map(|k| r.register(k).unwrap())
+            .map(|k| r.register(k, None).unwrap())
             .collect();
         assert_eq!(
             r.broadcast(&Delivery::new(1, 1, Bytes::from_static(b"1"))),
             3
         );
         for s in &mut subs {
-            assert_eq!(s.rx.try_recv().unwrap().gid, 1);
+            assert_eq!(s.try_message().unwrap().gid, 1);
         }
         r.close_all();
-        assert!(subs.iter().all(|s| s.close.is_cancelled()));
-        assert_eq!(r.register("d").err(), Some(RegisterError::ShuttingDown));
+        assert!(subs.iter().all(|s| s.is_closing()));
+        assert_eq!(
+            r.register("d", None).err(),
+            Some(RegisterError::ShuttingDown)
+        );
+    }
+
+    fn next_now(s: &Subscription) -> Poll<Next> {
+        s.poll_next(&mut Context::from_waker(Waker::noop()))
+    }
+
+    #[test]
+    fn a_reconnect_close_flushes_the_queue_first() {
+        let r = Registry::new(4, 4, Counter::default());
+        let s = r.register("k", None).unwrap();
+        assert!(next_now(&s).is_pending());
+        r.deliver("k", &d(1));
+        r.close_where(|_| false);
+        assert!(matches!(next_now(&s), Poll::Ready(Next::Message(m)) if m.mid == 1));
+        assert!(matches!(
+            next_now(&s),
+            Poll::Ready(Next::Close(Close::Reconnect))
+        ));
+        // Nothing is queued on a closing connection.
+        assert_eq!(r.deliver("k", &d(2)), 0);
+    }
+
+    #[test]
+    fn silence_past_the_deadline_closes_and_a_stuck_close_is_aborted() {
+        let r = Registry::new(4, 4, Counter::default());
+        let quiet = r.register("quiet", Some(Duration::ZERO)).unwrap();
+        let beating = r.register("beating", Some(Duration::ZERO)).unwrap();
+        let sse = r.register("sse", None).unwrap();
+        beating.heartbeat(Duration::from_secs(60));
+        r.deliver("quiet", &d(1));
+        assert_eq!(r.sweep(), 1);
+        // A silent client's queue is dropped: it is not read anyway.
+        assert!(matches!(
+            next_now(&quiet),
+            Poll::Ready(Next::Close(Close::Timeout))
+        ));
+        assert!(!beating.is_closing() && !sse.is_closing());
+        // Heartbeats no longer extend a closing connection's deadline.
+        quiet.heartbeat(Duration::from_secs(60));
+        assert_eq!(r.sweep(), 0);
+        assert!(matches!(
+            next_now(&quiet),
+            Poll::Ready(Next::Close(Close::Timeout))
+        ));
+        // Once the flush grace has passed, the connection is dropped.
+        quiet.mailbox.deadline_ms.store(0, Ordering::Relaxed);
+        r.sweep();
+        assert!(matches!(
+            next_now(&quiet),
+            Poll::Ready(Next::Close(Close::Abort))
+        ));
+    }
+
+    #[test]
+    fn a_queued_message_wakes_the_connection() {
+        use std::sync::atomic::AtomicUsize;
+        struct Count(AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let r = Registry::new(4, 4, Counter::default());
+        let s = r.register("k", None).unwrap();
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        assert!(s.poll_next(&mut Context::from_waker(&waker)).is_pending());
+        r.deliver("k", &d(1));
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! body (`ret` as on web: 65534 parameter, 401 auth, 1002 channel).
 
 use crate::protocol::Subscribe;
-use crate::registry::Delivery;
+use crate::registry::{Close, Delivery, Next};
 use crate::Comet;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -66,7 +66,9 @@ pub async fn subscribe(
         token: q.get("token").cloned().unwrap_or_default(),
         format: Format::Json,
     };
-    let mut s = match comet.admit(&sub) {
+    // No client heartbeats here: the comet sends keep-alives, and a gone
+    // client shows as a closed response stream.
+    let s = match comet.admit(&sub, None) {
         Ok(s) => s,
         Err(crate::Refusal::Param) => return refuse(StatusCode::BAD_REQUEST, 65534, "invalid key"),
         Err(crate::Refusal::Auth) => return refuse(StatusCode::UNAUTHORIZED, 401, "token refused"),
@@ -118,24 +120,24 @@ pub async fn subscribe(
         loop {
             tokio::select! {
                 biased;
-                _ = s.close.cancelled() => {
-                    while let Ok(d) = s.rx.try_recv() {
-                        let _ = tx.send(Ok(event(&d))).await;
+                next = s.next() => match next {
+                    Next::Message(d) => {
+                        // Live messages already sent from the fetch are skipped.
+                        if d.gid == GID_PRIVATE && d.mid <= sent {
+                            continue;
+                        }
+                        if tx.send(Ok(event(&d))).await.is_err() {
+                            break;
+                        }
                     }
-                    let _ = tx.send(Ok(Event::default().event("reconnect").data("reconnect"))).await;
-                    comet2.reconnect_sent();
-                    break;
-                }
-                d = s.rx.recv() => {
-                    let Some(d) = d else { break };
-                    // Live messages already sent from the fetch are skipped.
-                    if d.gid == GID_PRIVATE && d.mid <= sent {
-                        continue;
-                    }
-                    if tx.send(Ok(event(&d))).await.is_err() {
+                    // The queue is flushed already (messages come first).
+                    Next::Close(Close::Reconnect) => {
+                        let _ = tx.try_send(Ok(Event::default().event("reconnect").data("reconnect")));
+                        comet2.reconnect_sent();
                         break;
                     }
-                }
+                    Next::Close(Close::Timeout | Close::Abort) => break,
+                },
                 _ = tx.closed() => break,
             }
         }

@@ -6,7 +6,7 @@
 //! string `$<len>\r\n<json>\r\n`.
 
 use crate::protocol::{parse_command, subscribe_params};
-use crate::registry::Subscription;
+use crate::registry::{Close, Next, Subscription};
 use crate::Comet;
 use pushcluster_core::frame::{self, Format};
 use std::sync::Arc;
@@ -86,22 +86,14 @@ async fn handle(comet: Arc<Comet>, stream: TcpStream) {
     else {
         return refuse(w, frame::ERR_PARAM).await;
     };
-    let s = match comet.admit(&sub) {
+    let silence = comet.read_deadline(sub.heartbeat);
+    let s = match comet.admit(&sub, Some(silence)) {
         Ok(s) => s,
         Err(refusal) => return refuse(w, refusal.frame()).await,
     };
     let gauge = comet.metrics.conn_gauge("tcp");
     gauge.inc();
-    drive(
-        &comet,
-        r,
-        w,
-        buf,
-        s,
-        sub.format,
-        comet.read_deadline(sub.heartbeat),
-    )
-    .await;
+    drive(&comet, r, w, buf, s, sub.format, silence).await;
     gauge.dec();
 }
 
@@ -129,9 +121,9 @@ async fn drive(
     mut r: OwnedReadHalf,
     mut w: BufWriter<OwnedWriteHalf>,
     pending: Vec<u8>,
-    mut s: Subscription,
+    s: Subscription,
     format: Format,
-    deadline: Duration,
+    silence: Duration,
 ) {
     if w.write_all(frame::HEARTBEAT_REPLY).await.is_err() {
         return;
@@ -143,41 +135,45 @@ async fn drive(
     if w.flush().await.is_err() {
         return;
     }
-    let timer = tokio::time::sleep(deadline);
-    tokio::pin!(timer);
     let mut chunk = [0u8; 64];
     loop {
         tokio::select! {
             biased;
-            _ = s.close.cancelled() => {
-                while let Ok(d) = s.rx.try_recv() {
+            next = s.next() => match next {
+                Next::Message(d) => {
                     if w.write_all(d.resp(format)).await.is_err() {
                         return;
                     }
-                }
-                if format == Format::Json {
-                    let _ = w.write_all(frame::RECONNECT).await;
-                    comet.reconnect_sent();
-                }
-                let _ = w.flush().await;
-                let _ = w.shutdown().await;
-                return;
-            }
-            d = s.rx.recv() => {
-                let Some(d) = d else { return };
-                if w.write_all(d.resp(format)).await.is_err() {
-                    return;
-                }
-                // Everything already queued goes out in as few writes as fit.
-                while let Ok(d) = s.rx.try_recv() {
-                    if w.write_all(d.resp(format)).await.is_err() {
+                    // Everything already queued goes out in as few writes as fit.
+                    while let Some(d) = s.try_message() {
+                        if w.write_all(d.resp(format)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if w.flush().await.is_err() {
                         return;
                     }
                 }
-                if w.flush().await.is_err() {
+                Next::Close(Close::Reconnect) => {
+                    // The queue is flushed already (messages come first).
+                    if format == Format::Json {
+                        let _ = w.write_all(frame::RECONNECT).await;
+                        comet.reconnect_sent();
+                    }
+                    // Bounded: the sweeper aborts a close that cannot flush,
+                    // and the abort ends this select.
+                    tokio::select! {
+                        _ = async { let _ = w.flush().await; let _ = w.shutdown().await; } => {}
+                        _ = wait_abort(&s) => {}
+                    }
                     return;
                 }
-            }
+                Next::Close(Close::Timeout) => {
+                    tracing::debug!("heartbeat timeout, closing");
+                    return;
+                }
+                Next::Close(Close::Abort) => return,
+            },
             n = r.read(&mut chunk) => match n {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
@@ -192,13 +188,19 @@ async fn drive(
                     if w.flush().await.is_err() {
                         return;
                     }
-                    timer.as_mut().reset(tokio::time::Instant::now() + deadline);
+                    s.heartbeat(silence);
                 }
             },
-            _ = &mut timer => {
-                tracing::debug!("heartbeat timeout, closing");
-                return;
-            }
         }
     }
+}
+
+/// Resolves once the comet aborts this connection's close.
+async fn wait_abort(s: &Subscription) {
+    // A closing mailbox keeps the waker, so this is woken by the abort.
+    std::future::poll_fn(|cx| match s.poll_next(cx) {
+        std::task::Poll::Ready(Next::Close(Close::Abort)) => std::task::Poll::Ready(()),
+        _ => std::task::Poll::Pending,
+    })
+    .await
 }

@@ -4,51 +4,114 @@
 //! and closes), answers each text frame `h` with `+h\r\n`, and sends each
 //! message as one text frame. The connection closes when no heartbeat arrives
 //! within the client's heartbeat plus the grace period.
+//!
+//! The handshake is checked here and the framing is the comet's own
+//! ([`pushcluster_core::websocket`]), driven by a hand-written future
+//! ([`Conn`]): an idle subscriber is then its socket, its mailbox and this
+//! small struct, with no read or write buffer until bytes actually wait.
+//! A general WebSocket library kept ~2 KB of buffers and codec state per
+//! connection (see docs/benchmarks.md, S1).
 
 use crate::protocol::subscribe_params;
-use crate::registry::Subscription;
+use crate::registry::{Close, Next, Subscription};
 use crate::Comet;
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
-use axum::response::Response;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
-use futures::SinkExt;
+use axum::{Json, Router};
+use hyper_util::rt::TokioIo;
 use pushcluster_core::frame::{self, Format};
+use pushcluster_core::websocket::{self as wsf, close_code, Opcode};
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_util::task::TaskTracker;
 
-/// Largest frame a subscriber may send; they only ever send `h`.
-const MAX_CLIENT_FRAME: usize = 1024;
-/// Read buffer per connection: subscribers send only `h` and close frames,
-/// and a larger frame is read in several passes.
-const READ_BUFFER: usize = 256;
-/// Bytes gathered before a write; `flush` sends whatever is gathered.
-const WRITE_BUFFER: usize = 16 * 1024;
+/// Largest message a subscriber may send; they only ever send `h`.
+const MAX_CLIENT_MESSAGE: usize = 1024;
+/// Bytes read from the socket per call; a larger frame is read in passes.
+const READ_CHUNK: usize = 512;
+/// Stop taking queued messages once this much waits to be written; the
+/// mailbox (bounded by the queue depth) holds the rest.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// A written-out buffer up to this size is kept for the next write; a larger
+/// one is freed, so a connection that once had a burst does not keep it.
+const KEEP_BUFFER: usize = 256;
 
-/// Routes of the comet's HTTP listener: WebSocket and SSE.
-pub fn router(comet: Arc<Comet>) -> Router {
+/// Routes of the comet's HTTP listener: WebSocket and SSE. WebSocket
+/// connections are tracked by `conns`, so shutdown can wait for their flush.
+pub fn router(comet: Arc<Comet>, conns: TaskTracker) -> Router {
     Router::new()
-        .route("/sub", get(upgrade))
-        .route("/sub/sse", get(crate::sse::subscribe))
-        .with_state(comet)
+        .route("/sub", get(upgrade).with_state((comet.clone(), conns)))
+        .route("/sub/sse", get(crate::sse::subscribe).with_state(comet))
 }
 
-fn text(b: &'static [u8]) -> Message {
-    // The protocol frames are ASCII.
-    Message::Text(Utf8Bytes::from_static(
-        std::str::from_utf8(b).unwrap_or_default(),
-    ))
+fn bad_request(status: StatusCode, msg: &str) -> Response {
+    (status, Json(serde_json::json!({"ret": 65534, "msg": msg}))).into_response()
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 async fn upgrade(
-    State(comet): State<Arc<Comet>>,
+    State((comet, conns)): State<(Arc<Comet>, TaskTracker)>,
     Query(q): Query<HashMap<String, String>>,
-    ws: WebSocketUpgrade,
+    mut req: Request,
 ) -> Response {
+    let headers = req.headers();
+    if !header_has_token(headers, header::CONNECTION, "upgrade")
+        || !header_has_token(headers, header::UPGRADE, "websocket")
+    {
+        return bad_request(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket upgrade (Connection: upgrade, Upgrade: websocket) is required",
+        );
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        let mut r = bad_request(
+            StatusCode::UPGRADE_REQUIRED,
+            "Sec-WebSocket-Version 13 is required",
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return r;
+    }
+    let Some(accept) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .map(wsf::accept_key)
+    else {
+        return bad_request(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing");
+    };
+    let Ok(accept) = HeaderValue::from_str(&accept) else {
+        return bad_request(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is invalid");
+    };
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return bad_request(
+            StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded",
+        );
+    };
     // Parameters are checked and the connection registered before the
-    // upgrade, so the connection's task keeps only what it needs (an idle
-    // subscriber's memory is mostly that task); a refusal is sent after it.
+    // upgrade, so the connection's task keeps only what it needs; a refusal
+    // is sent after it, as gopush-cluster clients expect.
     let get = |k: &str| q.get(k).map(String::as_str);
     let admitted = match subscribe_params(
         get("key"),
@@ -58,109 +121,306 @@ async fn upgrade(
         comet.heartbeat_bounds(),
     ) {
         None => Err(frame::ERR_PARAM),
-        Some(sub) => comet
-            .admit(&sub)
-            .map(|s| (s, sub.format, comet.read_deadline(sub.heartbeat)))
-            .map_err(|refusal| refusal.frame()),
+        Some(sub) => {
+            let silence = comet.read_deadline(sub.heartbeat);
+            comet
+                .admit(&sub, Some(silence))
+                .map(|s| (s, sub.format, silence))
+                .map_err(|refusal| refusal.frame())
+        }
     };
     drop(q);
-    // tungstenite's defaults (128 KiB read and write buffers per connection)
-    // dominated an idle subscriber's memory; clients only ever send `h`, and
-    // queued messages are flushed as soon as they are written.
-    ws.read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(MAX_CLIENT_FRAME)
-        .max_frame_size(MAX_CLIENT_FRAME)
-        .on_upgrade(move |socket| serve(comet, socket, admitted))
+    conns.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => serve(comet, TokioIo::new(upgraded), admitted).await,
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    r
 }
 
 /// A registered subscription with its format and heartbeat deadline, or the
 /// error frame to send instead.
-type Admitted = Result<(Subscription, Format, std::time::Duration), &'static [u8]>;
+type Admitted = Result<(Subscription, Format, Duration), &'static [u8]>;
 
-async fn serve(comet: Arc<Comet>, mut socket: WebSocket, admitted: Admitted) {
-    let (subscription, format, deadline) = match admitted {
-        Ok(a) => a,
-        Err(refusal) => {
-            let _ = socket.send(text(refusal)).await;
-            let _ = SinkExt::close(&mut socket).await;
-            return;
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(comet: Arc<Comet>, io: S, admitted: Admitted) {
+    match admitted {
+        Ok((sub, format, silence)) => {
+            let gauge = comet.metrics.conn_gauge("websocket");
+            gauge.inc();
+            Conn::new(io, sub, comet, format, silence).await;
+            gauge.dec();
         }
-    };
-    let gauge = comet.metrics.conn_gauge("websocket");
-    gauge.inc();
-    drive(&comet, socket, subscription, format, deadline).await;
-    gauge.dec();
+        Err(refusal) => {
+            let mut out = Vec::with_capacity(16);
+            wsf::put_frame(&mut out, Opcode::Text, refusal);
+            wsf::put_close(&mut out, close_code::NORMAL, "");
+            let mut io = io;
+            let _ = tokio::io::AsyncWriteExt::write_all(&mut io, &out).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+        }
+    }
 }
 
-/// One connection's loop. The socket is not split: a split puts it behind
-/// a lock in its own allocation, and every branch below runs only after the
-/// others' futures are dropped, so one owner is enough.
-async fn drive(
-    comet: &Comet,
-    mut socket: WebSocket,
-    mut s: Subscription,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading frames and writing messages.
+    Open,
+    /// A close frame is queued: write what is left, then end.
+    Closing,
+}
+
+/// What handling the client's bytes asks for.
+enum Flow {
+    Continue,
+    /// Send a close frame with this code and reason, then end.
+    Close(u16, &'static str),
+}
+
+/// One subscriber connection, polled by hand: its reads, its writes and its
+/// mailbox are three wake-up sources of one small future.
+struct Conn<S> {
+    io: S,
+    sub: Subscription,
+    comet: Arc<Comet>,
     format: Format,
-    deadline: std::time::Duration,
-) {
-    if socket.send(text(frame::HEARTBEAT_REPLY)).await.is_err() {
-        return;
+    silence: Duration,
+    state: Phase,
+    /// Encoded frames waiting to be written; `written` of them already are.
+    out: Vec<u8>,
+    written: usize,
+    /// Bytes of a frame not yet complete.
+    partial: Vec<u8>,
+    /// Payload of a fragmented message being assembled.
+    fragments: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
+    fn new(io: S, sub: Subscription, comet: Arc<Comet>, format: Format, silence: Duration) -> Self {
+        let mut out = Vec::with_capacity(8);
+        wsf::put_frame(&mut out, Opcode::Text, frame::HEARTBEAT_REPLY);
+        Self {
+            io,
+            sub,
+            comet,
+            format,
+            silence,
+            state: Phase::Open,
+            out,
+            written: 0,
+            partial: Vec::new(),
+            fragments: Vec::new(),
+        }
     }
-    let timer = tokio::time::sleep(deadline);
-    tokio::pin!(timer);
-    loop {
-        tokio::select! {
-            biased;
-            _ = s.close.cancelled() => {
-                // Flush what is already queued, then tell versioned clients to
-                // reconnect; legacy clients reconnect on close.
-                while let Ok(d) = s.rx.try_recv() {
-                    if socket.feed(Message::Text(d.json(format).clone())).await.is_err() {
-                        return;
+
+    fn close_with(&mut self, code: u16, reason: &str) {
+        if self.state == Phase::Open {
+            wsf::put_close(&mut self.out, code, reason);
+            self.state = Phase::Closing;
+        }
+    }
+
+    /// Handles the complete frames at the front of `buf`; returns how many
+    /// bytes they took, and what the connection must do next.
+    fn on_bytes(&mut self, buf: &mut [u8]) -> (usize, Flow) {
+        let mut used = 0;
+        loop {
+            let frame = match wsf::parse_client_frame(&mut buf[used..], MAX_CLIENT_MESSAGE) {
+                Ok(Some(f)) => f,
+                Ok(None) => return (used, Flow::Continue),
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad frame from subscriber, closing");
+                    return (used, Flow::Close(e.code(), "bad frame"));
+                }
+            };
+            let (f, n) = frame;
+            used += n;
+            let flow = match f.opcode {
+                Opcode::Ping => {
+                    wsf::put_frame(&mut self.out, Opcode::Pong, f.payload);
+                    Flow::Continue
+                }
+                Opcode::Pong => Flow::Continue,
+                Opcode::Close => Flow::Close(close_code::NORMAL, ""),
+                Opcode::Text | Opcode::Binary | Opcode::Continuation => {
+                    let starts = f.opcode != Opcode::Continuation;
+                    if starts != self.fragments.is_empty() && !(starts && f.fin) {
+                        // A continuation with nothing to continue, or a new
+                        // message in the middle of a fragmented one.
+                        Flow::Close(close_code::PROTOCOL_ERROR, "unexpected continuation")
+                    } else if f.fin && self.fragments.is_empty() {
+                        self.on_message(f.opcode, f.payload)
+                    } else if self.fragments.len() + f.payload.len() > MAX_CLIENT_MESSAGE {
+                        Flow::Close(close_code::TOO_BIG, "message too big")
+                    } else {
+                        if starts {
+                            // Remember the opcode in the first byte.
+                            self.fragments.push(u8::from(f.opcode == Opcode::Text));
+                        }
+                        self.fragments.extend_from_slice(f.payload);
+                        if f.fin {
+                            let msg = std::mem::take(&mut self.fragments);
+                            let op = if msg[0] == 1 {
+                                Opcode::Text
+                            } else {
+                                Opcode::Binary
+                            };
+                            self.on_message(op, &msg[1..])
+                        } else {
+                            Flow::Continue
+                        }
                     }
                 }
-                if format == Format::Json {
-                    let _ = socket.feed(text(frame::RECONNECT)).await;
-                    comet.reconnect_sent();
-                }
-                let _ = socket.flush().await;
-                let _ = SinkExt::close(&mut socket).await;
-                return;
+            };
+            if !matches!(flow, Flow::Continue) {
+                return (used, flow);
             }
-            d = s.rx.recv() => {
-                let Some(d) = d else { return };
-                if socket.feed(Message::Text(d.json(format).clone())).await.is_err() {
-                    return;
+        }
+    }
+
+    fn on_message(&mut self, opcode: Opcode, payload: &[u8]) -> Flow {
+        if opcode == Opcode::Text && payload == b"h" {
+            wsf::put_frame(&mut self.out, Opcode::Text, frame::HEARTBEAT_REPLY);
+            self.sub.heartbeat(self.silence);
+            Flow::Continue
+        } else {
+            tracing::debug!("unknown frame from subscriber, closing");
+            wsf::put_frame(&mut self.out, Opcode::Text, frame::ERR_PARAM);
+            Flow::Close(close_code::NORMAL, "")
+        }
+    }
+
+    /// Reads until the socket has nothing more; Ready(false) ends the connection.
+    fn poll_input(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        loop {
+            let mut chunk = [0u8; READ_CHUNK];
+            let mut rb = ReadBuf::new(&mut chunk);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(false),
+                Poll::Ready(Ok(())) => {}
+            }
+            let n = rb.filled().len();
+            if n == 0 {
+                return Poll::Ready(false);
+            }
+            let flow = if self.partial.is_empty() {
+                let (used, flow) = self.on_bytes(&mut chunk[..n]);
+                if matches!(flow, Flow::Continue) {
+                    self.partial.extend_from_slice(&chunk[used..n]);
                 }
-                // Everything already queued goes out with one flush.
-                while let Ok(d) = s.rx.try_recv() {
-                    if socket.feed(Message::Text(d.json(format).clone())).await.is_err() {
-                        return;
-                    }
+                flow
+            } else {
+                let mut buf = std::mem::take(&mut self.partial);
+                buf.extend_from_slice(&chunk[..n]);
+                let (used, flow) = self.on_bytes(&mut buf);
+                buf.drain(..used);
+                if !buf.is_empty() {
+                    self.partial = buf;
                 }
-                if socket.flush().await.is_err() {
-                    return;
+                flow
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Close(code, reason) => {
+                    self.close_with(code, reason);
+                    return Poll::Ready(true);
                 }
             }
-            m = socket.recv() => match m {
-                Some(Ok(Message::Text(t))) if t.as_str() == "h" => {
-                    if socket.send(text(frame::HEARTBEAT_REPLY)).await.is_err() {
-                        return;
+        }
+    }
+
+    /// Moves queued messages into the write buffer. Ready(true): stopped at
+    /// the high-water mark, call again once written; Ready(false): end now.
+    fn poll_mailbox(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
+        while self.out.len() < WRITE_HIGH_WATER {
+            match ready!(self.sub.poll_next(cx)) {
+                Next::Message(d) => {
+                    if self.state == Phase::Open {
+                        wsf::put_frame(
+                            &mut self.out,
+                            Opcode::Text,
+                            d.json(self.format).as_str().as_bytes(),
+                        );
                     }
-                    timer.as_mut().reset(tokio::time::Instant::now() + deadline);
                 }
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
-                    tracing::debug!("unknown frame from subscriber, closing");
-                    let _ = socket.send(text(frame::ERR_PARAM)).await;
-                    return;
+                Next::Close(Close::Abort) => return Poll::Ready(false),
+                Next::Close(_) if self.state == Phase::Closing => return Poll::Pending,
+                Next::Close(Close::Reconnect) => {
+                    // Legacy clients reconnect on close; versioned ones are told.
+                    if self.format == Format::Json {
+                        wsf::put_frame(&mut self.out, Opcode::Text, frame::RECONNECT);
+                        self.comet.reconnect_sent();
+                    }
+                    self.close_with(close_code::GOING_AWAY, "reconnect");
+                    // Pending with the waker kept: only an Abort can follow.
+                    return Poll::Pending;
                 }
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-            },
-            _ = &mut timer => {
-                tracing::debug!("heartbeat timeout, closing");
-                let _ = SinkExt::close(&mut socket).await;
-                return;
+                Next::Close(Close::Timeout) => {
+                    tracing::debug!("heartbeat timeout, closing");
+                    self.close_with(close_code::NORMAL, "heartbeat timeout");
+                    return Poll::Pending;
+                }
+            }
+        }
+        Poll::Ready(true)
+    }
+
+    /// Writes the buffer; Ready(Ok) once it is all written.
+    fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.out.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        if self.out.capacity() > KEEP_BUFFER {
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+        self.written = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Future for Conn<S> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        loop {
+            if this.state == Phase::Open {
+                if let Poll::Ready(false) = this.poll_input(cx) {
+                    return Poll::Ready(());
+                }
+            }
+            let more = match this.poll_mailbox(cx) {
+                Poll::Ready(false) => return Poll::Ready(()),
+                Poll::Ready(true) => true,
+                Poll::Pending => false,
+            };
+            match this.poll_output(cx) {
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) => {}
+            }
+            if this.state == Phase::Closing {
+                // The close frame is out; the client need not answer it.
+                let _ = ready!(Pin::new(&mut this.io).poll_shutdown(cx));
+                return Poll::Ready(());
+            }
+            // Everything is written and both sources are pending (each
+            // registered our waker), unless the mailbox stopped at the
+            // high-water mark.
+            if !more {
+                return Poll::Pending;
             }
         }
     }

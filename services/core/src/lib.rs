@@ -8,6 +8,7 @@ pub mod membership;
 pub mod ops;
 pub mod ring;
 pub mod token;
+pub mod websocket;
 
 /// Message group of a private message (one key).
 pub const GID_PRIVATE: i32 = 0;
