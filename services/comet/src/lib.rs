@@ -564,9 +564,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         ready.clone(),
         cancel.clone(),
     ));
-    let ws_conns = tokio_util::task::TaskTracker::new();
     let ws_task = tokio::spawn({
-        let app = ws::router(comet.clone(), ws_conns.clone());
+        let app = ws::router(comet.clone());
         let stop = stop_accepting.clone();
         async move {
             axum::serve(
@@ -619,8 +618,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     // their queues are flushed after close_all; WebSocket connections are
     // tracked apart (they left axum at the upgrade).
     let _ = tokio::time::timeout(Duration::from_secs(10), ws_task).await;
-    ws_conns.close();
-    let _ = tokio::time::timeout(Duration::from_secs(10), ws_conns.wait()).await;
+    // Every connection unregisters when it ends; the sweeper aborts those
+    // that cannot flush within the grace period.
+    let drained = async {
+        while comet.registry.connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
     background.cancel();
     let _ = follow.await;
     let _ = sweeper.await;

@@ -197,12 +197,8 @@ impl Mailbox {
     }
 }
 
-/// The registry's handle on one connection.
-#[derive(Debug, Clone)]
-struct ConnHandle {
-    id: u64,
-    mailbox: Arc<Mailbox>,
-}
+/// The registry's handle on one connection (compared by address).
+type ConnHandle = Arc<Mailbox>;
 
 /// Why a connection was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -218,7 +214,6 @@ const SHARDS: usize = 64;
 /// Connections by key, sharded to keep lock hold times short.
 pub struct Registry {
     shards: Vec<Mutex<HashMap<String, Vec<ConnHandle>>>>,
-    next_id: AtomicU64,
     connections: AtomicU64,
     max_per_key: usize,
     queue_depth: usize,
@@ -232,14 +227,13 @@ pub struct Registry {
 /// A registered connection: its queue and close signal; unregisters on drop.
 pub struct Subscription {
     mailbox: Arc<Mailbox>,
-    key: String,
-    id: u64,
+    key: Box<str>,
     registry: Arc<Registry>,
 }
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.registry.unregister(&self.key, self.id);
+        self.registry.unregister(&self.key, &self.mailbox);
     }
 }
 
@@ -286,7 +280,6 @@ impl Registry {
     pub fn new(max_per_key: usize, queue_depth: usize, slow_consumers: Counter) -> Arc<Self> {
         Arc::new(Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            next_id: AtomicU64::new(1),
             connections: AtomicU64::new(0),
             max_per_key: max_per_key.max(1),
             queue_depth: queue_depth.max(1),
@@ -312,7 +305,6 @@ impl Registry {
         key: &str,
         silence: Option<Duration>,
     ) -> Result<Subscription, RegisterError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let deadline = silence.map_or(NEVER, |d| {
             self.now_ms().saturating_add(d.as_millis() as u64)
         });
@@ -332,25 +324,21 @@ impl Registry {
             if conns.len() >= self.max_per_key {
                 return Err(RegisterError::TooManySubscribers(conns.len()));
             }
-            conns.push(ConnHandle {
-                id,
-                mailbox: mailbox.clone(),
-            });
+            conns.push(mailbox.clone());
         }
         self.connections.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
             mailbox,
-            key: key.to_owned(),
-            id,
+            key: key.into(),
             registry: self.clone(),
         })
     }
 
-    fn unregister(&self, key: &str, id: u64) {
+    fn unregister(&self, key: &str, mailbox: &Arc<Mailbox>) {
         let mut map = lock(self.shard(key));
         if let Some(conns) = map.get_mut(key) {
             let before = conns.len();
-            conns.retain(|c| c.id != id);
+            conns.retain(|c| !Arc::ptr_eq(c, mailbox));
             if conns.len() < before {
                 self.connections.fetch_sub(1, Ordering::Relaxed);
             }
@@ -384,12 +372,12 @@ impl Registry {
     }
 
     fn offer(&self, c: &ConnHandle, d: &Arc<Delivery>) -> bool {
-        match c.mailbox.offer(d, self.queue_depth) {
+        match c.offer(d, self.queue_depth) {
             Offer::Queued => true,
             Offer::Full => {
-                if c.mailbox.close(Close::Reconnect, self.now_ms()) {
+                if c.close(Close::Reconnect, self.now_ms()) {
                     self.slow_consumers.inc();
-                    tracing::warn!(conn = c.id, "slow consumer: queue full, closing");
+                    tracing::warn!("slow consumer: queue full, closing");
                 }
                 false
             }
@@ -405,7 +393,7 @@ impl Registry {
             for (k, conns) in lock(shard).iter() {
                 if !keep(k) {
                     for c in conns {
-                        c.mailbox.close(Close::Reconnect, now);
+                        c.close(Close::Reconnect, now);
                         n += 1;
                     }
                 }
@@ -428,14 +416,14 @@ impl Registry {
         let mut silent = 0;
         for shard in &self.shards {
             for c in lock(shard).values().flatten() {
-                if c.mailbox.deadline_ms.load(Ordering::Relaxed) > now {
+                if c.deadline_ms.load(Ordering::Relaxed) > now {
                     continue;
                 }
-                if !c.mailbox.is_closing() {
-                    c.mailbox.close(Close::Timeout, now);
+                if !c.is_closing() {
+                    c.close(Close::Timeout, now);
                     silent += 1;
                 } else {
-                    c.mailbox.close(Close::Abort, now);
+                    c.close(Close::Abort, now);
                 }
             }
         }

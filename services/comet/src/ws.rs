@@ -20,6 +20,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use pushcluster_core::frame::{self, Format};
 use pushcluster_core::websocket::{self as wsf, close_code, Opcode};
@@ -31,8 +32,9 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_util::task::TaskTracker;
 
+/// The transport label of this module's connections.
+const GAUGE: &str = "websocket";
 /// Largest message a subscriber may send; they only ever send `h`.
 const MAX_CLIENT_MESSAGE: usize = 1024;
 /// Bytes read from the socket per call; a larger frame is read in passes.
@@ -44,12 +46,12 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// one is freed, so a connection that once had a burst does not keep it.
 const KEEP_BUFFER: usize = 256;
 
-/// Routes of the comet's HTTP listener: WebSocket and SSE. WebSocket
-/// connections are tracked by `conns`, so shutdown can wait for their flush.
-pub fn router(comet: Arc<Comet>, conns: TaskTracker) -> Router {
+/// Routes of the comet's HTTP listener: WebSocket and SSE.
+pub fn router(comet: Arc<Comet>) -> Router {
     Router::new()
-        .route("/sub", get(upgrade).with_state((comet.clone(), conns)))
-        .route("/sub/sse", get(crate::sse::subscribe).with_state(comet))
+        .route("/sub", get(upgrade))
+        .route("/sub/sse", get(crate::sse::subscribe))
+        .with_state(comet)
 }
 
 fn bad_request(status: StatusCode, msg: &str) -> Response {
@@ -66,7 +68,7 @@ fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) 
 }
 
 async fn upgrade(
-    State((comet, conns)): State<(Arc<Comet>, TaskTracker)>,
+    State(comet): State<Arc<Comet>>,
     Query(q): Query<HashMap<String, String>>,
     mut req: Request,
 ) -> Response {
@@ -130,12 +132,18 @@ async fn upgrade(
         }
     };
     drop(q);
-    conns.spawn(async move {
-        match on_upgrade.await {
-            Ok(upgraded) => serve(comet, TokioIo::new(upgraded), admitted).await,
-            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+    // The connection's task is the Conn itself, which also waits for the
+    // upgrade: an async block around it would keep its own copy of the
+    // arguments beside the Conn, in every idle connection. (Shutdown waits
+    // for connections through the registry, not a task tracker.)
+    match admitted {
+        Ok((sub, format, silence)) => {
+            tokio::spawn(Conn::new(on_upgrade, sub, comet, format, silence));
         }
-    });
+        Err(refusal) => {
+            tokio::spawn(refuse(on_upgrade, refusal));
+        }
+    }
     let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
     let h = r.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -144,27 +152,17 @@ async fn upgrade(
     r
 }
 
-/// A registered subscription with its format and heartbeat deadline, or the
-/// error frame to send instead.
-type Admitted = Result<(Subscription, Format, Duration), &'static [u8]>;
-
-async fn serve<S: AsyncRead + AsyncWrite + Unpin>(comet: Arc<Comet>, io: S, admitted: Admitted) {
-    match admitted {
-        Ok((sub, format, silence)) => {
-            let gauge = comet.metrics.conn_gauge("websocket");
-            gauge.inc();
-            Conn::new(io, sub, comet, format, silence).await;
-            gauge.dec();
-        }
-        Err(refusal) => {
-            let mut out = Vec::with_capacity(16);
-            wsf::put_frame(&mut out, Opcode::Text, refusal);
-            wsf::put_close(&mut out, close_code::NORMAL, "");
-            let mut io = io;
-            let _ = tokio::io::AsyncWriteExt::write_all(&mut io, &out).await;
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
-        }
-    }
+/// Sends a refused subscriber its error frame after the upgrade, and closes.
+async fn refuse(on_upgrade: OnUpgrade, refusal: &'static [u8]) {
+    let Ok(upgraded) = on_upgrade.await else {
+        return;
+    };
+    let mut io = TokioIo::new(upgraded);
+    let mut out = Vec::with_capacity(16);
+    wsf::put_frame(&mut out, Opcode::Text, refusal);
+    wsf::put_close(&mut out, close_code::NORMAL, "");
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut io, &out).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,40 +180,71 @@ enum Flow {
     Close(u16, &'static str),
 }
 
-/// One subscriber connection, polled by hand: its reads, its writes and its
-/// mailbox are three wake-up sources of one small future.
-struct Conn<S> {
-    io: S,
+/// One subscriber connection, polled by hand: the upgrade, then its reads,
+/// its writes and its mailbox are the wake-up sources of one small future,
+/// which is the connection's whole task.
+struct Conn {
+    /// Until the HTTP response is out and hyper hands over the socket.
+    upgrade: Option<OnUpgrade>,
+    io: Option<TokioIo<Upgraded>>,
     sub: Subscription,
+    /// For its metrics (one field for two: an idle connection is this struct).
     comet: Arc<Comet>,
     format: Format,
-    silence: Duration,
     state: Phase,
+    /// Seconds the client may stay silent (heartbeat plus grace).
+    silence_s: u32,
     /// Encoded frames waiting to be written; `written` of them already are.
     out: Vec<u8>,
-    written: usize,
+    written: u32,
+    /// Client bytes kept between reads; allocated only while there are any.
+    inbound: Option<Box<Inbound>>,
+}
+
+/// What a connection keeps of the client's bytes between two reads.
+#[derive(Default)]
+struct Inbound {
     /// Bytes of a frame not yet complete.
     partial: Vec<u8>,
-    /// Payload of a fragmented message being assembled.
+    /// Payload of a fragmented message being assembled, behind one byte
+    /// that says whether it is text.
     fragments: Vec<u8>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
-    fn new(io: S, sub: Subscription, comet: Arc<Comet>, format: Format, silence: Duration) -> Self {
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.comet.metrics.conn_gauge(GAUGE).dec();
+    }
+}
+
+impl Conn {
+    fn new(
+        upgrade: OnUpgrade,
+        sub: Subscription,
+        comet: Arc<Comet>,
+        format: Format,
+        silence: Duration,
+    ) -> Self {
         let mut out = Vec::with_capacity(8);
         wsf::put_frame(&mut out, Opcode::Text, frame::HEARTBEAT_REPLY);
+        comet.metrics.conn_gauge(GAUGE).inc();
         Self {
-            io,
+            upgrade: Some(upgrade),
+            io: None,
             sub,
             comet,
             format,
-            silence,
             state: Phase::Open,
+            silence_s: u32::try_from(silence.as_secs()).unwrap_or(u32::MAX),
             out,
             written: 0,
-            partial: Vec::new(),
-            fragments: Vec::new(),
+            inbound: None,
         }
+    }
+
+    /// The fragments of a message being assembled (empty when none is).
+    fn fragments(&self) -> &[u8] {
+        self.inbound.as_ref().map_or(&[], |i| &i.fragments)
     }
 
     fn close_with(&mut self, code: u16, reason: &str) {
@@ -249,22 +278,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
                 Opcode::Close => Flow::Close(close_code::NORMAL, ""),
                 Opcode::Text | Opcode::Binary | Opcode::Continuation => {
                     let starts = f.opcode != Opcode::Continuation;
-                    if starts != self.fragments.is_empty() && !(starts && f.fin) {
+                    let assembling = !self.fragments().is_empty();
+                    if starts == assembling && !(starts && f.fin) {
                         // A continuation with nothing to continue, or a new
                         // message in the middle of a fragmented one.
                         Flow::Close(close_code::PROTOCOL_ERROR, "unexpected continuation")
-                    } else if f.fin && self.fragments.is_empty() {
+                    } else if f.fin && !assembling {
                         self.on_message(f.opcode, f.payload)
-                    } else if self.fragments.len() + f.payload.len() > MAX_CLIENT_MESSAGE {
+                    } else if self.fragments().len() + f.payload.len() > MAX_CLIENT_MESSAGE {
                         Flow::Close(close_code::TOO_BIG, "message too big")
                     } else {
+                        let fragments =
+                            &mut self.inbound.get_or_insert_with(Box::default).fragments;
                         if starts {
                             // Remember the opcode in the first byte.
-                            self.fragments.push(u8::from(f.opcode == Opcode::Text));
+                            fragments.push(u8::from(f.opcode == Opcode::Text));
                         }
-                        self.fragments.extend_from_slice(f.payload);
+                        fragments.extend_from_slice(f.payload);
                         if f.fin {
-                            let msg = std::mem::take(&mut self.fragments);
+                            let msg = std::mem::take(fragments);
                             let op = if msg[0] == 1 {
                                 Opcode::Text
                             } else {
@@ -286,7 +318,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     fn on_message(&mut self, opcode: Opcode, payload: &[u8]) -> Flow {
         if opcode == Opcode::Text && payload == b"h" {
             wsf::put_frame(&mut self.out, Opcode::Text, frame::HEARTBEAT_REPLY);
-            self.sub.heartbeat(self.silence);
+            self.sub
+                .heartbeat(Duration::from_secs(u64::from(self.silence_s)));
             Flow::Continue
         } else {
             tracing::debug!("unknown frame from subscriber, closing");
@@ -300,7 +333,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
         loop {
             let mut chunk = [0u8; READ_CHUNK];
             let mut rb = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            let Some(io) = self.io.as_mut() else {
+                return Poll::Ready(false);
+            };
+            match Pin::new(io).poll_read(cx, &mut rb) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(_)) => return Poll::Ready(false),
                 Poll::Ready(Ok(())) => {}
@@ -309,22 +345,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
             if n == 0 {
                 return Poll::Ready(false);
             }
-            let flow = if self.partial.is_empty() {
+            let mut buf = match self.inbound.as_mut() {
+                Some(i) if !i.partial.is_empty() => std::mem::take(&mut i.partial),
+                _ => Vec::new(),
+            };
+            let flow = if buf.is_empty() {
                 let (used, flow) = self.on_bytes(&mut chunk[..n]);
-                if matches!(flow, Flow::Continue) {
-                    self.partial.extend_from_slice(&chunk[used..n]);
+                if matches!(flow, Flow::Continue) && used < n {
+                    buf.extend_from_slice(&chunk[used..n]);
                 }
                 flow
             } else {
-                let mut buf = std::mem::take(&mut self.partial);
                 buf.extend_from_slice(&chunk[..n]);
                 let (used, flow) = self.on_bytes(&mut buf);
                 buf.drain(..used);
-                if !buf.is_empty() {
-                    self.partial = buf;
-                }
                 flow
             };
+            if !buf.is_empty() {
+                self.inbound.get_or_insert_with(Box::default).partial = buf;
+            } else if self
+                .inbound
+                .as_ref()
+                .is_some_and(|i| i.partial.is_empty() && i.fragments.is_empty())
+            {
+                // Nothing kept between reads: give the allocation back.
+                self.inbound = None;
+            }
             match flow {
                 Flow::Continue => {}
                 Flow::Close(code, reason) => {
@@ -373,12 +419,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
 
     /// Writes the buffer; Ready(Ok) once it is all written.
     fn poll_output(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.written < self.out.len() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.out[self.written..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-            }
-            self.written += n;
+        let Some(io) = self.io.as_mut() else {
+            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
+        };
+        let mut written = self.written as usize;
+        while written < self.out.len() {
+            let n = match Pin::new(&mut *io).poll_write(cx, &self.out[written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // The buffer stays under WRITE_HIGH_WATER plus one
+                    // message, which the key and message limits keep far
+                    // below 4 GiB.
+                    self.written = written as u32;
+                    return Poll::Pending;
+                }
+            };
+            written += n;
         }
         if self.out.capacity() > KEEP_BUFFER {
             self.out = Vec::new();
@@ -390,11 +448,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Future for Conn<S> {
+impl Future for Conn {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let this = self.get_mut();
+        if let Some(upgrade) = this.upgrade.as_mut() {
+            match ready!(Pin::new(upgrade).poll(cx)) {
+                Ok(upgraded) => {
+                    this.upgrade = None;
+                    this.io = Some(TokioIo::new(upgraded));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "WebSocket upgrade failed");
+                    return Poll::Ready(());
+                }
+            }
+        }
         loop {
             if this.state == Phase::Open {
                 if let Poll::Ready(false) = this.poll_input(cx) {
@@ -413,7 +483,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Future for Conn<S> {
             }
             if this.state == Phase::Closing {
                 // The close frame is out; the client need not answer it.
-                let _ = ready!(Pin::new(&mut this.io).poll_shutdown(cx));
+                if let Some(io) = this.io.as_mut() {
+                    let _ = ready!(Pin::new(io).poll_shutdown(cx));
+                }
                 return Poll::Ready(());
             }
             // Everything is written and both sources are pending (each

@@ -476,3 +476,90 @@ async fn a_slow_consumer_is_dropped_without_slowing_the_others() {
         mid
     );
 }
+
+/// Reads one server frame: (first byte, payload). Server frames are unmasked
+/// and these are short.
+async fn server_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .expect("a frame in time")
+        .expect("frame header");
+    assert!(head[1] < 126, "short frame expected, got {head:?}");
+    let mut payload = vec![0u8; head[1] as usize];
+    s.read_exact(&mut payload).await.expect("frame payload");
+    (head[0], payload)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_handshake_and_framing_are_checked() {
+    use pushcluster_core::websocket::{accept_key, client_frame, Opcode};
+    let c = Cluster::start(Options {
+        shards: 1,
+        ..Options::default()
+    });
+    let ws = &c.comet_addrs[0].ws;
+    let h = reqwest::Client::new();
+    // A plain GET is not an upgrade: 400 with a JSON body.
+    let (status, body) = call(h.get(format!("http://{ws}/sub?key=a&heartbeat=30"))).await;
+    assert_eq!((status, body["ret"].as_i64()), (400, Some(65534)), "{body}");
+    // An unsupported WebSocket version: 426 naming the supported one.
+    let r = h
+        .get(format!("http://{ws}/sub?key=a&heartbeat=30"))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "8")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 426);
+    assert_eq!(r.headers()["sec-websocket-version"], "13");
+
+    // A raw handshake, so the frames below are exactly what is on the wire.
+    let mut s = tokio::net::TcpStream::connect(ws).await.unwrap();
+    let key = "x3JJHMbDL1EzLkh9GBhXDw==";
+    s.write_all(
+        format!(
+            "GET /sub?key=raw&heartbeat=30&ver=1 HTTP/1.1\r\nHost: {ws}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("handshake reply");
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "sec-websocket-accept: {}",
+            accept_key(key).to_ascii_lowercase()
+        )),
+        "{head}"
+    );
+    assert_eq!(server_frame(&mut s).await, (0x81, b"+h\r\n".to_vec()));
+    // A ping is answered with a pong carrying the same payload.
+    s.write_all(&client_frame(Opcode::Ping, b"p1", [1, 2, 3, 4]))
+        .await
+        .unwrap();
+    assert_eq!(server_frame(&mut s).await, (0x8A, b"p1".to_vec()));
+    // A heartbeat split over two fragments is one heartbeat.
+    let mut first = client_frame(Opcode::Text, b"", [5, 6, 7, 8]);
+    first[0] &= 0x7F;
+    let rest = client_frame(Opcode::Continuation, b"h", [9, 9, 9, 9]);
+    s.write_all(&[first, rest].concat()).await.unwrap();
+    assert_eq!(server_frame(&mut s).await, (0x81, b"+h\r\n".to_vec()));
+    // An unmasked client frame breaks the protocol: close 1002, then EOF.
+    s.write_all(&[0x81, 1, b'h']).await.unwrap();
+    let (op, payload) = server_frame(&mut s).await;
+    assert_eq!((op, &payload[..2]), (0x88, &1002u16.to_be_bytes()[..]));
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "bytes after close: {rest:?}");
+}
