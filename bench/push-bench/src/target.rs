@@ -190,11 +190,6 @@ pub fn now_ns() -> u64 {
 
 /// The send time a message carries as `"t":<ns>`, however the server wraps it
 /// (pushcluster: `{"msg":{"t":…},…}`; the others deliver the body as is).
-pub fn sent_at(text: &str) -> Option<u64> {
-    sent_at_bytes(text.as_bytes())
-}
-
-/// [`sent_at`] on raw bytes.
 pub fn sent_at_bytes(b: &[u8]) -> Option<u64> {
     let at = b.windows(4).position(|w| w == b"\"t\":")? + 4;
     let digits = b[at..].iter().take_while(|c| c.is_ascii_digit()).count();
@@ -203,7 +198,10 @@ pub fn sent_at_bytes(b: &[u8]) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::sent_at;
+    use super::sent_at_bytes;
+    fn sent_at(s: &str) -> Option<u64> {
+        sent_at_bytes(s.as_bytes())
+    }
 
     #[test]
     fn frame_headers_in_every_length_form() {

@@ -5,6 +5,11 @@ use push_message::Config;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+// The same allocator as the comet: measured on the private-push path (S3 in
+// docs/benchmarks.md), glibc's malloc and free were ~6 % of the CPU.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// pushcluster message service: stores pushed messages, assigns per-key message
 /// ids, serves offline reads to web and comets over gRPC.
 ///

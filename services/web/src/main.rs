@@ -5,6 +5,11 @@ use push_web::Config;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+// The same allocator as the comet: measured on the private-push path (S3 in
+// docs/benchmarks.md), glibc's malloc and free were ~6 % of the CPU.
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// pushcluster web: the gopush-cluster compatible HTTP API.
 ///
 /// Public listener: /1/server/get, /1/msg/get, /1/time/get (and the legacy
