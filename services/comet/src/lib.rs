@@ -20,6 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use protocol::{HeartbeatBounds, Subscribe};
+use pushcluster_core::batch::Batcher;
 use pushcluster_core::frame;
 use pushcluster_core::key::Limits;
 use pushcluster_core::membership::{Membership, ShardEndpoint, StaticMembership};
@@ -27,6 +28,7 @@ use pushcluster_core::ops::Readiness;
 use pushcluster_core::ring::{Ring, DEFAULT_VNODES};
 use pushcluster_lease::owner::{Ownership, ShardOwner};
 use pushcluster_lease::{Candidate, MembershipConfig, MembershipKind};
+use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_client::MessageClient;
 use registry::{RegisterError, Registry, Subscription};
 use serde::{Deserialize, Serialize};
@@ -237,6 +239,8 @@ pub struct Comet {
     cfg: Config,
     registry: Arc<Registry>,
     message: MessageClient<Channel>,
+    /// Appends to the message service, coalesced under load.
+    appender: Batcher<pb::AppendRequest, Result<i64, tonic::Status>>,
     membership: Arc<dyn Membership>,
     /// The shard served now (static: fixed; leases: follows the owner).
     ownership: watch::Receiver<Ownership>,
@@ -291,6 +295,7 @@ impl Comet {
             .connect_lazy();
         let comet = Arc::new(Self {
             registry,
+            appender: rpc::appender(MessageClient::new(channel.clone())),
             message: MessageClient::new(channel),
             membership,
             ownership,

@@ -3,11 +3,14 @@
 use crate::registry::Delivery;
 use crate::Comet;
 use bytes::Bytes;
+use pushcluster_core::batch::Batcher;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_server::{Comet as CometService, CometServer};
+use pushcluster_proto::v1::message_client::MessageClient;
 use std::sync::Arc;
 use std::time::Instant;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// gRPC front of a [`Comet`].
@@ -24,6 +27,52 @@ impl CometRpc {
     pub fn into_server(self) -> CometServer<Self> {
         CometServer::new(self)
     }
+}
+
+/// Appends in one call at most; the message service takes up to 256.
+const APPEND_BATCH: usize = 128;
+/// Append calls in flight at once before further appends wait and coalesce.
+/// One, like a pipelined Redis client: on S3 (docs/benchmarks.md) two in
+/// flight formed fewer batches and cost 13 % more CPU for the same p99.
+const APPENDS_IN_FLIGHT: usize = 1;
+
+/// The comet's path to storage: appends coalesced into AppendBatch calls
+/// when they arrive faster than the message service answers (a lone append
+/// goes out alone, as a plain Append).
+pub(crate) fn appender(
+    client: MessageClient<Channel>,
+) -> Batcher<pb::AppendRequest, Result<i64, Status>> {
+    Batcher::new(APPEND_BATCH, APPENDS_IN_FLIGHT, move |mut appends| {
+        let mut client = client.clone();
+        async move {
+            if appends.len() == 1 {
+                let one = appends.pop().map(|a| client.append(a));
+                return match one {
+                    Some(call) => vec![call.await.map(|r| r.into_inner().mid)],
+                    None => Vec::new(),
+                };
+            }
+            let n = appends.len();
+            match client
+                .append_batch(pb::AppendBatchRequest { appends })
+                .await
+            {
+                Ok(r) => r
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|a| match (a.error.is_empty(), a.invalid) {
+                        (true, _) => Ok(a.mid),
+                        (false, true) => Err(Status::invalid_argument(a.error)),
+                        (false, false) => Err(Status::unavailable(a.error)),
+                    })
+                    .collect(),
+                Err(e) => (0..n)
+                    .map(|_| Err(Status::new(e.code(), e.message().to_owned())))
+                    .collect(),
+            }
+        }
+    })
 }
 
 impl Comet {
@@ -47,8 +96,13 @@ impl Comet {
             gid: GID_PRIVATE,
             push_id: push_id.to_owned(),
         };
-        let mid = match self.message.clone().append(req).await {
-            Ok(r) => r.into_inner().mid,
+        let stored = self
+            .appender
+            .call(req)
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(e.to_string())));
+        let mid = match stored {
+            Ok(mid) => mid,
             Err(e) => {
                 self.metrics.push_errors.inc();
                 // Unavailable is kept for "this comet was not reached": web then
@@ -90,6 +144,29 @@ impl Comet {
     }
 }
 
+/// Most pushes one PushBatch call may carry.
+pub const MAX_PUSH_BATCH: usize = 256;
+
+/// One key's outcome in a multi-push or push batch.
+fn key_result(key: String, pushed: Result<i64, Status>) -> pb::KeyResult {
+    match pushed {
+        Ok(mid) => pb::KeyResult {
+            key,
+            mid,
+            error: String::new(),
+            unserved: false,
+            invalid: false,
+        },
+        Err(e) => pb::KeyResult {
+            key,
+            mid: 0,
+            error: e.message().to_owned(),
+            unserved: e.code() == tonic::Code::Unavailable,
+            invalid: e.code() == tonic::Code::InvalidArgument,
+        },
+    }
+}
+
 #[tonic::async_trait]
 impl CometService for CometRpc {
     async fn push(&self, req: Request<pb::PushRequest>) -> Result<Response<pb::PushReply>, Status> {
@@ -101,6 +178,36 @@ impl CometService for CometRpc {
             .push(&r.key, r.payload, r.expire_seconds, &r.push_id)
             .await?;
         Ok(Response::new(pb::PushReply { mid }))
+    }
+
+    async fn push_batch(
+        &self,
+        req: Request<pb::PushBatchRequest>,
+    ) -> Result<Response<pb::MultiPushReply>, Status> {
+        let pushes = req.into_inner().pushes;
+        if pushes.len() > MAX_PUSH_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} pushes in one batch, more than {MAX_PUSH_BATCH}",
+                pushes.len()
+            )));
+        }
+        let results = futures::future::join_all(pushes.into_iter().map(|r| async move {
+            let pushed = match self
+                .comet
+                .check(&r.key, &r.payload)
+                .and_then(|()| self.comet.check_owner(&r.key))
+            {
+                Ok(()) => {
+                    self.comet
+                        .push(&r.key, r.payload, r.expire_seconds, &r.push_id)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            key_result(r.key, pushed)
+        }))
+        .await;
+        Ok(Response::new(pb::MultiPushReply { results }))
     }
 
     async fn multi_push(
@@ -130,20 +237,7 @@ impl CometService for CometRpc {
                         Ok(()) => self.comet.push(key, payload, expire, push_id).await,
                     },
                 };
-                match res {
-                    Ok(mid) => pb::KeyResult {
-                        key: key.clone(),
-                        mid,
-                        error: String::new(),
-                        unserved: false,
-                    },
-                    Err(e) => pb::KeyResult {
-                        key: key.clone(),
-                        mid: 0,
-                        error: e.message().to_owned(),
-                        unserved: e.code() == tonic::Code::Unavailable,
-                    },
-                }
+                key_result(key.clone(), res)
             }
         });
         let results = futures::future::join_all(pushes).await;

@@ -2,6 +2,7 @@
 //! the consistent-hash ring over shards, subscriber tokens and the ops
 //! endpoints (`/metrics`, `/healthz`, `/readyz`) every service serves.
 
+pub mod batch;
 pub mod frame;
 pub mod key;
 pub mod membership;

@@ -177,17 +177,12 @@ impl<S: Store> MessageService<S> {
     }
 }
 
-fn internal(e: StoreError) -> Status {
-    Status::unavailable(format!("storage: {e}"))
-}
+/// Most appends one AppendBatch call may carry.
+pub const MAX_BATCH: usize = 256;
 
-#[tonic::async_trait]
-impl<S: Store> Message for MessageService<S> {
-    async fn append(
-        &self,
-        req: Request<pb::AppendRequest>,
-    ) -> Result<Response<pb::AppendReply>, Status> {
-        let r = req.into_inner();
+impl<S: Store> MessageService<S> {
+    /// Checks and stores one message; the reply's mid once it is durable.
+    async fn append_one(&self, r: pb::AppendRequest) -> Result<i64, Status> {
         let ch = self.channel(&r.key, r.gid)?;
         self.limits
             .check_message(&r.payload)
@@ -215,9 +210,53 @@ impl<S: Store> Message for MessageService<S> {
                 .await
         };
         self.metrics.record("append", start, &res);
-        Ok(Response::new(pb::AppendReply {
-            mid: res.map_err(internal)?,
+        res.map_err(internal)
+    }
+}
+
+fn internal(e: StoreError) -> Status {
+    Status::unavailable(format!("storage: {e}"))
+}
+
+#[tonic::async_trait]
+impl<S: Store> Message for MessageService<S> {
+    async fn append(
+        &self,
+        req: Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendReply>, Status> {
+        let mid = self.append_one(req.into_inner()).await?;
+        Ok(Response::new(pb::AppendReply { mid }))
+    }
+
+    async fn append_batch(
+        &self,
+        req: Request<pb::AppendBatchRequest>,
+    ) -> Result<Response<pb::AppendBatchReply>, Status> {
+        let appends = req.into_inner().appends;
+        if appends.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "{} appends in one batch, more than {MAX_BATCH}",
+                appends.len()
+            )));
+        }
+        // Concurrent: on Redis they share one connection and go out
+        // pipelined, one round trip for the batch.
+        let results = futures::future::join_all(appends.into_iter().map(|a| async move {
+            match self.append_one(a).await {
+                Ok(mid) => pb::AppendResult {
+                    mid,
+                    error: String::new(),
+                    invalid: false,
+                },
+                Err(e) => pb::AppendResult {
+                    mid: 0,
+                    error: e.message().to_owned(),
+                    invalid: e.code() == tonic::Code::InvalidArgument,
+                },
+            }
         }))
+        .await;
+        Ok(Response::new(pb::AppendBatchReply { results }))
     }
 
     async fn fetch(

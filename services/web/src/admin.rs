@@ -24,12 +24,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use bytes::Bytes;
+use pushcluster_core::batch::Batcher;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::v1 as pb;
+use pushcluster_proto::v1::comet_client::CometClient;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
+use tonic::transport::Channel;
 use tonic::Code;
 
 type Params = Query<HashMap<String, String>>;
@@ -159,23 +162,88 @@ impl AppState {
                 expire_seconds: expire,
                 push_id: push_id.clone(),
             };
-            match self
-                .comet(&ep.rpc)
-                .map_err(|e| Reply::err(INTERNAL, e.to_string()))?
-                .push(req)
-                .await
-            {
-                Ok(r) => return Ok(r.into_inner().mid),
-                Err(s) if unreached(&s) => {
-                    tracing::warn!(shard = ep.shard, error = %s.message(), "comet unreachable: storing directly");
+            let pusher = self
+                .pusher(&ep.rpc)
+                .map_err(|e| Reply::err(INTERNAL, e.to_string()))?;
+            match pusher.call(req).await {
+                Ok(CometPush::Stored(mid)) => return Ok(mid),
+                Ok(CometPush::Unreached(why)) => {
+                    tracing::warn!(shard = ep.shard, error = %why, "comet unreachable: storing directly");
                 }
-                Err(s) => return Err(status_reply(s)),
+                Ok(CometPush::Refused(reply)) => return Err(reply),
+                Err(e) => return Err(Reply::err(INTERNAL, e.to_string())),
             }
         }
         self.metrics.stored_without_comet.inc();
         self.store_direct(key, GID_PRIVATE, payload, expire, &push_id)
             .await
     }
+}
+
+/// What became of a private push sent to a comet.
+#[derive(Debug)]
+pub(crate) enum CometPush {
+    /// Stored with this mid (and queued on the key's connections).
+    Stored(i64),
+    /// Not stored by the comet (unreachable, or not serving the key now):
+    /// web stores it itself, under the same push id.
+    Unreached(String),
+    /// Refused or failed after reaching the comet: the caller's answer.
+    Refused(Reply),
+}
+
+/// Pushes to one comet, coalesced under load (see [`pushcluster_core::batch`]).
+pub(crate) type Pusher = Batcher<pb::PushRequest, CometPush>;
+
+/// Pushes in one call at most; the comet takes up to 256.
+const PUSH_BATCH: usize = 128;
+/// Push calls in flight per comet before further pushes wait and coalesce
+/// (one, as for the comet's appends: see APPENDS_IN_FLIGHT there).
+const PUSHES_IN_FLIGHT: usize = 1;
+
+/// A [`Pusher`] for the comet behind `client`. A lone push goes out as a
+/// plain Push call, several as one PushBatch.
+pub(crate) fn pusher(client: CometClient<Channel>) -> Pusher {
+    Batcher::new(PUSH_BATCH, PUSHES_IN_FLIGHT, move |mut pushes| {
+        let mut client = client.clone();
+        async move {
+            if pushes.len() == 1 {
+                let Some(one) = pushes.pop() else {
+                    return Vec::new();
+                };
+                return vec![match client.push(one).await {
+                    Ok(r) => CometPush::Stored(r.into_inner().mid),
+                    Err(s) if unreached(&s) => CometPush::Unreached(s.message().to_owned()),
+                    Err(s) => CometPush::Refused(status_reply(s)),
+                }];
+            }
+            let n = pushes.len();
+            match client.push_batch(pb::PushBatchRequest { pushes }).await {
+                Ok(r) => r
+                    .into_inner()
+                    .results
+                    .into_iter()
+                    .map(|k| match k {
+                        k if k.error.is_empty() => CometPush::Stored(k.mid),
+                        k if k.unserved => CometPush::Unreached(k.error),
+                        k if k.invalid => CometPush::Refused(Reply::param(k.error)),
+                        k => CometPush::Refused(Reply::err(INTERNAL, k.error)),
+                    })
+                    .collect(),
+                Err(s) if unreached(&s) => (0..n)
+                    .map(|_| CometPush::Unreached(s.message().to_owned()))
+                    .collect(),
+                Err(s) => (0..n)
+                    .map(|_| {
+                        CometPush::Refused(status_reply(tonic::Status::new(
+                            s.code(),
+                            s.message().to_owned(),
+                        )))
+                    })
+                    .collect(),
+            }
+        }
+    })
 }
 
 /// A fresh push id: 128 random bits, hex.

@@ -144,6 +144,8 @@ pub struct AppState {
     membership: Arc<dyn Membership>,
     message: MessageClient<Channel>,
     comets: Mutex<HashMap<String, CometClient<Channel>>>,
+    /// Private pushes per comet, coalesced into PushBatch calls under load.
+    pushers: Mutex<HashMap<String, Arc<admin::Pusher>>>,
     /// Broadcasts from this web are stored and fanned out one at a time, so
     /// comets receive them in mid order.
     broadcast_order: tokio::sync::Mutex<()>,
@@ -162,6 +164,7 @@ impl AppState {
             message,
             membership,
             comets: Mutex::new(HashMap::new()),
+            pushers: Mutex::new(HashMap::new()),
             broadcast_order: tokio::sync::Mutex::new(()),
             metrics: Metrics::register(reg),
             cfg,
@@ -177,6 +180,23 @@ impl AppState {
         let c = CometClient::new(channel(rpc, self.cfg.rpc_timeout_ms)?);
         map.insert(rpc.to_owned(), c.clone());
         Ok(c)
+    }
+}
+
+impl AppState {
+    /// The push batcher for the comet at `rpc` (made on first use).
+    fn pusher(&self, rpc: &str) -> Result<Arc<admin::Pusher>, Error> {
+        if let Some(p) = self
+            .pushers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(rpc)
+        {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(admin::pusher(self.comet(rpc)?));
+        let mut map = self.pushers.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(map.entry(rpc.to_owned()).or_insert(p).clone())
     }
 }
 

@@ -246,3 +246,42 @@ async fn sse_resumes_after_last_event_id_without_duplicates() {
     // Nothing else follows (no duplicate of the live message).
     assert!(sub.next_timeout(Duration::from_millis(300)).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_concurrent_pushes_is_batched_and_loses_nothing() {
+    // 300 pushes at once over 30 keys: web coalesces them into PushBatch
+    // calls per comet, and each comet its appends into AppendBatch calls.
+    // Every push is acknowledged with its own mid, every subscriber gets its
+    // key's messages in mid order.
+    let c = Cluster::start(Options::default());
+    let api = c.client();
+    let keys: Vec<String> = (0..30).map(|i| format!("burst-{i}")).collect();
+    let mut subs = Vec::new();
+    for k in &keys {
+        subs.push(subscribe(&c, k, Transport::Ws, true).await);
+    }
+    let pushes = futures::future::join_all((0..300).map(|i| {
+        let (api, key) = (api.clone(), keys[i % keys.len()].clone());
+        async move {
+            let mid = api
+                .push(&key, &json!({ "i": i }).to_string(), Some(60))
+                .await
+                .expect("push");
+            (key, mid)
+        }
+    }))
+    .await;
+    for k in &keys {
+        let mut mids: Vec<i64> = pushes
+            .iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, m)| *m)
+            .collect();
+        mids.sort_unstable();
+        assert_eq!(mids, (1..=10).collect::<Vec<_>>(), "{k}: acknowledged mids");
+    }
+    for (k, sub) in keys.iter().zip(subs.iter_mut()) {
+        let got: Vec<i64> = collect(sub, 10, WAIT).await.iter().map(|m| m.mid).collect();
+        assert_eq!(got, (1..=10).collect::<Vec<_>>(), "{k}: delivered");
+    }
+}
