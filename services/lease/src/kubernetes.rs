@@ -18,9 +18,8 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// Label with the PushCluster's name, on Leases, Services and EndpointSlices.
@@ -71,7 +70,7 @@ pub struct KubeLeases {
     cache: Mutex<HashMap<u32, Lease>>,
     /// When each lease's current holder/renewTime was first observed here.
     observed: Mutex<HashMap<u32, (Observed, Instant)>>,
-    notify: Arc<Notify>,
+    notify: crate::LeaseEvents,
 }
 
 impl KubeLeases {
@@ -89,7 +88,7 @@ impl KubeLeases {
             prefix: prefix.to_owned(),
             cache: Mutex::new(HashMap::new()),
             observed: Mutex::new(HashMap::new()),
-            notify: Arc::new(Notify::new()),
+            notify: crate::LeaseEvents::default(),
         }
     }
 
@@ -107,7 +106,7 @@ impl KubeLeases {
                     tracing::warn!(error = %e, "lease watch failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                notify.notify_waiters();
+                notify.notify();
             }
         })
     }
@@ -215,7 +214,7 @@ impl LeaseBackend for KubeLeases {
         match written {
             Ok(l) => {
                 self.remember(shard, &l);
-                self.notify.notify_waiters();
+                self.notify.notify();
                 Ok(Some(Held {
                     record: Self::record(shard, &l),
                     raw: me.holder.clone(),
@@ -263,7 +262,7 @@ impl LeaseBackend for KubeLeases {
         match self.api.replace(&name, &PostParams::default(), &l).await {
             Ok(l) => {
                 self.remember(shard, &l);
-                self.notify.notify_waiters();
+                self.notify.notify();
                 Ok(())
             }
             Err(e) if is_conflict(&e) => Ok(()),
@@ -292,8 +291,8 @@ impl LeaseBackend for KubeLeases {
         Ok(out)
     }
 
-    async fn changed(&self) {
-        self.notify.notified().await;
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.notify.subscribe()
     }
 }
 

@@ -152,8 +152,33 @@ pub trait LeaseBackend: Send + Sync + 'static {
         &self,
         shards: u32,
     ) -> impl Future<Output = Result<Vec<Option<LeaseRecord>>>> + Send;
-    /// Resolves when leases may have changed (released, taken); may be spurious.
-    fn changed(&self) -> impl Future<Output = ()> + Send;
+    /// A counter bumped whenever leases may have changed (released, taken;
+    /// may be spurious). Mark it seen before reading leases, then wait for
+    /// its change: an event between the read and the wait is not missed
+    /// (it was, with a plain notification: graceful takeovers then waited a
+    /// whole retry period).
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
+/// Where a backend announces lease events (see [`LeaseBackend::changes`]).
+#[derive(Debug, Clone)]
+pub struct LeaseEvents(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for LeaseEvents {
+    fn default() -> Self {
+        Self(std::sync::Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl LeaseEvents {
+    /// Announces that leases may have changed.
+    pub fn notify(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+    /// A receiver of the announcements.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
 }
 
 /// How a service learns who serves which shard.

@@ -62,7 +62,10 @@ impl LeaseMembership {
         let (tx, rx) = watch::channel(Arc::new(ClusterView::new([])));
         tokio::spawn(async move {
             let mut prev: Option<(Instant, Vec<Option<u64>>)> = None;
+            let mut changes = backend.changes();
             loop {
+                // Seen before reading, so an event during the read wakes the wait below.
+                changes.borrow_and_update();
                 match backend.snapshot(shards).await {
                     Ok(snap) => {
                         let now = Instant::now();
@@ -96,7 +99,10 @@ impl LeaseMembership {
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = backend.changed() => {}
+                    r = changes.changed() => if r.is_err() {
+                        // The backend is gone: poll only.
+                        tokio::time::sleep(poll).await;
+                    },
                     _ = tokio::time::sleep(poll) => {}
                 }
             }

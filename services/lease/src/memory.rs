@@ -5,7 +5,6 @@ use crate::{Candidate, Held, LeaseBackend, LeaseRecord, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 #[derive(Default)]
@@ -20,7 +19,7 @@ struct State {
 #[derive(Clone, Default)]
 pub struct MemoryLeases {
     state: Arc<Mutex<State>>,
-    notify: Arc<Notify>,
+    notify: crate::LeaseEvents,
     /// The holder this handle speaks for (for partition tests).
     me: Option<String>,
 }
@@ -87,7 +86,7 @@ impl LeaseBackend for MemoryLeases {
                 record,
             }
         };
-        self.notify.notify_waiters();
+        self.notify.notify();
         Ok(Some(held))
     }
 
@@ -113,7 +112,7 @@ impl LeaseBackend for MemoryLeases {
                 s.leases.remove(&held.record.shard);
             }
         }
-        self.notify.notify_waiters();
+        self.notify.notify();
         Ok(())
     }
 
@@ -129,7 +128,7 @@ impl LeaseBackend for MemoryLeases {
             .collect())
     }
 
-    async fn changed(&self) {
-        self.notify.notified().await;
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.notify.subscribe()
     }
 }

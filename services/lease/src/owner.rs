@@ -107,9 +107,12 @@ impl<B: LeaseBackend> ShardOwner<B> {
     pub async fn run(self, cancel: CancellationToken) {
         let mut held: Option<(Held, Instant)> = None;
         let mut next_try = Instant::now();
+        let mut changes = self.backend.changes();
         loop {
             let Some((h, last_ok)) = held.clone() else {
-                // Standby: take any free or expired lease.
+                // Standby: take any free or expired lease. Events are marked
+                // seen first, so a release during the attempt wakes the wait.
+                changes.borrow_and_update();
                 match self.try_take().await {
                     Ok(Some((h, sent))) => {
                         tracing::info!(shard = h.record.shard, token = h.record.token, holder = %self.me.holder, "acquired shard lease");
@@ -126,7 +129,9 @@ impl<B: LeaseBackend> ShardOwner<B> {
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = self.backend.changed() => {}
+                    r = changes.changed() => if r.is_err() {
+                        tokio::time::sleep(self.timing.retry_period()).await;
+                    },
                     _ = tokio::time::sleep(self.timing.retry_period()) => {}
                 }
                 continue;

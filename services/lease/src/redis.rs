@@ -11,9 +11,7 @@ use crate::{Candidate, Error, Held, LeaseBackend, LeaseRecord, Result};
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::Script;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Notify;
 
 const ACQUIRE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end
@@ -47,7 +45,7 @@ pub struct RedisLeases {
     acquire: Script,
     renew: Script,
     release: Script,
-    notify: Arc<Notify>,
+    notify: crate::LeaseEvents,
     _listener: tokio::task::JoinHandle<()>,
 }
 
@@ -56,7 +54,7 @@ impl RedisLeases {
     pub async fn connect(url: &str, ns: &str) -> Result<Self> {
         let client = redis::Client::open(url)?;
         let conn = ConnectionManager::new(client.clone()).await?;
-        let notify = Arc::new(Notify::new());
+        let notify = crate::LeaseEvents::default();
         let channel = format!("{ns}:leases");
         let listener = tokio::spawn(listen(client, channel, notify.clone()));
         Ok(Self {
@@ -86,21 +84,21 @@ impl Drop for RedisLeases {
 }
 
 /// Wakes `notify` on every lease event; reconnects when the connection drops.
-async fn listen(client: redis::Client, channel: String, notify: Arc<Notify>) {
+async fn listen(client: redis::Client, channel: String, notify: crate::LeaseEvents) {
     loop {
         match client.get_async_pubsub().await {
             Ok(mut ps) => {
                 if ps.subscribe(&channel).await.is_ok() {
                     let mut msgs = ps.on_message();
                     while msgs.next().await.is_some() {
-                        notify.notify_waiters();
+                        notify.notify();
                     }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "lease event subscription failed"),
         }
         // Whatever happened meanwhile, let waiters look again.
-        notify.notify_waiters();
+        notify.notify();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -182,7 +180,7 @@ impl LeaseBackend for RedisLeases {
             .collect()
     }
 
-    async fn changed(&self) {
-        self.notify.notified().await;
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.notify.subscribe()
     }
 }

@@ -283,11 +283,12 @@ async fn a_released_lease_is_taken_at_once_because_the_watch_wakes_the_standby()
     let fake = {
         let released = released.clone();
         tokio::spawn(async move {
-            let mut is_free = false;
+            // Free from the moment the release is announced on the watch.
+            let is_free = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let mut watches = Vec::new();
             while let Some((req, send)) = h.next_request().await {
                 let (method, uri) = (req.method().clone(), req.uri().to_string());
-                let current = if is_free {
+                let current = if is_free.load(std::sync::atomic::Ordering::SeqCst) {
                     free.clone()
                 } else {
                     held_by_b.clone()
@@ -300,8 +301,10 @@ async fn a_released_lease_is_taken_at_once_because_the_watch_wakes_the_standby()
                 if uri.contains("watch=true") {
                     // Held open until the lease is released, then one event.
                     let (released, free) = (released.clone(), free.clone());
+                    let is_free = is_free.clone();
                     watches.push(tokio::spawn(async move {
                         released.notified().await;
+                        is_free.store(true, std::sync::atomic::Ordering::SeqCst);
                         let ev = json!({"type": "MODIFIED", "object": free});
                         send.send_response(
                             Response::builder()
@@ -309,7 +312,6 @@ async fn a_released_lease_is_taken_at_once_because_the_watch_wakes_the_standby()
                                 .unwrap(),
                         );
                     }));
-                    is_free = true;
                 } else if method == Method::GET && uri.starts_with(&format!("{LEASES}?")) {
                     send.send_response(reply(json!({"apiVersion": "v1", "kind": "LeaseList",
                         "metadata": {"resourceVersion": "7"}, "items": [current]})));

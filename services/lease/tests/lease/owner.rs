@@ -223,3 +223,28 @@ fn timing_must_leave_a_margin() {
     };
     assert!(bad.validate().is_err());
 }
+
+#[tokio::test]
+async fn a_release_between_reading_and_waiting_is_not_missed() {
+    // A standby marks lease events seen, reads the leases (all held), and
+    // only then waits. A release that lands in between must still wake it:
+    // with a plain notification it was lost, and graceful takeovers waited a
+    // whole retry period (seen in the S5 benchmark).
+    let leases = MemoryLeases::new();
+    let holder = leases.handle_for("a");
+    let held = holder
+        .try_acquire(0, &candidate("a"), Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("free lease");
+    let standby = leases.handle_for("b");
+    let mut changes = standby.changes();
+    changes.borrow_and_update();
+    assert!(standby.snapshot(1).await.unwrap()[0].is_some());
+    holder.release(&held).await.unwrap();
+    tokio::time::timeout(Duration::from_millis(100), changes.changed())
+        .await
+        .expect("the release before the wait is seen")
+        .expect("backend alive");
+    assert!(standby.snapshot(1).await.unwrap()[0].is_none());
+}

@@ -68,8 +68,10 @@ async fn leases_are_exclusive_fenced_and_expire() {
     assert!(!a.renew(&held, ttl).await.unwrap());
 
     // Release frees it at once and wakes whoever waits for a change.
+    let mut changes = a.changes();
+    changes.borrow_and_update();
     let waiter = tokio::spawn(async move {
-        a.changed().await;
+        changes.changed().await.expect("backend alive");
         a.snapshot(1).await.unwrap()[0].is_none()
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
