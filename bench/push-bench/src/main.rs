@@ -137,14 +137,14 @@ enum Cmd {
     },
 }
 
+/// GETs `url` and parses the JSON body.
+async fn get_json(http: &reqwest::Client, url: String) -> anyhow::Result<serde_json::Value> {
+    Ok(http.get(url).send().await?.json().await?)
+}
+
 /// The WebSocket address pushcluster's web gives for `key`.
 async fn resolve_ws(http: &reqwest::Client, web: &str, key: &str) -> anyhow::Result<SocketAddr> {
-    let v: serde_json::Value = http
-        .get(format!("{web}/1/server/get?k={key}&p=1"))
-        .send()
-        .await?
-        .json()
-        .await?;
+    let v = get_json(http, format!("{web}/1/server/get?k={key}&p=1")).await?;
     Ok(v["data"]["server"].as_str().context("no server")?.parse()?)
 }
 
@@ -504,12 +504,8 @@ async fn main() -> anyhow::Result<()> {
                     let _ws = sub.connect(addr, src, &key).await?;
                     let (mut got, mut after) = (0usize, 0i64);
                     loop {
-                        let v: serde_json::Value = http
-                            .get(format!("{web}/1/msg/get?k={key}&m={after}"))
-                            .send()
-                            .await?
-                            .json()
-                            .await?;
+                        let v =
+                            get_json(&http, format!("{web}/1/msg/get?k={key}&m={after}")).await?;
                         let msgs = v["data"]["msgs"].as_array().cloned().unwrap_or_default();
                         if msgs.is_empty() {
                             break;

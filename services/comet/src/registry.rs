@@ -61,8 +61,9 @@ impl Delivery {
     }
 }
 
-/// Why the comet ends a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why the comet ends a connection, mildest first: a harsher reason
+/// replaces a milder one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Close {
     /// Slow consumer, shutdown, or the key moved to another comet: flush
     /// what is queued, tell versioned clients to reconnect, close.
@@ -110,6 +111,18 @@ struct Inbox {
     waker: Option<Waker>,
 }
 
+impl Inbox {
+    /// The oldest queued message; the buffer is given back once empty, so an
+    /// idle connection keeps no queue.
+    fn pop(&mut self) -> Option<Arc<Delivery>> {
+        let d = self.queue.pop_front();
+        if self.queue.is_empty() {
+            self.queue = VecDeque::new();
+        }
+        d
+    }
+}
+
 enum Offer {
     Queued,
     Full,
@@ -138,15 +151,9 @@ impl Mailbox {
     /// Asks the connection to close; a later, harsher reason replaces an
     /// earlier one (Abort over Timeout over Reconnect). True if it changed.
     fn close(&self, why: Close, now_ms: u64) -> bool {
-        let rank = |c: Option<Close>| match c {
-            None => 0,
-            Some(Close::Reconnect) => 1,
-            Some(Close::Timeout) => 2,
-            Some(Close::Abort) => 3,
-        };
         let waker = {
             let mut inbox = lock(&self.inner);
-            if rank(Some(why)) <= rank(inbox.close) {
+            if inbox.close >= Some(why) {
                 return false;
             }
             if inbox.close.is_none() {
@@ -174,11 +181,7 @@ impl Mailbox {
 
     fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Next> {
         let mut inbox = lock(&self.inner);
-        if let Some(d) = inbox.queue.pop_front() {
-            if inbox.queue.is_empty() {
-                // Give the buffer back: an idle connection keeps no queue.
-                inbox.queue = VecDeque::new();
-            }
+        if let Some(d) = inbox.pop() {
             return Poll::Ready(Next::Message(d));
         }
         // The waker is kept even when reporting a close, so a closing
@@ -250,12 +253,7 @@ impl Subscription {
 
     /// A message that is already queued, if any.
     pub fn try_message(&self) -> Option<Arc<Delivery>> {
-        let mut inbox = lock(&self.mailbox.inner);
-        let d = inbox.queue.pop_front();
-        if inbox.queue.is_empty() {
-            inbox.queue = VecDeque::new();
-        }
-        d
+        lock(&self.mailbox.inner).pop()
     }
 
     /// The client proved it is alive: it may stay silent for `for_` more.

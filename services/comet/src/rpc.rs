@@ -46,11 +46,9 @@ pub(crate) fn appender(
         let mut client = client.clone();
         async move {
             if appends.len() == 1 {
-                let one = appends.pop().map(|a| client.append(a));
-                return match one {
-                    Some(call) => vec![call.await.map(|r| r.into_inner().mid)],
-                    None => Vec::new(),
-                };
+                if let Some(a) = appends.pop() {
+                    return vec![client.append(a).await.map(|r| r.into_inner().mid)];
+                }
             }
             let n = appends.len();
             match client
@@ -132,6 +130,14 @@ impl Comet {
             .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 
+    /// Checks a push (limits, then that this comet serves its key) and pushes it.
+    async fn push_checked(&self, r: pb::PushRequest) -> Result<i64, Status> {
+        self.check(&r.key, &r.payload)?;
+        self.check_owner(&r.key)?;
+        self.push(&r.key, r.payload, r.expire_seconds, &r.push_id)
+            .await
+    }
+
     /// Unavailable (so web stores the push itself) unless this comet serves `key`.
     fn check_owner(&self, key: &str) -> Result<(), Status> {
         if self.owns(key) {
@@ -170,13 +176,7 @@ fn key_result(key: String, pushed: Result<i64, Status>) -> pb::KeyResult {
 #[tonic::async_trait]
 impl CometService for CometRpc {
     async fn push(&self, req: Request<pb::PushRequest>) -> Result<Response<pb::PushReply>, Status> {
-        let r = req.into_inner();
-        self.comet.check(&r.key, &r.payload)?;
-        self.comet.check_owner(&r.key)?;
-        let mid = self
-            .comet
-            .push(&r.key, r.payload, r.expire_seconds, &r.push_id)
-            .await?;
+        let mid = self.comet.push_checked(req.into_inner()).await?;
         Ok(Response::new(pb::PushReply { mid }))
     }
 
@@ -192,19 +192,8 @@ impl CometService for CometRpc {
             )));
         }
         let results = futures::future::join_all(pushes.into_iter().map(|r| async move {
-            let pushed = match self
-                .comet
-                .check(&r.key, &r.payload)
-                .and_then(|()| self.comet.check_owner(&r.key))
-            {
-                Ok(()) => {
-                    self.comet
-                        .push(&r.key, r.payload, r.expire_seconds, &r.push_id)
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            key_result(r.key, pushed)
+            let key = r.key.clone();
+            key_result(key, self.comet.push_checked(r).await)
         }))
         .await;
         Ok(Response::new(pb::MultiPushReply { results }))

@@ -132,7 +132,7 @@ pub async fn subscribe(
                     }
                     // The queue is flushed already (messages come first).
                     Next::Close(Close::Reconnect) => {
-                        let _ = tx.try_send(Ok(Event::default().event("reconnect").data("reconnect")));
+                        let _ = tx.send(Ok(Event::default().event("reconnect").data("reconnect"))).await;
                         comet2.reconnect_sent();
                         break;
                     }

@@ -70,7 +70,7 @@ pub struct KubeLeases {
     cache: Mutex<HashMap<u32, Lease>>,
     /// When each lease's current holder/renewTime was first observed here.
     observed: Mutex<HashMap<u32, (Observed, Instant)>>,
-    notify: crate::LeaseEvents,
+    events: crate::LeaseEvents,
 }
 
 impl KubeLeases {
@@ -88,7 +88,7 @@ impl KubeLeases {
             prefix: prefix.to_owned(),
             cache: Mutex::new(HashMap::new()),
             observed: Mutex::new(HashMap::new()),
-            notify: crate::LeaseEvents::default(),
+            events: crate::LeaseEvents::default(),
         }
     }
 
@@ -96,7 +96,7 @@ impl KubeLeases {
     /// released lease is taken at once rather than at the next retry.
     pub fn spawn_watcher(&self) -> tokio::task::JoinHandle<()> {
         let api = self.api.clone();
-        let notify = self.notify.clone();
+        let announce = self.events.clone();
         let cfg = kube::runtime::watcher::Config::default()
             .labels(&format!("{CLUSTER_LABEL}={}", self.cluster));
         tokio::spawn(async move {
@@ -106,7 +106,7 @@ impl KubeLeases {
                     tracing::warn!(error = %e, "lease watch failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
-                notify.notify();
+                announce.notify();
             }
         })
     }
@@ -214,7 +214,7 @@ impl LeaseBackend for KubeLeases {
         match written {
             Ok(l) => {
                 self.remember(shard, &l);
-                self.notify.notify();
+                self.events.notify();
                 Ok(Some(Held {
                     record: Self::record(shard, &l),
                     raw: me.holder.clone(),
@@ -262,7 +262,7 @@ impl LeaseBackend for KubeLeases {
         match self.api.replace(&name, &PostParams::default(), &l).await {
             Ok(l) => {
                 self.remember(shard, &l);
-                self.notify.notify();
+                self.events.notify();
                 Ok(())
             }
             Err(e) if is_conflict(&e) => Ok(()),
@@ -292,7 +292,7 @@ impl LeaseBackend for KubeLeases {
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.notify.subscribe()
+        self.events.subscribe()
     }
 }
 

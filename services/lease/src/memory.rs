@@ -19,7 +19,7 @@ struct State {
 #[derive(Clone, Default)]
 pub struct MemoryLeases {
     state: Arc<Mutex<State>>,
-    notify: crate::LeaseEvents,
+    events: crate::LeaseEvents,
     /// The holder this handle speaks for (for partition tests).
     me: Option<String>,
 }
@@ -86,7 +86,7 @@ impl LeaseBackend for MemoryLeases {
                 record,
             }
         };
-        self.notify.notify();
+        self.events.notify();
         Ok(Some(held))
     }
 
@@ -112,7 +112,7 @@ impl LeaseBackend for MemoryLeases {
                 s.leases.remove(&held.record.shard);
             }
         }
-        self.notify.notify();
+        self.events.notify();
         Ok(())
     }
 
@@ -129,6 +129,6 @@ impl LeaseBackend for MemoryLeases {
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.notify.subscribe()
+        self.events.subscribe()
     }
 }

@@ -45,7 +45,7 @@ pub struct RedisLeases {
     acquire: Script,
     renew: Script,
     release: Script,
-    notify: crate::LeaseEvents,
+    events: crate::LeaseEvents,
     _listener: tokio::task::JoinHandle<()>,
 }
 
@@ -54,16 +54,16 @@ impl RedisLeases {
     pub async fn connect(url: &str, ns: &str) -> Result<Self> {
         let client = redis::Client::open(url)?;
         let conn = ConnectionManager::new(client.clone()).await?;
-        let notify = crate::LeaseEvents::default();
+        let events = crate::LeaseEvents::default();
         let channel = format!("{ns}:leases");
-        let listener = tokio::spawn(listen(client, channel, notify.clone()));
+        let listener = tokio::spawn(listen(client, channel, events.clone()));
         Ok(Self {
             conn,
             ns: ns.to_owned(),
             acquire: Script::new(ACQUIRE),
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
-            notify,
+            events,
             _listener: listener,
         })
     }
@@ -83,22 +83,22 @@ impl Drop for RedisLeases {
     }
 }
 
-/// Wakes `notify` on every lease event; reconnects when the connection drops.
-async fn listen(client: redis::Client, channel: String, notify: crate::LeaseEvents) {
+/// Announces every lease event on `events`; reconnects when the connection drops.
+async fn listen(client: redis::Client, channel: String, events: crate::LeaseEvents) {
     loop {
         match client.get_async_pubsub().await {
             Ok(mut ps) => {
                 if ps.subscribe(&channel).await.is_ok() {
                     let mut msgs = ps.on_message();
                     while msgs.next().await.is_some() {
-                        notify.notify();
+                        events.notify();
                     }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "lease event subscription failed"),
         }
         // Whatever happened meanwhile, let waiters look again.
-        notify.notify();
+        events.notify();
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
@@ -181,6 +181,6 @@ impl LeaseBackend for RedisLeases {
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.notify.subscribe()
+        self.events.subscribe()
     }
 }
