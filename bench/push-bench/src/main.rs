@@ -82,6 +82,10 @@ enum Cmd {
         /// Seconds of pushing.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Writes every delivery as `<send time, Unix seconds> <latency µs>`
+        /// to this file, to see when the tail happens.
+        #[arg(long)]
+        trace: Option<std::path::PathBuf>,
     },
     /// Broadcast fan-out: N subscribers, broadcasts from P publishers with at
     /// most K in flight each; deliveries per server CPU-second.
@@ -255,8 +259,10 @@ async fn main() -> anyhow::Result<()> {
             keys,
             rate,
             seconds,
+            trace,
         } => {
             let sp = pids(&server.server_pids);
+            let deliveries = Arc::new(Mutex::new(Vec::<(u64, u64)>::new()));
             let http = reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
                 .build()?;
@@ -274,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
                     .connect_raw(addr, server.sources[i % server.sources.len()], &key)
                     .await?;
                 let (hist, received) = (hist.clone(), received.clone());
+                let deliveries = trace.is_some().then(|| deliveries.clone());
                 readers.push(tokio::spawn(async move {
                     while let Ok(Some((op, r))) = w.next_frame().await {
                         if op != 1 {
@@ -283,6 +290,9 @@ async fn main() -> anyhow::Result<()> {
                             let us = now_ns().saturating_sub(sent) / 1000;
                             if let Ok(mut h) = hist.lock() {
                                 let _ = h.record(us.max(1));
+                            }
+                            if let Some(Ok(mut d)) = deliveries.as_ref().map(|d| d.lock()) {
+                                d.push((sent, us));
                             }
                             received.fetch_add(1, Ordering::Relaxed);
                         }
@@ -336,6 +346,19 @@ async fn main() -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
             let after = usage(&sp);
+            if let Some(path) = &trace {
+                let mut d = deliveries
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("trace poisoned"))?
+                    .clone();
+                d.sort_unstable();
+                let lines: String = d
+                    .iter()
+                    .map(|(sent, us)| format!("{:.6} {us}\n", *sent as f64 / 1e9))
+                    .collect();
+                std::fs::write(path, lines)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
             let h = hist
                 .lock()
                 .map_err(|_| anyhow::anyhow!("histogram poisoned"))?;

@@ -20,6 +20,7 @@ pub mod sse;
 pub mod tcp;
 pub mod ws;
 
+use axum::serve::ListenerExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -557,7 +558,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let comet = Comet::new(cfg.clone(), membership, ownership, labeler, &mut reg)?;
     let ready = comet.ready.clone();
 
-    let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen).await?;
+    // No Nagle: a frame must not wait for the ACK of the one before it.
+    let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen)
+        .await?
+        .tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY not set");
+            }
+        });
     let tcp_listener = tokio::net::TcpListener::bind(cfg.tcp_listen).await?;
     let rpc_listener = tokio::net::TcpListener::bind(cfg.rpc_listen).await?;
     tracing::info!(

@@ -34,14 +34,22 @@ struct Args {
     /// File of the embedded store.
     #[arg(long, env = "PUSH_MESSAGE_DATA")]
     data: Option<PathBuf>,
+    /// Runtime threads: 0 = one per CPU this process may use (a cgroup CPU
+    /// limit counts); 1 = a single-threaded runtime, the cheapest on one CPU.
+    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
     /// Log as JSON lines.
     #[arg(long, env = "PUSH_LOG_JSON")]
     log_json: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let threads = args.worker_threads;
+    pushcluster_core::ops::runtime(threads)?.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     pushcluster_core::ops::init_tracing(args.log_json);
     let mut cfg: Config = pushcluster_core::ops::load_yaml(args.config.as_deref())?;
     if let Some(a) = args.listen {
@@ -58,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let cancel = tokio_util::sync::CancellationToken::new();
     pushcluster_core::ops::cancel_on_signal(cancel.clone());
+    pushcluster_core::ops::keep_timers_armed(cancel.clone());
     push_message::run(cfg, cancel).await?;
     tracing::info!("message service stopped");
     Ok(())

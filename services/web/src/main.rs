@@ -39,14 +39,22 @@ struct Args {
     /// Bearer token required on the admin listener.
     #[arg(long, env = "PUSH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Runtime threads: 0 = one per CPU this process may use (a cgroup CPU
+    /// limit counts); 1 = a single-threaded runtime, the cheapest on one CPU.
+    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
+    worker_threads: usize,
     /// Log as JSON lines.
     #[arg(long, env = "PUSH_LOG_JSON")]
     log_json: bool,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let threads = a.worker_threads;
+    pushcluster_core::ops::runtime(threads)?.block_on(serve(a))
+}
+
+async fn serve(a: Args) -> anyhow::Result<()> {
     pushcluster_core::ops::init_tracing(a.log_json);
     let mut cfg: Config = pushcluster_core::ops::load_yaml(a.config.as_deref())?;
     macro_rules! set {
@@ -58,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let cancel = tokio_util::sync::CancellationToken::new();
     pushcluster_core::ops::cancel_on_signal(cancel.clone());
+    pushcluster_core::ops::keep_timers_armed(cancel.clone());
     push_web::run(cfg, cancel).await?;
     tracing::info!("web stopped");
     Ok(())
