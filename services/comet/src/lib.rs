@@ -558,14 +558,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let comet = Comet::new(cfg.clone(), membership, ownership, labeler, &mut reg)?;
     let ready = comet.ready.clone();
 
-    // No Nagle: a frame must not wait for the ACK of the one before it.
     let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen)
         .await?
-        .tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY not set");
-            }
-        });
+        .tap_io(pushcluster_core::ops::no_delay);
     let tcp_listener = tokio::net::TcpListener::bind(cfg.tcp_listen).await?;
     let rpc_listener = tokio::net::TcpListener::bind(cfg.rpc_listen).await?;
     tracing::info!(

@@ -123,6 +123,15 @@ pub fn keep_timers_armed(stop: CancellationToken) {
     });
 }
 
+/// Turns Nagle's algorithm off on an accepted connection (for axum's
+/// `ListenerExt::tap_io`): a reply or frame must not wait for the ACK of the
+/// one before it.
+pub fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(error = %e, "TCP_NODELAY not set");
+    }
+}
+
 /// Cancels `cancel` on the first SIGTERM or SIGINT.
 pub fn cancel_on_signal(cancel: CancellationToken) {
     tokio::spawn(async move {

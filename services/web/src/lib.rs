@@ -29,13 +29,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-/// Turns Nagle's algorithm off on an accepted connection.
-fn no_delay(tcp: &mut tokio::net::TcpStream) {
-    if let Err(e) = tcp.set_nodelay(true) {
-        tracing::debug!(error = %e, "TCP_NODELAY not set");
-    }
-}
-
 /// The OpenAPI document describing every endpoint, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("../openapi.json");
 
@@ -265,14 +258,12 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     };
     let state = AppState::new(cfg.clone(), membership, &mut reg)?;
     let ready = Readiness::default();
-    // No Nagle: a reply held back until the previous one is acknowledged
-    // waits for the client's delayed ACK (S3 in docs/benchmarks.md).
     let public = tokio::net::TcpListener::bind(cfg.public_listen)
         .await?
-        .tap_io(no_delay);
+        .tap_io(pushcluster_core::ops::no_delay);
     let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await?
-        .tap_io(no_delay);
+        .tap_io(pushcluster_core::ops::no_delay);
     tracing::info!(public = %cfg.public_listen, admin = %cfg.admin_listen, "web listening");
     let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
         cfg.ops_listen,
