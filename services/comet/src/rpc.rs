@@ -185,12 +185,8 @@ impl CometService for CometRpc {
         req: Request<pb::PushBatchRequest>,
     ) -> Result<Response<pb::MultiPushReply>, Status> {
         let pushes = req.into_inner().pushes;
-        if pushes.len() > MAX_PUSH_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "{} pushes in one batch, more than {MAX_PUSH_BATCH}",
-                pushes.len()
-            )));
-        }
+        pushcluster_core::batch::check_len(pushes.len(), MAX_PUSH_BATCH, "pushes")
+            .map_err(Status::invalid_argument)?;
         let results = futures::future::join_all(pushes.into_iter().map(|r| async move {
             let key = r.key.clone();
             key_result(key, self.comet.push_checked(r).await)

@@ -24,6 +24,15 @@ pub enum BatchError {
     NoResult,
 }
 
+/// Refuses a batch call with more than `max` items; `what` names them.
+pub fn check_len(n: usize, max: usize, what: &str) -> Result<(), String> {
+    if n > max {
+        Err(format!("{n} {what} in one batch, more than {max}"))
+    } else {
+        Ok(())
+    }
+}
+
 /// Sends items through `call` in batches; see the module docs.
 pub struct Batcher<T, R> {
     tx: mpsc::Sender<(T, oneshot::Sender<R>)>,
@@ -131,6 +140,15 @@ mod tests {
         // 20 calls in at most 8 per batch take 3 batches; a call or two may
         // still leave alone before the rest are queued.
         assert!(sizes.len() - 1 <= 6, "batches did not coalesce: {sizes:?}");
+    }
+
+    #[test]
+    fn a_batch_over_the_limit_is_refused_with_its_size() {
+        assert_eq!(check_len(256, 256, "pushes"), Ok(()));
+        assert_eq!(
+            check_len(257, 256, "pushes"),
+            Err("257 pushes in one batch, more than 256".to_owned())
+        );
     }
 
     #[tokio::test]

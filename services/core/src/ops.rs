@@ -80,6 +80,8 @@ pub async fn serve_ops(
 /// per CPU the process may use when 0 (this honours a cgroup CPU limit, so a
 /// pod limited to one CPU gets one).
 ///
+/// The runtime keeps a timer armed (see [`keep_a_timer_armed`]).
+///
 /// One thread means tokio's current-thread scheduler: no thread hands work to
 /// another, which on a one-CPU process saves a context switch per hop. In S3
 /// (docs/benchmarks.md) it cut the services' CPU per push by 13 %.
@@ -95,14 +97,17 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
         b.worker_threads(threads);
         b
     };
-    builder.enable_all().build()
+    let rt = builder.enable_all().build()?;
+    rt.spawn(keep_a_timer_armed());
+    Ok(rt)
 }
 
-/// How often [`keep_timers_armed`] ticks: shorter than any per-call deadline
+/// How often [`keep_a_timer_armed`] ticks: shorter than any per-call deadline
 /// the services set (the Redis client's is 500 ms).
 const TIMER_ANCHOR: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Keeps one timer at most [`TIMER_ANCHOR`] away registered until `stop`.
+/// Keeps one timer at most [`TIMER_ANCHOR`] away registered for the
+/// runtime's whole life.
 ///
 /// tokio wakes its I/O driver through an eventfd whenever a timer is
 /// registered that expires before the driver's next planned wake-up. On an
@@ -110,17 +115,12 @@ const TIMER_ANCHOR: std::time::Duration = std::time::Duration::from_millis(100);
 /// call paid a write(2) and a spurious epoll wake-up (measured in S3, see
 /// docs/benchmarks.md). With an earlier timer always armed, a deadline
 /// seconds away is never the earliest and costs nothing.
-pub fn keep_timers_armed(stop: CancellationToken) {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(TIMER_ANCHOR);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-        }
-    });
+async fn keep_a_timer_armed() {
+    let mut tick = tokio::time::interval(TIMER_ANCHOR);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
 }
 
 /// Turns Nagle's algorithm off on an accepted connection (for axum's

@@ -233,12 +233,8 @@ impl<S: Store> Message for MessageService<S> {
         req: Request<pb::AppendBatchRequest>,
     ) -> Result<Response<pb::AppendBatchReply>, Status> {
         let appends = req.into_inner().appends;
-        if appends.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "{} appends in one batch, more than {MAX_BATCH}",
-                appends.len()
-            )));
-        }
+        pushcluster_core::batch::check_len(appends.len(), MAX_BATCH, "appends")
+            .map_err(Status::invalid_argument)?;
         // Concurrent: on Redis they share one connection and go out
         // pipelined, one round trip for the batch.
         let results = futures::future::join_all(appends.into_iter().map(|a| async move {

@@ -66,7 +66,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     let cancel = tokio_util::sync::CancellationToken::new();
     pushcluster_core::ops::cancel_on_signal(cancel.clone());
-    pushcluster_core::ops::keep_timers_armed(cancel.clone());
     push_message::run(cfg, cancel).await?;
     tracing::info!("message service stopped");
     Ok(())
