@@ -238,6 +238,9 @@ impl Metrics {
     }
 }
 
+/// How long a call to the message service may take.
+const STORE_DEADLINE: Duration = Duration::from_secs(10);
+
 /// Number of locks pushes to keys are serialised on; keys that share one only
 /// wait for each other's store round trip.
 const PUSH_STRIPES: usize = 4096;
@@ -298,12 +301,12 @@ impl Comet {
         let channel = tonic::transport::Endpoint::from_shared(cfg.message_url.clone())
             .map_err(|e| Error::Config(format!("message_url: {e}")))?
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
+            .timeout(STORE_DEADLINE)
             .tcp_nodelay(true)
             .connect_lazy();
         let comet = Arc::new(Self {
             registry,
-            appender: rpc::appender(MessageClient::new(channel.clone())),
+            appender: rpc::appender(MessageClient::new(channel.clone()), STORE_DEADLINE),
             message: MessageClient::new(channel),
             membership,
             ownership,
@@ -601,8 +604,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let follow = tokio::spawn(comet.clone().follow_membership(background.clone()));
     let sweeper = tokio::spawn(sweep_silent(comet.clone(), background.clone()));
     let rpc_task = tokio::spawn({
-        let svc = rpc::CometRpc::new(comet.clone()).into_server();
         let stop = stop_accepting.clone();
+        let svc = rpc::CometRpc::new(comet.clone())
+            .draining_on(stop.clone())
+            .into_server();
         let incoming =
             tonic::transport::server::TcpIncoming::from(rpc_listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()

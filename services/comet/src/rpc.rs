@@ -5,23 +5,33 @@ use crate::Comet;
 use bytes::Bytes;
 use pushcluster_core::batch::Batcher;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_proto::pipeline::{answer_in_order, CallError, Pipeline, Replies};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_server::{Comet as CometService, CometServer};
 use pushcluster_proto::v1::message_client::MessageClient;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 /// gRPC front of a [`Comet`].
 pub struct CometRpc {
     comet: Arc<Comet>,
+    drain: CancellationToken,
 }
 
 impl CometRpc {
     /// Wraps a comet.
     pub fn new(comet: Arc<Comet>) -> Self {
-        Self { comet }
+        Self {
+            comet,
+            drain: CancellationToken::new(),
+        }
+    }
+    /// Ends open PushStreams (after the pushes they carry) once `drain` fires.
+    pub fn draining_on(self, drain: CancellationToken) -> Self {
+        Self { drain, ..self }
     }
     /// The tonic server for it.
     pub fn into_server(self) -> CometServer<Self> {
@@ -36,27 +46,34 @@ const APPEND_BATCH: usize = 128;
 /// flight formed fewer batches and cost 13 % more CPU for the same p99.
 const APPENDS_IN_FLIGHT: usize = 1;
 
-/// The comet's path to storage: appends coalesced into AppendBatch calls
-/// when they arrive faster than the message service answers (a lone append
-/// goes out alone, as a plain Append).
+/// The comet's path to storage: appends coalesced into batches when they
+/// arrive faster than the message service answers (a lone append goes out
+/// alone), the batches pipelined on one AppendStream. A message service
+/// without AppendStream gets AppendBatch calls.
 pub(crate) fn appender(
     client: MessageClient<Channel>,
+    deadline: Duration,
 ) -> Batcher<pb::AppendRequest, Result<i64, Status>> {
-    Batcher::new(APPEND_BATCH, APPENDS_IN_FLIGHT, move |mut appends| {
-        let mut client = client.clone();
+    let stream = {
+        let client = client.clone();
+        Arc::new(Pipeline::new(deadline, move |calls| {
+            let mut client = client.clone();
+            Box::pin(async move { client.append_stream(calls).await.map(Response::into_inner) })
+        }))
+    };
+    Batcher::new(APPEND_BATCH, APPENDS_IN_FLIGHT, move |appends| {
+        let (stream, mut client) = (stream.clone(), client.clone());
         async move {
-            if appends.len() == 1 {
-                if let Some(a) = appends.pop() {
-                    return vec![client.append(a).await.map(|r| r.into_inner().mid)];
-                }
-            }
             let n = appends.len();
-            match client
-                .append_batch(pb::AppendBatchRequest { appends })
-                .await
-            {
+            let replied = match stream.call(pb::AppendBatchRequest { appends }).await {
+                Ok(r) => Ok(r),
+                Err(CallError::NotSent(s, req)) if s.code() == tonic::Code::Unimplemented => {
+                    client.append_batch(req).await.map(Response::into_inner)
+                }
+                Err(CallError::NotSent(s, _) | CallError::Failed(s)) => Err(s),
+            };
+            match replied {
                 Ok(r) => r
-                    .into_inner()
                     .results
                     .into_iter()
                     .map(|a| match (a.error.is_empty(), a.invalid) {
@@ -152,6 +169,30 @@ impl Comet {
 
 /// Most pushes one PushBatch call may carry.
 pub const MAX_PUSH_BATCH: usize = 256;
+/// Batches of one PushStream pushed at once; further ones wait their turn.
+const STREAM_BATCHES: usize = 16;
+
+impl Comet {
+    /// Pushes each of a batch as Push would, concurrently: one result per
+    /// push, in order. A batch over the limit has every push refused.
+    async fn push_batch(&self, pushes: Vec<pb::PushRequest>) -> pb::MultiPushReply {
+        let results =
+            match pushcluster_core::batch::check_len(pushes.len(), MAX_PUSH_BATCH, "pushes") {
+                Err(e) => pushes
+                    .into_iter()
+                    .map(|r| key_result(r.key, Err(Status::invalid_argument(e.clone()))))
+                    .collect(),
+                Ok(()) => {
+                    futures::future::join_all(pushes.into_iter().map(|r| async move {
+                        let key = r.key.clone();
+                        key_result(key, self.push_checked(r).await)
+                    }))
+                    .await
+                }
+            };
+        pb::MultiPushReply { results }
+    }
+}
 
 /// One key's outcome in a multi-push or push batch.
 fn key_result(key: String, pushed: Result<i64, Status>) -> pb::KeyResult {
@@ -187,12 +228,22 @@ impl CometService for CometRpc {
         let pushes = req.into_inner().pushes;
         pushcluster_core::batch::check_len(pushes.len(), MAX_PUSH_BATCH, "pushes")
             .map_err(Status::invalid_argument)?;
-        let results = futures::future::join_all(pushes.into_iter().map(|r| async move {
-            let key = r.key.clone();
-            key_result(key, self.comet.push_checked(r).await)
-        }))
-        .await;
-        Ok(Response::new(pb::MultiPushReply { results }))
+        Ok(Response::new(self.comet.push_batch(pushes).await))
+    }
+
+    type PushStreamStream = Replies<pb::MultiPushReply>;
+
+    async fn push_stream(
+        &self,
+        req: Request<Streaming<pb::PushBatchRequest>>,
+    ) -> Result<Response<Self::PushStreamStream>, Status> {
+        let comet = self.comet.clone();
+        let drain = self.drain.clone();
+        let replies = answer_in_order(req.into_inner(), STREAM_BATCHES, drain, move |b| {
+            let comet = comet.clone();
+            async move { comet.push_batch(b.pushes).await }
+        });
+        Ok(Response::new(replies))
     }
 
     async fn multi_push(

@@ -7,6 +7,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use pushcluster_core::key::Limits;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_proto::pipeline::{answer_in_order, Replies};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_server::{Message, MessageServer};
 use pushcluster_store::{Backend, Channel, Retention, Store, StoreError};
@@ -16,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 /// Configuration of `push-message` (YAML; flags override).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -150,6 +151,20 @@ pub struct MessageService<S> {
     limits: Limits,
     fetch_limit: u32,
     metrics: Metrics,
+    drain: CancellationToken,
+}
+
+// By hand: a derive would ask for `S: Clone`, and only the Arc is cloned.
+impl<S> Clone for MessageService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            limits: self.limits.clone(),
+            fetch_limit: self.fetch_limit,
+            metrics: self.metrics.clone(),
+            drain: self.drain.clone(),
+        }
+    }
 }
 
 impl<S: Store> MessageService<S> {
@@ -160,7 +175,13 @@ impl<S: Store> MessageService<S> {
             limits: cfg.limits.clone(),
             fetch_limit: cfg.fetch_limit.max(1),
             metrics: Metrics::register(reg),
+            drain: CancellationToken::new(),
         }
+    }
+
+    /// Ends open AppendStreams (after the appends they carry) once `drain` fires.
+    pub fn draining_on(self, drain: CancellationToken) -> Self {
+        Self { drain, ..self }
     }
 
     fn channel<'a>(&self, key: &'a str, gid: i32) -> Result<Channel<'a>, Status> {
@@ -214,6 +235,42 @@ impl<S: Store> MessageService<S> {
     }
 }
 
+/// Batches of one AppendStream stored at once; further ones wait their turn.
+const STREAM_BATCHES: usize = 16;
+
+impl<S: Store> MessageService<S> {
+    /// Appends each of a batch as Append would: one result per append, in
+    /// order. A batch over the limit has every append refused.
+    async fn append_batch(&self, appends: Vec<pb::AppendRequest>) -> pb::AppendBatchReply {
+        let refused = |error: String| pb::AppendResult {
+            mid: 0,
+            error,
+            invalid: true,
+        };
+        if let Err(e) = pushcluster_core::batch::check_len(appends.len(), MAX_BATCH, "appends") {
+            let results = appends.iter().map(|_| refused(e.clone())).collect();
+            return pb::AppendBatchReply { results };
+        }
+        // Concurrent: on Redis they share one connection and go out
+        // pipelined, one round trip for the batch.
+        let results = futures::future::join_all(appends.into_iter().map(|a| async move {
+            match self.append_one(a).await {
+                Ok(mid) => pb::AppendResult {
+                    mid,
+                    error: String::new(),
+                    invalid: false,
+                },
+                Err(e) => pb::AppendResult {
+                    invalid: e.code() == tonic::Code::InvalidArgument,
+                    ..refused(e.message().to_owned())
+                },
+            }
+        }))
+        .await;
+        pb::AppendBatchReply { results }
+    }
+}
+
 fn internal(e: StoreError) -> Status {
     Status::unavailable(format!("storage: {e}"))
 }
@@ -235,24 +292,22 @@ impl<S: Store> Message for MessageService<S> {
         let appends = req.into_inner().appends;
         pushcluster_core::batch::check_len(appends.len(), MAX_BATCH, "appends")
             .map_err(Status::invalid_argument)?;
-        // Concurrent: on Redis they share one connection and go out
-        // pipelined, one round trip for the batch.
-        let results = futures::future::join_all(appends.into_iter().map(|a| async move {
-            match self.append_one(a).await {
-                Ok(mid) => pb::AppendResult {
-                    mid,
-                    error: String::new(),
-                    invalid: false,
-                },
-                Err(e) => pb::AppendResult {
-                    mid: 0,
-                    error: e.message().to_owned(),
-                    invalid: e.code() == tonic::Code::InvalidArgument,
-                },
-            }
-        }))
-        .await;
-        Ok(Response::new(pb::AppendBatchReply { results }))
+        Ok(Response::new(self.append_batch(appends).await))
+    }
+
+    type AppendStreamStream = Replies<pb::AppendBatchReply>;
+
+    async fn append_stream(
+        &self,
+        req: Request<Streaming<pb::AppendBatchRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let svc = self.clone();
+        let drain = self.drain.clone();
+        let replies = answer_in_order(req.into_inner(), STREAM_BATCHES, drain, move |b| {
+            let svc = svc.clone();
+            async move { svc.append_batch(b.appends).await }
+        });
+        Ok(Response::new(replies))
     }
 
     async fn fetch(
@@ -323,7 +378,7 @@ pub enum Error {
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut registry = Registry::default();
     let store = Arc::new(open_store(&cfg).await?);
-    let svc = MessageService::new(store, &cfg, &mut registry);
+    let svc = MessageService::new(store, &cfg, &mut registry).draining_on(cancel.clone());
     let ready = pushcluster_core::ops::Readiness::default();
     let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
         cfg.ops_listen,

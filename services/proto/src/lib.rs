@@ -1,8 +1,9 @@
 //! gRPC definitions between pushcluster services (generated from `proto/pushcluster.proto`).
 
-#![allow(clippy::all, missing_docs)]
+pub mod pipeline;
 
 /// Version 1 of the internal API.
+#[allow(clippy::all, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("pushcluster.v1");
 }

@@ -26,12 +26,13 @@ use axum::Router;
 use bytes::Bytes;
 use pushcluster_core::batch::Batcher;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_proto::pipeline::{CallError, Pipeline};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_client::CometClient;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -201,26 +202,36 @@ const PUSH_BATCH: usize = 128;
 /// (one, as for the comet's appends: see APPENDS_IN_FLIGHT there).
 const PUSHES_IN_FLIGHT: usize = 1;
 
-/// A [`Pusher`] for the comet behind `client`. A lone push goes out as a
-/// plain Push call, several as one PushBatch.
-pub(crate) fn pusher(client: CometClient<Channel>) -> Pusher {
-    Batcher::new(PUSH_BATCH, PUSHES_IN_FLIGHT, move |mut pushes| {
-        let mut client = client.clone();
+/// A [`Pusher`] for the comet behind `client`: batches pipelined on one
+/// PushStream (PushBatch calls to a comet without it). `deadline` bounds
+/// each batch's wait for its reply.
+pub(crate) fn pusher(client: CometClient<Channel>, deadline: Duration) -> Pusher {
+    let stream = {
+        let client = client.clone();
+        Arc::new(Pipeline::new(deadline, move |calls| {
+            let mut client = client.clone();
+            Box::pin(async move {
+                client
+                    .push_stream(calls)
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        }))
+    };
+    Batcher::new(PUSH_BATCH, PUSHES_IN_FLIGHT, move |pushes| {
+        let (stream, mut client) = (stream.clone(), client.clone());
         async move {
-            if pushes.len() == 1 {
-                let Some(one) = pushes.pop() else {
-                    return Vec::new();
-                };
-                return vec![match client.push(one).await {
-                    Ok(r) => CometPush::Stored(r.into_inner().mid),
-                    Err(s) if unreached(&s) => CometPush::Unreached(s.message().to_owned()),
-                    Err(s) => CometPush::Refused(status_reply(s)),
-                }];
-            }
             let n = pushes.len();
-            match client.push_batch(pb::PushBatchRequest { pushes }).await {
+            let replied = match stream.call(pb::PushBatchRequest { pushes }).await {
+                Ok(r) => Ok(r),
+                Err(CallError::NotSent(s, req)) if s.code() == Code::Unimplemented => client
+                    .push_batch(req)
+                    .await
+                    .map(tonic::Response::into_inner),
+                Err(CallError::NotSent(s, _) | CallError::Failed(s)) => Err(s),
+            };
+            match replied {
                 Ok(r) => r
-                    .into_inner()
                     .results
                     .into_iter()
                     .map(|k| match k {

@@ -195,7 +195,8 @@ impl AppState {
         {
             return Ok(p.clone());
         }
-        let p = Arc::new(admin::pusher(self.comet(rpc)?));
+        let deadline = Duration::from_millis(self.cfg.rpc_timeout_ms.max(1));
+        let p = Arc::new(admin::pusher(self.comet(rpc)?, deadline));
         let mut map = self.pushers.lock().unwrap_or_else(|e| e.into_inner());
         Ok(map.entry(rpc.to_owned()).or_insert(p).clone())
     }

@@ -1,0 +1,194 @@
+//! AppendStream through a client [`Pipeline`], against the real message
+//! service on the embedded store over real sockets.
+
+use push_message::{run, Config, StorageConfig};
+use pushcluster_proto::pipeline::{CallError, Pipeline};
+use pushcluster_proto::v1 as pb;
+use pushcluster_proto::v1::comet_client::CometClient;
+use pushcluster_proto::v1::message_client::MessageClient;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tonic::Response;
+
+type Appends = Pipeline<pb::AppendBatchRequest, pb::AppendBatchReply>;
+
+fn free_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// A message service on `addr` over the store in `dir`, up and accepting.
+async fn start(dir: &Path, addr: SocketAddr) -> (CancellationToken, JoinHandle<()>) {
+    let cfg = Config {
+        listen: addr,
+        ops_listen: free_addr(),
+        storage: StorageConfig {
+            path: dir.join("messages.redb"),
+            ..StorageConfig::default()
+        },
+        ..Config::default()
+    };
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { run(cfg, cancel).await.expect("message service") }
+    });
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return (cancel, task);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("message service did not listen on {addr}");
+}
+
+fn endpoint(addr: SocketAddr) -> tonic::transport::Channel {
+    Endpoint::from_shared(format!("http://{addr}"))
+        .expect("url")
+        .connect_timeout(Duration::from_secs(1))
+        .connect_lazy()
+}
+
+fn appends(addr: SocketAddr) -> Appends {
+    let client = MessageClient::new(endpoint(addr));
+    Pipeline::new(Duration::from_secs(5), move |calls| {
+        let mut c = client.clone();
+        Box::pin(async move { c.append_stream(calls).await.map(Response::into_inner) })
+    })
+}
+
+fn batch(key: &str, n: usize) -> pb::AppendBatchRequest {
+    pb::AppendBatchRequest {
+        appends: (0..n)
+            .map(|i| pb::AppendRequest {
+                key: key.to_owned(),
+                payload: format!("{{\"n\":{i}}}").into(),
+                ..Default::default()
+            })
+            .collect(),
+    }
+}
+
+fn mids(r: &pb::AppendBatchReply) -> Vec<i64> {
+    assert!(r.results.iter().all(|a| a.error.is_empty()), "{r:?}");
+    let mut m: Vec<i64> = r.results.iter().map(|a| a.mid).collect();
+    m.sort_unstable();
+    m
+}
+
+#[tokio::test]
+async fn pipelined_calls_each_get_their_own_reply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let (cancel, task) = start(dir.path(), addr).await;
+    let p = appends(addr);
+    // 60 calls in flight at once, each with its own key and its own count of
+    // appends: a reply handed to the wrong call shows as a wrong count.
+    let calls = (0..60).map(|i| {
+        let p = &p;
+        async move { (i, p.call(batch(&format!("k{i}"), i % 7 + 1)).await) }
+    });
+    for (i, r) in futures::future::join_all(calls).await {
+        let r = r.unwrap_or_else(|e| panic!("call {i}: {e:?}"));
+        let want: Vec<i64> = (1..=(i % 7 + 1) as i64).collect();
+        assert_eq!(mids(&r), want, "call {i}");
+    }
+    cancel.cancel();
+    // Draining ends the open stream, so the graceful shutdown finishes.
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("shutdown waited for the open stream")
+        .expect("task");
+}
+
+#[tokio::test]
+async fn a_batch_over_the_limit_is_refused_per_append_and_the_stream_goes_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let (cancel, task) = start(dir.path(), addr).await;
+    let p = appends(addr);
+    let big = p.call(batch("big", 257)).await.expect("reply");
+    assert_eq!(big.results.len(), 257);
+    assert!(big
+        .results
+        .iter()
+        .all(|a| a.invalid && a.error.contains("257 appends")));
+    let next = p.call(batch("big", 2)).await.expect("reply");
+    assert_eq!(
+        mids(&next),
+        vec![1, 2],
+        "nothing of the refused batch was stored"
+    );
+    cancel.cancel();
+    task.await.expect("task");
+}
+
+#[tokio::test]
+async fn a_restarted_server_gets_a_new_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let (cancel, task) = start(dir.path(), addr).await;
+    let p = appends(addr);
+    assert_eq!(mids(&p.call(batch("r", 1)).await.expect("reply")), vec![1]);
+    cancel.cancel();
+    task.await.expect("task");
+    // Down: the call fails as unavailable, it does not hang.
+    match p.call(batch("r", 1)).await {
+        Err(CallError::NotSent(s, _) | CallError::Failed(s)) => {
+            assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}")
+        }
+        Ok(r) => panic!("a stopped server answered: {r:?}"),
+    }
+    // A new store: the stopped server's may still be held open by its
+    // connections' tasks winding down in this process.
+    let dir2 = tempfile::tempdir().expect("tempdir");
+    let (cancel, task) = start(dir2.path(), addr).await;
+    let mut again = None;
+    for _ in 0..50 {
+        match p.call(batch("r", 1)).await {
+            Ok(r) => {
+                again = Some(r);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let again = again.expect("no stream to the restarted server");
+    assert_eq!(mids(&again), vec![1]);
+    cancel.cancel();
+    task.await.expect("task");
+}
+
+#[tokio::test]
+async fn a_server_without_the_stream_gives_the_request_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addr = free_addr();
+    let (cancel, task) = start(dir.path(), addr).await;
+    // The message service has no Comet.PushStream: what an older comet
+    // answers for a method it does not know.
+    let client = CometClient::new(endpoint(addr));
+    let p: Pipeline<pb::PushBatchRequest, pb::MultiPushReply> =
+        Pipeline::new(Duration::from_secs(5), move |calls| {
+            let mut c = client.clone();
+            Box::pin(async move { c.push_stream(calls).await.map(Response::into_inner) })
+        });
+    let req = pb::PushBatchRequest {
+        pushes: vec![pb::PushRequest {
+            key: "u".into(),
+            ..Default::default()
+        }],
+    };
+    match p.call(req).await {
+        Err(CallError::NotSent(s, back)) => {
+            assert_eq!(s.code(), tonic::Code::Unimplemented, "{s:?}");
+            assert_eq!(back.pushes[0].key, "u");
+        }
+        other => panic!("expected the request back, got {other:?}"),
+    }
+    cancel.cancel();
+    task.await.expect("task");
+}
