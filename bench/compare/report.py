@@ -15,7 +15,7 @@ for line in (out / "results.txt").read_text().splitlines():
     kv = dict(p.split("=", 1) for p in line.split() if "=" in p)
     if "scenario" in kv:
         rows.append(kv)
-PEERS = ["floor", "nchan", "node-ws"]
+PEERS = ["floor", "nchan", "node-ws", "pushpin"]
 
 
 def pick(scenario, **match):

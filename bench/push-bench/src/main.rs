@@ -60,6 +60,10 @@ enum Cmd {
         /// Seconds to hold the connections once open.
         #[arg(long, default_value_t = 10)]
         hold: u64,
+        /// Connections opened per second; 0: as fast as the server's accept
+        /// queue keeps up (pushpin, which answers bursts with 502, gets a rate).
+        #[arg(long, default_value_t = 0)]
+        connect_rate: u64,
     },
     /// Private push latency: one subscriber per key; pushes at a fixed rate;
     /// latency from the scheduled send time to delivery.
@@ -69,6 +73,9 @@ enum Cmd {
         /// Publish URL; `{key}` is replaced by the key.
         #[arg(long)]
         publish: String,
+        /// Publish request body (see `publish_body`); `{key}` is the key.
+        #[arg(long, default_value = "{msg}")]
+        publish_body: String,
         /// Resolve each key's WebSocket address through pushcluster's web
         /// (`<url>/1/server/get`) instead of going round-robin over --ws.
         #[arg(long)]
@@ -95,6 +102,9 @@ enum Cmd {
         /// Broadcast URL (POSTed the message body).
         #[arg(long)]
         publish: String,
+        /// Broadcast request body (see `publish_body`); `{key}` is --key.
+        #[arg(long, default_value = "{msg}")]
+        publish_body: String,
         /// Key every subscriber subscribes to (`{i}`: its number), e.g. one
         /// shared channel for servers whose broadcast is a channel.
         #[arg(long, default_value = "fan-{i}")]
@@ -183,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
             conns,
             first,
             hold,
+            connect_rate,
         } => {
             if conns as u64 + 64 > limit {
                 bail!("{conns} connections need more than this process's {limit} file descriptors: run several generators");
@@ -220,8 +231,11 @@ async fn main() -> anyhow::Result<()> {
                         }
                     }
                 }));
-                // Pace connection setup a little so accept queues keep up.
-                if i % 500 == 499 {
+                let nth = (i - first + 1) as u64;
+                if let Some(ns) = (nth * 1_000_000_000).checked_div(connect_rate) {
+                    tokio::time::sleep_until((t0 + Duration::from_nanos(ns)).into()).await;
+                } else if i % 500 == 499 {
+                    // Pace connection setup a little so accept queues keep up.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -255,6 +269,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Latency {
             server,
             publish,
+            publish_body,
             resolve,
             keys,
             rate,
@@ -311,6 +326,7 @@ async fn main() -> anyhow::Result<()> {
             // that thread per push, and the server shares these two cores.
             let pacer = {
                 let (acked, failed, publish) = (acked.clone(), failed.clone(), publish.clone());
+                let template = publish_body;
                 std::thread::spawn(move || -> anyhow::Result<()> {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
@@ -328,9 +344,10 @@ async fn main() -> anyhow::Result<()> {
                             std::thread::sleep(wait);
                         }
                         // Latency counts from the scheduled time: publisher lag counts too.
-                        let body =
-                            format!(r#"{{"t":{},"i":{i}}}"#, start_ns + at.as_nanos() as u64);
-                        let url = publish.replace("{key}", &format!("lat-{}", i as usize % keys));
+                        let msg = format!(r#"{{"t":{},"i":{i}}}"#, start_ns + at.as_nanos() as u64);
+                        let key = format!("lat-{}", i as usize % keys);
+                        let body = target::publish_body(&template, &key, msg);
+                        let url = publish.replace("{key}", &key);
                         let req = http.post(url).body(body);
                         let (acked, failed) = (acked.clone(), failed.clone());
                         rt.block_on(async move {
@@ -402,6 +419,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Fanout {
             server,
             publish,
+            publish_body,
             key,
             conns,
             publishers,
@@ -464,9 +482,11 @@ async fn main() -> anyhow::Result<()> {
             for _ in 0..publishers * in_flight {
                 let (http, publish, pad, sent) =
                     (http.clone(), publish.clone(), pad.clone(), sent.clone());
+                let (template, key) = (publish_body.clone(), key.clone());
                 pubs.push(tokio::spawn(async move {
                     while tokio::time::Instant::now() < end {
-                        let body = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
+                        let msg = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
+                        let body = target::publish_body(&template, &key, msg);
                         let ok = http
                             .post(&publish)
                             .body(body)

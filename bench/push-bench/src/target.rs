@@ -188,6 +188,22 @@ pub fn now_ns() -> u64 {
         .unwrap_or(0)
 }
 
+/// A publish request's body from a template: `{msg}` is the message as is,
+/// `{msg-json}` the message as a JSON string, `{key}` the key it goes to
+/// (pushpin's publish API takes `{"items":[{"channel":…,"formats":…}]}`).
+pub fn publish_body(template: &str, key: &str, msg: String) -> String {
+    if template == "{msg}" {
+        return msg;
+    }
+    template
+        .replace("{key}", key)
+        .replace(
+            "{msg-json}",
+            &serde_json::Value::String(msg.clone()).to_string(),
+        )
+        .replace("{msg}", &msg)
+}
+
 /// The send time a message carries as `"t":<ns>`, however the server wraps it
 /// (pushcluster: `{"msg":{"t":…},…}`; the others deliver the body as is).
 pub fn sent_at_bytes(b: &[u8]) -> Option<u64> {
@@ -198,7 +214,7 @@ pub fn sent_at_bytes(b: &[u8]) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::sent_at_bytes;
+    use super::{publish_body, sent_at_bytes};
     fn sent_at(s: &str) -> Option<u64> {
         sent_at_bytes(s.as_bytes())
     }
@@ -221,5 +237,20 @@ mod tests {
         );
         assert_eq!(sent_at(r#"{"t":7}"#), Some(7));
         assert_eq!(sent_at("+h\r\n"), None);
+    }
+
+    #[test]
+    fn publish_bodies_wrap_the_message_as_the_server_wants_it() {
+        let msg = r#"{"t":7,"i":1}"#.to_owned();
+        assert_eq!(publish_body("{msg}", "k", msg.clone()), msg);
+        let pushpin =
+            r#"{"items":[{"channel":"{key}","formats":{"ws-message":{"content":{msg-json}}}}]}"#;
+        let body = publish_body(pushpin, "lat-3", msg);
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(v["items"][0]["channel"], "lat-3");
+        let content = v["items"][0]["formats"]["ws-message"]["content"]
+            .as_str()
+            .expect("string");
+        assert_eq!(sent_at(content), Some(7));
     }
 }
