@@ -88,8 +88,8 @@ if s3:
     print("One subscriber per key, pushes at a fixed rate, latency from the scheduled send time (publisher")
     print("lag counts). pushcluster: through web, Redis store, 2 comets, every push stored before it is")
     print("acknowledged and delivered; the peers store nothing (nchan keeps it in shared memory).\n")
-    print(table(["server", "keys", "rate", "acked", "lost", "p50 ms", "p90 ms", "p99 ms", "max ms", "server CPU user/sys s", "bench CPU s"], s3,
-                [lambda r: r["server"], lambda r: r["keys"], lambda r: r["rate"], lambda r: r["acked"], lambda r: r["lost"],
+    print(table(["server", "keys", "rate", "acked", "failed", "lost", "p50 ms", "p90 ms", "p99 ms", "max ms", "server CPU user/sys s", "bench CPU s"], s3,
+                [lambda r: r["server"], lambda r: r["keys"], lambda r: r["rate"], lambda r: r["acked"], lambda r: r.get("failed", "?"), lambda r: r["lost"],
                  ms("p50_us"), ms("p90_us"), ms("p99_us"), ms("max_us"),
                  lambda r: f"{r['server_cpu_user_s']} / {r['server_cpu_sys_s']}", lambda r: r["bench_cpu_s"]]))
     print("\n" + ratios(s3, "p99_us", "lower") + "\n")

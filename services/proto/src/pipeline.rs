@@ -180,6 +180,10 @@ impl<Req, Rep> Conn<Req, Rep> {
             return Err(req);
         };
         if let Err(e) = tx.send(req) {
+            // The request stream is gone (its HTTP/2 stream ended) before
+            // the reader noticed: close now, so the retry opens a new one.
+            drop(inner);
+            self.close(&Status::unavailable("the request stream ended"));
             return Err(e.0);
         }
         let (reply, wait) = oneshot::channel();
