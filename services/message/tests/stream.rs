@@ -7,7 +7,6 @@ use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_proto::v1::message_client::MessageClient;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -21,29 +20,58 @@ fn free_addr() -> SocketAddr {
     l.local_addr().expect("addr")
 }
 
-/// A message service on `addr` over the store in `dir`, up and accepting.
-async fn start(dir: &Path, addr: SocketAddr) -> (CancellationToken, JoinHandle<()>) {
-    let cfg = Config {
-        listen: addr,
-        ops_listen: free_addr(),
-        storage: StorageConfig {
-            path: dir.join("messages.redb"),
-            ..StorageConfig::default()
-        },
-        ..Config::default()
-    };
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { run(cfg, cancel).await.expect("message service") }
-    });
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return (cancel, task);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+/// A message service on a real port over a fresh embedded store.
+struct Server {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start() -> Self {
+        Self::start_at(free_addr()).await
     }
-    panic!("message service did not listen on {addr}");
+
+    /// Up and accepting on `addr`.
+    async fn start_at(addr: SocketAddr) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = Config {
+            listen: addr,
+            ops_listen: free_addr(),
+            storage: StorageConfig {
+                path: dir.path().join("messages.redb"),
+                ..StorageConfig::default()
+            },
+            ..Config::default()
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { run(cfg, cancel).await.expect("message service") }
+        });
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                return Self {
+                    addr,
+                    cancel,
+                    task,
+                    _dir: dir,
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("message service did not listen on {addr}");
+    }
+
+    /// Graceful shutdown; draining ends open streams, so it does not wait on them.
+    async fn stop(self) {
+        self.cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .expect("shutdown waited for an open stream")
+            .expect("task");
+    }
 }
 
 fn endpoint(addr: SocketAddr) -> tonic::transport::Channel {
@@ -82,10 +110,8 @@ fn mids(r: &pb::AppendBatchReply) -> Vec<i64> {
 
 #[tokio::test]
 async fn pipelined_calls_each_get_their_own_reply() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
-    let (cancel, task) = start(dir.path(), addr).await;
-    let p = appends(addr);
+    let server = Server::start().await;
+    let p = appends(server.addr);
     // 60 calls in flight at once, each with its own key and its own count of
     // appends: a reply handed to the wrong call shows as a wrong count.
     let calls = (0..60).map(|i| {
@@ -97,20 +123,13 @@ async fn pipelined_calls_each_get_their_own_reply() {
         let want: Vec<i64> = (1..=(i % 7 + 1) as i64).collect();
         assert_eq!(mids(&r), want, "call {i}");
     }
-    cancel.cancel();
-    // Draining ends the open stream, so the graceful shutdown finishes.
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("shutdown waited for the open stream")
-        .expect("task");
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn a_batch_over_the_limit_is_refused_per_append_and_the_stream_goes_on() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
-    let (cancel, task) = start(dir.path(), addr).await;
-    let p = appends(addr);
+    let server = Server::start().await;
+    let p = appends(server.addr);
     let big = p.call(batch("big", 257)).await.expect("reply");
     assert_eq!(big.results.len(), 257);
     assert!(big
@@ -123,19 +142,16 @@ async fn a_batch_over_the_limit_is_refused_per_append_and_the_stream_goes_on() {
         vec![1, 2],
         "nothing of the refused batch was stored"
     );
-    cancel.cancel();
-    task.await.expect("task");
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn a_restarted_server_gets_a_new_stream() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
-    let (cancel, task) = start(dir.path(), addr).await;
-    let p = appends(addr);
+    let server = Server::start().await;
+    let p = appends(server.addr);
     assert_eq!(mids(&p.call(batch("r", 1)).await.expect("reply")), vec![1]);
-    cancel.cancel();
-    task.await.expect("task");
+    let addr = server.addr;
+    server.stop().await;
     // Down: the call fails as unavailable, it does not hang.
     match p.call(batch("r", 1)).await {
         Err(CallError::NotSent(s, _) | CallError::Failed(s)) => {
@@ -145,8 +161,7 @@ async fn a_restarted_server_gets_a_new_stream() {
     }
     // A new store: the stopped server's may still be held open by its
     // connections' tasks winding down in this process.
-    let dir2 = tempfile::tempdir().expect("tempdir");
-    let (cancel, task) = start(dir2.path(), addr).await;
+    let server = Server::start_at(addr).await;
     let mut again = None;
     for _ in 0..50 {
         match p.call(batch("r", 1)).await {
@@ -159,18 +174,15 @@ async fn a_restarted_server_gets_a_new_stream() {
     }
     let again = again.expect("no stream to the restarted server");
     assert_eq!(mids(&again), vec![1]);
-    cancel.cancel();
-    task.await.expect("task");
+    server.stop().await;
 }
 
 #[tokio::test]
 async fn a_server_without_the_stream_gives_the_request_back() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let addr = free_addr();
-    let (cancel, task) = start(dir.path(), addr).await;
+    let server = Server::start().await;
     // The message service has no Comet.PushStream: what an older comet
     // answers for a method it does not know.
-    let client = CometClient::new(endpoint(addr));
+    let client = CometClient::new(endpoint(server.addr));
     let p: Pipeline<pb::PushBatchRequest, pb::MultiPushReply> =
         Pipeline::new(Duration::from_secs(5), move |calls| {
             let mut c = client.clone();
@@ -189,6 +201,5 @@ async fn a_server_without_the_stream_gives_the_request_back() {
         }
         other => panic!("expected the request back, got {other:?}"),
     }
-    cancel.cancel();
-    task.await.expect("task");
+    server.stop().await;
 }
