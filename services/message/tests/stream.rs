@@ -203,3 +203,100 @@ async fn a_server_without_the_stream_gives_the_request_back() {
     }
     server.stop().await;
 }
+
+/// A message service that takes AppendStream calls and never answers: what a
+/// stuck server looks like to the pipeline.
+struct Silent;
+
+#[tonic::async_trait]
+impl pb::message_server::Message for Silent {
+    async fn append(
+        &self,
+        _: tonic::Request<pb::AppendRequest>,
+    ) -> Result<Response<pb::AppendReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("silent"))
+    }
+    async fn append_batch(
+        &self,
+        _: tonic::Request<pb::AppendBatchRequest>,
+    ) -> Result<Response<pb::AppendBatchReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("silent"))
+    }
+    type AppendStreamStream = pushcluster_proto::pipeline::Replies<pb::AppendBatchReply>;
+    async fn append_stream(
+        &self,
+        req: tonic::Request<tonic::Streaming<pb::AppendBatchRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, tonic::Status> {
+        // Keep reading calls (so the client's sends succeed), answer none.
+        let mut calls = req.into_inner();
+        let replies =
+            silent_replies(async move { while let Ok(Some(_)) = calls.message().await {} });
+        Ok(Response::new(replies))
+    }
+    async fn fetch(
+        &self,
+        _: tonic::Request<pb::FetchRequest>,
+    ) -> Result<Response<pb::FetchReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("silent"))
+    }
+    async fn delete(
+        &self,
+        _: tonic::Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("silent"))
+    }
+    async fn last_mid(
+        &self,
+        _: tonic::Request<pb::LastMidRequest>,
+    ) -> Result<Response<pb::LastMidReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("silent"))
+    }
+}
+
+/// A reply stream that yields nothing while `work` runs, then ends.
+fn silent_replies(
+    work: impl std::future::Future<Output = ()> + Send + 'static,
+) -> pushcluster_proto::pipeline::Replies<pb::AppendBatchReply> {
+    use futures::StreamExt;
+    Box::pin(futures::stream::once(work).filter_map(|()| async { None }))
+}
+
+#[tokio::test]
+async fn a_stuck_server_fails_the_call_at_the_deadline_and_the_next_call_gets_a_new_stream() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::message_server::MessageServer::new(Silent))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let client = MessageClient::new(endpoint(addr));
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let p: Appends = Pipeline::new(Duration::from_millis(300), {
+        let opened = opened.clone();
+        move |calls| {
+            opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut c = client.clone();
+            Box::pin(async move { c.append_stream(calls).await.map(Response::into_inner) })
+        }
+    });
+    for round in 1..=2 {
+        let started = std::time::Instant::now();
+        match tokio::time::timeout(Duration::from_secs(5), p.call(batch("s", 1)))
+            .await
+            .expect("the call hung past its deadline")
+        {
+            Err(CallError::Failed(s)) => {
+                assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+                assert!(s.message().contains("no reply within"), "{s:?}");
+            }
+            other => panic!("round {round}: expected a failed call, got {other:?}"),
+        }
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        // The stuck stream was closed: each call opened its own.
+        assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), round);
+    }
+    server.abort();
+}
