@@ -5,7 +5,7 @@ use crate::Comet;
 use bytes::Bytes;
 use pushcluster_core::batch::Batcher;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
-use pushcluster_proto::pipeline::{answer_in_order, CallError, Pipeline, Replies};
+use pushcluster_proto::pipeline::{answer_in_order, Pipeline, Replies};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_server::{Comet as CometService, CometServer};
 use pushcluster_proto::v1::message_client::MessageClient;
@@ -65,13 +65,11 @@ pub(crate) fn appender(
         let (stream, mut client) = (stream.clone(), client.clone());
         async move {
             let n = appends.len();
-            let replied = match stream.call(pb::AppendBatchRequest { appends }).await {
-                Ok(r) => Ok(r),
-                Err(CallError::NotSent(s, req)) if s.code() == tonic::Code::Unimplemented => {
+            let replied = stream
+                .call_or(pb::AppendBatchRequest { appends }, |req| async move {
                     client.append_batch(req).await.map(Response::into_inner)
-                }
-                Err(CallError::NotSent(s, _) | CallError::Failed(s)) => Err(s),
-            };
+                })
+                .await;
             match replied {
                 Ok(r) => r
                     .results

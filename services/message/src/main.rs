@@ -45,8 +45,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let threads = args.worker_threads;
-    pushcluster_core::ops::runtime(threads)?.block_on(serve(args))
+    pushcluster_core::ops::runtime(args.worker_threads)?.block_on(serve(args))
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@
 //! A broken stream fails the calls waiting on it and the next call opens a
 //! new one. A server that does not know the stream method (an older version
 //! during a rolling upgrade) answers `Unimplemented`; the caller then falls
-//! back to the unary method, and the pipeline tries the stream again after
+//! back to the unary method ([`Pipeline::call_or`]), and the pipeline tries the stream again after
 //! [`RETRY_UNSUPPORTED`].
 
 use futures::{Stream, StreamExt};
@@ -130,6 +130,21 @@ impl<Req: Send + 'static, Rep: Send + 'static> Pipeline<Req, Rep> {
             Status::unavailable("the stream closed as it opened"),
             req,
         ))
+    }
+
+    /// As [`Self::call`], but a request the server's missing stream method
+    /// (`Unimplemented`) sent back goes to `unary`, and any failure is its
+    /// status.
+    pub async fn call_or<F, Fut>(&self, req: Req, unary: F) -> Result<Rep, Status>
+    where
+        F: FnOnce(Req) -> Fut,
+        Fut: Future<Output = Result<Rep, Status>>,
+    {
+        match self.call(req).await {
+            Ok(r) => Ok(r),
+            Err(CallError::NotSent(s, req)) if s.code() == Code::Unimplemented => unary(req).await,
+            Err(CallError::NotSent(s, _) | CallError::Failed(s)) => Err(s),
+        }
     }
 
     /// The open stream, opened now if there is none.

@@ -26,7 +26,7 @@ use axum::Router;
 use bytes::Bytes;
 use pushcluster_core::batch::Batcher;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
-use pushcluster_proto::pipeline::{CallError, Pipeline};
+use pushcluster_proto::pipeline::Pipeline;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_client::CometClient;
 use serde_json::{json, Value};
@@ -222,14 +222,14 @@ pub(crate) fn pusher(client: CometClient<Channel>, deadline: Duration) -> Pusher
         let (stream, mut client) = (stream.clone(), client.clone());
         async move {
             let n = pushes.len();
-            let replied = match stream.call(pb::PushBatchRequest { pushes }).await {
-                Ok(r) => Ok(r),
-                Err(CallError::NotSent(s, req)) if s.code() == Code::Unimplemented => client
-                    .push_batch(req)
-                    .await
-                    .map(tonic::Response::into_inner),
-                Err(CallError::NotSent(s, _) | CallError::Failed(s)) => Err(s),
-            };
+            let replied = stream
+                .call_or(pb::PushBatchRequest { pushes }, |req| async move {
+                    client
+                        .push_batch(req)
+                        .await
+                        .map(tonic::Response::into_inner)
+                })
+                .await;
             match replied {
                 Ok(r) => r
                     .results

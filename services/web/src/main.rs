@@ -50,8 +50,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let threads = a.worker_threads;
-    pushcluster_core::ops::runtime(threads)?.block_on(serve(a))
+    pushcluster_core::ops::runtime(a.worker_threads)?.block_on(serve(a))
 }
 
 async fn serve(a: Args) -> anyhow::Result<()> {
