@@ -14,7 +14,7 @@ help:
 	@echo "make crds   - regenerate crds/ and the chart's copy from the Rust types"
 	@echo "make build  - debug build of every binary"
 	@echo "make bench  - criterion benchmarks (ring, frames, store on both backends)"
-	@echo "make bench-compare - the scenarios against pushcluster, push-floor, nginx+nchan and Node ws; writes docs/benchmarks.md"
+	@echo "make bench-compare - the scenarios against pushcluster, push-floor, nginx+nchan, Node ws and pushpin; writes docs/benchmarks.md"
 	@echo "make e2e    - end-to-end tests against the cluster of \$$KUBECONFIG (skips without one)"
 	@echo "make image  - container image with every binary (needs Docker)"
 

@@ -95,7 +95,9 @@ enum Cmd {
         trace: Option<std::path::PathBuf>,
     },
     /// Broadcast fan-out: N subscribers, broadcasts from P publishers with at
-    /// most K in flight each; deliveries per server CPU-second.
+    /// most K in flight each; deliveries per server CPU-second. With --rate,
+    /// broadcasts leave on a fixed schedule instead, and latency counts from
+    /// each one's scheduled send time.
     Fanout {
         #[command(flatten)]
         server: Server,
@@ -124,6 +126,12 @@ enum Cmd {
         /// Message body size in bytes.
         #[arg(long, default_value_t = 100)]
         size: usize,
+        /// Broadcasts per second on a fixed schedule (0: each publisher sends
+        /// again as soon as a broadcast is acknowledged). Publishers × in
+        /// flight then caps the broadcasts awaiting their acknowledgement; a
+        /// send that waits for room is late, and its lateness counts.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
     /// Offline catch-up (pushcluster): stores M messages for each of K keys,
     /// then K clients subscribe and fetch their backlog; time until all have it.
@@ -426,6 +434,7 @@ async fn main() -> anyhow::Result<()> {
             in_flight,
             seconds,
             size,
+            rate,
         } => {
             if conns as u64 + 64 > limit {
                 bail!("{conns} connections need more than this process's {limit} file descriptors");
@@ -477,31 +486,52 @@ async fn main() -> anyhow::Result<()> {
             let http = reqwest::Client::new();
             let (before, me0) = (usage(&sp), usage(&me));
             let sent = Arc::new(AtomicU64::new(0));
-            let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
-            let mut pubs = Vec::new();
-            for _ in 0..publishers * in_flight {
-                let (http, publish, pad, sent) =
-                    (http.clone(), publish.clone(), pad.clone(), sent.clone());
-                let (template, key) = (publish_body.clone(), key.clone());
-                pubs.push(tokio::spawn(async move {
-                    while tokio::time::Instant::now() < end {
-                        let msg = format!(r#"{{"t":{},"p":"{pad}"}}"#, now_ns());
-                        let body = target::publish_body(&template, &key, msg);
-                        let ok = http
-                            .post(&publish)
-                            .body(body)
-                            .send()
-                            .await
-                            .map(|r| r.status().is_success())
-                            .unwrap_or(false);
-                        if ok {
+            let broadcast = {
+                let (http, sent) = (http.clone(), sent.clone());
+                move |t_ns: u64| {
+                    let msg = format!(r#"{{"t":{t_ns},"p":"{pad}"}}"#);
+                    let req =
+                        http.post(&publish)
+                            .body(target::publish_body(&publish_body, &key, msg));
+                    let sent = sent.clone();
+                    async move {
+                        if req.send().await.is_ok_and(|r| r.status().is_success()) {
                             sent.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                }));
-            }
-            for p in pubs {
-                let _ = p.await;
+                }
+            };
+            let slots = publishers * in_flight;
+            if rate > 0 {
+                // The tokio timer rounds up to the millisecond: every server
+                // gets the same up-to-1 ms of publisher lag in its figures.
+                let room = Arc::new(tokio::sync::Semaphore::new(slots));
+                let (t0, t0_ns) = (tokio::time::Instant::now(), now_ns());
+                for i in 0..rate * seconds {
+                    let at = Duration::from_nanos(i * 1_000_000_000 / rate);
+                    tokio::time::sleep_until(t0 + at).await;
+                    let permit = room.clone().acquire_owned().await?;
+                    let send = broadcast(t0_ns + at.as_nanos() as u64);
+                    tokio::spawn(async move {
+                        send.await;
+                        drop(permit);
+                    });
+                }
+                let _all_answered = room.acquire_many(slots as u32).await?;
+            } else {
+                let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
+                let mut pubs = Vec::new();
+                for _ in 0..slots {
+                    let broadcast = broadcast.clone();
+                    pubs.push(tokio::spawn(async move {
+                        while tokio::time::Instant::now() < end {
+                            broadcast(now_ns()).await;
+                        }
+                    }));
+                }
+                for p in pubs {
+                    let _ = p.await;
+                }
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
             let after = usage(&sp);
@@ -517,8 +547,8 @@ async fn main() -> anyhow::Result<()> {
             let h = hist
                 .lock()
                 .map_err(|_| anyhow::anyhow!("histogram poisoned"))?;
-            println!("scenario=fanout conns={conns} publishers={publishers} in_flight={in_flight} size={size} broadcasts={n} deliveries={d} expected={} deliveries_per_server_cpu_s={:.0} p50_us={} p99_us={} {} bench_cpu_s={:.2}",
-                n * conns as u64, d as f64 / (su + ss).max(0.001), h.value_at_quantile(0.5), h.value_at_quantile(0.99),
+            println!("scenario=fanout conns={conns} publishers={publishers} in_flight={in_flight} rate={rate} size={size} broadcasts={n} deliveries={d} expected={} deliveries_per_server_cpu_s={:.0} p50_us={} p90_us={} p99_us={} max_us={} {} bench_cpu_s={:.2}",
+                n * conns as u64, d as f64 / (su + ss).max(0.001), h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.max(),
                 cpu(before, after), usage(&me).cpu() - me0.cpu());
         }
         Cmd::Catchup {
