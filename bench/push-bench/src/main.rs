@@ -505,19 +505,29 @@ async fn main() -> anyhow::Result<()> {
             if rate > 0 {
                 // The tokio timer rounds up to the millisecond: every server
                 // gets the same up-to-1 ms of publisher lag in its figures.
+                // Bounded in time as in count: a server that falls behind
+                // gets no broadcasts after the last scheduled time, and 30 s
+                // to answer those it has.
                 let room = Arc::new(tokio::sync::Semaphore::new(slots));
                 let (t0, t0_ns) = (tokio::time::Instant::now(), now_ns());
+                let last = t0 + Duration::from_secs(seconds);
                 for i in 0..rate * seconds {
                     let at = Duration::from_nanos(i * 1_000_000_000 / rate);
                     tokio::time::sleep_until(t0 + at).await;
-                    let permit = room.clone().acquire_owned().await?;
+                    let Ok(Ok(permit)) =
+                        tokio::time::timeout_at(last, room.clone().acquire_owned()).await
+                    else {
+                        break;
+                    };
                     let send = broadcast(t0_ns + at.as_nanos() as u64);
                     tokio::spawn(async move {
                         send.await;
                         drop(permit);
                     });
                 }
-                let _all_answered = room.acquire_many(slots as u32).await?;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(30), room.acquire_many(slots as u32))
+                        .await;
             } else {
                 let end = tokio::time::Instant::now() + Duration::from_secs(seconds);
                 let mut pubs = Vec::new();
