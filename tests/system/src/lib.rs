@@ -4,6 +4,8 @@
 //! The binaries come from the same target directory as the test executable;
 //! `make test` builds them first (`cargo build --workspace --bins`).
 
+pub mod older;
+
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -201,6 +203,11 @@ pub struct Options {
     pub standbys: u32,
     /// Lease duration, renew deadline, retry period in ms (lease mode).
     pub lease_ms: (u64, u64, u64),
+    /// Web and the comets reach the message service, and web the comets,
+    /// through proxies of an older release without the stream methods
+    /// ([`older`]): a rolling upgrade's mixed versions. Static membership
+    /// only: with leases, web finds the comets' own addresses.
+    pub older_rpc: bool,
 }
 
 impl Default for Options {
@@ -217,6 +224,7 @@ impl Default for Options {
             lease_redis: None,
             standbys: 0,
             lease_ms: (2000, 1400, 300),
+            older_rpc: false,
         }
     }
 }
@@ -239,6 +247,10 @@ pub struct Cluster {
     pub public_url: String,
     pub admin_url: String,
     pub opts: Options,
+    /// With `older_rpc`: the proxy in front of the message service.
+    pub older_message: Option<older::Proxy>,
+    /// With `older_rpc`: the proxies in front of the comets, by shard.
+    pub older_comets: Vec<older::Proxy>,
 }
 
 fn yaml_opt(v: &Option<String>) -> String {
@@ -269,6 +281,8 @@ impl Cluster {
             ),
             msg_ops,
         );
+        let older_message = opts.older_rpc.then(|| older::message(msg_port));
+        let msg_rpc = older_message.as_ref().map_or(msg_port, |p| p.port);
         let (dur, deadline, retry) = opts.lease_ms;
         let membership = match &opts.lease_redis {
             None => "membership: { kind: static }".to_owned(),
@@ -292,7 +306,7 @@ impl Cluster {
                 &format!("comet-{i}"),
                 "push-comet",
                 &format!(
-                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_port}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\n{limits}\n",
+                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\n{limits}\n",
                     opts.shards,
                     opts.queue_depth,
                     opts.max_subscribers_per_key,
@@ -318,10 +332,17 @@ impl Cluster {
         }
         let (public, admin, ops) = (free_port(), free_port(), free_port());
         let mut comets_yaml = String::from("comets:\n");
+        let mut older_comets = Vec::new();
         for (shard, a) in comet_addrs.iter().enumerate() {
+            let mut rpc = a.rpc_port;
+            if opts.older_rpc {
+                let p = older::comet(rpc);
+                rpc = p.port;
+                older_comets.push(p);
+            }
             comets_yaml.push_str(&format!(
-                "  - {{ shard: {shard}, rpc: \"http://127.0.0.1:{}\", ws: \"{}\", tcp: \"{}\" }}\n",
-                a.rpc_port, a.ws, a.tcp
+                "  - {{ shard: {shard}, rpc: \"http://127.0.0.1:{rpc}\", ws: \"{}\", tcp: \"{}\" }}\n",
+                a.ws, a.tcp
             ));
         }
         let web = Proc::spawn(
@@ -329,7 +350,7 @@ impl Cluster {
             "web",
             "push-web",
             &format!(
-                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_port}\nadmin_token: {}\nrpc_timeout_ms: 3000\n{membership}\n{limits}\n{comets_yaml}",
+                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nrpc_timeout_ms: 3000\n{membership}\n{limits}\n{comets_yaml}",
                 yaml_opt(&opts.admin_token),
             ),
             ops,
@@ -343,6 +364,8 @@ impl Cluster {
             public_url: format!("http://127.0.0.1:{public}"),
             admin_url: format!("http://127.0.0.1:{admin}"),
             opts,
+            older_message,
+            older_comets,
         }
     }
 

@@ -8,3 +8,4 @@ mod durability;
 mod errors;
 mod failover;
 mod pushctl;
+mod upgrade;
