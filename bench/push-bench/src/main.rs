@@ -34,6 +34,10 @@ struct Server {
     /// WebSocket addresses (host:port); subscribers go round-robin.
     #[arg(long, value_delimiter = ',')]
     ws: Vec<SocketAddr>,
+    /// pushcluster comets' TCP addresses: idle subscribers then use the TCP
+    /// protocol (gopush-cluster's) instead of WebSocket.
+    #[arg(long, value_delimiter = ',')]
+    tcp: Vec<SocketAddr>,
     #[command(flatten)]
     sub: Sub,
     /// Source addresses to spread connections over (each has ~28k ports).
@@ -159,6 +163,22 @@ enum Cmd {
     },
 }
 
+/// Holds a TCP subscriber for `secs`, sending `h` every `heartbeat` seconds
+/// and reading whatever comes, until the server closes.
+async fn hold_tcp(mut s: tokio::net::TcpStream, heartbeat: u64, secs: u64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut beat = tokio::time::interval(Duration::from_secs(heartbeat.max(1)));
+    let mut buf = [0u8; 64];
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(end) => return,
+            _ = beat.tick() => if s.write_all(b"h").await.is_err() { return },
+            n = s.read(&mut buf) => if !matches!(n, Ok(n) if n > 0) { return },
+        }
+    }
+}
+
 /// GETs `url` and parses the JSON body.
 async fn get_json(http: &reqwest::Client, url: String) -> anyhow::Result<serde_json::Value> {
     Ok(http.get(url).send().await?.json().await?)
@@ -211,13 +231,34 @@ async fn main() -> anyhow::Result<()> {
             let open = Arc::new(AtomicU64::new(0));
             let errors = Arc::new(AtomicU64::new(0));
             let mut tasks = Vec::with_capacity(conns);
+            let (addrs, tcp) = match server.tcp.is_empty() {
+                true => (&server.ws, false),
+                false => (&server.tcp, true),
+            };
+            if addrs.is_empty() {
+                bail!("no server address: give --ws or --tcp");
+            }
             for i in first..first + conns {
                 let (addr, src) = (
-                    server.ws[i % server.ws.len()],
+                    addrs[i % addrs.len()],
                     server.sources[i % server.sources.len()],
                 );
                 let (open, errors, sub) = (open.clone(), errors.clone(), server.sub.clone());
-                tasks.push(tokio::spawn(async move {
+                if tcp {
+                    tasks.push(tokio::spawn(async move {
+                        match sub.connect_tcp(addr, src, &format!("idle-{i}")).await {
+                            Ok(s) => {
+                                open.fetch_add(1, Ordering::Relaxed);
+                                hold_tcp(s, sub.heartbeat, hold + 60).await;
+                                open.fetch_sub(1, Ordering::Relaxed);
+                            }
+                            Err(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }));
+                } else {
+                    tasks.push(tokio::spawn(async move {
                     match sub.connect(addr, src, &format!("idle-{i}")).await {
                         Ok(mut w) => {
                             open.fetch_add(1, Ordering::Relaxed);
@@ -239,6 +280,7 @@ async fn main() -> anyhow::Result<()> {
                         }
                     }
                 }));
+                }
                 let nth = (i - first + 1) as u64;
                 if let Some(ns) = (nth * 1_000_000_000).checked_div(connect_rate) {
                     tokio::time::sleep_until((t0 + Duration::from_nanos(ns)).into()).await;

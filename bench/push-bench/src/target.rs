@@ -58,6 +58,29 @@ impl Sub {
         }
     }
 
+    /// Subscribes over pushcluster's TCP protocol (gopush-cluster's `sub`
+    /// command) from `source` and waits for the `+h` greeting.
+    pub async fn connect_tcp(
+        &self,
+        addr: SocketAddr,
+        source: IpAddr,
+        key: &str,
+    ) -> anyhow::Result<tokio::net::TcpStream> {
+        let mut stream = dial(addr, source).await?;
+        // 300 s, as the default WebSocket URL declares; heartbeats go every
+        // --heartbeat seconds.
+        let command = format!(
+            "*3\r\n$3\r\nsub\r\n${}\r\n{key}\r\n$3\r\n300\r\n",
+            key.len()
+        );
+        stream.write_all(command.as_bytes()).await?;
+        let mut hello = [0u8; 4];
+        match tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut hello)).await {
+            Ok(Ok(_)) if &hello == b"+h\r\n" => Ok(stream),
+            other => bail!("subscribe {key} over TCP: unexpected answer {hello:?} ({other:?})"),
+        }
+    }
+
     /// Connects a [`RawSub`]: the same handshake and greeting, read by hand.
     pub async fn connect_raw(
         &self,

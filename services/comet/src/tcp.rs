@@ -11,7 +11,7 @@ use crate::Comet;
 use pushcluster_core::frame::{self, Format};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -49,7 +49,6 @@ async fn read_command(
     r: &mut OwnedReadHalf,
     buf: &mut Vec<u8>,
 ) -> Result<Vec<String>, &'static [u8]> {
-    let mut chunk = [0u8; 512];
     loop {
         match parse_command(buf) {
             Ok(Some((args, used))) => {
@@ -59,18 +58,20 @@ async fn read_command(
             Ok(None) => {}
             Err(_) => return Err(frame::ERR_PARAM),
         }
-        let n = r.read(&mut chunk).await.map_err(|_| frame::ERR_PARAM)?;
+        // Into the buffer's spare room: a chunk array here would sit in
+        // every connection's task for its whole life (the future's size is
+        // that of its largest state).
+        buf.reserve(512);
+        let n = r.read_buf(buf).await.map_err(|_| frame::ERR_PARAM)?;
         if n == 0 {
             return Err(frame::ERR_PARAM);
         }
-        buf.extend_from_slice(&chunk[..n]);
     }
 }
 
 async fn handle(comet: Arc<Comet>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let (mut r, w) = stream.into_split();
-    let w = BufWriter::with_capacity(4096, w);
     let mut buf = Vec::with_capacity(128);
     let args =
         match tokio::time::timeout(FIRST_PACKET_TIMEOUT, read_command(&mut r, &mut buf)).await {
@@ -97,42 +98,46 @@ async fn handle(comet: Arc<Comet>, stream: TcpStream) {
     gauge.dec();
 }
 
-async fn refuse(mut w: BufWriter<OwnedWriteHalf>, reply: &[u8]) {
+async fn refuse(mut w: OwnedWriteHalf, reply: &[u8]) {
     let _ = w.write_all(reply).await;
-    let _ = w.flush().await;
     let _ = w.shutdown().await;
 }
 
-/// Answers heartbeats in `bytes`; false when something else arrived.
-async fn heartbeats(w: &mut BufWriter<OwnedWriteHalf>, bytes: &[u8]) -> std::io::Result<bool> {
+/// Queues a reply to every heartbeat in `bytes`; false when something else
+/// arrived.
+fn heartbeats(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
     for &b in bytes {
         match b {
-            b'h' => w.write_all(frame::HEARTBEAT_REPLY).await?,
+            b'h' => out.extend_from_slice(frame::HEARTBEAT_REPLY),
             // Tolerate clients that end their heartbeat with a newline.
             b'\r' | b'\n' => {}
-            _ => return Ok(false),
+            _ => return false,
         }
     }
-    Ok(true)
+    true
+}
+
+/// Writes what `out` holds with one call and lets its buffer go: an idle
+/// connection keeps no buffer (a 4 KB `BufWriter` per connection was most of
+/// an idle TCP subscriber's memory).
+async fn send(w: &mut OwnedWriteHalf, out: &mut Vec<u8>) -> std::io::Result<()> {
+    let bytes = std::mem::take(out);
+    w.write_all(&bytes).await
 }
 
 async fn drive(
     comet: &Comet,
     mut r: OwnedReadHalf,
-    mut w: BufWriter<OwnedWriteHalf>,
+    mut w: OwnedWriteHalf,
     pending: Vec<u8>,
     s: Subscription,
     format: Format,
     silence: Duration,
 ) {
-    if w.write_all(frame::HEARTBEAT_REPLY).await.is_err() {
-        return;
-    }
-    match heartbeats(&mut w, &pending).await {
-        Ok(true) => {}
-        _ => return,
-    }
-    if w.flush().await.is_err() {
+    let mut out = frame::HEARTBEAT_REPLY.to_vec();
+    let only_heartbeats = heartbeats(&mut out, &pending);
+    drop(pending);
+    if !only_heartbeats || send(&mut w, &mut out).await.is_err() {
         return;
     }
     let mut chunk = [0u8; 64];
@@ -141,29 +146,25 @@ async fn drive(
             biased;
             next = s.next() => match next {
                 Next::Message(d) => {
-                    if w.write_all(d.resp(format)).await.is_err() {
-                        return;
-                    }
-                    // Everything already queued goes out in as few writes as fit.
+                    // Everything already queued goes out in one write.
+                    out.extend_from_slice(d.resp(format));
                     while let Some(d) = s.try_message() {
-                        if w.write_all(d.resp(format)).await.is_err() {
-                            return;
-                        }
+                        out.extend_from_slice(d.resp(format));
                     }
-                    if w.flush().await.is_err() {
+                    if send(&mut w, &mut out).await.is_err() {
                         return;
                     }
                 }
                 Next::Close(Close::Reconnect) => {
                     // The queue is flushed already (messages come first).
                     if format == Format::Json {
-                        let _ = w.write_all(frame::RECONNECT).await;
+                        out.extend_from_slice(frame::RECONNECT);
                         comet.reconnect_sent();
                     }
                     // Bounded: the sweeper aborts a close that cannot flush,
                     // and the abort ends this select.
                     tokio::select! {
-                        _ = async { let _ = w.flush().await; let _ = w.shutdown().await; } => {}
+                        _ = async { let _ = send(&mut w, &mut out).await; let _ = w.shutdown().await; } => {}
                         _ = wait_abort(&s) => {}
                     }
                     return;
@@ -177,15 +178,11 @@ async fn drive(
             n = r.read(&mut chunk) => match n {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
-                    match heartbeats(&mut w, &chunk[..n]).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::debug!("unknown bytes from TCP subscriber, closing");
-                            return;
-                        }
-                        Err(_) => return,
+                    if !heartbeats(&mut out, &chunk[..n]) {
+                        tracing::debug!("unknown bytes from TCP subscriber, closing");
+                        return;
                     }
-                    if w.flush().await.is_err() {
+                    if send(&mut w, &mut out).await.is_err() {
                         return;
                     }
                     s.heartbeat(silence);
@@ -203,4 +200,19 @@ async fn wait_abort(s: &Subscription) {
         _ => std::task::Poll::Pending,
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_heartbeat_gets_a_reply_and_anything_else_ends_the_connection() {
+        let mut out = Vec::new();
+        assert!(heartbeats(&mut out, b"h\r\nhh\n"));
+        assert_eq!(out, b"+h\r\n+h\r\n+h\r\n");
+        let mut out = Vec::new();
+        assert!(!heartbeats(&mut out, b"hx"));
+        assert!(heartbeats(&mut Vec::new(), b""));
+    }
 }
