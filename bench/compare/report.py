@@ -63,11 +63,12 @@ s1 = pick("idle")
 print("## S1 idle density (target ≤ 2 KB per connection)\n")
 print("Idle WebSocket subscribers spread over several server processes, generators and source")
 print("addresses; memory is PSS (shared pages split between processes, so nginx's master,")
-print("workers and shared zone count once) measured on freshly started servers.\n")
+print("workers and shared zone count once) measured on freshly started servers. pushcluster")
+print("also holds them over its TCP protocol (gopush-cluster's), which no peer speaks.\n")
 print(table(["server", "processes", "held", "errors", "PSS bytes/conn", "RSS bytes/conn", "server CPU s", "bench CPU s"], s1,
-            [lambda r: r["server"], lambda r: r["processes"], lambda r: r["held"], lambda r: r["errors"],
+            [lambda r: r["server"] + (" (TCP)" if r.get("transport") == "tcp" else ""), lambda r: r["processes"], lambda r: r["held"], lambda r: r["errors"],
              lambda r: r["pss_bytes_per_conn"], lambda r: r["rss_bytes_per_conn"], lambda r: r["server_cpu_s"], lambda r: r["bench_cpu_s"]]))
-print("\n" + ratios(s1, "pss_bytes_per_conn", "lower") + "\n")
+print("\n" + ratios([r for r in s1 if r.get("transport", "ws") == "ws"], "pss_bytes_per_conn", "lower") + "\n")
 
 for label, pubs, inflight, target in [("S2a", "2", "2", "≥ 80 % of the floor and ahead of nchan"),
                                      ("S2b", "16", "1", "≥ 5× nchan, p99 not raised")]:
