@@ -163,6 +163,50 @@ enum Cmd {
     },
 }
 
+/// Subscribes one idle connection (over TCP or WebSocket) and holds it for
+/// `secs`, counted in `open` while it is; false when it could not subscribe.
+async fn hold_idle(
+    sub: &Sub,
+    tcp: bool,
+    addr: SocketAddr,
+    src: IpAddr,
+    key: &str,
+    secs: u64,
+    open: &AtomicU64,
+) -> bool {
+    if tcp {
+        let Ok(s) = sub.connect_tcp(addr, src, key).await else {
+            return false;
+        };
+        open.fetch_add(1, Ordering::Relaxed);
+        hold_tcp(s, sub.heartbeat, secs).await;
+    } else {
+        let Ok(w) = sub.connect(addr, src, key).await else {
+            return false;
+        };
+        open.fetch_add(1, Ordering::Relaxed);
+        hold_ws(w, sub, secs).await;
+    }
+    open.fetch_sub(1, Ordering::Relaxed);
+    true
+}
+
+/// Holds a WebSocket subscriber for `secs`, sending the heartbeat frame (if
+/// any) every heartbeat and reading whatever comes, until the server closes.
+async fn hold_ws(mut w: target::Ws, sub: &Sub, secs: u64) {
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut beat = tokio::time::interval(Duration::from_secs(sub.heartbeat));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(end) => return,
+            _ = beat.tick(), if !sub.heartbeat_frame.is_empty() => {
+                if w.send(Message::Text(sub.heartbeat_frame.clone().into())).await.is_err() { return }
+            }
+            m = w.next() => if !matches!(m, Some(Ok(_))) { return },
+        }
+    }
+}
+
 /// Holds a TCP subscriber for `secs`, sending `h` every `heartbeat` seconds
 /// and reading whatever comes, until the server closes.
 async fn hold_tcp(mut s: tokio::net::TcpStream, heartbeat: u64, secs: u64) {
@@ -231,10 +275,8 @@ async fn main() -> anyhow::Result<()> {
             let open = Arc::new(AtomicU64::new(0));
             let errors = Arc::new(AtomicU64::new(0));
             let mut tasks = Vec::with_capacity(conns);
-            let (addrs, tcp) = match server.tcp.is_empty() {
-                true => (&server.ws, false),
-                false => (&server.tcp, true),
-            };
+            let tcp = !server.tcp.is_empty();
+            let addrs = if tcp { &server.tcp } else { &server.ws };
             if addrs.is_empty() {
                 bail!("no server address: give --ws or --tcp");
             }
@@ -244,43 +286,12 @@ async fn main() -> anyhow::Result<()> {
                     server.sources[i % server.sources.len()],
                 );
                 let (open, errors, sub) = (open.clone(), errors.clone(), server.sub.clone());
-                if tcp {
-                    tasks.push(tokio::spawn(async move {
-                        match sub.connect_tcp(addr, src, &format!("idle-{i}")).await {
-                            Ok(s) => {
-                                open.fetch_add(1, Ordering::Relaxed);
-                                hold_tcp(s, sub.heartbeat, hold + 60).await;
-                                open.fetch_sub(1, Ordering::Relaxed);
-                            }
-                            Err(_) => {
-                                errors.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                    }));
-                } else {
-                    tasks.push(tokio::spawn(async move {
-                    match sub.connect(addr, src, &format!("idle-{i}")).await {
-                        Ok(mut w) => {
-                            open.fetch_add(1, Ordering::Relaxed);
-                            let end = tokio::time::Instant::now() + Duration::from_secs(hold + 60);
-                            let mut beat = tokio::time::interval(Duration::from_secs(sub.heartbeat));
-                            loop {
-                                tokio::select! {
-                                    _ = tokio::time::sleep_until(end) => break,
-                                    _ = beat.tick(), if !sub.heartbeat_frame.is_empty() => {
-                                        if w.send(Message::Text(sub.heartbeat_frame.clone().into())).await.is_err() { break }
-                                    }
-                                    m = w.next() => if !matches!(m, Some(Ok(_))) { break },
-                                }
-                            }
-                            open.fetch_sub(1, Ordering::Relaxed);
-                        }
-                        Err(_) => {
-                            errors.fetch_add(1, Ordering::Relaxed);
-                        }
+                tasks.push(tokio::spawn(async move {
+                    let key = format!("idle-{i}");
+                    if !hold_idle(&sub, tcp, addr, src, &key, hold + 60, &open).await {
+                        errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }));
-                }
                 let nth = (i - first + 1) as u64;
                 if let Some(ns) = (nth * 1_000_000_000).checked_div(connect_rate) {
                     tokio::time::sleep_until((t0 + Duration::from_nanos(ns)).into()).await;

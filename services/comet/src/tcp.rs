@@ -146,12 +146,20 @@ async fn drive(
             biased;
             next = s.next() => match next {
                 Next::Message(d) => {
-                    // Everything already queued goes out in one write.
-                    out.extend_from_slice(d.resp(format));
-                    while let Some(d) = s.try_message() {
-                        out.extend_from_slice(d.resp(format));
-                    }
-                    if send(&mut w, &mut out).await.is_err() {
+                    // A lone frame is written as it is; several queued ones
+                    // are gathered into one write.
+                    let written = match s.try_message() {
+                        None => w.write_all(d.resp(format)).await,
+                        Some(next) => {
+                            out.extend_from_slice(d.resp(format));
+                            out.extend_from_slice(next.resp(format));
+                            while let Some(d) = s.try_message() {
+                                out.extend_from_slice(d.resp(format));
+                            }
+                            send(&mut w, &mut out).await
+                        }
+                    };
+                    if written.is_err() {
                         return;
                     }
                 }

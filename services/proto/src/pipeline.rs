@@ -13,8 +13,8 @@
 //! A broken stream fails the calls waiting on it and the next call opens a
 //! new one. A server that does not know the stream method (an older version
 //! during a rolling upgrade) answers `Unimplemented`; the caller then falls
-//! back to the unary method ([`Pipeline::call_or`]), and the pipeline tries the stream again after
-//! [`RETRY_UNSUPPORTED`].
+//! back to the unary method ([`Pipeline::call_or`]), and the pipeline tries
+//! the stream again after [`RETRY_UNSUPPORTED`].
 
 use futures::{Stream, StreamExt};
 use std::collections::VecDeque;
