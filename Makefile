@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run build release test lint chart-lint crds deps clean image e2e bench bench-compare
+.PHONY: help run build release test lint chart-lint crds deps clean image e2e e2e-local bench bench-compare
 
 IMAGE ?= ghcr.io/pushcluster/pushcluster:0.1.0
 
@@ -16,6 +16,7 @@ help:
 	@echo "make bench  - criterion benchmarks (ring, frames, store on both backends)"
 	@echo "make bench-compare - the scenarios against pushcluster, push-floor, nginx+nchan, Node ws and pushpin; writes docs/benchmarks.md"
 	@echo "make e2e    - end-to-end tests against the cluster of \$$KUBECONFIG (skips without one)"
+	@echo "make e2e-local - the e2e suite on the local control plane of ../shared/k8s (needs its two binaries)"
 	@echo "make image  - container image with every binary (needs Docker)"
 
 deps:
@@ -76,6 +77,12 @@ image:
 e2e:
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p pushcluster-e2e -- --test-threads=1 --nocapture
+
+# The e2e suite on the real control plane of ../shared/k8s (pods as local
+# processes, the image mapped to target/release): brings it up, runs every
+# scenario, always tears it down. Says what is missing when it cannot run.
+e2e-local:
+	scripts/e2e-local.sh
 
 clean:
 	$(CARGO) clean

@@ -1,12 +1,15 @@
 //! Helpers for the cluster end-to-end tests: find a cluster (or explain why
-//! the tests skip), throwaway namespaces, the CRD, the operator process, and
-//! waiting for conditions.
+//! the tests skip), throwaway namespaces, the CRD, the operator process, Helm
+//! and kubectl as a user runs them, and waiting for conditions.
+
+pub mod traffic;
 
 use anyhow::{bail, Context as _};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::process::{Child, Command};
@@ -198,4 +201,264 @@ where
 pub fn example(name: &str) -> anyhow::Result<serde_json::Value> {
     let text = std::fs::read_to_string(root().join("examples").join(name))?;
     Ok(serde_yaml::from_str(&text)?)
+}
+
+/// The images the full suite runs: `E2E_IMAGE` (loaded into the cluster, or
+/// mapped to `target/release` by the process harness) and a second tag of the
+/// same build for the rolling upgrade (`E2E_IMAGE_UPGRADE`, default the same
+/// repository with `-next` appended to the tag).
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub repository: String,
+    pub tag: String,
+    pub upgrade_tag: String,
+}
+
+impl Images {
+    /// From the environment, or `None` after printing why the suite skips.
+    pub fn from_env() -> Option<Self> {
+        let Ok(image) = std::env::var("E2E_IMAGE") else {
+            println!(
+                "SKIP: set E2E_IMAGE to an image of this repository the cluster can run (make e2e-local does)"
+            );
+            return None;
+        };
+        let (repository, tag) = image
+            .rsplit_once(':')
+            .map(|(r, t)| (r.to_owned(), t.to_owned()))
+            .unwrap_or((image.clone(), "latest".to_owned()));
+        let upgrade_tag = std::env::var("E2E_IMAGE_UPGRADE")
+            .ok()
+            .and_then(|u| u.rsplit_once(':').map(|(_, t)| t.to_owned()))
+            .unwrap_or_else(|| format!("{tag}-next"));
+        Some(Self {
+            repository,
+            tag,
+            upgrade_tag,
+        })
+    }
+
+    /// `repository:tag`.
+    pub fn image(&self) -> String {
+        format!("{}:{}", self.repository, self.tag)
+    }
+
+    /// `repository:upgrade_tag`.
+    pub fn upgrade(&self) -> String {
+        format!("{}:{}", self.repository, self.upgrade_tag)
+    }
+}
+
+/// A client for the full suite: a cluster that runs pods and an image, or
+/// `None` after printing why it skips.
+pub async fn full_cluster() -> Option<(Client, Images)> {
+    let client = cluster().await?;
+    let images = Images::from_env()?;
+    if !has_ready_nodes(&client).await {
+        println!("SKIP: no Ready node (a control-plane-only API server runs no pods)");
+        return None;
+    }
+    Some((client, images))
+}
+
+/// Runs Helm's library (helm-sdkpy, as `make chart-lint` does) on the chart.
+/// `action` is `install` (with `values`, waiting up to `timeout` when `wait`)
+/// or `uninstall`.
+pub fn helm(
+    action: &str,
+    release: &str,
+    namespace: &str,
+    values: &serde_json::Value,
+    wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let chart = root().join("charts/pushcluster-operator");
+    let script = r#"
+import asyncio, json, sys, helm_sdkpy
+action, release, ns, chart, values, wait, timeout = sys.argv[1:8]
+cfg = helm_sdkpy.Configuration(namespace=ns)
+async def main():
+    if action == "install":
+        await helm_sdkpy.Install(cfg).run(release, chart, values=json.loads(values), wait=wait == "1", timeout=int(timeout))
+    else:
+        await helm_sdkpy.Uninstall(cfg).run(release, wait=wait == "1", timeout=int(timeout))
+asyncio.run(main())
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args([
+            action,
+            release,
+            namespace,
+            &chart.display().to_string(),
+            &values.to_string(),
+            if wait { "1" } else { "0" },
+            &timeout.as_secs().to_string(),
+        ])
+        .output()
+        .context("running python3 with helm_sdkpy (scripts/ensure-deps.sh installs it)")?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let last = err.lines().last().unwrap_or_default();
+        bail!("helm {action} {release}: {last}");
+    }
+    Ok(())
+}
+
+/// Runs `kubectl ARGS` (with `stdin` when given) and returns its output.
+pub fn kubectl(args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+    use std::io::Write as _;
+    let mut cmd = Command::new("kubectl");
+    cmd.args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("running kubectl")?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.unwrap_or_default().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The Deployments and StatefulSets of PushCluster `cluster`, as `kind/name`.
+pub fn workloads(namespace: &str, cluster: &str) -> anyhow::Result<Vec<String>> {
+    let out = kubectl(
+        &[
+            "get",
+            "deployments,statefulsets",
+            "-n",
+            namespace,
+            "-l",
+            &format!("app.kubernetes.io/instance={cluster}"),
+            "-o",
+            "name",
+        ],
+        None,
+    )?;
+    Ok(out.lines().map(str::to_owned).collect())
+}
+
+/// `kubectl rollout status` of every workload of `cluster`; the first failure.
+pub fn rollout_status(namespace: &str, cluster: &str, timeout: Duration) -> anyhow::Result<()> {
+    let t = format!("--timeout={}s", timeout.as_secs());
+    for w in workloads(namespace, cluster)? {
+        kubectl(&["rollout", "status", &w, "-n", namespace, &t], None)?;
+    }
+    Ok(())
+}
+
+/// Names and uids of the running pods of one component of `cluster`.
+pub async fn pods_of(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+    component: &str,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels(&format!(
+        "app.kubernetes.io/instance={cluster},app.kubernetes.io/component={component}"
+    ));
+    Ok(pods
+        .list(&lp)
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+        .collect())
+}
+
+/// SIGKILLs the main process of `pod`'s first container: a crash. Works where
+/// the test can see the container's process (the process harness reports
+/// `proc://<pid>` container ids); elsewhere it says so.
+pub async fn kill9(client: &Client, namespace: &str, pod: &str) -> anyhow::Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let p = pods.get(pod).await?;
+    let id = p
+        .status
+        .and_then(|s| s.container_statuses)
+        .and_then(|c| c.into_iter().next())
+        .and_then(|c| c.container_id)
+        .unwrap_or_default();
+    let Some(pid) = id.strip_prefix("proc://") else {
+        bail!("cannot SIGKILL {pod}: its container {id:?} is not a local process (needs the process harness)");
+    };
+    let status = Command::new("kill").args(["-9", pid]).status()?;
+    anyhow::ensure!(status.success(), "kill -9 {pid} failed");
+    Ok(())
+}
+
+/// Applies a PushCluster example from `examples/` into `namespace` with
+/// `kubectl apply`, its image set to `image`; returns its name.
+pub fn apply_example(file: &str, namespace: &str, image: &str) -> anyhow::Result<String> {
+    let mut pc = example(file)?;
+    pc["spec"]["image"] = image.into();
+    let name = pc["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    kubectl(
+        &["apply", "-n", namespace, "-f", "-"],
+        Some(&serde_json::to_string(&pc)?),
+    )?;
+    Ok(name)
+}
+
+/// Waits until `cluster`'s status says Ready with `shards` ready shards for
+/// its current generation.
+pub async fn wait_ready(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+    shards: i32,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let pcs: Api<push_operator::crd::PushCluster> = Api::namespaced(client.clone(), namespace);
+    wait(
+        &format!("{namespace}/{cluster} Ready with {shards} shards"),
+        limit,
+        || async {
+            let pc = pcs.get(cluster).await?;
+            let generation = pc.metadata.generation;
+            Ok(pc.status.is_some_and(|s| {
+                s.observed_generation == generation
+                    && s.ready_shards == shards
+                    && s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+            }))
+        },
+    )
+    .await
+}
+
+/// The pod holding each shard's Lease, from the Leases themselves.
+pub async fn holders(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+) -> anyhow::Result<BTreeMap<u32, String>> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), namespace);
+    let prefix = format!("{cluster}-comet-");
+    Ok(leases
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter_map(|l| {
+            let shard = l.name_any().strip_prefix(&prefix)?.parse().ok()?;
+            let holder = l.spec?.holder_identity.filter(|h| !h.is_empty())?;
+            Some((shard, holder))
+        })
+        .collect())
 }

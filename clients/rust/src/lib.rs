@@ -4,6 +4,7 @@
 //! Never miss a message: subscribe first, then fetch what was stored after
 //! your last mid, and drop anything whose mid you have already seen.
 
+pub mod follow;
 pub mod http;
 pub mod sub;
 

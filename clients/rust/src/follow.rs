@@ -1,0 +1,295 @@
+//! A client that follows one key the way the docs tell clients to behave:
+//! resolve through web, subscribe, fetch what was stored after the last mid,
+//! fill gaps from storage, drop mids it already has, and reconnect when told
+//! to (`-r`, `-c`) or when the connection breaks.
+//!
+//! It records what a test needs to judge a cluster: every mid in the order it
+//! was applied, gaps it could not fill, duplicates dropped, and each period it
+//! spent without a comet, so a chaos or e2e test can report how long clients
+//! were cut off and how many reconnected.
+
+use crate::http::{Client, Proto};
+use crate::sub::{Params, Subscriber};
+use crate::{Error, Frame};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often a follower sends `h`; well inside the 30 s it promises.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
+/// The heartbeat the follower announces.
+const HEARTBEAT_SECONDS: u64 = 30;
+/// Pause between failed connection attempts.
+const RETRY: Duration = Duration::from_millis(50);
+
+/// A period during which the follower had no comet connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Outage {
+    /// When the connection was lost (or the follower started).
+    pub from: Instant,
+    /// When a comet accepted it again.
+    pub to: Instant,
+}
+
+impl Outage {
+    /// Length of the outage.
+    pub fn length(&self) -> Duration {
+        self.to.saturating_duration_since(self.from)
+    }
+}
+
+/// What one follower saw.
+#[derive(Debug, Default, Clone)]
+pub struct Seen {
+    /// Every mid applied, in order.
+    pub mids: Vec<i64>,
+    /// Frames or fetched messages dropped because their mid was already seen.
+    pub duplicates_dropped: usize,
+    /// Mids that came after a hole storage could not fill: (expected, got).
+    pub gaps: Vec<(i64, i64)>,
+    /// Mids that went backwards after a higher one (a restarted sequence).
+    pub regressions: Vec<(i64, i64)>,
+    /// Accepted subscriptions.
+    pub connections: usize,
+    /// Periods without a comet, the first one from the start.
+    pub outages: Vec<Outage>,
+}
+
+impl Seen {
+    /// The last mid applied (0 when none).
+    pub fn last(&self) -> i64 {
+        self.mids.last().copied().unwrap_or(0)
+    }
+}
+
+/// Shared controls of a group of followers.
+#[derive(Debug, Clone, Default)]
+pub struct Control {
+    stop: Arc<AtomicBool>,
+    connected: Arc<AtomicUsize>,
+}
+
+impl Control {
+    /// Followers connected to a comet right now.
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Tells followers to finish once they reach their target mid.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// One follower's settings.
+#[derive(Debug, Clone)]
+pub struct Follow {
+    pub api: Client,
+    pub key: String,
+    pub proto: Proto,
+    pub token: Option<String>,
+    /// After [`Control::stop`], the follower returns once it has seen this mid.
+    pub until: Arc<AtomicI64>,
+    pub control: Control,
+}
+
+enum Ended {
+    /// Done: stopped and reached `until`.
+    Done,
+    /// The connection ended; resolve again.
+    Reconnect,
+}
+
+struct State {
+    seen: Seen,
+    down_since: Option<Instant>,
+    connected: Arc<AtomicUsize>,
+}
+
+impl State {
+    /// Applies mid `m`: a new one (the next, or after a gap) or a duplicate.
+    fn apply(&mut self, m: i64) {
+        let last = self.seen.last();
+        if m <= last {
+            // A sequence that restarted shows as a big step back; a duplicate
+            // of something just seen does not.
+            if self.seen.mids.binary_search(&m).is_err() {
+                self.seen.regressions.push((last, m));
+            }
+            self.seen.duplicates_dropped += 1;
+            return;
+        }
+        if m != last + 1 {
+            self.seen.gaps.push((last + 1, m));
+        }
+        self.seen.mids.push(m);
+    }
+
+    fn up(&mut self) {
+        self.seen.connections += 1;
+        self.connected.fetch_add(1, Ordering::SeqCst);
+        if let Some(from) = self.down_since.take() {
+            self.seen.outages.push(Outage {
+                from,
+                to: Instant::now(),
+            });
+        }
+    }
+
+    fn down(&mut self) {
+        self.connected.fetch_sub(1, Ordering::SeqCst);
+        if self.down_since.is_none() {
+            self.down_since = Some(Instant::now());
+        }
+    }
+}
+
+impl Follow {
+    fn done(&self, last: i64) -> bool {
+        self.control.stopping() && last >= self.until.load(Ordering::SeqCst)
+    }
+
+    async fn connect(&self, addr: &str, last: i64) -> crate::Result<Subscriber> {
+        let p = Params {
+            key: self.key.clone(),
+            heartbeat: HEARTBEAT_SECONDS,
+            token: self.token.clone(),
+            versioned: true,
+        };
+        let mut sub = match self.proto {
+            Proto::WebSocket => Subscriber::websocket(addr, &p).await?,
+            Proto::Tcp => Subscriber::tcp(addr, &p).await?,
+            // SSE answers 200 only once the comet registered the connection.
+            Proto::Sse => return Subscriber::sse(addr, &p, Some(last)).await,
+        };
+        match sub.next_timeout(Duration::from_secs(3)).await? {
+            Frame::Heartbeat => Ok(sub),
+            Frame::Error(e) => Err(Error::Frame(e)),
+            other => Err(Error::Frame(format!("first frame {other:?}"))),
+        }
+    }
+
+    /// Fetches stored messages after the last one seen, below `below` if given.
+    async fn catch_up(&self, st: &mut State, below: Option<i64>) -> crate::Result<()> {
+        loop {
+            let (stored, _) = self.api.fetch(&self.key, st.seen.last(), None).await?;
+            let before = st.seen.last();
+            for m in stored.iter().filter(|m| below.is_none_or(|b| m.mid < b)) {
+                st.apply(m.mid);
+            }
+            // A page is at most 1000 messages: ask again while it advanced.
+            if stored.len() < 1000 || st.seen.last() == before {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn session(&self, st: &mut State, mut sub: Subscriber) -> Ended {
+        if self.catch_up(st, None).await.is_err() {
+            return Ended::Reconnect;
+        }
+        let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
+        beat.tick().await;
+        while !self.done(st.seen.last()) {
+            let frame = tokio::select! {
+                f = sub.next_timeout(Duration::from_millis(300)) => f,
+                _ = beat.tick() => {
+                    if sub.heartbeat().await.is_err() {
+                        return Ended::Reconnect;
+                    }
+                    continue;
+                }
+            };
+            match frame {
+                Ok(Frame::Message(m)) => {
+                    if m.mid > st.seen.last() + 1 && self.catch_up(st, Some(m.mid)).await.is_err() {
+                        return Ended::Reconnect;
+                    }
+                    st.apply(m.mid);
+                }
+                Ok(Frame::Heartbeat) => {}
+                Err(Error::Timeout) => {
+                    // Quiet: once stopping, pick up what a lost frame left.
+                    if self.control.stopping() && self.catch_up(st, None).await.is_err() {
+                        return Ended::Reconnect;
+                    }
+                }
+                Ok(Frame::Reconnect) | Ok(Frame::Error(_)) | Err(_) => return Ended::Reconnect,
+            }
+        }
+        Ended::Done
+    }
+
+    /// Follows the key until stopped and caught up with `until`.
+    pub async fn run(self) -> Seen {
+        let mut st = State {
+            seen: Seen::default(),
+            down_since: Some(Instant::now()),
+            connected: self.control.connected.clone(),
+        };
+        while !self.done(st.seen.last()) {
+            let sub = match self.api.resolve(&self.key, self.proto).await {
+                Ok(addr) => self.connect(&addr, st.seen.last()).await,
+                Err(e) => Err(e),
+            };
+            let Ok(sub) = sub else {
+                // Refused (-c: not this comet's key yet) or unreachable. Once
+                // stopping, storage alone can still bring the follower up to date.
+                if self.control.stopping() {
+                    let _ = self.catch_up(&mut st, None).await;
+                }
+                tokio::time::sleep(RETRY).await;
+                continue;
+            };
+            st.up();
+            match self.session(&mut st, sub).await {
+                Ended::Done => {
+                    st.connected.fetch_sub(1, Ordering::SeqCst);
+                    break;
+                }
+                Ended::Reconnect => st.down(),
+            }
+        }
+        st.seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State {
+            seen: Seen::default(),
+            down_since: None,
+            connected: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn applies_in_order_and_drops_duplicates() {
+        let mut st = state();
+        for m in [1, 2, 2, 3, 1] {
+            st.apply(m);
+        }
+        assert_eq!(st.seen.mids, vec![1, 2, 3]);
+        assert_eq!(st.seen.duplicates_dropped, 2);
+        assert!(st.seen.gaps.is_empty() && st.seen.regressions.is_empty());
+    }
+
+    #[test]
+    fn records_gaps_and_restarted_sequences() {
+        let mut st = state();
+        for m in [2, 3, 6] {
+            st.apply(m);
+        }
+        assert_eq!(st.seen.gaps, vec![(1, 2), (4, 6)]);
+        // A sequence that restarted at 1 after 6: 1 was never seen.
+        st.apply(1);
+        assert_eq!(st.seen.regressions, vec![(6, 1)]);
+    }
+}

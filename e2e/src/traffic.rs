@@ -1,0 +1,464 @@
+//! Traffic as clients outside the cluster see it: a load balancer in front of
+//! web's Services, subscribers over WebSocket, TCP and SSE that follow their
+//! keys, a back end pushing at a steady rate, and the bookkeeping that turns
+//! all of it into per-event figures (time without a comet, failed pushes,
+//! lost messages, whether every key's mid sequence continued).
+
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams};
+use kube::Client;
+use pushcluster_client::follow::{Control, Follow, Seen};
+use pushcluster_client::http::{Client as Api2, Proto};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// Ready endpoints (`ip:port`) of `service`'s port named `port`.
+pub async fn ready_endpoints(
+    client: &Client,
+    ns: &str,
+    service: &str,
+    port: &str,
+) -> anyhow::Result<Vec<SocketAddr>> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let list = slices
+        .list(&ListParams::default().labels(&format!("kubernetes.io/service-name={service}")))
+        .await?;
+    let mut out = Vec::new();
+    for s in list.items {
+        let Some(p) = s
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(port))
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        for e in s.endpoints {
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let terminating = e
+                .conditions
+                .as_ref()
+                .and_then(|c| c.terminating)
+                .unwrap_or(false);
+            if !ready || terminating {
+                continue;
+            }
+            for a in e.addresses {
+                if let Ok(ip) = a.parse::<std::net::IpAddr>() {
+                    out.push(SocketAddr::new(ip, p as u16));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A load balancer on 127.0.0.1 in front of one Service port, as an Ingress
+/// or a cloud load balancer would be: each new connection goes to a ready
+/// endpoint (round robin), refreshed from EndpointSlices every 200 ms. It
+/// stands in for kube-proxy, which the process harness lacks, and works the
+/// same on any cluster whose pod IPs the test can reach.
+pub struct ServiceProxy {
+    pub addr: SocketAddr,
+    cancel: CancellationToken,
+}
+
+impl ServiceProxy {
+    /// Starts forwarding to `service`'s port `port` in `ns`.
+    pub async fn start(
+        client: &Client,
+        ns: &str,
+        service: &str,
+        port: &str,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let cancel = CancellationToken::new();
+        let targets: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let refresh = {
+            let (client, ns, service, port) = (
+                client.clone(),
+                ns.to_owned(),
+                service.to_owned(),
+                port.to_owned(),
+            );
+            let targets = targets.clone();
+            let cancel = cancel.clone();
+            async move {
+                while !cancel.is_cancelled() {
+                    if let Ok(t) = ready_endpoints(&client, &ns, &service, &port).await {
+                        *targets.lock().unwrap_or_else(|e| e.into_inner()) = t;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        tokio::spawn(refresh);
+        let accept = {
+            let cancel = cancel.clone();
+            async move {
+                let mut next = 0usize;
+                loop {
+                    let (conn, _) = tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+                    };
+                    let pick = {
+                        let t = targets.lock().unwrap_or_else(|e| e.into_inner());
+                        next = next.wrapping_add(1);
+                        (!t.is_empty()).then(|| t[next % t.len()])
+                    };
+                    let Some(target) = pick else { continue };
+                    tokio::spawn(async move {
+                        if let Ok(mut up) = TcpStream::connect(target).await {
+                            let mut conn = conn;
+                            let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                        }
+                    });
+                }
+            }
+        };
+        tokio::spawn(accept);
+        Ok(Self { addr, cancel })
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for ServiceProxy {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// One push attempt's outcome.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub key: String,
+    pub at: Instant,
+    /// The mid on success; the error otherwise.
+    pub result: Result<i64, String>,
+}
+
+/// Runs followers and a pusher until [`Traffic::finish`].
+pub struct Traffic {
+    api: Api2,
+    started: Instant,
+    control: Control,
+    keys: Vec<String>,
+    untils: BTreeMap<String, Arc<AtomicI64>>,
+    followers: Vec<(String, Proto, JoinHandle<Seen>)>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    stop_push: CancellationToken,
+    pusher: Option<JoinHandle<()>>,
+}
+
+/// Settings of a traffic run.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// Keys, each with one follower; transports rotate WebSocket, TCP, SSE.
+    pub keys: usize,
+    /// Pushes per second over all keys, round robin.
+    pub rate: u32,
+    /// Prefix of key names (so two clusters' keys differ).
+    pub prefix: String,
+}
+
+impl Traffic {
+    /// Starts followers on every key, then the pusher.
+    pub async fn start(api: Api2, load: &Load) -> Self {
+        let control = Control::default();
+        let protos = [Proto::WebSocket, Proto::Tcp, Proto::Sse];
+        let keys: Vec<String> = (0..load.keys)
+            .map(|i| format!("{}-{i}", load.prefix))
+            .collect();
+        let mut untils = BTreeMap::new();
+        let mut followers = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let until = Arc::new(AtomicI64::new(i64::MAX));
+            untils.insert(key.clone(), until.clone());
+            let proto = protos[i % protos.len()];
+            let f = Follow {
+                api: api.clone(),
+                key: key.clone(),
+                proto,
+                token: None,
+                until,
+                control: control.clone(),
+            };
+            followers.push((key.clone(), proto, tokio::spawn(f.run())));
+        }
+        let attempts: Arc<Mutex<Vec<Attempt>>> = Arc::default();
+        let stop_push = CancellationToken::new();
+        let pusher = tokio::spawn(push_steadily(
+            api.clone(),
+            keys.clone(),
+            load.rate,
+            attempts.clone(),
+            stop_push.clone(),
+        ));
+        Self {
+            api,
+            started: Instant::now(),
+            control,
+            keys,
+            untils,
+            followers,
+            attempts,
+            stop_push,
+            pusher: Some(pusher),
+        }
+    }
+
+    /// The HTTP API client the traffic uses.
+    pub fn api(&self) -> &Api2 {
+        &self.api
+    }
+
+    /// Waits until every follower is on a comet; false after `limit`.
+    pub async fn all_connected(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.control.connected() < self.keys.len() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    }
+
+    /// When the traffic started.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Push attempts so far.
+    pub fn attempts(&self) -> Vec<Attempt> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Stops pushing, lets every follower catch up with its key's last
+    /// acknowledged mid (at most `limit`), and returns what everyone saw.
+    pub async fn finish(mut self, limit: Duration) -> Outcome {
+        self.stop_push.cancel();
+        if let Some(p) = self.pusher.take() {
+            let _ = p.await;
+        }
+        let attempts = self.attempts();
+        let mut last_acked: BTreeMap<String, i64> = BTreeMap::new();
+        for a in &attempts {
+            if let Ok(m) = a.result {
+                let e = last_acked.entry(a.key.clone()).or_default();
+                *e = (*e).max(m);
+            }
+        }
+        for (key, until) in &self.untils {
+            until.store(last_acked.get(key).copied().unwrap_or(0), Ordering::SeqCst);
+        }
+        self.control.stop();
+        let mut seen = BTreeMap::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        for (key, proto, h) in self.followers.drain(..) {
+            let abort = h.abort_handle();
+            match tokio::time::timeout_at(deadline, h).await {
+                Ok(Ok(s)) => {
+                    seen.insert(key, (proto, Some(s)));
+                }
+                _ => {
+                    abort.abort();
+                    seen.insert(key, (proto, None));
+                }
+            }
+        }
+        Outcome {
+            keys: self.keys.clone(),
+            attempts,
+            seen,
+        }
+    }
+}
+
+/// One push every `1/rate` s, round robin over `keys`, each in its own task
+/// so a slow answer does not hold the schedule back.
+async fn push_steadily(
+    api: Api2,
+    keys: Vec<String>,
+    rate: u32,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate.max(1))));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inflight = tokio::task::JoinSet::new();
+    let mut n = 0usize;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let key = keys[n % keys.len()].clone();
+        n += 1;
+        let (api, attempts) = (api.clone(), attempts.clone());
+        inflight.spawn(async move {
+            let at = Instant::now();
+            let body = format!("{{\"n\":{n}}}");
+            let result = tokio::time::timeout(Duration::from_secs(15), api.push(&key, &body, None))
+                .await
+                .map_err(|_| "timed out after 15 s".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            attempts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(Attempt { key, at, result });
+        });
+        while inflight.try_join_next().is_some() {}
+    }
+    while inflight.join_next().await.is_some() {}
+}
+
+/// Everything a traffic run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    pub keys: Vec<String>,
+    pub attempts: Vec<Attempt>,
+    /// Per key: its transport and what its follower saw (None: it never caught up).
+    pub seen: BTreeMap<String, (Proto, Option<Seen>)>,
+}
+
+/// Figures of one time window (an event, or the whole run).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Figures {
+    pub acked: usize,
+    pub failed: usize,
+    /// Acknowledged mids no follower ever saw.
+    pub lost: usize,
+    /// Keys whose acknowledged mids did not keep increasing (a restarted sequence).
+    pub restarted_keys: usize,
+    /// Followers that lost their comet and came back in the window.
+    pub reconnected: usize,
+    /// The longest time a follower was without a comet, in the window.
+    pub longest_outage: Duration,
+    /// Followers still without a comet at the window's end.
+    pub still_down: usize,
+}
+
+impl std::fmt::Display for Figures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "acked={} failed_pushes={} lost={} mid_restarts={} reconnected={} longest_without_comet={:.2}s",
+            self.acked,
+            self.failed,
+            self.lost,
+            self.restarted_keys,
+            self.reconnected,
+            self.longest_outage.as_secs_f64()
+        )
+    }
+}
+
+impl Outcome {
+    /// Figures of the attempts and outages that fall in `[from, to)`.
+    pub fn figures(&self, from: Instant, to: Instant) -> Figures {
+        let inside = |t: Instant| t >= from && t < to;
+        let mut f = Figures::default();
+        let mut acked_before: BTreeMap<&str, i64> = BTreeMap::new();
+        for a in &self.attempts {
+            if a.at < from {
+                if let Ok(m) = a.result {
+                    let e = acked_before.entry(&a.key).or_default();
+                    *e = (*e).max(m);
+                }
+            }
+        }
+        let mut restarted = std::collections::BTreeSet::new();
+        let mut by_key: BTreeMap<&str, Vec<(Instant, i64)>> = BTreeMap::new();
+        for a in self.attempts.iter().filter(|a| inside(a.at)) {
+            match a.result {
+                Ok(m) => {
+                    f.acked += 1;
+                    by_key.entry(&a.key).or_default().push((a.at, m));
+                    let seen = self
+                        .seen
+                        .get(&a.key)
+                        .and_then(|(_, s)| s.as_ref())
+                        .is_some_and(|s| s.mids.binary_search(&m).is_ok());
+                    if !seen {
+                        f.lost += 1;
+                    }
+                }
+                Err(_) => f.failed += 1,
+            }
+        }
+        for (key, mut acks) in by_key {
+            acks.sort_by_key(|(at, _)| *at);
+            let mut prev = acked_before.get(key).copied().unwrap_or(0);
+            for (_, m) in acks {
+                if m <= prev {
+                    restarted.insert(key);
+                }
+                prev = prev.max(m);
+            }
+        }
+        f.restarted_keys = restarted.len();
+        for (_, s) in self.seen.values() {
+            let Some(s) = s else {
+                f.still_down += 1;
+                continue;
+            };
+            let mut came_back = false;
+            for o in &s.outages {
+                if o.to > from && o.from < to && o.from >= from {
+                    came_back = true;
+                    f.longest_outage = f.longest_outage.max(o.length());
+                }
+            }
+            f.reconnected += usize::from(came_back);
+        }
+        f
+    }
+
+    /// Problems with the run as a whole: losses, gaps, restarted sequences,
+    /// followers that never caught up.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, (proto, s)) in &self.seen {
+            let Some(s) = s else {
+                out.push(format!("{key} ({proto:?}): follower never caught up"));
+                continue;
+            };
+            if !s.gaps.is_empty() {
+                out.push(format!("{key} ({proto:?}): unfilled gaps {:?}", s.gaps));
+            }
+            if !s.regressions.is_empty() {
+                out.push(format!(
+                    "{key} ({proto:?}): mids went back {:?}",
+                    s.regressions
+                ));
+            }
+        }
+        out
+    }
+
+    /// Duplicates dropped by all followers (live frames also fetched, or re-sent).
+    pub fn duplicates(&self) -> usize {
+        self.seen
+            .values()
+            .filter_map(|(_, s)| s.as_ref())
+            .map(|s| s.duplicates_dropped)
+            .sum()
+    }
+}
