@@ -92,21 +92,37 @@ pub fn view_from(
             ));
         }
     }
+    // Routing follows the Lease holder, not readiness alone: a pod that
+    // stepped down but could not drop its shard label yet is not routed to.
+    // Without any Lease for the shard (none seen yet) the first ready
+    // endpoint serves.
     let chosen = claims.into_iter().filter_map(|(shard, mut eps)| {
         eps.sort_by(|a, b| a.0.cmp(&b.0));
-        let holder = holders.get(&shard);
-        let pick = eps
-            .iter()
-            .position(|(pod, _)| Some(pod) == holder)
-            .unwrap_or(0);
-        eps.into_iter().nth(pick).map(|(_, e)| e)
+        let pick = match holders.get(&shard) {
+            None => Some(0),
+            Some(holder) => eps.iter().position(|(pod, _)| pod == holder),
+        };
+        pick.and_then(|i| eps.into_iter().nth(i)).map(|(_, e)| e)
     });
     ClusterView::new(chosen)
+}
+
+/// The number of shards: one past the highest shard that has a Service
+/// (an EndpointSlice), ready endpoints or not. The operator creates exactly
+/// the shard Services of `spec.comet.shards`, so this follows the spec
+/// without a restart.
+pub fn shard_count(cluster: &str, slices: &[Arc<EndpointSlice>]) -> u32 {
+    slices
+        .iter()
+        .filter_map(|s| shard_of(cluster, s))
+        .max()
+        .map_or(0, |k| k + 1)
 }
 
 /// Follows EndpointSlices and Leases of one cluster.
 pub struct EndpointSliceMembership {
     rx: watch::Receiver<Arc<ClusterView>>,
+    shards: watch::Receiver<u32>,
 }
 
 impl EndpointSliceMembership {
@@ -118,6 +134,7 @@ impl EndpointSliceMembership {
         cancel: CancellationToken,
     ) -> Self {
         let (tx, rx) = watch::channel(Arc::new(ClusterView::new([])));
+        let (count_tx, shards) = watch::channel(0u32);
         let selector = format!("{CLUSTER_LABEL}={cluster}");
         let slices_api: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
         let leases_api: Api<Lease> = Api::namespaced(client, namespace);
@@ -145,11 +162,17 @@ impl EndpointSliceMembership {
                     .iter()
                     .filter_map(|l: &Arc<Lease>| {
                         let shard = l.metadata.labels.as_ref()?.get(SHARD_LABEL)?.parse().ok()?;
-                        let holder = l.spec.as_ref()?.holder_identity.clone()?;
+                        // A released Lease names nobody: "" routes nowhere.
+                        let holder = l.spec.as_ref()?.holder_identity.clone().unwrap_or_default();
                         Some((shard, holder))
                     })
                     .collect();
-                let view = view_from(&cluster, &slices.state(), &holders);
+                let state = slices.state();
+                count_tx.send_if_modified(|n| {
+                    let now = shard_count(&cluster, &state);
+                    std::mem::replace(n, now) != now
+                });
+                let view = view_from(&cluster, &state, &holders);
                 tx.send_if_modified(|cur| {
                     if **cur != view {
                         *cur = Arc::new(view);
@@ -160,7 +183,12 @@ impl EndpointSliceMembership {
                 });
             }
         });
-        Self { rx }
+        Self { rx, shards }
+    }
+
+    /// The shard count as the shard Services say (0 until they are listed).
+    pub fn shard_count(&self) -> watch::Receiver<u32> {
+        self.shards.clone()
     }
 }
 
@@ -230,6 +258,30 @@ mod tests {
             view_from("pc", &slices, &holders).endpoints[&0].ws,
             "10.0.0.1:6968"
         );
+    }
+
+    #[test]
+    fn a_ready_endpoint_that_is_not_the_lease_holder_is_not_routed_to() {
+        // comet-a stepped down but still carries the shard label; comet-b
+        // holds the Lease and is not labelled yet: nobody serves shard 0.
+        let slices = vec![slice(0, json!([ep("10.0.0.1", "comet-a", Some(true))]))];
+        let holders = BTreeMap::from([(0, "comet-b".to_owned())]);
+        assert!(view_from("pc", &slices, &holders).endpoints.is_empty());
+        // A released Lease names nobody.
+        let released = BTreeMap::from([(0, String::new())]);
+        assert!(view_from("pc", &slices, &released).endpoints.is_empty());
+    }
+
+    #[test]
+    fn the_shard_count_follows_the_shard_services() {
+        assert_eq!(shard_count("pc", &[]), 0);
+        let slices = vec![
+            slice(0, json!([])),
+            slice(2, json!([ep("10.0.0.3", "c", Some(false))])),
+            slice(1, json!([])),
+        ];
+        assert_eq!(shard_count("pc", &slices), 3);
+        assert_eq!(shard_count("pc", &slices[..1]), 1);
     }
 
     #[test]

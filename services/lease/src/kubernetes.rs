@@ -296,6 +296,11 @@ impl LeaseBackend for KubeLeases {
     }
 }
 
+/// The ReplicaSet controller's hint of which pods to remove first.
+const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// Deletion cost of a shard holder (standbys have the default, 0).
+const HOLDER_DELETION_COST: &str = "1000";
+
 /// Labels this comet's own pod with the shard it serves, so the shard's
 /// Service selects it (and removes the label when it stops).
 pub struct PodLabeler {
@@ -313,9 +318,14 @@ impl PodLabeler {
     }
 
     /// Sets `pushcluster.io/shard` to `shard`, or removes it for `None`.
+    /// A holder also gets a high pod-deletion cost, so a ReplicaSet scaling
+    /// down (the end of each rollout step) removes standbys before holders.
     pub async fn set_shard(&self, shard: Option<u32>) -> Result<()> {
         let patch = serde_json::json!({
-            "metadata": { "labels": { SHARD_LABEL: shard.map(|s| s.to_string()) } }
+            "metadata": {
+                "labels": { SHARD_LABEL: shard.map(|s| s.to_string()) },
+                "annotations": { DELETION_COST: shard.map(|_| HOLDER_DELETION_COST) },
+            }
         });
         self.api
             .patch(&self.pod, &PatchParams::default(), &Patch::Merge(&patch))

@@ -38,7 +38,11 @@ impl Ownership {
 pub struct ShardOwner<B> {
     backend: Arc<B>,
     me: Candidate,
-    shards: u32,
+    /// The number of shards now; it may change while the cluster runs
+    /// (resharding without restarts).
+    shards: watch::Receiver<u32>,
+    /// Keeps a fixed count's channel open.
+    _fixed: Option<watch::Sender<u32>>,
     preferred: Option<u32>,
     timing: LeaseTiming,
     tx: watch::Sender<Ownership>,
@@ -53,12 +57,29 @@ impl<B: LeaseBackend> ShardOwner<B> {
         preferred: Option<u32>,
         timing: LeaseTiming,
     ) -> (Self, watch::Receiver<Ownership>) {
+        let (fixed, count) = watch::channel(shards);
+        let (mut owner, rx) = Self::following(backend, me, count, preferred, timing);
+        owner._fixed = Some(fixed);
+        (owner, rx)
+    }
+
+    /// A standby for shards `0..n`, where `n` follows `shards`: when it
+    /// shrinks below the held shard, the lease is released (its keys move),
+    /// and when it grows, standbys take the new shards.
+    pub fn following(
+        backend: Arc<B>,
+        me: Candidate,
+        shards: watch::Receiver<u32>,
+        preferred: Option<u32>,
+        timing: LeaseTiming,
+    ) -> (Self, watch::Receiver<Ownership>) {
         let (tx, rx) = watch::channel(Ownership::Standby);
         (
             Self {
                 backend,
                 me,
                 shards,
+                _fixed: None,
                 preferred,
                 timing,
                 tx,
@@ -67,9 +88,12 @@ impl<B: LeaseBackend> ShardOwner<B> {
         )
     }
 
-    /// Free shards in the order to try them.
-    async fn free_shards(&self) -> crate::Result<Vec<u32>> {
-        let snap = self.backend.snapshot(self.shards).await?;
+    /// Free shards below `shards` in the order to try them.
+    async fn free_shards(&self, shards: u32) -> crate::Result<Vec<u32>> {
+        if shards == 0 {
+            return Ok(Vec::new());
+        }
+        let snap = self.backend.snapshot(shards).await?;
         let mut free: Vec<u32> = snap
             .iter()
             .enumerate()
@@ -85,8 +109,8 @@ impl<B: LeaseBackend> ShardOwner<B> {
         Ok(free)
     }
 
-    async fn try_take(&self) -> crate::Result<Option<(Held, Instant)>> {
-        for shard in self.free_shards().await? {
+    async fn try_take(&self, shards: u32) -> crate::Result<Option<(Held, Instant)>> {
+        for shard in self.free_shards(shards).await? {
             let sent = Instant::now();
             if let Some(h) = self
                 .backend
@@ -108,12 +132,16 @@ impl<B: LeaseBackend> ShardOwner<B> {
         let mut held: Option<(Held, Instant)> = None;
         let mut next_try = Instant::now();
         let mut changes = self.backend.changes();
+        let mut count = self.shards.clone();
+        // A fixed count never changes; a closed channel stops being watched.
+        let mut count_open = self._fixed.is_none();
         loop {
             let Some((h, last_ok)) = held.clone() else {
                 // Standby: take any free or expired lease. Events are marked
                 // seen first, so a release during the attempt wakes the wait.
                 changes.borrow_and_update();
-                match self.try_take().await {
+                let shards = *count.borrow_and_update();
+                match self.try_take(shards).await {
                     Ok(Some((h, sent))) => {
                         tracing::info!(shard = h.record.shard, token = h.record.token, holder = %self.me.holder, "acquired shard lease");
                         self.publish(Ownership::Serving {
@@ -132,10 +160,24 @@ impl<B: LeaseBackend> ShardOwner<B> {
                     r = changes.changed() => if r.is_err() {
                         tokio::time::sleep(self.timing.retry_period()).await;
                     },
+                    r = count.changed() => if r.is_err() {
+                        tokio::time::sleep(self.timing.retry_period()).await;
+                    },
                     _ = tokio::time::sleep(self.timing.retry_period()) => {}
                 }
                 continue;
             };
+            if h.record.shard >= *count.borrow_and_update() {
+                // The shard is gone (fewer shards now): hand it back so its
+                // keys move to the shards that remain.
+                self.publish(Ownership::Standby);
+                tracing::info!(shard = h.record.shard, "shard removed: releasing its lease");
+                if let Err(e) = self.backend.release(&h).await {
+                    tracing::warn!(error = %e, "releasing a removed shard's lease failed; it will expire");
+                }
+                held = None;
+                continue;
+            }
             let deadline = last_ok + self.timing.renew_deadline();
             tokio::select! {
                 _ = cancel.cancelled() => {
@@ -149,6 +191,12 @@ impl<B: LeaseBackend> ShardOwner<B> {
                     return;
                 }
                 _ = tokio::time::sleep_until(next_try.min(deadline)) => {}
+                r = count.changed(), if count_open => {
+                    if r.is_ok() {
+                        continue;
+                    }
+                    count_open = false;
+                }
             }
             if Instant::now() >= deadline {
                 self.step_down(&h, "renew deadline passed");

@@ -249,6 +249,7 @@ async fn renew_and_release_carry_the_resource_version_and_a_conflict_means_lost(
 
 #[tokio::test]
 async fn the_pod_is_labelled_with_its_shard_and_unlabelled_after() {
+    // A holder also costs more to delete, so rollouts remove standbys first.
     let (c, mut h) = client();
     let labeler = PodLabeler::new(Api::<Pod>::namespaced(c, "ns"), "comet-x");
     let server = tokio::spawn(async move {
@@ -257,12 +258,14 @@ async fn the_pod_is_labelled_with_its_shard_and_unlabelled_after() {
         let p = expect(&mut h, Method::PATCH, path, (200, pod.clone())).await;
         assert_eq!(
             p,
-            json!({"metadata": {"labels": {"pushcluster.io/shard": "3"}}})
+            json!({"metadata": {"labels": {"pushcluster.io/shard": "3"},
+                "annotations": {"controller.kubernetes.io/pod-deletion-cost": "1000"}}})
         );
         let p = expect(&mut h, Method::PATCH, path, (200, pod)).await;
         assert_eq!(
             p,
-            json!({"metadata": {"labels": {"pushcluster.io/shard": null}}})
+            json!({"metadata": {"labels": {"pushcluster.io/shard": null},
+                "annotations": {"controller.kubernetes.io/pod-deletion-cost": null}}})
         );
     });
     labeler.set_shard(Some(3)).await.unwrap();

@@ -248,3 +248,70 @@ async fn a_release_between_reading_and_waiting_is_not_missed() {
         .expect("backend alive");
     assert!(standby.snapshot(1).await.unwrap()[0].is_none());
 }
+
+/// Resharding without restarts: when the shard count grows, a standby takes
+/// the new shard at once; when it shrinks, the holder of a removed shard
+/// releases it and becomes a standby, and holders of the remaining shards
+/// keep theirs.
+#[tokio::test(start_paused = true)]
+async fn the_shard_count_can_change_while_running() {
+    let leases = MemoryLeases::new();
+    let log = Log::default();
+    let (count, shards) = watch::channel(2u32);
+    let mut rxs = Vec::new();
+    let mut cancels = Vec::new();
+    for name in ["a", "b", "c"] {
+        let (owner, rx) = ShardOwner::following(
+            Arc::new(leases.handle_for(name)),
+            candidate(name),
+            shards.clone(),
+            None,
+            TIMING,
+        );
+        let cancel = CancellationToken::new();
+        tokio::spawn(owner.run(cancel.clone()));
+        let mut watch = rx.clone();
+        let (log, name) = (log.clone(), name.to_owned());
+        tokio::spawn(async move {
+            while watch.changed().await.is_ok() {
+                let o = *watch.borrow_and_update();
+                log.lock().unwrap().push((Instant::now(), name.clone(), o));
+            }
+        });
+        rxs.push(rx);
+        cancels.push(cancel);
+        settle().await;
+    }
+    let held = |rxs: &[watch::Receiver<Ownership>]| -> Vec<Option<u32>> {
+        rxs.iter().map(|r| r.borrow().shard()).collect()
+    };
+    assert_eq!(held(&rxs), vec![Some(0), Some(1), None]);
+
+    // 2 -> 3: the standby takes shard 2 without waiting a retry period.
+    count.send_replace(3);
+    settle().await;
+    assert_eq!(held(&rxs), vec![Some(0), Some(1), Some(2)]);
+
+    // 3 -> 2: shard 2's holder lets go; the others keep serving throughout.
+    let transitions_before = log.lock().unwrap().len();
+    count.send_replace(2);
+    settle().await;
+    assert_eq!(held(&rxs), vec![Some(0), Some(1), None]);
+    let changes: Vec<String> = log.lock().unwrap()[transitions_before..]
+        .iter()
+        .map(|(_, n, o)| format!("{n}:{:?}", o.shard()))
+        .collect();
+    assert_eq!(
+        changes,
+        vec!["c:None"],
+        "only the removed shard's holder changed"
+    );
+    // The released lease is free for anyone once the count grows again.
+    count.send_replace(3);
+    settle().await;
+    assert_eq!(held(&rxs)[2], Some(2));
+    assert_never_two_holders(&log);
+    for c in cancels {
+        c.cancel();
+    }
+}
