@@ -174,6 +174,7 @@ pub struct Metrics {
     slow_consumers: Counter,
     reconnects_sent: Counter,
     lease_transitions: Counter,
+    serving: Gauge,
 }
 
 impl Metrics {
@@ -187,7 +188,13 @@ impl Metrics {
             slow_consumers,
             reconnects_sent: Counter::default(),
             lease_transitions: Counter::default(),
+            serving: Gauge::default(),
         };
+        reg.register(
+            "pushcluster_comet_serving",
+            "1 while this comet holds a shard, 0 while it is a standby",
+            m.serving.clone(),
+        );
         reg.register(
             "pushcluster_comet_lease_transitions",
             "Times this comet started or stopped serving a shard",
@@ -323,7 +330,10 @@ impl Comet {
         Ok(comet)
     }
 
-    /// Recomputes the ring and readiness from membership and ownership.
+    /// Recomputes the ring from membership and ownership. Readiness does not
+    /// follow ownership: a standby is Ready (healthy, able to take a shard at
+    /// once), and routing follows the Lease holders instead, so a comet
+    /// Deployment becomes Available and its rollouts finish.
     fn refresh(&self) {
         let mine = self.ownership.borrow().shard();
         let view = self.membership.view();
@@ -336,7 +346,7 @@ impl Comet {
             DEFAULT_VNODES,
         );
         *self.ring.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(ring);
-        self.ready.set(mine.is_some());
+        self.metrics.serving.set(i64::from(mine.is_some()));
     }
 
     /// Whether this comet serves `key` now.
@@ -541,6 +551,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                     cluster,
                     background.clone(),
                 );
+                // The shard count follows the shard Services, so a reshard
+                // needs no restart (config `shards` is not used here).
+                let shard_count = membership.shard_count();
                 let mut candidate = cfg.candidate();
                 if let Ok(pod) = std::env::var("POD_NAME") {
                     labeler = Some(PodLabeler::new(kube::Api::namespaced(client, &ns), &pod));
@@ -552,8 +565,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                     );
                 }
                 tracing::info!(holder = %candidate.holder, namespace = %ns, "standby: waiting for a shard Lease");
-                let (owner, rx) =
-                    ShardOwner::new(leases, candidate, cfg.shards, None, cfg.membership.lease);
+                let (owner, rx) = ShardOwner::following(
+                    leases,
+                    candidate,
+                    shard_count,
+                    None,
+                    cfg.membership.lease,
+                );
                 let task = tokio::spawn(owner.run(owner_cancel.clone()));
                 (Arc::new(membership), rx, Some(task), None)
             }
@@ -582,6 +600,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         ready.clone(),
         cancel.clone(),
     ));
+    // Listening and following membership: ready, holder or standby.
+    ready.set(true);
     let ws_task = tokio::spawn({
         let app = ws::router(comet.clone());
         let stop = stop_accepting.clone();

@@ -80,6 +80,11 @@ impl Proc {
         http_status(self.ops_port, "/readyz") == Some(200)
     }
 
+    /// Whether this comet holds a shard now (standbys are ready too).
+    pub fn is_serving(&self) -> bool {
+        metric(self.ops_port, "pushcluster_comet_serving") == 1.0
+    }
+
     /// Starts the process (again) with the same config.
     pub fn start(&mut self) {
         let log = std::fs::OpenOptions::new()
@@ -319,7 +324,7 @@ impl Cluster {
             if opts.lease_redis.is_some() && i < opts.shards {
                 // The first comets take their preferred shards before standbys start.
                 let deadline = Instant::now() + Duration::from_secs(10);
-                while !comets[i as usize].is_ready() {
+                while !comets[i as usize].is_serving() {
                     assert!(Instant::now() < deadline, "comet-{i} took no shard");
                     std::thread::sleep(Duration::from_millis(20));
                 }

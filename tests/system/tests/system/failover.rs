@@ -99,7 +99,7 @@ async fn holder_of(c: &Cluster, key: &str) -> Option<usize> {
 /// The one comet that holds no shard now.
 fn standby(c: &Cluster) -> usize {
     let idle: Vec<usize> = (0..c.comets.len())
-        .filter(|&i| !c.comets[i].is_ready())
+        .filter(|&i| !c.comets[i].is_serving())
         .collect();
     assert_eq!(
         idle.len(),
@@ -109,13 +109,13 @@ fn standby(c: &Cluster) -> usize {
     idle[0]
 }
 
-/// Waits until the standby `heir` holds the shard (it is ready) and web routes
+/// Waits until the standby `heir` holds the shard (it is serving) and web routes
 /// `key` to it. While the shard has no holder its keys go to the next shard on
 /// the ring, so "some other comet serves the key" would end the wait too early.
 async fn wait_takeover(c: &Cluster, key: &str, heir: usize, limit: Duration) -> usize {
     let start = Instant::now();
     loop {
-        if c.comets[heir].is_ready() && holder_of(c, key).await == Some(heir) {
+        if c.comets[heir].is_serving() && holder_of(c, key).await == Some(heir) {
             return heir;
         }
         assert!(
