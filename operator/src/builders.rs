@@ -3,12 +3,13 @@
 //!
 //! Every object carries the cluster's labels and a controller owner reference
 //! to the PushCluster, so deleting it deletes everything. Service configs are
-//! rendered from the services' own `Config` types; their hash annotates the pod
-//! templates, so a config change rolls the pods.
+//! rendered from the services' own `Config` types; each component's pod
+//! template carries the hash of its own config only, so a change rolls only
+//! the pods it concerns (and a reshard rolls none).
 
 use crate::crd::{PushCluster, SecretKeyRef};
 use crate::{Error, Result};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -113,8 +114,14 @@ fn yaml<T: Serialize>(v: &T) -> Result<String> {
     serde_yaml::to_string(v).map_err(|e| Error::Render(e.to_string()))
 }
 
-/// The three service configs, keyed by file name.
-pub fn configs(pc: &PushCluster) -> Result<BTreeMap<String, String>> {
+/// The three services' configs.
+struct ServiceConfigs {
+    comet: push_comet::Config,
+    message: push_message::Config,
+    web: push_web::Config,
+}
+
+fn service_configs(pc: &PushCluster) -> ServiceConfigs {
     let s = &pc.spec;
     let message_url = format!("http://{}:{MESSAGE_PORT}", name(pc, "message"));
     let comet = push_comet::Config {
@@ -149,11 +156,45 @@ pub fn configs(pc: &PushCluster) -> Result<BTreeMap<String, String>> {
         },
         ..push_web::Config::default()
     };
+    ServiceConfigs {
+        comet,
+        message,
+        web,
+    }
+}
+
+/// The three service configs, keyed by file name.
+pub fn configs(pc: &PushCluster) -> Result<BTreeMap<String, String>> {
+    let c = service_configs(pc);
     Ok(BTreeMap::from([
-        ("comet.yaml".to_owned(), yaml(&comet)?),
-        ("message.yaml".to_owned(), yaml(&message)?),
-        ("web.yaml".to_owned(), yaml(&web)?),
+        ("comet.yaml".to_owned(), yaml(&c.comet)?),
+        ("message.yaml".to_owned(), yaml(&c.message)?),
+        ("web.yaml".to_owned(), yaml(&c.web)?),
     ]))
+}
+
+/// The config hash each component's pods carry: of its own configuration
+/// only, so a change restarts only the component it concerns. The shard
+/// count is left out: comets and web follow it live from the shard Services,
+/// so a reshard restarts nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigHashes {
+    pub comet: String,
+    pub message: String,
+    pub web: String,
+}
+
+/// The per-component config hashes of `pc`.
+pub fn config_hashes(pc: &PushCluster) -> Result<ConfigHashes> {
+    let mut c = service_configs(pc);
+    c.comet.shards = 0;
+    c.comet.membership.shards = 0;
+    c.web.membership.shards = 0;
+    Ok(ConfigHashes {
+        comet: hash_of(&yaml(&c.comet)?),
+        message: hash_of(&yaml(&c.message)?),
+        web: hash_of(&yaml(&c.web)?),
+    })
 }
 
 /// Hex SHA-256 of a value's JSON.
@@ -202,7 +243,8 @@ struct PodParts<'a> {
     grace_seconds: i64,
 }
 
-fn deployment(pc: &PushCluster, hash: &str, replicas: i32, p: PodParts<'_>) -> Result<Deployment> {
+/// The pod template shared by every component.
+fn pod_template(pc: &PushCluster, hash: &str, p: PodParts<'_>) -> Value {
     let sched = &pc.spec.scheduling;
     let mut volumes = vec![json!({"name": "config", "configMap": {"name": name(pc, "config")}})];
     volumes.extend(p.volumes);
@@ -215,51 +257,59 @@ fn deployment(pc: &PushCluster, hash: &str, replicas: i32, p: PodParts<'_>) -> R
         .map(|(n, port)| json!({"name": n, "containerPort": port, "protocol": "TCP"}))
         .collect();
     ports.push(json!({"name": "ops", "containerPort": p.ops_port, "protocol": "TCP"}));
+    json!({
+        "metadata": {
+            "labels": labels(pc, Some(p.component)),
+            "annotations": {CONFIG_HASH: hash},
+        },
+        "spec": {
+            "serviceAccountName": name(pc, p.component),
+            "automountServiceAccountToken": p.api_access,
+            "terminationGracePeriodSeconds": p.grace_seconds,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
+            "nodeSelector": sched.node_selector,
+            "tolerations": sched.tolerations,
+            "affinity": sched.affinity,
+            "topologySpreadConstraints": sched.topology_spread_constraints,
+            "volumes": volumes,
+            "containers": [{
+                "name": p.component,
+                "image": pc.spec.image,
+                "command": [p.binary, "--config", format!("{CONFIG_DIR}/{}.yaml", p.component)],
+                "env": p.env,
+                "ports": ports,
+                "readinessProbe": probe("/readyz"),
+                "livenessProbe": probe("/healthz"),
+                "resources": p.resources,
+                "volumeMounts": mounts,
+                "securityContext": {
+                    "allowPrivilegeEscalation": false,
+                    "readOnlyRootFilesystem": true,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+            }],
+        },
+    })
+}
+
+fn deployment(pc: &PushCluster, hash: &str, replicas: i32, p: PodParts<'_>) -> Result<Deployment> {
+    let component = p.component;
     typed(json!({
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": metadata(pc, &name(pc, p.component), Some(p.component)),
+        "metadata": metadata(pc, &name(pc, component), Some(component)),
         "spec": {
             "replicas": replicas,
-            "selector": {"matchLabels": selector(pc, p.component)},
+            "selector": {"matchLabels": selector(pc, component)},
+            // A new pod (a Ready standby, for comets) comes up before an old
+            // one goes, so capacity never drops during a rollout.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
-            "template": {
-                "metadata": {
-                    "labels": labels(pc, Some(p.component)),
-                    "annotations": {CONFIG_HASH: hash},
-                },
-                "spec": {
-                    "serviceAccountName": name(pc, p.component),
-                    "automountServiceAccountToken": p.api_access,
-                    "terminationGracePeriodSeconds": p.grace_seconds,
-                    "securityContext": {"runAsNonRoot": true, "runAsUser": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
-                    "nodeSelector": sched.node_selector,
-                    "tolerations": sched.tolerations,
-                    "affinity": sched.affinity,
-                    "topologySpreadConstraints": sched.topology_spread_constraints,
-                    "volumes": volumes,
-                    "containers": [{
-                        "name": p.component,
-                        "image": pc.spec.image,
-                        "command": [p.binary, "--config", format!("{CONFIG_DIR}/{}.yaml", p.component)],
-                        "env": p.env,
-                        "ports": ports,
-                        "readinessProbe": probe("/readyz"),
-                        "livenessProbe": probe("/healthz"),
-                        "resources": p.resources,
-                        "volumeMounts": mounts,
-                        "securityContext": {
-                            "allowPrivilegeEscalation": false,
-                            "readOnlyRootFilesystem": true,
-                            "capabilities": {"drop": ["ALL"]},
-                        },
-                    }],
-                },
-            },
+            "template": pod_template(pc, hash, p),
         },
     }))
 }
 
-/// Comets: `shards + standbys` pods; a pod turns ready once it holds a shard.
+/// Comets: `shards + standbys` pods. Every comet is Ready once it listens
+/// (a standby can take over at once); routing follows the Lease holders.
 pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
     let c = &pc.spec.comet;
     let mut env = pod_env();
@@ -291,8 +341,7 @@ pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
     )
 }
 
-/// The message service.
-pub fn message_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
+fn message_parts(pc: &PushCluster, volumes: Vec<Value>) -> PodParts<'_> {
     let mut env = pod_env();
     env.extend(
         pc.spec
@@ -301,23 +350,60 @@ pub fn message_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
             .as_ref()
             .and_then(|r| secret_env("PUSH_REDIS_URL", &r.secret_ref)),
     );
-    deployment(
-        pc,
-        hash,
-        pc.spec.message.replicas,
-        PodParts {
-            component: "message",
-            binary: "push-message",
-            ports: vec![("grpc", MESSAGE_PORT)],
-            ops_port: MESSAGE_OPS,
-            env,
-            resources: pc.spec.message.resources.as_ref(),
-            volumes: vec![json!({"name": "data", "emptyDir": {}})],
-            mounts: vec![json!({"name": "data", "mountPath": "/data"})],
-            api_access: false,
-            grace_seconds: 30,
+    PodParts {
+        component: "message",
+        binary: "push-message",
+        ports: vec![("grpc", MESSAGE_PORT)],
+        ops_port: MESSAGE_OPS,
+        env,
+        resources: pc.spec.message.resources.as_ref(),
+        volumes,
+        mounts: vec![json!({"name": "data", "mountPath": "/data"})],
+        api_access: false,
+        grace_seconds: 30,
+    }
+}
+
+/// The message service on Redis: stateless, a Deployment.
+pub fn message_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
+    let parts = message_parts(pc, vec![json!({"name": "data", "emptyDir": {}})]);
+    deployment(pc, hash, pc.spec.message.replicas, parts)
+}
+
+/// The message service on the embedded store: a StatefulSet of one pod whose
+/// store lives on a PersistentVolumeClaim, so messages and mid sequences
+/// outlive pods, rollouts and reschedules. A StatefulSet replaces its pod
+/// only after the old one is gone: never two writers on one store. Deleting
+/// the PushCluster deletes the claim too (retention policy `Delete`).
+pub fn message_statefulset(pc: &PushCluster, hash: &str) -> Result<StatefulSet> {
+    let e = &pc.spec.storage.embedded;
+    let parts = message_parts(pc, vec![]);
+    typed(json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": metadata(pc, &name(pc, "message"), Some("message")),
+        "spec": {
+            "replicas": 1,
+            "serviceName": name(pc, "message"),
+            "selector": {"matchLabels": selector(pc, "message")},
+            "podManagementPolicy": "OrderedReady",
+            "updateStrategy": {"type": "RollingUpdate"},
+            "persistentVolumeClaimRetentionPolicy": {"whenDeleted": "Delete", "whenScaled": "Retain"},
+            "template": pod_template(pc, hash, parts),
+            "volumeClaimTemplates": [{
+                "metadata": {"name": "data", "labels": labels(pc, Some("message"))},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": e.storage_class_name,
+                    "resources": {"requests": {"storage": e.size}},
+                },
+            }],
         },
-    )
+    }))
+}
+
+/// Whether the message service runs on the embedded store (a StatefulSet).
+pub fn embedded(pc: &PushCluster) -> bool {
+    pc.spec.storage.redis.is_none()
 }
 
 /// Web.
@@ -533,7 +619,7 @@ fn child<K: Resource<DynamicType = ()> + Serialize>(obj: &K) -> Result<Child> {
 /// Every child of `pc`, in apply order (config and RBAC before the pods that use them).
 pub fn desired(pc: &PushCluster) -> Result<Vec<Child>> {
     let cm = config_map(pc)?;
-    let hash = hash_of(&cm.data);
+    let hash = config_hashes(pc)?;
     let mut out = vec![child(&cm)?];
     for sa in service_accounts(pc)? {
         out.push(child(&sa)?);
@@ -550,9 +636,13 @@ pub fn desired(pc: &PushCluster) -> Result<Vec<Child>> {
     {
         out.push(child(s)?);
     }
-    out.push(child(&message_deployment(pc, &hash)?)?);
-    out.push(child(&comet_deployment(pc, &hash)?)?);
-    out.push(child(&web_deployment(pc, &hash)?)?);
+    if embedded(pc) {
+        out.push(child(&message_statefulset(pc, &hash.message)?)?);
+    } else {
+        out.push(child(&message_deployment(pc, &hash.message)?)?);
+    }
+    out.push(child(&comet_deployment(pc, &hash.comet)?)?);
+    out.push(child(&web_deployment(pc, &hash.web)?)?);
     for p in pdbs(pc)? {
         out.push(child(&p)?);
     }

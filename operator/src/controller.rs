@@ -11,9 +11,9 @@
 use crate::builders::{self, Child, MANAGER};
 use crate::crd::{ComponentStatus, PushCluster, PushClusterStatus, ShardStatus};
 use crate::{Error, Result};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -296,21 +296,203 @@ fn condition(
     }
 }
 
-fn component(d: Option<&Deployment>) -> ComponentStatus {
-    let s = d.and_then(|d| d.status.clone()).unwrap_or_default();
-    ComponentStatus {
-        replicas: s.replicas.unwrap_or(0),
-        ready_replicas: s.ready_replicas.unwrap_or(0),
+/// What a workload (Deployment or StatefulSet) reports about its rollout.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rollout {
+    /// Replicas the spec asks for.
+    pub desired: i32,
+    /// Pods that exist.
+    pub replicas: i32,
+    pub ready: i32,
+    /// Pods of the current template.
+    pub updated: i32,
+    /// Whether the controller has seen the workload's latest spec.
+    pub observed: bool,
+}
+
+impl Rollout {
+    fn of_deployment(d: &Deployment) -> Self {
+        let s = d.status.clone().unwrap_or_default();
+        Self {
+            desired: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            replicas: s.replicas.unwrap_or(0),
+            ready: s.ready_replicas.unwrap_or(0),
+            updated: s.updated_replicas.unwrap_or(0),
+            observed: s.observed_generation >= d.metadata.generation,
+        }
+    }
+
+    fn of_statefulset(d: &StatefulSet) -> Self {
+        let s = d.status.clone().unwrap_or_default();
+        let current = s.update_revision.is_some() && s.update_revision == s.current_revision;
+        Self {
+            desired: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1),
+            replicas: s.replicas,
+            ready: s.ready_replicas.unwrap_or(0),
+            // During a rolling update `updated_replicas` counts new pods;
+            // once it completes the revisions match.
+            updated: if current {
+                s.replicas
+            } else {
+                s.updated_replicas.unwrap_or(0)
+            },
+            observed: s.observed_generation >= d.metadata.generation,
+        }
+    }
+
+    /// Every pod of the current template exists and is ready, no old one left.
+    pub fn complete(&self) -> bool {
+        self.observed
+            && self.updated == self.desired
+            && self.replicas == self.desired
+            && self.ready == self.desired
+    }
+
+    fn status(&self) -> ComponentStatus {
+        ComponentStatus {
+            replicas: self.replicas,
+            ready_replicas: self.ready,
+        }
+    }
+
+    fn left(&self, component: &str) -> Option<String> {
+        (!self.complete()).then(|| {
+            format!(
+                "{component} {}/{} updated, {}/{} ready",
+                self.updated, self.desired, self.ready, self.desired
+            )
+        })
     }
 }
 
-/// Reads Deployments and Leases into the status.
+/// What `observe` read from the cluster, so the status is a pure function of it.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub comet: Rollout,
+    pub message: Rollout,
+    pub web: Rollout,
+    /// Holder pod per shard row (shards `0..spec.comet.shards`).
+    pub shards: Vec<ShardStatus>,
+    /// Comet pods of the current generation (config hash and image).
+    pub current_comets: std::collections::BTreeSet<String>,
+}
+
+/// The status of `pc` given what was observed: `Ready` only when every shard
+/// is held by a comet of the current generation and message and web serve;
+/// `Progressing` while anything is left to roll or reshard, saying what.
+pub fn status_of(pc: &PushCluster, o: &Observed) -> PushClusterStatus {
+    let want = pc.spec.comet.shards;
+    let held = o.shards.iter().filter(|s| s.holder.is_some()).count() as i32;
+    let stale: Vec<String> = o
+        .shards
+        .iter()
+        .filter(|s| {
+            s.holder
+                .as_ref()
+                .is_some_and(|h| !o.current_comets.contains(h))
+        })
+        .map(|s| s.shard.to_string())
+        .collect();
+    let free: Vec<String> = o
+        .shards
+        .iter()
+        .filter(|s| s.holder.is_none())
+        .map(|s| s.shard.to_string())
+        .collect();
+    let serving = held == want && stale.is_empty();
+    let up = o.message.ready >= 1 && o.web.ready >= 1;
+    let mut left: Vec<String> = [
+        o.comet.left("comet"),
+        o.message.left("message"),
+        o.web.left("web"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !free.is_empty() {
+        left.push(format!("shards {} not held", free.join(",")));
+    }
+    if !stale.is_empty() {
+        left.push(format!(
+            "shards {} held by comets of an older generation",
+            stale.join(",")
+        ));
+    }
+    let gen = pc.metadata.generation;
+    let prev = pc.status.as_ref();
+    let ready = serving && up;
+    let ready_msg = format!(
+        "{held}/{want} shards held ({} by current comets); ready comet {}/{}, message {}/{}, web {}/{}",
+        held - stale.len() as i32,
+        o.comet.ready,
+        o.comet.desired,
+        o.message.ready,
+        o.message.desired,
+        o.web.ready,
+        o.web.desired
+    );
+    let conditions = vec![
+        condition(
+            prev,
+            gen,
+            "Ready",
+            ready,
+            if ready { "AllShardsServed" } else { "Waiting" },
+            ready_msg,
+        ),
+        condition(
+            prev,
+            gen,
+            "Progressing",
+            !left.is_empty(),
+            if left.is_empty() {
+                "Converged"
+            } else {
+                "RollingOut"
+            },
+            if left.is_empty() {
+                "every workload rolled out, every shard held by a current comet".into()
+            } else {
+                format!("left: {}", left.join("; "))
+            },
+        ),
+        condition(
+            prev,
+            gen,
+            "Degraded",
+            false,
+            "ReconcileSucceeded",
+            "every object applied".into(),
+        ),
+    ];
+    PushClusterStatus {
+        observed_generation: gen,
+        conditions,
+        ready_shards: held,
+        comet: o.comet.status(),
+        message: o.message.status(),
+        web: o.web.status(),
+        shards: o.shards.clone(),
+    }
+}
+
+/// Reads workloads, Leases and comet pods into the status.
 async fn observe(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<PushClusterStatus> {
     let deps: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
-    let mut got = HashMap::new();
-    for c in builders::COMPONENTS {
-        got.insert(c, deps.get_opt(&builders::name(pc, c)).await?);
-    }
+    let rollout =
+        |d: Option<Deployment>| d.as_ref().map(Rollout::of_deployment).unwrap_or_default();
+    let comet = rollout(deps.get_opt(&builders::name(pc, "comet")).await?);
+    let web = rollout(deps.get_opt(&builders::name(pc, "web")).await?);
+    let message = if builders::embedded(pc) {
+        let sts: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+        sts.get_opt(&builders::name(pc, "message"))
+            .await?
+            .as_ref()
+            .map(Rollout::of_statefulset)
+            .unwrap_or_default()
+    } else {
+        rollout(deps.get_opt(&builders::name(pc, "message")).await?)
+    };
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), ns);
     let lp = ListParams::default().labels(&format!("{CLUSTER_LABEL}={}", pc.name_any()));
     let mut shards: Vec<ShardStatus> = (0..pc.spec.comet.shards)
@@ -332,72 +514,37 @@ async fn observe(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<PushCluste
             .and(spec.acquire_time.map(|t| Time(t.0)));
         row.transitions = spec.lease_transitions.unwrap_or(0);
     }
-    let ready_shards = shards.iter().filter(|s| s.holder.is_some()).count() as i32;
-    let (comet, message, web) = (
-        component(got["comet"].as_ref()),
-        component(got["message"].as_ref()),
-        component(got["web"].as_ref()),
-    );
-    let want = pc.spec.comet.shards;
-    let serving = ready_shards == want && comet.ready_replicas >= want;
-    let up = message.ready_replicas >= 1 && web.ready_replicas >= 1;
-    let rolled = comet.replicas == pc.spec.comet.shards + pc.spec.comet.standbys
-        && message.replicas == pc.spec.message.replicas
-        && web.replicas == pc.spec.web.replicas;
-    let gen = pc.metadata.generation;
-    let prev = pc.status.as_ref();
-    let ready_msg = format!(
-        "{ready_shards}/{want} shards held; ready comet {}/{}, message {}/{}, web {}/{}",
-        comet.ready_replicas,
-        comet.replicas,
-        message.ready_replicas,
-        message.replicas,
-        web.ready_replicas,
-        web.replicas
-    );
-    let conditions = vec![
-        condition(
-            prev,
-            gen,
-            "Ready",
-            serving && up,
-            if serving && up {
-                "AllShardsServed"
-            } else {
-                "Waiting"
-            },
-            ready_msg,
-        ),
-        condition(
-            prev,
-            gen,
-            "Progressing",
-            !(serving && up && rolled),
-            if serving && up && rolled {
-                "Converged"
-            } else {
-                "RollingOut"
-            },
-            "pods are starting or being replaced".into(),
-        ),
-        condition(
-            prev,
-            gen,
-            "Degraded",
-            false,
-            "ReconcileSucceeded",
-            "every object applied".into(),
-        ),
-    ];
-    Ok(PushClusterStatus {
-        observed_generation: gen,
-        conditions,
-        ready_shards,
-        comet,
-        message,
-        web,
-        shards,
-    })
+    let hash = builders::config_hashes(pc)?.comet;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
+    let comet_pods = ListParams::default().labels(&format!(
+        "app.kubernetes.io/instance={},app.kubernetes.io/component=comet",
+        pc.name_any()
+    ));
+    let current_comets = pods
+        .list(&comet_pods)
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.annotations().get(builders::CONFIG_HASH) == Some(&hash)
+                && p.spec
+                    .as_ref()
+                    .and_then(|s| s.containers.first())
+                    .and_then(|c| c.image.as_deref())
+                    == Some(pc.spec.image.as_str())
+        })
+        .map(|p| p.name_any())
+        .collect();
+    Ok(status_of(
+        pc,
+        &Observed {
+            comet,
+            message,
+            web,
+            shards,
+            current_comets,
+        },
+    ))
 }
 
 /// Records a failure in the status (`Degraded`) and as a Warning event.
@@ -477,6 +624,73 @@ mod tests {
             &json!({"metadata": {"labels": {"k": "changed"}}})
         ));
         assert!(contains(&have, &json!({"spec": {"missing": null}})));
+    }
+
+    fn done(n: i32) -> Rollout {
+        Rollout {
+            desired: n,
+            replicas: n,
+            ready: n,
+            updated: n,
+            observed: true,
+        }
+    }
+
+    fn observed(holders: &[Option<&str>], current: &[&str]) -> Observed {
+        Observed {
+            comet: done(3),
+            message: done(1),
+            web: done(2),
+            shards: holders
+                .iter()
+                .enumerate()
+                .map(|(k, h)| ShardStatus {
+                    shard: k as i32,
+                    holder: h.map(str::to_owned),
+                    ..ShardStatus::default()
+                })
+                .collect(),
+            current_comets: current.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn cond<'a>(s: &'a PushClusterStatus, kind: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == kind).unwrap()
+    }
+
+    #[test]
+    fn ready_only_when_current_comets_hold_every_shard() {
+        let pc: PushCluster = serde_json::from_value(
+            json!({"metadata": {"name": "push", "generation": 4}, "spec": {}}),
+        )
+        .unwrap();
+        let s = status_of(&pc, &observed(&[Some("a"), Some("b")], &["a", "b", "c"]));
+        assert_eq!(cond(&s, "Ready").status, "True");
+        assert_eq!(cond(&s, "Progressing").status, "False");
+        assert_eq!((s.ready_shards, s.observed_generation), (2, Some(4)));
+
+        // Mid-rollout: shard 1 still held by a comet of the old template.
+        let s = status_of(&pc, &observed(&[Some("a"), Some("old")], &["a", "c"]));
+        assert_eq!(cond(&s, "Ready").status, "False");
+        let p = cond(&s, "Progressing");
+        assert_eq!(p.status, "True");
+        assert!(
+            p.message
+                .contains("shards 1 held by comets of an older generation"),
+            "{}",
+            p.message
+        );
+
+        // A new shard not taken yet, and a workload still rolling.
+        let mut o = observed(&[Some("a"), None], &["a"]);
+        o.comet.updated = 1;
+        let s = status_of(&pc, &o);
+        assert_eq!(cond(&s, "Ready").status, "False");
+        let p = &cond(&s, "Progressing").message;
+        assert!(
+            p.contains("shards 1 not held") && p.contains("comet 1/3 updated"),
+            "{p}"
+        );
     }
 
     #[test]

@@ -28,6 +28,7 @@ use std::collections::BTreeMap;
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[x_kube(validation = Rule::new("has(self.storage.redis) || self.message.replicas == 1").message("without storage.redis the embedded store runs in one message pod: set message.replicas to 1"))]
+#[x_kube(validation = Rule::new("has(self.storage.redis) == has(oldSelf.storage.redis)").message("storage cannot switch between redis and embedded on a live cluster: the stored messages would not move with it; create a new PushCluster instead"))]
 #[serde(rename_all = "camelCase")]
 pub struct PushClusterSpec {
     /// Container image holding push-comet, push-message and push-web.
@@ -258,6 +259,37 @@ pub struct StorageSpec {
     /// Redis; without it the message pod uses its embedded store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
+    /// The embedded store's volume (used without redis): a PersistentVolumeClaim
+    /// of the message StatefulSet, kept across restarts and rollouts.
+    #[serde(default)]
+    pub embedded: EmbeddedSpec,
+}
+
+/// The embedded store's PersistentVolumeClaim.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("storage.embedded cannot change once created (a StatefulSet's volume claim template is immutable); resize the PersistentVolumeClaim itself"))]
+pub struct EmbeddedSpec {
+    /// Requested size, e.g. `1Gi`.
+    #[serde(default = "d_size")]
+    #[x_kube(validation = Rule::new("self.matches('^[0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$')").message("storage.embedded.size must be a quantity such as 1Gi"))]
+    pub size: String,
+    /// StorageClass of the claim; the cluster's default class when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+fn d_size() -> String {
+    "1Gi".into()
+}
+
+impl Default for EmbeddedSpec {
+    fn default() -> Self {
+        Self {
+            size: d_size(),
+            storage_class_name: None,
+        }
+    }
 }
 
 /// How to reach Redis (a single node): a URL or a Secret holding it, not both.

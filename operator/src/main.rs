@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -90,6 +90,10 @@ async fn run(
         ready.clone(),
         cancel.clone(),
     ));
+    // Ready means healthy and able to lead at once, not "leading": a standby
+    // replica is Ready too, so the Deployment becomes Available and `helm
+    // install --wait` finishes. Only the leader reconciles.
+    ready.set(true);
 
     // Leader election: one Lease, taken and renewed by the same state machine
     // the comets use. Losing it ends the process; Kubernetes restarts it as a
@@ -148,10 +152,10 @@ async fn run(
     let cfg = watcher::Config::default().any_semantic();
     let owned_cfg =
         watcher::Config::default().labels("app.kubernetes.io/managed-by=pushcluster-operator");
-    ready.set(true);
     let stop = cancel.clone();
     Controller::new(pcs, cfg)
         .owns(owned!(Deployment), owned_cfg.clone())
+        .owns(owned!(StatefulSet), owned_cfg.clone())
         .owns(owned!(Service), owned_cfg.clone())
         .owns(owned!(ConfigMap), owned_cfg.clone())
         .owns(owned!(ServiceAccount), owned_cfg.clone())

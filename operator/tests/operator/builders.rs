@@ -68,7 +68,7 @@ fn the_minimal_example_produces_the_whole_cluster() {
             "Service/push-message",
             "Service/push-web",
             "Service/push-web-admin",
-            "Deployment/push-message",
+            "StatefulSet/push-message",
             "Deployment/push-comet",
             "Deployment/push-web",
             "PodDisruptionBudget/push-comet",
@@ -134,21 +134,96 @@ fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
         "the URL comes from the Secret through PUSH_REDIS_URL"
     );
 
-    let hash = |pc: &PushCluster| {
+    // Each component's pods carry the hash of their own config only.
+    let hashes = |pc: &PushCluster| {
         let d = desired(pc).unwrap();
-        let dep = d
-            .iter()
-            .find(|c| c.object.name_any() == "push-prod-comet" && c.resource.kind == "Deployment")
-            .unwrap();
-        dep.object.data["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH].clone()
+        ["comet", "message", "web"].map(|c| {
+            let name = format!("push-prod-{c}");
+            let w = d
+                .iter()
+                .find(|x| {
+                    x.object.name_any() == name
+                        && x.resource.kind != "Service"
+                        && x.resource.kind != "ServiceAccount"
+                        && x.resource.kind != "Role"
+                        && x.resource.kind != "RoleBinding"
+                        && x.resource.kind != "PodDisruptionBudget"
+                })
+                .unwrap();
+            w.object.data["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH].clone()
+        })
     };
-    let before = hash(&pc);
+    let before = hashes(&pc);
     let mut more = pc.clone();
     more.spec.comet.queue_depth = 512;
-    assert_ne!(hash(&more), before, "a config change must roll the pods");
+    let after = hashes(&more);
+    assert_ne!(
+        after[0], before[0],
+        "a comet config change rolls the comets"
+    );
+    assert_eq!(after[1..], before[1..], "and nothing else");
     let mut same = pc.clone();
     same.spec.web.replicas = 5;
-    assert_eq!(hash(&same), before, "replicas are not config");
+    assert_eq!(hashes(&same), before, "replicas are not config");
+    // A reshard restarts nothing: comets and web follow the shard Services.
+    let mut reshard = pc.clone();
+    reshard.spec.comet.shards = 3;
+    assert_eq!(
+        hashes(&reshard),
+        before,
+        "the shard count is not in any hash"
+    );
+    let cfg = builders::configs(&reshard).unwrap();
+    assert!(
+        cfg["comet.yaml"].contains("shards: 3"),
+        "but it is in the ConfigMap"
+    );
+}
+
+#[test]
+fn the_embedded_store_lives_on_a_claim_of_a_one_pod_statefulset() {
+    let mut pc = example("pushcluster-minimal.yaml");
+    pc.spec.storage.embedded.size = "5Gi".into();
+    pc.spec.storage.embedded.storage_class_name = Some("fast".into());
+    let sts = builders::message_statefulset(&pc, "h").unwrap();
+    let spec = sts.spec.unwrap();
+    assert_eq!(spec.replicas, Some(1), "never two writers on one store");
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
+    let claim = &spec.volume_claim_templates.unwrap()[0];
+    let cs = claim.spec.as_ref().unwrap();
+    assert_eq!(claim.metadata.name.as_deref(), Some("data"));
+    assert_eq!(cs.storage_class_name.as_deref(), Some("fast"));
+    assert_eq!(
+        cs.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0,
+        "5Gi"
+    );
+    let pod = spec.template.spec.unwrap();
+    assert!(
+        pod.volumes
+            .unwrap_or_default()
+            .iter()
+            .all(|v| v.name != "data"),
+        "the data volume comes from the claim, not an emptyDir"
+    );
+    let mounts = pod.containers[0].volume_mounts.clone().unwrap();
+    assert!(mounts
+        .iter()
+        .any(|m| m.name == "data" && m.mount_path == "/data"));
+    assert_eq!(
+        spec.persistent_volume_claim_retention_policy
+            .unwrap()
+            .when_deleted
+            .as_deref(),
+        Some("Delete"),
+        "deleting the PushCluster deletes its store"
+    );
+    // On Redis the message service stays a Deployment.
+    let full = example("pushcluster-full.yaml");
+    assert!(!builders::embedded(&full));
+    assert!(desired(&full)
+        .unwrap()
+        .iter()
+        .any(|c| c.resource.kind == "Deployment" && c.object.name_any() == "push-prod-message"));
 }
 
 #[test]
@@ -166,7 +241,7 @@ fn rbac_is_least_privilege() {
     let sas = builders::service_accounts(&pc).unwrap();
     let message = sas.iter().find(|s| s.name_any() == "push-message").unwrap();
     assert_eq!(message.automount_service_account_token, Some(false));
-    let d = builders::message_deployment(&pc, "h").unwrap();
+    let d = builders::message_statefulset(&pc, "h").unwrap();
     assert_eq!(
         d.spec
             .unwrap()

@@ -103,6 +103,10 @@ fn cel_rejects_bad_specs_with_clear_messages() {
             json!({"storage": {"redis": {}}}),
             "exactly one of storage.redis.url",
         ),
+        (
+            json!({"storage": {"embedded": {"size": "lots"}}}),
+            "must be a quantity such as 1Gi",
+        ),
     ];
     for (spec, want) in cases {
         let mut v = base.clone();

@@ -192,6 +192,8 @@ fn path_of(c: &push_operator::builders::Child) -> String {
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/team-a/leases";
 const SERVICES: &str = "/api/v1/namespaces/team-a/services";
 const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/team-a/deployments";
+const STATEFULSETS: &str = "/apis/apps/v1/namespaces/team-a/statefulsets";
+const PODS: &str = "/api/v1/namespaces/team-a/pods";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
 const STATUS: &str = "/apis/pushcluster.io/v1alpha1/namespaces/team-a/pushclusters/push/status";
 
@@ -215,13 +217,17 @@ fn writes(fake: &Shared) -> Vec<(Method, String)> {
         .collect()
 }
 
+/// What reading the status takes: the workloads (the embedded store's
+/// message service is a StatefulSet), the Leases, and the comet pods (which
+/// generation holds each shard).
 fn observe_requests() -> Vec<(Method, String)> {
-    let mut v: Vec<(Method, String)> = ["comet", "message", "web"]
-        .iter()
-        .map(|c| (Method::GET, format!("{DEPLOYMENTS}/push-{c}")))
-        .collect();
-    v.push((Method::GET, LEASES.into()));
-    v
+    vec![
+        (Method::GET, format!("{DEPLOYMENTS}/push-comet")),
+        (Method::GET, format!("{DEPLOYMENTS}/push-web")),
+        (Method::GET, format!("{STATEFULSETS}/push-message")),
+        (Method::GET, LEASES.into()),
+        (Method::GET, PODS.into()),
+    ]
 }
 
 #[tokio::test]
