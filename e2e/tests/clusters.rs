@@ -28,14 +28,21 @@ impl Operator {
         let ns = TestNamespace::create(client, release).await?;
         let values = json!({"image": {"repository": images.repository, "tag": images.tag}});
         let (r, n) = (release.to_owned(), ns.name.clone());
-        tokio::task::spawn_blocking(move || {
+        let installed = tokio::task::spawn_blocking(move || {
             helm("install", &r, &n, &values, true, Duration::from_secs(120))
         })
-        .await??;
-        Ok(Self {
+        .await?;
+        let op = Self {
             release: release.to_owned(),
             ns: Some(ns),
-        })
+        };
+        if let Err(e) = installed {
+            // The release exists even when its wait failed: remove it, so
+            // its cluster-wide objects do not outlive the test.
+            let _ = op.uninstall().await;
+            return Err(e);
+        }
+        Ok(op)
     }
 
     async fn uninstall(mut self) -> anyhow::Result<()> {

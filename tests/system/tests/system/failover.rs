@@ -4,9 +4,8 @@
 //! acknowledged message reached its client exactly once (after dedupe by mid)
 //! with no gap. Prints the measured takeover times.
 
-use pushcluster_client::http::{Client, Proto};
-use pushcluster_client::sub::{Params, Subscriber};
-use pushcluster_client::Frame;
+use pushcluster_client::follow::{Control, Follow};
+use pushcluster_client::http::Proto;
 use pushcluster_systest::{Cluster, Options, RedisServer};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -14,81 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const KEYS: usize = 6;
-
-/// What one following client saw.
-#[derive(Debug, Default)]
-struct Seen {
-    mids: Vec<i64>,
-    duplicates_dropped: usize,
-    connections: usize,
-}
-
-/// A client as the docs tell it to behave: resolve, subscribe, fetch after the
-/// last mid, fill gaps from storage, drop mids it has, reconnect when told to
-/// or when the connection breaks. Runs until it has seen mid `until`.
-async fn follow(api: Client, key: String, until: Arc<AtomicI64>) -> Seen {
-    let mut seen = Seen::default();
-    let mut last = 0i64;
-    let p = Params {
-        key: key.clone(),
-        heartbeat: 30,
-        token: None,
-        versioned: true,
-    };
-    let apply = |m: i64, last: &mut i64, seen: &mut Seen| {
-        if m <= *last {
-            seen.duplicates_dropped += 1;
-        } else {
-            assert_eq!(m, *last + 1, "{key}: gap before mid {m}");
-            seen.mids.push(m);
-            *last = m;
-        }
-    };
-    let done = |last: i64| last >= until.load(Ordering::SeqCst);
-    'connect: while !done(last) {
-        let Ok(addr) = api.resolve(&key, Proto::WebSocket).await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        let Ok(mut sub) = Subscriber::websocket(&addr, &p).await else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        };
-        match sub.next_timeout(Duration::from_secs(2)).await {
-            Ok(Frame::Heartbeat) => seen.connections += 1,
-            _ => {
-                // Refused (-c: this comet does not serve the key yet) or dead.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            }
-        }
-        let Ok((stored, _)) = api.fetch(&key, last, None).await else {
-            continue;
-        };
-        for m in stored {
-            apply(m.mid, &mut last, &mut seen);
-        }
-        while !done(last) {
-            match sub.next_timeout(Duration::from_millis(300)).await {
-                Ok(Frame::Message(m)) => {
-                    if m.mid > last + 1 {
-                        let Ok((stored, _)) = api.fetch(&key, last, None).await else {
-                            continue 'connect;
-                        };
-                        for s in stored.into_iter().filter(|s| s.mid < m.mid) {
-                            apply(s.mid, &mut last, &mut seen);
-                        }
-                    }
-                    apply(m.mid, &mut last, &mut seen);
-                }
-                Ok(Frame::Heartbeat) => {}
-                Err(pushcluster_client::Error::Timeout) => {}
-                Ok(Frame::Reconnect) | Ok(Frame::Error(_)) | Err(_) => continue 'connect,
-            }
-        }
-    }
-    seen
-}
 
 /// Index of the comet serving `key` now, per web.
 async fn holder_of(c: &Cluster, key: &str) -> Option<usize> {
@@ -151,10 +75,24 @@ async fn failover_loses_no_acknowledged_message() {
         .iter()
         .map(|_| Arc::new(AtomicI64::new(i64::MAX)))
         .collect();
+    // Clients as the docs tell them to behave (pushcluster_client::follow).
+    let control = Control::default();
     let followers: Vec<_> = keys
         .iter()
         .zip(&untils)
-        .map(|(k, u)| tokio::spawn(follow(api.clone(), k.clone(), u.clone())))
+        .map(|(k, u)| {
+            tokio::spawn(
+                Follow {
+                    api: api.clone(),
+                    key: k.clone(),
+                    proto: Proto::WebSocket,
+                    token: None,
+                    until: u.clone(),
+                    control: control.clone(),
+                }
+                .run(),
+            )
+        })
         .collect();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -227,6 +165,7 @@ async fn failover_loses_no_acknowledged_message() {
     for (k, u) in keys.iter().zip(&untils) {
         u.store(last_mid[k], Ordering::SeqCst);
     }
+    control.stop();
     let mut received = 0usize;
     let mut dupes = 0usize;
     let mut connections = 0usize;
@@ -236,6 +175,7 @@ async fn failover_loses_no_acknowledged_message() {
             .unwrap_or_else(|_| panic!("{k}: follower did not catch up\n{}", c.logs()))
             .unwrap();
         let want = &acked[k];
+        assert!(seen.gaps.is_empty(), "{k}: gaps {:?}", seen.gaps);
         assert_eq!(&seen.mids, want, "{k}: received differs from acknowledged");
         received += seen.mids.len();
         dupes += seen.duplicates_dropped;
