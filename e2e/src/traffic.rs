@@ -81,7 +81,20 @@ impl ServiceProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
-        let targets: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        // Like a load balancer's first health check: wait for an endpoint.
+        let mut first = Vec::new();
+        for _ in 0..300 {
+            first = ready_endpoints(client, ns, service, port).await?;
+            if !first.is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::ensure!(
+            !first.is_empty(),
+            "service {ns}/{service} has no ready endpoint for port {port}"
+        );
+        let targets: Arc<Mutex<Vec<SocketAddr>>> = Arc::new(Mutex::new(first));
         let refresh = {
             let (client, ns, service, port) = (
                 client.clone(),

@@ -25,10 +25,13 @@ async fn child_versions(
     for c in desired(pc)? {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &c.resource);
         let o = api.get(&c.object.name_any()).await?;
-        out.insert(
-            format!("{}/{}", c.resource.kind, o.name_any()),
-            o.resource_version().unwrap_or_default(),
-        );
+        // Workloads and PDBs get status updates once pods run (each bumps
+        // the resourceVersion); their generation moves only with the spec.
+        let version = match o.metadata.generation {
+            Some(g) => format!("generation {g}"),
+            None => o.resource_version().unwrap_or_default(),
+        };
+        out.insert(format!("{}/{}", c.resource.kind, o.name_any()), version);
     }
     Ok(out)
 }

@@ -19,6 +19,7 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::Client;
 use push_operator::crd::PushCluster;
 use pushcluster_client::http::Client as HttpApi;
+use pushcluster_core::ring::Ring;
 use pushcluster_e2e::traffic::{Figures, Load, Outcome, ServiceProxy, Traffic};
 use pushcluster_e2e::{
     apply_example, full_cluster, helm, holders, kill9, kubectl, pods_of, rollout_status, wait,
@@ -85,6 +86,8 @@ struct Event {
     restarted: BTreeMap<&'static str, usize>,
     must_not_restart: Vec<&'static str>,
     notes: Vec<String>,
+    /// Keys whose shard the event moves (a reshard): at most these reconnect.
+    moves: Option<usize>,
 }
 
 struct Cluster {
@@ -134,14 +137,14 @@ impl Cluster {
         .await
     }
 
-    /// Ready for the current generation, every rollout finished, every client back.
+    /// Every rollout finished, Ready for the current generation, every client back.
     async fn settle(&self, shards: i32, traffic: &Traffic, ev: &mut Event) {
-        if let Err(e) = wait_ready(&self.client, &self.ns, &self.name, shards, READY_LIMIT).await {
-            ev.problems.push(format!("not Ready: {e}"));
-        }
         let (ns, name) = (self.ns.clone(), self.name.clone());
         if let Err(e) = blocking(move || rollout_status(&ns, &name, ROLLOUT_LIMIT)).await {
             ev.problems.push(format!("rollout did not complete: {e}"));
+        }
+        if let Err(e) = wait_ready(&self.client, &self.ns, &self.name, shards, READY_LIMIT).await {
+            ev.problems.push(format!("not Ready: {e}"));
         }
         if !traffic.all_connected(Duration::from_secs(60)).await {
             ev.problems
@@ -174,6 +177,7 @@ where
         restarted: BTreeMap::new(),
         must_not_restart: must_not_restart.to_vec(),
         notes: Vec::new(),
+        moves: None,
     };
     match action().await {
         Ok(notes) => ev.notes = notes,
@@ -220,6 +224,15 @@ fn judge(ev: &Event, outcome: &Outcome, keys: usize) -> Result<String, String> {
             "the mid sequence of {} keys restarted (stored messages gone)",
             f.restarted_keys
         ));
+    }
+    if let Some(moved) = ev.moves {
+        line.push_str(&format!(" keys_moved_by_the_ring={moved}/{keys}"));
+        if f.reconnected > moved {
+            problems.push(format!(
+                "{} clients reconnected but the ring moved only {moved} keys",
+                f.reconnected
+            ));
+        }
     }
     for c in &ev.must_not_restart {
         if ev.restarted.get(c).copied().unwrap_or(0) > 0 {
@@ -332,9 +345,16 @@ async fn story(
         ServiceProxy::start(client, &c.ns, &format!("{}-web-admin", c.name), "admin").await?;
     let api = HttpApi::new(&public.url(), &admin.url(), None);
     let load = Load {
-        keys: 12,
-        rate: 40,
+        keys: 24,
+        rate: 48,
         prefix: "e2e".into(),
+    };
+    let moved = |from: u32, to: u32| {
+        let (a, b) = (Ring::with_shard_count(from), Ring::with_shard_count(to));
+        (0..load.keys)
+            .map(|i| format!("{}-{i}", load.prefix))
+            .filter(|k| a.shard_for(k) != b.shard_for(k))
+            .count()
     };
     let traffic = Traffic::start(api, &load).await;
     if !traffic.all_connected(Duration::from_secs(60)).await {
@@ -382,34 +402,34 @@ async fn story(
         )
         .await,
     );
-    events.push(
-        event(
-            &c,
-            &traffic,
-            "S4c shards 2 -> 3",
-            3,
-            &["message", "web"],
-            || async {
-                c.patch(json!({"comet": {"shards": 3}})).await?;
-                Ok(vec![])
-            },
-        )
-        .await,
-    );
-    events.push(
-        event(
-            &c,
-            &traffic,
-            "S4d shards 3 -> 2",
-            2,
-            &["message", "web"],
-            || async {
-                c.patch(json!({"comet": {"shards": 2}})).await?;
-                Ok(vec![])
-            },
-        )
-        .await,
-    );
+    let mut ev = event(
+        &c,
+        &traffic,
+        "S4c shards 2 -> 3",
+        3,
+        &["message", "web"],
+        || async {
+            c.patch(json!({"comet": {"shards": 3}})).await?;
+            Ok(vec![])
+        },
+    )
+    .await;
+    ev.moves = Some(moved(2, 3));
+    events.push(ev);
+    let mut ev = event(
+        &c,
+        &traffic,
+        "S4d shards 3 -> 2",
+        2,
+        &["message", "web"],
+        || async {
+            c.patch(json!({"comet": {"shards": 2}})).await?;
+            Ok(vec![])
+        },
+    )
+    .await;
+    ev.moves = Some(moved(3, 2));
+    events.push(ev);
     events.push(
         event(
             &c,

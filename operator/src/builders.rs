@@ -102,6 +102,7 @@ fn membership(pc: &PushCluster) -> MembershipConfig {
         shards: pc.spec.comet.shards.max(1) as u32,
         lease: timing(pc),
         cluster: pc.name_any(),
+        cluster_uid: pc.uid(),
         ..MembershipConfig::default()
     }
 }

@@ -539,10 +539,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                     .await
                     .map_err(|e| Error::Config(format!("membership: {e}")))?;
                 let cluster = &cfg.membership.cluster;
-                let leases = Arc::new(KubeLeases::new(
-                    kube::Api::namespaced(client.clone(), &ns),
-                    cluster,
-                ));
+                let leases = Arc::new(
+                    KubeLeases::new(kube::Api::namespaced(client.clone(), &ns), cluster).owned_by(
+                        cfg.membership.cluster_uid.as_deref().map(|uid| {
+                            pushcluster_lease::kubernetes::push_cluster_owner(cluster, uid)
+                        }),
+                    ),
+                );
                 let _watch = leases.spawn_watcher();
                 // Same ring as web: from the per-shard Services' EndpointSlices.
                 let membership = pushcluster_lease::endpoints::EndpointSliceMembership::start(

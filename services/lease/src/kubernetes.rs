@@ -15,7 +15,7 @@ use crate::{Candidate, Error, Held, LeaseBackend, LeaseRecord, Result};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -29,6 +29,18 @@ pub const SHARD_LABEL: &str = "pushcluster.io/shard";
 const ANN_RPC: &str = "pushcluster.io/rpc";
 const ANN_WS: &str = "pushcluster.io/ws";
 const ANN_TCP: &str = "pushcluster.io/tcp";
+
+/// The reference that makes a PushCluster (name, uid) own a shard Lease.
+pub fn push_cluster_owner(cluster: &str, uid: &str) -> OwnerReference {
+    OwnerReference {
+        api_version: "pushcluster.io/v1alpha1".into(),
+        kind: "PushCluster".into(),
+        name: cluster.into(),
+        uid: uid.into(),
+        controller: None,
+        block_owner_deletion: None,
+    }
+}
 
 /// Name of shard `k`'s Lease (and Service) in cluster `cluster`.
 pub fn lease_name(cluster: &str, shard: u32) -> String {
@@ -71,6 +83,9 @@ pub struct KubeLeases {
     /// When each lease's current holder/renewTime was first observed here.
     observed: Mutex<HashMap<u32, (Observed, Instant)>>,
     events: crate::LeaseEvents,
+    /// Owner of the Leases this process creates (the PushCluster), so they
+    /// are garbage collected with it.
+    owner: Option<OwnerReference>,
 }
 
 impl KubeLeases {
@@ -89,7 +104,14 @@ impl KubeLeases {
             cache: Mutex::new(HashMap::new()),
             observed: Mutex::new(HashMap::new()),
             events: crate::LeaseEvents::default(),
+            owner: None,
         }
+    }
+
+    /// Leases created (or taken over without an owner) get `owner`.
+    pub fn owned_by(mut self, owner: Option<OwnerReference>) -> Self {
+        self.owner = owner;
+        self
     }
 
     /// Watches the cluster's Leases and wakes standbys on every change, so a
@@ -180,6 +202,12 @@ impl KubeLeases {
             },
             spec: Some(LeaseSpec::default()),
         });
+        if let Some(owner) = &self.owner {
+            let refs = l.metadata.owner_references.get_or_insert_with(Vec::new);
+            if !refs.iter().any(|r| r.uid == owner.uid) {
+                refs.push(owner.clone());
+            }
+        }
         let ann = l.metadata.annotations.get_or_insert_with(BTreeMap::new);
         ann.insert(ANN_RPC.into(), me.rpc.clone());
         ann.insert(ANN_WS.into(), me.ws.clone());

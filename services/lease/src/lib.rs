@@ -213,6 +213,10 @@ pub struct MembershipConfig {
     pub cluster: String,
     /// Namespace (kind: kubernetes); default `POD_NAMESPACE`, then the client's.
     pub kube_namespace: Option<String>,
+    /// UID of the PushCluster (kind: kubernetes): the shard Leases comets
+    /// create are owned by it, so they go when it is deleted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_uid: Option<String>,
 }
 
 impl Default for MembershipConfig {
@@ -225,6 +229,7 @@ impl Default for MembershipConfig {
             lease: LeaseTiming::default(),
             cluster: "pushcluster".into(),
             kube_namespace: None,
+            cluster_uid: None,
         }
     }
 }

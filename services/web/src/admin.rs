@@ -144,12 +144,28 @@ impl AppState {
             gid,
             push_id: push_id.to_owned(),
         };
-        self.message
-            .clone()
-            .append(req)
-            .await
-            .map(|r| r.into_inner().mid)
-            .map_err(status_reply)
+        // While the message service is unreachable (the embedded store's one
+        // pod restarting takes seconds) keep trying, so the push is answered
+        // late rather than failed. Only with a push id: storage dedupes by
+        // it, so a retry after a lost answer cannot store twice.
+        let deadline = tokio::time::Instant::now() + STORE_RETRY_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.message.clone().append(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner().mid),
+                Err(s)
+                    if !push_id.is_empty()
+                        && unreached(&s)
+                        && tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(error = %s.message(), "message service unreachable: retrying");
+                    self.metrics.store_retries.inc();
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(s) => return Err(status_reply(s)),
+            }
+        }
     }
 
     /// Pushes one private message; returns its mid once stored.
@@ -172,6 +188,12 @@ impl AppState {
                     tracing::warn!(shard = ep.shard, error = %why, "comet unreachable: storing directly");
                 }
                 Ok(CometPush::Refused(reply)) => return Err(reply),
+                Ok(CometPush::Failed(why)) => {
+                    // The comet could not store it (its message service is
+                    // down, say): store it here under the same push id, which
+                    // returns the first mid if the comet's write did land.
+                    tracing::warn!(shard = ep.shard, error = %why, "comet could not store: storing directly");
+                }
                 Err(e) => return Err(Reply::err(INTERNAL, e.to_string())),
             }
         }
@@ -189,12 +211,18 @@ pub(crate) enum CometPush {
     /// Not stored by the comet (unreachable, or not serving the key now):
     /// web stores it itself, under the same push id.
     Unreached(String),
-    /// Refused or failed after reaching the comet: the caller's answer.
+    /// Refused by the comet (a bad parameter): the caller's answer.
     Refused(Reply),
+    /// The comet was reached but could not store it: web stores it itself,
+    /// under the same push id (storage dedupes).
+    Failed(String),
 }
 
 /// Pushes to one comet, coalesced under load (see [`pushcluster_core::batch`]).
 pub(crate) type Pusher = Batcher<pb::PushRequest, CometPush>;
+
+/// How long a store waits for an unreachable message service to come back.
+const STORE_RETRY_FOR: Duration = Duration::from_secs(10);
 
 /// Pushes in one call at most; the comet takes up to 256.
 const PUSH_BATCH: usize = 128;
@@ -238,19 +266,17 @@ pub(crate) fn pusher(client: CometClient<Channel>, deadline: Duration) -> Pusher
                         k if k.error.is_empty() => CometPush::Stored(k.mid),
                         k if k.unserved => CometPush::Unreached(k.error),
                         k if k.invalid => CometPush::Refused(Reply::param(k.error)),
-                        k => CometPush::Refused(Reply::err(INTERNAL, k.error)),
+                        k => CometPush::Failed(k.error),
                     })
                     .collect(),
                 Err(s) if unreached(&s) => (0..n)
                     .map(|_| CometPush::Unreached(s.message().to_owned()))
                     .collect(),
+                Err(s) if s.code() == Code::InvalidArgument => (0..n)
+                    .map(|_| CometPush::Refused(Reply::param(s.message().to_owned())))
+                    .collect(),
                 Err(s) => (0..n)
-                    .map(|_| {
-                        CometPush::Refused(status_reply(tonic::Status::new(
-                            s.code(),
-                            s.message().to_owned(),
-                        )))
-                    })
+                    .map(|_| CometPush::Failed(s.message().to_owned()))
                     .collect(),
             }
         }

@@ -104,6 +104,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     push_latency: Histogram,
     stored_without_comet: Counter,
+    store_retries: Counter,
 }
 
 impl Metrics {
@@ -112,7 +113,13 @@ impl Metrics {
             requests: Family::default(),
             push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             stored_without_comet: Counter::default(),
+            store_retries: Counter::default(),
         };
+        reg.register(
+            "pushcluster_web_store_retries",
+            "Stores retried because the message service was unreachable",
+            m.store_retries.clone(),
+        );
         reg.register(
             "pushcluster_web_requests",
             "HTTP requests by route and ret",

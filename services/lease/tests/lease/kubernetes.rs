@@ -72,7 +72,10 @@ async fn expect(h: &mut Handle, method: Method, path: &str, reply: (u16, Value))
 #[tokio::test]
 async fn acquiring_a_missing_lease_creates_it() {
     let (c, mut h) = client();
-    let leases = KubeLeases::new(Api::namespaced(c, "ns"), "pc");
+    // Owned by the PushCluster, so deleting it deletes the Lease.
+    let leases = KubeLeases::new(Api::namespaced(c, "ns"), "pc").owned_by(Some(
+        pushcluster_lease::kubernetes::push_cluster_owner("pc", "uid-1"),
+    ));
     let server = tokio::spawn(async move {
         expect(
             &mut h,
@@ -102,6 +105,11 @@ async fn acquiring_a_missing_lease_creates_it() {
             "10.0.0.1:6968"
         );
         assert_eq!(created["spec"]["holderIdentity"], "comet-a");
+        let owner = &created["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (&owner["kind"], &owner["name"], &owner["uid"]),
+            (&"PushCluster".into(), &"pc".into(), &"uid-1".into())
+        );
         assert_eq!(created["spec"]["leaseTransitions"], 1);
         assert_eq!(created["spec"]["leaseDurationSeconds"], 6);
         assert!(created["spec"]["renewTime"].is_string());
