@@ -70,7 +70,7 @@ LOG=$RUN_DIR/e2e.log
 echo "== e2e suite (log: $LOG)"
 set +e
 # shellcheck disable=SC2086
-$IN_NETNS cargo test --release -p pushcluster-e2e --offline -- --test-threads=1 --nocapture ${E2E_TESTS:-} 2>&1 | tee "$LOG"
+$IN_NETNS cargo test --release -p pushcluster-e2e --offline --no-fail-fast -- --test-threads=1 --nocapture ${E2E_TESTS:-} 2>&1 | tee "$LOG"
 rc=${PIPESTATUS[0]}
 set -e
 echo

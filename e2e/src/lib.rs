@@ -440,25 +440,3 @@ pub async fn wait_ready(
     )
     .await
 }
-
-/// The pod holding each shard's Lease, from the Leases themselves.
-pub async fn holders(
-    client: &Client,
-    namespace: &str,
-    cluster: &str,
-) -> anyhow::Result<BTreeMap<u32, String>> {
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client.clone(), namespace);
-    let prefix = format!("{cluster}-comet-");
-    Ok(leases
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .filter_map(|l| {
-            let shard = l.name_any().strip_prefix(&prefix)?.parse().ok()?;
-            let holder = l.spec?.holder_identity.filter(|h| !h.is_empty())?;
-            Some((shard, holder))
-        })
-        .collect())
-}

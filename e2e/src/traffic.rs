@@ -366,6 +366,8 @@ pub struct Figures {
     pub longest_outage: Duration,
     /// Followers still without a comet at the window's end.
     pub still_down: usize,
+    /// Up to three distinct errors of failed pushes.
+    pub failure_samples: Vec<String>,
 }
 
 impl std::fmt::Display for Figures {
@@ -379,7 +381,11 @@ impl std::fmt::Display for Figures {
             self.restarted_keys,
             self.reconnected,
             self.longest_outage.as_secs_f64()
-        )
+        )?;
+        if !self.failure_samples.is_empty() {
+            write!(f, " push_errors={:?}", self.failure_samples)?;
+        }
+        Ok(())
     }
 }
 
@@ -395,6 +401,17 @@ impl Outcome {
                     let e = acked_before.entry(&a.key).or_default();
                     *e = (*e).max(m);
                 }
+            }
+        }
+        // A key's sequence restarted when an acknowledged mid is not above
+        // everything acknowledged before the window, or when one mid was
+        // acknowledged for two pushes. (Pushes to one key in flight at once,
+        // e.g. waiting out a message-service restart, may be answered in any
+        // order, so order inside the window proves nothing.)
+        let mut acks_of: BTreeMap<(&str, i64), usize> = BTreeMap::new();
+        for a in &self.attempts {
+            if let Ok(m) = a.result {
+                *acks_of.entry((a.key.as_str(), m)).or_default() += 1;
             }
         }
         let mut restarted = std::collections::BTreeSet::new();
@@ -413,17 +430,20 @@ impl Outcome {
                         f.lost += 1;
                     }
                 }
-                Err(_) => f.failed += 1,
+                Err(ref e) => {
+                    f.failed += 1;
+                    if f.failure_samples.len() < 3 && !f.failure_samples.contains(e) {
+                        f.failure_samples.push(e.clone());
+                    }
+                }
             }
         }
-        for (key, mut acks) in by_key {
-            acks.sort_by_key(|(at, _)| *at);
-            let mut prev = acked_before.get(key).copied().unwrap_or(0);
+        for (key, acks) in by_key {
+            let before = acked_before.get(key).copied().unwrap_or(0);
             for (_, m) in acks {
-                if m <= prev {
+                if m <= before || acks_of.get(&(key, m)).copied().unwrap_or(0) > 1 {
                     restarted.insert(key);
                 }
-                prev = prev.max(m);
             }
         }
         f.restarted_keys = restarted.len();

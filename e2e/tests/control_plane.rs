@@ -87,6 +87,22 @@ async fn operator_against_a_real_api_server() -> anyhow::Result<()> {
         println!("  {}/{}", c.resource.kind, o.name_any());
     }
 
+    // Storage cannot switch kind on a live cluster (a CEL transition rule).
+    let err = pcs
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"storage": {"redis": {"url": "redis://r:6379"}}}})),
+        )
+        .await
+        .expect_err("switching to Redis accepted");
+    assert!(
+        err.to_string()
+            .contains("storage cannot switch between redis and embedded"),
+        "{err}"
+    );
+    println!("ok: switching storage kind refused: {err}");
+
     // Status: observedGeneration and the three conditions.
     wait("status with observedGeneration", LIMIT, || async {
         let pc = pcs.get(&name).await?;

@@ -14,6 +14,7 @@
 //!
 //! Prints one line per scenario with its figures, then fails if any failed.
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::Client;
@@ -22,8 +23,8 @@ use pushcluster_client::http::Client as HttpApi;
 use pushcluster_core::ring::Ring;
 use pushcluster_e2e::traffic::{Figures, Load, Outcome, ServiceProxy, Traffic};
 use pushcluster_e2e::{
-    apply_example, full_cluster, helm, holders, kill9, kubectl, pods_of, rollout_status, wait,
-    wait_ready, TestNamespace,
+    apply_example, full_cluster, helm, kill9, kubectl, pods_of, rollout_status, wait, wait_ready,
+    TestNamespace,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -120,21 +121,44 @@ impl Cluster {
         Ok(out)
     }
 
-    async fn holder(&self, shard: u32) -> anyhow::Result<String> {
-        holders(&self.client, &self.ns, &self.name)
-            .await?
-            .remove(&shard)
-            .ok_or_else(|| anyhow::anyhow!("no holder of shard {shard}"))
+    /// Lease transitions over all shards, from the status's shard table.
+    async fn transitions(&self) -> i32 {
+        self.pcs()
+            .get(&self.name)
+            .await
+            .ok()
+            .and_then(|pc| pc.status)
+            .map_or(0, |s| s.shards.iter().map(|r| r.transitions).sum())
     }
 
-    /// Waits until the shard has a holder other than `old`.
-    async fn new_holder(&self, shard: u32, old: &str) -> anyhow::Result<()> {
+    /// The shard's Lease: holder and transitions.
+    async fn lease(&self, shard: u32) -> anyhow::Result<(String, i32)> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.ns);
+        let l = leases.get(&format!("{}-comet-{shard}", self.name)).await?;
+        let spec = l.spec.unwrap_or_default();
+        Ok((
+            spec.holder_identity.unwrap_or_default(),
+            spec.lease_transitions.unwrap_or(0),
+        ))
+    }
+
+    /// Waits until the shard's Lease was taken again after `before`
+    /// (transitions grew and someone holds it). After a crash the kubelet
+    /// restarts the container in the same pod, so the new holder may carry
+    /// the old name.
+    async fn taken_again(&self, shard: u32, before: i32) -> anyhow::Result<String> {
         wait(
-            &format!("a new holder of shard {shard}"),
+            &format!("shard {shard}'s Lease to be taken again"),
             Duration::from_secs(60),
-            || async { Ok(self.holder(shard).await.is_ok_and(|h| h != old)) },
+            || async {
+                Ok(self
+                    .lease(shard)
+                    .await
+                    .is_ok_and(|(h, t)| t > before && !h.is_empty()))
+            },
         )
-        .await
+        .await?;
+        Ok(self.lease(shard).await?.0)
     }
 
     /// Every rollout finished, Ready for the current generation, every client back.
@@ -169,6 +193,7 @@ where
 {
     println!("-- {name}");
     let before = c.pods().await.unwrap_or_default();
+    let transitions = c.transitions().await;
     let mut ev = Event {
         name: name.to_owned(),
         from: Instant::now(),
@@ -185,6 +210,10 @@ where
     }
     c.settle(shards_after, traffic, &mut ev).await;
     let after = c.pods().await.unwrap_or_default();
+    ev.notes.push(format!(
+        "lease_handovers={}",
+        c.transitions().await - transitions
+    ));
     for (component, pods) in &before {
         let gone = pods
             .values()
@@ -376,11 +405,15 @@ async fn story(
             2,
             &["message", "web"],
             || async {
-                let holder = c.holder(0).await?;
+                let (holder, t) = c.lease(0).await?;
                 pods.delete(&holder, &DeleteParams::default()).await?;
-                let t = Instant::now();
-                c.new_holder(0, &holder).await?;
-                Ok(vec![format!("takeover={:.2}s", t.elapsed().as_secs_f64())])
+                let start = Instant::now();
+                let heir = c.taken_again(0, t).await?;
+                Ok(vec![format!(
+                    "takeover={:.2}s heir_is_another_pod={}",
+                    start.elapsed().as_secs_f64(),
+                    heir != holder
+                )])
             },
         )
         .await,
@@ -393,11 +426,15 @@ async fn story(
             2,
             &["message", "web"],
             || async {
-                let holder = c.holder(1).await?;
+                let (holder, t) = c.lease(1).await?;
                 kill9(client, &c.ns, &holder).await?;
-                let t = Instant::now();
-                c.new_holder(1, &holder).await?;
-                Ok(vec![format!("takeover={:.2}s", t.elapsed().as_secs_f64())])
+                let start = Instant::now();
+                let heir = c.taken_again(1, t).await?;
+                Ok(vec![format!(
+                    "takeover={:.2}s heir_is_another_pod={}",
+                    start.elapsed().as_secs_f64(),
+                    heir != holder
+                )])
             },
         )
         .await,

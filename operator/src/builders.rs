@@ -34,6 +34,8 @@ const MESSAGE_OPS: i32 = 8071;
 const WEB_PUBLIC: i32 = 8090;
 const WEB_ADMIN: i32 = 8091;
 const WEB_OPS: i32 = 8092;
+/// Web's lame-duck period after SIGTERM (well inside the 30 s grace period).
+const WEB_DRAIN_MS: u64 = 5000;
 
 /// Components of a cluster.
 pub const COMPONENTS: [&str; 3] = ["comet", "message", "web"];
@@ -150,6 +152,9 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         ops_listen: any(WEB_OPS),
         message_url,
         comets: Vec::new(),
+        // Endpoints drop a terminating pod asynchronously: keep serving
+        // (unready) meanwhile, so a rollout refuses no request.
+        drain_delay_ms: WEB_DRAIN_MS,
         membership: membership(pc),
         advertise: push_web::ClientAddresses {
             ws: s.comet.advertise.as_ref().and_then(|a| a.ws.clone()),

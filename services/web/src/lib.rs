@@ -54,6 +54,11 @@ pub struct Config {
     pub limits: Limits,
     /// Deadline of one call to a comet or the message service, in ms.
     pub rpc_timeout_ms: u64,
+    /// After SIGTERM, how long web keeps serving while it reports unready,
+    /// in ms, before its listeners close: load balancers and EndpointSlices
+    /// drop a terminating pod asynchronously, and connections they still send
+    /// in that time would otherwise be refused.
+    pub drain_delay_ms: u64,
     /// Addresses given to clients by `/1/server/get`, as templates where
     /// `{shard}` is the shard id (e.g. `push-{shard}.example.com:443`); unset,
     /// the comet's own address is given.
@@ -87,6 +92,7 @@ impl Default for Config {
             membership: pushcluster_lease::MembershipConfig::default(),
             limits: Limits::default(),
             rpc_timeout_ms: 5000,
+            drain_delay_ms: 0,
             advertise: ClientAddresses::default(),
         }
     }
@@ -273,16 +279,32 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         .await?
         .tap_io(pushcluster_core::ops::no_delay);
     tracing::info!(public = %cfg.public_listen, admin = %cfg.admin_listen, "web listening");
+    // Lame duck: on `cancel`, report unready at once, keep serving for
+    // `drain_delay_ms`, then stop accepting and finish in-flight requests.
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (ready, stop, cancel) = (ready.clone(), stop.clone(), cancel.clone());
+        let delay = Duration::from_millis(cfg.drain_delay_ms);
+        async move {
+            cancel.cancelled().await;
+            ready.set(false);
+            if !delay.is_zero() {
+                tracing::info!(?delay, "draining: unready, still serving");
+                tokio::time::sleep(delay).await;
+            }
+            stop.cancel();
+        }
+    });
     let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
         cfg.ops_listen,
         Arc::new(reg),
         ready.clone(),
-        cancel.clone(),
+        stop.clone(),
     ));
     let p = axum::serve(public, public::router(state.clone()))
-        .with_graceful_shutdown(cancel.clone().cancelled_owned());
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
     let a = axum::serve(admin, admin::router(state))
-        .with_graceful_shutdown(cancel.clone().cancelled_owned());
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
     ready.set(true);
     let (rp, ra) = tokio::join!(p, a);
     ready.set(false);

@@ -213,6 +213,8 @@ pub struct Options {
     /// ([`older`]): a rolling upgrade's mixed versions. Static membership
     /// only: with leases, web finds the comets' own addresses.
     pub older_rpc: bool,
+    /// Web's lame-duck period after SIGTERM (`drain_delay_ms`).
+    pub web_drain_delay_ms: u64,
 }
 
 impl Default for Options {
@@ -230,6 +232,7 @@ impl Default for Options {
             standbys: 0,
             lease_ms: (2000, 1400, 300),
             older_rpc: false,
+            web_drain_delay_ms: 0,
         }
     }
 }
@@ -355,8 +358,9 @@ impl Cluster {
             "web",
             "push-web",
             &format!(
-                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nrpc_timeout_ms: 3000\n{membership}\n{limits}\n{comets_yaml}",
+                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nrpc_timeout_ms: 3000\ndrain_delay_ms: {}\n{membership}\n{limits}\n{comets_yaml}",
                 yaml_opt(&opts.admin_token),
+                opts.web_drain_delay_ms,
             ),
             ops,
         );

@@ -233,3 +233,34 @@ fn sigterm_stops_a_service_whose_stderr_is_a_broken_pipe() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A web told to stop reports unready at once but keeps answering for its
+/// lame-duck period (while load balancers drop it), then exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_keeps_serving_while_it_drains() {
+    let mut c = Cluster::start(Options {
+        web_drain_delay_ms: 1500,
+        ..Options::default()
+    });
+    let api = c.client();
+    let start = std::time::Instant::now();
+    c.web.send_term();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_ne!(
+        pushcluster_systest::http_status(c.web.ops_port, "/readyz"),
+        Some(200),
+        "still ready after SIGTERM"
+    );
+    let mid = api
+        .push("drain", r#"{"n":1}"#, None)
+        .await
+        .expect("a push during the lame-duck period");
+    assert_eq!(mid, 1);
+    c.web.reap();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1500),
+        "web stopped after {took:?}, before its drain delay"
+    );
+    eprintln!("web drained and stopped {took:?} after SIGTERM");
+}
