@@ -41,6 +41,16 @@ fn start(
         None,
         TIMING,
     );
+    run_logged(owner, rx, name, log)
+}
+
+/// Runs `owner`, logging every ownership change it publishes.
+fn run_logged<B: LeaseBackend>(
+    owner: ShardOwner<B>,
+    rx: watch::Receiver<Ownership>,
+    name: &str,
+    log: &Log,
+) -> (CancellationToken, watch::Receiver<Ownership>) {
     let cancel = CancellationToken::new();
     tokio::spawn(owner.run(cancel.clone()));
     let mut watch = rx.clone();
@@ -268,16 +278,7 @@ async fn the_shard_count_can_change_while_running() {
             None,
             TIMING,
         );
-        let cancel = CancellationToken::new();
-        tokio::spawn(owner.run(cancel.clone()));
-        let mut watch = rx.clone();
-        let (log, name) = (log.clone(), name.to_owned());
-        tokio::spawn(async move {
-            while watch.changed().await.is_ok() {
-                let o = *watch.borrow_and_update();
-                log.lock().unwrap().push((Instant::now(), name.clone(), o));
-            }
-        });
+        let (cancel, rx) = run_logged(owner, rx, name, &log);
         rxs.push(rx);
         cancels.push(cancel);
         settle().await;
