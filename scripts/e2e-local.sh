@@ -61,6 +61,7 @@ trap down EXIT
 echo "== control plane up (RUN_DIR=$RUN_DIR, network namespace $NETNS)"
 eval "$("$K8S/cluster-up.sh")"
 
+export E2E_BIN_DIR=target/release
 export E2E_IMAGE=ghcr.io/pushcluster/pushcluster:e2e
 export E2E_IMAGE_UPGRADE=ghcr.io/pushcluster/pushcluster:e2e-next
 export E2E_REDIS_IMAGE=redis:7

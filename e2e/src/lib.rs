@@ -144,7 +144,10 @@ pub struct Operator(Child);
 impl Operator {
     /// Starts `push-operator run` watching `namespace` (no leader election).
     pub fn start(namespace: &str) -> anyhow::Result<Self> {
-        let bin = root().join("target/debug/push-operator");
+        // `make e2e` builds debug binaries; `make e2e-local` the release ones
+        // (its image) and says so through E2E_BIN_DIR.
+        let dir = std::env::var("E2E_BIN_DIR").unwrap_or_else(|_| "target/debug".into());
+        let bin = root().join(dir).join("push-operator");
         if !bin.exists() {
             bail!(
                 "{} is missing: run `cargo build --workspace --bins` (make e2e does)",

@@ -328,9 +328,9 @@ async fn push_steadily(
         inflight.spawn(async move {
             let at = Instant::now();
             let body = format!("{{\"n\":{n}}}");
-            let result = tokio::time::timeout(Duration::from_secs(15), api.push(&key, &body, None))
+            let result = tokio::time::timeout(Duration::from_secs(30), api.push(&key, &body, None))
                 .await
-                .map_err(|_| "timed out after 15 s".to_owned())
+                .map_err(|_| "timed out after 30 s".to_owned())
                 .and_then(|r| r.map_err(|e| e.to_string()));
             attempts
                 .lock()

@@ -121,14 +121,23 @@ impl Cluster {
         Ok(out)
     }
 
-    /// Lease transitions over all shards, from the status's shard table.
-    async fn transitions(&self) -> i32 {
-        self.pcs()
-            .get(&self.name)
+    /// Lease transitions per shard, from the Leases.
+    async fn transitions(&self) -> BTreeMap<String, i32> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), &self.ns);
+        let lp = ListParams::default().labels(&format!("pushcluster.io/cluster={}", self.name));
+        leases
+            .list(&lp)
             .await
-            .ok()
-            .and_then(|pc| pc.status)
-            .map_or(0, |s| s.shards.iter().map(|r| r.transitions).sum())
+            .map(|l| {
+                l.items
+                    .into_iter()
+                    .map(|l| {
+                        let t = l.spec.and_then(|s| s.lease_transitions).unwrap_or(0);
+                        (l.metadata.name.unwrap_or_default(), t)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The shard's Lease: holder and transitions.
@@ -210,10 +219,14 @@ where
     }
     c.settle(shards_after, traffic, &mut ev).await;
     let after = c.pods().await.unwrap_or_default();
-    ev.notes.push(format!(
-        "lease_handovers={}",
-        c.transitions().await - transitions
-    ));
+    // Times a shard that exists after the event changed hands during it.
+    let handovers: i32 = c
+        .transitions()
+        .await
+        .iter()
+        .map(|(l, t)| (t - transitions.get(l).copied().unwrap_or(0)).max(0))
+        .sum();
+    ev.notes.push(format!("lease_handovers={handovers}"));
     for (component, pods) in &before {
         let gone = pods
             .values()

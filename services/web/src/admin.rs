@@ -221,8 +221,10 @@ pub(crate) enum CometPush {
 /// Pushes to one comet, coalesced under load (see [`pushcluster_core::batch`]).
 pub(crate) type Pusher = Batcher<pb::PushRequest, CometPush>;
 
-/// How long a store waits for an unreachable message service to come back.
-const STORE_RETRY_FOR: Duration = Duration::from_secs(10);
+/// How long a store waits for an unreachable message service to come back:
+/// long enough for the embedded store's one pod to be replaced on a busy
+/// node, short of the 30 s a back end's HTTP client typically waits.
+const STORE_RETRY_FOR: Duration = Duration::from_secs(15);
 
 /// Pushes in one call at most; the comet takes up to 256.
 const PUSH_BATCH: usize = 128;

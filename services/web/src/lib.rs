@@ -233,6 +233,26 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// Once `draining` fires, every response says `Connection: close`, so
+/// clients stop reusing kept-alive connections to this process during its
+/// lame-duck period and open new ones, which the load balancer sends to
+/// another pod; when the listeners close, no idle connection is left to
+/// race a request against.
+async fn close_when_draining(
+    axum::extract::State(draining): axum::extract::State<CancellationToken>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let mut res = next.run(req).await;
+    if draining.is_cancelled() {
+        res.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    res
+}
+
 /// Runs web until `cancel` fires; in-flight requests finish first.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut reg = Registry::default();
@@ -301,10 +321,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         ready.clone(),
         stop.clone(),
     ));
-    let p = axum::serve(public, public::router(state.clone()))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
-    let a = axum::serve(admin, admin::router(state))
-        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let closing = || axum::middleware::from_fn_with_state(cancel.clone(), close_when_draining);
+    let public_app = public::router(state.clone()).layer(closing());
+    let admin_app = admin::router(state).layer(closing());
+    let p = axum::serve(public, public_app).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let a = axum::serve(admin, admin_app).with_graceful_shutdown(stop.clone().cancelled_owned());
     ready.set(true);
     let (rp, ra) = tokio::join!(p, a);
     ready.set(false);

@@ -256,6 +256,19 @@ async fn web_keeps_serving_while_it_drains() {
         .await
         .expect("a push during the lame-duck period");
     assert_eq!(mid, 1);
+    // Responses now close their connection: clients reconnect elsewhere.
+    let host = c.public_url.trim_start_matches("http://").to_owned();
+    let head = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&host).expect("connect");
+        write!(s, "GET /1/time/get HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).to_lowercase()
+    })
+    .await
+    .unwrap();
+    assert!(head.contains("connection: close"), "{head}");
     c.web.reap();
     let took = start.elapsed();
     assert!(
