@@ -387,7 +387,8 @@ async fn story(
         ServiceProxy::start(client, &c.ns, &format!("{}-web-admin", c.name), "admin").await?;
     let api = HttpApi::new(&public.url(), &admin.url(), None);
     let load = Load {
-        keys: 24,
+        // Enough keys that the share a reshard moves is near the ring's 1/3.
+        keys: 60,
         rate: 48,
         prefix: "e2e".into(),
     };
