@@ -215,6 +215,15 @@ async fn two_tenants_one_operator() -> anyhow::Result<()> {
         let api = |i: usize, token: &str| {
             HttpApi::new(&apis[i].0.url(), &apis[i].1.url(), Some(token.to_owned()))
         };
+        // Until the harness lists each message Service in the web pods'
+        // /etc/hosts, reads fail with a 5xx; wait for both to answer.
+        for (i, token) in [(0, "token-of-a"), (1, "token-of-b")] {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while let Err(e) = api(i, token).fetch("warm-up", 0, None).await {
+                anyhow::ensure!(Instant::now() < deadline, "tenant {i} never answered: {e}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
         // Each tenant's token works on its own cluster only.
         let ma = first_push(&api(0, "token-of-a"), "shared-key", r#"{"from":"a"}"#).await?;
         let unauthorized = |r: Result<i64, pushcluster_client::Error>| {
