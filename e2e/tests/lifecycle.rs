@@ -453,34 +453,17 @@ async fn story(
         )
         .await,
     );
-    let mut ev = event(
-        &c,
-        &traffic,
-        "S4c shards 2 -> 3",
-        3,
-        &["message", "web"],
-        || async {
-            c.patch(json!({"comet": {"shards": 3}})).await?;
+    // Resharding: only the keys the ring moves may reconnect.
+    for (name, from, to) in [("S4c shards 2 -> 3", 2, 3), ("S4d shards 3 -> 2", 3, 2)] {
+        let c = &c;
+        let mut ev = event(c, &traffic, name, to, &["message", "web"], || async move {
+            c.patch(json!({"comet": {"shards": to}})).await?;
             Ok(vec![])
-        },
-    )
-    .await;
-    ev.moves = Some(moved(2, 3));
-    events.push(ev);
-    let mut ev = event(
-        &c,
-        &traffic,
-        "S4d shards 3 -> 2",
-        2,
-        &["message", "web"],
-        || async {
-            c.patch(json!({"comet": {"shards": 2}})).await?;
-            Ok(vec![])
-        },
-    )
-    .await;
-    ev.moves = Some(moved(3, 2));
-    events.push(ev);
+        })
+        .await;
+        ev.moves = Some(moved(from as u32, to as u32));
+        events.push(ev);
+    }
     events.push(
         event(
             &c,
