@@ -23,8 +23,10 @@ export NETNS=${E2E_NETNS:-pk-e2e}
 
 missing=()
 [ -x "$K8S/cluster-up.sh" ] || missing+=("the process harness at $K8S (set K8S_HARNESS)")
-[ -x "${KUBE_APISERVER:-$BIN/kube-apiserver}" ] || missing+=("kube-apiserver at $BIN/kube-apiserver")
-[ -x "${KUBE_CONTROLLER_MANAGER:-$BIN/kube-controller-manager}" ] || missing+=("kube-controller-manager at $BIN/kube-controller-manager")
+APISERVER_BIN=${KUBE_APISERVER:-$BIN/kube-apiserver}
+KCM_BIN=${KUBE_CONTROLLER_MANAGER:-$BIN/kube-controller-manager}
+[ -x "$APISERVER_BIN" ] || missing+=("kube-apiserver at $APISERVER_BIN (or set KUBE_APISERVER)")
+[ -x "$KCM_BIN" ] || missing+=("kube-controller-manager at $KCM_BIN (or set KUBE_CONTROLLER_MANAGER)")
 command -v etcd >/dev/null || missing+=("etcd (apt-get install etcd-server)")
 command -v kubectl >/dev/null || missing+=("kubectl (apt-get install kubernetes-client)")
 command -v redis-server >/dev/null || missing+=("redis-server, run by the full example's Redis pod (apt-get install redis-server)")
