@@ -54,7 +54,8 @@ pub struct Config {
     /// The shard this comet serves (static membership); with leases, the
     /// shard it tries first when that one is free.
     pub shard: u32,
-    /// Number of shards in the cluster.
+    /// Number of shards in the cluster (static and redis membership; with
+    /// kubernetes membership the shard Services say, and may change live).
     pub shards: u32,
     /// Static (fixed shard) or lease-based ownership with failover.
     pub membership: MembershipConfig,
