@@ -34,6 +34,15 @@ struct Cli {
     /// Admin bearer token, when the cluster requires one.
     #[arg(long, env = "PUSH_ADMIN_TOKEN", global = true, hide_env_values = true)]
     admin_token: Option<String>,
+    /// The cluster's subscriber secret, when it checks subscriber tokens:
+    /// pushctl then mints each key's token for private reads and `sub`.
+    #[arg(
+        long,
+        env = "PUSH_SUBSCRIBER_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    subscriber_secret: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -80,7 +89,8 @@ enum Cmd {
         /// Heartbeat interval in seconds.
         #[arg(long, default_value_t = 30)]
         heartbeat: u64,
-        /// Subscriber token, when the cluster checks them.
+        /// Subscriber token, when the cluster checks them (minted from
+        /// --subscriber-secret when that is given instead).
         #[arg(long)]
         token: Option<String>,
         /// Exit after this many messages.
@@ -120,7 +130,8 @@ impl From<Transport> for Proto {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let client = Client::new(&cli.web, &cli.admin, cli.admin_token.clone());
+    let client = Client::new(&cli.web, &cli.admin, cli.admin_token.clone())
+        .with_subscriber_secret(cli.subscriber_secret.clone());
     match cli.cmd {
         Cmd::Push { key, json, expire } => {
             check_json(&json)?;
@@ -146,11 +157,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Resolve { key, proto } => println!("{}", client.resolve(&key, proto.into()).await?),
         Cmd::Status { key } => {
-            let (_, pmid) = client
-                .last_mids("pushctl-status")
-                .await
-                .context("web public listener")?;
-            println!("web {}: ok (last public mid {pmid})", cli.web);
+            client.time().await.context("web public listener")?;
+            println!("web {}: ok", cli.web);
             if let Some(k) = key {
                 let (mid, _) = client.last_mids(&k).await?;
                 let comet = client.resolve(&k, Proto::WebSocket).await;
@@ -168,6 +176,12 @@ async fn main() -> anyhow::Result<()> {
             token,
             count,
         } => {
+            let token = token.or_else(|| {
+                cli.subscriber_secret.as_ref().map(|s| {
+                    let expiry = pushcluster_core::token::unix_now() + 24 * 3600;
+                    pushcluster_core::token::mint(s.as_bytes(), &key, expiry)
+                })
+            });
             let p = Params {
                 key,
                 heartbeat: heartbeat.max(1),
@@ -217,9 +231,16 @@ impl Printer {
     }
 }
 
-async fn catch_up(client: &Client, key: &str, pr: &mut Printer) -> anyhow::Result<bool> {
+async fn catch_up(
+    client: &Client,
+    key: &str,
+    token: Option<&str>,
+    pr: &mut Printer,
+) -> anyhow::Result<bool> {
     loop {
-        let (msgs, pmsgs) = client.fetch(key, pr.last, pr.last_public).await?;
+        let (msgs, pmsgs) = client
+            .fetch_with_token(key, token, pr.last, pr.last_public)
+            .await?;
         let more = !msgs.is_empty();
         for m in msgs.iter().chain(pmsgs.iter()) {
             if pr.print(m) {
@@ -239,7 +260,9 @@ async fn subscribe(
     from: i64,
     limit: Option<u64>,
 ) -> anyhow::Result<()> {
-    let (_, pmid) = client.last_mids(&p.key).await?;
+    let (_, pmid) = client
+        .last_mids_with_token(&p.key, p.token.as_deref())
+        .await?;
     let mut pr = Printer {
         last: from,
         last_public: Some(pmid),
@@ -288,7 +311,7 @@ async fn subscribe(
                 }
             }
         }
-        if catch_up(client, &p.key, &mut pr).await? {
+        if catch_up(client, &p.key, p.token.as_deref(), &mut pr).await? {
             return Ok(());
         }
         backoff = Duration::from_millis(200);
@@ -305,7 +328,7 @@ async fn subscribe(
                     Ok(Frame::Message(m)) => {
                         // A gap means messages were stored that this connection
                         // did not get: fill it from storage first.
-                        if m.gid == 0 && m.mid > pr.last + 1 && catch_up(client, &p.key, &mut pr).await? {
+                        if m.gid == 0 && m.mid > pr.last + 1 && catch_up(client, &p.key, p.token.as_deref(), &mut pr).await? {
                             return Ok(());
                         }
                         if pr.print(&m) {

@@ -176,7 +176,14 @@ impl Follow {
     /// Fetches stored messages after the last one seen, below `below` if given.
     async fn catch_up(&self, st: &mut State, below: Option<i64>) -> crate::Result<()> {
         loop {
-            let (stored, _) = self.api.fetch(&self.key, st.seen.last(), None).await?;
+            let (stored, _) = match &self.token {
+                Some(t) => {
+                    self.api
+                        .fetch_with_token(&self.key, Some(t), st.seen.last(), None)
+                        .await?
+                }
+                None => self.api.fetch(&self.key, st.seen.last(), None).await?,
+            };
             let before = st.seen.last();
             for m in stored.iter().filter(|m| below.is_none_or(|b| m.mid < b)) {
                 st.apply(m.mid);

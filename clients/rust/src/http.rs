@@ -10,7 +10,12 @@ pub struct Client {
     public: String,
     admin: String,
     admin_token: Option<String>,
+    /// Mints each key's subscriber token for private reads (trusted tools).
+    subscriber_secret: Option<String>,
 }
+
+/// How long a token minted for one read stays valid.
+const READ_TOKEN_SECONDS: u64 = 300;
 
 /// Protocol asked of `/1/server/get`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +33,23 @@ impl Client {
             public: public.trim_end_matches('/').to_owned(),
             admin: admin.trim_end_matches('/').to_owned(),
             admin_token,
+            subscriber_secret: None,
         }
+    }
+
+    /// Private reads carry a token minted from `secret` for their key: for
+    /// back ends and tools that hold the cluster's subscriber secret. End
+    /// clients pass the token they were given ([`Client::fetch_with_token`]).
+    pub fn with_subscriber_secret(mut self, secret: Option<String>) -> Self {
+        self.subscriber_secret = secret.filter(|s| !s.is_empty());
+        self
+    }
+
+    fn minted(&self, key: &str) -> Option<String> {
+        self.subscriber_secret.as_ref().map(|s| {
+            let expiry = pushcluster_core::token::unix_now() + READ_TOKEN_SECONDS;
+            pushcluster_core::token::mint(s.as_bytes(), key, expiry)
+        })
     }
 
     async fn call(&self, req: reqwest::RequestBuilder) -> Result<Option<Value>> {
@@ -70,10 +91,27 @@ impl Client {
         after: i64,
         public_after: Option<i64>,
     ) -> Result<(Vec<Message>, Vec<Message>)> {
+        let token = self.minted(key);
+        self.fetch_with_token(key, token.as_deref(), after, public_after)
+            .await
+    }
+
+    /// [`Client::fetch`] with the key's subscriber token (when the cluster
+    /// checks them).
+    pub async fn fetch_with_token(
+        &self,
+        key: &str,
+        token: Option<&str>,
+        after: i64,
+        public_after: Option<i64>,
+    ) -> Result<(Vec<Message>, Vec<Message>)> {
         let url = format!("{}/1/msg/get", self.public);
         let mut q = vec![("k", key.to_owned()), ("m", after.to_string())];
         if let Some(p) = public_after {
             q.push(("p", p.to_string()));
+        }
+        if let Some(t) = token {
+            q.push(("token", t.to_owned()));
         }
         let Some(data) = self.call(self.http.get(url).query(&q)).await? else {
             return Ok((Vec::new(), Vec::new()));
@@ -87,11 +125,28 @@ impl Client {
         Ok((list("msgs")?, list("pmsgs")?))
     }
 
+    /// Web's time (`data.timeid`, 100 ns units): answers without credentials.
+    pub async fn time(&self) -> Result<i64> {
+        let url = format!("{}/1/time/get", self.public);
+        let d = self.call(self.http.get(url)).await?.unwrap_or_default();
+        Ok(d.get("timeid").and_then(Value::as_i64).unwrap_or(0))
+    }
+
     /// The key's last mid and the last public mid.
     pub async fn last_mids(&self, key: &str) -> Result<(i64, i64)> {
+        let token = self.minted(key);
+        self.last_mids_with_token(key, token.as_deref()).await
+    }
+
+    /// [`Client::last_mids`] with the key's subscriber token.
+    pub async fn last_mids_with_token(&self, key: &str, token: Option<&str>) -> Result<(i64, i64)> {
         let url = format!("{}/1/time/get", self.public);
+        let mut q = vec![("k", key.to_owned())];
+        if let Some(t) = token {
+            q.push(("token", t.to_owned()));
+        }
         let d = self
-            .call(self.http.get(url).query(&[("k", key)]))
+            .call(self.http.get(url).query(&q))
             .await?
             .unwrap_or_default();
         let get = |n: &str| d.get(n).and_then(Value::as_i64).unwrap_or(0);

@@ -36,6 +36,7 @@ use pushcluster_core::ops::Readiness;
 use pushcluster_core::ring::{Ring, DEFAULT_VNODES};
 use pushcluster_lease::owner::{Ownership, ShardOwner};
 use pushcluster_lease::{Candidate, MembershipConfig, MembershipKind};
+use pushcluster_proto::auth::{AuthChannel, RequireToken, RpcToken};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_client::MessageClient;
 use registry::{RegisterError, Registry, Subscription};
@@ -45,7 +46,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 /// Configuration of `push-comet` (YAML; flags override).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -87,7 +87,13 @@ pub struct Config {
     /// Seconds between SSE keep-alive comments.
     pub sse_keepalive_seconds: u64,
     /// Secret for subscriber tokens; when unset, tokens are not checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub subscriber_secret: Option<String>,
+    /// The cluster's internal RPC token: required on calls to this comet and
+    /// sent on calls to the message service; unset, calls are not checked.
+    /// Give it through `PUSH_RPC_TOKEN` (a Secret), not the config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpc_token: Option<String>,
     /// Input limits.
     pub limits: Limits,
 }
@@ -154,6 +160,7 @@ impl Default for Config {
             heartbeat_grace_seconds: 5,
             sse_keepalive_seconds: 15,
             subscriber_secret: None,
+            rpc_token: None,
             limits: Limits::default(),
         }
     }
@@ -257,7 +264,7 @@ const PUSH_STRIPES: usize = 4096;
 pub struct Comet {
     cfg: Config,
     registry: Arc<Registry>,
-    message: MessageClient<Channel>,
+    message: MessageClient<AuthChannel>,
     /// Appends to the message service, coalesced under load.
     appender: Batcher<pb::AppendRequest, Result<i64, tonic::Status>>,
     membership: Arc<dyn Membership>,
@@ -306,12 +313,15 @@ impl Comet {
     ) -> Result<Arc<Self>, Error> {
         let slow = Counter::default();
         let registry = Registry::new(cfg.max_subscribers_per_key, cfg.queue_depth, slow.clone());
+        let token = RpcToken::new(cfg.rpc_token.as_deref())
+            .map_err(|e| Error::Config(format!("rpc_token: {e}")))?;
         let channel = tonic::transport::Endpoint::from_shared(cfg.message_url.clone())
             .map_err(|e| Error::Config(format!("message_url: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(STORE_DEADLINE)
             .tcp_nodelay(true)
             .connect_lazy();
+        let channel = token.on(channel);
         let comet = Arc::new(Self {
             registry,
             appender: rpc::appender(MessageClient::new(channel.clone()), STORE_DEADLINE),
@@ -627,6 +637,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     ));
     let follow = tokio::spawn(comet.clone().follow_membership(background.clone()));
     let sweeper = tokio::spawn(sweep_silent(comet.clone(), background.clone()));
+    let require = RequireToken::new(comet.cfg.rpc_token.as_deref())
+        .map_err(|e| Error::Config(format!("rpc_token: {e}")))?;
     let rpc_task = tokio::spawn({
         let stop = stop_accepting.clone();
         let svc = rpc::CometRpc::new(comet.clone())
@@ -635,6 +647,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         let incoming =
             tonic::transport::server::TcpIncoming::from(rpc_listener).with_nodelay(Some(true));
         tonic::transport::Server::builder()
+            .layer(tonic::service::InterceptorLayer::new(require))
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
     });

@@ -48,6 +48,10 @@ struct Args {
     /// Secret for subscriber tokens (HMAC-SHA256); unset = no token check.
     #[arg(long, env = "PUSH_SUBSCRIBER_SECRET", hide_env_values = true)]
     subscriber_secret: Option<String>,
+    /// The cluster's internal RPC token (required on calls to this comet,
+    /// sent to the message service); unset = calls are not checked.
+    #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
+    rpc_token: Option<String>,
     /// Runtime threads: 0 = one per CPU this process may use (a cgroup CPU
     /// limit counts); 1 = a single-threaded runtime, the cheapest on one CPU.
     #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
@@ -79,6 +83,9 @@ async fn serve(a: Args) -> anyhow::Result<()> {
     );
     if a.subscriber_secret.is_some() {
         cfg.subscriber_secret = a.subscriber_secret;
+    }
+    if a.rpc_token.is_some() {
+        cfg.rpc_token = a.rpc_token;
     }
     let cancel = tokio_util::sync::CancellationToken::new();
     pushcluster_core::ops::cancel_on_signal(cancel.clone());

@@ -5,6 +5,7 @@ use crate::Comet;
 use bytes::Bytes;
 use pushcluster_core::batch::Batcher;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_proto::auth::AuthChannel;
 use pushcluster_proto::pipeline::{answer_in_order, Pipeline, Replies};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_server::{Comet as CometService, CometServer};
@@ -12,7 +13,6 @@ use pushcluster_proto::v1::message_client::MessageClient;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 /// gRPC front of a [`Comet`].
@@ -51,7 +51,7 @@ const APPENDS_IN_FLIGHT: usize = 1;
 /// alone), the batches pipelined on one AppendStream. A message service
 /// without AppendStream gets AppendBatch calls.
 pub(crate) fn appender(
-    client: MessageClient<Channel>,
+    client: MessageClient<AuthChannel>,
     deadline: Duration,
 ) -> Batcher<pb::AppendRequest, Result<i64, Status>> {
     let stream = {

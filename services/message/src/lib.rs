@@ -35,6 +35,11 @@ pub struct Config {
     pub limits: Limits,
     /// Most messages one fetch returns.
     pub fetch_limit: u32,
+    /// The cluster's internal RPC token, required on every call; unset, calls
+    /// are not checked. Give it through `PUSH_RPC_TOKEN` (a Secret), not the
+    /// config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpc_token: Option<String>,
 }
 
 /// Storage backend selection: Redis when `redis_url` is set, else embedded.
@@ -68,6 +73,7 @@ impl Default for Config {
             retention: Retention::default(),
             limits: Limits::default(),
             fetch_limit: 1000,
+            rpc_token: None,
         }
     }
 }
@@ -366,6 +372,8 @@ impl<S: Store> Message for MessageService<S> {
 /// Errors that stop the message service.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("invalid config: {0}")]
+    Config(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("gRPC server: {0}")]
@@ -377,6 +385,8 @@ pub enum Error {
 /// Runs the service until `cancel` fires; in-flight requests finish first.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut registry = Registry::default();
+    let require = pushcluster_proto::auth::RequireToken::new(cfg.rpc_token.as_deref())
+        .map_err(|e| Error::Config(format!("rpc_token: {e}")))?;
     let store = Arc::new(open_store(&cfg).await?);
     let svc = MessageService::new(store, &cfg, &mut registry).draining_on(cancel.clone());
     let ready = pushcluster_core::ops::Readiness::default();
@@ -392,6 +402,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = cancel.clone();
     tonic::transport::Server::builder()
+        .layer(tonic::service::InterceptorLayer::new(require))
         .add_service(MessageServer::new(svc))
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.cancelled().await;

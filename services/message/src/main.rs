@@ -29,8 +29,12 @@ struct Args {
     #[arg(long, env = "PUSH_MESSAGE_OPS_LISTEN")]
     ops_listen: Option<SocketAddr>,
     /// Redis URL (redis://host:port/db); without it the embedded store is used.
-    #[arg(long, env = "PUSH_REDIS_URL")]
+    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
+    /// The cluster's internal RPC token, required on every call; unset =
+    /// calls are not checked.
+    #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
+    rpc_token: Option<String>,
     /// File of the embedded store.
     #[arg(long, env = "PUSH_MESSAGE_DATA")]
     data: Option<PathBuf>,
@@ -59,6 +63,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     }
     if let Some(u) = args.redis_url {
         cfg.storage.redis_url = Some(u);
+    }
+    if args.rpc_token.is_some() {
+        cfg.rpc_token = args.rpc_token;
     }
     if let Some(p) = args.data {
         cfg.storage.path = p;

@@ -1,5 +1,6 @@
 //! gRPC definitions between pushcluster services (generated from `proto/pushcluster.proto`).
 
+pub mod auth;
 pub mod pipeline;
 
 /// Version 1 of the internal API.

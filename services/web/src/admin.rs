@@ -33,7 +33,6 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 use tonic::Code;
 
 type Params = Query<HashMap<String, String>>;
@@ -73,9 +72,7 @@ async fn authorize(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
     next.run(req).await
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+use pushcluster_proto::auth::constant_time_eq;
 
 /// Maps an RPC failure to a reply.
 pub(crate) fn status_reply(s: tonic::Status) -> Reply {
@@ -235,7 +232,10 @@ const PUSHES_IN_FLIGHT: usize = 1;
 /// A [`Pusher`] for the comet behind `client`: batches pipelined on one
 /// PushStream (PushBatch calls to a comet without it). `deadline` bounds
 /// each batch's wait for its reply.
-pub(crate) fn pusher(client: CometClient<Channel>, deadline: Duration) -> Pusher {
+pub(crate) fn pusher(
+    client: CometClient<pushcluster_proto::auth::AuthChannel>,
+    deadline: Duration,
+) -> Pusher {
     let stream = {
         let client = client.clone();
         Arc::new(Pipeline::new(deadline, move |calls| {

@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 use pushcluster_core::key::Limits;
 use pushcluster_core::membership::{Membership, ShardEndpoint, StaticMembership};
 use pushcluster_core::ops::Readiness;
+use pushcluster_proto::auth::{AuthChannel, RpcToken};
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_proto::v1::message_client::MessageClient;
 use serde::{Deserialize, Serialize};
@@ -45,7 +46,23 @@ pub struct Config {
     /// gRPC URL of the message service.
     pub message_url: String,
     /// When set, admin requests need `Authorization: Bearer <token>`.
+    /// Give it through `PUSH_ADMIN_TOKEN` (a Secret), not the config file.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_token: Option<String>,
+    /// Secret of subscriber tokens: when set, private reads (`/1/msg/get`,
+    /// `/1/time/get?k=`, `/msg/get`) need the key's token (`token=`), as the
+    /// comets' subscribe does. Give it through `PUSH_SUBSCRIBER_SECRET`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subscriber_secret: Option<String>,
+    /// Whether private reads may answer JSONP (`cb`/`callback`) while
+    /// subscriber tokens are on: a JSONP reply is readable by any web page
+    /// that includes it, so it is off unless a deployment needs it for old
+    /// browser clients. Without a subscriber secret JSONP always works.
+    pub private_jsonp: bool,
+    /// The cluster's internal RPC token, sent on every call to comets and
+    /// the message service. Give it through `PUSH_RPC_TOKEN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rpc_token: Option<String>,
     /// Comets by shard (static membership).
     pub comets: Vec<ShardEndpoint>,
     /// Static (the `comets` list) or lease-based (who holds each shard's lease).
@@ -83,6 +100,9 @@ impl Default for Config {
             ops_listen: ([127, 0, 0, 1], 8092).into(),
             message_url: "http://127.0.0.1:8070".into(),
             admin_token: None,
+            subscriber_secret: None,
+            private_jsonp: false,
+            rpc_token: None,
             comets: vec![ShardEndpoint {
                 shard: 0,
                 rpc: "http://127.0.0.1:6970".into(),
@@ -156,8 +176,9 @@ impl Metrics {
 pub struct AppState {
     cfg: Config,
     membership: Arc<dyn Membership>,
-    message: MessageClient<Channel>,
-    comets: Mutex<HashMap<String, CometClient<Channel>>>,
+    message: MessageClient<AuthChannel>,
+    comets: Mutex<HashMap<String, CometClient<AuthChannel>>>,
+    rpc_token: RpcToken,
     /// Private pushes per comet, coalesced into PushBatch calls under load.
     pushers: Mutex<HashMap<String, Arc<admin::Pusher>>>,
     /// Broadcasts from this web are stored and fanned out one at a time, so
@@ -173,9 +194,13 @@ impl AppState {
         membership: Arc<dyn Membership>,
         reg: &mut Registry,
     ) -> Result<Arc<Self>, Error> {
-        let message = MessageClient::new(channel(&cfg.message_url, cfg.rpc_timeout_ms)?);
+        let rpc_token = RpcToken::new(cfg.rpc_token.as_deref())
+            .map_err(|e| Error::Config(format!("rpc_token: {e}")))?;
+        let message =
+            MessageClient::new(rpc_token.on(channel(&cfg.message_url, cfg.rpc_timeout_ms)?));
         Ok(Arc::new(Self {
             message,
+            rpc_token,
             membership,
             comets: Mutex::new(HashMap::new()),
             pushers: Mutex::new(HashMap::new()),
@@ -186,12 +211,12 @@ impl AppState {
     }
 
     /// A client for the comet at `rpc` (connections are made lazily and reused).
-    fn comet(&self, rpc: &str) -> Result<CometClient<Channel>, Error> {
+    fn comet(&self, rpc: &str) -> Result<CometClient<AuthChannel>, Error> {
         let mut map = self.comets.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(rpc) {
             return Ok(c.clone());
         }
-        let c = CometClient::new(channel(rpc, self.cfg.rpc_timeout_ms)?);
+        let c = CometClient::new(self.rpc_token.on(channel(rpc, self.cfg.rpc_timeout_ms)?));
         map.insert(rpc.to_owned(), c.clone());
         Ok(c)
     }

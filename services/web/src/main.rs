@@ -39,6 +39,13 @@ struct Args {
     /// Bearer token required on the admin listener.
     #[arg(long, env = "PUSH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Secret of subscriber tokens: private reads then need the key's token.
+    #[arg(long, env = "PUSH_SUBSCRIBER_SECRET", hide_env_values = true)]
+    subscriber_secret: Option<String>,
+    /// The cluster's internal RPC token, sent on calls to comets and the
+    /// message service.
+    #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
+    rpc_token: Option<String>,
     /// Runtime threads: 0 = one per CPU this process may use (a cgroup CPU
     /// limit counts); 1 = a single-threaded runtime, the cheapest on one CPU.
     #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
@@ -62,6 +69,12 @@ async fn serve(a: Args) -> anyhow::Result<()> {
     set!(public_listen, admin_listen, ops_listen, message_url);
     if a.admin_token.is_some() {
         cfg.admin_token = a.admin_token;
+    }
+    if a.subscriber_secret.is_some() {
+        cfg.subscriber_secret = a.subscriber_secret;
+    }
+    if a.rpc_token.is_some() {
+        cfg.rpc_token = a.rpc_token;
     }
     let cancel = tokio_util::sync::CancellationToken::new();
     pushcluster_core::ops::cancel_on_signal(cancel.clone());

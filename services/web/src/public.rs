@@ -3,7 +3,7 @@
 //! (`/server/get`, `/msg/get`, `/time/get`, params `key`, `proto`, `mid`,
 //! `pmid`, `callback`) forms, as gopush-cluster served them.
 
-use crate::reply::{Reply, INTERNAL, NO_NODE};
+use crate::reply::{Reply, INTERNAL, NO_NODE, UNAUTHORIZED};
 use crate::AppState;
 use axum::extract::{Query, State};
 use axum::http::header;
@@ -11,6 +11,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use pushcluster_core::frame::{encode_json, Format};
+use pushcluster_core::token;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::v1 as pb;
 use serde_json::{json, Value};
@@ -109,6 +110,39 @@ impl AppState {
             .map_err(crate::admin::status_reply)
     }
 
+    /// Whether a private read of `key` may be answered: with subscriber
+    /// tokens on, only with the key's valid `token`, and as JSONP only when
+    /// `private_jsonp` allows it. Without a subscriber secret anything goes,
+    /// as gopush-cluster's clients expect.
+    pub(crate) fn authorize_read(
+        &self,
+        key: &str,
+        q: &HashMap<String, String>,
+        callback: Option<&str>,
+    ) -> Result<(), Reply> {
+        let Some(secret) = self
+            .cfg
+            .subscriber_secret
+            .as_deref()
+            .filter(|s| !s.is_empty())
+        else {
+            return Ok(());
+        };
+        if callback.is_some() && !self.cfg.private_jsonp {
+            return Err(Reply::err(
+                UNAUTHORIZED,
+                "JSONP is off for private reads while subscriber tokens are on (web.privateJsonp)",
+            ));
+        }
+        let token = param(q, "token").unwrap_or_default();
+        token::verify(secret.as_bytes(), key, token, token::unix_now()).map_err(|e| {
+            Reply::err(
+                UNAUTHORIZED,
+                format!("private read of {key:?} needs the key's subscriber token (token=): {e}"),
+            )
+        })
+    }
+
     /// A present key within the limits, or the parameter error to answer.
     pub(crate) fn check_key<'a>(&self, key: Option<&'a str>) -> Result<&'a str, Reply> {
         let key = key.ok_or_else(|| Reply::param("key is required"))?;
@@ -164,7 +198,7 @@ async fn legacy_server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> 
 /// (`data.pmsgs`). At most the message service's fetch limit per call: call
 /// again from the last mid for more. `data` is left out when nothing is new.
 async fn msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
-    let r = msg_get_inner(&s, &q, "k", "m", "p", message_value).await;
+    let r = msg_get_inner(&s, &q, "k", "m", "p", "cb", message_value).await;
     s.metrics.request("msg_get", r.ret());
     r.jsonp(param(&q, "cb"))
 }
@@ -172,7 +206,16 @@ async fn msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
 /// `/msg/get?key=&mid=&pmid=`: the same, each element a JSON string of the
 /// old-format message.
 async fn legacy_msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
-    let r = msg_get_inner(&s, &q, "key", "mid", "pmid", legacy_message_string).await;
+    let r = msg_get_inner(
+        &s,
+        &q,
+        "key",
+        "mid",
+        "pmid",
+        "callback",
+        legacy_message_string,
+    )
+    .await;
     s.metrics.request("legacy_msg_get", r.ret());
     r.jsonp(param(&q, "callback"))
 }
@@ -183,10 +226,12 @@ async fn msg_get_inner(
     key_name: &str,
     mid_name: &str,
     pmid_name: &str,
+    callback_name: &str,
     render: fn(&pb::StoredMessage) -> Value,
 ) -> Reply {
     let run = async {
         let key = s.check_key(param(q, key_name))?;
+        s.authorize_read(key, q, param(q, callback_name))?;
         let mid = parse_mid(q, mid_name)?
             .ok_or_else(|| Reply::param(format!("{mid_name} is required")))?;
         let pmid = parse_mid(q, pmid_name)?;
@@ -212,21 +257,24 @@ async fn msg_get_inner(
 /// last public mid: a client compares them with what it has seen to know
 /// whether to fetch, and detects a sequence that was reset (idle expiry).
 async fn time_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
-    let r = time_inner(&s, param(&q, "k")).await;
+    let r = time_inner(&s, &q, param(&q, "k")).await;
     s.metrics.request("time_get", r.ret());
     r.jsonp(param(&q, "cb"))
 }
 
 async fn legacy_time_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
-    let r = time_inner(&s, None).await;
+    let r = time_inner(&s, &q, None).await;
     s.metrics.request("legacy_time_get", r.ret());
     r.jsonp(param(&q, "callback"))
 }
 
-async fn time_inner(s: &AppState, key: Option<&str>) -> Reply {
+async fn time_inner(s: &AppState, q: &HashMap<String, String>, key: Option<&str>) -> Reply {
     let mut data = json!({ "timeid": timeid() });
     if let Some(k) = key {
-        let k = match s.check_key(Some(k)) {
+        let k = match s
+            .check_key(Some(k))
+            .and_then(|k| s.authorize_read(k, q, param(q, "cb")).map(|_| k))
+        {
             Ok(k) => k,
             Err(e) => return e,
         };

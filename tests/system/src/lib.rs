@@ -198,6 +198,9 @@ pub struct Options {
     pub redis_url: Option<String>,
     pub admin_token: Option<String>,
     pub subscriber_secret: Option<String>,
+    /// The cluster's internal RPC token (on by default, as the operator
+    /// always sets one: every test runs the authenticated path).
+    pub rpc_token: Option<String>,
     pub queue_depth: usize,
     pub max_subscribers_per_key: usize,
     pub heartbeat_grace_seconds: u64,
@@ -224,6 +227,7 @@ impl Default for Options {
             redis_url: None,
             admin_token: None,
             subscriber_secret: None,
+            rpc_token: Some("systest-rpc-token".into()),
             queue_depth: 256,
             max_subscribers_per_key: 64,
             heartbeat_grace_seconds: 5,
@@ -249,6 +253,8 @@ pub struct CometAddrs {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub message: Proc,
+    /// The message service's gRPC port.
+    pub message_rpc_port: u16,
     pub comets: Vec<Proc>,
     pub comet_addrs: Vec<CometAddrs>,
     pub web: Proc,
@@ -283,13 +289,16 @@ impl Cluster {
             "message",
             "push-message",
             &format!(
-                "listen: 127.0.0.1:{msg_port}\nops_listen: 127.0.0.1:{msg_ops}\nstorage: {{ redis_url: {}, path: {:?} }}\n{limits}\n",
+                "listen: 127.0.0.1:{msg_port}\nops_listen: 127.0.0.1:{msg_ops}\nrpc_token: {}\nstorage: {{ redis_url: {}, path: {:?} }}\n{limits}\n",
+                yaml_opt(&opts.rpc_token),
                 yaml_opt(&opts.redis_url),
                 dir.path().join("data/messages.redb"),
             ),
             msg_ops,
         );
-        let older_message = opts.older_rpc.then(|| older::message(msg_port));
+        let older_message = opts
+            .older_rpc
+            .then(|| older::message(msg_port, opts.rpc_token.as_deref()));
         let msg_rpc = older_message.as_ref().map_or(msg_port, |p| p.port);
         let (dur, deadline, retry) = opts.lease_ms;
         let membership = match &opts.lease_redis {
@@ -314,12 +323,13 @@ impl Cluster {
                 &format!("comet-{i}"),
                 "push-comet",
                 &format!(
-                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\n{limits}\n",
+                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\nrpc_token: {}\n{limits}\n",
                     opts.shards,
                     opts.queue_depth,
                     opts.max_subscribers_per_key,
                     opts.heartbeat_grace_seconds,
                     yaml_opt(&opts.subscriber_secret),
+                    yaml_opt(&opts.rpc_token),
                 ),
                 ops,
                 wait_path,
@@ -344,7 +354,7 @@ impl Cluster {
         for (shard, a) in comet_addrs.iter().enumerate() {
             let mut rpc = a.rpc_port;
             if opts.older_rpc {
-                let p = older::comet(rpc);
+                let p = older::comet(rpc, opts.rpc_token.as_deref());
                 rpc = p.port;
                 older_comets.push(p);
             }
@@ -358,8 +368,10 @@ impl Cluster {
             "web",
             "push-web",
             &format!(
-                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nrpc_timeout_ms: 3000\ndrain_delay_ms: {}\n{membership}\n{limits}\n{comets_yaml}",
+                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nsubscriber_secret: {}\nrpc_token: {}\nrpc_timeout_ms: 3000\ndrain_delay_ms: {}\n{membership}\n{limits}\n{comets_yaml}",
                 yaml_opt(&opts.admin_token),
+                yaml_opt(&opts.subscriber_secret),
+                yaml_opt(&opts.rpc_token),
                 opts.web_drain_delay_ms,
             ),
             ops,
@@ -367,6 +379,7 @@ impl Cluster {
         Self {
             dir,
             message,
+            message_rpc_port: msg_port,
             comets,
             comet_addrs,
             web,
@@ -385,6 +398,7 @@ impl Cluster {
             &self.admin_url,
             self.opts.admin_token.clone(),
         )
+        .with_subscriber_secret(self.opts.subscriber_secret.clone())
     }
 
     /// A comet's metric value from its `/metrics` (0 when absent).

@@ -4,6 +4,7 @@
 //! methods (AppendStream, PushStream) that release did not have. Each proxy
 //! counts the calls it saw, so a test can tell which path a push took.
 
+use pushcluster_proto::auth::{AuthChannel, RpcToken};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_proto::v1::comet_server::{Comet, CometServer};
@@ -12,7 +13,7 @@ use pushcluster_proto::v1::message_server::{Message, MessageServer};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tonic::service::Routes;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
 /// Calls an older-release proxy saw, by kind.
@@ -53,8 +54,8 @@ impl Drop for Proxy {
 
 /// A message service of the release before AppendStream, forwarding to the
 /// one on `port`.
-pub fn message(port: u16) -> Proxy {
-    serve(port, |to, calls| {
+pub fn message(port: u16, token: Option<&str>) -> Proxy {
+    serve(port, token, |to, calls| {
         Routes::new(MessageServer::new(OldMessage {
             to: MessageClient::new(to),
             calls,
@@ -64,8 +65,8 @@ pub fn message(port: u16) -> Proxy {
 
 /// A comet of the release before PushStream, forwarding to the one whose
 /// gRPC port is `port`.
-pub fn comet(port: u16) -> Proxy {
-    serve(port, |to, calls| {
+pub fn comet(port: u16, token: Option<&str>) -> Proxy {
+    serve(port, token, |to, calls| {
         Routes::new(CometServer::new(OldComet {
             to: CometClient::new(to),
             calls,
@@ -75,7 +76,13 @@ pub fn comet(port: u16) -> Proxy {
 
 /// Serves what `make` builds on a free port, on a thread of its own (the
 /// clusters are started from synchronous code).
-fn serve(target: u16, make: impl FnOnce(Channel, Arc<Calls>) -> Routes + Send + 'static) -> Proxy {
+/// Calls onward carry the cluster's RPC `token`, as an older release did.
+fn serve(
+    target: u16,
+    token: Option<&str>,
+    make: impl FnOnce(AuthChannel, Arc<Calls>) -> Routes + Send + 'static,
+) -> Proxy {
+    let token = RpcToken::new(token).expect("RPC token");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("proxy listener");
     listener
         .set_nonblocking(true)
@@ -93,6 +100,7 @@ fn serve(target: u16, make: impl FnOnce(Channel, Arc<Calls>) -> Routes + Send + 
             let to = Endpoint::from_shared(format!("http://127.0.0.1:{target}"))
                 .expect("target url")
                 .connect_lazy();
+            let to = token.on(to);
             let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
             let incoming = tonic::transport::server::TcpIncoming::from(listener);
             let _ = tonic::transport::Server::builder()
@@ -111,7 +119,7 @@ fn serve(target: u16, make: impl FnOnce(Channel, Arc<Calls>) -> Routes + Send + 
 }
 
 struct OldMessage {
-    to: MessageClient<Channel>,
+    to: MessageClient<AuthChannel>,
     calls: Arc<Calls>,
 }
 
@@ -161,7 +169,7 @@ impl Message for OldMessage {
 }
 
 struct OldComet {
-    to: CometClient<Channel>,
+    to: CometClient<AuthChannel>,
     calls: Arc<Calls>,
 }
 

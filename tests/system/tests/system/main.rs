@@ -2,6 +2,7 @@
 //! for all of them (nextest still runs each test in its own process), so a
 //! build links the dependency graph once instead of once per file.
 
+mod auth;
 mod compat;
 mod delivery;
 mod durability;
