@@ -24,7 +24,7 @@ async fn child_versions(
 ) -> anyhow::Result<BTreeMap<String, String>> {
     let ns = pc.namespace().unwrap_or_default();
     let mut out = BTreeMap::new();
-    for c in desired(pc)? {
+    for c in desired(pc, &Default::default())? {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &c.resource);
         let o = api.get(&c.object.name_any()).await?;
         // Workloads and PDBs get status updates once pods run (each bumps
@@ -74,7 +74,7 @@ async fn operator_against_a_real_api_server() -> anyhow::Result<()> {
     })
     .await?;
     let pc = pcs.get(&name).await?;
-    for c in desired(&pc)? {
+    for c in desired(&pc, &Default::default())? {
         let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &c.resource);
         let o = api.get(&c.object.name_any()).await?;
         let owner = o

@@ -7,10 +7,10 @@
 //! template carries the hash of its own config only, so a change rolls only
 //! the pods it concerns (and a reshard rolls none).
 
-use crate::crd::{PushCluster, SecretKeyRef};
+use crate::crd::{EndpointsStatus, PushCluster, SecretKeyRef};
 use crate::{Error, Result};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ApiResource, DynamicObject};
@@ -39,6 +39,100 @@ const WEB_DRAIN_MS: u64 = 5000;
 
 /// Components of a cluster.
 pub const COMPONENTS: [&str; 3] = ["comet", "message", "web"];
+
+/// Key of the generated Secret: web's admin bearer token.
+pub const ADMIN_TOKEN: &str = "admin-token";
+/// Key of the generated Secret: the HMAC secret of subscriber tokens.
+pub const SUBSCRIBER_SECRET: &str = "subscriber-secret";
+/// Key of the generated Secret: the internal gRPC token.
+pub const RPC_TOKEN: &str = "rpc-token";
+/// Every key of the generated Secret.
+pub const CREDENTIAL_KEYS: [&str; 3] = [ADMIN_TOKEN, SUBSCRIBER_SECRET, RPC_TOKEN];
+
+/// Name of the generated credentials Secret: `<cluster>-credentials`.
+pub fn credentials_name(pc: &PushCluster) -> String {
+    name(pc, "credentials")
+}
+
+/// Whether the cluster runs with credentials (the default).
+pub fn secure(pc: &PushCluster) -> bool {
+    !pc.spec.auth.insecure
+}
+
+/// What the generated Secret holds, as digests: each component's pod
+/// template carries the digests of the keys it reads, so rotating a key
+/// (deleting it; the operator generates a new one) rolls exactly the pods
+/// that use it. Empty when insecure or not read yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CredentialDigests(pub BTreeMap<String, String>);
+
+impl CredentialDigests {
+    /// Digests of the values in `secret`.
+    pub fn of(secret: &Secret) -> Self {
+        Self(
+            secret
+                .data
+                .iter()
+                .flatten()
+                .filter(|(k, _)| CREDENTIAL_KEYS.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), hash_of(&hex::encode(&v.0))))
+                .collect(),
+        )
+    }
+
+    fn pick(&self, keys: &[&str]) -> BTreeMap<String, String> {
+        keys.iter()
+            .filter_map(|k| self.0.get(*k).map(|d| ((*k).to_owned(), d.clone())))
+            .collect()
+    }
+}
+
+/// The write that makes the credentials Secret complete, or `None` when
+/// nothing is to be written (it has every key, or the cluster is insecure).
+/// Only missing keys are generated (by `fresh`): an existing value is never
+/// replaced, so deleting a key is how it is rotated. The Secret is owned by
+/// the PushCluster when the operator creates it.
+pub fn credentials_secret(
+    pc: &PushCluster,
+    live: Option<&Secret>,
+    mut fresh: impl FnMut() -> String,
+) -> Result<Option<Secret>> {
+    if !secure(pc) {
+        return Ok(None);
+    }
+    let have = live.and_then(|s| s.data.as_ref());
+    let missing: BTreeMap<String, Value> = CREDENTIAL_KEYS
+        .iter()
+        .filter(|k| have.is_none_or(|d| d.get(**k).is_none_or(|v| v.0.is_empty())))
+        .map(|k| ((*k).to_owned(), Value::String(fresh())))
+        .collect();
+    if missing.is_empty() {
+        return Ok(None);
+    }
+    typed(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": metadata(pc, &credentials_name(pc), None),
+        "type": "Opaque",
+        "stringData": missing,
+    }))
+    .map(Some)
+}
+
+/// Where the cluster is reached (in-cluster DNS names) and its credentials.
+pub fn endpoints(pc: &PushCluster) -> EndpointsStatus {
+    let ns = pc.namespace().unwrap_or_default();
+    EndpointsStatus {
+        public: format!("{}.{ns}.svc:{WEB_PUBLIC}", name(pc, "web")),
+        admin: format!("{}.{ns}.svc:{WEB_ADMIN}", name(pc, "web-admin")),
+        credentials_secret: secure(pc).then(|| credentials_name(pc)),
+    }
+}
+
+/// A fresh credential: 256 random bits, hex.
+pub fn random_token() -> String {
+    let bytes: [u8; 32] = rand::random();
+    hex::encode(bytes)
+}
 
 /// Labels of every object of `pc` (and `component` when given).
 pub fn labels(pc: &PushCluster, component: Option<&str>) -> BTreeMap<String, String> {
@@ -155,6 +249,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         // Endpoints drop a terminating pod asynchronously: keep serving
         // (unready) meanwhile, so a rollout refuses no request.
         drain_delay_ms: WEB_DRAIN_MS,
+        private_jsonp: s.auth.private_jsonp,
         membership: membership(pc),
         advertise: push_web::ClientAddresses {
             ws: s.comet.advertise.as_ref().and_then(|a| a.ws.clone()),
@@ -190,16 +285,17 @@ pub struct ConfigHashes {
     pub web: String,
 }
 
-/// The per-component config hashes of `pc`.
-pub fn config_hashes(pc: &PushCluster) -> Result<ConfigHashes> {
+/// The per-component config hashes of `pc`, with the digests of the
+/// credentials each component reads (so rotating one rolls its users).
+pub fn config_hashes(pc: &PushCluster, creds: &CredentialDigests) -> Result<ConfigHashes> {
     let mut c = service_configs(pc);
     c.comet.shards = 0;
     c.comet.membership.shards = 0;
     c.web.membership.shards = 0;
     Ok(ConfigHashes {
-        comet: hash_of(&yaml(&c.comet)?),
-        message: hash_of(&yaml(&c.message)?),
-        web: hash_of(&yaml(&c.web)?),
+        comet: hash_of(&(yaml(&c.comet)?, creds.pick(&[SUBSCRIBER_SECRET, RPC_TOKEN]))),
+        message: hash_of(&(yaml(&c.message)?, creds.pick(&[RPC_TOKEN]))),
+        web: hash_of(&(yaml(&c.web)?, creds.pick(&CREDENTIAL_KEYS))),
     })
 }
 
@@ -225,6 +321,40 @@ fn typed<T: serde::de::DeserializeOwned>(v: Value) -> Result<T> {
 fn secret_env(var: &str, r: &Option<SecretKeyRef>) -> Option<Value> {
     r.as_ref().map(
         |r| json!({"name": var, "valueFrom": {"secretKeyRef": {"name": r.name, "key": r.key}}}),
+    )
+}
+
+/// A credential's variable: from the Secret the spec names, else from the
+/// generated Secret's `key` (nothing when the cluster is insecure).
+fn credential_env(
+    pc: &PushCluster,
+    var: &str,
+    key: &str,
+    named: &Option<SecretKeyRef>,
+) -> Option<Value> {
+    match named {
+        Some(_) => secret_env(var, named),
+        None if secure(pc) => secret_env(
+            var,
+            &Some(SecretKeyRef {
+                name: credentials_name(pc),
+                key: key.to_owned(),
+            }),
+        ),
+        None => None,
+    }
+}
+
+fn rpc_token_env(pc: &PushCluster) -> Option<Value> {
+    credential_env(pc, "PUSH_RPC_TOKEN", RPC_TOKEN, &None)
+}
+
+fn subscriber_env(pc: &PushCluster) -> Option<Value> {
+    credential_env(
+        pc,
+        "PUSH_SUBSCRIBER_SECRET",
+        SUBSCRIBER_SECRET,
+        &pc.spec.auth.subscriber_secret,
     )
 }
 
@@ -319,10 +449,8 @@ fn deployment(pc: &PushCluster, hash: &str, replicas: i32, p: PodParts<'_>) -> R
 pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
     let c = &pc.spec.comet;
     let mut env = pod_env();
-    env.extend(secret_env(
-        "PUSH_SUBSCRIBER_SECRET",
-        &pc.spec.auth.subscriber_secret,
-    ));
+    env.extend(subscriber_env(pc));
+    env.extend(rpc_token_env(pc));
     deployment(
         pc,
         hash,
@@ -349,6 +477,7 @@ pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
 
 fn message_parts(pc: &PushCluster, volumes: Vec<Value>) -> PodParts<'_> {
     let mut env = pod_env();
+    env.extend(rpc_token_env(pc));
     env.extend(
         pc.spec
             .storage
@@ -415,10 +544,14 @@ pub fn embedded(pc: &PushCluster) -> bool {
 /// Web.
 pub fn web_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
     let mut env = pod_env();
-    env.extend(secret_env(
+    env.extend(credential_env(
+        pc,
         "PUSH_ADMIN_TOKEN",
+        ADMIN_TOKEN,
         &pc.spec.auth.admin_token_secret,
     ));
+    env.extend(subscriber_env(pc));
+    env.extend(rpc_token_env(pc));
     deployment(
         pc,
         hash,
@@ -622,10 +755,11 @@ fn child<K: Resource<DynamicType = ()> + Serialize>(obj: &K) -> Result<Child> {
     })
 }
 
-/// Every child of `pc`, in apply order (config and RBAC before the pods that use them).
-pub fn desired(pc: &PushCluster) -> Result<Vec<Child>> {
+/// Every child of `pc`, in apply order (config and RBAC before the pods
+/// that use them); `creds` are the digests of the generated credentials.
+pub fn desired(pc: &PushCluster, creds: &CredentialDigests) -> Result<Vec<Child>> {
     let cm = config_map(pc)?;
-    let hash = config_hashes(pc)?;
+    let hash = config_hashes(pc, creds)?;
     let mut out = vec![child(&cm)?];
     for sa in service_accounts(pc)? {
         out.push(child(&sa)?);

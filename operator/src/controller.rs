@@ -13,9 +13,9 @@ use crate::crd::{ComponentStatus, PushCluster, PushClusterStatus, ShardStatus};
 use crate::{Error, Result};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource, ResourceExt};
@@ -153,7 +153,15 @@ pub async fn reconcile(pc: Arc<PushCluster>, ctx: Arc<Context>) -> Result<Action
 
 async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
     let ns = pc.namespace().ok_or(Error::NoNamespace)?;
-    let children = builders::desired(pc)?;
+    let creds = match ensure_credentials(pc, ctx, &ns).await {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("credentials Secret {}: {e}", builders::credentials_name(pc));
+            degrade(pc, ctx, "CredentialsFailed", &msg).await;
+            return Err(e);
+        }
+    };
+    let children = builders::desired(pc, &creds)?;
     let mut written = Vec::new();
     for child in &children {
         match apply_if_changed(ctx, &ns, child).await {
@@ -191,7 +199,7 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    let status = observe(pc, ctx, &ns).await?;
+    let status = observe(pc, ctx, &ns, &creds).await?;
     let converging = !is_true(&status, "Ready");
     if pc.status.as_ref() != Some(&status) {
         let api: Api<PushCluster> = Api::namespaced(ctx.client.clone(), &ns);
@@ -203,6 +211,54 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
         .await?;
     }
     Ok(Action::requeue(if converging { PROGRESS } else { RESYNC }))
+}
+
+/// Makes the generated credentials Secret complete (creating it, or adding
+/// keys that were deleted to rotate them) and returns its digests. Values
+/// that exist are never rewritten.
+async fn ensure_credentials(
+    pc: &PushCluster,
+    ctx: &Context,
+    ns: &str,
+) -> Result<builders::CredentialDigests> {
+    if !builders::secure(pc) {
+        return Ok(builders::CredentialDigests::default());
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let name = builders::credentials_name(pc);
+    let live = api.get_opt(&name).await?;
+    let Some(write) = builders::credentials_secret(pc, live.as_ref(), builders::random_token)?
+    else {
+        return Ok(live
+            .as_ref()
+            .map(builders::CredentialDigests::of)
+            .unwrap_or_default());
+    };
+    let keys: Vec<String> = write
+        .string_data
+        .iter()
+        .flatten()
+        .map(|(k, _)| k.clone())
+        .collect();
+    let written = match live {
+        // Create, not apply: a concurrent creator makes this fail (409) and
+        // the next reconcile reads what won, so a value is never replaced.
+        None => api.create(&PostParams::default(), &write).await?,
+        Some(_) => {
+            let patch = json!({"stringData": write.string_data});
+            api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?
+        }
+    };
+    publish(
+        ctx,
+        pc,
+        EventType::Normal,
+        "CredentialsGenerated",
+        &format!("generated {} in Secret {name}", keys.join(", ")),
+    )
+    .await;
+    Ok(builders::CredentialDigests::of(&written))
 }
 
 /// Applies `child` unless the live object already has every desired field.
@@ -464,6 +520,7 @@ pub fn status_of(pc: &PushCluster, o: &Observed) -> PushClusterStatus {
             "ReconcileSucceeded",
             "every object applied".into(),
         ),
+        auth_condition(pc, prev, gen),
     ];
     PushClusterStatus {
         observed_generation: gen,
@@ -473,11 +530,47 @@ pub fn status_of(pc: &PushCluster, o: &Observed) -> PushClusterStatus {
         message: o.message.status(),
         web: o.web.status(),
         shards: o.shards.clone(),
+        endpoints: Some(builders::endpoints(pc)),
+    }
+}
+
+/// `AuthEnabled`: whether the cluster asks for credentials, and where they are.
+fn auth_condition(
+    pc: &PushCluster,
+    prev: Option<&PushClusterStatus>,
+    gen: Option<i64>,
+) -> Condition {
+    if builders::secure(pc) {
+        condition(
+            prev,
+            gen,
+            "AuthEnabled",
+            true,
+            "CredentialsRequired",
+            format!(
+                "the admin API, private reads and internal gRPC need the credentials in Secret {}",
+                builders::credentials_name(pc)
+            ),
+        )
+    } else {
+        condition(
+            prev,
+            gen,
+            "AuthEnabled",
+            false,
+            "InsecureBySpec",
+            "spec.auth.insecure: the admin API, private reads and internal gRPC answer anyone who reaches them".into(),
+        )
     }
 }
 
 /// Reads workloads, Leases and comet pods into the status.
-async fn observe(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<PushClusterStatus> {
+async fn observe(
+    pc: &PushCluster,
+    ctx: &Context,
+    ns: &str,
+    creds: &builders::CredentialDigests,
+) -> Result<PushClusterStatus> {
     let deps: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let rollout =
         |d: Option<Deployment>| d.as_ref().map(Rollout::of_deployment).unwrap_or_default();
@@ -514,7 +607,7 @@ async fn observe(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<PushCluste
             .and(spec.acquire_time.map(|t| Time(t.0)));
         row.transitions = spec.lease_transitions.unwrap_or(0);
     }
-    let hash = builders::config_hashes(pc)?.comet;
+    let hash = builders::config_hashes(pc, creds)?.comet;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let comet_pods = ListParams::default().labels(&format!(
         "app.kubernetes.io/instance={},app.kubernetes.io/component=comet",

@@ -299,8 +299,10 @@ impl Default for EmbeddedSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.url) != has(self.secretRef)").message("give exactly one of storage.redis.url and storage.redis.secretRef"))]
 pub struct RedisSpec {
-    /// `redis://host:port/db`.
+    /// `redis://host:port/db`, without a password: the URL lands in a
+    /// ConfigMap, so a URL with credentials goes in `secretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("!self.matches('^[A-Za-z0-9+.-]+://[^/@]*@')").message("storage.redis.url must not carry credentials (user:password@): it is stored in a ConfigMap; put the URL in a Secret and name it in storage.redis.secretRef"))]
     pub url: Option<String>,
     /// A Secret key holding the URL (when it carries a password).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -352,16 +354,33 @@ impl Default for LeaseSpec {
     }
 }
 
-/// Authentication secrets.
+/// Authentication. Secure by default: the operator generates the Secret
+/// `<name>-credentials` (keys `admin-token`, `subscriber-secret`,
+/// `rpc-token`) unless `insecure` is set, and never overwrites it; deleting
+/// one of its keys rotates it (a new value is generated and the pods that use
+/// it roll). A Secret named here replaces the generated key for its use.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!(has(self.insecure) && self.insecure) || (!has(self.adminTokenSecret) && !has(self.subscriberSecret))").message("auth.insecure turns every credential off: drop it or the named secrets"))]
 pub struct AuthSpec {
-    /// Bearer token required on web's admin listener.
+    /// Bearer token required on web's admin listener (default: the generated
+    /// `admin-token`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_token_secret: Option<SecretKeyRef>,
-    /// HMAC secret for subscriber tokens (checked by comets).
+    /// HMAC secret of subscriber tokens, checked by comets on subscribe and by
+    /// web on private reads (default: the generated `subscriber-secret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscriber_secret: Option<SecretKeyRef>,
+    /// No credentials at all: the admin API, private reads and the internal
+    /// gRPC ports answer anyone who reaches them. For local experiments only;
+    /// the status says so in its `AuthEnabled` condition.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub insecure: bool,
+    /// Let private reads answer JSONP (`cb=`/`callback=`) although subscriber
+    /// tokens are on, for old browser clients: any page can include a JSONP
+    /// reply, so only the token then protects it. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub private_jsonp: bool,
 }
 
 /// Scheduling passed to every pod of the cluster.
@@ -401,6 +420,22 @@ pub struct PushClusterStatus {
     /// Who holds each shard's lease.
     #[serde(default)]
     pub shards: Vec<ShardStatus>,
+    /// Where to reach the cluster and its credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<EndpointsStatus>,
+}
+
+/// Addresses of the cluster's Services and the name of its credentials.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointsStatus {
+    /// Web's public API (`/1/server/get`, `/1/msg/get`), `host:port`.
+    pub public: String,
+    /// Web's admin API (push, delete), `host:port`; in-cluster only.
+    pub admin: String,
+    /// The Secret holding the generated credentials (absent when insecure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
 }
 
 /// Replicas of one component.

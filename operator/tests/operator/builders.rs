@@ -3,7 +3,7 @@
 //! rewrites them after an intended change) and the properties that matter.
 
 use kube::ResourceExt;
-use push_operator::builders::{self, desired, CONFIG_HASH};
+use push_operator::builders::{self, desired, CredentialDigests, CONFIG_HASH};
 use push_operator::crd::PushCluster;
 use std::path::Path;
 
@@ -17,7 +17,11 @@ fn example(name: &str) -> PushCluster {
 }
 
 fn snapshot(name: &str, pc: &PushCluster) {
-    let objects: Vec<_> = desired(pc).unwrap().into_iter().map(|c| c.object).collect();
+    let objects: Vec<_> = desired(pc, &Default::default())
+        .unwrap()
+        .into_iter()
+        .map(|c| c.object)
+        .collect();
     let text = objects
         .iter()
         .map(|o| serde_yaml::to_string(o).unwrap())
@@ -46,7 +50,7 @@ fn snapshots_of_every_object() {
 #[test]
 fn the_minimal_example_produces_the_whole_cluster() {
     let pc = example("pushcluster-minimal.yaml");
-    let list: Vec<String> = desired(&pc)
+    let list: Vec<String> = desired(&pc, &Default::default())
         .unwrap()
         .iter()
         .map(|c| format!("{}/{}", c.resource.kind, c.object.name_any()))
@@ -76,7 +80,7 @@ fn the_minimal_example_produces_the_whole_cluster() {
             "PodDisruptionBudget/push-web",
         ]
     );
-    for c in desired(&pc).unwrap() {
+    for c in desired(&pc, &Default::default()).unwrap() {
         let o = &c.object;
         let owner = &o.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
@@ -136,7 +140,7 @@ fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
 
     // Each component's pods carry the hash of their own config only.
     let hashes = |pc: &PushCluster| {
-        let d = desired(pc).unwrap();
+        let d = desired(pc, &Default::default()).unwrap();
         ["comet", "message", "web"].map(|c| {
             let name = format!("push-prod-{c}");
             let w = d
@@ -220,7 +224,7 @@ fn the_embedded_store_lives_on_a_claim_of_a_one_pod_statefulset() {
     // On Redis the message service stays a Deployment.
     let full = example("pushcluster-full.yaml");
     assert!(!builders::embedded(&full));
-    assert!(desired(&full)
+    assert!(desired(&full, &Default::default())
         .unwrap()
         .iter()
         .any(|c| c.resource.kind == "Deployment" && c.object.name_any() == "push-prod-message"));
@@ -283,5 +287,173 @@ fn secrets_and_scheduling_reach_the_pods() {
         svc[2].spec.as_ref().unwrap().type_.as_deref(),
         Some("ClusterIP"),
         "admin stays private"
+    );
+}
+
+fn env_of(d: k8s_openapi::api::apps::v1::Deployment) -> String {
+    serde_json::to_string(&d.spec.unwrap().template.spec.unwrap().containers[0].env).unwrap()
+}
+
+fn secret_with(keys: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Secret {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "push-credentials"},
+        "data": keys.iter().map(|(k, v)| (k.to_string(), serde_json::json!(base64_of(v)))).collect::<serde_json::Map<_, _>>(),
+    }))
+    .unwrap()
+}
+
+fn base64_of(v: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(v)
+}
+
+#[test]
+fn credentials_are_generated_once_and_only_missing_keys_are_added() {
+    let pc = example("pushcluster-minimal.yaml");
+    let mut n = 0;
+    let mut fresh = || {
+        n += 1;
+        format!("value-{n}")
+    };
+    // None yet: every key, owned by the PushCluster.
+    let s = builders::credentials_secret(&pc, None, &mut fresh)
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.metadata.name.as_deref(), Some("push-credentials"));
+    assert_eq!(
+        s.metadata.owner_references.as_ref().unwrap()[0].kind,
+        "PushCluster"
+    );
+    let data = s.string_data.unwrap();
+    assert_eq!(
+        data.keys().collect::<Vec<_>>(),
+        ["admin-token", "rpc-token", "subscriber-secret"]
+    );
+    // Complete: nothing to write, whatever the values.
+    let full = secret_with(&[
+        ("admin-token", "a"),
+        ("rpc-token", "r"),
+        ("subscriber-secret", "s"),
+    ]);
+    assert!(builders::credentials_secret(&pc, Some(&full), &mut fresh)
+        .unwrap()
+        .is_none());
+    // A deleted key (rotation) is generated again; the others are not touched.
+    let rotated = secret_with(&[("admin-token", "a"), ("subscriber-secret", "s")]);
+    let w = builders::credentials_secret(&pc, Some(&rotated), &mut fresh)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        w.string_data.unwrap().keys().collect::<Vec<_>>(),
+        ["rpc-token"]
+    );
+    // Insecure: no Secret at all, no credential in any pod.
+    let mut insecure = pc.clone();
+    insecure.spec.auth.insecure = true;
+    assert!(builders::credentials_secret(&insecure, None, &mut fresh)
+        .unwrap()
+        .is_none());
+    for d in [
+        builders::web_deployment(&insecure, "h").unwrap(),
+        builders::comet_deployment(&insecure, "h").unwrap(),
+    ] {
+        assert!(!env_of(d).contains("secretKeyRef"));
+    }
+    // Tokens are 256 random bits.
+    let (a, b) = (builders::random_token(), builders::random_token());
+    assert_eq!(a.len(), 64);
+    assert_ne!(a, b);
+}
+
+#[test]
+fn every_component_reads_its_credentials_from_the_generated_secret() {
+    let pc = example("pushcluster-minimal.yaml");
+    let from = |key: &str| {
+        format!(r#""valueFrom":{{"secretKeyRef":{{"key":"{key}","name":"push-credentials"}}}}"#)
+    };
+    let web = env_of(builders::web_deployment(&pc, "h").unwrap());
+    for (var, key) in [
+        ("PUSH_ADMIN_TOKEN", "admin-token"),
+        ("PUSH_SUBSCRIBER_SECRET", "subscriber-secret"),
+        ("PUSH_RPC_TOKEN", "rpc-token"),
+    ] {
+        assert!(
+            web.contains(&format!(r#""name":"{var}",{}"#, from(key))),
+            "web {var}: {web}"
+        );
+    }
+    let comet = env_of(builders::comet_deployment(&pc, "h").unwrap());
+    assert!(comet.contains(&from("subscriber-secret")) && comet.contains(&from("rpc-token")));
+    assert!(
+        !comet.contains("admin-token"),
+        "comets never see the admin token"
+    );
+    let message = serde_json::to_string(
+        &builders::message_statefulset(&pc, "h")
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .env,
+    )
+    .unwrap();
+    assert!(message.contains(&from("rpc-token")));
+    assert!(!message.contains("admin-token") && !message.contains("subscriber-secret"));
+    // No credential is ever rendered into the ConfigMap.
+    let cm = serde_json::to_string(&builders::config_map(&pc).unwrap()).unwrap();
+    for word in ["admin_token", "subscriber_secret", "rpc_token"] {
+        assert!(!cm.contains(word), "{word} in the ConfigMap");
+    }
+    // The status names where to reach the cluster and its Secret.
+    let e = builders::endpoints(&pc);
+    assert_eq!(e.admin, "push-web-admin.team-a.svc:8091");
+    assert_eq!(e.credentials_secret.as_deref(), Some("push-credentials"));
+}
+
+#[test]
+fn rotating_a_credential_rolls_exactly_the_pods_that_read_it() {
+    let pc = example("pushcluster-minimal.yaml");
+    let keys = [
+        ("admin-token", "a"),
+        ("rpc-token", "r"),
+        ("subscriber-secret", "s"),
+    ];
+    let before = builders::config_hashes(&pc, &CredentialDigests::of(&secret_with(&keys))).unwrap();
+    let rotate = |key: &str| {
+        let changed: Vec<(&str, &str)> = keys
+            .iter()
+            .map(|(k, v)| (*k, if *k == key { "new" } else { *v }))
+            .collect();
+        builders::config_hashes(&pc, &CredentialDigests::of(&secret_with(&changed))).unwrap()
+    };
+    let admin = rotate("admin-token");
+    assert_eq!(
+        (
+            admin.comet == before.comet,
+            admin.message == before.message,
+            admin.web == before.web
+        ),
+        (true, true, false)
+    );
+    let sub = rotate("subscriber-secret");
+    assert_eq!(
+        (
+            sub.comet == before.comet,
+            sub.message == before.message,
+            sub.web == before.web
+        ),
+        (false, true, false)
+    );
+    let rpc = rotate("rpc-token");
+    assert_eq!(
+        (
+            rpc.comet == before.comet,
+            rpc.message == before.message,
+            rpc.web == before.web
+        ),
+        (false, false, false)
     );
 }

@@ -24,9 +24,12 @@ fn the_operator_cluster_role_has_no_wildcards() {
     let text =
         std::fs::read_to_string(root().join("charts/pushcluster-operator/templates/rbac.yaml"))
             .unwrap();
-    // The rules are plain YAML; template expressions only appear in metadata.
-    let role = text.split("---").next().unwrap();
-    let rules = &role[role.find("rules:").unwrap()..];
+    // The rules are plain YAML in one template, used by the ClusterRole and
+    // by the per-namespace Role alike.
+    let start = text.find(r#"define "pco.rules""#).unwrap();
+    let block = &text[start..];
+    let block = &block[..block.find("{{- end }}").unwrap()];
+    let rules = &block[block.find("rules:").unwrap()..];
     let parsed: serde_yaml::Value = serde_yaml::from_str(rules).unwrap();
     let rules = parsed["rules"].as_sequence().unwrap();
     assert!(rules.len() >= 8);

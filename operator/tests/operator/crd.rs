@@ -107,6 +107,14 @@ fn cel_rejects_bad_specs_with_clear_messages() {
             json!({"storage": {"embedded": {"size": "lots"}}}),
             "must be a quantity such as 1Gi",
         ),
+        (
+            json!({"storage": {"redis": {"url": "redis://:hunter2@redis:6379/0"}}, "message": {"replicas": 1}}),
+            "must not carry credentials",
+        ),
+        (
+            json!({"auth": {"insecure": true, "adminTokenSecret": {"name": "s", "key": "k"}}}),
+            "auth.insecure turns every credential off",
+        ),
     ];
     for (spec, want) in cases {
         let mut v = base.clone();

@@ -6,7 +6,7 @@
 use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::{Client, Resource, ResourceExt};
-use push_operator::builders::desired;
+use push_operator::builders::{desired, CredentialDigests};
 use push_operator::controller::{error_policy, reconcile, Context, Metrics};
 use push_operator::crd::PushCluster;
 use serde_json::{json, Value};
@@ -115,6 +115,13 @@ fn start(fake: Shared) -> Client {
                             }
                         }
                     },
+                    Method::PATCH if path.starts_with(SECRETS) => {
+                        // A merge patch of a Secret's stringData, as the
+                        // API server stores it: into data.
+                        let obj = f.objects.entry(path).or_insert(json!({}));
+                        merge(obj, &as_stored(&body));
+                        respond(200, &obj.clone())
+                    }
                     Method::PATCH if path.ends_with("/status") => {
                         let obj_path = path.trim_end_matches("/status").to_owned();
                         let obj = f.objects.entry(obj_path).or_insert(json!({}));
@@ -133,7 +140,23 @@ fn start(fake: Shared) -> Client {
                         f.objects.insert(path, obj.clone());
                         respond(200, &obj)
                     }
-                    Method::POST => respond(201, &body),
+                    Method::POST if path.ends_with("/events") => respond(201, &body),
+                    Method::POST => {
+                        let name = body["metadata"]["name"].as_str().unwrap_or_default();
+                        let obj_path = format!("{path}/{name}");
+                        if f.objects.contains_key(&obj_path) {
+                            respond(
+                                409,
+                                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "exists"}),
+                            )
+                        } else {
+                            f.rv += 1;
+                            let mut obj = as_stored(&body);
+                            obj["metadata"]["resourceVersion"] = json!(f.rv.to_string());
+                            f.objects.insert(obj_path, obj.clone());
+                            respond(201, &obj)
+                        }
+                    }
                     Method::DELETE => {
                         f.objects.remove(&path);
                         respond(
@@ -149,6 +172,30 @@ fn start(fake: Shared) -> Client {
         }
     });
     Client::new(svc, "team-a")
+}
+
+/// An object as the API server stores it: a Secret's stringData is base64
+/// data.
+fn as_stored(body: &Value) -> Value {
+    use base64::Engine;
+    let mut obj = body.clone();
+    if let Some(Value::Object(sd)) = obj.as_object_mut().and_then(|o| o.remove("stringData")) {
+        for (k, v) in sd {
+            let b =
+                base64::engine::general_purpose::STANDARD.encode(v.as_str().unwrap_or_default());
+            obj["data"][k] = json!(b);
+        }
+    }
+    obj
+}
+
+/// The digests of the credentials the fake holds.
+fn creds(fake: &Shared) -> CredentialDigests {
+    let f = fake.lock().unwrap();
+    f.objects
+        .get(&format!("{SECRETS}/push-credentials"))
+        .map(|s| CredentialDigests::of(&serde_json::from_value(s.clone()).unwrap()))
+        .unwrap_or_default()
 }
 
 /// Puts the PushCluster into the fake, as the API server holds it.
@@ -194,6 +241,7 @@ const SERVICES: &str = "/api/v1/namespaces/team-a/services";
 const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/team-a/deployments";
 const STATEFULSETS: &str = "/apis/apps/v1/namespaces/team-a/statefulsets";
 const PODS: &str = "/api/v1/namespaces/team-a/pods";
+const SECRETS: &str = "/api/v1/namespaces/team-a/secrets";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
 const STATUS: &str = "/apis/pushcluster.io/v1alpha1/namespaces/team-a/pushclusters/push/status";
 
@@ -238,8 +286,18 @@ async fn first_reconcile_applies_every_object_then_reports_status() {
     let action = reconcile(Arc::new(pc.clone()), ctx(start(fake.clone())))
         .await
         .unwrap();
-    let mut want = Vec::new();
-    for c in desired(&pc).unwrap() {
+    // The credentials first: read, created (never applied), announced.
+    let mut want = vec![
+        (Method::GET, format!("{SECRETS}/push-credentials")),
+        (Method::POST, SECRETS.into()),
+        (Method::POST, EVENTS.into()),
+    ];
+    let digests = creds(&fake);
+    assert_eq!(
+        digests.0.keys().collect::<Vec<_>>(),
+        ["admin-token", "rpc-token", "subscriber-secret"]
+    );
+    for c in desired(&pc, &digests).unwrap() {
         want.push((Method::GET, path_of(&c)));
         want.push((Method::PATCH, path_of(&c)));
     }
@@ -302,11 +360,14 @@ async fn a_no_op_reconcile_writes_nothing() {
     let pc = stored(&fake);
     fake.lock().unwrap().log.clear();
     reconcile(Arc::new(pc.clone()), ctx(client)).await.unwrap();
-    let mut want: Vec<(Method, String)> = desired(&pc)
-        .unwrap()
-        .iter()
-        .map(|c| (Method::GET, path_of(c)))
-        .collect();
+    let mut want: Vec<(Method, String)> =
+        vec![(Method::GET, format!("{SECRETS}/push-credentials"))];
+    want.extend(
+        desired(&pc, &creds(&fake))
+            .unwrap()
+            .iter()
+            .map(|c| (Method::GET, path_of(c))),
+    );
     want.push((Method::GET, LEASES.into()));
     want.push((Method::GET, SERVICES.into()));
     want.extend(observe_requests());
@@ -403,7 +464,7 @@ async fn a_rejected_apply_sets_degraded_warns_and_backs_off() {
     let log = fake.lock().unwrap().log.clone();
     let event = log
         .iter()
-        .find(|s| s.path == EVENTS)
+        .find(|s| s.path == EVENTS && s.body["type"] == "Warning")
         .expect("a Warning event");
     assert_eq!(event.body["type"], "Warning");
     assert_eq!(event.body["reason"], "ApplyFailed");
@@ -449,15 +510,14 @@ async fn an_unavailable_api_server_fails_the_reconcile_and_backs_off() {
     let err = reconcile(pc.clone(), c.clone()).await.unwrap_err();
     assert!(err.to_string().contains("etcd is down"), "{err}");
     assert_eq!(err.metric_label(), "kube");
-    // It stopped at the first object and tried to record Degraded.
+    // It stopped at the first read (the credentials) and tried to record
+    // Degraded.
     let log = requests(&fake);
     assert_eq!(
         log.first(),
-        Some(&(
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/push-config".to_owned()
-        ))
+        Some(&(Method::GET, format!("{SECRETS}/push-credentials")))
     );
+    assert!(!log.iter().any(|(_, p)| p.contains("configmaps")));
     assert!(log.iter().any(|(m, p)| *m == Method::PATCH && p == STATUS));
     let requeue = |s| kube::runtime::controller::Action::requeue(Duration::from_secs(s));
     for want in [5, 10, 20, 40] {

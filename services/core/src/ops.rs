@@ -202,8 +202,37 @@ pub enum ConfigError {
     Parse(std::path::PathBuf, serde_yaml::Error),
 }
 
+/// `url` with its credentials (`user:password@`) masked, for logs.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn credentials_in_urls_are_masked() {
+        assert_eq!(
+            super::redact_url("redis://:hunter2@redis:6379/0"),
+            "redis://***@redis:6379/0"
+        );
+        assert_eq!(
+            super::redact_url("rediss://user:p@ss@host/1"),
+            "rediss://***@host/1"
+        );
+        assert_eq!(
+            super::redact_url("redis://redis:6379/0"),
+            "redis://redis:6379/0"
+        );
+        assert_eq!(super::redact_url("redis://h/0?x=a@b"), "redis://h/0?x=a@b");
+    }
     use super::*;
     use tokio::runtime::RuntimeFlavor;
 

@@ -88,7 +88,7 @@ pub async fn open_store(cfg: &Config) -> Result<Backend, StoreError> {
                 cfg.retention.clone(),
             )
             .await?;
-            tracing::info!(url = %url, "storage: redis");
+            tracing::info!(url = %pushcluster_core::ops::redact_url(url), "storage: redis");
             Ok(Backend::Redis(s))
         }
         _ => {
