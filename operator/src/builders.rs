@@ -11,6 +11,7 @@ use crate::crd::{EndpointsStatus, PushCluster, SecretKeyRef};
 use crate::{Error, Result};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ApiResource, DynamicObject};
@@ -716,6 +717,83 @@ pub fn role_bindings(pc: &PushCluster) -> Result<Vec<RoleBinding>> {
         .collect()
 }
 
+/// The cluster's NetworkPolicies, one per component (see
+/// [`crate::crd::NetworkPolicySpec`]); none when disabled.
+pub fn network_policies(pc: &PushCluster) -> Result<Vec<NetworkPolicy>> {
+    let np = &pc.spec.network_policy;
+    if !np.enabled {
+        return Ok(Vec::new());
+    }
+    let peers = |p: &Vec<k8s_openapi::api::networking::v1::NetworkPolicyPeer>| -> Result<Value> {
+        serde_json::to_value(p).map_err(|e| Error::Render(e.to_string()))
+    };
+    // `from` absent = anyone; `podSelector: {}` alone = the policy's namespace.
+    let own_namespace = json!([{"podSelector": {}}]);
+    let or_own = |p: &Vec<_>| -> Result<Value> {
+        if p.is_empty() {
+            Ok(own_namespace.clone())
+        } else {
+            peers(p)
+        }
+    };
+    let pods_of = |components: &[&str]| -> Value {
+        components
+            .iter()
+            .map(|c| json!({"podSelector": {"matchLabels": selector(pc, c)}}))
+            .collect()
+    };
+    let rule = |ports: &[i32], from: Option<Value>| {
+        let mut r = json!({"ports": ports.iter().map(|p| json!({"protocol": "TCP", "port": p})).collect::<Vec<_>>()});
+        if let Some(f) = from {
+            r["from"] = f;
+        }
+        r
+    };
+    let public = if np.public_from.is_empty() {
+        None
+    } else {
+        Some(peers(&np.public_from)?)
+    };
+    let monitoring = or_own(&np.monitoring_from)?;
+    let c = &pc.spec.comet.ports;
+    let policy = |component: &str, ingress: Vec<Value>| -> Result<NetworkPolicy> {
+        typed(json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": metadata(pc, &name(pc, component), Some(component)),
+            "spec": {
+                "podSelector": {"matchLabels": selector(pc, component)},
+                "policyTypes": ["Ingress"],
+                "ingress": ingress,
+            },
+        }))
+    };
+    Ok(vec![
+        policy(
+            "comet",
+            vec![
+                rule(&[c.ws, c.tcp], public.clone()),
+                rule(&[c.rpc], Some(pods_of(&["web"]))),
+                rule(&[c.ops], Some(monitoring.clone())),
+            ],
+        )?,
+        policy(
+            "message",
+            vec![
+                rule(&[MESSAGE_PORT], Some(pods_of(&["comet", "web"]))),
+                rule(&[MESSAGE_OPS], Some(monitoring.clone())),
+            ],
+        )?,
+        policy(
+            "web",
+            vec![
+                rule(&[WEB_PUBLIC], public),
+                rule(&[WEB_ADMIN], Some(or_own(&np.admin_from)?)),
+                rule(&[WEB_OPS], Some(monitoring)),
+            ],
+        )?,
+    ])
+}
+
 /// PodDisruptionBudgets: voluntary evictions take one pod of a component at a
 /// time (a comet holder hands its shard over on eviction like on SIGTERM).
 pub fn pdbs(pc: &PushCluster) -> Result<Vec<PodDisruptionBudget>> {
@@ -775,6 +853,10 @@ pub fn desired(pc: &PushCluster, creds: &CredentialDigests) -> Result<Vec<Child>
         .chain(component_services(pc)?.iter())
     {
         out.push(child(s)?);
+    }
+    // Policies before the pods they protect.
+    for p in network_policies(pc)? {
+        out.push(child(&p)?);
     }
     if embedded(pc) {
         out.push(child(&message_statefulset(pc, &hash.message)?)?);

@@ -14,6 +14,7 @@ use crate::{Error, Result};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -316,6 +317,17 @@ async fn collect_garbage(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<Ve
                 .delete(&s.name_any(), &DeleteParams::default())
                 .await?;
             removed.push(format!("Service/{}", s.name_any()));
+        }
+    }
+    if !pc.spec.network_policy.enabled {
+        // Turned off after they were made: owner references only act when
+        // the PushCluster goes, so remove them here.
+        let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), ns);
+        for p in policies.list(&lp).await?.items {
+            policies
+                .delete(&p.name_any(), &DeleteParams::default())
+                .await?;
+            removed.push(format!("NetworkPolicy/{}", p.name_any()));
         }
     }
     Ok(removed)

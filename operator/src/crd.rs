@@ -5,6 +5,7 @@
 use k8s_openapi::api::core::v1::{
     Affinity, ResourceRequirements, Toleration, TopologySpreadConstraint,
 };
+use k8s_openapi::api::networking::v1::NetworkPolicyPeer;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -55,6 +56,48 @@ pub struct PushClusterSpec {
     /// Passed to every pod of the cluster.
     #[serde(default)]
     pub scheduling: SchedulingSpec,
+    /// Who may connect to which port (NetworkPolicies the operator generates).
+    #[serde(default)]
+    pub network_policy: NetworkPolicySpec,
+}
+
+/// The NetworkPolicies of a cluster: public ports open to `publicFrom`
+/// (default anyone), web's admin port to `adminFrom` (default the cluster's
+/// own namespace), gRPC ports only to the cluster's own pods, ops/metrics
+/// ports to `monitoringFrom` (default the cluster's own namespace). Egress is
+/// left open (comets reach the API server, the message service Redis).
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicySpec {
+    /// Generate the policies (a CNI that enforces them is needed for effect).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Who may reach the public ports (web public, comet WebSocket/SSE and
+    /// TCP); empty: anyone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub public_from: Vec<NetworkPolicyPeer>,
+    /// Who may reach web's admin port; empty: pods of the cluster's namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub admin_from: Vec<NetworkPolicyPeer>,
+    /// Who may reach the ops ports (`/metrics`); empty: pods of the
+    /// cluster's namespace. Name the monitoring namespace here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub monitoring_from: Vec<NetworkPolicyPeer>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for NetworkPolicySpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            public_from: Vec::new(),
+            admin_from: Vec::new(),
+            monitoring_from: Vec::new(),
+        }
+    }
 }
 
 fn default_image() -> String {

@@ -72,6 +72,9 @@ fn the_minimal_example_produces_the_whole_cluster() {
             "Service/push-message",
             "Service/push-web",
             "Service/push-web-admin",
+            "NetworkPolicy/push-comet",
+            "NetworkPolicy/push-message",
+            "NetworkPolicy/push-web",
             "StatefulSet/push-message",
             "Deployment/push-comet",
             "Deployment/push-web",
@@ -152,6 +155,7 @@ fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
                         && x.resource.kind != "Role"
                         && x.resource.kind != "RoleBinding"
                         && x.resource.kind != "PodDisruptionBudget"
+                        && x.resource.kind != "NetworkPolicy"
                 })
                 .unwrap();
             w.object.data["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH].clone()
@@ -456,4 +460,131 @@ fn rotating_a_credential_rolls_exactly_the_pods_that_read_it() {
         ),
         (false, false, false)
     );
+}
+
+/// The ingress rules of one policy as (ports, from) pairs; `None` = anyone.
+fn ingress_of(
+    p: &k8s_openapi::api::networking::v1::NetworkPolicy,
+) -> Vec<(Vec<i32>, Option<serde_json::Value>)> {
+    let spec = p.spec.as_ref().unwrap();
+    assert_eq!(
+        spec.policy_types.as_deref(),
+        Some(&["Ingress".to_owned()][..])
+    );
+    spec.ingress
+        .iter()
+        .flatten()
+        .map(|r| {
+            let ports = r
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| match p.port {
+                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => n,
+                    ref other => panic!("named port {other:?}"),
+                })
+                .collect();
+            (
+                ports,
+                r.from.as_ref().map(|f| serde_json::to_value(f).unwrap()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn network_policies_open_each_port_only_to_whom_it_serves() {
+    let pc = example("pushcluster-minimal.yaml");
+    let policies = builders::network_policies(&pc).unwrap();
+    let by_name: std::collections::BTreeMap<String, _> =
+        policies.iter().map(|p| (p.name_any(), p)).collect();
+    assert_eq!(
+        by_name.keys().collect::<Vec<_>>(),
+        ["push-comet", "push-message", "push-web"]
+    );
+    let pods = |components: &[&str]| {
+        Some(serde_json::Value::Array(
+            components
+                .iter()
+                .map(|c| serde_json::json!({"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "push", "app.kubernetes.io/component": c}}}))
+                .collect(),
+        ))
+    };
+    let own_namespace = Some(serde_json::json!([{"podSelector": {}}]));
+    // Comets: clients from anywhere; gRPC only from this cluster's web.
+    assert_eq!(
+        ingress_of(by_name["push-comet"]),
+        vec![
+            (vec![6968, 6969], None),
+            (vec![6970], pods(&["web"])),
+            (vec![6971], own_namespace.clone()),
+        ]
+    );
+    // The message service: only this cluster's comets and web.
+    assert_eq!(
+        ingress_of(by_name["push-message"]),
+        vec![
+            (vec![8070], pods(&["comet", "web"])),
+            (vec![8071], own_namespace.clone()),
+        ]
+    );
+    // Web: public API from anywhere, admin from the cluster's own namespace.
+    assert_eq!(
+        ingress_of(by_name["push-web"]),
+        vec![
+            (vec![8090], None),
+            (vec![8091], own_namespace.clone()),
+            (vec![8092], own_namespace.clone()),
+        ]
+    );
+    for p in &policies {
+        assert_eq!(
+            p.spec
+                .as_ref()
+                .unwrap()
+                .pod_selector
+                .as_ref()
+                .unwrap()
+                .match_labels
+                .as_ref()
+                .unwrap()["app.kubernetes.io/instance"],
+            "push"
+        );
+    }
+
+    // What the spec lists replaces the defaults.
+    let mut custom = pc.clone();
+    custom.spec.network_policy = serde_json::from_value(serde_json::json!({
+        "publicFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
+        "adminFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "backend"}}}],
+        "monitoringFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+    }))
+    .unwrap();
+    let web = builders::network_policies(&custom)
+        .unwrap()
+        .into_iter()
+        .find(|p| p.name_any() == "push-web")
+        .unwrap();
+    let rules = ingress_of(&web);
+    assert_eq!(
+        rules[0].1,
+        Some(serde_json::json!([{"ipBlock": {"cidr": "10.0.0.0/8"}}]))
+    );
+    assert!(rules[1].1.as_ref().unwrap().to_string().contains("backend"));
+    assert!(rules[2]
+        .1
+        .as_ref()
+        .unwrap()
+        .to_string()
+        .contains("monitoring"));
+    // Turned off: none.
+    custom.spec.network_policy.enabled = false;
+    assert!(builders::network_policies(&custom).unwrap().is_empty());
+    // They are part of what the operator applies.
+    let kinds: Vec<String> = desired(&pc, &Default::default())
+        .unwrap()
+        .iter()
+        .map(|c| c.resource.kind.clone())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "NetworkPolicy").count(), 3);
 }
