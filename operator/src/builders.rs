@@ -10,6 +10,7 @@
 use crate::crd::{EndpointsStatus, PushCluster, SecretKeyRef};
 use crate::{Error, Result};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -628,6 +629,46 @@ pub fn shard_services(pc: &PushCluster) -> Result<Vec<Service>> {
         .collect()
 }
 
+/// The headless Service over every comet, `<cluster>-comets`: its
+/// EndpointSlices tell web and the comets each comet pod's address and
+/// readiness; the shard Leases tell which pod serves which shard.
+pub fn comets_service(pc: &PushCluster) -> Result<Service> {
+    let c = &pc.spec.comet.ports;
+    let mut s = service(
+        pc,
+        &pushcluster_lease::endpoints::comets_service(&pc.name_any()),
+        Some("comet"),
+        BTreeMap::new(),
+        selector(pc, "comet"),
+        &[("ws", c.ws), ("tcp", c.tcp), ("rpc", c.rpc)],
+        "ClusterIP",
+    )?;
+    if let Some(spec) = s.spec.as_mut() {
+        spec.cluster_ip = Some("None".into());
+    }
+    Ok(s)
+}
+
+/// The shard Leases `<cluster>-comet-<k>`, made by the operator (without a
+/// holder) so comets need no right to create Leases: they may only get and
+/// update these names. Only metadata is applied; the comets own the spec.
+pub fn shard_leases(pc: &PushCluster) -> Result<Vec<Lease>> {
+    (0..pc.spec.comet.shards.max(1))
+        .map(|k| {
+            let mut meta = metadata(
+                pc,
+                &pushcluster_lease::kubernetes::lease_name(&pc.name_any(), k as u32),
+                Some("comet"),
+            );
+            meta["labels"][pushcluster_lease::kubernetes::SHARD_LABEL] = k.to_string().into();
+            typed(json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": meta,
+            }))
+        })
+        .collect()
+}
+
 /// Services of message (gRPC), web's public listener and web's admin listener
 /// (never exposed outside the cluster).
 pub fn component_services(pc: &PushCluster) -> Result<Vec<Service>> {
@@ -676,18 +717,24 @@ pub fn service_accounts(pc: &PushCluster) -> Result<Vec<ServiceAccount>> {
         .collect()
 }
 
-/// Least-privilege Roles: comets take and renew shard Leases, label their own
-/// pod and read EndpointSlices; web reads EndpointSlices and Leases; the
-/// message service needs no API access at all.
+/// Least-privilege Roles: comets read Leases and EndpointSlices and may
+/// write (get, update) only their own cluster's shard Leases, by name; they
+/// create nothing and patch no pod. Web only reads Leases and EndpointSlices;
+/// the message service needs no API access at all.
 pub fn roles(pc: &PushCluster) -> Result<Vec<Role>> {
     let slices = json!({"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]});
+    let own_leases: Vec<String> = (0..pc.spec.comet.shards.max(1))
+        .map(|k| pushcluster_lease::kubernetes::lease_name(&pc.name_any(), k as u32))
+        .collect();
     Ok(vec![
         typed(json!({
             "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
             "metadata": metadata(pc, &name(pc, "comet"), Some("comet")),
             "rules": [
-                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "list", "watch", "create", "update"]},
-                {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]},
+                // Listing and watching cannot be limited by name; Leases hold
+                // no secrets. Writes are limited to this cluster's shards.
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["list", "watch"]},
+                {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": own_leases, "verbs": ["get", "update"]},
                 slices,
             ],
         }))?,
@@ -850,9 +897,13 @@ pub fn desired(pc: &PushCluster, creds: &CredentialDigests) -> Result<Vec<Child>
     }
     for s in shard_services(pc)?
         .iter()
+        .chain(std::iter::once(&comets_service(pc)?))
         .chain(component_services(pc)?.iter())
     {
         out.push(child(s)?);
+    }
+    for l in shard_leases(pc)? {
+        out.push(child(&l)?);
     }
     // Policies before the pods they protect.
     for p in network_policies(pc)? {

@@ -5,6 +5,7 @@
 pub mod builders;
 pub mod controller;
 pub mod crd;
+pub mod holders;
 
 /// Errors of the operator.
 #[derive(Debug, thiserror::Error)]

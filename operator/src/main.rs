@@ -149,6 +149,11 @@ async fn run(
             }
         };
     }
+    let holders = tokio::spawn(push_operator::holders::run(
+        client.clone(),
+        namespace.clone(),
+        cancel.clone(),
+    ));
     let ctx = Context::new(client.clone(), metrics);
     let cfg = watcher::Config::default().any_semantic();
     let owned_cfg =
@@ -173,6 +178,7 @@ async fn run(
         })
         .await;
     ready.set(false);
+    let _ = holders.await;
     leader_cancel.cancel();
     cancel.cancel();
     let _ = ops.await;

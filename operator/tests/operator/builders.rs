@@ -69,9 +69,12 @@ fn the_minimal_example_produces_the_whole_cluster() {
             "RoleBinding/push-web",
             "Service/push-comet-0",
             "Service/push-comet-1",
+            "Service/push-comets",
             "Service/push-message",
             "Service/push-web",
             "Service/push-web-admin",
+            "Lease/push-comet-0",
+            "Lease/push-comet-1",
             "NetworkPolicy/push-comet",
             "NetworkPolicy/push-message",
             "NetworkPolicy/push-web",
@@ -246,6 +249,43 @@ fn rbac_is_least_privilege() {
             assert!(!rule.resources.unwrap_or_default().iter().any(|x| x == "*"));
         }
     }
+    // Comets (internet-facing) write only their own cluster's shard Leases,
+    // by name, create nothing and touch no pod.
+    let comet = builders::roles(&pc)
+        .unwrap()
+        .into_iter()
+        .find(|r| r.name_any() == "push-comet")
+        .unwrap();
+    let rules = comet.rules.unwrap();
+    for rule in &rules {
+        let resources = rule.resources.clone().unwrap_or_default();
+        assert!(!resources.contains(&"pods".to_owned()), "{rule:?}");
+        assert!(
+            !rule.verbs.iter().any(|v| v == "create" || v == "patch"),
+            "{rule:?}"
+        );
+        if rule.verbs.iter().any(|v| v == "update") {
+            assert_eq!(resources, ["leases"]);
+            assert_eq!(
+                rule.resource_names.as_deref(),
+                Some(&["push-comet-0".to_owned(), "push-comet-1".to_owned()][..])
+            );
+        }
+    }
+    // The operator makes those Leases, so comets never need to.
+    let leases = builders::shard_leases(&pc).unwrap();
+    assert_eq!(
+        leases.iter().map(|l| l.name_any()).collect::<Vec<_>>(),
+        ["push-comet-0", "push-comet-1"]
+    );
+    assert!(leases
+        .iter()
+        .all(|l| l.spec.is_none() && l.owner_references()[0].kind == "PushCluster"));
+    assert_eq!(leases[1].labels()["pushcluster.io/shard"], "1");
+    // The headless Service that maps comet pods to addresses.
+    let s = builders::comets_service(&pc).unwrap();
+    assert_eq!(s.name_any(), "push-comets");
+    assert_eq!(s.spec.unwrap().cluster_ip.as_deref(), Some("None"));
     let sas = builders::service_accounts(&pc).unwrap();
     let message = sas.iter().find(|s| s.name_any() == "push-message").unwrap();
     assert_eq!(message.automount_service_account_token, Some(false));

@@ -133,12 +133,16 @@ fn start(fake: Shared) -> Client {
                         &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "reason": "Invalid", "code": 422, "message": "rejected by admission"}),
                     ),
                     Method::PATCH => {
+                        // Server-side apply: fields the patch does not name
+                        // (a Lease's spec, written by comets) are kept.
                         f.rv += 1;
-                        let mut obj = body.clone();
-                        obj["metadata"]["uid"] = json!(format!("uid-{}", f.rv));
-                        obj["metadata"]["resourceVersion"] = json!(f.rv.to_string());
-                        f.objects.insert(path, obj.clone());
-                        respond(200, &obj)
+                        let rv = f.rv;
+                        let obj = f.objects.entry(path).or_insert_with(|| {
+                            json!({"metadata": {"uid": format!("uid-{rv}")}})
+                        });
+                        merge(obj, &body);
+                        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                        respond(200, &obj.clone())
                     }
                     Method::POST if path.ends_with("/events") => respond(201, &body),
                     Method::POST => {

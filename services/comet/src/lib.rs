@@ -274,8 +274,6 @@ pub struct Comet {
     /// may not show yet right after we acquire it.
     ring: RwLock<Arc<Ring>>,
     ready: Readiness,
-    /// Kubernetes: labels our pod with the shard we serve.
-    labeler: Option<pushcluster_lease::kubernetes::PodLabeler>,
     stripes: Vec<tokio::sync::Mutex<()>>,
     metrics: Metrics,
 }
@@ -308,7 +306,6 @@ impl Comet {
         cfg: Config,
         membership: Arc<dyn Membership>,
         ownership: watch::Receiver<Ownership>,
-        labeler: Option<pushcluster_lease::kubernetes::PodLabeler>,
         reg: &mut MetricsRegistry,
     ) -> Result<Arc<Self>, Error> {
         let slow = Counter::default();
@@ -330,7 +327,6 @@ impl Comet {
             ownership,
             ring: RwLock::new(Arc::new(Ring::new([], DEFAULT_VNODES))),
             ready: Readiness::default(),
-            labeler,
             stripes: (0..PUSH_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
@@ -449,13 +445,6 @@ impl Comet {
                 tracing::info!(from = ?serving, to = ?now, "shard ownership changed");
                 self.metrics.lease_transitions.inc();
                 serving = now;
-                // The label puts this pod behind its shard's Service; set it
-                // before turning ready, drop it as soon as we stop serving.
-                if let Some(l) = &self.labeler {
-                    if let Err(e) = l.set_shard(now).await {
-                        tracing::warn!(error = %e, "cannot label this pod with its shard");
-                    }
-                }
             }
             self.refresh();
             let n = self.registry.close_where(|k| self.owns(k));
@@ -506,7 +495,6 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut reg = MetricsRegistry::default();
     let background = CancellationToken::new();
     let owner_cancel = CancellationToken::new();
-    let mut labeler = None;
     let (membership, ownership, owner_task, _static_owner): (Arc<dyn Membership>, _, _, _) =
         match cfg.membership.kind {
             MembershipKind::Static => {
@@ -543,7 +531,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                 (Arc::new(membership), rx, Some(task), None)
             }
             MembershipKind::Kubernetes => {
-                use pushcluster_lease::kubernetes::{KubeLeases, PodLabeler};
+                use pushcluster_lease::kubernetes::KubeLeases;
                 let (client, ns) = cfg
                     .membership
                     .kube_client()
@@ -558,24 +546,26 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                     ),
                 );
                 let _watch = leases.spawn_watcher();
-                // Same ring as web: from the per-shard Services' EndpointSlices.
+                // Same ring as web: Lease holders at their addresses in the
+                // comets Service's EndpointSlices. This pod patches no pod:
+                // the Lease (which it may update) is all it writes.
                 let membership = pushcluster_lease::endpoints::EndpointSliceMembership::start(
                     client.clone(),
                     &ns,
                     cluster,
                     background.clone(),
                 );
-                // The shard count follows the shard Services, so a reshard
-                // needs no restart (config `shards` is not used here).
+                // The shard count follows the shard Leases the operator
+                // keeps, so a reshard needs no restart (config `shards` is
+                // not used here).
                 let shard_count = membership.shard_count();
                 let mut candidate = cfg.candidate();
                 if let Ok(pod) = std::env::var("POD_NAME") {
-                    labeler = Some(PodLabeler::new(kube::Api::namespaced(client, &ns), &pod));
                     // The lease holder is the pod: EndpointSlices name it.
                     candidate.holder = pod;
                 } else {
                     tracing::warn!(
-                        "POD_NAME is not set: this pod will not be labelled with its shard"
+                        "POD_NAME is not set: web cannot find this comet's address from its Lease"
                     );
                 }
                 tracing::info!(holder = %candidate.holder, namespace = %ns, "standby: waiting for a shard Lease");
@@ -590,7 +580,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                 (Arc::new(membership), rx, Some(task), None)
             }
         };
-    let comet = Comet::new(cfg.clone(), membership, ownership, labeler, &mut reg)?;
+    let comet = Comet::new(cfg.clone(), membership, ownership, &mut reg)?;
     let ready = comet.ready.clone();
 
     let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen)

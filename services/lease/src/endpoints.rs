@@ -1,7 +1,7 @@
-//! Membership from EndpointSlices (Kubernetes): ring members are shards; a
-//! shard's address is the ready endpoint of its Service `<cluster>-comet-<k>`;
-//! when two ready endpoints claim one shard, the Lease holder wins; a shard
-//! with no ready endpoint is off the ring until it returns.
+//! Membership from Leases and EndpointSlices (Kubernetes): ring members are
+//! the shards whose Leases exist; a shard's address is its Lease holder's
+//! ready endpoint in the headless Service over all comets (`<cluster>-comets`);
+//! a shard without a ready holder is off the ring until it returns.
 
 use crate::kubernetes::{CLUSTER_LABEL, SHARD_LABEL};
 use futures::StreamExt;
@@ -22,18 +22,10 @@ pub const PORT_TCP: &str = "tcp";
 /// gRPC port name.
 pub const PORT_RPC: &str = "rpc";
 
-fn shard_of(cluster: &str, s: &EndpointSlice) -> Option<u32> {
-    let labels = s.metadata.labels.as_ref()?;
-    labels
-        .get(SHARD_LABEL)
-        .and_then(|v| v.parse().ok())
-        .or_else(|| {
-            labels
-                .get("kubernetes.io/service-name")?
-                .strip_prefix(&format!("{cluster}-comet-"))?
-                .parse()
-                .ok()
-        })
+/// Name of the headless Service over every comet of `cluster`: its
+/// EndpointSlices map comet pods to addresses and readiness.
+pub fn comets_service(cluster: &str) -> String {
+    format!("{cluster}-comets")
 }
 
 fn host_port(ip: &str, port: i32) -> String {
@@ -44,18 +36,20 @@ fn host_port(ip: &str, port: i32) -> String {
     }
 }
 
-/// Builds the view from EndpointSlices and the Lease holder (pod name) per shard.
-pub fn view_from(
-    cluster: &str,
-    slices: &[Arc<EndpointSlice>],
-    holders: &BTreeMap<u32, String>,
-) -> ClusterView {
-    // shard -> ready endpoints as (pod, endpoint)
-    let mut claims: BTreeMap<u32, Vec<(String, ShardEndpoint)>> = BTreeMap::new();
+/// Ready comet pods of `cluster` and their endpoints (shard not yet set).
+fn ready_comets(cluster: &str, slices: &[Arc<EndpointSlice>]) -> BTreeMap<String, ShardEndpoint> {
+    let service = comets_service(cluster);
+    let mut out = BTreeMap::new();
     for s in slices {
-        let Some(shard) = shard_of(cluster, s) else {
+        let of_service = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("kubernetes.io/service-name"))
+            .is_some_and(|n| *n == service);
+        if !of_service {
             continue;
-        };
+        }
         let port = |name: &str| {
             s.ports
                 .iter()
@@ -70,53 +64,53 @@ pub fn view_from(
         for e in &s.endpoints {
             // An unset `ready` means ready (EndpointSlice API semantics).
             let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            let Some(ip) = e.addresses.first() else {
+            let (Some(ip), Some(pod)) = (
+                e.addresses.first(),
+                e.target_ref.as_ref().and_then(|r| r.name.clone()),
+            ) else {
                 continue;
             };
-            if !ready {
-                continue;
+            if ready {
+                out.insert(
+                    pod,
+                    ShardEndpoint {
+                        shard: 0,
+                        rpc: format!("http://{}", host_port(ip, rpc)),
+                        ws: host_port(ip, ws),
+                        tcp: host_port(ip, tcp),
+                    },
+                );
             }
-            let pod = e
-                .target_ref
-                .as_ref()
-                .and_then(|r| r.name.clone())
-                .unwrap_or_default();
-            claims.entry(shard).or_default().push((
-                pod,
-                ShardEndpoint {
-                    shard,
-                    rpc: format!("http://{}", host_port(ip, rpc)),
-                    ws: host_port(ip, ws),
-                    tcp: host_port(ip, tcp),
-                },
-            ));
         }
     }
-    // Routing follows the Lease holder, not readiness alone: a pod that
-    // stepped down but could not drop its shard label yet is not routed to.
-    // Without any Lease for the shard (none seen yet) the first ready
-    // endpoint serves.
-    let chosen = claims.into_iter().filter_map(|(shard, mut eps)| {
-        eps.sort_by(|a, b| a.0.cmp(&b.0));
-        let pick = match holders.get(&shard) {
-            None => Some(0),
-            Some(holder) => eps.iter().position(|(pod, _)| pod == holder),
-        };
-        pick.and_then(|i| eps.into_iter().nth(i)).map(|(_, e)| e)
-    });
-    ClusterView::new(chosen)
+    out
 }
 
-/// The number of shards: one past the highest shard that has a Service
-/// (an EndpointSlice), ready endpoints or not. The operator creates exactly
-/// the shard Services of `spec.comet.shards`, so this follows the spec
-/// without a restart.
-pub fn shard_count(cluster: &str, slices: &[Arc<EndpointSlice>]) -> u32 {
-    slices
-        .iter()
-        .filter_map(|s| shard_of(cluster, s))
-        .max()
-        .map_or(0, |k| k + 1)
+/// Builds the view from the comets Service's EndpointSlices and the Lease
+/// holder (pod name) per shard: a shard is served by its holder's address
+/// while the holder is a ready endpoint. No pod label is involved, so comets
+/// need no right to patch pods: the Lease says who, the EndpointSlice where.
+/// A released Lease (no holder) or a holder that is not ready puts the shard
+/// off the ring until it is served again.
+pub fn view_from(
+    cluster: &str,
+    slices: &[Arc<EndpointSlice>],
+    holders: &BTreeMap<u32, String>,
+) -> ClusterView {
+    let ready = ready_comets(cluster, slices);
+    ClusterView::new(holders.iter().filter_map(|(shard, holder)| {
+        ready.get(holder).map(|e| ShardEndpoint {
+            shard: *shard,
+            ..e.clone()
+        })
+    }))
+}
+
+/// The number of shards: one past the highest shard Lease. The operator
+/// creates exactly the Leases of `spec.comet.shards` (and deletes the rest),
+/// so this follows the spec without a restart.
+pub fn shard_count(shard_leases: &BTreeMap<u32, String>) -> u32 {
+    shard_leases.keys().next_back().map_or(0, |k| k + 1)
 }
 
 /// Follows EndpointSlices and Leases of one cluster.
@@ -169,7 +163,7 @@ impl EndpointSliceMembership {
                     .collect();
                 let state = slices.state();
                 count_tx.send_if_modified(|n| {
-                    let now = shard_count(&cluster, &state);
+                    let now = shard_count(&holders);
                     std::mem::replace(n, now) != now
                 });
                 let view = view_from(&cluster, &state, &holders);
@@ -186,7 +180,7 @@ impl EndpointSliceMembership {
         Self { rx, shards }
     }
 
-    /// The shard count as the shard Services say (0 until they are listed).
+    /// The shard count as the shard Leases say (0 until they are listed).
     pub fn shard_count(&self) -> watch::Receiver<u32> {
         self.shards.clone()
     }
@@ -203,11 +197,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn slice(shard: u32, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
+    fn slice(service: &str, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
         Arc::new(
             serde_json::from_value(json!({
-                "metadata": {"name": format!("pc-comet-{shard}-abc"), "labels": {
-                    "kubernetes.io/service-name": format!("pc-comet-{shard}"),
+                "metadata": {"name": format!("{service}-abc"), "labels": {
+                    "kubernetes.io/service-name": service,
                     "pushcluster.io/cluster": "pc"}},
                 "addressType": "IPv4",
                 "ports": [{"name": "ws", "port": 6968}, {"name": "tcp", "port": 6969}, {"name": "rpc", "port": 6970}],
@@ -221,84 +215,72 @@ mod tests {
         json!({"addresses": [ip], "conditions": {"ready": ready}, "targetRef": {"kind": "Pod", "name": pod}})
     }
 
+    fn holders(h: &[(u32, &str)]) -> BTreeMap<u32, String> {
+        h.iter().map(|(k, p)| (*k, (*p).to_owned())).collect()
+    }
+
     #[test]
-    fn shards_with_ready_endpoints_form_the_ring() {
-        let slices = vec![
-            slice(0, json!([ep("10.0.0.1", "comet-a", Some(true))])),
-            slice(1, json!([ep("10.0.0.2", "comet-b", None)])),
-            slice(2, json!([ep("10.0.0.3", "comet-c", Some(false))])),
-        ];
-        let v = view_from("pc", &slices, &BTreeMap::new());
+    fn each_shard_is_served_by_its_ready_lease_holder() {
+        let slices = vec![slice(
+            "pc-comets",
+            json!([
+                ep("10.0.0.1", "comet-a", Some(true)),
+                ep("10.0.0.2", "comet-b", None),
+                ep("10.0.0.3", "comet-c", Some(false)),
+                ep("10.0.0.4", "standby", Some(true))
+            ]),
+        )];
+        let v = view_from(
+            "pc",
+            &slices,
+            &holders(&[(0, "comet-a"), (1, "comet-b"), (2, "comet-c")]),
+        );
         assert_eq!(v.endpoints.keys().copied().collect::<Vec<_>>(), vec![0, 1]);
         assert_eq!(v.endpoints[&0].ws, "10.0.0.1:6968");
         assert_eq!(v.endpoints[&0].rpc, "http://10.0.0.1:6970");
         assert_eq!(v.endpoints[&1].tcp, "10.0.0.2:6969");
-        // Shard 2's keys go elsewhere until it is back.
+        assert_eq!(v.endpoints[&1].shard, 1);
+        // Shard 2's holder is not ready: its keys go elsewhere until it is.
         for i in 0..100 {
             assert_ne!(v.ring.shard_for(&format!("k{i}")), Some(2));
         }
+        // The Lease decides: the same pods, shard 0 handed to the standby.
+        let v = view_from("pc", &slices, &holders(&[(0, "standby"), (1, "comet-b")]));
+        assert_eq!(v.endpoints[&0].ws, "10.0.0.4:6968");
     }
 
     #[test]
-    fn the_lease_holder_wins_when_two_endpoints_claim_a_shard() {
+    fn a_released_lease_or_an_unknown_holder_is_not_routed_to() {
         let slices = vec![slice(
-            0,
-            json!([
-                ep("10.0.0.1", "comet-a", Some(true)),
-                ep("10.0.0.9", "comet-z", Some(true))
-            ]),
+            "pc-comets",
+            json!([ep("10.0.0.1", "comet-a", Some(true))]),
         )];
-        let holders = BTreeMap::from([(0, "comet-z".to_owned())]);
-        assert_eq!(
-            view_from("pc", &slices, &holders).endpoints[&0].ws,
-            "10.0.0.9:6968"
-        );
-        let holders = BTreeMap::from([(0, "comet-a".to_owned())]);
-        assert_eq!(
-            view_from("pc", &slices, &holders).endpoints[&0].ws,
-            "10.0.0.1:6968"
-        );
+        assert!(view_from("pc", &slices, &holders(&[(0, "")]))
+            .endpoints
+            .is_empty());
+        assert!(view_from("pc", &slices, &holders(&[(0, "comet-gone")]))
+            .endpoints
+            .is_empty());
     }
 
     #[test]
-    fn a_ready_endpoint_that_is_not_the_lease_holder_is_not_routed_to() {
-        // comet-a stepped down but still carries the shard label; comet-b
-        // holds the Lease and is not labelled yet: nobody serves shard 0.
-        let slices = vec![slice(0, json!([ep("10.0.0.1", "comet-a", Some(true))]))];
-        let holders = BTreeMap::from([(0, "comet-b".to_owned())]);
-        assert!(view_from("pc", &slices, &holders).endpoints.is_empty());
-        // A released Lease names nobody.
-        let released = BTreeMap::from([(0, String::new())]);
-        assert!(view_from("pc", &slices, &released).endpoints.is_empty());
-    }
-
-    #[test]
-    fn the_shard_count_follows_the_shard_services() {
-        assert_eq!(shard_count("pc", &[]), 0);
-        let slices = vec![
-            slice(0, json!([])),
-            slice(2, json!([ep("10.0.0.3", "c", Some(false))])),
-            slice(1, json!([])),
-        ];
-        assert_eq!(shard_count("pc", &slices), 3);
-        assert_eq!(shard_count("pc", &slices[..1]), 1);
+    fn the_shard_count_follows_the_shard_leases() {
+        assert_eq!(shard_count(&BTreeMap::new()), 0);
+        assert_eq!(shard_count(&holders(&[(0, ""), (2, "x"), (1, "")])), 3);
+        assert_eq!(shard_count(&holders(&[(0, "")])), 1);
     }
 
     #[test]
     fn slices_without_the_named_ports_or_of_other_services_are_ignored() {
-        let mut s = (*slice(0, json!([ep("10.0.0.1", "a", Some(true))]))).clone();
+        let mut s = (*slice("pc-comets", json!([ep("10.0.0.1", "a", Some(true))]))).clone();
         s.ports = None;
-        let mut other = (*slice(1, json!([ep("10.0.0.2", "b", Some(true))]))).clone();
-        other.metadata.labels = Some(BTreeMap::from([(
-            "kubernetes.io/service-name".to_owned(),
-            "something-else".to_owned(),
-        )]));
-        let v = view_from("pc", &[Arc::new(s), Arc::new(other)], &BTreeMap::new());
+        let other = slice("something-else", json!([ep("10.0.0.2", "b", Some(true))]));
+        let v = view_from("pc", &[Arc::new(s), other], &holders(&[(0, "a"), (1, "b")]));
         assert!(v.endpoints.is_empty());
         let v6 = view_from(
             "pc",
-            &[slice(3, json!([ep("fd00::1", "a", Some(true))]))],
-            &BTreeMap::new(),
+            &[slice("pc-comets", json!([ep("fd00::1", "a", Some(true))]))],
+            &holders(&[(3, "a")]),
         );
         assert_eq!(v6.endpoints[&3].ws, "[fd00::1]:6968");
     }

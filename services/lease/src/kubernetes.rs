@@ -1,6 +1,7 @@
 //! Kubernetes leases: `coordination.k8s.io/v1` Lease `<cluster>-comet-<k>` per
-//! shard, and the pod label `pushcluster.io/shard=<k>` that puts the holder
-//! behind its shard's Service.
+//! shard (created by the operator, so a comet needs only get and update on
+//! its cluster's Leases), and the pod label `pushcluster.io/shard=<k>` that
+//! puts the holder behind its shard's Service (set by the operator).
 //!
 //! Writes are optimistic: every update carries the resourceVersion last read,
 //! and 409 Conflict means somebody else wrote first (we lost the race).
@@ -329,8 +330,9 @@ const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// Deletion cost of a shard holder (standbys have the default, 0).
 const HOLDER_DELETION_COST: &str = "1000";
 
-/// Labels this comet's own pod with the shard it serves, so the shard's
-/// Service selects it (and removes the label when it stops).
+/// Labels a comet pod with the shard it holds, so the shard's Service
+/// selects it (and removes the label when it holds none). The operator does
+/// this for the comets: they patch no pods themselves.
 pub struct PodLabeler {
     api: Api<Pod>,
     pod: String,
