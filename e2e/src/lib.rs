@@ -443,3 +443,40 @@ pub async fn wait_ready(
     )
     .await
 }
+
+/// What a PushCluster's generated credentials Secret holds.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub admin_token: String,
+    pub subscriber_secret: String,
+    pub rpc_token: String,
+}
+
+/// Reads `<cluster>-credentials` from `namespace` (as an app team would
+/// with `kubectl get secret`), waiting until the operator made it.
+pub async fn credentials(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+) -> anyhow::Result<Credentials> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), namespace);
+    let name = format!("{cluster}-credentials");
+    wait(
+        &format!("Secret {namespace}/{name}"),
+        Duration::from_secs(60),
+        || async { Ok(secrets.get_opt(&name).await?.is_some()) },
+    )
+    .await?;
+    let s = secrets.get(&name).await?;
+    let data = s.data.unwrap_or_default();
+    let get = |k: &str| -> anyhow::Result<String> {
+        let v = data.get(k).with_context(|| format!("{name} has no {k}"))?;
+        Ok(String::from_utf8(v.0.clone())?)
+    };
+    Ok(Credentials {
+        admin_token: get("admin-token")?,
+        subscriber_secret: get("subscriber-secret")?,
+        rpc_token: get("rpc-token")?,
+    })
+}

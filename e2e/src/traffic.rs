@@ -185,6 +185,9 @@ pub struct Load {
     pub rate: u32,
     /// Prefix of key names (so two clusters' keys differ).
     pub prefix: String,
+    /// The cluster's subscriber secret: each follower gets its key's token,
+    /// as an app back end would hand it out.
+    pub subscriber_secret: Option<String>,
 }
 
 impl Traffic {
@@ -205,7 +208,10 @@ impl Traffic {
                 api: api.clone(),
                 key: key.clone(),
                 proto,
-                token: None,
+                token: load.subscriber_secret.as_ref().map(|s| {
+                    let expiry = pushcluster_core::token::unix_now() + 24 * 3600;
+                    pushcluster_core::token::mint(s.as_bytes(), key, expiry)
+                }),
                 until,
                 control: control.clone(),
             };

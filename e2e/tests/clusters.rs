@@ -4,13 +4,19 @@
 //! or use the other's keys, messages or credentials.
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ListParams, PostParams};
 use kube::Client;
-use pushcluster_client::http::{Client as HttpApi, Proto};
+use push_operator::crd::PushCluster;
+use pushcluster_client::http::Client as HttpApi;
 use pushcluster_e2e::traffic::ServiceProxy;
 use pushcluster_e2e::{
-    apply_example, full_cluster, helm, kubectl, rollout_status, wait_ready, Images, TestNamespace,
+    apply_example, credentials, full_cluster, helm, kubectl, rollout_status, wait_ready, Images,
+    TestNamespace,
 };
+use pushcluster_proto::auth::RpcToken;
+use pushcluster_proto::v1::comet_client::CometClient;
+use pushcluster_proto::v1::message_client::MessageClient;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -179,8 +185,76 @@ spec:
     result
 }
 
+/// gRPC to `addr` (`host:port`) with `token` (none: no credentials): the
+/// code the server answers a Fetch with.
+async fn grpc_fetch(addr: &str, token: Option<&str>) -> anyhow::Result<tonic::Code> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await?;
+    let mut c = MessageClient::new(RpcToken::new(token)?.on(channel));
+    let req = pushcluster_proto::v1::FetchRequest {
+        key: "k".into(),
+        after_mid: 0,
+        gid: 0,
+        limit: 0,
+    };
+    Ok(match c.fetch(req).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    })
+}
+
+/// gRPC Push to a comet at `addr` with `token`: the code it answers.
+async fn grpc_push(addr: &str, token: Option<&str>) -> anyhow::Result<tonic::Code> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(3))
+        .connect()
+        .await?;
+    let mut c = CometClient::new(RpcToken::new(token)?.on(channel));
+    let req = pushcluster_proto::v1::PushRequest {
+        key: "grpc-probe".into(),
+        payload: b"{}".to_vec().into(),
+        ..Default::default()
+    };
+    Ok(match c.push(req).await {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    })
+}
+
+/// The ready address of the first endpoint of Service `service` on `port`.
+async fn endpoint_of(
+    client: &Client,
+    ns: &str,
+    service: &str,
+    port: &str,
+) -> anyhow::Result<String> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
+    for s in slices.list(&lp).await?.items {
+        let Some(p) = s
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(port))
+            .and_then(|p| p.port)
+        else {
+            continue;
+        };
+        if let Some(ip) = s
+            .endpoints
+            .iter()
+            .find_map(|e| e.addresses.first().cloned())
+        {
+            return Ok(format!("{ip}:{p}"));
+        }
+    }
+    anyhow::bail!("no endpoint of {ns}/{service} on port {port}")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_tenants_one_operator() -> anyhow::Result<()> {
+async fn two_tenants_one_operator_secure_by_default() -> anyhow::Result<()> {
     let Some((client, images)) = full_cluster().await else {
         return Ok(());
     };
@@ -188,15 +262,13 @@ async fn two_tenants_one_operator() -> anyhow::Result<()> {
     let a = TestNamespace::create(&client, "tenant-a").await?;
     let b = TestNamespace::create(&client, "tenant-b").await?;
     let result = async {
-        let mut apis = Vec::new();
-        for (ns, token) in [(&a, "token-of-a"), (&b, "token-of-b")] {
-            secret(&client, &ns.name, "push-auth", json!({"admin-token": token})).await?;
-            // Same PushCluster name in both: only the namespace tells them apart.
+        for ns in [&a, &b] {
+            // Same PushCluster name in both and no auth settings at all:
+            // the operator generates each tenant's credentials.
             let pc = json!({
                 "apiVersion": "pushcluster.io/v1alpha1", "kind": "PushCluster",
                 "metadata": {"name": "push"},
-                "spec": {"image": images.image(), "web": {"replicas": 1}, "comet": {"shards": 2, "standbys": 0},
-                         "auth": {"adminTokenSecret": {"name": "push-auth", "key": "admin-token"}}}
+                "spec": {"image": images.image(), "web": {"replicas": 1}, "comet": {"shards": 2, "standbys": 0}}
             });
             let n = ns.name.clone();
             tokio::task::spawn_blocking(move || {
@@ -207,51 +279,128 @@ async fn two_tenants_one_operator() -> anyhow::Result<()> {
         for ns in [&a, &b] {
             wait_ready(&client, &ns.name, "push", 2, LIMIT).await?;
         }
-        for (ns, token) in [(&a, "token-of-a"), (&b, "token-of-b")] {
+        let creds = [
+            credentials(&client, &a.name, "push").await?,
+            credentials(&client, &b.name, "push").await?,
+        ];
+        anyhow::ensure!(
+            creds[0].admin_token != creds[1].admin_token
+                && creds[0].rpc_token != creds[1].rpc_token
+                && creds[0].subscriber_secret != creds[1].subscriber_secret,
+            "two tenants share a generated credential"
+        );
+        // The status tells the app team where things are.
+        let pcs: Api<PushCluster> = Api::namespaced(client.clone(), &a.name);
+        let status = pcs.get("push").await?.status.unwrap_or_default();
+        let endpoints = status.endpoints.clone().unwrap_or_default();
+        anyhow::ensure!(
+            endpoints.credentials_secret.as_deref() == Some("push-credentials")
+                && status.conditions.iter().any(|c| c.type_ == "AuthEnabled" && c.status == "True"),
+            "status does not name the Secret or AuthEnabled: {status:?}"
+        );
+        let mut proxies = Vec::new();
+        for ns in [&a, &b] {
             let public = ServiceProxy::start(&client, &ns.name, "push-web", "public").await?;
             let admin = ServiceProxy::start(&client, &ns.name, "push-web-admin", "admin").await?;
-            apis.push((public, admin, token));
+            proxies.push((public, admin));
         }
-        let api = |i: usize, token: &str| {
-            HttpApi::new(&apis[i].0.url(), &apis[i].1.url(), Some(token.to_owned()))
+        // A client of tenant i holding tenant j's credentials (None: none).
+        let api = |i: usize, j: Option<usize>| {
+            let c = j.map(|j| &creds[j]);
+            HttpApi::new(
+                &proxies[i].0.url(),
+                &proxies[i].1.url(),
+                c.map(|c| c.admin_token.clone()),
+            )
+            .with_subscriber_secret(c.map(|c| c.subscriber_secret.clone()))
         };
         // Until the harness lists each message Service in the web pods'
         // /etc/hosts, reads fail with a 5xx; wait for both to answer.
-        for (i, token) in [(0, "token-of-a"), (1, "token-of-b")] {
+        for i in 0..2 {
             let deadline = Instant::now() + Duration::from_secs(20);
-            while let Err(e) = api(i, token).fetch("warm-up", 0, None).await {
+            while let Err(e) = api(i, Some(i)).fetch("warm-up", 0, None).await {
                 anyhow::ensure!(Instant::now() < deadline, "tenant {i} never answered: {e}");
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
-        // Each tenant's token works on its own cluster only.
-        let ma = first_push(&api(0, "token-of-a"), "shared-key", r#"{"from":"a"}"#).await?;
-        let unauthorized = |r: Result<i64, pushcluster_client::Error>| {
+        fn unauthorized<T>(r: &Result<T, pushcluster_client::Error>) -> bool {
             matches!(r, Err(pushcluster_client::Error::Api { ret: 65533, .. }))
-        };
-        anyhow::ensure!(
-            unauthorized(api(1, "token-of-a").push("shared-key", r#"{"from":"a"}"#, None).await),
-            "tenant b did not refuse tenant a's admin token as unauthorized"
-        );
-        anyhow::ensure!(
-            unauthorized(api(0, "token-of-b").push("shared-key", "{}", None).await),
-            "tenant a did not refuse tenant b's admin token as unauthorized"
-        );
+        }
+        // Admin push: with the tenant's generated token only.
+        let ma = first_push(&api(0, Some(0)), "shared-key", r#"{"from":"a"}"#).await?;
+        let mut refused = Vec::new();
+        for (what, r) in [
+            ("admin push without credentials", api(0, None).push("shared-key", "{}", None).await),
+            ("admin push to b with a's token", api(1, Some(0)).push("shared-key", "{}", None).await),
+            ("admin push to a with b's token", api(0, Some(1)).push("shared-key", "{}", None).await),
+        ] {
+            anyhow::ensure!(unauthorized(&r), "{what} was not refused: {r:?}");
+            refused.push(what);
+        }
+        // Private reads: with a token of the tenant's subscriber secret only.
+        for (what, r) in [
+            ("private read without a token", api(0, None).fetch("shared-key", 0, None).await.map(|_| ())),
+            ("private read of a with b's subscriber secret", api(0, Some(1)).fetch("shared-key", 0, None).await.map(|_| ())),
+            ("last mid without a token", api(0, None).last_mids("shared-key").await.map(|_| ())),
+        ] {
+            anyhow::ensure!(unauthorized(&r), "{what} was not refused: {r:?}");
+            refused.push(what);
+        }
         // The same key name holds different messages in each.
-        let (in_b, _) = api(1, "token-of-b").fetch("shared-key", 0, None).await?;
+        let (in_b, _) = api(1, Some(1)).fetch("shared-key", 0, None).await?;
         anyhow::ensure!(in_b.is_empty(), "tenant a's message is visible in tenant b: {in_b:?}");
-        let mb = first_push(&api(1, "token-of-b"), "shared-key", r#"{"from":"b"}"#).await?;
-        let (in_a, _) = api(0, "token-of-a").fetch("shared-key", 0, None).await?;
+        let mb = first_push(&api(1, Some(1)), "shared-key", r#"{"from":"b"}"#).await?;
+        let (in_a, _) = api(0, Some(0)).fetch("shared-key", 0, None).await?;
         anyhow::ensure!(
             in_a.len() == 1 && in_a[0].msg["from"] == "a",
             "tenant a sees {in_a:?}"
         );
-        // Resolution stays inside each tenant: their comets are different pods.
-        let ra = api(0, "token-of-a").resolve("shared-key", Proto::WebSocket).await?;
-        let rb = api(1, "token-of-b").resolve("shared-key", Proto::WebSocket).await?;
-        anyhow::ensure!(ra != rb, "both tenants resolve the key to {ra}");
+        // gRPC straight to tenant b's pods, as a pod of another namespace
+        // could (NetworkPolicy is not enforced here): refused without b's
+        // rpc-token, with a's, and answered with b's own.
+        let message_b = endpoint_of(&client, &b.name, "push-message", "grpc").await?;
+        let comet_b = endpoint_of(&client, &b.name, "push-comets", "rpc").await?;
+        for (what, code) in [
+            ("gRPC Fetch to b's message service without a token", grpc_fetch(&message_b, None).await?),
+            ("gRPC Fetch to b's message service with a's rpc-token", grpc_fetch(&message_b, Some(&creds[0].rpc_token)).await?),
+            ("gRPC Push to b's comet without a token", grpc_push(&comet_b, None).await?),
+            ("gRPC Push to b's comet with a's rpc-token", grpc_push(&comet_b, Some(&creds[0].rpc_token)).await?),
+        ] {
+            anyhow::ensure!(code == tonic::Code::Unauthenticated, "{what}: {code:?}");
+            refused.push(what);
+        }
+        let own = grpc_fetch(&message_b, Some(&creds[1].rpc_token)).await?;
+        anyhow::ensure!(own == tonic::Code::Ok, "b's own rpc-token: {own:?}");
+        // What a comet's ServiceAccount may do: write only its own Leases.
+        let n = a.name.clone();
+        let can = tokio::task::spawn_blocking(move || {
+            kubectl(
+                &["auth", "can-i", "--list", "-n", &n, &format!("--as=system:serviceaccount:{n}:push-comet")],
+                None,
+            )
+        })
+        .await??;
+        println!("kubectl auth can-i --list as {}/push-comet:\n{can}", a.name);
+        let lease_rows: Vec<&str> = can.lines().filter(|l| l.starts_with("leases.coordination.k8s.io")).collect();
+        anyhow::ensure!(
+            lease_rows.iter().any(|l| l.contains("[push-comet-0 push-comet-1]") && l.contains("update"))
+                && lease_rows.iter().all(|l| !l.contains("create") && !l.contains("patch") && !l.contains("delete"))
+                && !lease_rows.iter().any(|l| l.contains("[]") && l.contains("update")),
+            "the comet's lease rights are wider than its own Leases: {lease_rows:?}"
+        );
+        anyhow::ensure!(
+            !can.lines().any(|l| l.starts_with("pods ") || l.starts_with("secrets ")),
+            "the comet may touch pods or secrets:\n{can}"
+        );
+        let n = a.name.clone();
+        let policies = tokio::task::spawn_blocking(move || {
+            kubectl(&["get", "networkpolicy", "-n", &n, "-o", "custom-columns=NAME:.metadata.name,PORTS:.spec.ingress[*].ports[*].port"], None)
+        })
+        .await??;
+        println!("generated NetworkPolicies (not enforced by this harness):\n{policies}");
         println!(
-            "PASS S5 two tenants, one operator: both Ready; mids a={ma} b={mb} for one key name; each token refused by the other; comets {ra} / {rb}"
+            "PASS S5 two tenants, one operator, secure by default: both Ready with generated credentials; mids a={ma} b={mb} for one key name; refused: {}",
+            refused.join("; ")
         );
         anyhow::Ok(())
     }
@@ -259,5 +408,61 @@ async fn two_tenants_one_operator() -> anyhow::Result<()> {
     a.delete().await?;
     b.delete().await?;
     op.uninstall().await?;
+    result
+}
+
+/// With `watchNamespace`, the chart grants a Role in that namespace (and one
+/// for the leader Lease at home), no ClusterRole, and that is enough to run
+/// a cluster there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_watching_one_namespace_has_no_cluster_wide_rights() -> anyhow::Result<()> {
+    let Some((client, images)) = full_cluster().await else {
+        return Ok(());
+    };
+    let home = TestNamespace::create(&client, "pco-one").await?;
+    let watched = TestNamespace::create(&client, "watched").await?;
+    let result = async {
+        let values = json!({"image": {"repository": images.repository, "tag": images.tag}, "watchNamespace": watched.name});
+        let n = home.name.clone();
+        tokio::task::spawn_blocking(move || {
+            helm("install", "pco-one", &n, &values, true, Duration::from_secs(120))
+        })
+        .await??;
+        let get = |args: Vec<String>| {
+            tokio::task::spawn_blocking(move || {
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                kubectl(&a, None)
+            })
+        };
+        let cluster_wide = get(vec!["get".into(), "clusterrole,clusterrolebinding".into(), "-l".into(), "app.kubernetes.io/instance=pco-one".into(), "-o".into(), "name".into()]).await??;
+        anyhow::ensure!(cluster_wide.trim().is_empty(), "cluster-wide RBAC with watchNamespace: {cluster_wide}");
+        let roles = get(vec!["get".into(), "role".into(), "-n".into(), watched.name.clone(), "-l".into(), "app.kubernetes.io/instance=pco-one".into(), "-o".into(), "name".into()]).await??;
+        let leader = get(vec!["get".into(), "role".into(), "-n".into(), home.name.clone(), "-l".into(), "app.kubernetes.io/instance=pco-one".into(), "-o".into(), "name".into()]).await??;
+        anyhow::ensure!(!roles.trim().is_empty() && !leader.trim().is_empty(), "roles: {roles:?} leader: {leader:?}");
+        let (n, image) = (watched.name.clone(), images.image());
+        let name = tokio::task::spawn_blocking(move || apply_example("pushcluster-minimal.yaml", &n, &image)).await??;
+        wait_ready(&client, &watched.name, &name, 2, LIMIT).await?;
+        println!(
+            "PASS S1 helm install with watchNamespace: no ClusterRole or ClusterRoleBinding; {} in the watched namespace, {} at home; the minimal example Ready under them",
+            roles.trim().replace('\n', ", "),
+            leader.trim().replace('\n', ", ")
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    watched.delete().await?;
+    let n = home.name.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        helm(
+            "uninstall",
+            "pco-one",
+            &n,
+            &json!({}),
+            true,
+            Duration::from_secs(60),
+        )
+    })
+    .await?;
+    home.delete().await?;
     result
 }

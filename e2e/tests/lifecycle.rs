@@ -23,8 +23,8 @@ use pushcluster_client::http::Client as HttpApi;
 use pushcluster_core::ring::Ring;
 use pushcluster_e2e::traffic::{Figures, Load, Outcome, ServiceProxy, Traffic};
 use pushcluster_e2e::{
-    apply_example, full_cluster, helm, kill9, kubectl, pods_of, rollout_status, wait, wait_ready,
-    TestNamespace,
+    apply_example, credentials, full_cluster, helm, kill9, kubectl, pods_of, rollout_status, wait,
+    wait_ready, TestNamespace,
 };
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -385,12 +385,16 @@ async fn story(
     let public = ServiceProxy::start(client, &c.ns, &format!("{}-web", c.name), "public").await?;
     let admin =
         ServiceProxy::start(client, &c.ns, &format!("{}-web-admin", c.name), "admin").await?;
-    let api = HttpApi::new(&public.url(), &admin.url(), None);
+    // Secure by default: the app team reads the generated credentials.
+    let creds = credentials(client, &c.ns, &c.name).await?;
+    let api = HttpApi::new(&public.url(), &admin.url(), Some(creds.admin_token.clone()))
+        .with_subscriber_secret(Some(creds.subscriber_secret.clone()));
     let load = Load {
         // Enough keys that the share a reshard moves is near the ring's 1/3.
         keys: 60,
         rate: 48,
         prefix: "e2e".into(),
+        subscriber_secret: Some(creds.subscriber_secret.clone()),
     };
     let moved = |from: u32, to: u32| {
         let (a, b) = (Ring::with_shard_count(from), Ring::with_shard_count(to));

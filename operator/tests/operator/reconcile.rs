@@ -137,9 +137,10 @@ fn start(fake: Shared) -> Client {
                         // (a Lease's spec, written by comets) are kept.
                         f.rv += 1;
                         let rv = f.rv;
-                        let obj = f.objects.entry(path).or_insert_with(|| {
-                            json!({"metadata": {"uid": format!("uid-{rv}")}})
-                        });
+                        let obj = f
+                            .objects
+                            .entry(path)
+                            .or_insert_with(|| json!({"metadata": {"uid": format!("uid-{rv}")}}));
                         merge(obj, &body);
                         obj["metadata"]["resourceVersion"] = json!(rv.to_string());
                         respond(200, &obj.clone())
