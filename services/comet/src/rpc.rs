@@ -5,6 +5,7 @@ use crate::Comet;
 use bytes::Bytes;
 use pushcluster_core::batch::Batcher;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_lease::owner::Ownership;
 use pushcluster_proto::auth::AuthChannel;
 use pushcluster_proto::pipeline::{answer_in_order, Pipeline, Replies};
 use pushcluster_proto::v1 as pb;
@@ -102,12 +103,27 @@ impl Comet {
         let start = Instant::now();
         let stripe = pushcluster_core::ring::key_hash(key) as usize % self.stripes.len();
         let _order = self.stripes[stripe].lock().await;
+        // The Lease's fencing token rides with the append: should another
+        // comet have taken our shard meanwhile (we were paused or cut off),
+        // the store refuses the write instead of interleaving two holders.
+        let (shard, fence) = match *self.ownership.borrow() {
+            Ownership::Serving { shard, token } => (shard, token),
+            // Stepped down while this push waited for its key's turn: an
+            // unfenced write from here would dodge the fence.
+            Ownership::Standby => {
+                return Err(Status::unavailable(
+                    "this comet stopped serving the key's shard",
+                ))
+            }
+        };
         let req = pb::AppendRequest {
             key: key.to_owned(),
             payload: payload.clone(),
             expire_seconds: expire,
             gid: GID_PRIVATE,
             push_id: push_id.to_owned(),
+            shard,
+            fence,
         };
         let stored = self
             .appender

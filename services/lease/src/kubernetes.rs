@@ -43,6 +43,14 @@ pub fn push_cluster_owner(cluster: &str, uid: &str) -> OwnerReference {
     }
 }
 
+/// The fencing token of a Lease: its transitions count grows with every
+/// change of holder, but restarts when the Lease is deleted and made again
+/// (shards removed, then added back); its creation time orders those lives.
+/// Creation seconds in the high bits, transitions (24 bits) below.
+pub fn fencing_token(created_secs: u64, transitions: u64) -> u64 {
+    (created_secs << 24) | transitions.min((1 << 24) - 1)
+}
+
 /// Name of shard `k`'s Lease (and Service) in cluster `cluster`.
 pub fn lease_name(cluster: &str, shard: u32) -> String {
     format!("{cluster}-comet-{shard}")
@@ -176,11 +184,17 @@ impl KubeLeases {
 
     fn record(shard: u32, l: &Lease) -> LeaseRecord {
         let spec = l.spec.clone().unwrap_or_default();
+        let created = l
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(0, |t| t.0.as_second().max(0) as u64);
+        let transitions = spec.lease_transitions.unwrap_or(0).max(0) as u64;
         let ann = l.metadata.annotations.clone().unwrap_or_default();
         let get = |k: &str| ann.get(k).cloned().unwrap_or_default();
         LeaseRecord {
             shard,
-            token: spec.lease_transitions.unwrap_or(0).max(0) as u64,
+            token: fencing_token(created, transitions),
             candidate: Candidate {
                 holder: spec.holder_identity.unwrap_or_default(),
                 rpc: get(ANN_RPC),
@@ -361,5 +375,21 @@ impl PodLabeler {
             .patch(&self.pod, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fencing_token;
+
+    #[test]
+    fn fencing_tokens_grow_across_handovers_and_across_a_recreated_lease() {
+        // Handovers of one Lease.
+        assert!(fencing_token(1_700_000_000, 2) > fencing_token(1_700_000_000, 1));
+        // The Lease deleted (shards removed) and made again later: its
+        // transitions restart, its tokens still exceed every earlier one.
+        assert!(fencing_token(1_700_000_100, 1) > fencing_token(1_700_000_000, 500_000));
+        // Beyond 2^24 transitions the count saturates instead of wrapping.
+        assert_eq!(fencing_token(1, 1 << 30), fencing_token(1, (1 << 24) - 1));
     }
 }

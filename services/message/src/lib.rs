@@ -10,7 +10,7 @@ use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::pipeline::{answer_in_order, Replies};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_server::{Message, MessageServer};
-use pushcluster_store::{Backend, Channel, Retention, Store, StoreError};
+use pushcluster_store::{Backend, Channel, Fence, Retention, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -110,6 +110,7 @@ struct OpLabels {
 /// Metrics of the message service.
 #[derive(Clone)]
 struct Metrics {
+    fenced: Counter,
     ops: Family<OpLabels, Counter>,
     errors: Family<OpLabels, Counter>,
     latency: Family<OpLabels, Histogram>,
@@ -118,6 +119,7 @@ struct Metrics {
 impl Metrics {
     fn register(reg: &mut Registry) -> Self {
         let m = Self {
+            fenced: Counter::default(),
             ops: Family::default(),
             errors: Family::default(),
             latency: Family::new_with_constructor(|| {
@@ -125,6 +127,11 @@ impl Metrics {
             }),
         };
         reg.register("pushcluster_store_ops", "Store operations", m.ops.clone());
+        reg.register(
+            "pushcluster_message_fenced_appends",
+            "Appends refused because a newer holder of their shard wrote (split brain averted)",
+            m.fenced.clone(),
+        );
         reg.register(
             "pushcluster_store_errors",
             "Store operations that failed",
@@ -218,24 +225,39 @@ impl<S: Store> MessageService<S> {
             .limits
             .expire(r.expire_seconds)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let start = Instant::now();
-        let res = if r.push_id.is_empty() {
-            self.store.append(ch, r.payload, ttl).await
-        } else {
-            if r.push_id.len() > 64
+        if !r.push_id.is_empty()
+            && (r.push_id.len() > 64
                 || !r
                     .push_id
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return Err(Status::invalid_argument(
-                    "push_id must be 1-64 characters of [A-Za-z0-9_-]",
-                ));
-            }
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            return Err(Status::invalid_argument(
+                "push_id must be 1-64 characters of [A-Za-z0-9_-]",
+            ));
+        }
+        let start = Instant::now();
+        let res = if r.fence > 0 {
+            let fence = Fence {
+                shard: r.shard,
+                token: r.fence,
+            };
+            self.store
+                .append_fenced(ch, &r.push_id, r.payload, ttl, fence)
+                .await
+        } else if r.push_id.is_empty() {
+            self.store.append(ch, r.payload, ttl).await
+        } else {
             self.store
                 .append_idempotent(ch, &r.push_id, r.payload, ttl)
                 .await
         };
+        if let Err(e @ StoreError::Fenced { .. }) = &res {
+            // Not a storage failure: a comet that lost its Lease tried to write.
+            self.metrics.fenced.inc();
+            tracing::warn!(error = %e, "append refused by its fence");
+            return Err(Status::failed_precondition(e.to_string()));
+        }
         self.metrics.record("append", start, &res);
         res.map_err(internal)
     }

@@ -5,7 +5,7 @@
 //! durability of every acknowledged append costs a share of one fsync. Reads
 //! run on MVCC snapshots beside it.
 
-use crate::{now_ms, Channel, Result, Retention, Store, StoreError, Stored};
+use crate::{now_ms, Channel, Fence, Result, Retention, Store, StoreError, Stored};
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
@@ -19,6 +19,8 @@ const SEQ: TableDefinition<&str, (u64, u64)> = TableDefinition::new("seq");
 const MSGS: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("msgs");
 /// (channel name, push id) -> (mid, forgotten at in ms): idempotent appends.
 const IDS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("push_ids");
+/// shard -> the newest fencing token an append carried.
+const FENCES: TableDefinition<u32, u64> = TableDefinition::new("fences");
 
 /// How many queued writes one transaction takes at most.
 const MAX_BATCH: usize = 512;
@@ -38,6 +40,7 @@ enum Op {
         payload: Bytes,
         expire_at: u64,
         push_id: Option<String>,
+        fence: Option<Fence>,
         reply: oneshot::Sender<Result<i64>>,
     },
     Delete {
@@ -65,6 +68,7 @@ impl EmbeddedStore {
             tx.open_table(SEQ).map_err(redb::Error::from)?;
             tx.open_table(MSGS).map_err(redb::Error::from)?;
             tx.open_table(IDS).map_err(redb::Error::from)?;
+            tx.open_table(FENCES).map_err(redb::Error::from)?;
             tx.commit().map_err(redb::Error::from)?;
         }
         let (writes, rx) = mpsc::channel(4096);
@@ -124,7 +128,7 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Op>, retention: Retention) {
                 for (op, r) in batch.drain(..).zip(results) {
                     match (op, r) {
                         (Op::Append { reply, .. }, r) => {
-                            let _ = reply.send(Ok(r));
+                            let _ = reply.send(r);
                         }
                         (Op::Delete { reply, .. }, _) => {
                             let _ = reply.send(Ok(()));
@@ -151,8 +155,13 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Op>, retention: Retention) {
     }
 }
 
-/// Applies a batch in one durable transaction; one result per op (the mid for appends).
-fn apply(db: &Database, batch: &mut [Op], retention: &Retention) -> Result<Vec<i64>, redb::Error> {
+/// Applies a batch in one durable transaction; one result per op (the mid
+/// for appends, or their refusal by a fence).
+fn apply(
+    db: &Database,
+    batch: &mut [Op],
+    retention: &Retention,
+) -> Result<Vec<Result<i64>>, redb::Error> {
     let now = now_ms();
     let tx = db.begin_write()?;
     let mut out = Vec::with_capacity(batch.len());
@@ -160,6 +169,7 @@ fn apply(db: &Database, batch: &mut [Op], retention: &Retention) -> Result<Vec<i
         let mut seq = tx.open_table(SEQ)?;
         let mut msgs = tx.open_table(MSGS)?;
         let mut ids = tx.open_table(IDS)?;
+        let mut fences = tx.open_table(FENCES)?;
         let backlog = retention.max_backlog.max(1) as u64;
         let window = retention.dedupe_window_seconds.saturating_mul(1000);
         for op in batch.iter() {
@@ -169,12 +179,29 @@ fn apply(db: &Database, batch: &mut [Op], retention: &Retention) -> Result<Vec<i
                     payload,
                     expire_at,
                     push_id,
+                    fence,
                     ..
                 } => {
+                    // The writer thread applies every write in order, so the
+                    // check and the append are one step, as on Redis.
+                    if let Some(f) = fence {
+                        let current = fences.get(f.shard)?.map(|g| g.value()).unwrap_or(0);
+                        if current > f.token {
+                            out.push(Err(StoreError::Fenced {
+                                shard: f.shard,
+                                token: f.token,
+                                current,
+                            }));
+                            continue;
+                        }
+                        if f.token > current {
+                            fences.insert(f.shard, f.token)?;
+                        }
+                    }
                     if let Some(id) = push_id {
                         let seen = ids.get((chan.as_str(), id.as_str()))?.map(|g| g.value());
                         if let Some((mid, _)) = seen.filter(|(_, until)| *until > now) {
-                            out.push(mid as i64);
+                            out.push(Ok(mid as i64));
                             continue;
                         }
                     }
@@ -194,18 +221,18 @@ fn apply(db: &Database, batch: &mut [Op], retention: &Retention) -> Result<Vec<i
                             (mid, now.saturating_add(window)),
                         )?;
                     }
-                    out.push(mid as i64);
+                    out.push(Ok(mid as i64));
                 }
                 Op::Delete { chan, .. } => {
                     msgs.retain_in((chan.as_str(), 0)..=(chan.as_str(), u64::MAX), |_, _| false)?;
-                    out.push(0);
+                    out.push(Ok(0));
                 }
                 Op::Sweep => {
                     msgs.retain(|_, (expire_at, _)| expire_at > now)?;
                     ids.retain(|_, (_, until)| until > now)?;
                     let idle_ms = retention.idle_ttl_seconds.saturating_mul(1000);
                     seq.retain(|_, (_, touched)| touched.saturating_add(idle_ms) > now)?;
-                    out.push(0);
+                    out.push(Ok(0));
                 }
             }
         }
@@ -222,6 +249,7 @@ impl EmbeddedStore {
         push_id: Option<String>,
         payload: Bytes,
         ttl: Duration,
+        fence: Option<Fence>,
     ) -> Result<i64> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Append {
@@ -229,6 +257,7 @@ impl EmbeddedStore {
             payload,
             expire_at: now_ms().saturating_add(ttl.as_millis() as u64),
             push_id,
+            fence,
             reply,
         };
         self.submit(op, rx).await
@@ -237,7 +266,7 @@ impl EmbeddedStore {
 
 impl Store for EmbeddedStore {
     async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
-        self.append_with(ch, None, payload, ttl).await
+        self.append_with(ch, None, payload, ttl, None).await
     }
 
     async fn append_idempotent(
@@ -247,8 +276,20 @@ impl Store for EmbeddedStore {
         payload: Bytes,
         ttl: Duration,
     ) -> Result<i64> {
-        self.append_with(ch, Some(push_id.to_owned()), payload, ttl)
+        self.append_with(ch, Some(push_id.to_owned()), payload, ttl, None)
             .await
+    }
+
+    async fn append_fenced(
+        &self,
+        ch: Channel<'_>,
+        push_id: &str,
+        payload: Bytes,
+        ttl: Duration,
+        fence: Fence,
+    ) -> Result<i64> {
+        let id = (!push_id.is_empty()).then(|| push_id.to_owned());
+        self.append_with(ch, id, payload, ttl, Some(fence)).await
     }
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

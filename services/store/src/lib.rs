@@ -43,6 +43,14 @@ pub struct Stored {
     pub payload: Bytes,
 }
 
+/// A writer's claim to a shard: the shard and its Lease's fencing token
+/// (which grows with every change of holder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    pub shard: u32,
+    pub token: u64,
+}
+
 /// How long and how much a backend keeps.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "snake_case", deny_unknown_fields)]
@@ -77,6 +85,12 @@ pub enum StoreError {
     WriterGone,
     #[error("stored record is corrupt: {0}")]
     Corrupt(String),
+    #[error("fenced: shard {shard} has a newer holder (token {current} > {token}); this writer lost its lease")]
+    Fenced {
+        shard: u32,
+        token: u64,
+        current: u64,
+    },
 }
 
 /// Result of store operations.
@@ -100,6 +114,18 @@ pub trait Store: Send + Sync + 'static {
         push_id: &str,
         payload: Bytes,
         ttl: Duration,
+    ) -> impl Future<Output = Result<i64>> + Send;
+    /// Like `append_idempotent` (no dedupe when `push_id` is empty), in one
+    /// atomic step with the fence check: refused with [`StoreError::Fenced`]
+    /// when a newer token of `fence.shard` was seen; otherwise the shard's
+    /// newest token becomes `fence.token`.
+    fn append_fenced(
+        &self,
+        ch: Channel<'_>,
+        push_id: &str,
+        payload: Bytes,
+        ttl: Duration,
+        fence: Fence,
     ) -> impl Future<Output = Result<i64>> + Send;
     /// Messages of `ch` with mid > `after`, oldest first, at most `limit`, unexpired.
     fn fetch(
@@ -139,6 +165,19 @@ impl Store for Backend {
         match self {
             Backend::Redis(s) => s.append_idempotent(ch, push_id, payload, ttl).await,
             Backend::Embedded(s) => s.append_idempotent(ch, push_id, payload, ttl).await,
+        }
+    }
+    async fn append_fenced(
+        &self,
+        ch: Channel<'_>,
+        push_id: &str,
+        payload: Bytes,
+        ttl: Duration,
+        fence: Fence,
+    ) -> Result<i64> {
+        match self {
+            Backend::Redis(s) => s.append_fenced(ch, push_id, payload, ttl, fence).await,
+            Backend::Embedded(s) => s.append_fenced(ch, push_id, payload, ttl, fence).await,
         }
     }
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

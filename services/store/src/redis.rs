@@ -9,16 +9,23 @@
 //! The list lives as long as its longest-lived message; the sequence as long
 //! as `idle_ttl` after the last append.
 
-use crate::{now_ms, Channel, Result, Retention, Store, StoreError, Stored};
+use crate::{now_ms, Channel, Fence, Result, Retention, Store, StoreError, Stored};
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use std::time::Duration;
 
+// Fences are compared as 20-digit strings: Lua numbers are doubles, exact
+// only to 2^53. A refused append returns -1 and the fence in force.
 const APPEND: &str = r"
+if ARGV[8] ~= '' then
+  local cur = redis.call('GET', KEYS[4])
+  if cur and cur > ARGV[8] then return {-1, cur} end
+  if not cur or ARGV[8] > cur then redis.call('SET', KEYS[4], ARGV[8]) end
+end
 if ARGV[6] ~= '' then
   local seen = redis.call('GET', KEYS[3])
-  if seen then return tonumber(seen) end
+  if seen then return {tonumber(seen), ''} end
 end
 local mid = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -29,7 +36,7 @@ if len > keep then redis.call('LTRIM', KEYS[2], len - keep, -1) end
 local want = tonumber(ARGV[2]) - tonumber(ARGV[3])
 if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], want) end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], mid, 'PX', ARGV[7]) end
-return mid
+return {mid, ''}
 ";
 
 const FETCH: &str = r"
@@ -91,24 +98,36 @@ fn parse_entry(raw: &[u8]) -> Result<(i64, u64, Bytes)> {
 }
 
 impl RedisStore {
-    /// One atomic script: dedupe by push id (same hash tag, same slot),
-    /// INCR the sequence, append, trim, extend the list's life.
+    /// One atomic script: check and raise the shard's fence, dedupe by push
+    /// id (same hash tag, same slot), INCR the sequence, append, trim, extend
+    /// the list's life. The fence key `<ns>:fence:{<shard>}` sits in another
+    /// slot: atomic on a single node (the only mode wired today); a Redis
+    /// Cluster client would keep a copy of the fence per key instead.
     async fn append_with(
         &self,
         ch: Channel<'_>,
         push_id: &str,
         payload: Bytes,
         ttl: Duration,
+        fence: Option<Fence>,
     ) -> Result<i64> {
         let (seq, list) = self.keys(ch);
         let id_key = format!("{}:id:{push_id}", &seq[..seq.len() - 2]);
+        let (fence_key, token) = match fence {
+            Some(f) => (
+                format!("{}:fence:{{{}}}", self.ns, f.shard),
+                format!("{:020}", f.token),
+            ),
+            None => (format!("{}:fence:{{none}}", self.ns), String::new()),
+        };
         let now = now_ms();
         let mut conn = self.conn.clone();
-        let mid: i64 = self
+        let (mid, current): (i64, String) = self
             .append
             .key(seq)
             .key(list)
             .key(id_key)
+            .key(fence_key)
             .arg(payload.as_ref())
             .arg(now.saturating_add(ttl.as_millis() as u64))
             .arg(now)
@@ -121,15 +140,23 @@ impl RedisStore {
                     .saturating_mul(1000)
                     .max(1),
             )
+            .arg(token)
             .invoke_async(&mut conn)
             .await?;
-        Ok(mid)
+        match fence {
+            Some(f) if mid < 0 => Err(StoreError::Fenced {
+                shard: f.shard,
+                token: f.token,
+                current: current.parse().unwrap_or(u64::MAX),
+            }),
+            _ => Ok(mid),
+        }
     }
 }
 
 impl Store for RedisStore {
     async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
-        self.append_with(ch, "", payload, ttl).await
+        self.append_with(ch, "", payload, ttl, None).await
     }
 
     async fn append_idempotent(
@@ -139,7 +166,19 @@ impl Store for RedisStore {
         payload: Bytes,
         ttl: Duration,
     ) -> Result<i64> {
-        self.append_with(ch, push_id, payload, ttl).await
+        self.append_with(ch, push_id, payload, ttl, None).await
+    }
+
+    async fn append_fenced(
+        &self,
+        ch: Channel<'_>,
+        push_id: &str,
+        payload: Bytes,
+        ttl: Duration,
+        fence: Fence,
+    ) -> Result<i64> {
+        self.append_with(ch, push_id, payload, ttl, Some(fence))
+            .await
     }
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

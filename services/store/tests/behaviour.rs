@@ -5,7 +5,7 @@ use bytes::Bytes;
 use pushcluster_store::embedded::EmbeddedStore;
 use pushcluster_store::redis::RedisStore;
 use pushcluster_store::testing::RedisServer;
-use pushcluster_store::{Channel, Retention, Store};
+use pushcluster_store::{Channel, Fence, Retention, Store, StoreError};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -236,6 +236,73 @@ async fn idempotent_appends_store_once<S: Store>(s: &S) {
     assert_eq!(s.last_mid(Channel::Private("k")).await.unwrap(), 1);
 }
 
+async fn an_older_fence_is_refused_and_stores_nothing<S: Store>(s: &S) {
+    let f = |shard, token| Fence { shard, token };
+    let ch = Channel::Private("fenced");
+    // Holder with token 5 writes; its successor (token 6) takes over.
+    assert_eq!(
+        s.append_fenced(ch, "", b("a"), HOUR, f(0, 5))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.append_fenced(ch, "", b("b"), HOUR, f(0, 6))
+            .await
+            .unwrap(),
+        2
+    );
+    // The old holder wakes: refused, with the token in force.
+    match s
+        .append_fenced(ch, "p-old", b("stale"), HOUR, f(0, 5))
+        .await
+    {
+        Err(StoreError::Fenced {
+            shard: 0,
+            token: 5,
+            current: 6,
+        }) => {}
+        other => panic!("stale append not fenced: {other:?}"),
+    }
+    // Its refused push id was not recorded: the retry through the successor
+    // (or web) stores it once.
+    assert_eq!(
+        s.append_fenced(ch, "p-old", b("stale"), HOUR, f(0, 6))
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        s.append_fenced(ch, "p-old", b("stale"), HOUR, f(0, 6))
+            .await
+            .unwrap(),
+        3
+    );
+    // Fences are per shard; unfenced appends (web's direct stores) pass.
+    assert_eq!(
+        s.append_fenced(Channel::Private("other"), "", b("x"), HOUR, f(1, 1))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(s.append(ch, b("direct"), HOUR).await.unwrap(), 4);
+    // Tokens beyond 2^53 compare exactly (Redis compares them as strings).
+    let big = (1u64 << 60) + 1;
+    assert_eq!(
+        s.append_fenced(ch, "", b("c"), HOUR, f(2, big))
+            .await
+            .unwrap(),
+        5
+    );
+    assert!(matches!(
+        s.append_fenced(ch, "", b("d"), HOUR, f(2, big - 1)).await,
+        Err(StoreError::Fenced { .. })
+    ));
+    let stored = s.fetch(ch, 0, 10).await.unwrap();
+    assert_eq!(mids(&stored), vec![1, 2, 3, 4, 5]);
+    assert!(!stored.iter().any(|m| m.payload.as_ref() == b"d"));
+}
+
 /// Runs every case, each on a fresh store from `make(max_backlog)`.
 async fn run_suite<S: Store, F: std::future::Future<Output = S>>(make: impl Fn(usize) -> F) {
     mids_are_contiguous_per_key_from_one(&make(1000).await).await;
@@ -246,6 +313,7 @@ async fn run_suite<S: Store, F: std::future::Future<Output = S>>(make: impl Fn(u
     delete_removes_messages_and_keeps_the_sequence(&make(1000).await).await;
     concurrent_appends_get_unique_contiguous_mids(Arc::new(make(1000).await)).await;
     idempotent_appends_store_once(&make(1000).await).await;
+    an_older_fence_is_refused_and_stores_nothing(&make(1000).await).await;
 }
 
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

@@ -140,6 +140,9 @@ impl AppState {
             expire_seconds: expire,
             gid,
             push_id: push_id.to_owned(),
+            // Web holds no shard: its direct stores are not fenced.
+            shard: 0,
+            fence: 0,
         };
         // While the message service is unreachable (the embedded store's one
         // pod restarting takes seconds) keep trying, so the push is answered

@@ -133,6 +133,15 @@ impl Proc {
         }
     }
 
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill")
+                .args([&format!("-{signal}"), &c.id().to_string()])
+                .status();
+        }
+    }
+
     /// Sends SIGTERM without waiting; `term` or `reap` waits.
     pub fn send_term(&self) {
         if let Some(c) = &self.child {

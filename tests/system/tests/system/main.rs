@@ -8,5 +8,6 @@ mod delivery;
 mod durability;
 mod errors;
 mod failover;
+mod fencing;
 mod pushctl;
 mod upgrade;
