@@ -188,8 +188,9 @@ impl Follow {
             for m in stored.iter().filter(|m| below.is_none_or(|b| m.mid < b)) {
                 st.apply(m.mid);
             }
-            // A page is at most 1000 messages: ask again while it advanced.
-            if stored.len() < 1000 || st.seen.last() == before {
+            // A page is bounded by count and by bytes: ask again until a
+            // page brings nothing new.
+            if stored.is_empty() || st.seen.last() == before {
                 return Ok(());
             }
         }

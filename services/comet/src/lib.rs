@@ -319,10 +319,14 @@ impl Comet {
             .tcp_nodelay(true)
             .connect_lazy();
         let channel = token.on(channel);
+        let max = pushcluster_proto::max_rpc_bytes(cfg.limits.max_message_bytes);
+        let message = MessageClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
         let comet = Arc::new(Self {
             registry,
-            appender: rpc::appender(MessageClient::new(channel.clone()), STORE_DEADLINE),
-            message: MessageClient::new(channel),
+            appender: rpc::appender(message.clone(), STORE_DEADLINE),
+            message,
             membership,
             ownership,
             ring: RwLock::new(Arc::new(Ring::new([], DEFAULT_VNODES))),

@@ -34,9 +34,12 @@ impl CometRpc {
     pub fn draining_on(self, drain: CancellationToken) -> Self {
         Self { drain, ..self }
     }
-    /// The tonic server for it.
+    /// The tonic server for it, with explicit message size limits.
     pub fn into_server(self) -> CometServer<Self> {
+        let max = pushcluster_proto::max_rpc_bytes(self.comet.cfg.limits.max_message_bytes);
         CometServer::new(self)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
     }
 }
 

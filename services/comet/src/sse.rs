@@ -38,6 +38,22 @@ fn event(d: &Delivery) -> Event {
     }
 }
 
+/// One page of `key`'s private messages after `after`.
+async fn fetch_page(comet: &Comet, key: &str, after: i64) -> Result<pb::FetchReply, tonic::Status> {
+    let req = pb::FetchRequest {
+        key: key.to_owned(),
+        after_mid: after,
+        gid: GID_PRIVATE,
+        limit: 0,
+    };
+    comet
+        .message
+        .clone()
+        .fetch(req)
+        .await
+        .map(|r| r.into_inner())
+}
+
 /// Handles `GET /sub/sse`.
 pub async fn subscribe(
     State(comet): State<Arc<Comet>>,
@@ -80,16 +96,12 @@ pub async fn subscribe(
             )
         }
     };
-    // Subscribed first, fetched second: nothing falls in between.
-    let missed = if last >= 0 {
-        let req = pb::FetchRequest {
-            key: key.clone(),
-            after_mid: last,
-            gid: GID_PRIVATE,
-            limit: 0,
-        };
-        match comet.message.clone().fetch(req).await {
-            Ok(r) => r.into_inner().messages,
+    // Subscribed first, fetched second: nothing falls in between. The first
+    // page decides the answer (storage down: 503); the rest is paged in the
+    // stream, so a long backlog of large messages never sits in memory whole.
+    let first = if last >= 0 {
+        match fetch_page(&comet, &key, last).await {
+            Ok(p) => Some(p),
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "SSE resume fetch failed");
                 return refuse(
@@ -100,7 +112,7 @@ pub async fn subscribe(
             }
         }
     } else {
-        Vec::new()
+        None
     };
 
     let (tx, rx) = mpsc::channel::<Result<Event, Infallible>>(16);
@@ -109,12 +121,27 @@ pub async fn subscribe(
     let comet2 = comet.clone();
     tokio::spawn(async move {
         let mut sent = last;
-        for m in missed {
-            sent = sent.max(m.mid);
-            let d = Delivery::new(m.mid, GID_PRIVATE, m.payload);
-            if tx.send(Ok(event(&d))).await.is_err() {
-                gauge.dec();
-                return;
+        let mut page = first;
+        while let Some(p) = page.take() {
+            for m in p.messages {
+                sent = sent.max(m.mid);
+                let d = Delivery::new(m.mid, GID_PRIVATE, m.payload);
+                if tx.send(Ok(event(&d))).await.is_err() {
+                    gauge.dec();
+                    return;
+                }
+            }
+            if p.more {
+                match fetch_page(&comet2, &key, sent).await {
+                    Ok(next) if !next.messages.is_empty() => page = Some(next),
+                    Ok(_) => {}
+                    Err(e) => {
+                        // The client reconnects with Last-Event-ID and resumes.
+                        tracing::warn!(key = %key, error = %e, "SSE resume fetch failed");
+                        gauge.dec();
+                        return;
+                    }
+                }
             }
         }
         loop {

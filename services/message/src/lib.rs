@@ -35,6 +35,10 @@ pub struct Config {
     pub limits: Limits,
     /// Most messages one fetch returns.
     pub fetch_limit: u32,
+    /// Most payload bytes one fetch returns (at least one message is): a
+    /// reader pages through a backlog of large messages instead of asking
+    /// for one reply too big to send.
+    pub fetch_max_bytes: usize,
     /// The cluster's internal RPC token, required on every call; unset, calls
     /// are not checked. Give it through `PUSH_RPC_TOKEN` (a Secret), not the
     /// config file.
@@ -73,6 +77,7 @@ impl Default for Config {
             retention: Retention::default(),
             limits: Limits::default(),
             fetch_limit: 1000,
+            fetch_max_bytes: 2 << 20,
             rpc_token: None,
         }
     }
@@ -163,6 +168,7 @@ pub struct MessageService<S> {
     store: Arc<S>,
     limits: Limits,
     fetch_limit: u32,
+    fetch_max_bytes: usize,
     metrics: Metrics,
     drain: CancellationToken,
 }
@@ -174,6 +180,7 @@ impl<S> Clone for MessageService<S> {
             store: self.store.clone(),
             limits: self.limits.clone(),
             fetch_limit: self.fetch_limit,
+            fetch_max_bytes: self.fetch_max_bytes,
             metrics: self.metrics.clone(),
             drain: self.drain.clone(),
         }
@@ -187,6 +194,7 @@ impl<S: Store> MessageService<S> {
             store,
             limits: cfg.limits.clone(),
             fetch_limit: cfg.fetch_limit.max(1),
+            fetch_max_bytes: cfg.fetch_max_bytes.max(1),
             metrics: Metrics::register(reg),
             drain: CancellationToken::new(),
         }
@@ -299,6 +307,25 @@ impl<S: Store> MessageService<S> {
     }
 }
 
+/// The longest prefix of `stored` within `max_bytes` of payload (at least
+/// one message), and whether anything was cut.
+pub fn page_by_bytes(
+    mut stored: Vec<pushcluster_store::Stored>,
+    max_bytes: usize,
+) -> (Vec<pushcluster_store::Stored>, bool) {
+    let mut total = 0usize;
+    let keep = stored
+        .iter()
+        .position(|m| {
+            total = total.saturating_add(m.payload.len());
+            total > max_bytes
+        })
+        .map_or(stored.len(), |i| i.max(1));
+    let cut = keep < stored.len();
+    stored.truncate(keep);
+    (stored, cut)
+}
+
 fn internal(e: StoreError) -> Status {
     Status::unavailable(format!("storage: {e}"))
 }
@@ -351,8 +378,10 @@ impl<S: Store> Message for MessageService<S> {
         let start = Instant::now();
         let res = self.store.fetch(ch, r.after_mid, limit as usize).await;
         self.metrics.record("fetch", start, &res);
-        let messages = res
-            .map_err(internal)?
+        let stored = res.map_err(internal)?;
+        let full = stored.len() >= limit as usize;
+        let (page, cut) = page_by_bytes(stored, self.fetch_max_bytes);
+        let messages = page
             .into_iter()
             .map(|m| pb::StoredMessage {
                 mid: m.mid,
@@ -360,7 +389,10 @@ impl<S: Store> Message for MessageService<S> {
                 payload: m.payload,
             })
             .collect();
-        Ok(Response::new(pb::FetchReply { messages }))
+        Ok(Response::new(pb::FetchReply {
+            messages,
+            more: full || cut,
+        }))
     }
 
     async fn delete(
@@ -423,9 +455,14 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     ready.set(true);
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let shutdown = cancel.clone();
+    let max = pushcluster_proto::max_rpc_bytes(cfg.limits.max_message_bytes);
     tonic::transport::Server::builder()
         .layer(tonic::service::InterceptorLayer::new(require))
-        .add_service(MessageServer::new(svc))
+        .add_service(
+            MessageServer::new(svc)
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(max),
+        )
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.cancelled().await;
             ready.set(false);
@@ -435,4 +472,33 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     ops.await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     Ok(())
+}
+
+#[cfg(test)]
+mod paging {
+    use super::page_by_bytes;
+    use pushcluster_store::Stored;
+
+    fn msgs(sizes: &[usize]) -> Vec<Stored> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Stored {
+                mid: i as i64 + 1,
+                payload: vec![b'x'; *n].into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn pages_are_cut_by_bytes_but_never_empty() {
+        let (p, cut) = page_by_bytes(msgs(&[10, 10, 10]), 25);
+        assert_eq!((p.len(), cut), (2, true));
+        let (p, cut) = page_by_bytes(msgs(&[10, 10]), 20);
+        assert_eq!((p.len(), cut), (2, false));
+        // One message larger than the budget still goes out alone.
+        let (p, cut) = page_by_bytes(msgs(&[100, 1]), 10);
+        assert_eq!((p.len(), cut), (1, true));
+        assert_eq!(page_by_bytes(Vec::new(), 10), (Vec::new(), false));
+    }
 }

@@ -82,6 +82,14 @@ pub struct Config {
     pub advertise: ClientAddresses,
 }
 
+impl Config {
+    /// The gRPC message size allowed on calls to comets and the message
+    /// service (see [`pushcluster_proto::max_rpc_bytes`]).
+    pub fn max_rpc_bytes(&self) -> usize {
+        pushcluster_proto::max_rpc_bytes(self.limits.max_message_bytes)
+    }
+}
+
 /// Client-facing address templates.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -197,7 +205,9 @@ impl AppState {
         let rpc_token = RpcToken::new(cfg.rpc_token.as_deref())
             .map_err(|e| Error::Config(format!("rpc_token: {e}")))?;
         let message =
-            MessageClient::new(rpc_token.on(channel(&cfg.message_url, cfg.rpc_timeout_ms)?));
+            MessageClient::new(rpc_token.on(channel(&cfg.message_url, cfg.rpc_timeout_ms)?))
+                .max_decoding_message_size(cfg.max_rpc_bytes())
+                .max_encoding_message_size(cfg.max_rpc_bytes());
         Ok(Arc::new(Self {
             message,
             rpc_token,
@@ -216,7 +226,9 @@ impl AppState {
         if let Some(c) = map.get(rpc) {
             return Ok(c.clone());
         }
-        let c = CometClient::new(self.rpc_token.on(channel(rpc, self.cfg.rpc_timeout_ms)?));
+        let c = CometClient::new(self.rpc_token.on(channel(rpc, self.cfg.rpc_timeout_ms)?))
+            .max_decoding_message_size(self.cfg.max_rpc_bytes())
+            .max_encoding_message_size(self.cfg.max_rpc_bytes());
         map.insert(rpc.to_owned(), c.clone());
         Ok(c)
     }

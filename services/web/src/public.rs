@@ -195,7 +195,7 @@ async fn legacy_server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> 
 
 /// `/1/msg/get?k=KEY&m=MID[&p=PUBLIC_MID]`: private messages after `m`
 /// (`data.msgs`) and, when `p` is given, public messages after `p`
-/// (`data.pmsgs`). At most the message service's fetch limit per call: call
+/// (`data.pmsgs`). At most the message service's fetch limit (messages and bytes) per call: call
 /// again from the last mid for more. `data` is left out when nothing is new.
 async fn msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
     let r = msg_get_inner(&s, &q, "k", "m", "p", "cb", message_value).await;

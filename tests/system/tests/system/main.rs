@@ -10,4 +10,5 @@ mod errors;
 mod failover;
 mod fencing;
 mod pushctl;
+mod sizes;
 mod upgrade;
