@@ -246,6 +246,11 @@ impl Metrics {
         m
     }
 
+    /// Counts a connection dropped for not taking what it was sent.
+    fn slow_consumer(&self) {
+        self.slow_consumers.inc();
+    }
+
     fn conn_gauge(&self, transport: &'static str) -> Gauge {
         self.connections
             .get_or_create(&TransportLabel { transport })

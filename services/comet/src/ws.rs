@@ -161,23 +161,21 @@ async fn refuse(on_upgrade: OnUpgrade, refusal: &'static [u8]) {
     let mut out = Vec::with_capacity(16);
     wsf::put_frame(&mut out, Opcode::Text, refusal);
     wsf::put_close(&mut out, close_code::NORMAL, "");
-    let _ = tokio::io::AsyncWriteExt::write_all(&mut io, &out).await;
-    let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+    // Bounded: a client that reads nothing cannot hold the task.
+    let _ = tokio::time::timeout(CLOSE_LIMIT, async {
+        tokio::io::AsyncWriteExt::write_all(&mut io, &out).await?;
+        tokio::io::AsyncWriteExt::shutdown(&mut io).await
+    })
+    .await;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Reading frames and writing messages.
     Open,
-    /// A close frame is queued: write what is left, then end.
+    /// A close frame is queued: write what is left, then end (after the
+    /// client's close, when the server spoke first).
     Closing,
-}
-
-/// What handling the client's bytes asks for.
-enum Flow {
-    Continue,
-    /// Send a close frame with this code and reason, then end.
-    Close(u16, &'static str),
 }
 
 /// One subscriber connection, polled by hand: the upgrade, then its reads,
@@ -192,24 +190,29 @@ struct Conn {
     comet: Arc<Comet>,
     format: Format,
     state: Phase,
+    /// Closing: whether the server sent the first close and waits for the
+    /// client's (RFC 6455 §7.1.1: the server closes TCP once both are sent).
+    awaiting_close: bool,
     /// Seconds the client may stay silent (heartbeat plus grace).
     silence_s: u32,
     /// Encoded frames waiting to be written; `written` of them already are.
     out: Vec<u8>,
     written: u32,
-    /// Client bytes kept between reads; allocated only while there are any.
-    inbound: Option<Box<Inbound>>,
+    /// What is kept of the client's bytes between reads (an unfinished
+    /// frame or message); allocated only while there is any.
+    reader: Option<Box<wsf::Reader>>,
+    /// Armed while the client does not take what is written (the buffer at
+    /// its high-water mark) and while closing: when it fires, the connection
+    /// is dropped, so no write waits forever.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// What a connection keeps of the client's bytes between two reads.
-#[derive(Default)]
-struct Inbound {
-    /// Bytes of a frame not yet complete.
-    partial: Vec<u8>,
-    /// Payload of a fragmented message being assembled, behind one byte
-    /// that says whether it is text.
-    fragments: Vec<u8>,
-}
+/// How long a client may leave a full write buffer unread before it is
+/// dropped as a slow consumer.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
+/// How long closing may take: writing what is left and, when the server
+/// closed first, waiting for the client's close frame.
+const CLOSE_LIMIT: Duration = Duration::from_secs(2);
 
 impl Drop for Conn {
     fn drop(&mut self) {
@@ -235,100 +238,31 @@ impl Conn {
             comet,
             format,
             state: Phase::Open,
+            awaiting_close: false,
             silence_s: u32::try_from(silence.as_secs()).unwrap_or(u32::MAX),
             out,
             written: 0,
-            inbound: None,
+            reader: None,
+            deadline: None,
         }
     }
 
-    /// The fragments of a message being assembled (empty when none is).
-    fn fragments(&self) -> &[u8] {
-        self.inbound.as_ref().map_or(&[], |i| &i.fragments)
-    }
-
-    fn close_with(&mut self, code: u16, reason: &str) {
+    /// Queues a close frame (`None`: an empty one) and starts closing;
+    /// `first`: the server speaks first and waits for the client's answer.
+    fn close_with(&mut self, code: Option<u16>, reason: &str, first: bool) {
         if self.state == Phase::Open {
-            wsf::put_close(&mut self.out, code, reason);
-            self.state = Phase::Closing;
-        }
-    }
-
-    /// Handles the complete frames at the front of `buf`; returns how many
-    /// bytes they took, and what the connection must do next.
-    fn on_bytes(&mut self, buf: &mut [u8]) -> (usize, Flow) {
-        let mut used = 0;
-        loop {
-            let frame = match wsf::parse_client_frame(&mut buf[used..], MAX_CLIENT_MESSAGE) {
-                Ok(Some(f)) => f,
-                Ok(None) => return (used, Flow::Continue),
-                Err(e) => {
-                    tracing::debug!(error = %e, "bad frame from subscriber, closing");
-                    return (used, Flow::Close(e.code(), "bad frame"));
-                }
-            };
-            let (f, n) = frame;
-            used += n;
-            let flow = match f.opcode {
-                Opcode::Ping => {
-                    wsf::put_frame(&mut self.out, Opcode::Pong, f.payload);
-                    Flow::Continue
-                }
-                Opcode::Pong => Flow::Continue,
-                Opcode::Close => Flow::Close(close_code::NORMAL, ""),
-                Opcode::Text | Opcode::Binary | Opcode::Continuation => {
-                    let starts = f.opcode != Opcode::Continuation;
-                    let assembling = !self.fragments().is_empty();
-                    if starts == assembling && !(starts && f.fin) {
-                        // A continuation with nothing to continue, or a new
-                        // message in the middle of a fragmented one.
-                        Flow::Close(close_code::PROTOCOL_ERROR, "unexpected continuation")
-                    } else if f.fin && !assembling {
-                        self.on_message(f.opcode, f.payload)
-                    } else if self.fragments().len() + f.payload.len() > MAX_CLIENT_MESSAGE {
-                        Flow::Close(close_code::TOO_BIG, "message too big")
-                    } else {
-                        let fragments =
-                            &mut self.inbound.get_or_insert_with(Box::default).fragments;
-                        if starts {
-                            // Remember the opcode in the first byte.
-                            fragments.push(u8::from(f.opcode == Opcode::Text));
-                        }
-                        fragments.extend_from_slice(f.payload);
-                        if f.fin {
-                            let msg = std::mem::take(fragments);
-                            let op = if msg[0] == 1 {
-                                Opcode::Text
-                            } else {
-                                Opcode::Binary
-                            };
-                            self.on_message(op, &msg[1..])
-                        } else {
-                            Flow::Continue
-                        }
-                    }
-                }
-            };
-            if !matches!(flow, Flow::Continue) {
-                return (used, flow);
+            match code {
+                Some(c) => wsf::put_close(&mut self.out, c, reason),
+                None => wsf::put_frame(&mut self.out, Opcode::Close, b""),
             }
+            self.state = Phase::Closing;
+            self.awaiting_close = first;
+            self.deadline = Some(Box::pin(tokio::time::sleep(CLOSE_LIMIT)));
         }
     }
 
-    fn on_message(&mut self, opcode: Opcode, payload: &[u8]) -> Flow {
-        if opcode == Opcode::Text && payload == b"h" {
-            wsf::put_frame(&mut self.out, Opcode::Text, frame::HEARTBEAT_REPLY);
-            self.sub
-                .heartbeat(Duration::from_secs(u64::from(self.silence_s)));
-            Flow::Continue
-        } else {
-            tracing::debug!("unknown frame from subscriber, closing");
-            wsf::put_frame(&mut self.out, Opcode::Text, frame::ERR_PARAM);
-            Flow::Close(close_code::NORMAL, "")
-        }
-    }
-
-    /// Reads until the socket has nothing more; Ready(false) ends the connection.
+    /// Reads until the socket has nothing more; Ready(false) ends the
+    /// connection. While closing, it only looks for the client's close.
     fn poll_input(&mut self, cx: &mut Context<'_>) -> Poll<bool> {
         loop {
             let mut chunk = [0u8; READ_CHUNK];
@@ -345,36 +279,60 @@ impl Conn {
             if n == 0 {
                 return Poll::Ready(false);
             }
-            let mut buf = match self.inbound.as_mut() {
-                Some(i) if !i.partial.is_empty() => std::mem::take(&mut i.partial),
-                _ => Vec::new(),
-            };
-            let flow = if buf.is_empty() {
-                let (used, flow) = self.on_bytes(&mut chunk[..n]);
-                if matches!(flow, Flow::Continue) && used < n {
-                    buf.extend_from_slice(&chunk[used..n]);
+            let mut reader = self.reader.take().unwrap_or_default();
+            let closing = self.state == Phase::Closing;
+            let Self {
+                out,
+                sub,
+                silence_s,
+                ..
+            } = self;
+            let mut unknown = false;
+            let r = reader.feed(&mut chunk[..n], MAX_CLIENT_MESSAGE, |u| {
+                if closing {
+                    return;
                 }
-                flow
-            } else {
-                buf.extend_from_slice(&chunk[..n]);
-                let (used, flow) = self.on_bytes(&mut buf);
-                buf.drain(..used);
-                flow
-            };
-            if !buf.is_empty() {
-                self.inbound.get_or_insert_with(Box::default).partial = buf;
-            } else if self
-                .inbound
-                .as_ref()
-                .is_some_and(|i| i.partial.is_empty() && i.fragments.is_empty())
-            {
-                // Nothing kept between reads: give the allocation back.
-                self.inbound = None;
+                match u {
+                    wsf::Inbound::Ping(p) => wsf::put_frame(out, Opcode::Pong, &p),
+                    wsf::Inbound::Message {
+                        text: true,
+                        payload,
+                    } if payload == b"h" => {
+                        wsf::put_frame(out, Opcode::Text, frame::HEARTBEAT_REPLY);
+                        sub.heartbeat(Duration::from_secs(u64::from(*silence_s)));
+                    }
+                    wsf::Inbound::Message { .. } => unknown = true,
+                    wsf::Inbound::Pong | wsf::Inbound::Close(_) => {}
+                }
+            });
+            if !reader.is_idle() {
+                self.reader = Some(reader);
             }
-            match flow {
-                Flow::Continue => {}
-                Flow::Close(code, reason) => {
-                    self.close_with(code, reason);
+            if closing {
+                // The client's close (or anything broken) ends the wait.
+                if !matches!(r, Ok(None)) {
+                    return Poll::Ready(false);
+                }
+                continue;
+            }
+            match r {
+                Ok(None) if unknown => {
+                    tracing::debug!("unknown message from subscriber, closing");
+                    wsf::put_frame(&mut self.out, Opcode::Text, frame::ERR_PARAM);
+                    self.close_with(Some(close_code::NORMAL), "", true);
+                    return Poll::Ready(true);
+                }
+                Ok(None) => {}
+                // The client closed: echo its code, then end (no wait).
+                Ok(Some(code)) => {
+                    self.close_with(code, "", false);
+                    return Poll::Ready(true);
+                }
+                // Failing the connection (RFC 6455 §7.1.7): the close goes
+                // out, then TCP ends without waiting for an answer.
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad frame from subscriber, closing");
+                    self.close_with(Some(e.code()), "bad frame", false);
                     return Poll::Ready(true);
                 }
             }
@@ -403,18 +361,28 @@ impl Conn {
                         wsf::put_frame(&mut self.out, Opcode::Text, frame::RECONNECT);
                         self.comet.reconnect_sent();
                     }
-                    self.close_with(close_code::GOING_AWAY, "reconnect");
+                    self.close_with(Some(close_code::GOING_AWAY), "reconnect", true);
                     // Pending with the waker kept: only an Abort can follow.
                     return Poll::Pending;
                 }
                 Next::Close(Close::Timeout) => {
                     tracing::debug!("heartbeat timeout, closing");
-                    self.close_with(close_code::NORMAL, "heartbeat timeout");
+                    self.close_with(Some(close_code::NORMAL), "heartbeat timeout", true);
                     return Poll::Pending;
                 }
             }
         }
         Poll::Ready(true)
+    }
+
+    /// Returns Pending with the deadline (if any) registered too: one armed
+    /// in this very poll has not been polled yet, and an unpolled timer
+    /// would never wake the connection.
+    fn park(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        match self.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
     }
 
     /// Writes the buffer; Ready(Ok) once it is all written.
@@ -429,9 +397,9 @@ impl Conn {
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => {
-                    // The buffer stays under WRITE_HIGH_WATER plus one
-                    // message, which the key and message limits keep far
-                    // below 4 GiB.
+                    // The buffer stays under WRITE_HIGH_WATER plus what one
+                    // read (READ_CHUNK) or one message can add, far below
+                    // 4 GiB: input stops at the mark, the mailbox too.
                     self.written = written as u32;
                     return Poll::Pending;
                 }
@@ -466,10 +434,23 @@ impl Future for Conn {
             }
         }
         loop {
-            if this.state == Phase::Open {
-                if let Poll::Ready(false) = this.poll_input(cx) {
+            if let Some(d) = this.deadline.as_mut() {
+                if d.as_mut().poll(cx).is_ready() {
+                    if this.state == Phase::Open {
+                        tracing::debug!("subscriber left its writes unread, dropping it");
+                        this.comet.metrics.slow_consumer();
+                    }
                     return Poll::Ready(());
                 }
+            }
+            // A client that does not read gets nothing more read from it
+            // either: what it sends (pings, heartbeats) cannot grow the
+            // buffer past the mark.
+            if this.state == Phase::Open
+                && this.out.len() < WRITE_HIGH_WATER
+                && this.poll_input(cx) == Poll::Ready(false)
+            {
+                return Poll::Ready(());
             }
             let more = match this.poll_mailbox(cx) {
                 Poll::Ready(false) => return Poll::Ready(()),
@@ -478,11 +459,33 @@ impl Future for Conn {
             };
             match this.poll_output(cx) {
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(())) => {}
+                Poll::Pending => {
+                    if this.state == Phase::Open {
+                        if this.out.len() >= WRITE_HIGH_WATER && this.deadline.is_none() {
+                            this.deadline = Some(Box::pin(tokio::time::sleep(STALL_LIMIT)));
+                            continue;
+                        }
+                        if this.out.len() < WRITE_HIGH_WATER {
+                            this.deadline = None;
+                        }
+                    }
+                    return this.park(cx);
+                }
+                Poll::Ready(Ok(())) => {
+                    if this.state == Phase::Open {
+                        this.deadline = None;
+                    }
+                }
             }
             if this.state == Phase::Closing {
-                // The close frame is out; the client need not answer it.
+                // Our close is out. When we spoke first, wait (bounded by
+                // the deadline) for the client's close before ending TCP.
+                if this.awaiting_close {
+                    match this.poll_input(cx) {
+                        Poll::Pending => return this.park(cx),
+                        Poll::Ready(_) => this.awaiting_close = false,
+                    }
+                }
                 if let Some(io) = this.io.as_mut() {
                     let _ = ready!(Pin::new(io).poll_shutdown(cx));
                 }
@@ -492,7 +495,7 @@ impl Future for Conn {
             // registered our waker), unless the mailbox stopped at the
             // high-water mark.
             if !more {
-                return Poll::Pending;
+                return this.park(cx);
             }
         }
     }

@@ -142,6 +142,20 @@ impl Proc {
         }
     }
 
+    /// Resident memory of the process now, in KiB (0 when not running).
+    pub fn rss_kib(&self) -> u64 {
+        let Some(c) = &self.child else { return 0 };
+        std::fs::read_to_string(format!("/proc/{}/status", c.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|n| n.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// Sends SIGTERM without waiting; `term` or `reap` waits.
     pub fn send_term(&self) {
         if let Some(c) = &self.child {

@@ -9,6 +9,7 @@ mod durability;
 mod errors;
 mod failover;
 mod fencing;
+mod hostile;
 mod pushctl;
 mod sizes;
 mod upgrade;

@@ -1,0 +1,256 @@
+//! Hostile WebSocket clients against the real comet: broken framing gets the
+//! RFC's close code, the close handshake is honoured both ways, and a client
+//! that floods pings without reading holds a bounded buffer and is dropped,
+//! while a normal subscriber on the same comet keeps receiving.
+
+use pushcluster_core::websocket::{client_frame, Opcode};
+use pushcluster_systest::{metric, subscribe, Cluster, Options, Transport};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A raw WebSocket subscribed to `key`, its `+h` frame read.
+async fn raw_ws(addr: &str, key: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(
+        format!(
+            "GET /sub?key={key}&heartbeat=30&ver=1 HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\n\
+             Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: x3JJHMbDL1EzLkh9GBhXDw==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("handshake");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.expect("handshake reply");
+        head.push(b[0]);
+    }
+    assert_eq!(frame(&mut s).await, (0x81, b"+h\r\n".to_vec()));
+    s
+}
+
+/// One short server frame: (first byte, payload).
+async fn frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut head = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut head))
+        .await
+        .expect("a frame in time")
+        .expect("frame header");
+    let mut payload = vec![0u8; (head[1] & 0x7F) as usize];
+    s.read_exact(&mut payload).await.expect("payload");
+    (head[0], payload)
+}
+
+/// Reads until the connection ends (EOF, or a reset when the server closed
+/// with our bytes unread); how long it took.
+async fn eof(s: &mut TcpStream) -> Duration {
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .expect("the connection ends in time");
+    assert!(
+        end.is_ok()
+            || end
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{end:?}"
+    );
+    t.elapsed()
+}
+
+fn mask() -> [u8; 4] {
+    [0x11, 0x22, 0x33, 0x44]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_framing_gets_the_rfc_close_code_and_closes_are_answered() {
+    let c = Cluster::start(Options {
+        shards: 1,
+        ..Options::default()
+    });
+    let ws = c.comet_addrs[0].ws.clone();
+    let close_code = |p: &[u8]| u16::from_be_bytes([p[0], p[1]]);
+    let cases: Vec<(&str, Vec<u8>, u16)> = vec![
+        (
+            "a whole text frame inside a fragmented message",
+            [
+                {
+                    let mut f = client_frame(Opcode::Text, b"a", mask());
+                    f[0] &= 0x7F;
+                    f
+                },
+                client_frame(Opcode::Text, b"h", mask()),
+            ]
+            .concat(),
+            1002,
+        ),
+        (
+            "a continuation with nothing to continue",
+            client_frame(Opcode::Continuation, b"h", mask()),
+            1002,
+        ),
+        (
+            "text that is not UTF-8",
+            client_frame(Opcode::Text, &[0xC3, 0x28], mask()),
+            1007,
+        ),
+        (
+            "a close with a 1-byte body",
+            client_frame(Opcode::Close, &[3], mask()),
+            1002,
+        ),
+        (
+            "a frame above the limit",
+            client_frame(Opcode::Binary, &[0; 2000], mask()),
+            1009,
+        ),
+    ];
+    for (what, bytes, want) in cases {
+        let mut s = raw_ws(&ws, "hostile").await;
+        s.write_all(&bytes).await.expect("write");
+        let (op, payload) = frame(&mut s).await;
+        assert_eq!((op, close_code(&payload)), (0x88, want), "{what}");
+        // Failing the connection: TCP ends at once, no answer awaited.
+        let took = eof(&mut s).await;
+        assert!(took < Duration::from_secs(1), "{what}: EOF after {took:?}");
+    }
+    // A clean close from the server (an unknown message gets `-p`): it
+    // waits for our close, then ends TCP.
+    let mut s = raw_ws(&ws, "answering").await;
+    s.write_all(&client_frame(Opcode::Text, b"what", mask()))
+        .await
+        .expect("write");
+    assert_eq!(frame(&mut s).await, (0x81, b"-p\r\n".to_vec()));
+    let (op, payload) = frame(&mut s).await;
+    assert_eq!((op, close_code(&payload)), (0x88, 1000));
+    s.write_all(&client_frame(Opcode::Close, &1000u16.to_be_bytes(), mask()))
+        .await
+        .expect("our close");
+    let took = eof(&mut s).await;
+    assert!(
+        took < Duration::from_secs(1),
+        "EOF {took:?} after our close"
+    );
+    // The client closes first: its code is echoed and TCP ends at once.
+    let mut s = raw_ws(&ws, "polite").await;
+    s.write_all(&client_frame(
+        Opcode::Close,
+        &[0x03, 0xE9, b'b', b'y', b'e'],
+        mask(),
+    ))
+    .await
+    .expect("close");
+    let (op, payload) = frame(&mut s).await;
+    assert_eq!((op, close_code(&payload)), (0x88, 1001));
+    assert!(eof(&mut s).await < Duration::from_secs(1));
+    // A client that never answers the server's close is cut off after the
+    // close limit.
+    let mut s = raw_ws(&ws, "mute").await;
+    s.write_all(&client_frame(Opcode::Text, b"what", mask()))
+        .await
+        .expect("write");
+    assert_eq!(frame(&mut s).await.0, 0x81);
+    assert_eq!(frame(&mut s).await.0, 0x88);
+    let waited = eof(&mut s).await;
+    assert!(
+        waited > Duration::from_millis(1500) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_floods_pings_and_never_reads_is_bounded_and_dropped() {
+    let c = Cluster::start(Options {
+        shards: 1,
+        ..Options::default()
+    });
+    let ws = c.comet_addrs[0].ws.clone();
+    let api = c.client();
+    let mut normal = subscribe(&c, "normal", Transport::Ws, true).await;
+    let before = c.comets[0].rss_kib();
+
+    // 64 MiB of pings with 120-byte payloads, never reading a pong.
+    let mut flood = raw_ws(&ws, "flood").await;
+    let ping = client_frame(Opcode::Ping, &[b'p'; 120], mask());
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 4096)
+        .collect();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while sent < 64 << 20 {
+            match tokio::time::timeout(Duration::from_secs(3), flood.write_all(&burst)).await {
+                Ok(Ok(())) => sent += burst.len(),
+                // The comet stopped reading us (or dropped us): we block.
+                _ => break,
+            }
+        }
+        (sent, flood)
+    });
+    // The normal subscriber keeps receiving meanwhile.
+    let mut delivered = 0;
+    for i in 0..20 {
+        let mid = api
+            .push("normal", &format!(r#"{{"i":{i}}}"#), None)
+            .await
+            .expect("push");
+        let got = pushcluster_systest::collect(&mut normal, 1, Duration::from_secs(5)).await;
+        assert_eq!(got.iter().map(|m| m.mid).collect::<Vec<_>>(), vec![mid]);
+        delivered += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (sent, mut flood) = writer.await.expect("writer");
+    let during = c.comets[0].rss_kib();
+    assert!(
+        sent < 64 << 20,
+        "the comet read all 64 MiB of pings without our reading a pong"
+    );
+    // It is dropped as a slow consumer once its buffer stayed full (we do
+    // not read: reading would make it a client that keeps up).
+    let t = Instant::now();
+    let slow = || {
+        metric(
+            c.comets[0].ops_port,
+            "pushcluster_comet_slow_consumers_dropped_total",
+        )
+    };
+    while slow() < 1.0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the flooding client was never dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let dropped = slow();
+    // When it finally reads: the end (a reset, as the comet dropped the
+    // socket with our unread pings in it).
+    let mut sink = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(10), flood.read_to_end(&mut sink))
+        .await
+        .expect("the connection ends after the drop");
+    assert!(
+        end.is_ok()
+            || end
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{end:?}"
+    );
+    let after = c.comets[0].rss_kib();
+    println!(
+        "hostile ping flood: the flooder wrote {} KiB of pings (kernel buffers included) before the comet stopped reading; RSS before {before} KiB, \
+         during {during} KiB, after {after} KiB; dropped after {:.1} s more (slow consumers {dropped}); \
+         the normal subscriber received {delivered}/20 pushes",
+        sent / 1024,
+        t.elapsed().as_secs_f64()
+    );
+    assert!(dropped >= 1.0);
+    assert!(
+        during < before + 32 * 1024,
+        "RSS grew from {before} to {during} KiB"
+    );
+}
