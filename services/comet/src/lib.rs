@@ -20,7 +20,6 @@ pub mod sse;
 pub mod tcp;
 pub mod ws;
 
-use axum::serve::ListenerExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -86,6 +85,9 @@ pub struct Config {
     pub heartbeat_grace_seconds: u64,
     /// Seconds between SSE keep-alive comments.
     pub sse_keepalive_seconds: u64,
+    /// Caps and deadlines of the client listeners (WebSocket/SSE and TCP,
+    /// each counted on its own).
+    pub listener_limits: pushcluster_core::serve::ListenerLimits,
     /// Secret for subscriber tokens; when unset, tokens are not checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscriber_secret: Option<String>,
@@ -159,6 +161,7 @@ impl Default for Config {
             max_heartbeat_seconds: 3600,
             heartbeat_grace_seconds: 5,
             sse_keepalive_seconds: 15,
+            listener_limits: pushcluster_core::serve::ListenerLimits::default(),
             subscriber_secret: None,
             rpc_token: None,
             limits: Limits::default(),
@@ -592,9 +595,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let comet = Comet::new(cfg.clone(), membership, ownership, &mut reg)?;
     let ready = comet.ready.clone();
 
-    let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen)
-        .await?
-        .tap_io(pushcluster_core::ops::no_delay);
+    let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen).await?;
     let tcp_listener = tokio::net::TcpListener::bind(cfg.tcp_listen).await?;
     let rpc_listener = tokio::net::TcpListener::bind(cfg.rpc_listen).await?;
     tracing::info!(
@@ -607,6 +608,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
 
     // Listeners stop on `stop_accepting`; connections close on `cancel` later.
     let stop_accepting = CancellationToken::new();
+    let listener_metrics = pushcluster_core::serve::ListenerMetrics::register(&mut reg);
+    let caps = |name| {
+        pushcluster_core::serve::Caps::new(
+            name,
+            cfg.listener_limits.clone(),
+            listener_metrics.clone(),
+        )
+    };
+    let (ws_caps, tcp_caps) = (caps("comet_ws"), caps("comet_tcp"));
     let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
         cfg.ops_listen,
         Arc::new(reg),
@@ -615,22 +625,17 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     ));
     // Listening and following membership: ready, holder or standby.
     ready.set(true);
-    let ws_task = tokio::spawn({
-        let app = ws::router(comet.clone());
-        let stop = stop_accepting.clone();
-        async move {
-            axum::serve(
-                ws_listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop.cancelled_owned())
-            .await
-        }
-    });
+    let ws_task = tokio::spawn(pushcluster_core::serve::serve(
+        ws_listener,
+        ws::router(comet.clone()),
+        ws_caps,
+        stop_accepting.clone(),
+    ));
     let tcp_conns = tokio_util::task::TaskTracker::new();
     let tcp_task = tokio::spawn(tcp::serve(
         comet.clone(),
         tcp_listener,
+        tcp_caps,
         stop_accepting.clone(),
         tcp_conns.clone(),
     ));

@@ -25,6 +25,7 @@ const FIRST_PACKET_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn serve(
     comet: Arc<Comet>,
     listener: TcpListener,
+    caps: pushcluster_core::serve::Caps,
     stop: CancellationToken,
     conns: TaskTracker,
 ) {
@@ -32,9 +33,23 @@ pub async fn serve(
         tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    conns.spawn(handle(comet.clone(), stream));
-                }
+                Ok((stream, peer)) => match caps.admit(peer.ip()) {
+                    Ok(slot) => {
+                        let comet = comet.clone();
+                        conns.spawn(async move {
+                            handle(comet, stream).await;
+                            drop(slot);
+                        });
+                    }
+                    // Over a cap: the channel error frame, then close.
+                    Err(_) => {
+                        let (_, w) = stream.into_split();
+                        tokio::spawn(tokio::time::timeout(
+                            Duration::from_secs(1),
+                            refuse(w, frame::ERR_CHANNEL),
+                        ));
+                    }
+                },
                 Err(e) => {
                     // Out of file descriptors and the like: back off, keep serving.
                     tracing::warn!(error = %e, "TCP accept failed");

@@ -8,6 +8,7 @@ pub mod key;
 pub mod membership;
 pub mod ops;
 pub mod ring;
+pub mod serve;
 pub mod token;
 pub mod websocket;
 

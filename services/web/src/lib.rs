@@ -10,7 +10,6 @@ pub mod admin;
 pub mod public;
 pub mod reply;
 
-use axum::serve::ListenerExt;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -69,6 +68,9 @@ pub struct Config {
     pub membership: pushcluster_lease::MembershipConfig,
     /// Input limits.
     pub limits: Limits,
+    /// Caps and header deadline of the public and admin listeners (each
+    /// counted on its own).
+    pub listener_limits: pushcluster_core::serve::ListenerLimits,
     /// Deadline of one call to a comet or the message service, in ms.
     pub rpc_timeout_ms: u64,
     /// After SIGTERM, how long web keeps serving while it reports unready,
@@ -119,6 +121,7 @@ impl Default for Config {
             }],
             membership: pushcluster_lease::MembershipConfig::default(),
             limits: Limits::default(),
+            listener_limits: pushcluster_core::serve::ListenerLimits::default(),
             rpc_timeout_ms: 5000,
             drain_delay_ms: 0,
             advertise: ClientAddresses::default(),
@@ -329,12 +332,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     };
     let state = AppState::new(cfg.clone(), membership, &mut reg)?;
     let ready = Readiness::default();
-    let public = tokio::net::TcpListener::bind(cfg.public_listen)
-        .await?
-        .tap_io(pushcluster_core::ops::no_delay);
-    let admin = tokio::net::TcpListener::bind(cfg.admin_listen)
-        .await?
-        .tap_io(pushcluster_core::ops::no_delay);
+    let public = tokio::net::TcpListener::bind(cfg.public_listen).await?;
+    let admin = tokio::net::TcpListener::bind(cfg.admin_listen).await?;
+    let listener_metrics = pushcluster_core::serve::ListenerMetrics::register(&mut reg);
+    let caps = |name| {
+        pushcluster_core::serve::Caps::new(
+            name,
+            cfg.listener_limits.clone(),
+            listener_metrics.clone(),
+        )
+    };
     tracing::info!(public = %cfg.public_listen, admin = %cfg.admin_listen, "web listening");
     // Lame duck: on `cancel`, report unready at once, keep serving for
     // `drain_delay_ms`, then stop accepting and finish in-flight requests.
@@ -361,13 +368,11 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let closing = || axum::middleware::from_fn_with_state(cancel.clone(), close_when_draining);
     let public_app = public::router(state.clone()).layer(closing());
     let admin_app = admin::router(state).layer(closing());
-    let p = axum::serve(public, public_app).with_graceful_shutdown(stop.clone().cancelled_owned());
-    let a = axum::serve(admin, admin_app).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let p = pushcluster_core::serve::serve(public, public_app, caps("web_public"), stop.clone());
+    let a = pushcluster_core::serve::serve(admin, admin_app, caps("web_admin"), stop.clone());
     ready.set(true);
-    let (rp, ra) = tokio::join!(p, a);
+    tokio::join!(p, a);
     ready.set(false);
-    rp?;
-    ra?;
     let _ = ops.await;
     Ok(())
 }

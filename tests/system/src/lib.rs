@@ -241,6 +241,8 @@ pub struct Options {
     pub older_rpc: bool,
     /// Web's lame-duck period after SIGTERM (`drain_delay_ms`).
     pub web_drain_delay_ms: u64,
+    /// Client listeners' caps and header deadline (comet and web).
+    pub listener_limits: pushcluster_core::serve::ListenerLimits,
 }
 
 impl Default for Options {
@@ -260,6 +262,7 @@ impl Default for Options {
             lease_ms: (2000, 1400, 300),
             older_rpc: false,
             web_drain_delay_ms: 0,
+            listener_limits: pushcluster_core::serve::ListenerLimits::default(),
         }
     }
 }
@@ -305,6 +308,11 @@ impl Cluster {
             "limits: {{ max_message_bytes: {}, max_key_bytes: 64, max_keys_per_multipush: 50 }}",
             opts.max_message_bytes
         );
+        let l = &opts.listener_limits;
+        let listener_limits = format!(
+            "listener_limits: {{ max_connections: {}, max_connections_per_ip: {}, header_timeout_seconds: {} }}",
+            l.max_connections, l.max_connections_per_ip, l.header_timeout_seconds
+        );
         let msg_port = free_port();
         let msg_ops = free_port();
         let message = Proc::spawn(
@@ -346,7 +354,7 @@ impl Cluster {
                 &format!("comet-{i}"),
                 "push-comet",
                 &format!(
-                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\nrpc_token: {}\n{limits}\n",
+                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\nrpc_token: {}\n{limits}\n{listener_limits}\n",
                     opts.shards,
                     opts.queue_depth,
                     opts.max_subscribers_per_key,
@@ -391,7 +399,7 @@ impl Cluster {
             "web",
             "push-web",
             &format!(
-                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nsubscriber_secret: {}\nrpc_token: {}\nrpc_timeout_ms: 3000\ndrain_delay_ms: {}\n{membership}\n{limits}\n{comets_yaml}",
+                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nsubscriber_secret: {}\nrpc_token: {}\nrpc_timeout_ms: 3000\ndrain_delay_ms: {}\n{membership}\n{limits}\n{listener_limits}\n{comets_yaml}",
                 yaml_opt(&opts.admin_token),
                 yaml_opt(&opts.subscriber_secret),
                 yaml_opt(&opts.rpc_token),
