@@ -250,7 +250,7 @@ impl Metrics {
     }
 
     /// Counts a connection dropped for not taking what it was sent.
-    fn slow_consumer(&self) {
+    pub(crate) fn slow_consumer(&self) {
         self.slow_consumers.inc();
     }
 

@@ -25,6 +25,33 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// How long a client may leave its event stream unread before it is dropped
+/// as a slow consumer: the stream's task never waits forever.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Hands `ev` to the response stream: at once when there is room, else
+/// within STALL_LIMIT. False: the client is gone or stalled; stop.
+async fn send_bounded(
+    comet: &Comet,
+    tx: &mpsc::Sender<Result<Event, Infallible>>,
+    ev: Event,
+) -> bool {
+    match tx.try_send(Ok(ev)) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(mpsc::error::TrySendError::Full(ev)) => {
+            match tokio::time::timeout(STALL_LIMIT, tx.send(ev)).await {
+                Ok(r) => r.is_ok(),
+                Err(_) => {
+                    tracing::debug!("SSE subscriber left its stream unread, dropping it");
+                    comet.metrics.slow_consumer();
+                    false
+                }
+            }
+        }
+    }
+}
+
 fn refuse(status: StatusCode, ret: u32, msg: &str) -> Response {
     (status, Json(serde_json::json!({"ret": ret, "msg": msg}))).into_response()
 }
@@ -126,7 +153,7 @@ pub async fn subscribe(
             for m in p.messages {
                 sent = sent.max(m.mid);
                 let d = Delivery::new(m.mid, GID_PRIVATE, m.payload);
-                if tx.send(Ok(event(&d))).await.is_err() {
+                if !send_bounded(&comet2, &tx, event(&d)).await {
                     gauge.dec();
                     return;
                 }
@@ -153,13 +180,13 @@ pub async fn subscribe(
                         if d.gid == GID_PRIVATE && d.mid <= sent {
                             continue;
                         }
-                        if tx.send(Ok(event(&d))).await.is_err() {
+                        if !send_bounded(&comet2, &tx, event(&d)).await {
                             break;
                         }
                     }
                     // The queue is flushed already (messages come first).
                     Next::Close(Close::Reconnect) => {
-                        let _ = tx.send(Ok(Event::default().event("reconnect").data("reconnect"))).await;
+                        let _ = send_bounded(&comet2, &tx, Event::default().event("reconnect").data("reconnect")).await;
                         comet2.reconnect_sent();
                         break;
                     }

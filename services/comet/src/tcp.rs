@@ -137,7 +137,27 @@ fn heartbeats(out: &mut Vec<u8>, bytes: &[u8]) -> bool {
 /// an idle TCP subscriber's memory).
 async fn send(w: &mut OwnedWriteHalf, out: &mut Vec<u8>) -> std::io::Result<()> {
     let bytes = std::mem::take(out);
-    w.write_all(&bytes).await
+    write_bounded(w, &bytes).await
+}
+
+/// How long a client may leave what it was sent unread before it is
+/// dropped as a slow consumer: no write waits forever.
+const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Writes `bytes`: at once when the socket takes them (no timer on the
+/// common path), else within STALL_LIMIT or not at all.
+async fn write_bounded(w: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<()> {
+    let done = match w.try_write(bytes) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if done == bytes.len() {
+        return Ok(());
+    }
+    tokio::time::timeout(STALL_LIMIT, w.write_all(&bytes[done..]))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "slow consumer"))?
 }
 
 async fn drive(
@@ -164,7 +184,7 @@ async fn drive(
                     // A lone frame is written as it is; several queued ones
                     // are gathered into one write.
                     let written = match s.try_message() {
-                        None => w.write_all(d.resp(format)).await,
+                        None => write_bounded(&mut w, d.resp(format)).await,
                         Some(next) => {
                             out.extend_from_slice(d.resp(format));
                             out.extend_from_slice(next.resp(format));
@@ -174,7 +194,11 @@ async fn drive(
                             send(&mut w, &mut out).await
                         }
                     };
-                    if written.is_err() {
+                    if let Err(e) = written {
+                        if e.kind() == std::io::ErrorKind::TimedOut {
+                            tracing::debug!("TCP subscriber left its writes unread, dropping it");
+                            comet.metrics.slow_consumer();
+                        }
                         return;
                     }
                 }

@@ -26,6 +26,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// Largest request head (line and headers) a listener buffers.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 /// Limits of one listener.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -231,7 +234,9 @@ pub async fn serve(listener: TcpListener, app: Router, caps: Caps, shutdown: Can
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(
             caps.limits.header_timeout_seconds.max(1),
-        ));
+        ))
+        // Request heads above this are refused (431) instead of buffered.
+        .max_buf_size(MAX_HEAD_BYTES);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {

@@ -382,3 +382,83 @@ async fn connections_over_the_cap_get_a_clear_refusal() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _again = raw_ws(&ws, "cap-again").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_headers_are_refused_and_clients_that_never_read_tcp_or_sse_are_dropped() {
+    let c = Cluster::start(Options {
+        shards: 1,
+        queue_depth: 100_000,
+        ..Options::default()
+    });
+    let ws = c.comet_addrs[0].ws.clone();
+    let api = c.client();
+    let mut normal = subscribe(&c, "normal", Transport::Ws, true).await;
+    let before = c.comets[0].rss_kib();
+    // 200 KiB of headers: refused with 431 instead of buffered.
+    let mut s = TcpStream::connect(&ws).await.expect("connect");
+    let big = format!(
+        "GET /sub?key=big&heartbeat=30 HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+        "a".repeat(200 * 1024)
+    );
+    let _ = s.write_all(big.as_bytes()).await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("HTTP/1.1 431"),
+        "oversized headers got: {reply:.80}"
+    );
+    // Web's listeners too.
+    let public = c.public_url.trim_start_matches("http://").to_owned();
+    let mut s = TcpStream::connect(&public).await.expect("connect");
+    let _ = s
+        .write_all(
+            big.replace("/sub?key=big&heartbeat=30", "/1/time/get")
+                .as_bytes(),
+        )
+        .await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut reply)).await;
+    assert!(String::from_utf8_lossy(&reply).starts_with("HTTP/1.1 431"));
+
+    // A TCP and an SSE subscriber that never read, under a stream of large
+    // pushes: both are dropped as slow consumers, the normal one is served.
+    let tcp = c.comet_addrs[0].tcp.clone();
+    let mut t = TcpStream::connect(&tcp).await.expect("connect");
+    t.write_all(b"*3\r\n$3\r\nsub\r\n$4\r\nmute\r\n$2\r\n30\r\n")
+        .await
+        .expect("sub");
+    let mut sse = TcpStream::connect(&ws).await.expect("connect");
+    sse.write_all(b"GET /sub/sse?key=mute HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("sse");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = format!(r#"{{"pad":"{}"}}"#, "p".repeat(60_000));
+    let slow = || {
+        metric(
+            c.comets[0].ops_port,
+            "pushcluster_comet_slow_consumers_dropped_total",
+        )
+    };
+    let t0 = Instant::now();
+    let mut pushed = 0;
+    while slow() < 2.0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(40),
+            "never-reading TCP/SSE subscribers were not dropped"
+        );
+        api.push("mute", &body, None).await.expect("push");
+        let mid = api.push("normal", "1", None).await.expect("push");
+        let got = pushcluster_systest::collect(&mut normal, 1, Duration::from_secs(5)).await;
+        assert_eq!(got[0].mid, mid);
+        pushed += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = c.comets[0].rss_kib();
+    println!(
+        "oversized headers: 431 from comet and web; never-reading TCP and SSE subscribers dropped after {:.1} s \
+         ({pushed} pushes of 60 KB to them), the normal subscriber got all {pushed}; RSS before {before} KiB, after {after} KiB",
+        t0.elapsed().as_secs_f64()
+    );
+    drop((t, sse));
+}
