@@ -4,12 +4,11 @@
 //! or use the other's keys, messages or credentials.
 
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::Client;
 use push_operator::crd::PushCluster;
 use pushcluster_client::http::Client as HttpApi;
-use pushcluster_e2e::traffic::ServiceProxy;
+use pushcluster_e2e::traffic::{ready_endpoints, ServiceProxy};
 use pushcluster_e2e::{
     apply_example, credentials, full_cluster, helm, kubectl, rollout_status, wait_ready, Images,
     TestNamespace,
@@ -223,34 +222,18 @@ async fn grpc_push(addr: &str, token: Option<&str>) -> anyhow::Result<tonic::Cod
     })
 }
 
-/// The ready address of the first endpoint of Service `service` on `port`.
+/// The first ready endpoint of Service `service` on `port`, as `host:port`.
 async fn endpoint_of(
     client: &Client,
     ns: &str,
     service: &str,
     port: &str,
 ) -> anyhow::Result<String> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
-    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
-    for s in slices.list(&lp).await?.items {
-        let Some(p) = s
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(port))
-            .and_then(|p| p.port)
-        else {
-            continue;
-        };
-        if let Some(ip) = s
-            .endpoints
-            .iter()
-            .find_map(|e| e.addresses.first().cloned())
-        {
-            return Ok(format!("{ip}:{p}"));
-        }
-    }
-    anyhow::bail!("no endpoint of {ns}/{service} on port {port}")
+    ready_endpoints(client, ns, service, port)
+        .await?
+        .first()
+        .map(|a| a.to_string())
+        .ok_or_else(|| anyhow::anyhow!("no ready endpoint of {ns}/{service} on port {port}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -609,13 +609,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     // Listeners stop on `stop_accepting`; connections close on `cancel` later.
     let stop_accepting = CancellationToken::new();
     let listener_metrics = pushcluster_core::serve::ListenerMetrics::register(&mut reg);
-    let caps = |name| {
-        pushcluster_core::serve::Caps::new(
-            name,
-            cfg.listener_limits.clone(),
-            listener_metrics.clone(),
-        )
-    };
+    let caps = |name| listener_metrics.caps(name, &cfg.listener_limits);
     let (ws_caps, tcp_caps) = (caps("comet_ws"), caps("comet_tcp"));
     let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
         cfg.ops_listen,

@@ -7,24 +7,8 @@
 //! million cases with `-- --ignored` (release).
 
 use push_comet::protocol::parse_command;
+use pushcluster_core::fuzz::Rng;
 use redis::Value;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// A length line: usually plain decimal, sometimes not.
 fn number(r: &mut Rng, n: usize) -> String {
@@ -41,7 +25,7 @@ fn number(r: &mut Rng, n: usize) -> String {
 fn stream(r: &mut Rng) -> Vec<u8> {
     let mut s = Vec::new();
     if r.chance(10) {
-        return (0..r.below(30)).map(|_| r.next() as u8).collect();
+        return (0..r.below(30)).map(|_| r.next_u64() as u8).collect();
     }
     let n = match r.below(10) {
         0 => 0,
@@ -152,7 +136,7 @@ fn plain_lengths(bytes: &[u8]) -> bool {
 }
 
 fn compare(seed: u64, cases: u64) -> [u64; 3] {
-    let mut r = Rng(seed | 1);
+    let mut r = Rng::new(seed);
     let mut seen = [0u64; 3];
     for case in 0..cases {
         let s = stream(&mut r);

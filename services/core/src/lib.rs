@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod frame;
+pub mod fuzz;
 pub mod key;
 pub mod membership;
 pub mod ops;

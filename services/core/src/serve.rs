@@ -78,6 +78,11 @@ impl ListenerMetrics {
         m
     }
 
+    /// The caps of the listener `name` under `limits`, counted here.
+    pub fn caps(&self, name: &'static str, limits: &ListenerLimits) -> Caps {
+        Caps::new(name, limits.clone(), self.clone())
+    }
+
     fn refused(&self, listener: &'static str, reason: &'static str) {
         self.refused
             .get_or_create(&RefusedLabels { listener, reason })

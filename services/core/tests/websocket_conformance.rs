@@ -5,6 +5,7 @@
 //! sample runs in `make test`; `cargo test --release -p pushcluster-core
 //! --test websocket_conformance -- --ignored` runs a million cases.
 
+use pushcluster_core::fuzz::Rng;
 use pushcluster_core::websocket::{
     client_frame, verdict, verdict_in_pieces, Inbound, Opcode, Outcome,
 };
@@ -79,27 +80,6 @@ fn reference(stream: &[u8]) -> (Vec<Inbound>, Outcome) {
     }
 }
 
-/// xorshift64*: reproducible cases from a seed, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// Payload bytes: random, valid UTF-8 (with multi-byte characters that
 /// fragments may split), or a close body with an arbitrary code.
 fn payload(r: &mut Rng, op: u8, len: usize) -> Vec<u8> {
@@ -111,7 +91,7 @@ fn payload(r: &mut Rng, op: u8, len: usize) -> Vec<u8> {
         let code = if r.chance(80) {
             codes[r.below(codes.len() as u64) as usize]
         } else {
-            r.next() as u16
+            r.next_u64() as u16
         };
         let mut body = code.to_be_bytes().to_vec();
         if r.chance(30) {
@@ -177,10 +157,10 @@ fn frame(r: &mut Rng) -> Vec<u8> {
     if masked {
         out[1] |= 0x80;
         let mask = [
-            r.next() as u8,
-            r.next() as u8,
-            r.next() as u8,
-            r.next() as u8,
+            r.next_u64() as u8,
+            r.next_u64() as u8,
+            r.next_u64() as u8,
+            r.next_u64() as u8,
         ];
         out.extend_from_slice(&mask);
         out.extend(body.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
@@ -211,7 +191,7 @@ fn stream(r: &mut Rng) -> Vec<u8> {
         // A huge declared length, then nothing.
         1 => {
             s = vec![0x81 | ((r.below(2) as u8) << 3), 0xFF];
-            s.extend_from_slice(&(r.next() | 1 << 40).to_be_bytes());
+            s.extend_from_slice(&(r.next_u64() | 1 << 40).to_be_bytes());
             s.extend_from_slice(&[1, 2, 3, 4]);
         }
         // A fragmented text message, maybe interrupted by control frames
@@ -247,7 +227,7 @@ fn stream(r: &mut Rng) -> Vec<u8> {
 /// Runs `cases` streams from `seed` through both; returns how many of each
 /// outcome kind were seen (so a run shows it covered every branch).
 fn compare(seed: u64, cases: u64) -> [u64; 4] {
-    let mut r = Rng(seed | 1);
+    let mut r = Rng::new(seed);
     let mut seen = [0u64; 4];
     for case in 0..cases {
         let s = stream(&mut r);

@@ -335,13 +335,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let public = tokio::net::TcpListener::bind(cfg.public_listen).await?;
     let admin = tokio::net::TcpListener::bind(cfg.admin_listen).await?;
     let listener_metrics = pushcluster_core::serve::ListenerMetrics::register(&mut reg);
-    let caps = |name| {
-        pushcluster_core::serve::Caps::new(
-            name,
-            cfg.listener_limits.clone(),
-            listener_metrics.clone(),
-        )
-    };
+    let caps = |name| listener_metrics.caps(name, &cfg.listener_limits);
     tracing::info!(public = %cfg.public_listen, admin = %cfg.admin_listen, "web listening");
     // Lame duck: on `cancel`, report unready at once, keep serving for
     // `drain_delay_ms`, then stop accepting and finish in-flight requests.
