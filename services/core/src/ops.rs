@@ -62,7 +62,10 @@ async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
     }
 }
 
-/// Binds `addr` and serves the ops routes until `cancel` fires.
+/// Binds `addr` and serves the ops routes until `cancel` fires, with the
+/// same header deadline as every listener and a small connection cap
+/// (probes and scrapers need few; refusals are not counted, the registry is
+/// already built).
 pub async fn serve_ops(
     addr: SocketAddr,
     registry: Arc<Registry>,
@@ -71,9 +74,13 @@ pub async fn serve_ops(
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "ops listener (/metrics /healthz /readyz)");
-    axum::serve(listener, ops_router(registry, ready))
-        .with_graceful_shutdown(cancel.cancelled_owned())
-        .await
+    let limits = crate::serve::ListenerLimits {
+        max_connections: 256,
+        ..Default::default()
+    };
+    let caps = crate::serve::ListenerMetrics::default().caps("ops", &limits);
+    crate::serve::serve(listener, ops_router(registry, ready), caps, cancel).await;
+    Ok(())
 }
 
 /// Builds the tokio runtime a service runs on, with `threads` workers, or one
