@@ -82,6 +82,60 @@ fn parse_len(buf: &[u8], pos: &mut usize, prefix: u8) -> Result<Option<usize>, P
     Ok(Some(n))
 }
 
+/// What an SSE subscription asks for (`GET /sub/sse?key=&token=&last_id=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseRequest {
+    pub key: String,
+    pub token: String,
+    /// Resume after this mid (from `Last-Event-ID`, else `last_id=`).
+    pub last: Option<i64>,
+}
+
+/// Why an SSE request is refused (HTTP 400, ret 65534).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SseError {
+    #[error("key is required")]
+    NoKey,
+    #[error("Last-Event-ID is not a mid")]
+    BadLastId,
+}
+
+/// Parses an SSE subscription from the raw query (form-urlencoded; a later
+/// repeat of a name wins, as axum's Query does) and the `Last-Event-ID`
+/// header, which wins over `last_id=`. A mid is a non-negative decimal
+/// (surrounding spaces allowed); an empty one means "from now". Total over
+/// arbitrary bytes: never panics, refuses with a reason.
+pub fn parse_sse(query: &str, last_event_id: Option<&[u8]>) -> Result<SseRequest, SseError> {
+    let (mut key, mut token, mut last_id) = (String::new(), String::new(), None);
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "key" => key = v.into_owned(),
+            "token" => token = v.into_owned(),
+            "last_id" => last_id = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    let last = match last_event_id {
+        Some(h) => Some(
+            std::str::from_utf8(h)
+                .map_err(|_| SseError::BadLastId)?
+                .to_owned(),
+        ),
+        None => last_id,
+    };
+    let last = match last.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(v) => match v.parse::<i64>() {
+            Ok(n) if n >= 0 && v.bytes().all(|b| b.is_ascii_digit()) => Some(n),
+            _ => return Err(SseError::BadLastId),
+        },
+    };
+    if key.is_empty() {
+        return Err(SseError::NoKey);
+    }
+    Ok(SseRequest { key, token, last })
+}
+
 /// What a subscriber asked for, whatever the transport.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscribe {

@@ -11,7 +11,7 @@
 use crate::protocol::Subscribe;
 use crate::registry::{Close, Delivery, Next};
 use crate::Comet;
-use axum::extract::{Query, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,6 @@ use axum::Json;
 use pushcluster_core::frame::Format;
 use pushcluster_core::GID_PRIVATE;
 use pushcluster_proto::v1 as pb;
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,29 +83,19 @@ async fn fetch_page(comet: &Comet, key: &str, after: i64) -> Result<pb::FetchRep
 /// Handles `GET /sub/sse`.
 pub async fn subscribe(
     State(comet): State<Arc<Comet>>,
-    Query(q): Query<HashMap<String, String>>,
+    RawQuery(q): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    let key = q.get("key").cloned().unwrap_or_default();
-    let last = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| q.get("last_id").cloned());
-    let last: i64 = match last.as_deref().map(str::trim) {
-        None | Some("") => -1,
-        Some(v) => match v.parse() {
-            Ok(n) if n >= 0 => n,
-            _ => return refuse(StatusCode::BAD_REQUEST, 65534, "Last-Event-ID is not a mid"),
-        },
+    let header = headers.get("last-event-id").map(|v| v.as_bytes());
+    let req = match crate::protocol::parse_sse(q.as_deref().unwrap_or_default(), header) {
+        Ok(r) => r,
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, 65534, &e.to_string()),
     };
-    if key.is_empty() {
-        return refuse(StatusCode::BAD_REQUEST, 65534, "key is required");
-    }
+    let (key, last) = (req.key, req.last.unwrap_or(-1));
     let sub = Subscribe {
         key: key.clone(),
         heartbeat: comet.cfg.sse_keepalive_seconds,
-        token: q.get("token").cloned().unwrap_or_default(),
+        token: req.token,
         format: Format::Json,
     };
     // No client heartbeats here: the comet sends keep-alives, and a gone
