@@ -208,10 +208,10 @@ impl Traffic {
                 api: api.clone(),
                 key: key.clone(),
                 proto,
-                token: load.subscriber_secret.as_ref().map(|s| {
-                    let expiry = pushcluster_core::token::unix_now() + 24 * 3600;
-                    pushcluster_core::token::mint(s.as_bytes(), key, expiry)
-                }),
+                token: load
+                    .subscriber_secret
+                    .as_ref()
+                    .map(|s| pushcluster_core::token::mint_for(s.as_bytes(), key, 24 * 3600)),
                 until,
                 control: control.clone(),
             };

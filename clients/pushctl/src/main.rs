@@ -177,10 +177,9 @@ async fn main() -> anyhow::Result<()> {
             count,
         } => {
             let token = token.or_else(|| {
-                cli.subscriber_secret.as_ref().map(|s| {
-                    let expiry = pushcluster_core::token::unix_now() + 24 * 3600;
-                    pushcluster_core::token::mint(s.as_bytes(), &key, expiry)
-                })
+                cli.subscriber_secret
+                    .as_ref()
+                    .map(|s| pushcluster_core::token::mint_for(s.as_bytes(), &key, 24 * 3600))
             });
             let p = Params {
                 key,

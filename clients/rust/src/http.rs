@@ -46,10 +46,9 @@ impl Client {
     }
 
     fn minted(&self, key: &str) -> Option<String> {
-        self.subscriber_secret.as_ref().map(|s| {
-            let expiry = pushcluster_core::token::unix_now() + READ_TOKEN_SECONDS;
-            pushcluster_core::token::mint(s.as_bytes(), key, expiry)
-        })
+        self.subscriber_secret
+            .as_ref()
+            .map(|s| pushcluster_core::token::mint_for(s.as_bytes(), key, READ_TOKEN_SECONDS))
     }
 
     async fn call(&self, req: reqwest::RequestBuilder) -> Result<Option<Value>> {

@@ -36,6 +36,11 @@ pub fn mint(secret: &[u8], key: &str, expiry: u64) -> String {
     format!("{expiry}.{}", hex::encode(tag))
 }
 
+/// Mints a token for `key` valid for `seconds` from now.
+pub fn mint_for(secret: &[u8], key: &str, seconds: u64) -> String {
+    mint(secret, key, unix_now().saturating_add(seconds))
+}
+
 /// Verifies `token` for `key` at time `now` (Unix seconds), in constant time.
 pub fn verify(secret: &[u8], key: &str, token: &str, now: u64) -> Result<(), TokenError> {
     if token.is_empty() {
