@@ -231,6 +231,13 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         rpc_listen: any(s.comet.ports.rpc),
         ops_listen: any(s.comet.ports.ops),
         message_url: message_url.clone(),
+        // With Redis, comets store pushes straight into it (one process
+        // fewer on every push); the embedded store's one writer is the
+        // message pod, so without Redis they store through it.
+        store: push_comet::storage::DirectStore {
+            redis_url: s.storage.redis.as_ref().and_then(|r| r.url.clone()),
+            ..Default::default()
+        },
         max_subscribers_per_key: s.comet.max_subscribers_per_key.max(1) as usize,
         queue_depth: s.comet.queue_depth.max(1) as usize,
         ..push_comet::Config::default()
@@ -453,6 +460,7 @@ pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
     let mut env = pod_env();
     env.extend(subscriber_env(pc));
     env.extend(rpc_token_env(pc));
+    env.extend(redis_url_env(pc));
     deployment(
         pc,
         hash,
@@ -477,16 +485,20 @@ pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
     )
 }
 
+/// The Redis URL from the Secret the spec names, if it names one (the
+/// message service and the comets both write to Redis).
+fn redis_url_env(pc: &PushCluster) -> Option<Value> {
+    pc.spec
+        .storage
+        .redis
+        .as_ref()
+        .and_then(|r| secret_env("PUSH_REDIS_URL", &r.secret_ref))
+}
+
 fn message_parts(pc: &PushCluster, volumes: Vec<Value>) -> PodParts<'_> {
     let mut env = pod_env();
     env.extend(rpc_token_env(pc));
-    env.extend(
-        pc.spec
-            .storage
-            .redis
-            .as_ref()
-            .and_then(|r| secret_env("PUSH_REDIS_URL", &r.secret_ref)),
-    );
+    env.extend(redis_url_env(pc));
     PodParts {
         component: "message",
         binary: "push-message",

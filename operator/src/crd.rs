@@ -65,7 +65,7 @@ pub struct PushClusterSpec {
 /// (default anyone), web's admin port to `adminFrom` (default the cluster's
 /// own namespace), gRPC ports only to the cluster's own pods, ops/metrics
 /// ports to `monitoringFrom` (default the cluster's own namespace). Egress is
-/// left open (comets reach the API server, the message service Redis).
+/// left open (comets reach the API server, the message service and comets Redis).
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicySpec {
@@ -299,7 +299,9 @@ impl ServiceType {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct StorageSpec {
-    /// Redis; without it the message pod uses its embedded store.
+    /// Redis; without it the message pod uses its embedded store. With it
+    /// the comets store pushes straight into Redis and the message pods serve
+    /// reads, deletes and broadcasts from it: both must reach it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
     /// The embedded store's volume (used without redis): a PersistentVolumeClaim

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use futures::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
-use proc::{delta, usage, Usage};
+use proc::{cpu_by_pid, cpu_per_push_by_name, delta, usage, Usage};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -375,7 +375,7 @@ async fn main() -> anyhow::Result<()> {
                     }
                 }));
             }
-            let (before, me0) = (usage(&sp), usage(&me));
+            let (before, me0, each0) = (usage(&sp), usage(&me), cpu_by_pid(&sp));
             let total = rate * seconds;
             let acked = Arc::new(AtomicU64::new(0));
             let failed = Arc::new(AtomicU64::new(0));
@@ -449,7 +449,7 @@ async fn main() -> anyhow::Result<()> {
                 .join()
                 .map_err(|_| anyhow::anyhow!("the publishing thread panicked"))??;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            let after = usage(&sp);
+            let (after, each1) = (usage(&sp), cpu_by_pid(&sp));
             if let Some(path) = &trace {
                 let mut d = deliveries
                     .lock()
@@ -470,9 +470,12 @@ async fn main() -> anyhow::Result<()> {
                 acked.load(Ordering::Relaxed),
                 received.load(Ordering::Relaxed),
             );
-            println!("scenario=latency keys={keys} rate={rate}/s pushes={total} acked={acked} failed={} received={got} lost={} p50_us={} p90_us={} p99_us={} max_us={} {} bench_cpu_s={:.2}",
+            // CPU per acknowledged push, over every server process and by
+            // process name: the cost of a push beside its latency.
+            let per_push = (after.cpu() - before.cpu()) * 1e6 / acked.max(1) as f64;
+            println!("scenario=latency keys={keys} rate={rate}/s pushes={total} acked={acked} failed={} received={got} lost={} p50_us={} p90_us={} p99_us={} max_us={} {} cpu_per_push_us={per_push:.0} cpu_per_push_by_process={} bench_cpu_s={:.2}",
                 failed.load(Ordering::Relaxed), acked.saturating_sub(got), h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.max(),
-                cpu(before, after), usage(&me).cpu() - me0.cpu());
+                cpu(before, after), cpu_per_push_by_name(&each0, &each1, acked.max(1)), usage(&me).cpu() - me0.cpu());
             for r in readers {
                 r.abort();
             }

@@ -58,3 +58,41 @@ pub fn usage(pids: &[String]) -> Usage {
 pub fn delta(a: Usage, b: Usage) -> (f64, f64) {
     (b.user - a.user, b.system - a.system)
 }
+
+/// CPU seconds (user plus system) of each of `pids`, with its command name
+/// (`/proc/<pid>/comm`); processes that are gone are left out.
+pub fn cpu_by_pid(pids: &[String]) -> Vec<(String, String, f64)> {
+    pids.iter()
+        .filter_map(|p| {
+            let u = one(p).ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{p}/comm")).ok()?;
+            Some((p.clone(), comm.trim().to_owned(), u.cpu()))
+        })
+        .collect()
+}
+
+/// CPU per push by command name between two [`cpu_by_pid`] readings, in
+/// microseconds, as `name:µs,name:µs` (processes of one name summed, in
+/// order of first appearance).
+pub fn cpu_per_push_by_name(
+    before: &[(String, String, f64)],
+    after: &[(String, String, f64)],
+    pushes: u64,
+) -> String {
+    let mut names: Vec<(String, f64)> = Vec::new();
+    for (pid, name, cpu) in after {
+        let was = before
+            .iter()
+            .find(|(p, _, _)| p == pid)
+            .map_or(0.0, |b| b.2);
+        match names.iter_mut().find(|(n, _)| n == name) {
+            Some((_, sum)) => *sum += cpu - was,
+            None => names.push((name.clone(), cpu - was)),
+        }
+    }
+    names
+        .iter()
+        .map(|(n, s)| format!("{n}:{:.0}", s * 1e6 / pushes.max(1) as f64))
+        .collect::<Vec<_>>()
+        .join(",")
+}

@@ -1,12 +1,11 @@
 //! The comet: holds subscriber connections (WebSocket, TCP, SSE) for the keys
 //! of its shard and delivers messages to them in mid order.
 //!
-//! A push arrives over gRPC from web ([`rpc`]); the comet stores it through the
-//! message service first (a push is acknowledged only once stored), then
+//! A push arrives over gRPC from web ([`rpc`]); the comet stores it first (a
+//! push is acknowledged only once stored): straight into Redis when the
+//! cluster has one, else through the message service ([`storage`]). Then it
 //! queues it on the key's connections ([`registry`]). Pushes to one key are
 //! serialised from store to enqueue, so every connection sees mids in order.
-//! Under load the appends of concurrent pushes go to the message service in
-//! batches ([`pushcluster_core::batch`]).
 //!
 //! A WebSocket connection is one small hand-polled future ([`ws`]) and one
 //! mailbox in the registry; heartbeat deadlines are checked by one sweeper
@@ -17,6 +16,7 @@ pub mod protocol;
 pub mod registry;
 pub mod rpc;
 pub mod sse;
+pub mod storage;
 pub mod tcp;
 pub mod ws;
 
@@ -27,7 +27,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry as MetricsRegistry;
 use protocol::{HeartbeatBounds, Subscribe};
-use pushcluster_core::batch::Batcher;
 use pushcluster_core::frame;
 use pushcluster_core::key::Limits;
 use pushcluster_core::membership::{Membership, ShardEndpoint, StaticMembership};
@@ -36,7 +35,6 @@ use pushcluster_core::ring::{Ring, DEFAULT_VNODES};
 use pushcluster_lease::owner::{Ownership, ShardOwner};
 use pushcluster_lease::{Candidate, MembershipConfig, MembershipKind};
 use pushcluster_proto::auth::{AuthChannel, RequireToken, RpcToken};
-use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_client::MessageClient;
 use registry::{RegisterError, Registry, Subscription};
 use serde::{Deserialize, Serialize};
@@ -73,6 +71,9 @@ pub struct Config {
     pub ops_listen: SocketAddr,
     /// gRPC URL of the message service.
     pub message_url: String,
+    /// Storing pushes straight into Redis instead of through the message
+    /// service (when the cluster's store is Redis).
+    pub store: storage::DirectStore,
     /// Most connections one key may hold on this comet (gopush-cluster: 64).
     pub max_subscribers_per_key: usize,
     /// Messages queued per connection before it counts as a slow consumer.
@@ -155,6 +156,7 @@ impl Default for Config {
             rpc_listen: ([127, 0, 0, 1], 6970).into(),
             ops_listen: ([127, 0, 0, 1], 6971).into(),
             message_url: "http://127.0.0.1:8070".into(),
+            store: storage::DirectStore::default(),
             max_subscribers_per_key: 64,
             queue_depth: 256,
             min_heartbeat_seconds: 1,
@@ -180,6 +182,7 @@ pub struct Metrics {
     connections: Family<TransportLabel, Gauge>,
     pushes: Counter,
     push_errors: Counter,
+    fenced: Counter,
     deliveries: Counter,
     push_latency: Histogram,
     slow_consumers: Counter,
@@ -194,6 +197,7 @@ impl Metrics {
             connections: Family::default(),
             pushes: Counter::default(),
             push_errors: Counter::default(),
+            fenced: Counter::default(),
             deliveries: Counter::default(),
             push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             slow_consumers,
@@ -225,6 +229,11 @@ impl Metrics {
             "pushcluster_comet_push_errors",
             "Pushes that failed",
             m.push_errors.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_fenced_appends",
+            "Appends straight to Redis refused because a newer holder of the shard wrote (split brain averted)",
+            m.fenced.clone(),
         );
         reg.register(
             "pushcluster_comet_deliveries",
@@ -272,9 +281,10 @@ const PUSH_STRIPES: usize = 4096;
 pub struct Comet {
     cfg: Config,
     registry: Arc<Registry>,
+    /// The message service: SSE resumes read from it.
     message: MessageClient<AuthChannel>,
-    /// Appends to the message service, coalesced under load.
-    appender: Batcher<pb::AppendRequest, Result<i64, tonic::Status>>,
+    /// Where pushes are stored: Redis directly, or the message service.
+    storage: storage::Storage,
     membership: Arc<dyn Membership>,
     /// The shard served now (static: fixed; leases: follows the owner).
     ownership: watch::Receiver<Ownership>,
@@ -310,7 +320,7 @@ impl Refusal {
 
 impl Comet {
     /// Builds the comet state; `membership` says which keys this comet owns.
-    pub fn new(
+    pub async fn new(
         cfg: Config,
         membership: Arc<dyn Membership>,
         ownership: watch::Receiver<Ownership>,
@@ -331,10 +341,20 @@ impl Comet {
         let message = MessageClient::new(channel)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        let metrics = Metrics::register(reg, slow);
+        let storage = storage::Storage::open(
+            &cfg.store,
+            &cfg.limits,
+            message.clone(),
+            STORE_DEADLINE,
+            metrics.fenced.clone(),
+        )
+        .await
+        .map_err(|e| Error::Config(format!("store: {e}")))?;
         let comet = Arc::new(Self {
             registry,
-            appender: rpc::appender(message.clone(), STORE_DEADLINE),
             message,
+            storage,
             membership,
             ownership,
             ring: RwLock::new(Arc::new(Ring::new([], DEFAULT_VNODES))),
@@ -342,7 +362,7 @@ impl Comet {
             stripes: (0..PUSH_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
-            metrics: Metrics::register(reg, slow),
+            metrics,
             cfg,
         });
         comet.refresh();
@@ -592,7 +612,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                 (Arc::new(membership), rx, Some(task), None)
             }
         };
-    let comet = Comet::new(cfg.clone(), membership, ownership, &mut reg)?;
+    let comet = Comet::new(cfg.clone(), membership, ownership, &mut reg).await?;
     let ready = comet.ready.clone();
 
     let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen).await?;

@@ -45,6 +45,10 @@ struct Args {
     /// gRPC URL of the message service.
     #[arg(long, env = "PUSH_MESSAGE_URL")]
     message_url: Option<String>,
+    /// Redis of the message store (`redis://host:port/db`): pushes are
+    /// stored straight into it instead of through the message service.
+    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
     /// Secret for subscriber tokens (HMAC-SHA256); unset = no token check.
     #[arg(long, env = "PUSH_SUBSCRIBER_SECRET", hide_env_values = true)]
     subscriber_secret: Option<String>,
@@ -81,6 +85,9 @@ async fn serve(a: Args) -> anyhow::Result<()> {
         ops_listen,
         message_url
     );
+    if a.redis_url.is_some() {
+        cfg.store.redis_url = a.redis_url;
+    }
     if a.subscriber_secret.is_some() {
         cfg.subscriber_secret = a.subscriber_secret;
     }

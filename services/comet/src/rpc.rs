@@ -1,6 +1,7 @@
 //! The comet's gRPC service: web pushes here.
 
 use crate::registry::Delivery;
+use crate::storage::Append;
 use crate::Comet;
 use bytes::Bytes;
 use pushcluster_core::batch::Batcher;
@@ -11,6 +12,7 @@ use pushcluster_proto::pipeline::{answer_in_order, Pipeline, Replies};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_server::{Comet as CometService, CometServer};
 use pushcluster_proto::v1::message_client::MessageClient;
+use pushcluster_store::Fence;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -93,7 +95,7 @@ pub(crate) fn appender(
 }
 
 impl Comet {
-    /// Stores a private message through the message service, then queues it on
+    /// Stores a private message (in Redis, or through the message service), then queues it on
     /// the key's connections. Pushes to one key are serialised from store to
     /// enqueue, so connections receive mids in order.
     pub async fn push(
@@ -119,20 +121,19 @@ impl Comet {
                 ))
             }
         };
-        let req = pb::AppendRequest {
-            key: key.to_owned(),
-            payload: payload.clone(),
-            expire_seconds: expire,
-            gid: GID_PRIVATE,
-            push_id: push_id.to_owned(),
-            shard,
-            fence,
-        };
         let stored = self
-            .appender
-            .call(req)
-            .await
-            .unwrap_or_else(|e| Err(Status::internal(e.to_string())));
+            .storage
+            .append(Append {
+                key,
+                payload: payload.clone(),
+                expire_seconds: expire,
+                push_id,
+                fence: Fence {
+                    shard,
+                    token: fence,
+                },
+            })
+            .await;
         let mid = match stored {
             Ok(mid) => mid,
             Err(e) => {

@@ -51,6 +51,18 @@ pub enum InputError {
     ExpireTooLong(u64, u64),
     #[error("{0} keys in one multi-push, more than the limit of {1}")]
     TooManyKeys(usize, usize),
+    #[error("push_id must be 1-64 characters of [A-Za-z0-9_-]")]
+    PushId,
+}
+
+/// Checks a push id (empty: none): it becomes part of a storage key, so it
+/// is short and plain.
+pub fn check_push_id(id: &str) -> Result<(), InputError> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+    if id.len() > 64 || !id.bytes().all(plain) {
+        return Err(InputError::PushId);
+    }
+    Ok(())
 }
 
 impl Limits {
@@ -140,6 +152,16 @@ mod tests {
             l.check_message(br#"{"aaaaaaaaaaaaaaa":1}"#),
             Err(InputError::MessageTooLarge(21, 16))
         );
+    }
+
+    #[test]
+    fn push_ids() {
+        assert_eq!(check_push_id(""), Ok(()));
+        assert_eq!(check_push_id("0123abcdef-_X"), Ok(()));
+        assert_eq!(check_push_id(&"a".repeat(64)), Ok(()));
+        assert_eq!(check_push_id(&"a".repeat(65)), Err(InputError::PushId));
+        assert_eq!(check_push_id("a:b"), Err(InputError::PushId));
+        assert_eq!(check_push_id("a b"), Err(InputError::PushId));
     }
 
     #[test]

@@ -233,17 +233,8 @@ impl<S: Store> MessageService<S> {
             .limits
             .expire(r.expire_seconds)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if !r.push_id.is_empty()
-            && (r.push_id.len() > 64
-                || !r
-                    .push_id
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
-        {
-            return Err(Status::invalid_argument(
-                "push_id must be 1-64 characters of [A-Za-z0-9_-]",
-            ));
-        }
+        pushcluster_core::key::check_push_id(&r.push_id)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let start = Instant::now();
         let res = if r.fence > 0 {
             let fence = Fence {

@@ -16,7 +16,10 @@ use redis::{AsyncCommands, Script};
 use std::time::Duration;
 
 // Fences are compared as 20-digit strings: Lua numbers are doubles, exact
-// only to 2^53. A refused append returns -1 and the fence in force.
+// only to 2^53. A refused append returns -1 and the fence in force. Every
+// redis.call costs the script a round through Redis's command dispatch, so
+// there are as few as the semantics allow (RPUSH's reply is the length; the
+// expiry, an integer string, is concatenated rather than formatted).
 const APPEND: &str = r"
 if ARGV[8] ~= '' then
   local cur = redis.call('GET', KEYS[4])
@@ -29,8 +32,7 @@ if ARGV[6] ~= '' then
 end
 local mid = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('RPUSH', KEYS[2], string.format('%d %d ', mid, ARGV[2]) .. ARGV[1])
-local len = redis.call('LLEN', KEYS[2])
+local len = redis.call('RPUSH', KEYS[2], string.format('%d ', mid) .. ARGV[2] .. ' ' .. ARGV[1])
 local keep = tonumber(ARGV[4])
 if len > keep then redis.call('LTRIM', KEYS[2], len - keep, -1) end
 local want = tonumber(ARGV[2]) - tonumber(ARGV[3])

@@ -239,6 +239,9 @@ pub struct Options {
     /// ([`older`]): a rolling upgrade's mixed versions. Static membership
     /// only: with leases, web finds the comets' own addresses.
     pub older_rpc: bool,
+    /// With `redis_url`: comets store pushes straight into Redis, as the
+    /// operator sets them up (true), or through the message service (false).
+    pub comets_store_in_redis: bool,
     /// Web's lame-duck period after SIGTERM (`drain_delay_ms`).
     pub web_drain_delay_ms: u64,
     /// Client listeners' caps and header deadline (comet and web).
@@ -261,6 +264,7 @@ impl Default for Options {
             standbys: 0,
             lease_ms: (2000, 1400, 300),
             older_rpc: false,
+            comets_store_in_redis: true,
             web_drain_delay_ms: 0,
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
         }
@@ -339,6 +343,10 @@ impl Cluster {
                 opts.shards
             ),
         };
+        let comet_store = match &opts.redis_url {
+            Some(url) if opts.comets_store_in_redis => format!("store: {{ redis_url: {url:?} }}"),
+            _ => "store: { redis_url: null }".to_owned(),
+        };
         let wait_path = if opts.lease_redis.is_some() {
             "/healthz"
         } else {
@@ -354,7 +362,7 @@ impl Cluster {
                 &format!("comet-{i}"),
                 "push-comet",
                 &format!(
-                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\nrpc_token: {}\n{limits}\n{listener_limits}\n",
+                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\n{comet_store}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\nrpc_token: {}\n{limits}\n{listener_limits}\n",
                     opts.shards,
                     opts.queue_depth,
                     opts.max_subscribers_per_key,

@@ -17,6 +17,8 @@ fn channel(port: u16) -> tonic::transport::Channel {
         .connect_lazy()
 }
 
+/// Through the message service (comets store there on the embedded store):
+/// pausing it holds the holder's appends in flight, with their token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holder_that_wakes_after_losing_its_lease_cannot_write() {
     let redis = RedisServer::start();
@@ -25,6 +27,7 @@ async fn a_paused_holder_that_wakes_after_losing_its_lease_cannot_write() {
         standbys: 1,
         redis_url: Some(redis.url()),
         lease_redis: Some(redis.url()),
+        comets_store_in_redis: false,
         ..Options::default()
     });
     let api = c.client();
@@ -183,4 +186,70 @@ async fn a_paused_holder_that_wakes_after_losing_its_lease_cannot_write() {
         stale_acked.len(),
         e.code()
     );
+}
+
+/// A comet storing straight into Redis carries its Lease's token the same
+/// way. Once a newer holder's token is in the store (set here by hand, as a
+/// successor's first write would), the comet's appends are refused by the
+/// store's script, counted, and nothing of them is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_storing_in_redis_is_refused_once_a_newer_holder_wrote() {
+    let redis = RedisServer::start();
+    let c = Cluster::start(Options {
+        shards: 1,
+        redis_url: Some(redis.url()),
+        lease_redis: Some(redis.url()),
+        ..Options::default()
+    });
+    let api = c.client();
+    let key = "fenced-direct";
+    assert_eq!(api.push(key, r#"{"n":1}"#, None).await.expect("push"), 1);
+    let mut store = redis::Client::open(redis.url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let fence_key = "pc:fence:{0}";
+    let ours: Option<String> = redis::cmd("GET")
+        .arg(fence_key)
+        .query_async(&mut store)
+        .await
+        .expect("GET");
+    assert!(
+        ours.as_deref().is_some_and(|t| t > "00000000000000000000"),
+        "the holder's write left no fence: {ours:?}"
+    );
+    let () = redis::cmd("SET")
+        .arg(fence_key)
+        .arg("99999999999999999999")
+        .query_async(&mut store)
+        .await
+        .expect("SET");
+
+    let token = RpcToken::new(c.opts.rpc_token.as_deref()).expect("token");
+    let mut comet = CometClient::new(token.on(channel(c.comet_addrs[0].rpc_port)));
+    let e = comet
+        .push(pb::PushRequest {
+            key: key.into(),
+            payload: br#"{"n":"stale"}"#.to_vec().into(),
+            push_id: "stale-direct".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a push with an outranked fencing token was stored");
+    assert!(
+        e.message().contains("fenced"),
+        "refused for another reason: {e}"
+    );
+    assert_eq!(
+        c.comet_metric(0, "pushcluster_comet_fenced_appends_total"),
+        1.0
+    );
+    let (stored, _) = api.fetch(key, 0, None).await.expect("fetch");
+    assert_eq!(
+        stored.iter().map(|m| m.mid).collect::<Vec<_>>(),
+        vec![1],
+        "the refused append was stored"
+    );
+    println!("fencing (comet storing in redis): an append under token {ours:?} after a newer one was refused: {e}");
 }

@@ -1,0 +1,156 @@
+//! Where a comet stores a push before it delivers it.
+//!
+//! With Redis the comet writes straight into it, with the message service's
+//! own append script (`pushcluster_store::redis`): same keys, same fence,
+//! same dedupe by push id. A stored push then wakes three processes (web,
+//! the comet, Redis) instead of four, and the comet's HTTP/2 client to the
+//! message service with its batcher drops out of the path: docs/benchmarks.md
+//! (S3) has the profile before and after. The redis connection pipelines
+//! concurrent appends on its own, so the pushes of one batch from web leave
+//! in one write.
+//!
+//! Without Redis the embedded store has exactly one writer, the message pod,
+//! so appends go through the message service as before ([`Storage::Service`]).
+//! The message service stays the front for reads, deletes, broadcasts and
+//! web's stores for keys no comet serves.
+
+use crate::rpc::appender;
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use pushcluster_core::batch::Batcher;
+use pushcluster_core::key::Limits;
+use pushcluster_core::GID_PRIVATE;
+use pushcluster_proto::auth::AuthChannel;
+use pushcluster_proto::v1 as pb;
+use pushcluster_proto::v1::message_client::MessageClient;
+use pushcluster_store::redis::RedisStore;
+use pushcluster_store::{Channel, Fence, Retention, Store, StoreError};
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use tonic::Status;
+
+/// Storing pushes straight into the cluster's Redis.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
+pub struct DirectStore {
+    /// `redis://host:port/db` of the message store; unset, pushes are
+    /// stored through the message service. Give a URL with a password
+    /// through `PUSH_REDIS_URL` (a Secret), not the config file.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key: the message service's `redis_namespace`.
+    pub redis_namespace: String,
+    /// Backlog, sequence lifetime and dedupe window: the message service's.
+    pub retention: Retention,
+}
+
+impl Default for DirectStore {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_namespace: "pc".into(),
+            retention: Retention::default(),
+        }
+    }
+}
+
+/// One push to store: what the comet checked, and its shard's fence.
+pub(crate) struct Append<'a> {
+    pub key: &'a str,
+    pub payload: Bytes,
+    pub expire_seconds: u64,
+    pub push_id: &'a str,
+    pub fence: Fence,
+}
+
+/// The comet's way to storage; see the module docs.
+pub(crate) enum Storage {
+    /// Appends batched onto the message service's AppendStream.
+    Service(Batcher<pb::AppendRequest, Result<i64, Status>>),
+    /// Appends straight into Redis; `fenced` counts refusals by the fence.
+    Redis {
+        store: RedisStore,
+        limits: Limits,
+        fenced: Counter,
+    },
+}
+
+impl Storage {
+    /// Redis when `direct` names one, else the message service behind `message`.
+    pub(crate) async fn open(
+        direct: &DirectStore,
+        limits: &Limits,
+        message: MessageClient<AuthChannel>,
+        deadline: Duration,
+        fenced: Counter,
+    ) -> Result<Self, StoreError> {
+        match direct.redis_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => {
+                let store =
+                    RedisStore::connect(url, &direct.redis_namespace, direct.retention.clone())
+                        .await?;
+                tracing::info!(
+                    url = %pushcluster_core::ops::redact_url(url),
+                    "storing pushes straight into redis"
+                );
+                Ok(Self::Redis {
+                    store,
+                    limits: limits.clone(),
+                    fenced,
+                })
+            }
+            None => Ok(Self::Service(appender(message, deadline))),
+        }
+    }
+
+    /// Stores one private message; its mid once stored. InvalidArgument for
+    /// input the store refuses, FailedPrecondition when the fence refuses
+    /// it, any other code when it may or may not have been stored.
+    pub(crate) async fn append(&self, a: Append<'_>) -> Result<i64, Status> {
+        match self {
+            Storage::Service(batcher) => {
+                let req = pb::AppendRequest {
+                    key: a.key.to_owned(),
+                    payload: a.payload,
+                    expire_seconds: a.expire_seconds,
+                    gid: GID_PRIVATE,
+                    push_id: a.push_id.to_owned(),
+                    shard: a.fence.shard,
+                    fence: a.fence.token,
+                };
+                batcher
+                    .call(req)
+                    .await
+                    .unwrap_or_else(|e| Err(Status::internal(e.to_string())))
+            }
+            Storage::Redis {
+                store,
+                limits,
+                fenced,
+            } => {
+                // The checks the message service makes on every append.
+                let invalid =
+                    |e: pushcluster_core::key::InputError| Status::invalid_argument(e.to_string());
+                let ttl = limits.expire(a.expire_seconds).map_err(invalid)?;
+                pushcluster_core::key::check_push_id(a.push_id).map_err(invalid)?;
+                let ch = Channel::Private(a.key);
+                // Token 0 is static membership's: no Lease, nothing to fence.
+                let stored = if a.fence.token > 0 {
+                    store
+                        .append_fenced(ch, a.push_id, a.payload, ttl, a.fence)
+                        .await
+                } else {
+                    store.append_idempotent(ch, a.push_id, a.payload, ttl).await
+                };
+                match stored {
+                    Ok(mid) => Ok(mid),
+                    Err(e @ StoreError::Fenced { .. }) => {
+                        fenced.inc();
+                        tracing::warn!(error = %e, "append refused by its fence");
+                        Err(Status::failed_precondition(e.to_string()))
+                    }
+                    Err(e) => Err(Status::unavailable(format!("storage: {e}"))),
+                }
+            }
+        }
+    }
+}
