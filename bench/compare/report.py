@@ -102,13 +102,29 @@ s3 = pick("latency")
 if s3:
     print("## S3 private push latency (target p99 ≤ 2 ms, 0 lost)\n")
     print("One subscriber per key, pushes at a fixed rate, latency from the scheduled send time (publisher")
-    print("lag counts). pushcluster: through web, Redis store, 2 comets, every push stored before it is")
-    print("acknowledged and delivered; the peers store nothing (nchan keeps it in shared memory).\n")
-    print(table(["server", "keys", "rate", "acked", "failed", "lost", "p50 ms", "p90 ms", "p99 ms", "max ms", "server CPU user/sys s", "bench CPU s"], s3,
-                [lambda r: r["server"], lambda r: r["keys"], lambda r: r["rate"], lambda r: r["acked"], lambda r: r.get("failed", "?"), lambda r: r["lost"],
+    print("lag counts), repeated with the servers alternating. pushcluster: through web, Redis store, 2")
+    print("comets, every push stored before it is acknowledged and delivered; the peers store nothing")
+    print("(nchan keeps it in shared memory). CPU per push is over every server process (pushcluster's")
+    print("includes redis-server), then by process name.\n")
+    print(table(["server", "run", "keys", "rate", "acked", "failed", "lost", "p50 ms", "p90 ms", "p99 ms", "max ms",
+                 "server CPU user/sys s", "CPU µs/push", "by process, µs/push", "bench CPU s"], s3,
+                [lambda r: r["server"], lambda r: r.get("run", "1"), lambda r: r["keys"], lambda r: r["rate"], lambda r: r["acked"],
+                 lambda r: r.get("failed", "?"), lambda r: r["lost"],
                  ms("p50_us"), ms("p90_us"), ms("p99_us"), ms("max_us"),
-                 lambda r: f"{r['server_cpu_user_s']} / {r['server_cpu_sys_s']}", lambda r: r["bench_cpu_s"]]))
-    print("\n" + ratios(s3, "p99_us", "lower") + "\n")
+                 lambda r: f"{r['server_cpu_user_s']} / {r['server_cpu_sys_s']}", lambda r: r.get("cpu_per_push_us", "?"),
+                 lambda r: r.get("cpu_per_push_by_process", "?").replace(",", ", "), lambda r: r["bench_cpu_s"]]))
+    print()
+    servers = list(dict.fromkeys(r["server"] for r in s3))
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    p99 = {s: [num(r, "p99_us") / 1000 for r in s3 if r["server"] == s] for s in servers}
+    for s in servers:
+        v = p99[s]
+        print(f"- {s}: p99 {', '.join(f'{x:.2f}' for x in v)} ms over {len(v)} runs (median {med(v):.2f} ms)")
+    if "pushcluster" in p99:
+        parts = [f"{s} {med(p99['pushcluster']) / med(p99[s]):.2f}×" for s in servers if s in PEERS and med(p99[s]) > 0]
+        if parts:
+            print("\npushcluster / peer, median p99 (lower is better): " + ", ".join(parts))
+    print()
 
 s4 = pick("catchup")
 if s4:

@@ -46,9 +46,11 @@ struct Args {
     /// message service.
     #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
     rpc_token: Option<String>,
-    /// Runtime threads: 0 = one per CPU this process may use (a cgroup CPU
-    /// limit counts); 1 = a single-threaded runtime, the cheapest on one CPU.
-    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
+    /// Runtime threads: 1 (the default) = a single-threaded runtime, which
+    /// costs a fifth less CPU per push than two threads handing work to each
+    /// other (docs/benchmarks.md, S3); web scales by replicas. 0 = one per
+    /// CPU this process may use (a cgroup CPU limit counts).
+    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
     /// Log as JSON lines.
     #[arg(long, env = "PUSH_LOG_JSON")]
