@@ -55,10 +55,15 @@ impl Default for DirectStore {
 
 /// One push to store: what the comet checked, and its shard's fence.
 pub(crate) struct Append<'a> {
+    /// The push key (already checked).
     pub key: &'a str,
+    /// The JSON message (already checked).
     pub payload: Bytes,
+    /// Requested expiry; 0 for the default.
     pub expire_seconds: u64,
+    /// The push's id for dedupe; empty for none.
     pub push_id: &'a str,
+    /// The shard's Lease token the append must not be outranked by.
     pub fence: Fence,
 }
 
