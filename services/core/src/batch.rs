@@ -3,32 +3,24 @@
 //! A push crosses RPC hops (web → comet, and comet → message service on the
 //! embedded store) and each call costs both sides far more CPU than the
 //! message itself; on a busy node that CPU is what pushes latency up. A
-//! [`Batcher`] sends a call as soon as fewer than `max_in_flight` batches are
-//! outstanding; calls that arrive while the limit is reached queue up and
-//! leave together in the next batch. An idle system therefore sends every
-//! call alone and at once, and a loaded one sends fewer, larger calls: the
-//! batch size follows the load.
-//!
-//! A call that finds a free slot and nobody queued is sent from the
-//! caller's own task: no channel, no task woken in between (each wake-up is
-//! a measurable share of a push's CPU, docs/benchmarks.md S3). Queued calls
-//! are sent by a task spawned when a slot frees, so a caller that gives up
-//! (its future dropped) never strands the calls of others.
+//! [`Batcher`] sends a call as
+//! soon as fewer than `max_in_flight` batches are outstanding; calls that
+//! arrive while the limit is reached queue up and leave together in the next
+//! batch. An idle system therefore sends every call alone and at once, and a
+//! loaded one sends fewer, larger calls: the batch size follows the load.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use tokio::sync::oneshot;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
-/// Queued calls a batcher holds; further calls are refused until it drains.
+/// Queued calls a batcher holds before callers wait for room.
 const QUEUE: usize = 4096;
 
 /// Why a batched call has no result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BatchError {
-    #[error("the batcher's queue is full")]
-    Full,
+    #[error("the batcher is shut down")]
+    Closed,
     #[error("the batch returned no result for this call")]
     NoResult,
 }
@@ -42,122 +34,73 @@ pub fn check_len(n: usize, max: usize, what: &str) -> Result<(), String> {
     }
 }
 
-type Call<T, R> = dyn Fn(Vec<T>) -> Pin<Box<dyn Future<Output = Vec<R>> + Send>> + Send + Sync;
-
 /// Sends items through `call` in batches; see the module docs.
 pub struct Batcher<T, R> {
-    shared: Arc<Shared<T, R>>,
-}
-
-struct Shared<T, R> {
-    call: Box<Call<T, R>>,
-    max_batch: usize,
-    max_in_flight: usize,
-    state: Mutex<State<T, R>>,
-}
-
-struct State<T, R> {
-    in_flight: usize,
-    queue: VecDeque<(T, oneshot::Sender<R>)>,
+    tx: mpsc::Sender<(T, oneshot::Sender<R>)>,
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
-    /// A batcher over `call` (queued calls are sent from tasks, so use it
-    /// within a tokio runtime). `call` gets at most `max_batch` items and
-    /// returns one result per item, in order.
+    /// Starts the batcher's task (call within a tokio runtime). `call` gets
+    /// at most `max_batch` items and returns one result per item, in order.
     pub fn new<F, Fut>(max_batch: usize, max_in_flight: usize, call: F) -> Self
     where
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
-        Self {
-            shared: Arc::new(Shared {
-                call: Box::new(move |items| Box::pin(call(items))),
-                max_batch: max_batch.max(1),
-                max_in_flight: max_in_flight.max(1),
-                state: Mutex::new(State {
-                    in_flight: 0,
-                    queue: VecDeque::new(),
-                }),
-            }),
-        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(rx, max_batch.max(1), max_in_flight.max(1), call));
+        Self { tx }
     }
 
-    /// Sends `item` (alone, or with others queued meanwhile) and waits for its result.
+    /// Queues `item` and waits for its result.
     pub async fn call(&self, item: T) -> Result<R, BatchError> {
-        let queued = {
-            let mut st = self.shared.lock();
-            if st.in_flight < self.shared.max_in_flight && st.queue.is_empty() {
-                st.in_flight += 1;
-                Err(item)
-            } else if st.queue.len() >= QUEUE {
-                return Err(BatchError::Full);
-            } else {
-                let (tx, rx) = oneshot::channel();
-                st.queue.push_back((item, tx));
-                Ok(rx)
-            }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((item, tx))
+            .await
+            .map_err(|_| BatchError::Closed)?;
+        rx.await.map_err(|_| BatchError::NoResult)
+    }
+}
+
+async fn run<T, R, F, Fut>(
+    mut rx: mpsc::Receiver<(T, oneshot::Sender<R>)>,
+    max_batch: usize,
+    max_in_flight: usize,
+    call: F,
+) where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(Vec<T>) -> Fut,
+    Fut: Future<Output = Vec<R>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    loop {
+        // A slot first, then the queue: while every slot is taken, calls
+        // gather in the queue and leave together.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
         };
-        match queued {
-            Ok(rx) => rx.await.map_err(|_| BatchError::NoResult),
-            Err(item) => {
-                // Ours alone, from this task. The slot goes back, or to the
-                // calls queued meanwhile, when this is done or dropped.
-                let _slot = Slot(self.shared.clone());
-                let results = (self.shared.call)(vec![item]).await;
-                results.into_iter().next().ok_or(BatchError::NoResult)
+        let Some(first) = rx.recv().await else {
+            return;
+        };
+        let mut items = vec![first];
+        while items.len() < max_batch {
+            match rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
             }
         }
-    }
-}
-
-/// A batch slot held by a caller sending its own call.
-struct Slot<T: Send + 'static, R: Send + 'static>(Arc<Shared<T, R>>);
-
-impl<T: Send + 'static, R: Send + 'static> Drop for Slot<T, R> {
-    fn drop(&mut self) {
-        let next = self.0.next_or_release();
-        if let Some(batch) = next {
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
-                    rt.spawn(self.0.clone().drive(batch));
-                }
-                // No runtime left to send them: their callers get NoResult.
-                Err(_) => drop(batch),
-            }
-        }
-    }
-}
-
-impl<T: Send + 'static, R: Send + 'static> Shared<T, R> {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State<T, R>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The next batch for a slot that is done, or the slot given back
-    /// when nothing is queued.
-    fn next_or_release(&self) -> Option<Vec<(T, oneshot::Sender<R>)>> {
-        let mut st = self.lock();
-        if st.queue.is_empty() {
-            st.in_flight -= 1;
-            return None;
-        }
-        let n = st.queue.len().min(self.max_batch);
-        Some(st.queue.drain(..n).collect())
-    }
-
-    /// Sends queued batches on one slot until the queue is empty.
-    async fn drive(self: Arc<Self>, first: Vec<(T, oneshot::Sender<R>)>) {
-        let mut batch = Some(first);
-        while let Some(b) = batch {
-            let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = b.into_iter().unzip();
-            let results = (self.call)(items).await;
+        let (batch, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = items.into_iter().unzip();
+        let sent = call(batch);
+        tokio::spawn(async move {
+            let results = sent.await;
             for (reply, r) in replies.into_iter().zip(results) {
                 // The caller may have given up; nothing to do then.
                 let _ = reply.send(r);
             }
-            batch = self.next_or_release();
-        }
+            drop(slot);
+        });
     }
 }
 
@@ -207,33 +150,6 @@ mod tests {
             check_len(257, 256, "pushes"),
             Err("257 pushes in one batch, more than 256".to_owned())
         );
-    }
-
-    #[tokio::test]
-    async fn a_caller_that_gives_up_strands_nobody_queued_behind_it() {
-        let b = Arc::new(Batcher::new(8, 1, |items: Vec<u32>| async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            items
-        }));
-        // The first caller sends alone, from its own task, and gives up.
-        let first = tokio::spawn({
-            let b = b.clone();
-            async move { b.call(0).await }
-        });
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let queued: Vec<_> = (1..=5u32)
-            .map(|i| {
-                let b = b.clone();
-                tokio::spawn(async move { b.call(i).await })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        first.abort();
-        for (i, q) in queued.into_iter().enumerate() {
-            assert_eq!(q.await.unwrap(), Ok(i as u32 + 1));
-        }
-        // The slot came back: the next call goes alone again.
-        assert_eq!(b.call(9).await, Ok(9));
     }
 
     #[tokio::test]
