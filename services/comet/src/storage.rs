@@ -90,9 +90,14 @@ impl Storage {
     ) -> Result<Self, StoreError> {
         match direct.redis_url.as_deref().filter(|u| !u.is_empty()) {
             Some(url) => {
-                let store =
-                    RedisStore::connect(url, &direct.redis_namespace, direct.retention.clone())
-                        .await?;
+                // Lazily: a comet comes up (and serves subscribers) while
+                // Redis is down; its appends fail meanwhile and web stores
+                // those pushes through the message service, retrying.
+                let store = RedisStore::connect_lazy(
+                    url,
+                    &direct.redis_namespace,
+                    direct.retention.clone(),
+                )?;
                 tracing::info!(
                     url = %pushcluster_core::ops::redact_url(url),
                     "storing pushes straight into redis"

@@ -73,6 +73,24 @@ impl RedisStore {
         })
     }
 
+    /// Like [`Self::connect`], but connects on first use and reconnects
+    /// after a failure: a process that starts while Redis is down (a comet
+    /// in a rollout, say) comes up, and its appends fail until Redis answers.
+    pub fn connect_lazy(url: &str, ns: &str, retention: Retention) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new_lazy_with_config(
+            client,
+            redis::aio::ConnectionManagerConfig::default(),
+        )?;
+        Ok(Self {
+            conn,
+            ns: ns.to_owned(),
+            retention,
+            append: Script::new(APPEND),
+            fetch: Script::new(FETCH),
+        })
+    }
+
     fn keys(&self, ch: Channel<'_>) -> (String, String) {
         let base = match ch {
             Channel::Private(k) => format!("{}:k:{{{k}}}", self.ns),

@@ -51,7 +51,11 @@ impl RedisServer {
     /// Panics with a clear message when `redis-server` is not installed: the
     /// storage suite must run against the real server, not skip.
     pub fn start() -> Self {
-        let port = free_port();
+        Self::start_on(free_port())
+    }
+
+    /// As [`Self::start`], on a given port of 127.0.0.1.
+    pub fn start_on(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",

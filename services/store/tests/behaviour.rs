@@ -350,6 +350,37 @@ async fn redis_backend_passes_the_suite() {
     .await;
 }
 
+/// A lazily connected store is made while Redis is down; its appends fail
+/// (nothing hangs) until Redis is up, then succeed on the same store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lazy_redis_store_works_once_redis_comes_up() {
+    let port = pushcluster_store::testing::free_port();
+    let url = format!("redis://127.0.0.1:{port}/");
+    let s = RedisStore::connect_lazy(&url, "lazy", Retention::default()).expect("lazy store");
+    let down = tokio::time::timeout(
+        Duration::from_secs(30),
+        s.append(Channel::Private("k"), b("1"), HOUR),
+    )
+    .await
+    .expect("an append to a Redis that is down hung");
+    assert!(down.is_err(), "stored without a Redis: {down:?}");
+    let _server = RedisServer::start_on(port);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mid = loop {
+        match s.append(Channel::Private("k"), b("1"), HOUR).await {
+            Ok(mid) => break mid,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no append once Redis was up: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(mid, 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_data_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
