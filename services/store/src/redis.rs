@@ -62,33 +62,29 @@ pub struct RedisStore {
 impl RedisStore {
     /// Connects to `url` (`redis://host:port/db`), prefixing every key with `ns`.
     pub async fn connect(url: &str, ns: &str, retention: Retention) -> Result<Self> {
-        let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
-        Ok(Self {
-            conn,
-            ns: ns.to_owned(),
-            retention,
-            append: Script::new(APPEND),
-            fetch: Script::new(FETCH),
-        })
+        let conn = ConnectionManager::new(redis::Client::open(url)?).await?;
+        Ok(Self::over(conn, ns, retention))
     }
 
     /// Like [`Self::connect`], but connects on first use and reconnects
     /// after a failure: a process that starts while Redis is down (a comet
     /// in a rollout, say) comes up, and its appends fail until Redis answers.
     pub fn connect_lazy(url: &str, ns: &str, retention: Retention) -> Result<Self> {
-        let client = redis::Client::open(url)?;
         let conn = ConnectionManager::new_lazy_with_config(
-            client,
+            redis::Client::open(url)?,
             redis::aio::ConnectionManagerConfig::default(),
         )?;
-        Ok(Self {
+        Ok(Self::over(conn, ns, retention))
+    }
+
+    fn over(conn: ConnectionManager, ns: &str, retention: Retention) -> Self {
+        Self {
             conn,
             ns: ns.to_owned(),
             retention,
             append: Script::new(APPEND),
             fetch: Script::new(FETCH),
-        })
+        }
     }
 
     fn keys(&self, ch: Channel<'_>) -> (String, String) {
