@@ -320,7 +320,7 @@ impl Refusal {
 
 impl Comet {
     /// Builds the comet state; `membership` says which keys this comet owns.
-    pub async fn new(
+    pub fn new(
         cfg: Config,
         membership: Arc<dyn Membership>,
         ownership: watch::Receiver<Ownership>,
@@ -349,7 +349,6 @@ impl Comet {
             STORE_DEADLINE,
             metrics.fenced.clone(),
         )
-        .await
         .map_err(|e| Error::Config(format!("store: {e}")))?;
         let comet = Arc::new(Self {
             registry,
@@ -612,7 +611,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
                 (Arc::new(membership), rx, Some(task), None)
             }
         };
-    let comet = Comet::new(cfg.clone(), membership, ownership, &mut reg).await?;
+    let comet = Comet::new(cfg.clone(), membership, ownership, &mut reg)?;
     let ready = comet.ready.clone();
 
     let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen).await?;

@@ -81,7 +81,7 @@ pub(crate) enum Storage {
 
 impl Storage {
     /// Redis when `direct` names one, else the message service behind `message`.
-    pub(crate) async fn open(
+    pub(crate) fn open(
         direct: &DirectStore,
         limits: &Limits,
         message: MessageClient<AuthChannel>,
