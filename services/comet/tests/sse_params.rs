@@ -7,7 +7,7 @@
 //! cases with `-- --ignored` (release).
 
 use push_comet::protocol::{parse_sse, SseError};
-use pushcluster_core::fuzz::Rng;
+use pushcluster_core::fuzz::{tally, Rng};
 
 /// Text with the characters a query string makes hard: separators, escapes,
 /// multi-byte and control characters.
@@ -43,6 +43,9 @@ fn is_mid(s: &str) -> bool {
     let t = s.trim();
     t.is_empty() || (t.bytes().all(|b| b.is_ascii_digit()) && t.parse::<i64>().is_ok())
 }
+
+/// What [`compare`] counts, in its order.
+const BRANCHES: [&str; 3] = ["accepted", "refused", "noise"];
 
 fn compare(seed: u64, cases: u64) -> [u64; 3] {
     let mut r = Rng::new(seed);
@@ -110,23 +113,11 @@ fn compare(seed: u64, cases: u64) -> [u64; 3] {
 
 #[test]
 fn a_sample_of_sse_requests_is_read_as_the_rule_says() {
-    let seen = compare(0x5EED, 20_000);
-    println!(
-        "20000 cases: accepted {} refused {} noise {}",
-        seen[0], seen[1], seen[2]
-    );
-    assert!(
-        seen.iter().all(|n| *n > 100),
-        "a branch went untested: {seen:?}"
-    );
+    tally(20_000, &BRANCHES, &compare(0x5EED, 20_000), Some(100));
 }
 
 #[test]
 #[ignore = "a million cases: run with --release -- --ignored"]
 fn a_million_sse_requests_are_read_as_the_rule_says() {
-    let seen = compare(0xC0FFEE, 1_000_000);
-    println!(
-        "1000000 cases: accepted {} refused {} noise {}",
-        seen[0], seen[1], seen[2]
-    );
+    tally(1_000_000, &BRANCHES, &compare(0xC0FFEE, 1_000_000), None);
 }

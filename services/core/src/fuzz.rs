@@ -34,3 +34,21 @@ impl Rng {
         (0..n).map(|_| self.next_u64() as u8).collect()
     }
 }
+
+/// Prints how many of `cases` took each branch (`names`, in the order of
+/// `seen`) and, with `more_than`, fails unless every branch took more than
+/// that many: a sample that skips a branch tests nothing there.
+pub fn tally(cases: u64, names: &[&str], seen: &[u64], more_than: Option<u64>) {
+    let counts: Vec<String> = names
+        .iter()
+        .zip(seen)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    println!("{cases} cases: {}", counts.join(" "));
+    if let Some(min) = more_than {
+        assert!(
+            seen.iter().all(|n| *n > min),
+            "a branch went untested: {seen:?}"
+        );
+    }
+}
