@@ -70,9 +70,15 @@ async fn leases_are_exclusive_fenced_and_expire() {
     // Release frees it at once and wakes whoever waits for a change.
     let mut changes = a.changes();
     changes.borrow_and_update();
+    // A notice of b's acquire above may still be on its way: wake on each
+    // change until one shows the lease free.
     let waiter = tokio::spawn(async move {
-        changes.changed().await.expect("backend alive");
-        a.snapshot(1).await.unwrap()[0].is_none()
+        loop {
+            changes.changed().await.expect("backend alive");
+            if a.snapshot(1).await.unwrap()[0].is_none() {
+                return true;
+            }
+        }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
     b.release(&taken).await.unwrap();
