@@ -56,9 +56,11 @@ struct Args {
     /// sent to the message service); unset = calls are not checked.
     #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
     rpc_token: Option<String>,
-    /// Runtime threads: 0 = one per CPU this process may use (a cgroup CPU
-    /// limit counts); 1 = a single-threaded runtime, the cheapest on one CPU.
-    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
+    /// Runtime threads: 1 (the default) = a single-threaded runtime, which
+    /// costs a fifth less CPU per push than two threads waking each other and
+    /// fans out as well (docs/benchmarks.md, S2 and S3); comets scale by
+    /// shards. 0 = one per CPU this process may use (a cgroup CPU limit counts).
+    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
     /// Log as JSON lines.
     #[arg(long, env = "PUSH_LOG_JSON")]

@@ -124,28 +124,23 @@ impl Inbox {
 }
 
 enum Offer {
-    Queued,
+    /// Queued; the connection's waker, if it was waiting, for the caller to wake.
+    Queued(Option<Waker>),
     Full,
     Closed,
 }
 
 impl Mailbox {
     fn offer(&self, d: &Arc<Delivery>, depth: usize) -> Offer {
-        let waker = {
-            let mut inbox = lock(&self.inner);
-            if inbox.close.is_some() {
-                return Offer::Closed;
-            }
-            if inbox.queue.len() >= depth {
-                return Offer::Full;
-            }
-            inbox.queue.push_back(d.clone());
-            inbox.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
+        let mut inbox = lock(&self.inner);
+        if inbox.close.is_some() {
+            return Offer::Closed;
         }
-        Offer::Queued
+        if inbox.queue.len() >= depth {
+            return Offer::Full;
+        }
+        inbox.queue.push_back(d.clone());
+        Offer::Queued(inbox.waker.take())
     }
 
     /// Asks the connection to close; a later, harsher reason replaces an
@@ -225,6 +220,8 @@ pub struct Registry {
     epoch: Instant,
     /// Connections closed because their queue was full.
     pub slow_consumers: Counter,
+    /// Wakes the connections a broadcast reached.
+    pacer: Arc<Pacer>,
 }
 
 /// A registered connection: its queue and close signal; unregisters on drop.
@@ -284,6 +281,7 @@ impl Registry {
             closing: AtomicBool::new(false),
             epoch: Instant::now(),
             slow_consumers,
+            pacer: Arc::default(),
         })
     }
 
@@ -349,37 +347,48 @@ impl Registry {
     /// Queues `d` on every connection of `key`; returns how many took it.
     pub fn deliver(&self, key: &str, d: &Arc<Delivery>) -> u64 {
         let map = lock(self.shard(key));
-        match map.get(key) {
-            Some(conns) => conns.iter().filter(|c| self.offer(c, d)).count() as u64,
-            None => 0,
-        }
-    }
-
-    /// Queues `d` on every connection; returns how many took it.
-    pub fn broadcast(&self, d: &Arc<Delivery>) -> u64 {
         let mut n = 0;
-        for shard in &self.shards {
-            let map = lock(shard);
-            for c in map.values().flatten() {
-                if self.offer(c, d) {
-                    n += 1;
+        for c in map.get(key).into_iter().flatten() {
+            if let Some(waker) = self.offer(c, d) {
+                n += 1;
+                if let Some(w) = waker {
+                    w.wake();
                 }
             }
         }
         n
     }
 
-    fn offer(&self, c: &ConnHandle, d: &Arc<Delivery>) -> bool {
+    /// Queues `d` on every connection; returns how many took it. The
+    /// connections are woken by the [`Pacer`], a slice at a time.
+    pub fn broadcast(&self, d: &Arc<Delivery>) -> u64 {
+        let mut n = 0;
+        let mut wakers = Vec::new();
+        for shard in &self.shards {
+            let map = lock(shard);
+            for c in map.values().flatten() {
+                if let Some(waker) = self.offer(c, d) {
+                    n += 1;
+                    wakers.extend(waker);
+                }
+            }
+        }
+        self.pacer.wake(wakers);
+        n
+    }
+
+    /// Queues `d` on `c`: Some (with its waker, if it waits) when queued.
+    fn offer(&self, c: &ConnHandle, d: &Arc<Delivery>) -> Option<Option<Waker>> {
         match c.offer(d, self.queue_depth) {
-            Offer::Queued => true,
+            Offer::Queued(waker) => Some(waker),
             Offer::Full => {
                 if c.close(Close::Reconnect, self.now_ms()) {
                     self.slow_consumers.inc();
                     tracing::warn!("slow consumer: queue full, closing");
                 }
-                false
+                None
             }
-            Offer::Closed => false,
+            Offer::Closed => None,
         }
     }
 
@@ -436,6 +445,68 @@ impl Registry {
     /// Keys with at least one connection.
     pub fn keys(&self) -> u64 {
         self.shards.iter().map(|s| lock(s).len() as u64).sum()
+    }
+}
+
+/// Connections woken per slice of a broadcast: about the runtime's
+/// `event_interval` (61 tasks between polls of its sockets), so a broadcast
+/// read meanwhile waits at most one slice for its turn.
+const WAKE_SLICE: usize = 128;
+
+/// Wakes the connections broadcasts reached, a slice at a time, yielding to
+/// the runtime between slices.
+///
+/// Why not wake them all at once: on a runtime with one thread, the 10,000
+/// connections a broadcast wakes would all run (each writing one frame)
+/// before the task that reads the next broadcast; frames would never queue
+/// up and leave in one write (docs/benchmarks.md, S2: 117k deliveries per
+/// CPU-s on one thread against 1.1M on two). Between slices the runtime
+/// polls its sockets, the next broadcast is read and queued behind the
+/// first on every connection not yet woken, and each of them then writes
+/// both in one go: the batch size follows the load, as on several threads.
+/// A private push wakes its key's connections at once.
+#[derive(Debug, Default)]
+struct Pacer {
+    waiting: Mutex<VecDeque<Waker>>,
+    running: AtomicBool,
+}
+
+impl Pacer {
+    /// Wakes `wakers`, in slices on the current runtime (at once outside one).
+    fn wake(self: &Arc<Self>, wakers: Vec<Waker>) {
+        if wakers.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            wakers.into_iter().for_each(Waker::wake);
+            return;
+        };
+        lock(&self.waiting).extend(wakers);
+        if !self.running.swap(true, Ordering::SeqCst) {
+            let pacer = self.clone();
+            rt.spawn(async move { pacer.run().await });
+        }
+    }
+
+    async fn run(&self) {
+        loop {
+            let slice: Vec<Waker> = {
+                let mut waiting = lock(&self.waiting);
+                let n = waiting.len().min(WAKE_SLICE);
+                waiting.drain(..n).collect()
+            };
+            if slice.is_empty() {
+                self.running.store(false, Ordering::SeqCst);
+                // Wakers queued between the drain and the store saw `running`
+                // set and started no task: take them on, unless one just did.
+                if lock(&self.waiting).is_empty() || self.running.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                continue;
+            }
+            slice.into_iter().for_each(Waker::wake);
+            tokio::task::yield_now().await;
+        }
     }
 }
 
@@ -583,20 +654,60 @@ mod tests {
 
     #[test]
     fn a_queued_message_wakes_the_connection() {
-        use std::sync::atomic::AtomicUsize;
-        struct Count(AtomicUsize);
-        impl std::task::Wake for Count {
-            fn wake(self: Arc<Self>) {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
-        }
         let r = Registry::new(4, 4, Counter::default());
         let s = r.register("k", None).unwrap();
-        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
         let waker = Waker::from(count.clone());
         assert!(s.poll_next(&mut Context::from_waker(&waker)).is_pending());
         r.deliver("k", &d(1));
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
+    }
+
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_broadcast_wakes_every_connection_a_slice_at_a_time() {
+        let r = Registry::new(4, 4, Counter::default());
+        let count = Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let n = 3 * WAKE_SLICE + 5;
+        let subs: Vec<_> = (0..n)
+            .map(|i| r.register(&format!("k{i}"), None).unwrap())
+            .collect();
+        for s in &subs {
+            assert!(s.poll_next(&mut Context::from_waker(&waker)).is_pending());
+        }
+        assert_eq!(r.broadcast(&d(1)) as usize, n);
+        // Nobody is woken before the runtime gets its turn.
+        assert_eq!(count.0.load(Ordering::SeqCst), 0);
+        tokio::task::yield_now().await;
+        let first = count.0.load(Ordering::SeqCst);
+        assert!((1..n).contains(&first), "woken after one turn: {first}");
+        // A second broadcast while the first is being woken: the connections
+        // not yet woken have both queued, and are woken once.
+        assert_eq!(r.broadcast(&d(2)) as usize, n);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), n);
+        for s in &subs {
+            let mids: Vec<i64> = std::iter::from_fn(|| s.try_message().map(|m| m.mid)).collect();
+            assert_eq!(mids, vec![1, 2]);
+        }
+        // Once idle, the next broadcast starts the pacer again.
+        for s in &subs {
+            assert!(s.poll_next(&mut Context::from_waker(&waker)).is_pending());
+        }
+        r.broadcast(&d(3));
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(count.0.load(Ordering::SeqCst), 2 * n);
     }
 
     #[test]
