@@ -472,14 +472,19 @@ struct Pacer {
 }
 
 impl Pacer {
-    /// Wakes `wakers`, in slices on the current runtime (at once outside one).
+    /// Wakes `wakers`, in slices on a single-threaded runtime. Elsewhere at
+    /// once: there another thread reads the next broadcast while these write
+    /// (pacing there halved S2's deliveries per CPU-s).
     fn wake(self: &Arc<Self>, wakers: Vec<Waker>) {
         if wakers.is_empty() {
             return;
         }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            wakers.into_iter().for_each(Waker::wake);
-            return;
+        let rt = match tokio::runtime::Handle::try_current() {
+            Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => rt,
+            _ => {
+                wakers.into_iter().for_each(Waker::wake);
+                return;
+            }
         };
         lock(&self.waiting).extend(wakers);
         if !self.running.swap(true, Ordering::SeqCst) {
