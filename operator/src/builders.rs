@@ -367,6 +367,11 @@ fn subscriber_env(pc: &PushCluster) -> Option<Value> {
     )
 }
 
+/// `PUSH_WORKER_THREADS` when the spec sets it (the binaries' default otherwise).
+fn worker_threads_env(threads: Option<i32>) -> Option<Value> {
+    threads.map(|n| json!({"name": "PUSH_WORKER_THREADS", "value": n.to_string()}))
+}
+
 fn pod_env() -> Vec<Value> {
     vec![
         json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
@@ -461,6 +466,7 @@ pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
     env.extend(subscriber_env(pc));
     env.extend(rpc_token_env(pc));
     env.extend(redis_url_env(pc));
+    env.extend(worker_threads_env(c.worker_threads));
     deployment(
         pc,
         hash,
@@ -566,6 +572,7 @@ pub fn web_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
     ));
     env.extend(subscriber_env(pc));
     env.extend(rpc_token_env(pc));
+    env.extend(worker_threads_env(pc.spec.web.worker_threads));
     deployment(
         pc,
         hash,

@@ -132,6 +132,12 @@ pub struct CometSpec {
     /// Container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Runtime threads per pod: unset or 1 runs a single-threaded runtime,
+    /// the cheapest per push (docs/benchmarks.md, S3); 0 runs one per CPU
+    /// the pod may use (its CPU limit counts); n runs n. Scale out first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("workerThreads must be between 0 and 64"))]
+    pub worker_threads: Option<i32>,
     /// Container ports.
     #[serde(default)]
     pub ports: CometPorts,
@@ -159,6 +165,7 @@ impl Default for CometSpec {
             queue_depth: default_queue_depth(),
             advertise: None,
             resources: None,
+            worker_threads: None,
             ports: CometPorts::default(),
         }
     }
@@ -261,6 +268,12 @@ pub struct WebSpec {
     /// Container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Runtime threads per pod: unset or 1 runs a single-threaded runtime,
+    /// the cheapest per push (docs/benchmarks.md, S3); 0 runs one per CPU
+    /// the pod may use (its CPU limit counts); n runs n. Scale out first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("workerThreads must be between 0 and 64"))]
+    pub worker_threads: Option<i32>,
 }
 
 impl Default for WebSpec {
@@ -269,6 +282,7 @@ impl Default for WebSpec {
             replicas: two(),
             service_type: ServiceType::default(),
             resources: None,
+            worker_threads: None,
         }
     }
 }

@@ -334,6 +334,20 @@ fn secrets_and_scheduling_reach_the_pods() {
     );
 }
 
+#[test]
+fn worker_threads_reach_comets_and_web_only_when_set() {
+    let mut pc = example("pushcluster-minimal.yaml");
+    let comet = |pc: &PushCluster| env_of(builders::comet_deployment(pc, "h").unwrap());
+    let web = |pc: &PushCluster| env_of(builders::web_deployment(pc, "h").unwrap());
+    // Unset: the binaries' default (one thread) applies.
+    assert!(!comet(&pc).contains("PUSH_WORKER_THREADS"));
+    assert!(!web(&pc).contains("PUSH_WORKER_THREADS"));
+    pc.spec.comet.worker_threads = Some(0);
+    pc.spec.web.worker_threads = Some(4);
+    assert!(comet(&pc).contains(r#"{"name":"PUSH_WORKER_THREADS","value":"0"}"#));
+    assert!(web(&pc).contains(r#"{"name":"PUSH_WORKER_THREADS","value":"4"}"#));
+}
+
 fn env_of(d: k8s_openapi::api::apps::v1::Deployment) -> String {
     serde_json::to_string(&d.spec.unwrap().template.spec.unwrap().containers[0].env).unwrap()
 }

@@ -92,6 +92,14 @@ fn cel_rejects_bad_specs_with_clear_messages() {
             "standbys must be between 0 and 64",
         ),
         (
+            json!({"comet": {"workerThreads": -1}}),
+            "workerThreads must be between 0 and 64",
+        ),
+        (
+            json!({"web": {"workerThreads": 65}}),
+            "workerThreads must be between 0 and 64",
+        ),
+        (
             json!({"lease": {"durationSeconds": 6, "renewDeadlineSeconds": 4, "retryPeriodSeconds": 4}}),
             "retryPeriodSeconds must be below",
         ),
