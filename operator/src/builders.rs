@@ -258,6 +258,12 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         // Endpoints drop a terminating pod asynchronously: keep serving
         // (unready) meanwhile, so a rollout refuses no request.
         drain_delay_ms: WEB_DRAIN_MS,
+        // With Redis, web stores private pushes in it and the comets
+        // deliver them from its live channels (push_comet::live).
+        store: push_comet::storage::DirectStore {
+            redis_url: s.storage.redis.as_ref().and_then(|r| r.url.clone()),
+            ..Default::default()
+        },
         private_jsonp: s.auth.private_jsonp,
         membership: membership(pc),
         advertise: push_web::ClientAddresses {
@@ -492,7 +498,7 @@ pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
 }
 
 /// The Redis URL from the Secret the spec names, if it names one (the
-/// message service and the comets both write to Redis).
+/// message service, the comets and web all write to Redis).
 fn redis_url_env(pc: &PushCluster) -> Option<Value> {
     pc.spec
         .storage
@@ -572,6 +578,7 @@ pub fn web_deployment(pc: &PushCluster, hash: &str) -> Result<Deployment> {
     ));
     env.extend(subscriber_env(pc));
     env.extend(rpc_token_env(pc));
+    env.extend(redis_url_env(pc));
     env.extend(worker_threads_env(pc.spec.web.worker_threads));
     deployment(
         pc,

@@ -309,9 +309,14 @@ fn secrets_and_scheduling_reach_the_pods() {
     };
     assert!(env(builders::web_deployment(&pc, "h").unwrap()).contains(r#""name":"PUSH_ADMIN_TOKEN","valueFrom":{"secretKeyRef":{"key":"admin-token","name":"push-auth"}}"#));
     assert!(env(builders::comet_deployment(&pc, "h").unwrap()).contains("PUSH_SUBSCRIBER_SECRET"));
-    assert!(
-        env(builders::message_deployment(&pc, "h").unwrap()).contains(r#""name":"PUSH_REDIS_URL""#)
-    );
+    // Web stores private pushes in Redis itself, comets store and subscribe.
+    for d in [
+        builders::message_deployment(&pc, "h").unwrap(),
+        builders::web_deployment(&pc, "h").unwrap(),
+        builders::comet_deployment(&pc, "h").unwrap(),
+    ] {
+        assert!(env(d).contains(r#""name":"PUSH_REDIS_URL""#));
+    }
     let spec = builders::comet_deployment(&pc, "h")
         .unwrap()
         .spec

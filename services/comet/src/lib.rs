@@ -1,17 +1,20 @@
 //! The comet: holds subscriber connections (WebSocket, TCP, SSE) for the keys
 //! of its shard and delivers messages to them in mid order.
 //!
-//! A push arrives over gRPC from web ([`rpc`]); the comet stores it first (a
-//! push is acknowledged only once stored): straight into Redis when the
-//! cluster has one, else through the message service ([`storage`]). Then it
-//! queues it on the key's connections ([`registry`]). Pushes to one key are
-//! serialised from store to enqueue, so every connection sees mids in order.
+//! On Redis, web stores private pushes itself and the comet receives them on
+//! its keys' live channels ([`live`]), in mid order. On the embedded store a
+//! push arrives over gRPC from web ([`rpc`]); the comet stores it first (a
+//! push is acknowledged only once stored) through the message service
+//! ([`storage`]), then queues it on the key's connections ([`registry`]).
+//! Pushes to one key are serialised from store to enqueue, so every
+//! connection sees mids in order.
 //!
 //! A WebSocket connection is one small hand-polled future ([`ws`]) and one
 //! mailbox in the registry; heartbeat deadlines are checked by one sweeper
 //! per comet rather than a timer per connection, so an idle subscriber costs
 //! about 1.3 KB (docs/benchmarks.md, S1).
 
+pub mod live;
 pub mod protocol;
 pub mod registry;
 pub mod rpc;
@@ -189,6 +192,7 @@ pub struct Metrics {
     reconnects_sent: Counter,
     lease_transitions: Counter,
     serving: Gauge,
+    live: live::LiveMetrics,
 }
 
 impl Metrics {
@@ -204,7 +208,23 @@ impl Metrics {
             reconnects_sent: Counter::default(),
             lease_transitions: Counter::default(),
             serving: Gauge::default(),
+            live: live::LiveMetrics::default(),
         };
+        reg.register(
+            "pushcluster_comet_live_messages",
+            "Stored private messages that arrived on the live channels of this comet's keys (Redis)",
+            m.live.messages.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_losses",
+            "Times the connection subscribed to live channels was lost; each closes every client connection",
+            m.live.losses.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_refused",
+            "Connections refused because their key's live channel was not subscribed in time",
+            m.live.refused.clone(),
+        );
         reg.register(
             "pushcluster_comet_serving",
             "1 while this comet holds a shard, 0 while it is a standby",
@@ -285,6 +305,10 @@ pub struct Comet {
     message: MessageClient<AuthChannel>,
     /// Where pushes are stored: Redis directly, or the message service.
     storage: storage::Storage,
+    /// With Redis: the live channels private messages arrive on.
+    live: Option<Arc<live::LiveFeed>>,
+    /// Stops the live feed when the comet goes.
+    live_stop: CancellationToken,
     membership: Arc<dyn Membership>,
     /// The shard served now (static: fixed; leases: follows the owner).
     ownership: watch::Receiver<Ownership>,
@@ -294,6 +318,12 @@ pub struct Comet {
     ready: Readiness,
     stripes: Vec<tokio::sync::Mutex<()>>,
     metrics: Metrics,
+}
+
+impl Drop for Comet {
+    fn drop(&mut self) {
+        self.live_stop.cancel();
+    }
 }
 
 /// A refusal at subscribe time, sent as a protocol error frame.
@@ -350,10 +380,26 @@ impl Comet {
             metrics.fenced.clone(),
         )
         .map_err(|e| Error::Config(format!("store: {e}")))?;
+        let live_stop = CancellationToken::new();
+        let live = match cfg.store.url() {
+            Some(url) => Some(
+                live::LiveFeed::start(
+                    url,
+                    &cfg.store.redis_namespace,
+                    registry.clone(),
+                    metrics.live.clone(),
+                    live_stop.clone(),
+                )
+                .map_err(|e| Error::Config(format!("store: {e}")))?,
+            ),
+            None => None,
+        };
         let comet = Arc::new(Self {
             registry,
             message,
             storage,
+            live,
+            live_stop,
             membership,
             ownership,
             ring: RwLock::new(Arc::new(Ring::new([], DEFAULT_VNODES))),
@@ -411,7 +457,9 @@ impl Comet {
 
     /// Checks a subscribe request and registers the connection; `silence` is
     /// how long the client may send nothing (None: the server keeps it alive).
-    pub fn admit(
+    /// With Redis, returns once the key's live channel is subscribed, so
+    /// the client's fetch that follows misses nothing.
+    pub async fn admit(
         &self,
         sub: &Subscribe,
         silence: Option<Duration>,
@@ -432,14 +480,27 @@ impl Comet {
             tracing::debug!(key = %sub.key, "key is not owned by this comet");
             return Err(Refusal::Channel);
         }
-        self.registry.register(&sub.key, silence).map_err(|e| {
+        let s = self.registry.register(&sub.key, silence).map_err(|e| {
             tracing::debug!(key = %sub.key, error = %e, "subscribe refused");
             match e {
                 RegisterError::TooManySubscribers(_) | RegisterError::ShuttingDown => {
                     Refusal::Channel
                 }
             }
-        })
+        })?;
+        if let Some(live) = &self.live {
+            if !live.ready(&sub.key).await {
+                tracing::warn!(key = %sub.key, "live channel not subscribed in time: refusing");
+                return Err(Refusal::Channel);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Whether stored private messages reach connections through live
+    /// channels (Redis) rather than from the comet that stored them.
+    pub(crate) fn delivers_live(&self) -> bool {
+        self.live.is_some()
     }
 
     /// The registry of connections.

@@ -198,6 +198,15 @@ impl Mailbox {
 /// The registry's handle on one connection (compared by address).
 type ConnHandle = Arc<Mailbox>;
 
+/// One key's connections.
+#[derive(Default)]
+struct Entry {
+    conns: Vec<ConnHandle>,
+    /// Whether the key's live channel is known to be subscribed (see
+    /// [`crate::live`]); unused without one.
+    live: bool,
+}
+
 /// Why a connection was refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
@@ -211,8 +220,11 @@ const SHARDS: usize = 64;
 
 /// Connections by key, sharded to keep lock hold times short.
 pub struct Registry {
-    shards: Vec<Mutex<HashMap<String, Vec<ConnHandle>>>>,
+    shards: Vec<Mutex<HashMap<String, Entry>>>,
     connections: AtomicU64,
+    /// Told every key that gains its first connection or loses its last
+    /// (set when messages arrive on live channels).
+    key_changes: OnceLock<tokio::sync::mpsc::UnboundedSender<Box<str>>>,
     max_per_key: usize,
     queue_depth: usize,
     closing: AtomicBool,
@@ -276,6 +288,7 @@ impl Registry {
         Arc::new(Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             connections: AtomicU64::new(0),
+            key_changes: OnceLock::new(),
             max_per_key: max_per_key.max(1),
             queue_depth: queue_depth.max(1),
             closing: AtomicBool::new(false),
@@ -289,7 +302,7 @@ impl Registry {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Vec<ConnHandle>>> {
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Entry>> {
         let h = pushcluster_core::ring::key_hash(key) as usize;
         &self.shards[h % SHARDS]
     }
@@ -308,7 +321,7 @@ impl Registry {
             inner: Mutex::new(Inbox::default()),
             deadline_ms: AtomicU64::new(deadline),
         });
-        {
+        let first = {
             let mut map = lock(self.shard(key));
             // Checked under the shard lock: close_all sets the flag before it
             // walks the shards, so a registration either sees the flag or is
@@ -316,11 +329,15 @@ impl Registry {
             if self.closing.load(Ordering::SeqCst) {
                 return Err(RegisterError::ShuttingDown);
             }
-            let conns = map.entry(key.to_owned()).or_default();
-            if conns.len() >= self.max_per_key {
-                return Err(RegisterError::TooManySubscribers(conns.len()));
+            let entry = map.entry(key.to_owned()).or_default();
+            if entry.conns.len() >= self.max_per_key {
+                return Err(RegisterError::TooManySubscribers(entry.conns.len()));
             }
-            conns.push(mailbox.clone());
+            entry.conns.push(mailbox.clone());
+            entry.conns.len() == 1
+        };
+        if first {
+            self.key_changed(key);
         }
         self.connections.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
@@ -332,23 +349,71 @@ impl Registry {
 
     fn unregister(&self, key: &str, mailbox: &Arc<Mailbox>) {
         let mut map = lock(self.shard(key));
-        if let Some(conns) = map.get_mut(key) {
-            let before = conns.len();
-            conns.retain(|c| !Arc::ptr_eq(c, mailbox));
-            if conns.len() < before {
+        let mut gone = false;
+        if let Some(entry) = map.get_mut(key) {
+            let before = entry.conns.len();
+            entry.conns.retain(|c| !Arc::ptr_eq(c, mailbox));
+            if entry.conns.len() < before {
                 self.connections.fetch_sub(1, Ordering::Relaxed);
             }
-            if conns.is_empty() {
+            if entry.conns.is_empty() {
                 map.remove(key);
+                gone = true;
             }
         }
+        drop(map);
+        if gone {
+            self.key_changed(key);
+        }
+    }
+
+    fn key_changed(&self, key: &str) {
+        if let Some(tx) = self.key_changes.get() {
+            let _ = tx.send(key.into());
+        }
+    }
+
+    /// Has every key that gains its first connection or loses its last sent
+    /// to `tx` (once; later calls are ignored).
+    pub(crate) fn report_key_changes(&self, tx: tokio::sync::mpsc::UnboundedSender<Box<str>>) {
+        let _ = self.key_changes.set(tx);
+    }
+
+    /// Whether `key` has connections.
+    pub(crate) fn has_key(&self, key: &str) -> bool {
+        lock(self.shard(key)).contains_key(key)
+    }
+
+    /// Whether `key` has connections and its live channel is subscribed.
+    pub(crate) fn is_live(&self, key: &str) -> bool {
+        lock(self.shard(key)).get(key).is_some_and(|e| e.live)
+    }
+
+    /// Marks `key`'s live channel subscribed, if it still has connections.
+    pub(crate) fn set_live(&self, key: &str) {
+        if let Some(e) = lock(self.shard(key)).get_mut(key) {
+            e.live = true;
+        }
+    }
+
+    /// Marks every live channel unsubscribed (their connection was lost);
+    /// returns the keys that have connections.
+    pub(crate) fn unset_live(&self) -> Vec<Box<str>> {
+        let mut keys = Vec::new();
+        for shard in &self.shards {
+            for (k, e) in lock(shard).iter_mut() {
+                e.live = false;
+                keys.push(k.as_str().into());
+            }
+        }
+        keys
     }
 
     /// Queues `d` on every connection of `key`; returns how many took it.
     pub fn deliver(&self, key: &str, d: &Arc<Delivery>) -> u64 {
         let map = lock(self.shard(key));
         let mut n = 0;
-        for c in map.get(key).into_iter().flatten() {
+        for c in map.get(key).into_iter().flat_map(|e| &e.conns) {
             if let Some(waker) = self.offer(c, d) {
                 n += 1;
                 if let Some(w) = waker {
@@ -366,7 +431,7 @@ impl Registry {
         let mut wakers = Vec::new();
         for shard in &self.shards {
             let map = lock(shard);
-            for c in map.values().flatten() {
+            for c in map.values().flat_map(|e| &e.conns) {
                 if let Some(waker) = self.offer(c, d) {
                     n += 1;
                     wakers.extend(waker);
@@ -397,9 +462,9 @@ impl Registry {
         let now = self.now_ms();
         let mut n = 0;
         for shard in &self.shards {
-            for (k, conns) in lock(shard).iter() {
+            for (k, entry) in lock(shard).iter() {
                 if !keep(k) {
-                    for c in conns {
+                    for c in &entry.conns {
                         c.close(Close::Reconnect, now);
                         n += 1;
                     }
@@ -422,7 +487,7 @@ impl Registry {
         let now = self.now_ms();
         let mut silent = 0;
         for shard in &self.shards {
-            for c in lock(shard).values().flatten() {
+            for c in lock(shard).values().flat_map(|e| &e.conns) {
                 if c.deadline_ms.load(Ordering::Relaxed) > now {
                     continue;
                 }

@@ -147,11 +147,15 @@ impl Comet {
                 });
             }
         };
-        let n = self
-            .registry
-            .deliver(key, &Delivery::new(mid, GID_PRIVATE, payload));
+        // On Redis the message comes back on its key's live channel, in mid
+        // order with what others stored (crate::live).
+        if !self.delivers_live() {
+            let n = self
+                .registry
+                .deliver(key, &Delivery::new(mid, GID_PRIVATE, payload));
+            self.metrics.deliveries.inc_by(n);
+        }
         self.metrics.pushes.inc();
-        self.metrics.deliveries.inc_by(n);
         self.metrics
             .push_latency
             .observe(start.elapsed().as_secs_f64());

@@ -100,7 +100,7 @@ pub async fn subscribe(
     };
     // No client heartbeats here: the comet sends keep-alives, and a gone
     // client shows as a closed response stream.
-    let s = match comet.admit(&sub, None) {
+    let s = match comet.admit(&sub, None).await {
         Ok(s) => s,
         Err(crate::Refusal::Param) => return refuse(StatusCode::BAD_REQUEST, 65534, "invalid key"),
         Err(crate::Refusal::Auth) => return refuse(StatusCode::UNAUTHORIZED, 401, "token refused"),

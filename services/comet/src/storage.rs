@@ -1,5 +1,9 @@
 //! Where a comet stores a push before it delivers it.
 //!
+//! On Redis, web stores private pushes itself (the comet learns of them on
+//! live channels, [`crate::live`]); pushes that still reach a comet over
+//! gRPC, from a web of the previous release, are stored here.
+//!
 //! With Redis the comet writes straight into it, with the message service's
 //! own append script (`pushcluster_store::redis`): same keys, same fence,
 //! same dedupe by push id. A stored push then wakes three processes (web,
@@ -24,34 +28,11 @@ use pushcluster_proto::auth::AuthChannel;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_client::MessageClient;
 use pushcluster_store::redis::RedisStore;
-use pushcluster_store::{Channel, Fence, Retention, Store, StoreError};
-use serde::{Deserialize, Serialize};
+use pushcluster_store::{Channel, Fence, Store, StoreError};
 use std::time::Duration;
 use tonic::Status;
 
-/// Storing pushes straight into the cluster's Redis.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
-pub struct DirectStore {
-    /// `redis://host:port/db` of the message store; unset, pushes are
-    /// stored through the message service. Give a URL with a password
-    /// through `PUSH_REDIS_URL` (a Secret), not the config file.
-    pub redis_url: Option<String>,
-    /// Prefix of every Redis key: the message service's `redis_namespace`.
-    pub redis_namespace: String,
-    /// Backlog, sequence lifetime and dedupe window: the message service's.
-    pub retention: Retention,
-}
-
-impl Default for DirectStore {
-    fn default() -> Self {
-        Self {
-            redis_url: None,
-            redis_namespace: "pc".into(),
-            retention: Retention::default(),
-        }
-    }
-}
+pub use pushcluster_store::redis::DirectStore;
 
 /// One push to store: what the comet checked, and its shard's fence.
 pub(crate) struct Append<'a> {
@@ -88,7 +69,7 @@ impl Storage {
         deadline: Duration,
         fenced: Counter,
     ) -> Result<Self, StoreError> {
-        match direct.redis_url.as_deref().filter(|u| !u.is_empty()) {
+        match direct.url() {
             Some(url) => {
                 // Lazily: a comet comes up (and serves subscribers) while
                 // Redis is down; its appends fail meanwhile and web stores

@@ -103,7 +103,7 @@ async fn handle(comet: Arc<Comet>, stream: TcpStream) {
         return refuse(w, frame::ERR_PARAM).await;
     };
     let silence = comet.read_deadline(sub.heartbeat);
-    let s = match comet.admit(&sub, Some(silence)) {
+    let s = match comet.admit(&sub, Some(silence)).await {
         Ok(s) => s,
         Err(refusal) => return refuse(w, refusal.frame()).await,
     };

@@ -127,6 +127,7 @@ async fn upgrade(
             let silence = comet.read_deadline(sub.heartbeat);
             comet
                 .admit(&sub, Some(silence))
+                .await
                 .map(|s| (s, sub.format, silence))
                 .map_err(|refusal| refusal.frame())
         }

@@ -8,11 +8,19 @@
 //! the seed's precision problem; list positions follow from contiguous mids.
 //! The list lives as long as its longest-lived message; the sequence as long
 //! as `idle_ttl` after the last append.
+//!
+//! Every newly stored private message is also published, in the same script,
+//! on its key's live channel (see [`live`]): the comets that hold connections
+//! for the key subscribe to it. Publishing inside the script that assigns the
+//! mid is what keeps delivery in mid order whoever stored the message: Redis
+//! runs scripts one at a time and sends a subscriber its messages in the
+//! order they were published.
 
 use crate::{now_ms, Channel, Fence, Result, Retention, Store, StoreError, Stored};
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 // Fences are compared as 20-digit strings: Lua numbers are doubles, exact
@@ -38,6 +46,7 @@ if len > keep then redis.call('LTRIM', KEYS[2], len - keep, -1) end
 local want = tonumber(ARGV[2]) - tonumber(ARGV[3])
 if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], want) end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], mid, 'PX', ARGV[7]) end
+if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], string.format('%d ', mid) .. ARGV[1]) end
 return {mid, ''}
 ";
 
@@ -49,6 +58,45 @@ local start = tonumber(ARGV[1]) - first + 1
 if start < 0 then start = 0 end
 return redis.call('LRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
 ";
+
+/// Storing pushes straight into the cluster's Redis (web and comets), in
+/// the message service's keys: see the module docs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
+pub struct DirectStore {
+    /// `redis://host:port/db` of the message store; unset, pushes are
+    /// stored through the message service (and web through the comets). Give a URL with a password
+    /// through `PUSH_REDIS_URL` (a Secret), not the config file.
+    pub redis_url: Option<String>,
+    /// Prefix of every Redis key: the message service's `redis_namespace`.
+    pub redis_namespace: String,
+    /// Backlog, sequence lifetime and dedupe window: the message service's.
+    pub retention: Retention,
+}
+
+impl DirectStore {
+    /// The Redis URL, when one is set.
+    pub fn url(&self) -> Option<&str> {
+        self.redis_url.as_deref().filter(|u| !u.is_empty())
+    }
+
+    /// A lazily connected store for it, when a URL is set.
+    pub fn open(&self) -> Result<Option<RedisStore>> {
+        self.url()
+            .map(|url| RedisStore::connect_lazy(url, &self.redis_namespace, self.retention.clone()))
+            .transpose()
+    }
+}
+
+impl Default for DirectStore {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            redis_namespace: "pc".into(),
+            retention: Retention::default(),
+        }
+    }
+}
 
 /// Redis-backed store (single node; keys are Cluster-ready).
 pub struct RedisStore {
@@ -136,6 +184,10 @@ impl RedisStore {
             ),
             None => (format!("{}:fence:{{none}}", self.ns), String::new()),
         };
+        let live_channel = match ch {
+            Channel::Private(key) => live::channel(&self.ns, key),
+            Channel::Public => String::new(),
+        };
         let now = now_ms();
         let mut conn = self.conn.clone();
         let (mid, current): (i64, String) = self
@@ -157,6 +209,7 @@ impl RedisStore {
                     .max(1),
             )
             .arg(token)
+            .arg(live_channel)
             .invoke_async(&mut conn)
             .await?;
         match fence {
@@ -199,14 +252,13 @@ impl Store for RedisStore {
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {
         let (_, list) = self.keys(ch);
-        let mut conn = self.conn.clone();
-        let raw: Vec<Vec<u8>> = self
-            .fetch
-            .key(list)
-            .arg(after.max(0))
-            .arg(limit.max(1))
-            .invoke_async(&mut conn)
-            .await?;
+        let read = || {
+            let mut conn = self.conn.clone();
+            let mut call = self.fetch.key(&list);
+            call.arg(after.max(0)).arg(limit.max(1));
+            async move { call.invoke_async::<Vec<Vec<u8>>>(&mut conn).await }
+        };
+        let raw = read_retrying(read).await?;
         let now = now_ms();
         let mut out = Vec::with_capacity(raw.len());
         for r in raw {
@@ -227,15 +279,73 @@ impl Store for RedisStore {
 
     async fn last_mid(&self, ch: Channel<'_>) -> Result<i64> {
         let (seq, _) = self.keys(ch);
-        let mut conn = self.conn.clone();
-        let v: Option<i64> = conn.get(seq).await?;
-        Ok(v.unwrap_or(0))
+        let read = || {
+            let mut conn = self.conn.clone();
+            let seq = seq.clone();
+            async move { conn.get::<_, Option<i64>>(seq).await }
+        };
+        Ok(read_retrying(read).await?.unwrap_or(0))
+    }
+}
+
+/// Runs a read, once more if the connection it went out on had been
+/// dropped (Redis restarted, a proxy or `CLIENT KILL` cut it): the
+/// connection manager reconnects only after a call fails, and a read is
+/// safe to repeat, so a reader never sees that first failure.
+async fn read_retrying<T, F, Fut>(read: F) -> redis::RedisResult<T>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    match read().await {
+        Err(e) if e.is_connection_dropped() || e.is_io_error() => read().await,
+        r => r,
+    }
+}
+
+/// The live channels: where each newly stored private message is published.
+pub mod live {
+    use bytes::Bytes;
+
+    /// The channel of `key`'s messages under namespace `ns`; it shares the
+    /// key's hash tag, so a sharded-pubsub Redis Cluster keeps it in the
+    /// key's slot.
+    pub fn channel(ns: &str, key: &str) -> String {
+        format!("{ns}:k:{{{key}}}:live")
+    }
+
+    /// The key a live channel of namespace `ns` belongs to.
+    pub fn key_of<'a>(ns: &str, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(ns)?
+            .strip_prefix(":k:{")?
+            .strip_suffix("}:live")
+    }
+
+    /// Splits a published message, `"<mid> <payload>"`, into its parts.
+    pub fn decode(message: &[u8]) -> Option<(i64, Bytes)> {
+        let space = message.iter().position(|&b| b == b' ')?;
+        let mid = std::str::from_utf8(&message[..space]).ok()?.parse().ok()?;
+        Some((mid, Bytes::copy_from_slice(&message[space + 1..])))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_channels_name_their_key_and_carry_mid_and_payload() {
+        let ch = live::channel("pc", "user:{7} x");
+        assert_eq!(ch, "pc:k:{user:{7} x}:live");
+        assert_eq!(live::key_of("pc", &ch), Some("user:{7} x"));
+        assert_eq!(live::key_of("other", &ch), None);
+        assert_eq!(live::key_of("pc", "pc:k:{a}:s"), None);
+        let (mid, p) = live::decode(b"42 {\"a\": \"b c\"}").unwrap();
+        assert_eq!((mid, p.as_ref()), (42, &b"{\"a\": \"b c\"}"[..]));
+        assert_eq!(live::decode(b"42"), None);
+        assert_eq!(live::decode(b"x {}"), None);
+    }
 
     #[test]
     fn entries_parse() {

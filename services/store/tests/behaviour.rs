@@ -414,3 +414,71 @@ async fn embedded_data_survives_a_restart() {
     );
     assert_eq!(s.last_mid(Channel::Public).await.unwrap(), 1);
 }
+
+/// A newly stored private message is published on its key's live channel,
+/// in mid order; a retried push id, a fenced-off append and a broadcast are
+/// not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_private_messages_are_published_on_their_live_channel() {
+    use futures::StreamExt;
+    use pushcluster_store::redis::live;
+    let server = RedisServer::start();
+    let s = RedisStore::connect(&server.url(), "pub", Retention::default())
+        .await
+        .unwrap();
+    let client = redis::Client::open(server.url()).unwrap();
+    let (mut sink, mut stream) = client.get_async_pubsub().await.unwrap().split();
+    sink.subscribe(live::channel("pub", "k")).await.unwrap();
+
+    assert_eq!(
+        s.append(Channel::Private("k"), b("{\"n\":1}"), HOUR)
+            .await
+            .unwrap(),
+        1
+    );
+    let id = "retried";
+    assert_eq!(
+        s.append_idempotent(Channel::Private("k"), id, b("2"), HOUR)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        s.append_idempotent(Channel::Private("k"), id, b("2"), HOUR)
+            .await
+            .unwrap(),
+        2
+    );
+    let fence = pushcluster_store::Fence { shard: 0, token: 5 };
+    s.append_fenced(Channel::Private("k"), "", b("3"), HOUR, fence)
+        .await
+        .unwrap();
+    let stale = pushcluster_store::Fence { shard: 0, token: 4 };
+    assert!(s
+        .append_fenced(Channel::Private("k"), "", b("x"), HOUR, stale)
+        .await
+        .is_err());
+    s.append(Channel::Public, b("public"), HOUR).await.unwrap();
+    s.append(Channel::Private("other"), b("other"), HOUR)
+        .await
+        .unwrap();
+    s.append(Channel::Private("k"), b("4"), HOUR).await.unwrap();
+
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        let m = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a published message")
+            .expect("the subscription is open");
+        assert_eq!(live::key_of("pub", m.get_channel_name()), Some("k"));
+        let (mid, payload) = live::decode(m.get_payload_bytes()).expect("mid and payload");
+        got.push((mid, String::from_utf8(payload.to_vec()).unwrap()));
+    }
+    let want: Vec<(i64, String)> = [(1, "{\"n\":1}"), (2, "2"), (3, "3"), (4, "4")]
+        .into_iter()
+        .map(|(m, p)| (m, p.to_owned()))
+        .collect();
+    assert_eq!(got, want);
+    let extra = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+    assert!(extra.is_err(), "published more than once: {extra:?}");
+}

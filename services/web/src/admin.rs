@@ -29,6 +29,8 @@ use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::pipeline::Pipeline;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_client::CometClient;
+use pushcluster_store::redis::RedisStore;
+use pushcluster_store::{Channel, Store, StoreError};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -168,9 +170,59 @@ impl AppState {
         }
     }
 
+    /// Stores a private message straight in Redis, which publishes it to
+    /// the comets holding the key's connections (`push_comet::live`).
+    /// While Redis is unreachable it keeps trying for [`STORE_RETRY_FOR`],
+    /// under one push id: a retry after a lost answer returns the first mid.
+    async fn store_in_redis(
+        &self,
+        redis: &RedisStore,
+        key: &str,
+        payload: Bytes,
+        expire: u64,
+        push_id: &str,
+    ) -> Result<i64, Reply> {
+        let ttl = self
+            .cfg
+            .limits
+            .expire(expire)
+            .map_err(|e| Reply::param(e.to_string()))?;
+        let deadline = tokio::time::Instant::now() + STORE_RETRY_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let stored = redis
+                .append_idempotent(Channel::Private(key), push_id, payload.clone(), ttl)
+                .await;
+            match stored {
+                Ok(mid) => return Ok(mid),
+                Err(StoreError::Redis(e))
+                    if (e.is_io_error()
+                        || e.is_connection_refusal()
+                        || e.is_connection_dropped()
+                        || e.is_timeout())
+                        && tokio::time::Instant::now() + pause < deadline =>
+                {
+                    tracing::debug!(error = %e, "redis unreachable: retrying");
+                    self.metrics.store_retries.inc();
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "storing in redis failed");
+                    return Err(Reply::err(INTERNAL, format!("storage: {e}")));
+                }
+            }
+        }
+    }
+
     /// Pushes one private message; returns its mid once stored.
     pub async fn push_private(&self, key: &str, payload: Bytes, expire: u64) -> Result<i64, Reply> {
         let push_id = new_push_id();
+        if let Some(redis) = &self.redis {
+            return self
+                .store_in_redis(redis, key, payload, expire, &push_id)
+                .await;
+        }
         let view = self.membership.view();
         if let Some(ep) = view.endpoint_for(key) {
             let req = pb::PushRequest {
@@ -381,10 +433,30 @@ async fn push_multi(State(s): State<Arc<AppState>>, Query(q): Params, body: Body
 }
 
 impl AppState {
-    /// Pushes to many keys, one call per comet; returns the keys that failed.
+    /// Pushes to many keys, one call per comet (with Redis: one store per
+    /// key, pipelined); returns the keys that failed.
     async fn multi_push(&self, keys: Vec<String>, payload: Bytes, expire: u64) -> Vec<String> {
         let push_id = new_push_id();
         let push_id = push_id.as_str();
+        if let Some(redis) = &self.redis {
+            let stores = keys.into_iter().map(|k| {
+                let payload = payload.clone();
+                async move {
+                    match self
+                        .store_in_redis(redis, &k, payload, expire, push_id)
+                        .await
+                    {
+                        Ok(_) => None,
+                        Err(_) => Some(k),
+                    }
+                }
+            });
+            return futures::future::join_all(stores)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+        }
         let view = self.membership.view();
         let mut by_comet: BTreeMap<String, Vec<String>> = BTreeMap::new();
         let mut no_comet = Vec::new();

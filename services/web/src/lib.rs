@@ -62,6 +62,10 @@ pub struct Config {
     /// the message service. Give it through `PUSH_RPC_TOKEN`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rpc_token: Option<String>,
+    /// Storing private pushes straight into Redis (when the cluster's store
+    /// is Redis); unset, they go through the comets. Give a URL with a
+    /// password through `PUSH_REDIS_URL` (a Secret), not the config file.
+    pub store: pushcluster_store::redis::DirectStore,
     /// Comets by shard (static membership).
     pub comets: Vec<ShardEndpoint>,
     /// Static (the `comets` list) or lease-based (who holds each shard's lease).
@@ -113,6 +117,7 @@ impl Default for Config {
             subscriber_secret: None,
             private_jsonp: false,
             rpc_token: None,
+            store: Default::default(),
             comets: vec![ShardEndpoint {
                 shard: 0,
                 rpc: "http://127.0.0.1:6970".into(),
@@ -188,6 +193,9 @@ pub struct AppState {
     cfg: Config,
     membership: Arc<dyn Membership>,
     message: MessageClient<AuthChannel>,
+    /// With Redis: private pushes are stored here, straight (see
+    /// [`admin`]'s `push_private`).
+    redis: Option<pushcluster_store::redis::RedisStore>,
     comets: Mutex<HashMap<String, CometClient<AuthChannel>>>,
     rpc_token: RpcToken,
     /// Private pushes per comet, coalesced into PushBatch calls under load.
@@ -211,8 +219,17 @@ impl AppState {
             MessageClient::new(rpc_token.on(channel(&cfg.message_url, cfg.rpc_timeout_ms)?))
                 .max_decoding_message_size(cfg.max_rpc_bytes())
                 .max_encoding_message_size(cfg.max_rpc_bytes());
+        // Lazily: web comes up (and serves reads) while Redis is down.
+        let redis = cfg
+            .store
+            .open()
+            .map_err(|e| Error::Config(format!("store: {e}")))?;
+        if let Some(url) = cfg.store.url() {
+            tracing::info!(url = %pushcluster_core::ops::redact_url(url), "storing private pushes straight into redis");
+        }
         Ok(Arc::new(Self {
             message,
+            redis,
             rpc_token,
             membership,
             comets: Mutex::new(HashMap::new()),

@@ -46,6 +46,11 @@ struct Args {
     /// message service.
     #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
     rpc_token: Option<String>,
+    /// Redis URL of the message store: web then stores private pushes in it
+    /// itself (comets deliver them from Redis). Prefer this variable (from a
+    /// Secret) to the config file for a URL with a password.
+    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
     /// Runtime threads: 1 (the default) = a single-threaded runtime, which
     /// costs a fifth less CPU per push than two threads handing work to each
     /// other (docs/benchmarks.md, S3); web scales by replicas. 0 = one per
@@ -77,6 +82,9 @@ async fn serve(a: Args) -> anyhow::Result<()> {
     }
     if a.rpc_token.is_some() {
         cfg.rpc_token = a.rpc_token;
+    }
+    if a.redis_url.is_some() {
+        cfg.store.redis_url = a.redis_url;
     }
     let cancel = tokio_util::sync::CancellationToken::new();
     pushcluster_core::ops::cancel_on_signal(cancel.clone());

@@ -239,9 +239,14 @@ pub struct Options {
     /// ([`older`]): a rolling upgrade's mixed versions. Static membership
     /// only: with leases, web finds the comets' own addresses.
     pub older_rpc: bool,
-    /// With `redis_url`: comets store pushes straight into Redis, as the
-    /// operator sets them up (true), or through the message service (false).
+    /// With `redis_url`: comets store pushes straight into Redis and
+    /// deliver stored messages from its live channels, as the operator sets
+    /// them up (true), or store through the message service (false).
     pub comets_store_in_redis: bool,
+    /// With `redis_url` and `comets_store_in_redis`: web stores private
+    /// pushes straight into Redis, as the operator sets it up (true), or
+    /// pushes through the comets, as web of the previous release did (false).
+    pub web_stores_in_redis: bool,
     /// Web's lame-duck period after SIGTERM (`drain_delay_ms`).
     pub web_drain_delay_ms: u64,
     /// Client listeners' caps and header deadline (comet and web).
@@ -265,6 +270,7 @@ impl Default for Options {
             lease_ms: (2000, 1400, 300),
             older_rpc: false,
             comets_store_in_redis: true,
+            web_stores_in_redis: true,
             web_drain_delay_ms: 0,
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
         }
@@ -347,6 +353,11 @@ impl Cluster {
             Some(url) if opts.comets_store_in_redis => format!("store: {{ redis_url: {url:?} }}"),
             _ => "store: { redis_url: null }".to_owned(),
         };
+        let web_store = if opts.web_stores_in_redis {
+            comet_store.as_str()
+        } else {
+            "store: { redis_url: null }"
+        };
         let wait_path = if opts.lease_redis.is_some() {
             "/healthz"
         } else {
@@ -407,7 +418,7 @@ impl Cluster {
             "web",
             "push-web",
             &format!(
-                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nsubscriber_secret: {}\nrpc_token: {}\nrpc_timeout_ms: 3000\ndrain_delay_ms: {}\n{membership}\n{limits}\n{listener_limits}\n{comets_yaml}",
+                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nsubscriber_secret: {}\nrpc_token: {}\nrpc_timeout_ms: 3000\ndrain_delay_ms: {}\n{membership}\n{web_store}\n{limits}\n{listener_limits}\n{comets_yaml}",
                 yaml_opt(&opts.admin_token),
                 yaml_opt(&opts.subscriber_secret),
                 yaml_opt(&opts.rpc_token),

@@ -3,7 +3,7 @@
 //! connections to Redis cut mid-append, a comet that is down (web stores the
 //! push itself), a comet stopped with SIGTERM.
 
-use pushcluster_systest::{collect, subscribe, Cluster, Options, RedisServer, Transport};
+use pushcluster_systest::{collect, metric, subscribe, Cluster, Options, RedisServer, Transport};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -155,18 +155,50 @@ async fn redis_store_keeps_every_acknowledged_push_across_sigkill() {
     acknowledged_pushes_survive_sigkill(&mut c).await;
 }
 
-/// Comets storing straight into Redis: Redis drops every client connection
-/// again and again while pushes stream in. An append cut off mid-flight may
-/// or may not have landed; the comet reports it failed, web stores the push
-/// under the same push id (so it lands once) and the pusher never sees an
-/// error. Nothing acknowledged is lost, duplicated or out of sequence.
+/// Comets storing straight into Redis, web pushing through them (as web of
+/// the previous release does): Redis drops every client connection again
+/// and again while pushes stream in. An append cut off mid-flight may or may
+/// not have landed; the comet reports it failed, web stores the push under
+/// the same push id (so it lands once) and the pusher never sees an error.
+/// Nothing acknowledged is lost, duplicated or out of sequence.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn comets_storing_in_redis_lose_nothing_when_its_connections_drop() {
     let redis = RedisServer::start();
     let c = Cluster::start(Options {
         redis_url: Some(redis.url()),
+        web_stores_in_redis: false,
         ..Options::default()
     });
+    let interrupted = |c: &Cluster| {
+        (0..c.comets.len())
+            .map(|i| c.comet_metric(i, "pushcluster_comet_push_errors_total"))
+            .sum::<f64>()
+    };
+    pushes_survive_dropped_redis_connections(&redis, &c, "comet appends", interrupted).await;
+}
+
+/// The same with web storing straight into Redis (the default): a store cut
+/// off mid-flight is retried under its push id, so it lands once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_storing_in_redis_loses_nothing_when_its_connections_drop() {
+    let redis = RedisServer::start();
+    let c = Cluster::start(Options {
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    });
+    let interrupted = |c: &Cluster| metric(c.web.ops_port, "pushcluster_web_store_retries_total");
+    pushes_survive_dropped_redis_connections(&redis, &c, "web stores", interrupted).await;
+}
+
+/// Pushes stream in while Redis drops every client connection, until at
+/// least five cuts and one store `interrupted` says was cut off; then every
+/// acknowledged push is stored once and in sequence.
+async fn pushes_survive_dropped_redis_connections(
+    redis: &RedisServer,
+    c: &Cluster,
+    what: &str,
+    interrupted: impl Fn(&Cluster) -> f64,
+) {
     let api = c.client();
     let pushing = Pushing::start(&api);
     let admin = redis::Client::open(redis.url()).expect("redis url");
@@ -174,16 +206,11 @@ async fn comets_storing_in_redis_lose_nothing_when_its_connections_drop() {
         .get_multiplexed_async_connection()
         .await
         .expect("redis");
-    let interrupted = |c: &Cluster| {
-        (0..c.comets.len())
-            .map(|i| c.comet_metric(i, "pushcluster_comet_push_errors_total"))
-            .sum::<f64>()
-    };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut cuts = 0;
-    while cuts < 5 || interrupted(&c) == 0.0 {
-        assert!(cuts < 200, "no comet append was ever cut off\n{}", c.logs());
-        // Every client but the one asking: comets' and the message service's.
+    while cuts < 5 || interrupted(c) == 0.0 {
+        assert!(cuts < 200, "no {what} were ever cut off\n{}", c.logs());
+        // Every client but the one asking: web's, comets' and the message service's.
         let _: i64 = redis::cmd("CLIENT")
             .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
             .query_async(&mut admin)
@@ -197,8 +224,8 @@ async fn comets_storing_in_redis_lose_nothing_when_its_connections_drop() {
     assert_eq!(failed, 0, "a push failed while Redis dropped connections");
     all_stored(&api, &acked).await;
     eprintln!(
-        "{cuts} cuts, {} comet appends cut off; sent {sent}, acknowledged {}: all readable, once, without gaps",
-        interrupted(&c),
+        "{cuts} cuts, {} {what} cut off; sent {sent}, acknowledged {}: all readable, once, without gaps",
+        interrupted(c),
         acked.len()
     );
 }

@@ -199,6 +199,8 @@ async fn a_holder_storing_in_redis_is_refused_once_a_newer_holder_wrote() {
         shards: 1,
         redis_url: Some(redis.url()),
         lease_redis: Some(redis.url()),
+        // Web pushes through the holder, so its first write sets the fence.
+        web_stores_in_redis: false,
         ..Options::default()
     });
     let api = c.client();

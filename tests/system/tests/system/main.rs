@@ -10,6 +10,7 @@ mod errors;
 mod failover;
 mod fencing;
 mod hostile;
+mod live;
 mod pushctl;
 mod sizes;
 mod upgrade;
