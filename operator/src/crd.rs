@@ -65,7 +65,8 @@ pub struct PushClusterSpec {
 /// (default anyone), web's admin port to `adminFrom` (default the cluster's
 /// own namespace), gRPC ports only to the cluster's own pods, ops/metrics
 /// ports to `monitoringFrom` (default the cluster's own namespace). Egress is
-/// left open (comets reach the API server, the message service and comets Redis).
+/// left open (comets reach the API server and Redis; web, the message service
+/// and comets reach Redis).
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NetworkPolicySpec {
@@ -268,9 +269,10 @@ pub struct WebSpec {
     /// Container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Runtime threads per pod: unset or 1 runs a single-threaded runtime,
-    /// the cheapest per push (docs/benchmarks.md, S3); 0 runs one per CPU
-    /// the pod may use (its CPU limit counts); n runs n. Scale out first.
+    /// Runtime threads per pod: unset or 0 runs one per CPU the pod may use
+    /// (its CPU limit counts), so web keeps answering while the host holds
+    /// one CPU (docs/benchmarks.md, S3); 1 runs a single-threaded runtime,
+    /// a little cheaper per push; n runs n.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("workerThreads must be between 0 and 64"))]
     pub worker_threads: Option<i32>,
@@ -314,8 +316,9 @@ impl ServiceType {
 #[serde(rename_all = "camelCase")]
 pub struct StorageSpec {
     /// Redis; without it the message pod uses its embedded store. With it
-    /// the comets store pushes straight into Redis and the message pods serve
-    /// reads, deletes and broadcasts from it: both must reach it.
+    /// web stores private pushes straight into Redis, comets receive them on
+    /// its live channels, and the message pods serve reads, deletes and
+    /// broadcasts from it: all three must reach it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSpec>,
     /// The embedded store's volume (used without redis): a PersistentVolumeClaim

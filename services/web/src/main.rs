@@ -51,11 +51,12 @@ struct Args {
     /// Secret) to the config file for a URL with a password.
     #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
-    /// Runtime threads: 1 (the default) = a single-threaded runtime, which
-    /// costs a fifth less CPU per push than two threads handing work to each
-    /// other (docs/benchmarks.md, S3); web scales by replicas. 0 = one per
-    /// CPU this process may use (a cgroup CPU limit counts).
-    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 1)]
+    /// Runtime threads: 0 (the default) = one per CPU this process may use
+    /// (a cgroup CPU limit counts); 1 = a single-threaded runtime. Web
+    /// stores each push in Redis and answers it; with two threads one keeps
+    /// answering while the host holds the other's CPU, which halved S3's p99
+    /// for ~8 µs more CPU per push (docs/benchmarks.md).
+    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
     /// Log as JSON lines.
     #[arg(long, env = "PUSH_LOG_JSON")]

@@ -568,6 +568,85 @@ pub async fn collect(
     out
 }
 
+/// A lazily connected gRPC channel to a service on `127.0.0.1:port`.
+pub fn grpc_channel(port: u16) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("url")
+        .connect_lazy()
+}
+
+/// One follower per key (`pushcluster_client::follow`), behaving as the
+/// docs tell clients to: resolve, subscribe, fetch, dedupe by mid, follow
+/// reconnect frames.
+pub struct Followers {
+    /// Stops them and counts their connections.
+    pub control: pushcluster_client::follow::Control,
+    keys: Vec<String>,
+    untils: Vec<std::sync::Arc<std::sync::atomic::AtomicI64>>,
+    tasks: Vec<tokio::task::JoinHandle<pushcluster_client::follow::Seen>>,
+}
+
+impl Followers {
+    /// Starts a follower on each of `keys` over `proto`.
+    pub fn start(
+        api: &pushcluster_client::http::Client,
+        keys: &[String],
+        proto: pushcluster_client::http::Proto,
+    ) -> Self {
+        use std::sync::atomic::AtomicI64;
+        let control = pushcluster_client::follow::Control::default();
+        let untils: Vec<_> = keys
+            .iter()
+            .map(|_| std::sync::Arc::new(AtomicI64::new(i64::MAX)))
+            .collect();
+        let tasks = keys
+            .iter()
+            .zip(&untils)
+            .map(|(k, u)| {
+                tokio::spawn(
+                    pushcluster_client::follow::Follow {
+                        api: api.clone(),
+                        key: k.clone(),
+                        proto,
+                        token: None,
+                        until: u.clone(),
+                        control: control.clone(),
+                    }
+                    .run(),
+                )
+            })
+            .collect();
+        Self {
+            control,
+            keys: keys.to_vec(),
+            untils,
+            tasks,
+        }
+    }
+
+    /// Tells each follower its key's last mid, lets it catch up (failing
+    /// the test after 20 s, with `c`'s logs) and returns what each saw.
+    pub async fn finish(
+        self,
+        last: &std::collections::BTreeMap<String, i64>,
+        c: &Cluster,
+    ) -> Vec<(String, pushcluster_client::follow::Seen)> {
+        for (k, u) in self.keys.iter().zip(&self.untils) {
+            u.store(last[k], std::sync::atomic::Ordering::SeqCst);
+        }
+        self.control.stop();
+        let mut out = Vec::new();
+        for (k, f) in self.keys.into_iter().zip(self.tasks) {
+            let seen = tokio::time::timeout(Duration::from_secs(20), f)
+                .await
+                .unwrap_or_else(|_| panic!("{k}: follower did not catch up\n{}", c.logs()))
+                .expect("follower");
+            out.push((k, seen));
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

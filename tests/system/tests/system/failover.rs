@@ -4,11 +4,10 @@
 //! acknowledged message reached its client exactly once (after dedupe by mid)
 //! with no gap. Prints the measured takeover times.
 
-use pushcluster_client::follow::{Control, Follow};
 use pushcluster_client::http::Proto;
-use pushcluster_systest::{Cluster, Options, RedisServer};
+use pushcluster_systest::{Cluster, Followers, Options, RedisServer};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -71,29 +70,8 @@ async fn failover_loses_no_acknowledged_message() {
     let (mut c, lease_duration) = failover_cluster(&redis);
     let api = c.client();
     let keys: Vec<String> = (0..KEYS).map(|i| format!("user-{i}")).collect();
-    let untils: Vec<Arc<AtomicI64>> = keys
-        .iter()
-        .map(|_| Arc::new(AtomicI64::new(i64::MAX)))
-        .collect();
     // Clients as the docs tell them to behave (pushcluster_client::follow).
-    let control = Control::default();
-    let followers: Vec<_> = keys
-        .iter()
-        .zip(&untils)
-        .map(|(k, u)| {
-            tokio::spawn(
-                Follow {
-                    api: api.clone(),
-                    key: k.clone(),
-                    proto: Proto::WebSocket,
-                    token: None,
-                    until: u.clone(),
-                    control: control.clone(),
-                }
-                .run(),
-            )
-        })
-        .collect();
+    let followers = Followers::start(&api, &keys, Proto::WebSocket);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -162,19 +140,11 @@ async fn failover_loses_no_acknowledged_message() {
         acked.entry(k.clone()).or_default().push(mid);
         last_mid.insert(k.clone(), mid);
     }
-    for (k, u) in keys.iter().zip(&untils) {
-        u.store(last_mid[k], Ordering::SeqCst);
-    }
-    control.stop();
     let mut received = 0usize;
     let mut dupes = 0usize;
     let mut connections = 0usize;
-    for (k, f) in keys.iter().zip(followers) {
-        let seen = tokio::time::timeout(Duration::from_secs(20), f)
-            .await
-            .unwrap_or_else(|_| panic!("{k}: follower did not catch up\n{}", c.logs()))
-            .unwrap();
-        let want = &acked[k];
+    for (k, seen) in followers.finish(&last_mid, &c).await {
+        let want = &acked[&k];
         assert!(seen.gaps.is_empty(), "{k}: gaps {:?}", seen.gaps);
         assert_eq!(&seen.mids, want, "{k}: received differs from acknowledged");
         received += seen.mids.len();

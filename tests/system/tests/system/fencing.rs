@@ -8,14 +8,8 @@ use pushcluster_proto::auth::RpcToken;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_proto::v1::message_client::MessageClient;
-use pushcluster_systest::{metric, Cluster, Options, RedisServer};
+use pushcluster_systest::{grpc_channel, metric, Cluster, Options, RedisServer};
 use std::time::{Duration, Instant};
-
-fn channel(port: u16) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .expect("url")
-        .connect_lazy()
-}
 
 /// Through the message service (comets store there on the embedded store):
 /// pausing it holds the holder's appends in flight, with their token.
@@ -150,7 +144,7 @@ async fn a_paused_holder_that_wakes_after_losing_its_lease_cannot_write() {
 
     // The fence itself, without any race: an append with the first holder's
     // token (1) after its successor's (2) wrote is refused.
-    let mut message = MessageClient::new(token.on(channel(c.message_rpc_port)));
+    let mut message = MessageClient::new(token.on(grpc_channel(c.message_rpc_port)));
     let e = message
         .append(pb::AppendRequest {
             key: key.into(),
@@ -229,7 +223,7 @@ async fn a_holder_storing_in_redis_is_refused_once_a_newer_holder_wrote() {
         .expect("SET");
 
     let token = RpcToken::new(c.opts.rpc_token.as_deref()).expect("token");
-    let mut comet = CometClient::new(token.on(channel(c.comet_addrs[0].rpc_port)));
+    let mut comet = CometClient::new(token.on(grpc_channel(c.comet_addrs[0].rpc_port)));
     let e = comet
         .push(pb::PushRequest {
             key: key.into(),

@@ -3,23 +3,18 @@
 //! service) it arrives in mid order on every transport, and losing the
 //! subscribing connection loses no acknowledged message.
 
-use pushcluster_client::follow::{Control, Follow};
 use pushcluster_client::http::Proto;
 use pushcluster_proto::auth::RpcToken;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_proto::v1::message_client::MessageClient;
-use pushcluster_systest::{collect, subscribe, Cluster, Options, RedisServer, Transport};
+use pushcluster_systest::{
+    collect, grpc_channel, subscribe, Cluster, Followers, Options, RedisServer, Transport,
+};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-fn channel(port: u16) -> tonic::transport::Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-        .expect("url")
-        .connect_lazy()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_way_of_storing_delivers_in_mid_order() {
@@ -60,7 +55,7 @@ async fn every_way_of_storing_delivers_in_mid_order() {
             }
         }));
     }
-    let comet = CometClient::new(token.on(channel(c.comet_addrs[holder].rpc_port)));
+    let comet = CometClient::new(token.on(grpc_channel(c.comet_addrs[holder].rpc_port)));
     tasks.push(tokio::spawn(async move {
         for i in 0..20 {
             comet
@@ -75,7 +70,7 @@ async fn every_way_of_storing_delivers_in_mid_order() {
                 .expect("push through the comet");
         }
     }));
-    let message = MessageClient::new(token.on(channel(c.message_rpc_port)));
+    let message = MessageClient::new(token.on(grpc_channel(c.message_rpc_port)));
     tasks.push(tokio::spawn(async move {
         for i in 0..20 {
             message
@@ -127,28 +122,7 @@ async fn losing_the_live_channels_loses_no_acknowledged_message() {
     });
     let api = c.client();
     let keys: Vec<String> = (0..6).map(|i| format!("live-{i}")).collect();
-    let untils: Vec<Arc<AtomicI64>> = keys
-        .iter()
-        .map(|_| Arc::new(AtomicI64::new(i64::MAX)))
-        .collect();
-    let control = Control::default();
-    let followers: Vec<_> = keys
-        .iter()
-        .zip(&untils)
-        .map(|(k, u)| {
-            tokio::spawn(
-                Follow {
-                    api: api.clone(),
-                    key: k.clone(),
-                    proto: Proto::WebSocket,
-                    token: None,
-                    until: u.clone(),
-                    control: control.clone(),
-                }
-                .run(),
-            )
-        })
-        .collect();
+    let followers = Followers::start(&api, &keys, Proto::WebSocket);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -190,21 +164,17 @@ async fn losing_the_live_channels_loses_no_acknowledged_message() {
     let mut acked = pusher.await.expect("pusher");
     // A last message per key: a client learns of anything stored while it
     // was away at the latest when the next message shows it a gap.
-    for (k, u) in keys.iter().zip(&untils) {
+    let mut last = BTreeMap::new();
+    for k in &keys {
         let mid = api.push(k, r#"{"last":true}"#, Some(600)).await.unwrap();
         acked.entry(k.clone()).or_default().push(mid);
-        u.store(mid, Ordering::SeqCst);
+        last.insert(k.clone(), mid);
     }
-    control.stop();
     let mut reconnects = 0;
-    for (k, f) in keys.iter().zip(followers) {
-        let seen = tokio::time::timeout(Duration::from_secs(20), f)
-            .await
-            .unwrap_or_else(|_| panic!("{k}: follower did not catch up\n{}", c.logs()))
-            .unwrap();
+    for (k, seen) in followers.finish(&last, &c).await {
         assert!(seen.gaps.is_empty(), "{k}: gaps {:?}", seen.gaps);
         assert_eq!(
-            &seen.mids, &acked[k],
+            &seen.mids, &acked[&k],
             "{k}: received differs from acknowledged"
         );
         reconnects += seen.connections;
