@@ -104,8 +104,9 @@ s3 = pick("latency")
 if s3:
     print("## S3 private push latency (target p99 ≤ 2 ms, 0 lost)\n")
     print("One subscriber per key, pushes at a fixed rate, latency from the scheduled send time (publisher")
-    print("lag counts), repeated with the servers alternating. pushcluster: through web, Redis store, 2")
-    print("comets, every push stored before it is acknowledged and delivered; the peers store nothing")
+    print("lag counts), repeated with the servers alternating. pushcluster: web stores each push in Redis,")
+    print("2 comets get it on the key's live channel; every push stored before it is acknowledged and")
+    print("delivered; the peers store nothing")
     print("(nchan keeps it in shared memory). CPU per push is over every server process (pushcluster's")
     print("includes redis-server), then by process name.\n")
     print(table(["server", "run", "keys", "rate", "acked", "failed", "lost", "p50 ms", "p90 ms", "p99 ms", "max ms",
