@@ -150,22 +150,40 @@ impl AppState {
         // pod restarting takes seconds) keep trying, so the push is answered
         // late rather than failed. Only with a push id: storage dedupes by
         // it, so a retry after a lost answer cannot store twice.
+        self.retrying(
+            || {
+                let mut message = self.message.clone();
+                let req = req.clone();
+                async move { message.append(req).await.map(|r| r.into_inner().mid) }
+            },
+            |s: &tonic::Status| !push_id.is_empty() && unreached(s),
+        )
+        .await
+        .map_err(status_reply)
+    }
+
+    /// Runs `attempt` until it succeeds or fails other than `transient`ly;
+    /// a transient failure is retried with backoff for [`STORE_RETRY_FOR`].
+    async fn retrying<T, E: std::fmt::Display, F, Fut>(
+        &self,
+        attempt: F,
+        transient: impl Fn(&E) -> bool,
+    ) -> Result<T, E>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
         let deadline = tokio::time::Instant::now() + STORE_RETRY_FOR;
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.message.clone().append(req.clone()).await {
-                Ok(r) => return Ok(r.into_inner().mid),
-                Err(s)
-                    if !push_id.is_empty()
-                        && unreached(&s)
-                        && tokio::time::Instant::now() + pause < deadline =>
-                {
-                    tracing::debug!(error = %s.message(), "message service unreachable: retrying");
+            match attempt().await {
+                Err(e) if transient(&e) && tokio::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(error = %e, "storage unreachable: retrying");
                     self.metrics.store_retries.inc();
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
-                Err(s) => return Err(status_reply(s)),
+                r => return r,
             }
         }
     }
@@ -187,32 +205,20 @@ impl AppState {
             .limits
             .expire(expire)
             .map_err(|e| Reply::param(e.to_string()))?;
-        let deadline = tokio::time::Instant::now() + STORE_RETRY_FOR;
-        let mut pause = Duration::from_millis(50);
-        loop {
-            let stored = redis
-                .append_idempotent(Channel::Private(key), push_id, payload.clone(), ttl)
-                .await;
-            match stored {
-                Ok(mid) => return Ok(mid),
-                Err(StoreError::Redis(e))
-                    if (e.is_io_error()
-                        || e.is_connection_refusal()
-                        || e.is_connection_dropped()
-                        || e.is_timeout())
-                        && tokio::time::Instant::now() + pause < deadline =>
-                {
-                    tracing::debug!(error = %e, "redis unreachable: retrying");
-                    self.metrics.store_retries.inc();
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "storing in redis failed");
-                    return Err(Reply::err(INTERNAL, format!("storage: {e}")));
-                }
-            }
-        }
+        self.retrying(
+            || redis.append_idempotent(Channel::Private(key), push_id, payload.clone(), ttl),
+            |e: &StoreError| {
+                matches!(e, StoreError::Redis(e) if e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_timeout())
+            },
+        )
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "storing in redis failed");
+            Reply::err(INTERNAL, format!("storage: {e}"))
+        })
     }
 
     /// Pushes one private message; returns its mid once stored.
@@ -434,28 +440,12 @@ async fn push_multi(State(s): State<Arc<AppState>>, Query(q): Params, body: Body
 
 impl AppState {
     /// Pushes to many keys, one call per comet (with Redis: one store per
-    /// key, pipelined); returns the keys that failed.
+    /// key, pipelined on web's connection); returns the keys that failed.
     async fn multi_push(&self, keys: Vec<String>, payload: Bytes, expire: u64) -> Vec<String> {
         let push_id = new_push_id();
         let push_id = push_id.as_str();
-        if let Some(redis) = &self.redis {
-            let stores = keys.into_iter().map(|k| {
-                let payload = payload.clone();
-                async move {
-                    match self
-                        .store_in_redis(redis, &k, payload, expire, push_id)
-                        .await
-                    {
-                        Ok(_) => None,
-                        Err(_) => Some(k),
-                    }
-                }
-            });
-            return futures::future::join_all(stores)
-                .await
-                .into_iter()
-                .flatten()
-                .collect();
+        if self.redis.is_some() {
+            return self.store_each(keys, payload, expire, push_id).await;
         }
         let view = self.membership.view();
         let mut by_comet: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -512,6 +502,9 @@ impl AppState {
         out
     }
 
+    /// Stores `payload` for each of `keys` without a comet (in Redis when
+    /// web has it, else through the message service); returns the keys that
+    /// failed.
     async fn store_each(
         &self,
         keys: Vec<String>,
@@ -519,16 +512,23 @@ impl AppState {
         expire: u64,
         push_id: &str,
     ) -> Vec<String> {
-        if !keys.is_empty() {
+        if self.redis.is_none() && !keys.is_empty() {
             self.metrics.stored_without_comet.inc_by(keys.len() as u64);
         }
         let stores = keys.into_iter().map(|k| {
             let payload = payload.clone();
             async move {
-                match self
-                    .store_direct(&k, GID_PRIVATE, payload, expire, push_id)
-                    .await
-                {
+                let stored = match &self.redis {
+                    Some(redis) => {
+                        self.store_in_redis(redis, &k, payload, expire, push_id)
+                            .await
+                    }
+                    None => {
+                        self.store_direct(&k, GID_PRIVATE, payload, expire, push_id)
+                            .await
+                    }
+                };
+                match stored {
                     Ok(_) => None,
                     Err(_) => Some(k),
                 }

@@ -189,3 +189,30 @@ async fn losing_the_live_channels_loses_no_acknowledged_message() {
         keys.len()
     );
 }
+
+/// Multi-push on Redis: web stores each key itself, and every key's
+/// subscriber gets the message from its live channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_push_on_redis_reaches_every_key() {
+    let redis = RedisServer::start();
+    let c = Cluster::start(Options {
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    });
+    let api = c.client();
+    let keys = ["m-0", "m-1", "m-2", "m-3"];
+    let mut subs = Vec::new();
+    for k in keys {
+        subs.push(subscribe(&c, k, Transport::Ws, true).await);
+    }
+    let failed = api
+        .mpush(&keys, r#"{"all":true}"#, None)
+        .await
+        .expect("mpush");
+    assert!(failed.is_empty(), "{failed:?}");
+    for (k, sub) in keys.iter().zip(&mut subs) {
+        let got = collect(sub, 1, Duration::from_secs(5)).await;
+        assert_eq!(got[0].mid, 1, "{k}");
+        assert_eq!(got[0].msg, serde_json::json!({"all": true}), "{k}");
+    }
+}
