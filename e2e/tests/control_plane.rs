@@ -7,7 +7,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use push_operator::builders::desired;
+use push_operator::children::{desired, Child};
 use push_operator::crd::PushCluster;
 use pushcluster_e2e::{
     cluster, example, has_ready_nodes, install_crd, wait, Operator, TestNamespace,
@@ -26,18 +26,18 @@ async fn child_versions(
     let mut out = BTreeMap::new();
     for c in desired(pc, &Default::default())? {
         // Comets renew their Leases every second: not the operator's writes.
-        if c.resource.kind == "Lease" {
+        if matches!(c, Child::Lease(_)) {
             continue;
         }
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &c.resource);
-        let o = api.get(&c.object.name_any()).await?;
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &c.resource());
+        let o = api.get(&c.name()).await?;
         // Workloads and PDBs get status updates once pods run (each bumps
         // the resourceVersion); their generation moves only with the spec.
         let version = match o.metadata.generation {
             Some(g) => format!("generation {g}"),
             None => o.resource_version().unwrap_or_default(),
         };
-        out.insert(format!("{}/{}", c.resource.kind, o.name_any()), version);
+        out.insert(c.describe(), version);
     }
     Ok(out)
 }
@@ -71,7 +71,7 @@ async fn operator_against_a_real_api_server() -> anyhow::Result<()> {
         .await?;
     let name = created.name_any();
 
-    // Every child the builders describe exists, owned by the PushCluster.
+    // Every child the operator describes exists, owned by the PushCluster.
     wait("every child object", LIMIT, || async {
         let pc = pcs.get(&name).await?;
         Ok(child_versions(&client, &pc).await.is_ok())
@@ -79,8 +79,8 @@ async fn operator_against_a_real_api_server() -> anyhow::Result<()> {
     .await?;
     let pc = pcs.get(&name).await?;
     for c in desired(&pc, &Default::default())? {
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &c.resource);
-        let o = api.get(&c.object.name_any()).await?;
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns.name, &c.resource());
+        let o = api.get(&c.name()).await?;
         let owner = o
             .owner_references()
             .first()
@@ -90,7 +90,7 @@ async fn operator_against_a_real_api_server() -> anyhow::Result<()> {
             (owner.kind.as_str(), owner.uid.as_str()),
             ("PushCluster", pc.uid().unwrap_or_default().as_str())
         );
-        println!("  {}/{}", c.resource.kind, o.name_any());
+        println!("  {}", c.describe());
     }
 
     // Storage cannot switch kind on a live cluster (a CEL transition rule).

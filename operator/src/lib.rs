@@ -1,17 +1,26 @@
 //! The pushcluster operator: reconciles `PushCluster` resources into running
-//! clusters (controller-rs shape: [`controller::reconcile`] is a function of
-//! the resource; the desired objects come from the pure [`builders`]).
+//! clusters (controller-rs shape). [`crd`] is the resource, [`children`] the
+//! desired objects as pure functions of it (one module per kind),
+//! [`controller`] the reconcile loop split by job, [`status`] the status as a
+//! pure function of what was observed, [`holders`] the shard-holder labels.
 
-pub mod builders;
+pub mod children;
 pub mod controller;
 pub mod crd;
 pub mod holders;
+#[doc(hidden)]
+pub mod legacy_builders;
+pub mod status;
 
 /// Errors of the operator.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
+    #[error("rendering a service config: {0}")]
+    Yaml(#[from] serde_yaml::Error),
+    #[error("encoding an object: {0}")]
+    Json(#[from] serde_json::Error),
     #[error("rendering config: {0}")]
     Render(String),
     #[error("the PushCluster has no namespace")]
@@ -23,7 +32,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
-            Error::Render(_) => "render",
+            Error::Yaml(_) | Error::Json(_) | Error::Render(_) => "render",
             Error::NoNamespace => "no_namespace",
         }
     }

@@ -5,8 +5,8 @@
 
 use http::{Method, Request, Response};
 use kube::client::Body;
-use kube::{Client, Resource, ResourceExt};
-use push_operator::builders::{desired, CredentialDigests};
+use kube::{Client, Resource};
+use push_operator::children::{desired, Child, CredentialDigests};
 use push_operator::controller::{error_policy, reconcile, Context, Metrics};
 use push_operator::crd::PushCluster;
 use serde_json::{json, Value};
@@ -227,18 +227,14 @@ fn cluster(shards: i32) -> PushCluster {
 
 const NS: &str = "team-a";
 
-fn path_of(c: &push_operator::builders::Child) -> String {
-    let r = &c.resource;
+fn path_of(c: &Child) -> String {
+    let r = &c.resource();
     let base = if r.group.is_empty() {
         format!("/api/{}", r.version)
     } else {
         format!("/apis/{}/{}", r.group, r.version)
     };
-    format!(
-        "{base}/namespaces/{NS}/{}/{}",
-        r.plural,
-        c.object.name_any()
-    )
+    format!("{base}/namespaces/{NS}/{}/{}", r.plural, c.name())
 }
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/team-a/leases";

@@ -1,10 +1,20 @@
 //! Desired objects of the example PushClusters: YAML snapshots of every
-//! object (`UPDATE_SNAPSHOTS=1 cargo test -p push-operator --test operator builders`
-//! rewrites them after an intended change) and the properties that matter.
+//! object (`UPDATE_SNAPSHOTS=1 cargo test -p push-operator --test operator children`
+//! rewrites them after an intended change) and the properties that matter,
+//! asserted on the typed objects.
 
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{EnvVar, PodSpec};
+use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
-use push_operator::builders::{self, desired, CredentialDigests, CONFIG_HASH};
+use push_operator::children::{
+    self, config, credentials, desired, network, rbac, services, workloads, Child,
+    CredentialDigests, CONFIG_HASH,
+};
 use push_operator::crd::PushCluster;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 fn example(name: &str) -> PushCluster {
@@ -17,14 +27,10 @@ fn example(name: &str) -> PushCluster {
 }
 
 fn snapshot(name: &str, pc: &PushCluster) {
-    let objects: Vec<_> = desired(pc, &Default::default())
+    let text = desired(pc, &Default::default())
         .unwrap()
-        .into_iter()
-        .map(|c| c.object)
-        .collect();
-    let text = objects
         .iter()
-        .map(|o| serde_yaml::to_string(o).unwrap())
+        .map(|c| serde_yaml::to_string(&c.to_json().unwrap()).unwrap())
         .collect::<Vec<_>>()
         .join("---\n");
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -53,7 +59,7 @@ fn the_minimal_example_produces_the_whole_cluster() {
     let list: Vec<String> = desired(&pc, &Default::default())
         .unwrap()
         .iter()
-        .map(|c| format!("{}/{}", c.resource.kind, c.object.name_any()))
+        .map(Child::describe)
         .collect();
     eprintln!("{}", list.join("\n"));
     assert_eq!(
@@ -87,27 +93,48 @@ fn the_minimal_example_produces_the_whole_cluster() {
         ]
     );
     for c in desired(&pc, &Default::default()).unwrap() {
-        let o = &c.object;
-        let owner = &o.metadata.owner_references.as_ref().unwrap()[0];
+        let m = c.meta();
+        let owner = &m.owner_references.as_ref().unwrap()[0];
         assert_eq!(
             (owner.kind.as_str(), owner.name.as_str(), owner.controller),
             ("PushCluster", "push", Some(true))
         );
-        assert_eq!(o.labels()["pushcluster.io/cluster"], "push");
-        assert_eq!(o.metadata.namespace.as_deref(), Some("team-a"));
+        assert_eq!(m.labels.as_ref().unwrap()["pushcluster.io/cluster"], "push");
+        assert_eq!(m.namespace.as_deref(), Some("team-a"));
     }
+}
+
+/// The pod spec of a Deployment.
+fn pod(d: Deployment) -> PodSpec {
+    d.spec.unwrap().template.spec.unwrap()
+}
+
+/// The first container's environment by name.
+fn env_of(spec: PodSpec) -> BTreeMap<String, EnvVar> {
+    spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .map(|e| (e.name.clone(), e.clone()))
+        .collect()
+}
+
+/// `(Secret, key)` a variable is read from, if it is read from one.
+fn secret_of(e: &EnvVar) -> Option<(&str, &str)> {
+    let r = e.value_from.as_ref()?.secret_key_ref.as_ref()?;
+    Some((r.name.as_str(), r.key.as_str()))
 }
 
 #[test]
 fn comets_and_shard_services_follow_the_shard_count() {
     let pc = example("pushcluster-full.yaml");
-    let d = builders::comet_deployment(&pc, "h").unwrap();
+    let d = workloads::comet_deployment(&pc, "h");
     assert_eq!(
         d.spec.as_ref().unwrap().replicas,
         Some(10),
         "8 shards + 2 standbys"
     );
-    let svcs = builders::shard_services(&pc).unwrap();
+    let svcs = services::shard_services(&pc);
     assert_eq!(svcs.len(), 8);
     for (k, s) in svcs.iter().enumerate() {
         assert_eq!(s.name_any(), format!("push-prod-comet-{k}"));
@@ -122,7 +149,7 @@ fn comets_and_shard_services_follow_the_shard_count() {
 #[test]
 fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
     let pc = example("pushcluster-full.yaml");
-    let cfg = builders::configs(&pc).unwrap();
+    let cfg = config::configs(&pc).unwrap();
     let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
     assert_eq!(comet.shards, 8);
     assert_eq!(
@@ -146,23 +173,24 @@ fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
 
     // Each component's pods carry the hash of their own config only.
     let hashes = |pc: &PushCluster| {
-        let d = desired(pc, &Default::default()).unwrap();
-        ["comet", "message", "web"].map(|c| {
-            let name = format!("push-prod-{c}");
-            let w = d
-                .iter()
-                .find(|x| {
-                    x.object.name_any() == name
-                        && x.resource.kind != "Service"
-                        && x.resource.kind != "ServiceAccount"
-                        && x.resource.kind != "Role"
-                        && x.resource.kind != "RoleBinding"
-                        && x.resource.kind != "PodDisruptionBudget"
-                        && x.resource.kind != "NetworkPolicy"
-                })
-                .unwrap();
-            w.object.data["spec"]["template"]["metadata"]["annotations"][CONFIG_HASH].clone()
-        })
+        // Pod templates in workload order: message, comet, web.
+        let templates: Vec<_> = desired(pc, &Default::default())
+            .unwrap()
+            .into_iter()
+            .filter_map(|c| match c {
+                Child::Deployment(d) => d.spec.map(|s| s.template),
+                Child::StatefulSet(s) => s.spec.map(|s| s.template),
+                _ => None,
+            })
+            .collect();
+        let hash = |t: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+            t.metadata.as_ref().unwrap().annotations.as_ref().unwrap()[CONFIG_HASH].clone()
+        };
+        [
+            hash(&templates[1]),
+            hash(&templates[0]),
+            hash(&templates[2]),
+        ]
     };
     let before = hashes(&pc);
     let mut more = pc.clone();
@@ -184,7 +212,7 @@ fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
         before,
         "the shard count is not in any hash"
     );
-    let cfg = builders::configs(&reshard).unwrap();
+    let cfg = config::configs(&reshard).unwrap();
     assert!(
         cfg["comet.yaml"].contains("shards: 3"),
         "but it is in the ConfigMap"
@@ -196,7 +224,7 @@ fn the_embedded_store_lives_on_a_claim_of_a_one_pod_statefulset() {
     let mut pc = example("pushcluster-minimal.yaml");
     pc.spec.storage.embedded.size = "5Gi".into();
     pc.spec.storage.embedded.storage_class_name = Some("fast".into());
-    let sts = builders::message_statefulset(&pc, "h").unwrap();
+    let sts = workloads::message_statefulset(&pc, "h");
     let spec = sts.spec.unwrap();
     assert_eq!(spec.replicas, Some(1), "never two writers on one store");
     assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
@@ -230,17 +258,17 @@ fn the_embedded_store_lives_on_a_claim_of_a_one_pod_statefulset() {
     );
     // On Redis the message service stays a Deployment.
     let full = example("pushcluster-full.yaml");
-    assert!(!builders::embedded(&full));
+    assert!(!children::embedded(&full));
     assert!(desired(&full, &Default::default())
         .unwrap()
         .iter()
-        .any(|c| c.resource.kind == "Deployment" && c.object.name_any() == "push-prod-message"));
+        .any(|c| c.describe() == "Deployment/push-prod-message"));
 }
 
 #[test]
 fn rbac_is_least_privilege() {
     let pc = example("pushcluster-minimal.yaml");
-    for r in builders::roles(&pc).unwrap() {
+    for r in rbac::roles(&pc) {
         for rule in r.rules.unwrap() {
             assert!(
                 !rule.verbs.iter().any(|v| v == "*" || v == "delete"),
@@ -251,8 +279,7 @@ fn rbac_is_least_privilege() {
     }
     // Comets (internet-facing) write only their own cluster's shard Leases,
     // by name, create nothing and touch no pod.
-    let comet = builders::roles(&pc)
-        .unwrap()
+    let comet = rbac::roles(&pc)
         .into_iter()
         .find(|r| r.name_any() == "push-comet")
         .unwrap();
@@ -273,7 +300,7 @@ fn rbac_is_least_privilege() {
         }
     }
     // The operator makes those Leases, so comets never need to.
-    let leases = builders::shard_leases(&pc).unwrap();
+    let leases = services::shard_leases(&pc);
     assert_eq!(
         leases.iter().map(|l| l.name_any()).collect::<Vec<_>>(),
         ["push-comet-0", "push-comet-1"]
@@ -283,13 +310,13 @@ fn rbac_is_least_privilege() {
         .all(|l| l.spec.is_none() && l.owner_references()[0].kind == "PushCluster"));
     assert_eq!(leases[1].labels()["pushcluster.io/shard"], "1");
     // The headless Service that maps comet pods to addresses.
-    let s = builders::comets_service(&pc).unwrap();
+    let s = services::comets_service(&pc);
     assert_eq!(s.name_any(), "push-comets");
     assert_eq!(s.spec.unwrap().cluster_ip.as_deref(), Some("None"));
-    let sas = builders::service_accounts(&pc).unwrap();
+    let sas = rbac::service_accounts(&pc);
     let message = sas.iter().find(|s| s.name_any() == "push-message").unwrap();
     assert_eq!(message.automount_service_account_token, Some(false));
-    let d = builders::message_statefulset(&pc, "h").unwrap();
+    let d = workloads::message_statefulset(&pc, "h");
     assert_eq!(
         d.spec
             .unwrap()
@@ -304,30 +331,32 @@ fn rbac_is_least_privilege() {
 #[test]
 fn secrets_and_scheduling_reach_the_pods() {
     let pc = example("pushcluster-full.yaml");
-    let env = |d: k8s_openapi::api::apps::v1::Deployment| {
-        serde_json::to_string(&d.spec.unwrap().template.spec.unwrap().containers[0].env).unwrap()
-    };
-    assert!(env(builders::web_deployment(&pc, "h").unwrap()).contains(r#""name":"PUSH_ADMIN_TOKEN","valueFrom":{"secretKeyRef":{"key":"admin-token","name":"push-auth"}}"#));
-    assert!(env(builders::comet_deployment(&pc, "h").unwrap()).contains("PUSH_SUBSCRIBER_SECRET"));
+    let web = env_of(pod(workloads::web_deployment(&pc, "h")));
+    assert_eq!(
+        secret_of(&web["PUSH_ADMIN_TOKEN"]),
+        Some(("push-auth", "admin-token"))
+    );
+    let comet = env_of(pod(workloads::comet_deployment(&pc, "h")));
+    assert_eq!(
+        secret_of(&comet["PUSH_SUBSCRIBER_SECRET"]),
+        Some(("push-auth", "subscriber-secret"))
+    );
     // Web stores private pushes in Redis itself, comets store and subscribe.
     for d in [
-        builders::message_deployment(&pc, "h").unwrap(),
-        builders::web_deployment(&pc, "h").unwrap(),
-        builders::comet_deployment(&pc, "h").unwrap(),
+        workloads::message_deployment(&pc, "h"),
+        workloads::web_deployment(&pc, "h"),
+        workloads::comet_deployment(&pc, "h"),
     ] {
-        assert!(env(d).contains(r#""name":"PUSH_REDIS_URL""#));
+        assert_eq!(
+            secret_of(&env_of(pod(d))["PUSH_REDIS_URL"]),
+            Some(("push-redis", "url"))
+        );
     }
-    let spec = builders::comet_deployment(&pc, "h")
-        .unwrap()
-        .spec
-        .unwrap()
-        .template
-        .spec
-        .unwrap();
+    let spec = pod(workloads::comet_deployment(&pc, "h"));
     assert_eq!(spec.node_selector.unwrap()["kubernetes.io/os"], "linux");
     assert_eq!(spec.tolerations.unwrap().len(), 1);
     assert_eq!(spec.topology_spread_constraints.unwrap().len(), 1);
-    let svc = builders::component_services(&pc).unwrap();
+    let svc = services::component_services(&pc);
     assert_eq!(
         svc[1].spec.as_ref().unwrap().type_.as_deref(),
         Some("LoadBalancer")
@@ -342,19 +371,24 @@ fn secrets_and_scheduling_reach_the_pods() {
 #[test]
 fn worker_threads_reach_comets_and_web_only_when_set() {
     let mut pc = example("pushcluster-minimal.yaml");
-    let comet = |pc: &PushCluster| env_of(builders::comet_deployment(pc, "h").unwrap());
-    let web = |pc: &PushCluster| env_of(builders::web_deployment(pc, "h").unwrap());
-    // Unset: the binaries' default (one thread) applies.
-    assert!(!comet(&pc).contains("PUSH_WORKER_THREADS"));
-    assert!(!web(&pc).contains("PUSH_WORKER_THREADS"));
+    let threads = |d: Deployment| {
+        env_of(pod(d))
+            .get("PUSH_WORKER_THREADS")
+            .and_then(|e| e.value.clone())
+    };
+    // Unset: the binaries' defaults apply (comet one thread, web one per CPU).
+    assert_eq!(threads(workloads::comet_deployment(&pc, "h")), None);
+    assert_eq!(threads(workloads::web_deployment(&pc, "h")), None);
     pc.spec.comet.worker_threads = Some(0);
     pc.spec.web.worker_threads = Some(4);
-    assert!(comet(&pc).contains(r#"{"name":"PUSH_WORKER_THREADS","value":"0"}"#));
-    assert!(web(&pc).contains(r#"{"name":"PUSH_WORKER_THREADS","value":"4"}"#));
-}
-
-fn env_of(d: k8s_openapi::api::apps::v1::Deployment) -> String {
-    serde_json::to_string(&d.spec.unwrap().template.spec.unwrap().containers[0].env).unwrap()
+    assert_eq!(
+        threads(workloads::comet_deployment(&pc, "h")).as_deref(),
+        Some("0")
+    );
+    assert_eq!(
+        threads(workloads::web_deployment(&pc, "h")).as_deref(),
+        Some("4")
+    );
 }
 
 fn secret_with(keys: &[(&str, &str)]) -> k8s_openapi::api::core::v1::Secret {
@@ -379,9 +413,7 @@ fn credentials_are_generated_once_and_only_missing_keys_are_added() {
         format!("value-{n}")
     };
     // None yet: every key, owned by the PushCluster.
-    let s = builders::credentials_secret(&pc, None, &mut fresh)
-        .unwrap()
-        .unwrap();
+    let s = credentials::credentials_secret(&pc, None, &mut fresh).unwrap();
     assert_eq!(s.metadata.name.as_deref(), Some("push-credentials"));
     assert_eq!(
         s.metadata.owner_references.as_ref().unwrap()[0].kind,
@@ -398,14 +430,10 @@ fn credentials_are_generated_once_and_only_missing_keys_are_added() {
         ("rpc-token", "r"),
         ("subscriber-secret", "s"),
     ]);
-    assert!(builders::credentials_secret(&pc, Some(&full), &mut fresh)
-        .unwrap()
-        .is_none());
+    assert!(credentials::credentials_secret(&pc, Some(&full), &mut fresh).is_none());
     // A deleted key (rotation) is generated again; the others are not touched.
     let rotated = secret_with(&[("admin-token", "a"), ("subscriber-secret", "s")]);
-    let w = builders::credentials_secret(&pc, Some(&rotated), &mut fresh)
-        .unwrap()
-        .unwrap();
+    let w = credentials::credentials_secret(&pc, Some(&rotated), &mut fresh).unwrap();
     assert_eq!(
         w.string_data.unwrap().keys().collect::<Vec<_>>(),
         ["rpc-token"]
@@ -413,17 +441,15 @@ fn credentials_are_generated_once_and_only_missing_keys_are_added() {
     // Insecure: no Secret at all, no credential in any pod.
     let mut insecure = pc.clone();
     insecure.spec.auth.insecure = true;
-    assert!(builders::credentials_secret(&insecure, None, &mut fresh)
-        .unwrap()
-        .is_none());
+    assert!(credentials::credentials_secret(&insecure, None, &mut fresh).is_none());
     for d in [
-        builders::web_deployment(&insecure, "h").unwrap(),
-        builders::comet_deployment(&insecure, "h").unwrap(),
+        workloads::web_deployment(&insecure, "h"),
+        workloads::comet_deployment(&insecure, "h"),
     ] {
-        assert!(!env_of(d).contains("secretKeyRef"));
+        assert!(env_of(pod(d)).values().all(|e| secret_of(e).is_none()));
     }
     // Tokens are 256 random bits.
-    let (a, b) = (builders::random_token(), builders::random_token());
+    let (a, b) = (credentials::random_token(), credentials::random_token());
     assert_eq!(a.len(), 64);
     assert_ne!(a, b);
 }
@@ -431,47 +457,43 @@ fn credentials_are_generated_once_and_only_missing_keys_are_added() {
 #[test]
 fn every_component_reads_its_credentials_from_the_generated_secret() {
     let pc = example("pushcluster-minimal.yaml");
-    let from = |key: &str| {
-        format!(r#""valueFrom":{{"secretKeyRef":{{"key":"{key}","name":"push-credentials"}}}}"#)
-    };
-    let web = env_of(builders::web_deployment(&pc, "h").unwrap());
+    let generated = |key| Some(("push-credentials", key));
+    let web = env_of(pod(workloads::web_deployment(&pc, "h")));
     for (var, key) in [
         ("PUSH_ADMIN_TOKEN", "admin-token"),
         ("PUSH_SUBSCRIBER_SECRET", "subscriber-secret"),
         ("PUSH_RPC_TOKEN", "rpc-token"),
     ] {
-        assert!(
-            web.contains(&format!(r#""name":"{var}",{}"#, from(key))),
-            "web {var}: {web}"
-        );
+        assert_eq!(secret_of(&web[var]), generated(key), "web {var}");
     }
-    let comet = env_of(builders::comet_deployment(&pc, "h").unwrap());
-    assert!(comet.contains(&from("subscriber-secret")) && comet.contains(&from("rpc-token")));
-    assert!(
-        !comet.contains("admin-token"),
+    let comet = env_of(pod(workloads::comet_deployment(&pc, "h")));
+    let keys = |env: &BTreeMap<String, EnvVar>| -> Vec<String> {
+        env.values()
+            .filter_map(secret_of)
+            .map(|(_, k)| k.to_owned())
+            .collect()
+    };
+    assert_eq!(
+        keys(&comet),
+        ["rpc-token", "subscriber-secret"],
         "comets never see the admin token"
     );
-    let message = serde_json::to_string(
-        &builders::message_statefulset(&pc, "h")
-            .unwrap()
+    let message = env_of(
+        workloads::message_statefulset(&pc, "h")
             .spec
             .unwrap()
             .template
             .spec
-            .unwrap()
-            .containers[0]
-            .env,
-    )
-    .unwrap();
-    assert!(message.contains(&from("rpc-token")));
-    assert!(!message.contains("admin-token") && !message.contains("subscriber-secret"));
+            .unwrap(),
+    );
+    assert_eq!(keys(&message), ["rpc-token"]);
     // No credential is ever rendered into the ConfigMap.
-    let cm = serde_json::to_string(&builders::config_map(&pc).unwrap()).unwrap();
+    let cm = serde_json::to_string(&config::config_map(&pc).unwrap()).unwrap();
     for word in ["admin_token", "subscriber_secret", "rpc_token"] {
         assert!(!cm.contains(word), "{word} in the ConfigMap");
     }
     // The status names where to reach the cluster and its Secret.
-    let e = builders::endpoints(&pc);
+    let e = config::endpoints(&pc);
     assert_eq!(e.admin, "push-web-admin.team-a.svc:8091");
     assert_eq!(e.credentials_secret.as_deref(), Some("push-credentials"));
 }
@@ -484,13 +506,13 @@ fn rotating_a_credential_rolls_exactly_the_pods_that_read_it() {
         ("rpc-token", "r"),
         ("subscriber-secret", "s"),
     ];
-    let before = builders::config_hashes(&pc, &CredentialDigests::of(&secret_with(&keys))).unwrap();
+    let before = children::config_hashes(&pc, &CredentialDigests::of(&secret_with(&keys))).unwrap();
     let rotate = |key: &str| {
         let changed: Vec<(&str, &str)> = keys
             .iter()
             .map(|(k, v)| (*k, if *k == key { "new" } else { *v }))
             .collect();
-        builders::config_hashes(&pc, &CredentialDigests::of(&secret_with(&changed))).unwrap()
+        children::config_hashes(&pc, &CredentialDigests::of(&secret_with(&changed))).unwrap()
     };
     let admin = rotate("admin-token");
     assert_eq!(
@@ -522,9 +544,7 @@ fn rotating_a_credential_rolls_exactly_the_pods_that_read_it() {
 }
 
 /// The ingress rules of one policy as (ports, from) pairs; `None` = anyone.
-fn ingress_of(
-    p: &k8s_openapi::api::networking::v1::NetworkPolicy,
-) -> Vec<(Vec<i32>, Option<serde_json::Value>)> {
+fn ingress_of(p: &NetworkPolicy) -> Vec<(Vec<i32>, Option<Vec<NetworkPolicyPeer>>)> {
     let spec = p.spec.as_ref().unwrap();
     assert_eq!(
         spec.policy_types.as_deref(),
@@ -539,37 +559,65 @@ fn ingress_of(
                 .iter()
                 .flatten()
                 .map(|p| match p.port {
-                    Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n)) => n,
+                    Some(IntOrString::Int(n)) => n,
                     ref other => panic!("named port {other:?}"),
                 })
                 .collect();
-            (
-                ports,
-                r.from.as_ref().map(|f| serde_json::to_value(f).unwrap()),
-            )
+            (ports, r.from.clone())
         })
         .collect()
+}
+
+fn peer(pod_labels: Option<&[(&str, &str)]>, namespace: Option<&str>) -> NetworkPolicyPeer {
+    let sel = |l: &[(&str, &str)]| LabelSelector {
+        match_labels: Some(
+            l.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
+        ..LabelSelector::default()
+    };
+    NetworkPolicyPeer {
+        pod_selector: pod_labels.map(sel),
+        namespace_selector: namespace.map(|n| sel(&[("kubernetes.io/metadata.name", n)])),
+        ..NetworkPolicyPeer::default()
+    }
 }
 
 #[test]
 fn network_policies_open_each_port_only_to_whom_it_serves() {
     let pc = example("pushcluster-minimal.yaml");
-    let policies = builders::network_policies(&pc).unwrap();
-    let by_name: std::collections::BTreeMap<String, _> =
-        policies.iter().map(|p| (p.name_any(), p)).collect();
+    let policies = network::network_policies(&pc);
+    let by_name: BTreeMap<String, _> = policies.iter().map(|p| (p.name_any(), p)).collect();
     assert_eq!(
         by_name.keys().collect::<Vec<_>>(),
         ["push-comet", "push-message", "push-web"]
     );
     let pods = |components: &[&str]| {
-        Some(serde_json::Value::Array(
+        Some(
             components
                 .iter()
-                .map(|c| serde_json::json!({"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "push", "app.kubernetes.io/component": c}}}))
-                .collect(),
-        ))
+                .map(|c| {
+                    peer(
+                        Some(&[
+                            ("app.kubernetes.io/instance", "push"),
+                            ("app.kubernetes.io/component", c),
+                        ]),
+                        None,
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )
     };
-    let own_namespace = Some(serde_json::json!([{"podSelector": {}}]));
+    let own_namespace = Some(vec![NetworkPolicyPeer {
+        pod_selector: Some(LabelSelector::default()),
+        ..NetworkPolicyPeer::default()
+    }]);
+    // `podSelector: {}` alone: every pod of the policy's namespace.
+    assert_eq!(
+        serde_json::to_value(&own_namespace).unwrap(),
+        serde_json::json!([{"podSelector": {}}])
+    );
     // Comets: clients from anywhere; gRPC only from this cluster's web.
     assert_eq!(
         ingress_of(by_name["push-comet"]),
@@ -597,16 +645,9 @@ fn network_policies_open_each_port_only_to_whom_it_serves() {
         ]
     );
     for p in &policies {
+        let sel = p.spec.as_ref().unwrap().pod_selector.as_ref().unwrap();
         assert_eq!(
-            p.spec
-                .as_ref()
-                .unwrap()
-                .pod_selector
-                .as_ref()
-                .unwrap()
-                .match_labels
-                .as_ref()
-                .unwrap()["app.kubernetes.io/instance"],
+            sel.match_labels.as_ref().unwrap()["app.kubernetes.io/instance"],
             "push"
         );
     }
@@ -619,31 +660,23 @@ fn network_policies_open_each_port_only_to_whom_it_serves() {
         "monitoringFrom": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
     }))
     .unwrap();
-    let web = builders::network_policies(&custom)
-        .unwrap()
+    let web = network::network_policies(&custom)
         .into_iter()
         .find(|p| p.name_any() == "push-web")
         .unwrap();
     let rules = ingress_of(&web);
-    assert_eq!(
-        rules[0].1,
-        Some(serde_json::json!([{"ipBlock": {"cidr": "10.0.0.0/8"}}]))
-    );
-    assert!(rules[1].1.as_ref().unwrap().to_string().contains("backend"));
-    assert!(rules[2]
-        .1
-        .as_ref()
-        .unwrap()
-        .to_string()
-        .contains("monitoring"));
+    let block = rules[0].1.as_ref().unwrap()[0].ip_block.as_ref().unwrap();
+    assert_eq!(block.cidr, "10.0.0.0/8");
+    assert_eq!(rules[1].1, Some(vec![peer(None, Some("backend"))]));
+    assert_eq!(rules[2].1, Some(vec![peer(None, Some("monitoring"))]));
     // Turned off: none.
     custom.spec.network_policy.enabled = false;
-    assert!(builders::network_policies(&custom).unwrap().is_empty());
+    assert!(network::network_policies(&custom).is_empty());
     // They are part of what the operator applies.
-    let kinds: Vec<String> = desired(&pc, &Default::default())
+    let policies = desired(&pc, &Default::default())
         .unwrap()
-        .iter()
-        .map(|c| c.resource.kind.clone())
-        .collect();
-    assert_eq!(kinds.iter().filter(|k| *k == "NetworkPolicy").count(), 3);
+        .into_iter()
+        .filter(|c| matches!(c, Child::NetworkPolicy(_)))
+        .count();
+    assert_eq!(policies, 3);
 }

@@ -1,0 +1,183 @@
+//! The ConfigMap of service configs, rendered from the services' own
+//! `Config` types, and the per-component config hashes that roll pods.
+//!
+//! Each component's pod template carries the hash of its own config only, so
+//! a change rolls only the pods it concerns (and a reshard rolls none).
+
+use super::credentials::{CredentialDigests, CREDENTIAL_KEYS, RPC_TOKEN, SUBSCRIBER_SECRET};
+use super::{meta, name, MESSAGE_OPS, MESSAGE_PORT, WEB_ADMIN, WEB_OPS, WEB_PUBLIC};
+use crate::crd::{EndpointsStatus, PushCluster};
+use crate::Result;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::ResourceExt;
+use pushcluster_lease::{LeaseTiming, MembershipConfig, MembershipKind};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+/// Annotation with the hash of the service configs, on pod templates.
+pub const CONFIG_HASH: &str = "pushcluster.io/config-hash";
+/// Where the ConfigMap is mounted.
+pub(crate) const CONFIG_DIR: &str = "/etc/pushcluster";
+/// Web's lame-duck period after SIGTERM (well inside the 30 s grace period).
+const WEB_DRAIN_MS: u64 = 5000;
+
+/// A listen address on every interface of the pod.
+fn on_all_interfaces(port: i32) -> SocketAddr {
+    ([0, 0, 0, 0], port as u16).into()
+}
+
+fn timing(pc: &PushCluster) -> LeaseTiming {
+    let l = &pc.spec.lease;
+    LeaseTiming {
+        duration_ms: l.duration_seconds.max(1) as u64 * 1000,
+        renew_deadline_ms: l.renew_deadline_seconds.max(1) as u64 * 1000,
+        retry_period_ms: l.retry_period_seconds.max(1) as u64 * 1000,
+    }
+}
+
+fn membership(pc: &PushCluster) -> MembershipConfig {
+    MembershipConfig {
+        kind: MembershipKind::Kubernetes,
+        shards: pc.spec.comet.shards.max(1) as u32,
+        lease: timing(pc),
+        cluster: pc.name_any(),
+        cluster_uid: pc.uid(),
+        ..MembershipConfig::default()
+    }
+}
+
+/// The three services' configs.
+struct ServiceConfigs {
+    comet: push_comet::Config,
+    message: push_message::Config,
+    web: push_web::Config,
+}
+
+fn service_configs(pc: &PushCluster) -> ServiceConfigs {
+    let s = &pc.spec;
+    let message_url = format!("http://{}:{MESSAGE_PORT}", name(pc, "message"));
+    let redis_url = s.storage.redis.as_ref().and_then(|r| r.url.clone());
+    let comet = push_comet::Config {
+        shards: s.comet.shards.max(1) as u32,
+        membership: membership(pc),
+        ws_listen: on_all_interfaces(s.comet.ports.ws),
+        tcp_listen: on_all_interfaces(s.comet.ports.tcp),
+        rpc_listen: on_all_interfaces(s.comet.ports.rpc),
+        ops_listen: on_all_interfaces(s.comet.ports.ops),
+        message_url: message_url.clone(),
+        // With Redis, comets receive pushes on its live channels (and store
+        // only what a web of the previous release still sends them); the
+        // embedded store's one writer is the message pod, so without Redis
+        // they store through it.
+        store: push_comet::storage::DirectStore {
+            redis_url: redis_url.clone(),
+            ..Default::default()
+        },
+        max_subscribers_per_key: s.comet.max_subscribers_per_key.max(1) as usize,
+        queue_depth: s.comet.queue_depth.max(1) as usize,
+        ..push_comet::Config::default()
+    };
+    let mut message = push_message::Config {
+        listen: on_all_interfaces(MESSAGE_PORT),
+        ops_listen: on_all_interfaces(MESSAGE_OPS),
+        ..push_message::Config::default()
+    };
+    message.storage.path = "/data/messages.redb".into();
+    message.storage.redis_url = redis_url.clone();
+    let web = push_web::Config {
+        public_listen: on_all_interfaces(WEB_PUBLIC),
+        admin_listen: on_all_interfaces(WEB_ADMIN),
+        ops_listen: on_all_interfaces(WEB_OPS),
+        message_url,
+        comets: Vec::new(),
+        // Endpoints drop a terminating pod asynchronously: keep serving
+        // (unready) meanwhile, so a rollout refuses no request.
+        drain_delay_ms: WEB_DRAIN_MS,
+        // With Redis, web stores private pushes in it and the comets
+        // deliver them from its live channels (push_comet::live).
+        store: push_comet::storage::DirectStore {
+            redis_url,
+            ..Default::default()
+        },
+        private_jsonp: s.auth.private_jsonp,
+        membership: membership(pc),
+        advertise: push_web::ClientAddresses {
+            ws: s.comet.advertise.as_ref().and_then(|a| a.ws.clone()),
+            tcp: s.comet.advertise.as_ref().and_then(|a| a.tcp.clone()),
+        },
+        ..push_web::Config::default()
+    };
+    ServiceConfigs {
+        comet,
+        message,
+        web,
+    }
+}
+
+/// The three service configs, keyed by file name.
+pub fn configs(pc: &PushCluster) -> Result<BTreeMap<String, String>> {
+    let c = service_configs(pc);
+    Ok(BTreeMap::from([
+        ("comet.yaml".to_owned(), serde_yaml::to_string(&c.comet)?),
+        (
+            "message.yaml".to_owned(),
+            serde_yaml::to_string(&c.message)?,
+        ),
+        ("web.yaml".to_owned(), serde_yaml::to_string(&c.web)?),
+    ]))
+}
+
+/// The ConfigMap holding the service configs.
+pub fn config_map(pc: &PushCluster) -> Result<ConfigMap> {
+    Ok(ConfigMap {
+        metadata: meta(pc, name(pc, "config"), None),
+        data: Some(configs(pc)?),
+        ..ConfigMap::default()
+    })
+}
+
+/// The config hash each component's pods carry: of its own configuration
+/// only, so a change restarts only the component it concerns. The shard
+/// count is left out: comets and web follow it live from the shard Services,
+/// so a reshard restarts nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigHashes {
+    pub comet: String,
+    pub message: String,
+    pub web: String,
+}
+
+/// The per-component config hashes of `pc`, with the digests of the
+/// credentials each component reads (so rotating one rolls its users).
+pub fn config_hashes(pc: &PushCluster, creds: &CredentialDigests) -> Result<ConfigHashes> {
+    let mut c = service_configs(pc);
+    c.comet.shards = 0;
+    c.comet.membership.shards = 0;
+    c.web.membership.shards = 0;
+    Ok(ConfigHashes {
+        comet: hash_of(&(
+            serde_yaml::to_string(&c.comet)?,
+            creds.pick(&[SUBSCRIBER_SECRET, RPC_TOKEN]),
+        )),
+        message: hash_of(&(serde_yaml::to_string(&c.message)?, creds.pick(&[RPC_TOKEN]))),
+        web: hash_of(&(serde_yaml::to_string(&c.web)?, creds.pick(&CREDENTIAL_KEYS))),
+    })
+}
+
+/// Hex SHA-256 (first 16 digits) of a value's JSON.
+pub fn hash_of<T: Serialize>(v: &T) -> String {
+    let bytes = serde_json::to_vec(v).unwrap_or_default();
+    hex::encode(Sha256::digest(bytes))[..16].to_owned()
+}
+
+/// Where the cluster is reached (in-cluster DNS names) and its credentials.
+pub fn endpoints(pc: &PushCluster) -> EndpointsStatus {
+    let ns = pc.namespace().unwrap_or_default();
+    EndpointsStatus {
+        public: format!("{}.{ns}.svc:{WEB_PUBLIC}", name(pc, "web")),
+        admin: format!("{}.{ns}.svc:{WEB_ADMIN}", name(pc, "web-admin")),
+        credentials_secret: super::secure(pc).then(|| super::credentials_name(pc)),
+    }
+}

@@ -1,0 +1,61 @@
+//! Deletes what owner references cannot: Leases and per-shard Services of
+//! shards beyond `spec.comet.shards`, and NetworkPolicies once turned off.
+//! Everything else is garbage collected through owner references when the
+//! PushCluster goes.
+
+use super::Context;
+use crate::children::cluster_query;
+use crate::crd::PushCluster;
+use crate::Result;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::api::{Api, DeleteParams, ListParams};
+use kube::{Resource, ResourceExt};
+use pushcluster_lease::kubernetes::SHARD_LABEL;
+use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+
+/// The shard an object is labelled with.
+pub fn shard_of(labels: &BTreeMap<String, String>) -> Option<i32> {
+    labels.get(SHARD_LABEL).and_then(|s| s.parse().ok())
+}
+
+/// Deletes the objects of kind `K` of `pc` that `doomed` picks; returns
+/// `Kind/name` of each.
+async fn delete_where<K>(
+    pc: &PushCluster,
+    ctx: &Context,
+    ns: &str,
+    doomed: impl Fn(&K) -> bool,
+) -> Result<Vec<String>>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = ListParams::default().labels(&cluster_query(pc));
+    let mut removed = Vec::new();
+    for o in api.list(&lp).await?.items.iter().filter(|o| doomed(o)) {
+        api.delete(&o.name_any(), &DeleteParams::default()).await?;
+        removed.push(format!("{}/{}", K::kind(&()), o.name_any()));
+    }
+    Ok(removed)
+}
+
+/// Deletes what is left of removed shards and disabled policies.
+pub async fn collect_garbage(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<Vec<String>> {
+    let shards = pc.spec.comet.shards;
+    let beyond = |labels: &BTreeMap<String, String>| shard_of(labels).is_some_and(|k| k >= shards);
+    let mut removed = delete_where::<Lease>(pc, ctx, ns, |l| beyond(l.labels())).await?;
+    removed.extend(delete_where::<Service>(pc, ctx, ns, |s| beyond(s.labels())).await?);
+    if !pc.spec.network_policy.enabled {
+        // Turned off after they were made: owner references only act when
+        // the PushCluster goes, so remove them here.
+        removed.extend(delete_where::<NetworkPolicy>(pc, ctx, ns, |_| true).await?);
+    }
+    Ok(removed)
+}
