@@ -8,8 +8,6 @@ pub mod children;
 pub mod controller;
 pub mod crd;
 pub mod holders;
-#[doc(hidden)]
-pub mod legacy_builders;
 pub mod status;
 
 /// Errors of the operator.
@@ -21,8 +19,6 @@ pub enum Error {
     Yaml(#[from] serde_yaml::Error),
     #[error("encoding an object: {0}")]
     Json(#[from] serde_json::Error),
-    #[error("rendering config: {0}")]
-    Render(String),
     #[error("the PushCluster has no namespace")]
     NoNamespace,
 }
@@ -32,7 +28,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
-            Error::Yaml(_) | Error::Json(_) | Error::Render(_) => "render",
+            Error::Yaml(_) | Error::Json(_) => "render",
             Error::NoNamespace => "no_namespace",
         }
     }

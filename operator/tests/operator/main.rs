@@ -4,5 +4,4 @@
 mod chart;
 mod children;
 mod crd;
-mod equivalence;
 mod reconcile;
