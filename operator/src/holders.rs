@@ -120,7 +120,7 @@ async fn relabel(
         .map(|(_, (shard, holder))| (holder.clone(), *shard))
         .collect();
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let comets = ListParams::default().labels("app.kubernetes.io/component=comet");
+    let comets = ListParams::default().labels(&crate::children::comets_query());
     let have: BTreeMap<String, Option<u32>> = pods
         .list(&comets)
         .await?

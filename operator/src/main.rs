@@ -8,7 +8,7 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::runtime::{watcher, Controller};
-use kube::{Api, Client, CustomResourceExt};
+use kube::{Api, Client};
 use push_operator::controller::{error_policy, reconcile, Context, Metrics};
 use push_operator::crd::PushCluster;
 use pushcluster_core::ops::{cancel_on_signal, init_tracing, serve_ops, Readiness};
@@ -58,7 +58,7 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
-        Cmd::Crd => print!("{}", serde_yaml::to_string(&PushCluster::crd())?),
+        Cmd::Crd => print!("{}", push_operator::crd::crd_yaml()?),
         Cmd::Run {
             listen,
             namespace,
@@ -156,8 +156,7 @@ async fn run(
     ));
     let ctx = Context::new(client.clone(), metrics);
     let cfg = watcher::Config::default().any_semantic();
-    let owned_cfg =
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=pushcluster-operator");
+    let owned_cfg = watcher::Config::default().labels(&push_operator::children::managed_query());
     let stop = cancel.clone();
     Controller::new(pcs, cfg)
         .owns(owned!(Deployment), owned_cfg.clone())

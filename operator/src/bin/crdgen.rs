@@ -1,10 +1,6 @@
-//! Prints the PushCluster CRD as YAML; `crds/` holds its output.
-use kube::CustomResourceExt;
+//! Prints the PushCluster CRD as YAML; `crds/` holds its output (`make crds`).
 
 fn main() -> Result<(), serde_yaml::Error> {
-    print!(
-        "{}",
-        serde_yaml::to_string(&push_operator::crd::PushCluster::crd())?
-    );
+    print!("{}", push_operator::crd::crd_yaml()?);
     Ok(())
 }

@@ -86,6 +86,16 @@ pub fn selector_query(pc: &PushCluster, component: &str) -> String {
     join_labels(&selector(pc, component))
 }
 
+/// The label selector of every object any PushCluster owns, for watches.
+pub fn managed_query() -> String {
+    format!("app.kubernetes.io/managed-by={MANAGER}")
+}
+
+/// The label selector of every comet pod of any PushCluster, for list calls.
+pub fn comets_query() -> String {
+    "app.kubernetes.io/component=comet".to_owned()
+}
+
 /// The label selector string of every object of `pc`, for list calls.
 pub fn cluster_query(pc: &PushCluster) -> String {
     format!(

@@ -1,0 +1,70 @@
+//! The PushCluster's status subresource: conditions, replicas per component,
+//! the shard table and where to reach the cluster.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::KubeSchema;
+use serde::{Deserialize, Serialize};
+
+/// Observed state.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PushClusterStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Shards whose holder is ready.
+    #[serde(default)]
+    pub ready_shards: i32,
+    /// Ready replicas per component.
+    #[serde(default)]
+    pub comet: ComponentStatus,
+    #[serde(default)]
+    pub message: ComponentStatus,
+    #[serde(default)]
+    pub web: ComponentStatus,
+    /// Who holds each shard's lease.
+    #[serde(default)]
+    pub shards: Vec<ShardStatus>,
+    /// Where to reach the cluster and its credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoints: Option<EndpointsStatus>,
+}
+
+/// Addresses of the cluster's Services and the name of its credentials.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointsStatus {
+    /// Web's public API (`/1/server/get`, `/1/msg/get`), `host:port`.
+    pub public: String,
+    /// Web's admin API (push, delete), `host:port`; in-cluster only.
+    pub admin: String,
+    /// The Secret holding the generated credentials (absent when insecure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
+}
+
+/// Replicas of one component.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ComponentStatus {
+    pub replicas: i32,
+    pub ready_replicas: i32,
+}
+
+/// One row of the shard table.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardStatus {
+    pub shard: i32,
+    /// Pod holding the shard's lease, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// When the holder acquired it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Times the lease changed hands.
+    pub transitions: i32,
+}
