@@ -107,7 +107,7 @@ async fn run(
             "pushcluster-operator",
             "pushcluster-operator-leader",
         ));
-        let _watch = leases.spawn_watcher();
+        leases.spawn_watcher(cancel.clone());
         let me = Candidate {
             holder: std::env::var("POD_NAME")
                 .unwrap_or_else(|_| format!("push-operator-{}", std::process::id())),

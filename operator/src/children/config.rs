@@ -10,7 +10,7 @@ use crate::crd::{EndpointsStatus, PushCluster};
 use crate::Result;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
-use pushcluster_lease::{LeaseTiming, MembershipConfig, MembershipKind};
+use pushcluster_lease::{LeaseTiming, MembershipConfig};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -37,14 +37,15 @@ fn timing(pc: &PushCluster) -> LeaseTiming {
     }
 }
 
+/// Kubernetes membership: the shard count is not in it (comets and web
+/// follow the shard Leases and Services live), so a reshard changes no
+/// config and restarts nothing.
 fn membership(pc: &PushCluster) -> MembershipConfig {
-    MembershipConfig {
-        kind: MembershipKind::Kubernetes,
-        shards: pc.spec.comet.shards.max(1) as u32,
-        lease: timing(pc),
+    MembershipConfig::Kubernetes {
         cluster: pc.name_any(),
+        kube_namespace: None,
         cluster_uid: pc.uid(),
-        ..MembershipConfig::default()
+        lease: timing(pc),
     }
 }
 
@@ -60,7 +61,6 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
     let message_url = format!("http://{}:{MESSAGE_PORT}", name(pc, "message"));
     let redis_url = s.storage.redis.as_ref().and_then(|r| r.url.clone());
     let comet = push_comet::Config {
-        shards: s.comet.shards.max(1) as u32,
         membership: membership(pc),
         ws_listen: on_all_interfaces(s.comet.ports.ws),
         tcp_listen: on_all_interfaces(s.comet.ports.tcp),
@@ -140,8 +140,7 @@ pub fn config_map(pc: &PushCluster) -> Result<ConfigMap> {
 
 /// The config hash each component's pods carry: of its own configuration
 /// only, so a change restarts only the component it concerns. The shard
-/// count is left out: comets and web follow it live from the shard Services,
-/// so a reshard restarts nothing.
+/// count is in no config (see [`membership`]), so a reshard restarts nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigHashes {
     pub comet: String,
@@ -152,10 +151,7 @@ pub struct ConfigHashes {
 /// The per-component config hashes of `pc`, with the digests of the
 /// credentials each component reads (so rotating one rolls its users).
 pub fn config_hashes(pc: &PushCluster, creds: &CredentialDigests) -> Result<ConfigHashes> {
-    let mut c = service_configs(pc);
-    c.comet.shards = 0;
-    c.comet.membership.shards = 0;
-    c.web.membership.shards = 0;
+    let c = service_configs(pc);
     Ok(ConfigHashes {
         comet: hash_of(&(
             serde_yaml::to_string(&c.comet)?,

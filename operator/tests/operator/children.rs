@@ -151,16 +151,23 @@ fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
     let pc = example("pushcluster-full.yaml");
     let cfg = config::configs(&pc).unwrap();
     let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
-    assert_eq!(comet.shards, 8);
     assert_eq!(
-        comet.membership.kind,
-        pushcluster_lease::MembershipKind::Kubernetes
+        comet.membership,
+        pushcluster_lease::MembershipConfig::Kubernetes {
+            cluster: "push-prod".into(),
+            kube_namespace: None,
+            cluster_uid: Some("0000-uid".into()),
+            lease: pushcluster_lease::LeaseTiming {
+                duration_ms: 6000,
+                renew_deadline_ms: 4000,
+                retry_period_ms: 1000,
+            },
+        },
+        "the shard count is not configured: the shard Leases say"
     );
-    assert_eq!(comet.membership.cluster, "push-prod");
-    assert_eq!(comet.membership.lease.renew_deadline_ms, 4000);
     assert_eq!(comet.message_url, "http://push-prod-message:8070");
     let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
-    assert_eq!(web.membership.shards, 8);
+    assert_eq!(web.membership, comet.membership);
     assert_eq!(
         web.advertise.ws.as_deref(),
         Some("push-{shard}.example.com:443")
@@ -212,10 +219,10 @@ fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
         before,
         "the shard count is not in any hash"
     );
-    let cfg = config::configs(&reshard).unwrap();
-    assert!(
-        cfg["comet.yaml"].contains("shards: 3"),
-        "but it is in the ConfigMap"
+    assert_eq!(
+        config::configs(&reshard).unwrap(),
+        config::configs(&pc).unwrap(),
+        "nor in any config"
     );
 }
 

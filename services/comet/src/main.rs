@@ -27,7 +27,8 @@ struct Args {
     /// The shard this comet serves.
     #[arg(long, env = "PUSH_COMET_SHARD")]
     shard: Option<u32>,
-    /// Number of shards in the cluster.
+    /// Number of shards in the cluster (static and Redis membership; on
+    /// Kubernetes the shard Leases say).
     #[arg(long, env = "PUSH_COMET_SHARDS")]
     shards: Option<u32>,
     /// WebSocket and SSE listen address.
@@ -80,13 +81,15 @@ async fn serve(a: Args) -> anyhow::Result<()> {
     }
     set!(
         shard,
-        shards,
         ws_listen,
         tcp_listen,
         rpc_listen,
         ops_listen,
         message_url
     );
+    if let Some(n) = a.shards {
+        cfg.membership.set_shards(n);
+    }
     if a.redis_url.is_some() {
         cfg.store.redis_url = a.redis_url;
     }

@@ -222,6 +222,8 @@ const SHARDS: usize = 64;
 pub struct Registry {
     shards: Vec<Mutex<HashMap<String, Entry>>>,
     connections: AtomicU64,
+    /// Wakes [`Registry::drained`] when the last connection goes.
+    empty: tokio::sync::Notify,
     /// Told every key that gains its first connection or loses its last
     /// (set when messages arrive on live channels).
     key_changes: OnceLock<tokio::sync::mpsc::UnboundedSender<Box<str>>>,
@@ -288,6 +290,7 @@ impl Registry {
         Arc::new(Self {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             connections: AtomicU64::new(0),
+            empty: tokio::sync::Notify::new(),
             key_changes: OnceLock::new(),
             max_per_key: max_per_key.max(1),
             queue_depth: queue_depth.max(1),
@@ -353,8 +356,8 @@ impl Registry {
         if let Some(entry) = map.get_mut(key) {
             let before = entry.conns.len();
             entry.conns.retain(|c| !Arc::ptr_eq(c, mailbox));
-            if entry.conns.len() < before {
-                self.connections.fetch_sub(1, Ordering::Relaxed);
+            if entry.conns.len() < before && self.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+                self.empty.notify_waiters();
             }
             if entry.conns.is_empty() {
                 map.remove(key);
@@ -502,6 +505,21 @@ impl Registry {
         silent
     }
 
+    /// Returns once no connection is left (at once when none is open).
+    pub async fn drained(&self) {
+        loop {
+            let empty = self.empty.notified();
+            tokio::pin!(empty);
+            // Registered before the check, so a last unregister between the
+            // check and the wait still wakes it.
+            empty.as_mut().enable();
+            if self.connections() == 0 {
+                return;
+            }
+            empty.await;
+        }
+    }
+
     /// Open connections.
     pub fn connections(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
@@ -610,6 +628,27 @@ mod tests {
         assert!(other.try_message().is_none());
         assert_eq!(r.connections(), 3);
         assert_eq!(r.keys(), 2);
+    }
+
+    #[tokio::test]
+    async fn drained_returns_when_the_last_connection_goes() {
+        let r = Registry::new(4, 16, Counter::default());
+        r.drained().await; // none open: at once
+        let a = r.register("k", None).unwrap();
+        let b = r.register("x", None).unwrap();
+        let waiting = tokio::spawn({
+            let r = r.clone();
+            async move { r.drained().await }
+        });
+        tokio::task::yield_now().await;
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "one connection is still open");
+        drop(b);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the last unregister")
+            .unwrap();
     }
 
     #[test]

@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Label with the PushCluster's name, on Leases, Services and EndpointSlices.
 pub const CLUSTER_LABEL: &str = "pushcluster.io/cluster";
@@ -124,15 +125,19 @@ impl KubeLeases {
     }
 
     /// Watches the cluster's Leases and wakes standbys on every change, so a
-    /// released lease is taken at once rather than at the next retry.
-    pub fn spawn_watcher(&self) -> tokio::task::JoinHandle<()> {
+    /// released lease is taken at once rather than at the next retry; stops
+    /// on `cancel`.
+    pub fn spawn_watcher(&self, cancel: CancellationToken) -> tokio::task::JoinHandle<()> {
         let api = self.api.clone();
         let announce = self.events.clone();
         let cfg = kube::runtime::watcher::Config::default()
             .labels(&format!("{CLUSTER_LABEL}={}", self.cluster));
         tokio::spawn(async move {
             let mut events = kube::runtime::watcher(api, cfg).boxed();
-            while let Some(ev) = events.next().await {
+            while let Some(ev) = tokio::select! {
+                _ = cancel.cancelled() => None,
+                ev = events.next() => ev,
+            } {
                 if let Err(e) = ev {
                     tracing::warn!(error = %e, "lease watch failed; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;

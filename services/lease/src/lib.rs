@@ -14,6 +14,7 @@
 //! turns the leases into the [`pushcluster_core::membership::Membership`]
 //! that web and comets route by.
 
+pub mod config;
 pub mod endpoints;
 pub mod kubernetes;
 pub mod membership;
@@ -21,6 +22,7 @@ pub mod memory;
 pub mod owner;
 pub mod redis;
 
+pub use config::{MembershipConfig, Role, Started};
 use pushcluster_core::membership::ShardEndpoint;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
@@ -124,11 +126,13 @@ pub enum Error {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
     #[error("kubernetes: {0}")]
-    Kube(Box<kube::Error>),
+    Kube(#[source] Box<kube::Error>),
     #[error("lease record is corrupt: {0}")]
     Corrupt(String),
     #[error("lease timing must satisfy retry_period < renew_deadline < duration: {0:?}")]
     Timing(LeaseTiming),
+    #[error("shard {shard} is not below shards {shards}")]
+    ShardOutOfRange { shard: u32, shards: u32 },
 }
 
 /// Result of lease operations.
@@ -178,85 +182,5 @@ impl LeaseEvents {
     /// A receiver of the announcements.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.0.subscribe()
-    }
-}
-
-/// How a service learns who serves which shard.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum MembershipKind {
-    /// Fixed by configuration; no failover.
-    #[default]
-    Static,
-    /// Shard leases in Redis: failover for a cluster of plain processes.
-    Redis,
-    /// Kubernetes Leases, pod labels and EndpointSlices (in a cluster).
-    Kubernetes,
-}
-
-/// Membership settings shared by comets and web.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(default, rename_all = "snake_case", deny_unknown_fields)]
-pub struct MembershipConfig {
-    /// Static or lease-based.
-    pub kind: MembershipKind,
-    /// Redis holding the leases (kind: redis).
-    pub redis_url: Option<String>,
-    /// Prefix of the lease keys, so clusters can share one Redis.
-    pub namespace: String,
-    /// Number of shards (web; comets use their own `shards`).
-    pub shards: u32,
-    /// Lease timing.
-    pub lease: LeaseTiming,
-    /// Name of the PushCluster (kind: kubernetes): Leases and Services are
-    /// `<cluster>-comet-<k>`.
-    pub cluster: String,
-    /// Namespace (kind: kubernetes); default `POD_NAMESPACE`, then the client's.
-    pub kube_namespace: Option<String>,
-    /// UID of the PushCluster (kind: kubernetes): the shard Leases comets
-    /// create are owned by it, so they go when it is deleted.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster_uid: Option<String>,
-}
-
-impl Default for MembershipConfig {
-    fn default() -> Self {
-        Self {
-            kind: MembershipKind::Static,
-            redis_url: None,
-            namespace: "pc".into(),
-            shards: 1,
-            lease: LeaseTiming::default(),
-            cluster: "pushcluster".into(),
-            kube_namespace: None,
-            cluster_uid: None,
-        }
-    }
-}
-
-impl MembershipConfig {
-    /// Connects the Redis lease backend this config names.
-    pub async fn redis_backend(&self) -> Result<redis::RedisLeases> {
-        self.lease.validate()?;
-        let url = self
-            .redis_url
-            .as_deref()
-            .filter(|u| !u.is_empty())
-            .ok_or_else(|| {
-                Error::Corrupt("membership.kind redis needs membership.redis_url".into())
-            })?;
-        redis::RedisLeases::connect(url, &self.namespace).await
-    }
-
-    /// A Kubernetes client (in cluster, or from `$KUBECONFIG`) and the namespace to use.
-    pub async fn kube_client(&self) -> Result<(kube::Client, String)> {
-        self.lease.validate()?;
-        let client = kube::Client::try_default().await?;
-        let ns = self
-            .kube_namespace
-            .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| client.default_namespace().to_owned());
-        Ok((client, ns))
     }
 }

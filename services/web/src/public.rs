@@ -3,11 +3,10 @@
 //! (`/server/get`, `/msg/get`, `/time/get`, params `key`, `proto`, `mid`,
 //! `pmid`, `callback`) forms, as gopush-cluster served them.
 
-use crate::reply::{Reply, INTERNAL, NO_NODE, UNAUTHORIZED};
+use crate::reply::{status_reply, Reply, INTERNAL, NO_NODE, UNAUTHORIZED};
+use crate::request::{param, Params};
 use crate::AppState;
 use axum::extract::{Query, State};
-use axum::http::header;
-use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use pushcluster_core::frame::{encode_json, Format};
@@ -18,10 +17,9 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-type Params = Query<HashMap<String, String>>;
-
 /// Routes of the public listener.
 pub fn router(state: Arc<AppState>) -> Router {
+    let metrics = state.metrics.clone();
     Router::new()
         .route("/1/server/get", get(server_get))
         .route("/1/msg/get", get(msg_get))
@@ -29,24 +27,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/server/get", get(legacy_server_get))
         .route("/msg/get", get(legacy_msg_get))
         .route("/time/get", get(legacy_time_get))
-        .route("/openapi.json", get(openapi))
-        .fallback(not_found)
+        .route("/openapi.json", get(crate::openapi))
+        .fallback(crate::reply::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            metrics,
+            crate::metrics::count_requests,
+        ))
         .with_state(state)
-}
-
-/// Unknown paths get a JSON error too.
-pub async fn not_found() -> Reply {
-    Reply::param("no such endpoint; see /openapi.json")
-        .with_status(axum::http::StatusCode::NOT_FOUND)
-}
-
-/// Serves the OpenAPI document.
-pub async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], crate::OPENAPI)
-}
-
-fn param<'a>(q: &'a HashMap<String, String>, name: &str) -> Option<&'a str> {
-    q.get(name).map(String::as_str).filter(|v| !v.is_empty())
 }
 
 fn parse_mid(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Reply> {
@@ -59,99 +46,83 @@ fn parse_mid(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Rep
     }
 }
 
-impl AppState {
-    /// Resolves the comet address for `key` and protocol `proto` (1 ws, 2 tcp, 3 sse).
-    fn resolve(&self, key: Option<&str>, proto: Option<&str>) -> Result<Value, Reply> {
-        let key = self.check_key(key)?;
-        let view = self.membership.view();
-        let ep = view
-            .endpoint_for(key)
-            .ok_or_else(|| Reply::err(NO_NODE, "no comet serves this key right now"))?;
-        let (own, template) = match proto.unwrap_or("1") {
-            "1" | "3" => (&ep.ws, &self.cfg.advertise.ws),
-            "2" => (&ep.tcp, &self.cfg.advertise.tcp),
-            other => {
-                return Err(Reply::param(format!(
-                    "unknown protocol {other:?}: 1 websocket, 2 tcp, 3 sse"
-                )))
-            }
-        };
-        let addr = match template {
-            Some(t) => t.replace("{shard}", &ep.shard.to_string()),
-            None => own.clone(),
-        };
-        if addr.is_empty() {
-            return Err(Reply::err(
-                NO_NODE,
-                "the comet has no address for this protocol",
-            ));
+/// Resolves the comet address for `key` and protocol `proto` (1 ws, 2 tcp, 3 sse).
+fn resolve(s: &AppState, key: Option<&str>, proto: Option<&str>) -> Result<Value, Reply> {
+    let key = s.check_key(key)?;
+    let view = s.membership.view();
+    let ep = view
+        .endpoint_for(key)
+        .ok_or_else(|| Reply::err(NO_NODE, "no comet serves this key right now"))?;
+    let (own, template) = match proto.unwrap_or("1") {
+        "1" | "3" => (&ep.ws, &s.cfg.advertise.ws),
+        "2" => (&ep.tcp, &s.cfg.advertise.tcp),
+        other => {
+            return Err(Reply::param(format!(
+                "unknown protocol {other:?}: 1 websocket, 2 tcp, 3 sse"
+            )))
         }
-        Ok(json!({ "server": addr }))
+    };
+    let addr = match template {
+        Some(t) => t.replace("{shard}", &ep.shard.to_string()),
+        None => own.clone(),
+    };
+    if addr.is_empty() {
+        return Err(Reply::err(
+            NO_NODE,
+            "the comet has no address for this protocol",
+        ));
     }
+    Ok(json!({ "server": addr }))
+}
 
-    /// Stored messages of a channel after `after`, oldest first.
-    pub(crate) async fn fetch(
-        &self,
-        key: &str,
-        gid: i32,
-        after: i64,
-    ) -> Result<Vec<pb::StoredMessage>, Reply> {
-        let req = pb::FetchRequest {
-            key: key.to_owned(),
-            after_mid: after,
-            gid,
-            limit: 0,
-        };
-        self.message
-            .clone()
-            .fetch(req)
-            .await
-            .map(|r| r.into_inner().messages)
-            .map_err(crate::admin::status_reply)
-    }
+/// Stored messages of a channel after `after`, oldest first.
+async fn fetch(
+    s: &AppState,
+    key: &str,
+    gid: i32,
+    after: i64,
+) -> Result<Vec<pb::StoredMessage>, Reply> {
+    let req = pb::FetchRequest {
+        key: key.to_owned(),
+        after_mid: after,
+        gid,
+        limit: 0,
+    };
+    s.clients
+        .message
+        .clone()
+        .fetch(req)
+        .await
+        .map(|r| r.into_inner().messages)
+        .map_err(status_reply)
+}
 
-    /// Whether a private read of `key` may be answered: with subscriber
-    /// tokens on, only with the key's valid `token`, and as JSONP only when
-    /// `private_jsonp` allows it. Without a subscriber secret anything goes,
-    /// as gopush-cluster's clients expect.
-    pub(crate) fn authorize_read(
-        &self,
-        key: &str,
-        q: &HashMap<String, String>,
-        callback: Option<&str>,
-    ) -> Result<(), Reply> {
-        let Some(secret) = self
-            .cfg
-            .subscriber_secret
-            .as_deref()
-            .filter(|s| !s.is_empty())
-        else {
-            return Ok(());
-        };
-        if callback.is_some() && !self.cfg.private_jsonp {
-            return Err(Reply::err(
-                UNAUTHORIZED,
-                "JSONP is off for private reads while subscriber tokens are on (web.privateJsonp)",
-            ));
-        }
-        let token = param(q, "token").unwrap_or_default();
-        token::verify(secret.as_bytes(), key, token, token::unix_now()).map_err(|e| {
-            Reply::err(
-                UNAUTHORIZED,
-                format!("private read of {key:?} needs the key's subscriber token (token=): {e}"),
-            )
-        })
+/// Whether a private read of `key` may be answered: with subscriber
+/// tokens on, only with the key's valid `token`, and as JSONP only when
+/// `private_jsonp` allows it. Without a subscriber secret anything goes,
+/// as gopush-cluster's clients expect.
+fn authorize_read(
+    s: &AppState,
+    key: &str,
+    q: &HashMap<String, String>,
+    callback: Option<&str>,
+) -> Result<(), Reply> {
+    let Some(secret) = s.cfg.subscriber_secret.as_deref().filter(|s| !s.is_empty()) else {
+        return Ok(());
+    };
+    if callback.is_some() && !s.cfg.private_jsonp {
+        return Err(Reply::err(
+            UNAUTHORIZED,
+            "JSONP is off for private reads while subscriber tokens are on (web.privateJsonp)",
+        ));
     }
-
-    /// A present key within the limits, or the parameter error to answer.
-    pub(crate) fn check_key<'a>(&self, key: Option<&'a str>) -> Result<&'a str, Reply> {
-        let key = key.ok_or_else(|| Reply::param("key is required"))?;
-        self.cfg
-            .limits
-            .check_key(key)
-            .map_err(|e| Reply::param(format!("key {key:?}: {e}")))?;
-        Ok(key)
-    }
+    let token = param(q, "token").unwrap_or_default();
+    token::verify(secret.as_bytes(), key, token, token::unix_now()).map_err(|e| {
+        Reply::err(
+            UNAUTHORIZED,
+            format!("private read of {key:?} needs the key's subscriber token (token=): {e}"),
+        )
+    })
 }
 
 /// The JSON object clients receive, as a `serde_json::Value`.
@@ -175,22 +146,19 @@ fn timeid() -> i64 {
         .unwrap_or(0)
 }
 
+/// The reply, success or error, as JSONP when `callback` names one.
+fn answer(r: Result<Reply, Reply>, callback: Option<&str>) -> Reply {
+    r.unwrap_or_else(|e| e).jsonp(callback)
+}
+
 async fn server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
-    let r = match s.resolve(param(&q, "k"), param(&q, "p")) {
-        Ok(d) => Reply::ok(Some(d)),
-        Err(e) => e,
-    };
-    s.metrics.request("server_get", r.ret());
-    r.jsonp(param(&q, "cb"))
+    let r = resolve(&s, param(&q, "k"), param(&q, "p")).map(|d| Reply::ok(Some(d)));
+    answer(r, param(&q, "cb"))
 }
 
 async fn legacy_server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
-    let r = match s.resolve(param(&q, "key"), param(&q, "proto")) {
-        Ok(d) => Reply::ok(Some(d)),
-        Err(e) => e,
-    };
-    s.metrics.request("legacy_server_get", r.ret());
-    r.jsonp(param(&q, "callback"))
+    let r = resolve(&s, param(&q, "key"), param(&q, "proto")).map(|d| Reply::ok(Some(d)));
+    answer(r, param(&q, "callback"))
 }
 
 /// `/1/msg/get?k=KEY&m=MID[&p=PUBLIC_MID]`: private messages after `m`
@@ -199,8 +167,7 @@ async fn legacy_server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> 
 /// again from the last mid for more. `data` is left out when nothing is new.
 async fn msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
     let r = msg_get_inner(&s, &q, "k", "m", "p", "cb", message_value).await;
-    s.metrics.request("msg_get", r.ret());
-    r.jsonp(param(&q, "cb"))
+    answer(r, param(&q, "cb"))
 }
 
 /// `/msg/get?key=&mid=&pmid=`: the same, each element a JSON string of the
@@ -216,8 +183,7 @@ async fn legacy_msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Rep
         legacy_message_string,
     )
     .await;
-    s.metrics.request("legacy_msg_get", r.ret());
-    r.jsonp(param(&q, "callback"))
+    answer(r, param(&q, "callback"))
 }
 
 async fn msg_get_inner(
@@ -228,28 +194,25 @@ async fn msg_get_inner(
     pmid_name: &str,
     callback_name: &str,
     render: fn(&pb::StoredMessage) -> Value,
-) -> Reply {
-    let run = async {
-        let key = s.check_key(param(q, key_name))?;
-        s.authorize_read(key, q, param(q, callback_name))?;
-        let mid = parse_mid(q, mid_name)?
-            .ok_or_else(|| Reply::param(format!("{mid_name} is required")))?;
-        let pmid = parse_mid(q, pmid_name)?;
-        let msgs = s.fetch(key, GID_PRIVATE, mid).await?;
-        let pmsgs = match pmid {
-            Some(p) => s.fetch("", GID_PUBLIC, p).await?,
-            None => Vec::new(),
-        };
-        if msgs.is_empty() && pmsgs.is_empty() {
-            return Ok(Reply::ok(None));
-        }
-        let mut data = json!({ "msgs": msgs.iter().map(render).collect::<Vec<_>>() });
-        if pmid.is_some() {
-            data["pmsgs"] = pmsgs.iter().map(render).collect::<Vec<_>>().into();
-        }
-        Ok::<_, Reply>(Reply::ok(Some(data)))
+) -> Result<Reply, Reply> {
+    let key = s.check_key(param(q, key_name))?;
+    authorize_read(s, key, q, param(q, callback_name))?;
+    let mid =
+        parse_mid(q, mid_name)?.ok_or_else(|| Reply::param(format!("{mid_name} is required")))?;
+    let pmid = parse_mid(q, pmid_name)?;
+    let msgs = fetch(s, key, GID_PRIVATE, mid).await?;
+    let pmsgs = match pmid {
+        Some(p) => fetch(s, "", GID_PUBLIC, p).await?,
+        None => Vec::new(),
     };
-    run.await.unwrap_or_else(|e| e)
+    if msgs.is_empty() && pmsgs.is_empty() {
+        return Ok(Reply::ok(None));
+    }
+    let mut data = json!({ "msgs": msgs.iter().map(render).collect::<Vec<_>>() });
+    if pmid.is_some() {
+        data["pmsgs"] = pmsgs.iter().map(render).collect::<Vec<_>>().into();
+    }
+    Ok(Reply::ok(Some(data)))
 }
 
 /// `/1/time/get`: `data.timeid` (Unix time in 100 ns units, as gopush-cluster).
@@ -258,41 +221,35 @@ async fn msg_get_inner(
 /// whether to fetch, and detects a sequence that was reset (idle expiry).
 async fn time_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
     let r = time_inner(&s, &q, param(&q, "k")).await;
-    s.metrics.request("time_get", r.ret());
-    r.jsonp(param(&q, "cb"))
+    answer(r, param(&q, "cb"))
 }
 
 async fn legacy_time_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
     let r = time_inner(&s, &q, None).await;
-    s.metrics.request("legacy_time_get", r.ret());
-    r.jsonp(param(&q, "callback"))
+    answer(r, param(&q, "callback"))
 }
 
-async fn time_inner(s: &AppState, q: &HashMap<String, String>, key: Option<&str>) -> Reply {
+async fn time_inner(
+    s: &AppState,
+    q: &HashMap<String, String>,
+    key: Option<&str>,
+) -> Result<Reply, Reply> {
     let mut data = json!({ "timeid": timeid() });
     if let Some(k) = key {
-        let k = match s
-            .check_key(Some(k))
-            .and_then(|k| s.authorize_read(k, q, param(q, "cb")).map(|_| k))
-        {
-            Ok(k) => k,
-            Err(e) => return e,
-        };
+        let k = s.check_key(Some(k))?;
+        authorize_read(s, k, q, param(q, "cb"))?;
         let last = |key: &str, gid: i32| {
             let req = pb::LastMidRequest {
                 key: key.to_owned(),
                 gid,
             };
-            let mut c = s.message.clone();
+            let mut c = s.clients.message.clone();
             async move { c.last_mid(req).await.map(|r| r.into_inner().mid) }
         };
-        match tokio::try_join!(last(k, GID_PRIVATE), last("", GID_PUBLIC)) {
-            Ok((mid, pmid)) => {
-                data["mid"] = mid.into();
-                data["pmid"] = pmid.into();
-            }
-            Err(e) => return Reply::err(INTERNAL, format!("storage: {}", e.message())),
-        }
+        let (mid, pmid) = tokio::try_join!(last(k, GID_PRIVATE), last("", GID_PUBLIC))
+            .map_err(|e| Reply::err(INTERNAL, format!("storage: {}", e.message())))?;
+        data["mid"] = mid.into();
+        data["pmid"] = pmid.into();
     }
-    Reply::ok(Some(data))
+    Ok(Reply::ok(Some(data)))
 }

@@ -22,6 +22,10 @@ pub const PARAM: u32 = 65534;
 /// Something failed inside the cluster.
 pub const INTERNAL: u32 = 65535;
 
+/// The `ret` of a response, for the request metrics (a response extension).
+#[derive(Debug, Clone, Copy)]
+pub struct Ret(pub u32);
+
 /// A reply on its way out.
 #[derive(Debug)]
 pub struct Reply {
@@ -101,7 +105,8 @@ impl IntoResponse for Reply {
         if let Some(d) = self.data {
             body["data"] = d;
         }
-        match self.callback {
+        let ret = Ret(self.ret);
+        let mut res = match self.callback {
             None => (
                 self.status,
                 [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
@@ -117,8 +122,27 @@ impl IntoResponse for Reply {
                 format!("{cb}({body})"),
             )
                 .into_response(),
-        }
+        };
+        res.extensions_mut().insert(ret);
+        res
     }
+}
+
+/// Maps a failed call to the message service or a comet to a reply.
+pub fn status_reply(s: tonic::Status) -> Reply {
+    match s.code() {
+        tonic::Code::InvalidArgument => Reply::param(s.message().to_owned()),
+        tonic::Code::DeadlineExceeded => Reply::err(
+            INTERNAL,
+            "timed out: the message may or may not be stored; retry and dedupe by content",
+        ),
+        _ => Reply::err(INTERNAL, s.message().to_owned()),
+    }
+}
+
+/// Unknown paths get a JSON error too.
+pub async fn not_found() -> Reply {
+    Reply::param("no such endpoint; see /openapi.json").with_status(StatusCode::NOT_FOUND)
 }
 
 #[cfg(test)]

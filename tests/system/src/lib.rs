@@ -6,7 +6,11 @@
 
 pub mod older;
 
-use std::net::TcpStream;
+use pushcluster_core::key::Limits;
+use pushcluster_core::membership::ShardEndpoint;
+use pushcluster_lease::{LeaseTiming, MembershipConfig};
+use pushcluster_store::redis::DirectStore;
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -303,38 +307,40 @@ pub struct Cluster {
     pub older_comets: Vec<older::Proxy>,
 }
 
-fn yaml_opt(v: &Option<String>) -> String {
-    match v {
-        Some(s) => format!("{s:?}"),
-        None => "null".into(),
-    }
+fn yaml<T: serde::Serialize>(cfg: &T) -> String {
+    serde_yaml::to_string(cfg).expect("config serializes")
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
 }
 
 impl Cluster {
     /// Starts a cluster and waits until every process is ready.
     pub fn start(opts: Options) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let limits = format!(
-            "limits: {{ max_message_bytes: {}, max_key_bytes: 64, max_keys_per_multipush: 50 }}",
-            opts.max_message_bytes
-        );
-        let l = &opts.listener_limits;
-        let listener_limits = format!(
-            "listener_limits: {{ max_connections: {}, max_connections_per_ip: {}, header_timeout_seconds: {} }}",
-            l.max_connections, l.max_connections_per_ip, l.header_timeout_seconds
-        );
+        let limits = Limits {
+            max_message_bytes: opts.max_message_bytes,
+            max_key_bytes: 64,
+            max_keys_per_multipush: 50,
+            ..Limits::default()
+        };
         let msg_port = free_port();
         let msg_ops = free_port();
+        let mut message_cfg = push_message::Config {
+            listen: local(msg_port),
+            ops_listen: local(msg_ops),
+            rpc_token: opts.rpc_token.clone(),
+            limits: limits.clone(),
+            ..push_message::Config::default()
+        };
+        message_cfg.storage.redis_url = opts.redis_url.clone();
+        message_cfg.storage.path = dir.path().join("data/messages.redb");
         let message = Proc::spawn(
             dir.path(),
             "message",
             "push-message",
-            &format!(
-                "listen: 127.0.0.1:{msg_port}\nops_listen: 127.0.0.1:{msg_ops}\nrpc_token: {}\nstorage: {{ redis_url: {}, path: {:?} }}\n{limits}\n",
-                yaml_opt(&opts.rpc_token),
-                yaml_opt(&opts.redis_url),
-                dir.path().join("data/messages.redb"),
-            ),
+            &yaml(&message_cfg),
             msg_ops,
         );
         let older_message = opts
@@ -343,44 +349,66 @@ impl Cluster {
         let msg_rpc = older_message.as_ref().map_or(msg_port, |p| p.port);
         let (dur, deadline, retry) = opts.lease_ms;
         let membership = match &opts.lease_redis {
-            None => "membership: { kind: static }".to_owned(),
-            Some(url) => format!(
-                "membership: {{ kind: redis, redis_url: {url:?}, namespace: t, shards: {}, lease: {{ duration_ms: {dur}, renew_deadline_ms: {deadline}, retry_period_ms: {retry} }} }}",
-                opts.shards
-            ),
+            None => MembershipConfig::Static {
+                shards: opts.shards,
+            },
+            Some(url) => MembershipConfig::Redis {
+                redis_url: url.clone(),
+                namespace: "t".into(),
+                shards: opts.shards,
+                lease: LeaseTiming {
+                    duration_ms: dur,
+                    renew_deadline_ms: deadline,
+                    retry_period_ms: retry,
+                },
+            },
         };
-        let comet_store = match &opts.redis_url {
-            Some(url) if opts.comets_store_in_redis => format!("store: {{ redis_url: {url:?} }}"),
-            _ => "store: { redis_url: null }".to_owned(),
+        let comet_store = DirectStore {
+            redis_url: opts
+                .redis_url
+                .clone()
+                .filter(|_| opts.comets_store_in_redis),
+            ..DirectStore::default()
         };
         let web_store = if opts.web_stores_in_redis {
-            comet_store.as_str()
+            comet_store.clone()
         } else {
-            "store: { redis_url: null }"
+            DirectStore::default()
         };
         let wait_path = if opts.lease_redis.is_some() {
             "/healthz"
         } else {
             "/readyz"
         };
+        let message_url = format!("http://127.0.0.1:{msg_rpc}");
         let mut comets = Vec::new();
         let mut comet_addrs = Vec::new();
         for i in 0..opts.shards + opts.standbys {
-            let shard = i % opts.shards;
             let (ws, tcp, rpc, ops) = (free_port(), free_port(), free_port(), free_port());
+            let cfg = push_comet::Config {
+                shard: i % opts.shards,
+                holder: Some(format!("comet-{i}")),
+                membership: membership.clone(),
+                ws_listen: local(ws),
+                tcp_listen: local(tcp),
+                rpc_listen: local(rpc),
+                ops_listen: local(ops),
+                message_url: message_url.clone(),
+                store: comet_store.clone(),
+                queue_depth: opts.queue_depth,
+                max_subscribers_per_key: opts.max_subscribers_per_key,
+                heartbeat_grace_seconds: opts.heartbeat_grace_seconds,
+                subscriber_secret: opts.subscriber_secret.clone(),
+                rpc_token: opts.rpc_token.clone(),
+                limits: limits.clone(),
+                listener_limits: opts.listener_limits.clone(),
+                ..push_comet::Config::default()
+            };
             comets.push(Proc::spawn_waiting(
                 dir.path(),
                 &format!("comet-{i}"),
                 "push-comet",
-                &format!(
-                    "shard: {shard}\nshards: {}\nholder: comet-{i}\n{membership}\nws_listen: 127.0.0.1:{ws}\ntcp_listen: 127.0.0.1:{tcp}\nrpc_listen: 127.0.0.1:{rpc}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\n{comet_store}\nqueue_depth: {}\nmax_subscribers_per_key: {}\nheartbeat_grace_seconds: {}\nsubscriber_secret: {}\nrpc_token: {}\n{limits}\n{listener_limits}\n",
-                    opts.shards,
-                    opts.queue_depth,
-                    opts.max_subscribers_per_key,
-                    opts.heartbeat_grace_seconds,
-                    yaml_opt(&opts.subscriber_secret),
-                    yaml_opt(&opts.rpc_token),
-                ),
+                &yaml(&cfg),
                 ops,
                 wait_path,
             ));
@@ -399,7 +427,7 @@ impl Cluster {
             });
         }
         let (public, admin, ops) = (free_port(), free_port(), free_port());
-        let mut comets_yaml = String::from("comets:\n");
+        let mut static_comets = Vec::new();
         let mut older_comets = Vec::new();
         for (shard, a) in comet_addrs.iter().enumerate() {
             let mut rpc = a.rpc_port;
@@ -408,24 +436,31 @@ impl Cluster {
                 rpc = p.port;
                 older_comets.push(p);
             }
-            comets_yaml.push_str(&format!(
-                "  - {{ shard: {shard}, rpc: \"http://127.0.0.1:{rpc}\", ws: \"{}\", tcp: \"{}\" }}\n",
-                a.ws, a.tcp
-            ));
+            static_comets.push(ShardEndpoint {
+                shard: shard as u32,
+                rpc: format!("http://127.0.0.1:{rpc}"),
+                ws: a.ws.clone(),
+                tcp: a.tcp.clone(),
+            });
         }
-        let web = Proc::spawn(
-            dir.path(),
-            "web",
-            "push-web",
-            &format!(
-                "public_listen: 127.0.0.1:{public}\nadmin_listen: 127.0.0.1:{admin}\nops_listen: 127.0.0.1:{ops}\nmessage_url: http://127.0.0.1:{msg_rpc}\nadmin_token: {}\nsubscriber_secret: {}\nrpc_token: {}\nrpc_timeout_ms: 3000\ndrain_delay_ms: {}\n{membership}\n{web_store}\n{limits}\n{listener_limits}\n{comets_yaml}",
-                yaml_opt(&opts.admin_token),
-                yaml_opt(&opts.subscriber_secret),
-                yaml_opt(&opts.rpc_token),
-                opts.web_drain_delay_ms,
-            ),
-            ops,
-        );
+        let web_cfg = push_web::Config {
+            public_listen: local(public),
+            admin_listen: local(admin),
+            ops_listen: local(ops),
+            message_url,
+            admin_token: opts.admin_token.clone(),
+            subscriber_secret: opts.subscriber_secret.clone(),
+            rpc_token: opts.rpc_token.clone(),
+            rpc_timeout_ms: 3000,
+            drain_delay_ms: opts.web_drain_delay_ms,
+            membership,
+            store: web_store,
+            limits,
+            listener_limits: opts.listener_limits.clone(),
+            comets: static_comets,
+            ..push_web::Config::default()
+        };
+        let web = Proc::spawn(dir.path(), "web", "push-web", &yaml(&web_cfg), ops);
         Self {
             dir,
             message,

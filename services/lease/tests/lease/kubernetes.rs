@@ -287,7 +287,7 @@ async fn the_pod_is_labelled_with_its_shard_and_unlabelled_after() {
 async fn a_released_lease_is_taken_at_once_because_the_watch_wakes_the_standby() {
     let (c, mut h) = client();
     let leases = Arc::new(KubeLeases::new(Api::namespaced(c, "ns"), "pc"));
-    let _watch = leases.spawn_watcher();
+    leases.spawn_watcher(CancellationToken::new());
     let released = Arc::new(tokio::sync::Notify::new());
     let held_by_b = lease("7", Some("comet-b"), "2026-01-01T00:00:00.000000Z", 1);
     let free = lease("8", None, "2026-01-01T00:00:00.000000Z", 1);

@@ -1,0 +1,125 @@
+//! The metrics a push operator watches on a comet.
+
+use crate::live;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry as MetricsRegistry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
+}
+
+/// Metrics a push operator watches on a comet.
+#[derive(Clone)]
+pub struct Metrics {
+    connections: Family<TransportLabel, Gauge>,
+    pub(crate) pushes: Counter,
+    pub(crate) push_errors: Counter,
+    pub(crate) fenced: Counter,
+    pub(crate) deliveries: Counter,
+    pub(crate) push_latency: Histogram,
+    pub(crate) slow_consumers: Counter,
+    pub(crate) reconnects_sent: Counter,
+    pub(crate) lease_transitions: Counter,
+    pub(crate) serving: Gauge,
+    pub(crate) live: live::LiveMetrics,
+}
+
+impl Metrics {
+    pub(crate) fn register(reg: &mut MetricsRegistry, slow_consumers: Counter) -> Self {
+        let m = Self {
+            connections: Family::default(),
+            pushes: Counter::default(),
+            push_errors: Counter::default(),
+            fenced: Counter::default(),
+            deliveries: Counter::default(),
+            push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            slow_consumers,
+            reconnects_sent: Counter::default(),
+            lease_transitions: Counter::default(),
+            serving: Gauge::default(),
+            live: live::LiveMetrics::default(),
+        };
+        reg.register(
+            "pushcluster_comet_live_messages",
+            "Stored private messages that arrived on the live channels of this comet's keys (Redis)",
+            m.live.messages.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_losses",
+            "Times the connection subscribed to live channels was lost; each closes every client connection",
+            m.live.losses.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_refused",
+            "Connections refused because their key's live channel was not subscribed in time",
+            m.live.refused.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_serving",
+            "1 while this comet holds a shard, 0 while it is a standby",
+            m.serving.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_lease_transitions",
+            "Times this comet started or stopped serving a shard",
+            m.lease_transitions.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_connections",
+            "Open subscriber connections",
+            m.connections.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_pushes",
+            "Pushes stored and delivered",
+            m.pushes.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_push_errors",
+            "Pushes that failed",
+            m.push_errors.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_fenced_appends",
+            "Appends straight to Redis refused because a newer holder of the shard wrote (split brain averted)",
+            m.fenced.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_deliveries",
+            "Messages queued on connections",
+            m.deliveries.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_push_latency_seconds",
+            "Time from push received to queued on connections (includes storing)",
+            m.push_latency.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_slow_consumers_dropped",
+            "Connections closed because their queue was full",
+            m.slow_consumers.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_reconnect_frames",
+            "Reconnect frames sent to clients",
+            m.reconnects_sent.clone(),
+        );
+        m
+    }
+
+    /// Counts a connection dropped for not taking what it was sent.
+    pub(crate) fn slow_consumer(&self) {
+        self.slow_consumers.inc();
+    }
+
+    pub(crate) fn conn_gauge(&self, transport: &'static str) -> Gauge {
+        self.connections
+            .get_or_create(&TransportLabel { transport })
+            .clone()
+    }
+}

@@ -1,0 +1,471 @@
+//! The push path: how a private push is stored, delivered and acknowledged.
+//!
+//! A push is acknowledged only once stored. Which way it is stored is chosen
+//! once, at start-up, from the storage kind ([`PushPath`]):
+//!
+//! - **Redis** ([`PushPath::StoreInRedis`]): web stores it itself, in one
+//!   atomic script that assigns its mid, appends it and publishes it on the
+//!   key's live channel, which the comets holding the key's connections
+//!   subscribe to (`push_comet::live`).
+//! - **Embedded store** ([`PushPath::ThroughComets`]): web sends it to the
+//!   comet that owns the key, which stores it through the message service
+//!   and queues it on the key's connections. When no comet owns the key or
+//!   the owner cannot be reached, web stores it through the message service
+//!   itself, so it is delivered on reconnect and never lost. A comet that
+//!   answered with an error (storage failed behind it) gets that error
+//!   passed on instead.
+//!
+//! Every push carries a fresh id, passed to storage with the message. When a
+//! comet's connection breaks while a push is in flight (the comet crashed),
+//! web cannot know whether the comet stored it and stores it itself under the
+//! same id: storage recognises the id and returns the first mid, so the
+//! message is stored exactly once.
+
+use crate::clients::Clients;
+use crate::metrics::Metrics;
+use crate::reply::{status_reply, Reply, INTERNAL};
+use bytes::Bytes;
+use pushcluster_core::batch::Batcher;
+use pushcluster_core::key::Limits;
+use pushcluster_core::membership::Membership;
+use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
+use pushcluster_proto::pipeline::Pipeline;
+use pushcluster_proto::v1 as pb;
+use pushcluster_proto::v1::comet_client::CometClient;
+use pushcluster_store::redis::RedisStore;
+use pushcluster_store::{Channel, Store, StoreError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tonic::Code;
+
+/// How web stores a private push; chosen once, at start-up.
+pub enum PushPath {
+    /// The cluster stores in Redis: web stores the push itself and the
+    /// comets receive it on the key's live channel.
+    StoreInRedis(RedisStore),
+    /// The embedded store: the owning comet stores and queues the push;
+    /// web stores it through the message service when no comet can.
+    ThroughComets,
+}
+
+/// Everything a push needs: the path, the clients, who owns which key.
+pub struct Pushes {
+    path: PushPath,
+    clients: Arc<Clients>,
+    membership: Arc<dyn Membership>,
+    /// Private pushes per comet, coalesced into PushBatch calls under load.
+    pushers: Mutex<HashMap<String, Arc<Pusher>>>,
+    /// Broadcasts from this web are stored and fanned out one at a time, so
+    /// comets receive them in mid order.
+    broadcast_order: tokio::sync::Mutex<()>,
+    limits: Limits,
+    metrics: Metrics,
+}
+
+/// The push did not get an answer from the comet: it was unreachable or its
+/// connection broke. Statuses the comet answers itself carry no source; tonic
+/// attaches the transport error as the source of those it makes up.
+fn unreached(s: &tonic::Status) -> bool {
+    s.code() == Code::Unavailable || std::error::Error::source(s).is_some()
+}
+
+impl Pushes {
+    /// The push path over `clients` and `membership`.
+    pub fn new(
+        path: PushPath,
+        clients: Arc<Clients>,
+        membership: Arc<dyn Membership>,
+        limits: Limits,
+        metrics: Metrics,
+    ) -> Self {
+        Self {
+            path,
+            clients,
+            membership,
+            pushers: Mutex::new(HashMap::new()),
+            broadcast_order: tokio::sync::Mutex::new(()),
+            limits,
+            metrics,
+        }
+    }
+
+    /// The push batcher for the comet at `rpc` (made on first use).
+    fn pusher(&self, rpc: &str) -> Result<Arc<Pusher>, crate::Error> {
+        if let Some(p) = self
+            .pushers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(rpc)
+        {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(pusher(self.clients.comet(rpc)?, self.clients.deadline()));
+        let mut map = self.pushers.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(map.entry(rpc.to_owned()).or_insert(p).clone())
+    }
+
+    /// Stores a message through the message service (the embedded store's
+    /// one writer), for a push no comet could take and for broadcasts.
+    pub async fn store_via_message_service(
+        &self,
+        key: &str,
+        gid: i32,
+        payload: Bytes,
+        expire: u64,
+        push_id: &str,
+    ) -> Result<i64, Reply> {
+        let req = pb::AppendRequest {
+            key: key.to_owned(),
+            payload,
+            expire_seconds: expire,
+            gid,
+            push_id: push_id.to_owned(),
+            // Web holds no shard: its direct stores are not fenced.
+            shard: 0,
+            fence: 0,
+        };
+        // While the message service is unreachable (the embedded store's one
+        // pod restarting takes seconds) keep trying, so the push is answered
+        // late rather than failed. Only with a push id: storage dedupes by
+        // it, so a retry after a lost answer cannot store twice.
+        self.retrying(
+            || {
+                let mut message = self.clients.message.clone();
+                let req = req.clone();
+                async move { message.append(req).await.map(|r| r.into_inner().mid) }
+            },
+            |s: &tonic::Status| !push_id.is_empty() && unreached(s),
+        )
+        .await
+        .map_err(status_reply)
+    }
+
+    /// Runs `attempt` until it succeeds or fails other than `transient`ly;
+    /// a transient failure is retried with backoff for [`STORE_RETRY_FOR`].
+    async fn retrying<T, E: std::fmt::Display, F, Fut>(
+        &self,
+        attempt: F,
+        transient: impl Fn(&E) -> bool,
+    ) -> Result<T, E>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let deadline = tokio::time::Instant::now() + STORE_RETRY_FOR;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match attempt().await {
+                Err(e) if transient(&e) && tokio::time::Instant::now() + pause < deadline => {
+                    tracing::debug!(error = %e, "storage unreachable: retrying");
+                    self.metrics.store_retries.inc();
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Stores a private message straight in Redis, which publishes it to
+    /// the comets holding the key's connections (`push_comet::live`).
+    /// While Redis is unreachable it keeps trying for [`STORE_RETRY_FOR`],
+    /// under one push id: a retry after a lost answer returns the first mid.
+    async fn store_in_redis(
+        &self,
+        redis: &RedisStore,
+        key: &str,
+        payload: Bytes,
+        expire: u64,
+        push_id: &str,
+    ) -> Result<i64, Reply> {
+        let ttl = self
+            .limits
+            .expire(expire)
+            .map_err(|e| Reply::param(e.to_string()))?;
+        self.retrying(
+            || redis.append_idempotent(Channel::Private(key), push_id, payload.clone(), ttl),
+            |e: &StoreError| {
+                matches!(e, StoreError::Redis(e) if e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_timeout())
+            },
+        )
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "storing in redis failed");
+            Reply::err(INTERNAL, format!("storage: {e}"))
+        })
+    }
+
+    /// Pushes one private message; returns its mid once stored.
+    pub async fn push_private(&self, key: &str, payload: Bytes, expire: u64) -> Result<i64, Reply> {
+        let push_id = new_push_id();
+        if let PushPath::StoreInRedis(redis) = &self.path {
+            return self
+                .store_in_redis(redis, key, payload, expire, &push_id)
+                .await;
+        }
+        let view = self.membership.view();
+        if let Some(ep) = view.endpoint_for(key) {
+            let req = pb::PushRequest {
+                key: key.to_owned(),
+                payload: payload.clone(),
+                expire_seconds: expire,
+                push_id: push_id.clone(),
+            };
+            let pusher = self
+                .pusher(&ep.rpc)
+                .map_err(|e| Reply::err(INTERNAL, e.to_string()))?;
+            match pusher.call(req).await {
+                Ok(CometPush::Stored(mid)) => return Ok(mid),
+                Ok(CometPush::Unreached(why)) => {
+                    tracing::warn!(shard = ep.shard, error = %why, "comet unreachable: storing directly");
+                }
+                Ok(CometPush::Refused(reply)) => return Err(reply),
+                Ok(CometPush::Failed(why)) => {
+                    // The comet could not store it (its message service is
+                    // down, say): store it here under the same push id, which
+                    // returns the first mid if the comet's write did land.
+                    tracing::warn!(shard = ep.shard, error = %why, "comet could not store: storing directly");
+                }
+                Err(e) => return Err(Reply::err(INTERNAL, e.to_string())),
+            }
+        }
+        self.metrics.stored_without_comet.inc();
+        self.store_via_message_service(key, GID_PRIVATE, payload, expire, &push_id)
+            .await
+    }
+
+    /// Pushes to many keys, one call per comet (with Redis: one store per
+    /// key, pipelined on web's connection); returns the keys that failed.
+    pub async fn multi_push(&self, keys: Vec<String>, payload: Bytes, expire: u64) -> Vec<String> {
+        let push_id = new_push_id();
+        let push_id = push_id.as_str();
+        if let PushPath::StoreInRedis(_) = &self.path {
+            return self.store_each(keys, payload, expire, push_id).await;
+        }
+        let view = self.membership.view();
+        let mut by_comet: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut no_comet = Vec::new();
+        for k in keys {
+            match view.endpoint_for(&k) {
+                Some(ep) => by_comet.entry(ep.rpc.clone()).or_default().push(k),
+                None => no_comet.push(k),
+            }
+        }
+        let groups = by_comet.into_iter().map(|(rpc, keys)| {
+            let payload = payload.clone();
+            async move {
+                let req = pb::MultiPushRequest {
+                    keys: keys.clone(),
+                    payload: payload.clone(),
+                    expire_seconds: expire,
+                    push_id: push_id.to_owned(),
+                };
+                let client = self.clients.comet(&rpc);
+                let res = match client {
+                    Ok(mut c) => c.multi_push(req).await,
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                };
+                match res {
+                    Ok(r) => {
+                        let (unserved, failed): (Vec<_>, Vec<_>) = r
+                            .into_inner()
+                            .results
+                            .into_iter()
+                            .filter(|k| !k.error.is_empty())
+                            .partition(|k| k.unserved);
+                        let mut failed: Vec<String> = failed.into_iter().map(|k| k.key).collect();
+                        let unserved = unserved.into_iter().map(|k| k.key).collect();
+                        failed.extend(self.store_each(unserved, payload, expire, push_id).await);
+                        failed
+                    }
+                    Err(s) if unreached(&s) => {
+                        self.store_each(keys, payload, expire, push_id).await
+                    }
+                    Err(s) => {
+                        tracing::error!(comet = %rpc, error = %s.message(), "multi-push failed");
+                        keys
+                    }
+                }
+            }
+        });
+        let (mut failed, direct) = tokio::join!(
+            futures::future::join_all(groups),
+            self.store_each(no_comet, payload.clone(), expire, push_id)
+        );
+        let mut out: Vec<String> = failed.drain(..).flatten().collect();
+        out.extend(direct);
+        out
+    }
+
+    /// Stores `payload` for each of `keys` without a comet (in Redis when
+    /// web has it, else through the message service); returns the keys that
+    /// failed.
+    async fn store_each(
+        &self,
+        keys: Vec<String>,
+        payload: Bytes,
+        expire: u64,
+        push_id: &str,
+    ) -> Vec<String> {
+        if let PushPath::ThroughComets = &self.path {
+            self.metrics.stored_without_comet.inc_by(keys.len() as u64);
+        }
+        let stores = keys.into_iter().map(|k| {
+            let payload = payload.clone();
+            async move {
+                let stored = match &self.path {
+                    PushPath::StoreInRedis(redis) => {
+                        self.store_in_redis(redis, &k, payload, expire, push_id)
+                            .await
+                    }
+                    PushPath::ThroughComets => {
+                        self.store_via_message_service(&k, GID_PRIVATE, payload, expire, push_id)
+                            .await
+                    }
+                };
+                match stored {
+                    Ok(_) => None,
+                    Err(_) => Some(k),
+                }
+            }
+        });
+        futures::future::join_all(stores)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// Stores a broadcast once on the public sequence (gid 1), then delivers
+    /// it to every connection of every comet; returns its mid and how many
+    /// connections it reached. Clients that were offline read it from
+    /// `/1/msg/get?...&p=LAST_PUBLIC_MID`.
+    pub async fn broadcast(&self, payload: Bytes, expire: u64) -> Result<(i64, u64), Reply> {
+        let _order = self.broadcast_order.lock().await;
+        // Stored once by web itself, never retried: no push id needed.
+        let mid = self
+            .store_via_message_service("", GID_PUBLIC, payload.clone(), expire, "")
+            .await?;
+        let view = self.membership.view();
+        let deliveries = view.endpoints.values().map(|ep| {
+            let req = pb::DeliverRequest {
+                message: Some(pb::StoredMessage {
+                    mid,
+                    gid: GID_PUBLIC,
+                    payload: payload.clone(),
+                }),
+            };
+            let client = self.clients.comet(&ep.rpc);
+            async move {
+                let res = match client {
+                    Ok(mut c) => c.deliver(req).await.map(|r| r.into_inner().connections),
+                    Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+                };
+                res.unwrap_or_else(|e| {
+                    // Stored already: its clients read it on reconnect.
+                    tracing::warn!(shard = ep.shard, error = %e.message(), "broadcast delivery failed");
+                    0
+                })
+            }
+        });
+        let connections: u64 = futures::future::join_all(deliveries)
+            .await
+            .into_iter()
+            .sum();
+        Ok((mid, connections))
+    }
+}
+
+/// What became of a private push sent to a comet.
+#[derive(Debug)]
+pub(crate) enum CometPush {
+    /// Stored with this mid (and queued on the key's connections).
+    Stored(i64),
+    /// Not stored by the comet (unreachable, or not serving the key now):
+    /// web stores it itself, under the same push id.
+    Unreached(String),
+    /// Refused by the comet (a bad parameter): the caller's answer.
+    Refused(Reply),
+    /// The comet was reached but could not store it: web stores it itself,
+    /// under the same push id (storage dedupes).
+    Failed(String),
+}
+
+/// Pushes to one comet, coalesced under load (see [`pushcluster_core::batch`]).
+pub(crate) type Pusher = Batcher<pb::PushRequest, CometPush>;
+
+/// How long a store waits for an unreachable message service to come back:
+/// long enough for the embedded store's one pod to be replaced on a busy
+/// node, short of the 30 s a back end's HTTP client typically waits.
+const STORE_RETRY_FOR: Duration = Duration::from_secs(15);
+
+/// Pushes in one call at most; the comet takes up to 256.
+const PUSH_BATCH: usize = 128;
+/// Push calls in flight per comet before further pushes wait and coalesce
+/// (one, as for the comet's appends: see APPENDS_IN_FLIGHT there).
+const PUSHES_IN_FLIGHT: usize = 1;
+
+/// A [`Pusher`] for the comet behind `client`: batches pipelined on one
+/// PushStream (PushBatch calls to a comet without it). `deadline` bounds
+/// each batch's wait for its reply.
+pub(crate) fn pusher(
+    client: CometClient<pushcluster_proto::auth::AuthChannel>,
+    deadline: Duration,
+) -> Pusher {
+    let stream = {
+        let client = client.clone();
+        Arc::new(Pipeline::new(deadline, move |calls| {
+            let mut client = client.clone();
+            Box::pin(async move {
+                client
+                    .push_stream(calls)
+                    .await
+                    .map(tonic::Response::into_inner)
+            })
+        }))
+    };
+    Batcher::new(PUSH_BATCH, PUSHES_IN_FLIGHT, move |pushes| {
+        let (stream, mut client) = (stream.clone(), client.clone());
+        async move {
+            let n = pushes.len();
+            let replied = stream
+                .call_or(pb::PushBatchRequest { pushes }, |req| async move {
+                    client
+                        .push_batch(req)
+                        .await
+                        .map(tonic::Response::into_inner)
+                })
+                .await;
+            match replied {
+                Ok(r) => r
+                    .results
+                    .into_iter()
+                    .map(|k| match k {
+                        k if k.error.is_empty() => CometPush::Stored(k.mid),
+                        k if k.unserved => CometPush::Unreached(k.error),
+                        k if k.invalid => CometPush::Refused(Reply::param(k.error)),
+                        k => CometPush::Failed(k.error),
+                    })
+                    .collect(),
+                Err(s) if unreached(&s) => (0..n)
+                    .map(|_| CometPush::Unreached(s.message().to_owned()))
+                    .collect(),
+                Err(s) if s.code() == Code::InvalidArgument => (0..n)
+                    .map(|_| CometPush::Refused(Reply::param(s.message().to_owned())))
+                    .collect(),
+                Err(s) => (0..n)
+                    .map(|_| CometPush::Failed(s.message().to_owned()))
+                    .collect(),
+            }
+        }
+    })
+}
+
+/// A fresh push id: 128 random bits, hex.
+fn new_push_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
