@@ -25,6 +25,7 @@ mod config;
 pub mod live;
 mod metrics;
 pub mod protocol;
+pub mod push;
 pub mod registry;
 pub mod rpc;
 mod run;
@@ -36,6 +37,7 @@ pub mod ws;
 pub use comet::{Comet, Refusal};
 pub use config::{Advertise, Config};
 pub use metrics::Metrics;
+pub use push::PushError;
 pub use run::run;
 
 /// Errors that stop a comet.

@@ -4,6 +4,9 @@
 
 pub mod batch;
 pub mod frame;
+/// Helpers for tests (a seeded generator for property tests); behind the
+/// `testing` feature, so they are not part of the library's API.
+#[cfg(any(test, feature = "testing"))]
 pub mod fuzz;
 pub mod key;
 pub mod membership;

@@ -403,6 +403,7 @@ impl Reader {
 /// Everything the server makes of `stream`, fed in pieces cut at `cuts`
 /// (offsets, any order): the units in order, and how it ends. The comet's
 /// connections run exactly this [`Reader`] on what their sockets give.
+#[cfg(any(test, feature = "testing"))]
 pub fn verdict_in_pieces(stream: &[u8], cuts: &[usize], max: usize) -> (Vec<Inbound>, Outcome) {
     let mut bounds: Vec<usize> = cuts.iter().map(|c| (*c).min(stream.len())).collect();
     bounds.push(stream.len());
@@ -423,12 +424,13 @@ pub fn verdict_in_pieces(stream: &[u8], cuts: &[usize], max: usize) -> (Vec<Inbo
 }
 
 /// [`verdict_in_pieces`] with the stream in one piece.
+#[cfg(any(test, feature = "testing"))]
 pub fn verdict(stream: &[u8], max: usize) -> (Vec<Inbound>, Outcome) {
     verdict_in_pieces(stream, &[], max)
 }
 
-/// A masked client frame, as a client library would send it (for tests and
-/// load generators).
+/// A masked client frame, as a client library would send it (for tests).
+#[cfg(any(test, feature = "testing"))]
 pub fn client_frame(opcode: Opcode, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut out = Vec::with_capacity(payload.len() + 14);
     put_header(&mut out, opcode, payload.len());

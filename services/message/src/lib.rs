@@ -10,7 +10,7 @@ use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::pipeline::{answer_in_order, Replies};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_server::{Message, MessageServer};
-use pushcluster_store::{Backend, Channel, Fence, Retention, Store, StoreError};
+use pushcluster_store::{AppendOpts, Backend, Channel, Retention, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -236,21 +236,8 @@ impl<S: Store> MessageService<S> {
         pushcluster_core::key::check_push_id(&r.push_id)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let start = Instant::now();
-        let res = if r.fence > 0 {
-            let fence = Fence {
-                shard: r.shard,
-                token: r.fence,
-            };
-            self.store
-                .append_fenced(ch, &r.push_id, r.payload, ttl, fence)
-                .await
-        } else if r.push_id.is_empty() {
-            self.store.append(ch, r.payload, ttl).await
-        } else {
-            self.store
-                .append_idempotent(ch, &r.push_id, r.payload, ttl)
-                .await
-        };
+        let opts = AppendOpts::from_wire(&r.push_id, r.shard, r.fence);
+        let res = self.store.append_with(ch, r.payload, ttl, opts).await;
         if let Err(e @ StoreError::Fenced { .. }) = &res {
             // Not a storage failure: a comet that lost its Lease tried to write.
             self.metrics.fenced.inc();

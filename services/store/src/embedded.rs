@@ -5,7 +5,7 @@
 //! durability of every acknowledged append costs a share of one fsync. Reads
 //! run on MVCC snapshots beside it.
 
-use crate::{now_ms, Channel, Fence, Result, Retention, Store, StoreError, Stored};
+use crate::{now_ms, AppendOpts, Channel, Fence, Result, Retention, Store, StoreError, Stored};
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
@@ -242,22 +242,22 @@ fn apply(
 }
 
 impl EmbeddedStore {
-    /// Queues an append for the writer thread, deduplicated by `push_id` when given.
-    async fn append_with(
+    /// Queues an append for the writer thread.
+    async fn queue_append(
         &self,
         ch: Channel<'_>,
-        push_id: Option<String>,
         payload: Bytes,
         ttl: Duration,
-        fence: Option<Fence>,
+        opts: AppendOpts<'_>,
     ) -> Result<i64> {
         let (reply, rx) = oneshot::channel();
         let op = Op::Append {
             chan: channel_name(ch),
             payload,
             expire_at: now_ms().saturating_add(ttl.as_millis() as u64),
-            push_id,
-            fence,
+            // An empty id is no id: nothing to dedupe on.
+            push_id: opts.push_id.filter(|id| !id.is_empty()).map(str::to_owned),
+            fence: opts.fence,
             reply,
         };
         self.submit(op, rx).await
@@ -265,31 +265,14 @@ impl EmbeddedStore {
 }
 
 impl Store for EmbeddedStore {
-    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
-        self.append_with(ch, None, payload, ttl, None).await
-    }
-
-    async fn append_idempotent(
+    async fn append_with(
         &self,
         ch: Channel<'_>,
-        push_id: &str,
         payload: Bytes,
         ttl: Duration,
+        opts: AppendOpts<'_>,
     ) -> Result<i64> {
-        self.append_with(ch, Some(push_id.to_owned()), payload, ttl, None)
-            .await
-    }
-
-    async fn append_fenced(
-        &self,
-        ch: Channel<'_>,
-        push_id: &str,
-        payload: Bytes,
-        ttl: Duration,
-        fence: Fence,
-    ) -> Result<i64> {
-        let id = (!push_id.is_empty()).then(|| push_id.to_owned());
-        self.append_with(ch, id, payload, ttl, Some(fence)).await
+        self.queue_append(ch, payload, ttl, opts).await
     }
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

@@ -51,6 +51,39 @@ pub struct Fence {
     pub token: u64,
 }
 
+/// What an append checks besides storing: deduplication by push id and the
+/// writer's fence.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AppendOpts<'a> {
+    /// An append repeating this id on the same channel within the dedupe
+    /// window stores nothing and returns the first mid: a push retried
+    /// after a broken connection is stored exactly once.
+    pub push_id: Option<&'a str>,
+    /// Refused with [`StoreError::Fenced`] when a newer token of
+    /// `fence.shard` was seen, in one atomic step with the write; otherwise
+    /// the shard's newest token becomes `fence.token`.
+    pub fence: Option<Fence>,
+}
+
+impl<'a> AppendOpts<'a> {
+    /// Deduplicated by `push_id` (none when empty), unfenced.
+    pub fn dedupe(push_id: &'a str) -> Self {
+        Self {
+            push_id: (!push_id.is_empty()).then_some(push_id),
+            fence: None,
+        }
+    }
+
+    /// The options a push carries on the wire: an empty push id is none,
+    /// and fence token 0 is none (static membership holds no Lease).
+    pub fn from_wire(push_id: &'a str, shard: u32, token: u64) -> Self {
+        Self {
+            fence: (token > 0).then_some(Fence { shard, token }),
+            ..Self::dedupe(push_id)
+        }
+    }
+}
+
 /// How long and how much a backend keeps.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "snake_case", deny_unknown_fields)]
@@ -98,35 +131,24 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// The operations the message service needs from storage.
 pub trait Store: Send + Sync + 'static {
-    /// Stores `payload` on `ch` for `ttl` and returns its mid once durable.
+    /// Stores `payload` on `ch` for `ttl`, as `opts` say, and returns its
+    /// mid once durable.
+    fn append_with(
+        &self,
+        ch: Channel<'_>,
+        payload: Bytes,
+        ttl: Duration,
+        opts: AppendOpts<'_>,
+    ) -> impl Future<Output = Result<i64>> + Send;
+    /// [`Store::append_with`] without dedupe or fence.
     fn append(
         &self,
         ch: Channel<'_>,
         payload: Bytes,
         ttl: Duration,
-    ) -> impl Future<Output = Result<i64>> + Send;
-    /// Like `append`, but an append repeating `push_id` on the same channel
-    /// within the dedupe window stores nothing and returns the first mid: a
-    /// push retried after a broken connection is stored exactly once.
-    fn append_idempotent(
-        &self,
-        ch: Channel<'_>,
-        push_id: &str,
-        payload: Bytes,
-        ttl: Duration,
-    ) -> impl Future<Output = Result<i64>> + Send;
-    /// Like `append_idempotent` (no dedupe when `push_id` is empty), in one
-    /// atomic step with the fence check: refused with [`StoreError::Fenced`]
-    /// when a newer token of `fence.shard` was seen; otherwise the shard's
-    /// newest token becomes `fence.token`.
-    fn append_fenced(
-        &self,
-        ch: Channel<'_>,
-        push_id: &str,
-        payload: Bytes,
-        ttl: Duration,
-        fence: Fence,
-    ) -> impl Future<Output = Result<i64>> + Send;
+    ) -> impl Future<Output = Result<i64>> + Send {
+        self.append_with(ch, payload, ttl, AppendOpts::default())
+    }
     /// Messages of `ch` with mid > `after`, oldest first, at most `limit`, unexpired.
     fn fetch(
         &self,
@@ -149,35 +171,16 @@ pub enum Backend {
 }
 
 impl Store for Backend {
-    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
-        match self {
-            Backend::Redis(s) => s.append(ch, payload, ttl).await,
-            Backend::Embedded(s) => s.append(ch, payload, ttl).await,
-        }
-    }
-    async fn append_idempotent(
+    async fn append_with(
         &self,
         ch: Channel<'_>,
-        push_id: &str,
         payload: Bytes,
         ttl: Duration,
+        opts: AppendOpts<'_>,
     ) -> Result<i64> {
         match self {
-            Backend::Redis(s) => s.append_idempotent(ch, push_id, payload, ttl).await,
-            Backend::Embedded(s) => s.append_idempotent(ch, push_id, payload, ttl).await,
-        }
-    }
-    async fn append_fenced(
-        &self,
-        ch: Channel<'_>,
-        push_id: &str,
-        payload: Bytes,
-        ttl: Duration,
-        fence: Fence,
-    ) -> Result<i64> {
-        match self {
-            Backend::Redis(s) => s.append_fenced(ch, push_id, payload, ttl, fence).await,
-            Backend::Embedded(s) => s.append_fenced(ch, push_id, payload, ttl, fence).await,
+            Backend::Redis(s) => s.append_with(ch, payload, ttl, opts).await,
+            Backend::Embedded(s) => s.append_with(ch, payload, ttl, opts).await,
         }
     }
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

@@ -16,7 +16,7 @@
 //! runs scripts one at a time and sends a subscriber its messages in the
 //! order they were published.
 
-use crate::{now_ms, Channel, Fence, Result, Retention, Store, StoreError, Stored};
+use crate::{now_ms, AppendOpts, Channel, Result, Retention, Store, StoreError, Stored};
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
@@ -167,14 +167,15 @@ impl RedisStore {
     /// the list's life. The fence key `<ns>:fence:{<shard>}` sits in another
     /// slot: atomic on a single node (the only mode wired today); a Redis
     /// Cluster client would keep a copy of the fence per key instead.
-    async fn append_with(
+    async fn append_script(
         &self,
         ch: Channel<'_>,
-        push_id: &str,
         payload: Bytes,
         ttl: Duration,
-        fence: Option<Fence>,
+        opts: AppendOpts<'_>,
     ) -> Result<i64> {
+        // The script skips deduplication for an empty id.
+        let (push_id, fence) = (opts.push_id.unwrap_or_default(), opts.fence);
         let (seq, list) = self.keys(ch);
         let id_key = format!("{}:id:{push_id}", &seq[..seq.len() - 2]);
         let (fence_key, token) = match fence {
@@ -224,30 +225,14 @@ impl RedisStore {
 }
 
 impl Store for RedisStore {
-    async fn append(&self, ch: Channel<'_>, payload: Bytes, ttl: Duration) -> Result<i64> {
-        self.append_with(ch, "", payload, ttl, None).await
-    }
-
-    async fn append_idempotent(
+    async fn append_with(
         &self,
         ch: Channel<'_>,
-        push_id: &str,
         payload: Bytes,
         ttl: Duration,
+        opts: AppendOpts<'_>,
     ) -> Result<i64> {
-        self.append_with(ch, push_id, payload, ttl, None).await
-    }
-
-    async fn append_fenced(
-        &self,
-        ch: Channel<'_>,
-        push_id: &str,
-        payload: Bytes,
-        ttl: Duration,
-        fence: Fence,
-    ) -> Result<i64> {
-        self.append_with(ch, push_id, payload, ttl, Some(fence))
-            .await
+        self.append_script(ch, payload, ttl, opts).await
     }
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

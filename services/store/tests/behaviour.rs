@@ -5,7 +5,15 @@ use bytes::Bytes;
 use pushcluster_store::embedded::EmbeddedStore;
 use pushcluster_store::redis::RedisStore;
 use pushcluster_store::testing::RedisServer;
-use pushcluster_store::{Channel, Fence, Retention, Store, StoreError};
+use pushcluster_store::{AppendOpts, Channel, Fence, Retention, Store, StoreError};
+
+/// Deduplicated by `push_id` (none when empty) and fenced by `fence`.
+fn fenced(push_id: &str, fence: Fence) -> AppendOpts<'_> {
+    AppendOpts {
+        fence: Some(fence),
+        ..AppendOpts::dedupe(push_id)
+    }
+}
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -199,26 +207,46 @@ async fn concurrent_appends_get_unique_contiguous_mids<S: Store>(s: Arc<S>) {
 
 async fn idempotent_appends_store_once<S: Store>(s: &S) {
     let first = s
-        .append_idempotent(Channel::Private("i"), "push-1", b("1"), HOUR)
+        .append_with(
+            Channel::Private("i"),
+            b("1"),
+            HOUR,
+            AppendOpts::dedupe("push-1"),
+        )
         .await
         .unwrap();
     // The same push retried (after a broken connection) stores nothing new.
     let again = s
-        .append_idempotent(Channel::Private("i"), "push-1", b("1"), HOUR)
+        .append_with(
+            Channel::Private("i"),
+            b("1"),
+            HOUR,
+            AppendOpts::dedupe("push-1"),
+        )
         .await
         .unwrap();
     assert_eq!((first, again), (1, 1));
     assert_eq!(
-        s.append_idempotent(Channel::Private("i"), "push-2", b("2"), HOUR)
-            .await
-            .unwrap(),
+        s.append_with(
+            Channel::Private("i"),
+            b("2"),
+            HOUR,
+            AppendOpts::dedupe("push-2")
+        )
+        .await
+        .unwrap(),
         2
     );
     // Ids are per channel: a multi-push uses one id for many keys.
     assert_eq!(
-        s.append_idempotent(Channel::Private("j"), "push-1", b("1"), HOUR)
-            .await
-            .unwrap(),
+        s.append_with(
+            Channel::Private("j"),
+            b("1"),
+            HOUR,
+            AppendOpts::dedupe("push-1")
+        )
+        .await
+        .unwrap(),
         1
     );
     assert_eq!(
@@ -229,8 +257,18 @@ async fn idempotent_appends_store_once<S: Store>(s: &S) {
     assert_eq!(mids(&stored), vec![1, 2, 3]);
     // Concurrent retries of one push: one message.
     let (a, b2) = tokio::join!(
-        s.append_idempotent(Channel::Private("k"), "dup", b("x"), HOUR),
-        s.append_idempotent(Channel::Private("k"), "dup", b("x"), HOUR)
+        s.append_with(
+            Channel::Private("k"),
+            b("x"),
+            HOUR,
+            AppendOpts::dedupe("dup")
+        ),
+        s.append_with(
+            Channel::Private("k"),
+            b("x"),
+            HOUR,
+            AppendOpts::dedupe("dup")
+        )
     );
     assert_eq!(a.unwrap(), b2.unwrap());
     assert_eq!(s.last_mid(Channel::Private("k")).await.unwrap(), 1);
@@ -241,20 +279,20 @@ async fn an_older_fence_is_refused_and_stores_nothing<S: Store>(s: &S) {
     let ch = Channel::Private("fenced");
     // Holder with token 5 writes; its successor (token 6) takes over.
     assert_eq!(
-        s.append_fenced(ch, "", b("a"), HOUR, f(0, 5))
+        s.append_with(ch, b("a"), HOUR, fenced("", f(0, 5)))
             .await
             .unwrap(),
         1
     );
     assert_eq!(
-        s.append_fenced(ch, "", b("b"), HOUR, f(0, 6))
+        s.append_with(ch, b("b"), HOUR, fenced("", f(0, 6)))
             .await
             .unwrap(),
         2
     );
     // The old holder wakes: refused, with the token in force.
     match s
-        .append_fenced(ch, "p-old", b("stale"), HOUR, f(0, 5))
+        .append_with(ch, b("stale"), HOUR, fenced("p-old", f(0, 5)))
         .await
     {
         Err(StoreError::Fenced {
@@ -267,20 +305,20 @@ async fn an_older_fence_is_refused_and_stores_nothing<S: Store>(s: &S) {
     // Its refused push id was not recorded: the retry through the successor
     // (or web) stores it once.
     assert_eq!(
-        s.append_fenced(ch, "p-old", b("stale"), HOUR, f(0, 6))
+        s.append_with(ch, b("stale"), HOUR, fenced("p-old", f(0, 6)))
             .await
             .unwrap(),
         3
     );
     assert_eq!(
-        s.append_fenced(ch, "p-old", b("stale"), HOUR, f(0, 6))
+        s.append_with(ch, b("stale"), HOUR, fenced("p-old", f(0, 6)))
             .await
             .unwrap(),
         3
     );
     // Fences are per shard; unfenced appends (web's direct stores) pass.
     assert_eq!(
-        s.append_fenced(Channel::Private("other"), "", b("x"), HOUR, f(1, 1))
+        s.append_with(Channel::Private("other"), b("x"), HOUR, fenced("", f(1, 1)))
             .await
             .unwrap(),
         1
@@ -289,13 +327,14 @@ async fn an_older_fence_is_refused_and_stores_nothing<S: Store>(s: &S) {
     // Tokens beyond 2^53 compare exactly (Redis compares them as strings).
     let big = (1u64 << 60) + 1;
     assert_eq!(
-        s.append_fenced(ch, "", b("c"), HOUR, f(2, big))
+        s.append_with(ch, b("c"), HOUR, fenced("", f(2, big)))
             .await
             .unwrap(),
         5
     );
     assert!(matches!(
-        s.append_fenced(ch, "", b("d"), HOUR, f(2, big - 1)).await,
+        s.append_with(ch, b("d"), HOUR, fenced("", f(2, big - 1)))
+            .await,
         Err(StoreError::Fenced { .. })
     ));
     let stored = s.fetch(ch, 0, 10).await.unwrap();
@@ -438,24 +477,24 @@ async fn new_private_messages_are_published_on_their_live_channel() {
     );
     let id = "retried";
     assert_eq!(
-        s.append_idempotent(Channel::Private("k"), id, b("2"), HOUR)
+        s.append_with(Channel::Private("k"), b("2"), HOUR, AppendOpts::dedupe(id))
             .await
             .unwrap(),
         2
     );
     assert_eq!(
-        s.append_idempotent(Channel::Private("k"), id, b("2"), HOUR)
+        s.append_with(Channel::Private("k"), b("2"), HOUR, AppendOpts::dedupe(id))
             .await
             .unwrap(),
         2
     );
     let fence = pushcluster_store::Fence { shard: 0, token: 5 };
-    s.append_fenced(Channel::Private("k"), "", b("3"), HOUR, fence)
+    s.append_with(Channel::Private("k"), b("3"), HOUR, fenced("", fence))
         .await
         .unwrap();
     let stale = pushcluster_store::Fence { shard: 0, token: 4 };
     assert!(s
-        .append_fenced(Channel::Private("k"), "", b("x"), HOUR, stale)
+        .append_with(Channel::Private("k"), b("x"), HOUR, fenced("", stale))
         .await
         .is_err());
     s.append(Channel::Public, b("public"), HOUR).await.unwrap();

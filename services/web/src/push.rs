@@ -33,7 +33,7 @@ use pushcluster_proto::pipeline::Pipeline;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_store::redis::RedisStore;
-use pushcluster_store::{Channel, Store, StoreError};
+use pushcluster_store::{AppendOpts, Channel, Store, StoreError};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -184,7 +184,10 @@ impl Pushes {
             .expire(expire)
             .map_err(|e| Reply::param(e.to_string()))?;
         self.retrying(
-            || redis.append_idempotent(Channel::Private(key), push_id, payload.clone(), ttl),
+            || {
+                let opts = AppendOpts::dedupe(push_id);
+                redis.append_with(Channel::Private(key), payload.clone(), ttl, opts)
+            },
             |e: &StoreError| {
                 matches!(e, StoreError::Redis(e) if e.is_io_error()
                     || e.is_connection_refusal()
