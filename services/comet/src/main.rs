@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use push_comet::Config;
+use pushcluster_core::cli::{run_service, set, set_some, CommonArgs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -46,62 +47,44 @@ struct Args {
     /// gRPC URL of the message service.
     #[arg(long, env = "PUSH_MESSAGE_URL")]
     message_url: Option<String>,
-    /// Redis of the message store (`redis://host:port/db`): pushes are
-    /// stored straight into it instead of through the message service.
-    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
-    redis_url: Option<String>,
     /// Secret for subscriber tokens (HMAC-SHA256); unset = no token check.
     #[arg(long, env = "PUSH_SUBSCRIBER_SECRET", hide_env_values = true)]
     subscriber_secret: Option<String>,
-    /// The cluster's internal RPC token (required on calls to this comet,
-    /// sent to the message service); unset = calls are not checked.
-    #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
-    rpc_token: Option<String>,
     /// Runtime threads: 1 (the default) = a single-threaded runtime, which
     /// costs a fifth less CPU per push than two threads waking each other and
     /// fans out as well (docs/benchmarks.md, S2 and S3); comets scale by
     /// shards. 0 = one per CPU this process may use (a cgroup CPU limit counts).
     #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 1)]
     worker_threads: usize,
-    /// Log as JSON lines.
-    #[arg(long, env = "PUSH_LOG_JSON")]
-    log_json: bool,
+    // With a Redis URL (`--redis-url`), private pushes arrive on its live
+    // channels.
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    pushcluster_core::ops::runtime(a.worker_threads)?.block_on(serve(a))
-}
-
-async fn serve(a: Args) -> anyhow::Result<()> {
-    pushcluster_core::ops::init_tracing(a.log_json);
-    let mut cfg: Config = pushcluster_core::ops::load_yaml(a.config.as_deref())?;
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
-    }
-    set!(
-        shard,
-        ws_listen,
-        tcp_listen,
-        rpc_listen,
-        ops_listen,
-        message_url
-    );
-    if let Some(n) = a.shards {
-        cfg.membership.set_shards(n);
-    }
-    if a.redis_url.is_some() {
-        cfg.store.redis_url = a.redis_url;
-    }
-    if a.subscriber_secret.is_some() {
-        cfg.subscriber_secret = a.subscriber_secret;
-    }
-    if a.rpc_token.is_some() {
-        cfg.rpc_token = a.rpc_token;
-    }
-    let cancel = tokio_util::sync::CancellationToken::new();
-    pushcluster_core::ops::cancel_on_signal(cancel.clone());
-    push_comet::run(cfg, cancel).await?;
-    tracing::info!("comet stopped");
+    let configure = |cfg: &mut Config| {
+        set(&mut cfg.shard, a.shard);
+        if let Some(n) = a.shards {
+            cfg.membership.set_shards(n);
+        }
+        set(&mut cfg.ws_listen, a.ws_listen);
+        set(&mut cfg.tcp_listen, a.tcp_listen);
+        set(&mut cfg.rpc_listen, a.rpc_listen);
+        set(&mut cfg.ops_listen, a.ops_listen);
+        set(&mut cfg.message_url, a.message_url);
+        set_some(&mut cfg.store.redis_url, a.common.redis_url);
+        set_some(&mut cfg.subscriber_secret, a.subscriber_secret);
+        set_some(&mut cfg.rpc_token, a.common.rpc_token);
+    };
+    let (threads, json) = (a.worker_threads, a.common.log_json);
+    run_service(
+        threads,
+        json,
+        a.config.as_deref(),
+        configure,
+        push_comet::run,
+    )?;
     Ok(())
 }

@@ -6,7 +6,8 @@
 //! fetched from the message service, then live messages, with no duplicate.
 //! Public (broadcast) messages are events of type `public` without an id, so
 //! they do not disturb the resume point. Refusals are HTTP errors with a JSON
-//! body (`ret` as on web: 65534 parameter, 401 auth, 1002 channel).
+//! body (`ret` from [`pushcluster_core::ret`], as on web: 65534 parameter,
+//! 65533 auth, 1002 channel, 65535 storage).
 
 use crate::protocol::Subscribe;
 use crate::registry::{Close, Delivery, Next};
@@ -17,6 +18,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use pushcluster_core::frame::Format;
+use pushcluster_core::ret;
 use pushcluster_core::GID_PRIVATE;
 use pushcluster_proto::v1 as pb;
 use std::convert::Infallible;
@@ -89,7 +91,7 @@ pub async fn subscribe(
     let header = headers.get("last-event-id").map(|v| v.as_bytes());
     let req = match crate::protocol::parse_sse(q.as_deref().unwrap_or_default(), header) {
         Ok(r) => r,
-        Err(e) => return refuse(StatusCode::BAD_REQUEST, 65534, &e.to_string()),
+        Err(e) => return refuse(StatusCode::BAD_REQUEST, ret::PARAM, &e.to_string()),
     };
     let (key, last) = (req.key, req.last.unwrap_or(-1));
     let sub = Subscribe {
@@ -102,12 +104,16 @@ pub async fn subscribe(
     // client shows as a closed response stream.
     let s = match comet.admit(&sub, None).await {
         Ok(s) => s,
-        Err(crate::Refusal::Param) => return refuse(StatusCode::BAD_REQUEST, 65534, "invalid key"),
-        Err(crate::Refusal::Auth) => return refuse(StatusCode::UNAUTHORIZED, 401, "token refused"),
+        Err(crate::Refusal::Param) => {
+            return refuse(StatusCode::BAD_REQUEST, ret::PARAM, "invalid key")
+        }
+        Err(crate::Refusal::Auth) => {
+            return refuse(StatusCode::UNAUTHORIZED, ret::UNAUTHORIZED, "token refused")
+        }
         Err(crate::Refusal::Channel) => {
             return refuse(
                 StatusCode::CONFLICT,
-                1002,
+                ret::CHANNEL,
                 "key cannot subscribe here (subscriber limit, wrong comet or shutting down)",
             )
         }
@@ -122,7 +128,7 @@ pub async fn subscribe(
                 tracing::warn!(key = %key, error = %e, "SSE resume fetch failed");
                 return refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    65535,
+                    ret::INTERNAL,
                     "storage unavailable",
                 );
             }

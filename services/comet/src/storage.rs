@@ -24,12 +24,11 @@ use pushcluster_core::batch::Batcher;
 use pushcluster_core::key::Limits;
 use pushcluster_core::GID_PRIVATE;
 use pushcluster_proto::auth::AuthChannel;
-use pushcluster_proto::pipeline::Pipeline;
+use pushcluster_proto::pipeline::pipelined_batcher;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_client::MessageClient;
 use pushcluster_store::redis::RedisStore;
 use pushcluster_store::{AppendOpts, Channel, Fence, Store, StoreError};
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use pushcluster_store::redis::DirectStore;
@@ -169,9 +168,23 @@ fn appender(
     client: MessageClient<AuthChannel>,
     deadline: Duration,
 ) -> Batcher<pb::AppendRequest, Result<i64, AppendError>> {
-    let stream = {
+    let unary = {
         let client = client.clone();
-        Arc::new(Pipeline::new(deadline, move |calls| {
+        move |req| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .append_batch(req)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        }
+    };
+    pipelined_batcher(
+        deadline,
+        APPEND_BATCH,
+        APPENDS_IN_FLIGHT,
+        move |calls| {
             let mut client = client.clone();
             Box::pin(async move {
                 client
@@ -179,37 +192,33 @@ fn appender(
                     .await
                     .map(tonic::Response::into_inner)
             })
-        }))
-    };
-    Batcher::new(APPEND_BATCH, APPENDS_IN_FLIGHT, move |appends| {
-        let (stream, mut client) = (stream.clone(), client.clone());
-        async move {
-            let n = appends.len();
-            let replied = stream
-                .call_or(pb::AppendBatchRequest { appends }, |req| async move {
-                    client
-                        .append_batch(req)
-                        .await
-                        .map(tonic::Response::into_inner)
-                })
-                .await;
-            match replied {
-                Ok(r) => r
-                    .results
-                    .into_iter()
-                    .map(|a| match (a.error.is_empty(), a.invalid) {
-                        (true, _) => Ok(a.mid),
-                        (false, true) => Err(AppendError::Invalid(a.error)),
-                        (false, false) => Err(AppendError::Failed(a.error)),
-                    })
-                    .collect(),
-                Err(e) if e.code() == tonic::Code::InvalidArgument => (0..n)
-                    .map(|_| Err(AppendError::Invalid(e.message().to_owned())))
-                    .collect(),
-                Err(e) => (0..n)
-                    .map(|_| Err(AppendError::Failed(e.message().to_owned())))
-                    .collect(),
-            }
-        }
-    })
+        },
+        unary,
+        |appends| pb::AppendBatchRequest { appends },
+        split_appends,
+    )
+}
+
+/// One outcome per append of a batch.
+fn split_appends(
+    replied: Result<pb::AppendBatchReply, tonic::Status>,
+    n: usize,
+) -> Vec<Result<i64, AppendError>> {
+    match replied {
+        Ok(r) => r
+            .results
+            .into_iter()
+            .map(|a| match (a.error.is_empty(), a.invalid) {
+                (true, _) => Ok(a.mid),
+                (false, true) => Err(AppendError::Invalid(a.error)),
+                (false, false) => Err(AppendError::Failed(a.error)),
+            })
+            .collect(),
+        Err(e) if e.code() == tonic::Code::InvalidArgument => (0..n)
+            .map(|_| Err(AppendError::Invalid(e.message().to_owned())))
+            .collect(),
+        Err(e) => (0..n)
+            .map(|_| Err(AppendError::Failed(e.message().to_owned())))
+            .collect(),
+    }
 }

@@ -3,6 +3,7 @@
 //! endpoints (`/metrics`, `/healthz`, `/readyz`) every service serves.
 
 pub mod batch;
+pub mod cli;
 pub mod frame;
 /// Helpers for tests (a seeded generator for property tests); behind the
 /// `testing` feature, so they are not part of the library's API.
@@ -11,6 +12,7 @@ pub mod fuzz;
 pub mod key;
 pub mod membership;
 pub mod ops;
+pub mod ret;
 pub mod ring;
 pub mod serve;
 pub mod token;

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use push_message::Config;
+use pushcluster_core::cli::{run_service, set, set_some, CommonArgs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -28,13 +29,6 @@ struct Args {
     /// Listen address of /metrics, /healthz and /readyz.
     #[arg(long, env = "PUSH_MESSAGE_OPS_LISTEN")]
     ops_listen: Option<SocketAddr>,
-    /// Redis URL (redis://host:port/db); without it the embedded store is used.
-    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
-    redis_url: Option<String>,
-    /// The cluster's internal RPC token, required on every call; unset =
-    /// calls are not checked.
-    #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
-    rpc_token: Option<String>,
     /// File of the embedded store.
     #[arg(long, env = "PUSH_MESSAGE_DATA")]
     data: Option<PathBuf>,
@@ -42,37 +36,26 @@ struct Args {
     /// limit counts); 1 = a single-threaded runtime, the cheapest on one CPU.
     #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
-    /// Log as JSON lines.
-    #[arg(long, env = "PUSH_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
-    pushcluster_core::ops::runtime(args.worker_threads)?.block_on(serve(args))
-}
-
-async fn serve(args: Args) -> anyhow::Result<()> {
-    pushcluster_core::ops::init_tracing(args.log_json);
-    let mut cfg: Config = pushcluster_core::ops::load_yaml(args.config.as_deref())?;
-    if let Some(a) = args.listen {
-        cfg.listen = a;
-    }
-    if let Some(a) = args.ops_listen {
-        cfg.ops_listen = a;
-    }
-    if let Some(u) = args.redis_url {
-        cfg.storage.redis_url = Some(u);
-    }
-    if args.rpc_token.is_some() {
-        cfg.rpc_token = args.rpc_token;
-    }
-    if let Some(p) = args.data {
-        cfg.storage.path = p;
-    }
-    let cancel = tokio_util::sync::CancellationToken::new();
-    pushcluster_core::ops::cancel_on_signal(cancel.clone());
-    push_message::run(cfg, cancel).await?;
-    tracing::info!("message service stopped");
+    let a = Args::parse();
+    let configure = |cfg: &mut Config| {
+        set(&mut cfg.listen, a.listen);
+        set(&mut cfg.ops_listen, a.ops_listen);
+        set_some(&mut cfg.storage.redis_url, a.common.redis_url);
+        set_some(&mut cfg.rpc_token, a.common.rpc_token);
+        set(&mut cfg.storage.path, a.data);
+    };
+    let (threads, json) = (a.worker_threads, a.common.log_json);
+    run_service(
+        threads,
+        json,
+        a.config.as_deref(),
+        configure,
+        push_message::run,
+    )?;
     Ok(())
 }

@@ -17,6 +17,7 @@
 //! the stream again after [`RETRY_UNSUPPORTED`].
 
 use futures::{Stream, StreamExt};
+use pushcluster_core::batch::Batcher;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -53,6 +54,45 @@ pub enum CallError<Req> {
 }
 
 type Waiting<Rep> = oneshot::Sender<Result<Rep, Status>>;
+
+/// A [`Batcher`] whose batches travel pipelined on one long-lived stream:
+/// the shape of both batched calls on the push path (web's pushes to a
+/// comet, a comet's appends to the message service).
+///
+/// Items that arrive while a batch is in flight leave together in the next
+/// one (at most `max_batch`, `in_flight` batches at once). `open` opens the
+/// stream (a tonic client's stream method); a server without it (the
+/// previous release during a rolling upgrade) gets `unary`. `wrap` makes a
+/// batch into a request, and `split` a reply, or the call's failure, into one
+/// outcome per item, in order.
+#[allow(clippy::too_many_arguments)]
+pub fn pipelined_batcher<Item, Req, Rep, Out, O, U, UFut>(
+    deadline: Duration,
+    max_batch: usize,
+    in_flight: usize,
+    open: O,
+    unary: U,
+    wrap: fn(Vec<Item>) -> Req,
+    split: fn(Result<Rep, Status>, usize) -> Vec<Out>,
+) -> Batcher<Item, Out>
+where
+    Item: Send + 'static,
+    Req: Send + 'static,
+    Rep: Send + 'static,
+    Out: Send + 'static,
+    O: Fn(Calls<Req>) -> Opening<Rep> + Send + Sync + 'static,
+    U: Fn(Req) -> UFut + Clone + Send + Sync + 'static,
+    UFut: Future<Output = Result<Rep, Status>> + Send + 'static,
+{
+    let stream = Arc::new(Pipeline::new(deadline, open));
+    Batcher::new(max_batch, in_flight, move |items| {
+        let (stream, unary) = (stream.clone(), unary.clone());
+        async move {
+            let n = items.len();
+            split(stream.call_or(wrap(items), unary).await, n)
+        }
+    })
+}
 
 /// Sends calls over one bidirectional stream; see the module docs.
 ///

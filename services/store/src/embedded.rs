@@ -241,9 +241,9 @@ fn apply(
     Ok(out)
 }
 
-impl EmbeddedStore {
+impl Store for EmbeddedStore {
     /// Queues an append for the writer thread.
-    async fn queue_append(
+    async fn append_with(
         &self,
         ch: Channel<'_>,
         payload: Bytes,
@@ -261,18 +261,6 @@ impl EmbeddedStore {
             reply,
         };
         self.submit(op, rx).await
-    }
-}
-
-impl Store for EmbeddedStore {
-    async fn append_with(
-        &self,
-        ch: Channel<'_>,
-        payload: Bytes,
-        ttl: Duration,
-        opts: AppendOpts<'_>,
-    ) -> Result<i64> {
-        self.queue_append(ch, payload, ttl, opts).await
     }
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

@@ -161,13 +161,13 @@ fn parse_entry(raw: &[u8]) -> Result<(i64, u64, Bytes)> {
     Ok((mid, expire_at, Bytes::copy_from_slice(payload)))
 }
 
-impl RedisStore {
+impl Store for RedisStore {
     /// One atomic script: check and raise the shard's fence, dedupe by push
     /// id (same hash tag, same slot), INCR the sequence, append, trim, extend
     /// the list's life. The fence key `<ns>:fence:{<shard>}` sits in another
     /// slot: atomic on a single node (the only mode wired today); a Redis
     /// Cluster client would keep a copy of the fence per key instead.
-    async fn append_script(
+    async fn append_with(
         &self,
         ch: Channel<'_>,
         payload: Bytes,
@@ -221,18 +221,6 @@ impl RedisStore {
             }),
             _ => Ok(mid),
         }
-    }
-}
-
-impl Store for RedisStore {
-    async fn append_with(
-        &self,
-        ch: Channel<'_>,
-        payload: Bytes,
-        ttl: Duration,
-        opts: AppendOpts<'_>,
-    ) -> Result<i64> {
-        self.append_script(ch, payload, ttl, opts).await
     }
 
     async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {

@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use push_web::Config;
+use pushcluster_core::cli::{run_service, set, set_some, CommonArgs};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -42,15 +43,6 @@ struct Args {
     /// Secret of subscriber tokens: private reads then need the key's token.
     #[arg(long, env = "PUSH_SUBSCRIBER_SECRET", hide_env_values = true)]
     subscriber_secret: Option<String>,
-    /// The cluster's internal RPC token, sent on calls to comets and the
-    /// message service.
-    #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
-    rpc_token: Option<String>,
-    /// Redis URL of the message store: web then stores private pushes in it
-    /// itself (comets deliver them from Redis). Prefer this variable (from a
-    /// Secret) to the config file for a URL with a password.
-    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
-    redis_url: Option<String>,
     /// Runtime threads: 0 (the default) = one per CPU this process may use
     /// (a cgroup CPU limit counts); 1 = a single-threaded runtime. Web
     /// stores each push in Redis and answers it; with two threads one keeps
@@ -58,38 +50,25 @@ struct Args {
     /// for ~8 µs more CPU per push (docs/benchmarks.md).
     #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
     worker_threads: usize,
-    /// Log as JSON lines.
-    #[arg(long, env = "PUSH_LOG_JSON")]
-    log_json: bool,
+    // With a Redis URL (`--redis-url`), web stores private pushes in it
+    // itself and the comets deliver them from Redis.
+    #[command(flatten)]
+    common: CommonArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    pushcluster_core::ops::runtime(a.worker_threads)?.block_on(serve(a))
-}
-
-async fn serve(a: Args) -> anyhow::Result<()> {
-    pushcluster_core::ops::init_tracing(a.log_json);
-    let mut cfg: Config = pushcluster_core::ops::load_yaml(a.config.as_deref())?;
-    macro_rules! set {
-        ($($f:ident),*) => { $( if let Some(v) = a.$f { cfg.$f = v; } )* };
-    }
-    set!(public_listen, admin_listen, ops_listen, message_url);
-    if a.admin_token.is_some() {
-        cfg.admin_token = a.admin_token;
-    }
-    if a.subscriber_secret.is_some() {
-        cfg.subscriber_secret = a.subscriber_secret;
-    }
-    if a.rpc_token.is_some() {
-        cfg.rpc_token = a.rpc_token;
-    }
-    if a.redis_url.is_some() {
-        cfg.store.redis_url = a.redis_url;
-    }
-    let cancel = tokio_util::sync::CancellationToken::new();
-    pushcluster_core::ops::cancel_on_signal(cancel.clone());
-    push_web::run(cfg, cancel).await?;
-    tracing::info!("web stopped");
+    let configure = |cfg: &mut Config| {
+        set(&mut cfg.public_listen, a.public_listen);
+        set(&mut cfg.admin_listen, a.admin_listen);
+        set(&mut cfg.ops_listen, a.ops_listen);
+        set(&mut cfg.message_url, a.message_url);
+        set_some(&mut cfg.admin_token, a.admin_token);
+        set_some(&mut cfg.subscriber_secret, a.subscriber_secret);
+        set_some(&mut cfg.rpc_token, a.common.rpc_token);
+        set_some(&mut cfg.store.redis_url, a.common.redis_url);
+    };
+    let (threads, json) = (a.worker_threads, a.common.log_json);
+    run_service(threads, json, a.config.as_deref(), configure, push_web::run)?;
     Ok(())
 }

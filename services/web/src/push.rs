@@ -29,7 +29,7 @@ use pushcluster_core::batch::Batcher;
 use pushcluster_core::key::Limits;
 use pushcluster_core::membership::Membership;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
-use pushcluster_proto::pipeline::Pipeline;
+use pushcluster_proto::pipeline::pipelined_batcher;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_store::redis::RedisStore;
@@ -419,9 +419,23 @@ pub(crate) fn pusher(
     client: CometClient<pushcluster_proto::auth::AuthChannel>,
     deadline: Duration,
 ) -> Pusher {
-    let stream = {
+    let unary = {
         let client = client.clone();
-        Arc::new(Pipeline::new(deadline, move |calls| {
+        move |req| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .push_batch(req)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        }
+    };
+    pipelined_batcher(
+        deadline,
+        PUSH_BATCH,
+        PUSHES_IN_FLIGHT,
+        move |calls| {
             let mut client = client.clone();
             Box::pin(async move {
                 client
@@ -429,43 +443,36 @@ pub(crate) fn pusher(
                     .await
                     .map(tonic::Response::into_inner)
             })
-        }))
-    };
-    Batcher::new(PUSH_BATCH, PUSHES_IN_FLIGHT, move |pushes| {
-        let (stream, mut client) = (stream.clone(), client.clone());
-        async move {
-            let n = pushes.len();
-            let replied = stream
-                .call_or(pb::PushBatchRequest { pushes }, |req| async move {
-                    client
-                        .push_batch(req)
-                        .await
-                        .map(tonic::Response::into_inner)
-                })
-                .await;
-            match replied {
-                Ok(r) => r
-                    .results
-                    .into_iter()
-                    .map(|k| match k {
-                        k if k.error.is_empty() => CometPush::Stored(k.mid),
-                        k if k.unserved => CometPush::Unreached(k.error),
-                        k if k.invalid => CometPush::Refused(Reply::param(k.error)),
-                        k => CometPush::Failed(k.error),
-                    })
-                    .collect(),
-                Err(s) if unreached(&s) => (0..n)
-                    .map(|_| CometPush::Unreached(s.message().to_owned()))
-                    .collect(),
-                Err(s) if s.code() == Code::InvalidArgument => (0..n)
-                    .map(|_| CometPush::Refused(Reply::param(s.message().to_owned())))
-                    .collect(),
-                Err(s) => (0..n)
-                    .map(|_| CometPush::Failed(s.message().to_owned()))
-                    .collect(),
-            }
-        }
-    })
+        },
+        unary,
+        |pushes| pb::PushBatchRequest { pushes },
+        split_pushes,
+    )
+}
+
+/// One outcome per push of a batch.
+fn split_pushes(replied: Result<pb::MultiPushReply, tonic::Status>, n: usize) -> Vec<CometPush> {
+    match replied {
+        Ok(r) => r
+            .results
+            .into_iter()
+            .map(|k| match k {
+                k if k.error.is_empty() => CometPush::Stored(k.mid),
+                k if k.unserved => CometPush::Unreached(k.error),
+                k if k.invalid => CometPush::Refused(Reply::param(k.error)),
+                k => CometPush::Failed(k.error),
+            })
+            .collect(),
+        Err(s) if unreached(&s) => (0..n)
+            .map(|_| CometPush::Unreached(s.message().to_owned()))
+            .collect(),
+        Err(s) if s.code() == Code::InvalidArgument => (0..n)
+            .map(|_| CometPush::Refused(Reply::param(s.message().to_owned())))
+            .collect(),
+        Err(s) => (0..n)
+            .map(|_| CometPush::Failed(s.message().to_owned()))
+            .collect(),
+    }
 }
 
 /// A fresh push id: 128 random bits, hex.

@@ -11,16 +11,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
-/// Success.
-pub const OK: u32 = 0;
-/// No comet serves the key.
-pub const NO_NODE: u32 = 1001;
-/// Missing or wrong admin token.
-pub const UNAUTHORIZED: u32 = 65533;
-/// A parameter is missing or wrong.
-pub const PARAM: u32 = 65534;
-/// Something failed inside the cluster.
-pub const INTERNAL: u32 = 65535;
+pub use pushcluster_core::ret::{INTERNAL, NO_NODE, OK, PARAM, UNAUTHORIZED};
 
 /// The `ret` of a response, for the request metrics (a response extension).
 #[derive(Debug, Clone, Copy)]

@@ -1,0 +1,98 @@
+//! What the three service binaries (`push-comet`, `push-message`,
+//! `push-web`) share on their command lines, and the one way they start:
+//! a runtime, tracing, the YAML config with flags laid over it, SIGTERM.
+
+use crate::ops::{cancel_on_signal, init_tracing, load_yaml, runtime, ConfigError};
+use std::future::Future;
+use std::path::Path;
+use tokio_util::sync::CancellationToken;
+
+/// Flags every service binary takes (`#[command(flatten)]`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CommonArgs {
+    /// Log as JSON lines.
+    #[arg(long, env = "PUSH_LOG_JSON")]
+    pub log_json: bool,
+    /// The cluster's internal RPC token: required on calls to this service
+    /// and sent on the calls it makes; unset, calls are not checked. Prefer
+    /// the variable (from a Secret) to the flag.
+    #[arg(long, env = "PUSH_RPC_TOKEN", hide_env_values = true)]
+    pub rpc_token: Option<String>,
+    /// Redis URL of the message store (`redis://host:port/db`); without it
+    /// the cluster runs on the embedded store. Prefer the variable (from a
+    /// Secret) for a URL with a password.
+    #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+}
+
+/// Lays a flag over a config field: `field` becomes the flag's value when
+/// the flag was given.
+pub fn set<T>(field: &mut T, flag: Option<T>) {
+    if let Some(v) = flag {
+        *field = v;
+    }
+}
+
+/// Like [`set`], for an optional field.
+pub fn set_some<T>(field: &mut Option<T>, flag: Option<T>) {
+    if flag.is_some() {
+        *field = flag;
+    }
+}
+
+/// Why a service binary stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError<E: std::error::Error + 'static> {
+    #[error("runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error(transparent)]
+    Config(ConfigError),
+    #[error(transparent)]
+    Service(E),
+}
+
+/// Runs a service binary: a runtime of `threads` threads (0: one per CPU),
+/// tracing, the config from `path` (defaults without one) handed to
+/// `configure` for the flags, then `run` until SIGTERM or Ctrl-C cancels
+/// the token it gets.
+pub fn run_service<C, E, F, Fut>(
+    threads: usize,
+    log_json: bool,
+    path: Option<&Path>,
+    configure: impl FnOnce(&mut C),
+    run: F,
+) -> Result<(), StartError<E>>
+where
+    C: serde::de::DeserializeOwned + Default,
+    E: std::error::Error + 'static,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let rt = runtime(threads).map_err(StartError::Runtime)?;
+    rt.block_on(async move {
+        init_tracing(log_json);
+        let mut cfg: C = load_yaml(path).map_err(StartError::Config)?;
+        configure(&mut cfg);
+        let cancel = CancellationToken::new();
+        cancel_on_signal(cancel.clone());
+        run(cfg, cancel).await.map_err(StartError::Service)?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_replace_only_what_they_give() {
+        let (mut a, mut b) = (1, Some("file"));
+        set(&mut a, None);
+        set_some(&mut b, None);
+        assert_eq!((a, b), (1, Some("file")));
+        set(&mut a, Some(2));
+        set_some(&mut b, Some("flag"));
+        assert_eq!((a, b), (2, Some("flag")));
+    }
+}
