@@ -5,61 +5,20 @@
 //! is full the connection is a slow consumer and is closed, so it never slows
 //! anyone else (its client reconnects and fetches what it missed by mid).
 
-use axum::extract::ws::Utf8Bytes;
-use bytes::Bytes;
+mod delivery;
+mod pacer;
+
+pub use delivery::Delivery;
+use pacer::Pacer;
+#[cfg(test)]
+use pacer::WAKE_SLICE;
+
 use prometheus_client::metrics::counter::Counter;
-use pushcluster_core::frame::{encode_json, encode_resp_bulk, Format};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
-
-/// A stored message on its way to connections, encoded lazily per format.
-#[derive(Debug)]
-pub struct Delivery {
-    pub mid: i64,
-    pub gid: i32,
-    payload: Bytes,
-    json: [OnceLock<Utf8Bytes>; 2],
-    resp: [OnceLock<Bytes>; 2],
-}
-
-fn idx(f: Format) -> usize {
-    match f {
-        Format::Legacy => 0,
-        Format::Json => 1,
-    }
-}
-
-impl Delivery {
-    /// A message with its mid and gid.
-    pub fn new(mid: i64, gid: i32, payload: Bytes) -> Arc<Self> {
-        Arc::new(Self {
-            mid,
-            gid,
-            payload,
-            json: Default::default(),
-            resp: Default::default(),
-        })
-    }
-    /// The `{"msg":…,"mid":…,"gid":…}` frame in `format` (WebSocket, SSE).
-    pub fn json(&self, format: Format) -> &Utf8Bytes {
-        self.json[idx(format)].get_or_init(|| {
-            let json = encode_json(&self.payload, self.mid, self.gid, format);
-            // Stored payloads were checked to be UTF-8 JSON when pushed; a lossy
-            // conversion keeps a corrupt record from taking the comet down.
-            String::from_utf8(json)
-                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-                .into()
-        })
-    }
-    /// The same as a RESP bulk string (TCP).
-    pub fn resp(&self, format: Format) -> &Bytes {
-        self.resp[idx(format)]
-            .get_or_init(|| encode_resp_bulk(self.json(format).as_str().as_bytes()).into())
-    }
-}
 
 /// Why the comet ends a connection, mildest first: a harsher reason
 /// replaces a milder one.
@@ -531,82 +490,17 @@ impl Registry {
     }
 }
 
-/// Connections woken per slice of a broadcast: about the runtime's
-/// `event_interval` (61 tasks between polls of its sockets), so a broadcast
-/// read meanwhile waits at most one slice for its turn.
-const WAKE_SLICE: usize = 128;
-
-/// Wakes the connections broadcasts reached, a slice at a time, yielding to
-/// the runtime between slices.
-///
-/// Why not wake them all at once: on a runtime with one thread, the 10,000
-/// connections a broadcast wakes would all run (each writing one frame)
-/// before the task that reads the next broadcast; frames would never queue
-/// up and leave in one write (docs/benchmarks.md, S2: 117k deliveries per
-/// CPU-s on one thread against 1.1M on two). Between slices the runtime
-/// polls its sockets, the next broadcast is read and queued behind the
-/// first on every connection not yet woken, and each of them then writes
-/// both in one go: the batch size follows the load, as on several threads.
-/// A private push wakes its key's connections at once.
-#[derive(Debug, Default)]
-struct Pacer {
-    waiting: Mutex<VecDeque<Waker>>,
-    running: AtomicBool,
-}
-
-impl Pacer {
-    /// Wakes `wakers`, in slices on a single-threaded runtime. Elsewhere at
-    /// once: there another thread reads the next broadcast while these write
-    /// (pacing there halved S2's deliveries per CPU-s).
-    fn wake(self: &Arc<Self>, wakers: Vec<Waker>) {
-        if wakers.is_empty() {
-            return;
-        }
-        let rt = match tokio::runtime::Handle::try_current() {
-            Ok(rt) if rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => rt,
-            _ => {
-                wakers.into_iter().for_each(Waker::wake);
-                return;
-            }
-        };
-        lock(&self.waiting).extend(wakers);
-        if !self.running.swap(true, Ordering::SeqCst) {
-            let pacer = self.clone();
-            rt.spawn(async move { pacer.run().await });
-        }
-    }
-
-    async fn run(&self) {
-        loop {
-            let slice: Vec<Waker> = {
-                let mut waiting = lock(&self.waiting);
-                let n = waiting.len().min(WAKE_SLICE);
-                waiting.drain(..n).collect()
-            };
-            if slice.is_empty() {
-                self.running.store(false, Ordering::SeqCst);
-                // Wakers queued between the drain and the store saw `running`
-                // set and started no task: take them on, unless one just did.
-                if lock(&self.waiting).is_empty() || self.running.swap(true, Ordering::SeqCst) {
-                    return;
-                }
-                continue;
-            }
-            slice.into_iter().for_each(Waker::wake);
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
 /// Locks a shard; a panic elsewhere while holding it leaves plain data behind,
 /// so a poisoned lock is still safe to use.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+    use pushcluster_core::frame::Format;
 
     fn d(mid: i64) -> Arc<Delivery> {
         Delivery::new(mid, 0, Bytes::from_static(b"{\"a\":1}"))
