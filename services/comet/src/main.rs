@@ -19,6 +19,11 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 ///
 /// Settings come from the YAML file given with --config; flags and environment
 /// variables override it.
+/// Runtime threads unless `--worker-threads` says: one. A single-threaded
+/// runtime costs a fifth less CPU per push than two threads waking each other
+/// and fans out as well (docs/benchmarks.md, S2 and S3); comets scale by shards.
+const THREADS: usize = 1;
+
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -50,12 +55,6 @@ struct Args {
     /// Secret for subscriber tokens (HMAC-SHA256); unset = no token check.
     #[arg(long, env = "PUSH_SUBSCRIBER_SECRET", hide_env_values = true)]
     subscriber_secret: Option<String>,
-    /// Runtime threads: 1 (the default) = a single-threaded runtime, which
-    /// costs a fifth less CPU per push than two threads waking each other and
-    /// fans out as well (docs/benchmarks.md, S2 and S3); comets scale by
-    /// shards. 0 = one per CPU this process may use (a cgroup CPU limit counts).
-    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 1)]
-    worker_threads: usize,
     // With a Redis URL (`--redis-url`), private pushes arrive on its live
     // channels.
     #[command(flatten)]
@@ -64,6 +63,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let common = a.common.clone();
     let configure = |cfg: &mut Config| {
         set(&mut cfg.shard, a.shard);
         if let Some(n) = a.shards {
@@ -78,10 +78,9 @@ fn main() -> anyhow::Result<()> {
         set_some(&mut cfg.subscriber_secret, a.subscriber_secret);
         set_some(&mut cfg.rpc_token, a.common.rpc_token);
     };
-    let (threads, json) = (a.worker_threads, a.common.log_json);
     run_service(
-        threads,
-        json,
+        &common,
+        THREADS,
         a.config.as_deref(),
         configure,
         push_comet::run,

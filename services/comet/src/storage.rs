@@ -168,31 +168,12 @@ fn appender(
     client: MessageClient<AuthChannel>,
     deadline: Duration,
 ) -> Batcher<pb::AppendRequest, Result<i64, AppendError>> {
-    let unary = {
-        let client = client.clone();
-        move |req| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .append_batch(req)
-                    .await
-                    .map(tonic::Response::into_inner)
-            }
-        }
-    };
+    let (open, unary) = pushcluster_proto::calls!(client, append_stream, append_batch);
     pipelined_batcher(
         deadline,
         APPEND_BATCH,
         APPENDS_IN_FLIGHT,
-        move |calls| {
-            let mut client = client.clone();
-            Box::pin(async move {
-                client
-                    .append_stream(calls)
-                    .await
-                    .map(tonic::Response::into_inner)
-            })
-        },
+        open,
         unary,
         |appends| pb::AppendBatchRequest { appends },
         split_appends,

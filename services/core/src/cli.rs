@@ -10,6 +10,12 @@ use tokio_util::sync::CancellationToken;
 /// Flags every service binary takes (`#[command(flatten)]`).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CommonArgs {
+    /// Runtime threads: 0 = one per CPU this process may use (a cgroup CPU
+    /// limit counts), 1 = a single-threaded runtime. Default: 1 for comets,
+    /// which scale by shards; one per CPU for web and the message service
+    /// (docs/benchmarks.md, S2 and S3, measured both).
+    #[arg(long, env = "PUSH_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     /// Log as JSON lines.
     #[arg(long, env = "PUSH_LOG_JSON")]
     pub log_json: bool,
@@ -51,13 +57,13 @@ pub enum StartError<E: std::error::Error + 'static> {
     Service(E),
 }
 
-/// Runs a service binary: a runtime of `threads` threads (0: one per CPU),
-/// tracing, the config from `path` (defaults without one) handed to
-/// `configure` for the flags, then `run` until SIGTERM or Ctrl-C cancels
-/// the token it gets.
+/// Runs a service binary: a runtime of `--worker-threads` threads (else
+/// `default_threads`; 0: one per CPU), tracing, the config from `path`
+/// (defaults without one) handed to `configure` for the flags, then `run`
+/// until SIGTERM or Ctrl-C cancels the token it gets.
 pub fn run_service<C, E, F, Fut>(
-    threads: usize,
-    log_json: bool,
+    common: &CommonArgs,
+    default_threads: usize,
     path: Option<&Path>,
     configure: impl FnOnce(&mut C),
     run: F,
@@ -68,6 +74,8 @@ where
     F: FnOnce(C, CancellationToken) -> Fut,
     Fut: Future<Output = Result<(), E>>,
 {
+    let threads = common.worker_threads.unwrap_or(default_threads);
+    let log_json = common.log_json;
     let rt = runtime(threads).map_err(StartError::Runtime)?;
     rt.block_on(async move {
         init_tracing(log_json);

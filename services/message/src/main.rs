@@ -17,6 +17,9 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// Storage is Redis when a Redis URL is configured, else an embedded on-disk
 /// store (redb) that survives restarts. Settings come from the YAML file given
 /// with --config; flags and environment variables override it.
+/// Runtime threads unless `--worker-threads` says: one per CPU.
+const THREADS: usize = 0;
+
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -32,16 +35,13 @@ struct Args {
     /// File of the embedded store.
     #[arg(long, env = "PUSH_MESSAGE_DATA")]
     data: Option<PathBuf>,
-    /// Runtime threads: 0 = one per CPU this process may use (a cgroup CPU
-    /// limit counts); 1 = a single-threaded runtime, the cheapest on one CPU.
-    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
-    worker_threads: usize,
     #[command(flatten)]
     common: CommonArgs,
 }
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let common = a.common.clone();
     let configure = |cfg: &mut Config| {
         set(&mut cfg.listen, a.listen);
         set(&mut cfg.ops_listen, a.ops_listen);
@@ -49,10 +49,9 @@ fn main() -> anyhow::Result<()> {
         set_some(&mut cfg.rpc_token, a.common.rpc_token);
         set(&mut cfg.storage.path, a.data);
     };
-    let (threads, json) = (a.worker_threads, a.common.log_json);
     run_service(
-        threads,
-        json,
+        &common,
+        THREADS,
         a.config.as_deref(),
         configure,
         push_message::run,

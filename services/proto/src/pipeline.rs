@@ -55,6 +55,35 @@ pub enum CallError<Req> {
 
 type Waiting<Rep> = oneshot::Sender<Result<Rep, Status>>;
 
+/// The `open` and `unary` arguments of [`pipelined_batcher`] for a tonic
+/// client: `calls!(client, stream_method, unary_method)`, each call on a
+/// clone of `client` (clones share its channel).
+#[macro_export]
+macro_rules! calls {
+    ($client:expr, $stream:ident, $unary:ident) => {{
+        let open = {
+            let client = $client.clone();
+            move |calls| -> $crate::pipeline::Opening<_> {
+                let mut client = client.clone();
+                Box::pin(async move {
+                    client
+                        .$stream(calls)
+                        .await
+                        .map(::tonic::Response::into_inner)
+                })
+            }
+        };
+        let unary = {
+            let client = $client.clone();
+            move |req| {
+                let mut client = client.clone();
+                async move { client.$unary(req).await.map(::tonic::Response::into_inner) }
+            }
+        };
+        (open, unary)
+    }};
+}
+
 /// A [`Batcher`] whose batches travel pipelined on one long-lived stream:
 /// the shape of both batched calls on the push path (web's pushes to a
 /// comet, a comet's appends to the message service).

@@ -19,6 +19,12 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// /1/admin/msg/del (and legacy /admin/push, /admin/msg/clean). Both serve
 /// /openapi.json. Settings come from the YAML file given with --config; flags
 /// and environment variables override it.
+/// Runtime threads unless `--worker-threads` says: one per CPU. Web stores
+/// each push in Redis and answers it; with two threads one keeps answering
+/// while the host holds the other's CPU, which halved S3's p99 for ~8 µs more
+/// CPU per push (docs/benchmarks.md).
+const THREADS: usize = 0;
+
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
@@ -43,13 +49,6 @@ struct Args {
     /// Secret of subscriber tokens: private reads then need the key's token.
     #[arg(long, env = "PUSH_SUBSCRIBER_SECRET", hide_env_values = true)]
     subscriber_secret: Option<String>,
-    /// Runtime threads: 0 (the default) = one per CPU this process may use
-    /// (a cgroup CPU limit counts); 1 = a single-threaded runtime. Web
-    /// stores each push in Redis and answers it; with two threads one keeps
-    /// answering while the host holds the other's CPU, which halved S3's p99
-    /// for ~8 µs more CPU per push (docs/benchmarks.md).
-    #[arg(long, env = "PUSH_WORKER_THREADS", default_value_t = 0)]
-    worker_threads: usize,
     // With a Redis URL (`--redis-url`), web stores private pushes in it
     // itself and the comets deliver them from Redis.
     #[command(flatten)]
@@ -58,6 +57,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    let common = a.common.clone();
     let configure = |cfg: &mut Config| {
         set(&mut cfg.public_listen, a.public_listen);
         set(&mut cfg.admin_listen, a.admin_listen);
@@ -68,7 +68,12 @@ fn main() -> anyhow::Result<()> {
         set_some(&mut cfg.rpc_token, a.common.rpc_token);
         set_some(&mut cfg.store.redis_url, a.common.redis_url);
     };
-    let (threads, json) = (a.worker_threads, a.common.log_json);
-    run_service(threads, json, a.config.as_deref(), configure, push_web::run)?;
+    run_service(
+        &common,
+        THREADS,
+        a.config.as_deref(),
+        configure,
+        push_web::run,
+    )?;
     Ok(())
 }

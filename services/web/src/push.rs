@@ -419,31 +419,12 @@ pub(crate) fn pusher(
     client: CometClient<pushcluster_proto::auth::AuthChannel>,
     deadline: Duration,
 ) -> Pusher {
-    let unary = {
-        let client = client.clone();
-        move |req| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .push_batch(req)
-                    .await
-                    .map(tonic::Response::into_inner)
-            }
-        }
-    };
+    let (open, unary) = pushcluster_proto::calls!(client, push_stream, push_batch);
     pipelined_batcher(
         deadline,
         PUSH_BATCH,
         PUSHES_IN_FLIGHT,
-        move |calls| {
-            let mut client = client.clone();
-            Box::pin(async move {
-                client
-                    .push_stream(calls)
-                    .await
-                    .map(tonic::Response::into_inner)
-            })
-        },
+        open,
         unary,
         |pushes| pb::PushBatchRequest { pushes },
         split_pushes,
