@@ -14,16 +14,16 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// pushcluster comet: holds WebSocket (/sub), SSE (/sub/sse) and TCP subscriber
-/// connections for the keys of its shard and delivers pushed messages in order.
-///
-/// Settings come from the YAML file given with --config; flags and environment
-/// variables override it.
 /// Runtime threads unless `--worker-threads` says: one. A single-threaded
 /// runtime costs a fifth less CPU per push than two threads waking each other
 /// and fans out as well (docs/benchmarks.md, S2 and S3); comets scale by shards.
 const THREADS: usize = 1;
 
+/// pushcluster comet: holds WebSocket (/sub), SSE (/sub/sse) and TCP subscriber
+/// connections for the keys of its shard and delivers pushed messages in order.
+///
+/// Settings come from the YAML file given with --config; flags and environment
+/// variables override it.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {

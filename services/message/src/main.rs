@@ -11,15 +11,15 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Runtime threads unless `--worker-threads` says: one per CPU.
+const THREADS: usize = 0;
+
 /// pushcluster message service: stores pushed messages, assigns per-key message
 /// ids, serves offline reads to web and comets over gRPC.
 ///
 /// Storage is Redis when a Redis URL is configured, else an embedded on-disk
 /// store (redb) that survives restarts. Settings come from the YAML file given
 /// with --config; flags and environment variables override it.
-/// Runtime threads unless `--worker-threads` says: one per CPU.
-const THREADS: usize = 0;
-
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {

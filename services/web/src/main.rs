@@ -11,6 +11,12 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// Runtime threads unless `--worker-threads` says: one per CPU. Web stores
+/// each push in Redis and answers it; with two threads one keeps answering
+/// while the host holds the other's CPU, which halved S3's p99 for ~8 µs more
+/// CPU per push (docs/benchmarks.md).
+const THREADS: usize = 0;
+
 /// pushcluster web: the gopush-cluster compatible HTTP API.
 ///
 /// Public listener: /1/server/get, /1/msg/get, /1/time/get (and the legacy
@@ -19,12 +25,6 @@ static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// /1/admin/msg/del (and legacy /admin/push, /admin/msg/clean). Both serve
 /// /openapi.json. Settings come from the YAML file given with --config; flags
 /// and environment variables override it.
-/// Runtime threads unless `--worker-threads` says: one per CPU. Web stores
-/// each push in Redis and answers it; with two threads one keeps answering
-/// while the host holds the other's CPU, which halved S3's p99 for ~8 µs more
-/// CPU per push (docs/benchmarks.md).
-const THREADS: usize = 0;
-
 #[derive(Parser, Debug)]
 #[command(version, about, long_about)]
 struct Args {
