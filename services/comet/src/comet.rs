@@ -5,7 +5,8 @@
 use crate::metrics::Metrics;
 use crate::protocol::{HeartbeatBounds, Subscribe};
 use crate::registry::{RegisterError, Registry, Subscription};
-use crate::{live, storage, Config, Error};
+use crate::storage::{PushPath, STORE_DEADLINE};
+use crate::{Config, Error};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use pushcluster_core::frame;
@@ -21,9 +22,6 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// How long a call to the message service may take.
-const STORE_DEADLINE: Duration = Duration::from_secs(10);
-
 /// Number of locks pushes to keys are serialised on; keys that share one only
 /// wait for each other's store round trip.
 const PUSH_STRIPES: usize = 4096;
@@ -34,11 +32,10 @@ pub struct Comet {
     pub(crate) registry: Arc<Registry>,
     /// The message service: SSE resumes read from it.
     pub(crate) message: MessageClient<AuthChannel>,
-    /// Where pushes are stored: Redis directly, or the message service.
-    pub(crate) storage: storage::Storage,
-    /// With Redis: the live channels private messages arrive on.
-    pub(crate) live: Option<Arc<live::LiveFeed>>,
-    /// Stops the live feed when the comet goes.
+    /// Where pushes are stored and how stored messages reach connections,
+    /// chosen once from the storage kind.
+    pub(crate) path: PushPath,
+    /// Stops the live feed (Redis) when the comet goes.
     pub(crate) live_stop: CancellationToken,
     pub(crate) membership: Arc<dyn Membership>,
     /// The shard served now (static: fixed; leases: follows the owner).
@@ -102,33 +99,12 @@ impl Comet {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         let metrics = Metrics::register(reg, slow);
-        let storage = storage::Storage::open(
-            &cfg.store,
-            &cfg.limits,
-            message.clone(),
-            STORE_DEADLINE,
-            metrics.fenced.clone(),
-        )
-        .map_err(Error::Store)?;
         let live_stop = CancellationToken::new();
-        let live = match cfg.store.url() {
-            Some(url) => Some(
-                live::LiveFeed::start(
-                    url,
-                    &cfg.store.redis_namespace,
-                    registry.clone(),
-                    metrics.live.clone(),
-                    live_stop.clone(),
-                )
-                .map_err(Error::Live)?,
-            ),
-            None => None,
-        };
+        let path = PushPath::open(&cfg, message.clone(), &registry, &metrics, &live_stop)?;
         let comet = Arc::new(Self {
             registry,
             message,
-            storage,
-            live,
+            path,
             live_stop,
             membership,
             ownership,
@@ -218,7 +194,7 @@ impl Comet {
                 }
             }
         })?;
-        if let Some(live) = &self.live {
+        if let Some(live) = self.path.live() {
             if !live.ready(&sub.key).await {
                 tracing::warn!(key = %sub.key, "live channel not subscribed in time: refusing");
                 return Err(Refusal::Channel);
@@ -230,7 +206,7 @@ impl Comet {
     /// Whether stored private messages reach connections through live
     /// channels (Redis) rather than from the comet that stored them.
     pub(crate) fn delivers_live(&self) -> bool {
-        self.live.is_some()
+        self.path.live().is_some()
     }
 
     /// The registry of connections.
@@ -269,7 +245,7 @@ impl Comet {
                 serving = now;
             }
             self.refresh();
-            let n = self.registry.close_where(|k| self.owns(k));
+            let n = self.registry.reconnect_unless(|k| self.owns(k));
             if n > 0 {
                 tracing::info!(
                     connections = n,

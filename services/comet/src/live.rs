@@ -71,6 +71,19 @@ pub(crate) struct LiveMetrics {
     pub refused: Counter,
 }
 
+/// Why the live feed's subscribing connection stopped serving.
+#[derive(Debug, thiserror::Error)]
+enum Stopped {
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error("the connection closed")]
+    Closed,
+    #[error("subscribing failed: {0}")]
+    Failed(#[source] redis::RedisError),
+    #[error("the registry is gone")]
+    RegistryGone,
+}
+
 impl LiveFeed {
     /// Starts subscribing for `registry`'s keys on the Redis at `url`, with
     /// keys under namespace `ns`; runs until `cancel`.
@@ -145,7 +158,7 @@ impl LiveFeed {
             // Whatever was published meanwhile reached no one here: the
             // clients reconnect and fetch it.
             self.registry.unset_live();
-            self.registry.close_where(|_| false);
+            self.registry.reconnect_all();
             self.changed.send_modify(|n| *n += 1);
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -161,7 +174,7 @@ impl LiveFeed {
         pubsub: redis::aio::PubSub,
         changes: &mut mpsc::UnboundedReceiver<Box<str>>,
         cancel: &CancellationToken,
-    ) -> String {
+    ) -> Stopped {
         let (sink, mut stream) = pubsub.split();
         // Every key with connections now, then every key that changes.
         let mut pending: HashSet<Box<str>> = self.registry.unset_live().into_iter().collect();
@@ -172,16 +185,16 @@ impl LiveFeed {
             }
             tokio::select! {
                 biased;
-                _ = cancel.cancelled() => return "shutting down".into(),
+                _ = cancel.cancelled() => return Stopped::ShuttingDown,
                 msg = stream.next() => match msg {
                     Some(m) => self.deliver(&m),
-                    None => return "the connection closed".into(),
+                    None => return Stopped::Closed,
                 },
                 done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                     in_flight = None;
                     let (subscribed, result) = done;
                     if let Err(e) = result {
-                        return e.to_string();
+                        return Stopped::Failed(e);
                     }
                     for key in &subscribed {
                         self.registry.set_live(key);
@@ -190,7 +203,7 @@ impl LiveFeed {
                 }
                 key = changes.recv() => match key {
                     Some(k) => { pending.insert(k); }
-                    None => return "the registry is gone".into(),
+                    None => return Stopped::RegistryGone,
                 },
             }
         }

@@ -62,7 +62,7 @@ impl Comet {
             }
         };
         let stored = self
-            .storage
+            .path
             .append(Append {
                 key,
                 payload: payload.clone(),

@@ -1,8 +1,11 @@
-//! Where a comet stores a push before it delivers it.
+//! The comet's push path, chosen once at start-up from the storage kind
+//! ([`PushPath`]): where a push it is sent is stored, and how stored private
+//! messages reach its connections.
 //!
-//! On Redis, web stores private pushes itself (the comet learns of them on
-//! live channels, [`crate::live`]); pushes that still reach a comet over
-//! gRPC, from a web of the previous release, are stored here.
+//! On Redis ([`PushPath::LiveFromRedis`]), web stores private pushes itself
+//! and the comet learns of them on live channels ([`crate::live`]); pushes
+//! that still reach a comet over gRPC, from a web of the previous release,
+//! are stored here and come back on the live channel.
 //!
 //! With Redis the comet writes straight into it, with the message service's
 //! own append script (`pushcluster_store::redis`): same keys, same fence,
@@ -14,10 +17,15 @@
 //! in one write.
 //!
 //! Without Redis the embedded store has exactly one writer, the message pod,
-//! so appends go through the message service as before ([`Storage::Service`]).
+//! so appends go through the message service, and the comet queues what it
+//! stored on the key's connections ([`PushPath::StoreThenQueue`]).
 //! The message service stays the front for reads, deletes, broadcasts and
 //! web's stores for keys no comet serves.
 
+use crate::live::LiveFeed;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::{Config, Error};
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use pushcluster_core::batch::Batcher;
@@ -29,7 +37,12 @@ use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_client::MessageClient;
 use pushcluster_store::redis::RedisStore;
 use pushcluster_store::{AppendOpts, Channel, Fence, Store, StoreError};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long a call to the message service may take.
+pub(crate) const STORE_DEADLINE: Duration = Duration::from_secs(10);
 
 pub use pushcluster_store::redis::DirectStore;
 
@@ -62,27 +75,32 @@ pub(crate) struct Append<'a> {
     pub fence: Fence,
 }
 
-/// The comet's way to storage; see the module docs.
-pub(crate) enum Storage {
-    /// Appends batched onto the message service's AppendStream.
-    Service(Batcher<pb::AppendRequest, Result<i64, AppendError>>),
-    /// Appends straight into Redis; `fenced` counts refusals by the fence.
-    Redis {
+/// The comet's push path; see the module docs.
+pub(crate) enum PushPath {
+    /// The embedded store: appends batched onto the message service's
+    /// AppendStream; the comet queues what it stored.
+    StoreThenQueue(Batcher<pb::AppendRequest, Result<i64, AppendError>>),
+    /// Redis: stored messages arrive on `live`; appends go straight into
+    /// Redis, `fenced` counting refusals by the fence.
+    LiveFromRedis {
         store: RedisStore,
         limits: Limits,
         fenced: Counter,
+        live: Arc<LiveFeed>,
     },
 }
 
-impl Storage {
-    /// Redis when `direct` names one, else the message service behind `message`.
+impl PushPath {
+    /// Redis when `cfg.store` names one (its live feed stops on
+    /// `live_stop`), else the message service behind `message`.
     pub(crate) fn open(
-        direct: &DirectStore,
-        limits: &Limits,
+        cfg: &Config,
         message: MessageClient<AuthChannel>,
-        deadline: Duration,
-        fenced: Counter,
-    ) -> Result<Self, StoreError> {
+        registry: &Arc<Registry>,
+        metrics: &Metrics,
+        live_stop: &CancellationToken,
+    ) -> Result<Self, Error> {
+        let direct = &cfg.store;
         match direct.url() {
             Some(url) => {
                 // Lazily: a comet comes up (and serves subscribers) while
@@ -92,25 +110,43 @@ impl Storage {
                     url,
                     &direct.redis_namespace,
                     direct.retention.clone(),
-                )?;
+                )
+                .map_err(Error::Store)?;
+                let live = LiveFeed::start(
+                    url,
+                    &direct.redis_namespace,
+                    registry.clone(),
+                    metrics.live.clone(),
+                    live_stop.clone(),
+                )
+                .map_err(Error::Live)?;
                 tracing::info!(
                     url = %pushcluster_core::ops::redact_url(url),
-                    "storing pushes straight into redis"
+                    "private pushes arrive on redis live channels"
                 );
-                Ok(Self::Redis {
+                Ok(Self::LiveFromRedis {
                     store,
-                    limits: limits.clone(),
-                    fenced,
+                    limits: cfg.limits.clone(),
+                    fenced: metrics.fenced.clone(),
+                    live,
                 })
             }
-            None => Ok(Self::Service(appender(message, deadline))),
+            None => Ok(Self::StoreThenQueue(appender(message, STORE_DEADLINE))),
+        }
+    }
+
+    /// The live feed stored messages arrive on (Redis only).
+    pub(crate) fn live(&self) -> Option<&Arc<LiveFeed>> {
+        match self {
+            PushPath::LiveFromRedis { live, .. } => Some(live),
+            PushPath::StoreThenQueue(_) => None,
         }
     }
 
     /// Stores one private message; its mid once stored.
     pub(crate) async fn append(&self, a: Append<'_>) -> Result<i64, AppendError> {
         match self {
-            Storage::Service(batcher) => {
+            PushPath::StoreThenQueue(batcher) => {
                 let req = pb::AppendRequest {
                     key: a.key.to_owned(),
                     payload: a.payload,
@@ -125,10 +161,11 @@ impl Storage {
                     .await
                     .unwrap_or_else(|e| Err(AppendError::Failed(e.to_string())))
             }
-            Storage::Redis {
+            PushPath::LiveFromRedis {
                 store,
                 limits,
                 fenced,
+                ..
             } => {
                 // The checks the message service makes on every append.
                 let invalid =

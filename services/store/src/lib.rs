@@ -17,7 +17,9 @@
 
 pub mod embedded;
 pub mod redis;
-#[doc(hidden)]
+/// A `redis-server` on a free port, for tests; behind the `testing`
+/// feature, so it is not part of the library's API.
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 use bytes::Bytes;

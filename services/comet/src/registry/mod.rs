@@ -419,8 +419,9 @@ impl Registry {
         }
     }
 
-    /// Closes every connection whose key `keep` rejects (keys that moved away).
-    pub fn close_where(&self, keep: impl Fn(&str) -> bool) -> u64 {
+    /// Asks every connection whose key `keep` rejects (keys that moved away)
+    /// to reconnect; returns how many.
+    pub fn reconnect_unless(&self, keep: impl Fn(&str) -> bool) -> u64 {
         let now = self.now_ms();
         let mut n = 0;
         for shard in &self.shards {
@@ -436,10 +437,16 @@ impl Registry {
         n
     }
 
+    /// Asks every open connection to reconnect (they fetch what they missed
+    /// by mid); new connections are still taken.
+    pub fn reconnect_all(&self) -> u64 {
+        self.reconnect_unless(|_| false)
+    }
+
     /// Refuses new connections and closes every open one.
     pub fn close_all(&self) {
         self.closing.store(true, Ordering::SeqCst);
-        self.close_where(|_| false);
+        self.reconnect_all();
     }
 
     /// Closes connections whose client went silent past its deadline, and
@@ -614,7 +621,7 @@ mod tests {
         let s = r.register("k", None).unwrap();
         assert!(next_now(&s).is_pending());
         r.deliver("k", &d(1));
-        r.close_where(|_| false);
+        r.reconnect_unless(|_| false);
         assert!(matches!(next_now(&s), Poll::Ready(Next::Message(m)) if m.mid == 1));
         assert!(matches!(
             next_now(&s),
