@@ -16,6 +16,14 @@ fn example(name: &str) -> Value {
 }
 
 #[test]
+fn shard_leases_name_this_crd_as_their_owner() {
+    use kube::Resource;
+    let owner = pushcluster_lease::kubernetes::push_cluster_owner("c", "u");
+    assert_eq!(owner.api_version, PushCluster::api_version(&()));
+    assert_eq!(owner.kind, PushCluster::kind(&()));
+}
+
+#[test]
 fn checked_in_crd_matches_the_rust_types() {
     let generated = serde_yaml::to_string(&PushCluster::crd()).unwrap();
     let file = root().join("crds/pushcluster.io_pushclusters.yaml");

@@ -313,21 +313,21 @@ impl Conn {
             }
             if closing {
                 // The client's close (or anything broken) ends the wait.
-                if !matches!(r, Ok(None)) {
+                if r != Ok(wsf::Fed::More) {
                     return Poll::Ready(false);
                 }
                 continue;
             }
             match r {
-                Ok(None) if unknown => {
+                Ok(wsf::Fed::More) if unknown => {
                     tracing::debug!("unknown message from subscriber, closing");
                     wsf::put_frame(&mut self.out, Opcode::Text, frame::ERR_PARAM);
                     self.close_with(Some(close_code::NORMAL), "", true);
                     return Poll::Ready(true);
                 }
-                Ok(None) => {}
+                Ok(wsf::Fed::More) => {}
                 // The client closed: echo its code, then end (no wait).
-                Ok(Some(code)) => {
+                Ok(wsf::Fed::Closed(code)) => {
                     self.close_with(code, "", false);
                     return Poll::Ready(true);
                 }

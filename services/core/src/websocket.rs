@@ -112,8 +112,14 @@ pub fn put_frame(out: &mut Vec<u8>, opcode: Opcode, payload: &[u8]) {
 
 /// Appends a close frame with a status code and a short reason.
 pub fn put_close(out: &mut Vec<u8>, code: u16, reason: &str) {
-    // A control frame holds at most 125 bytes: 2 for the code, the rest reason.
-    let reason = &reason.as_bytes()[..reason.len().min(123)];
+    // A control frame holds at most 125 bytes: 2 for the code, the rest
+    // reason, cut on a character boundary (a client fails a close whose
+    // reason is not UTF-8, RFC 6455 §5.5.1).
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = &reason.as_bytes()[..end];
     put_header(out, Opcode::Close, 2 + reason.len());
     out.extend_from_slice(&code.to_be_bytes());
     out.extend_from_slice(reason);
@@ -332,6 +338,15 @@ pub enum Outcome {
     Failed(u16),
 }
 
+/// What a [`Reader`] made of the bytes fed so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fed {
+    /// Every whole unit was handed over: go on reading.
+    More,
+    /// The client closed: answer with this code (`None`: an empty close).
+    Closed(Option<u16>),
+}
+
 /// A client's byte stream, fed in whatever pieces the socket gives: the
 /// bytes of an unfinished frame and of an unfinished message are kept
 /// between pieces (and nothing else: idle, it holds no allocation).
@@ -348,19 +363,18 @@ impl Reader {
     }
 
     /// Feeds the next piece; `unit` gets every complete unit in order.
-    /// `Ok(None)`: go on reading. `Ok(Some(code))`: the client closed, answer
-    /// with `code`. `Err`: the client broke the rules; fail with its code.
+    /// `Err`: the client broke the rules; fail with its code.
     /// `chunk` is unmasked in place.
     pub fn feed(
         &mut self,
         chunk: &mut [u8],
         max: usize,
         mut unit: impl FnMut(Inbound),
-    ) -> Result<Option<Option<u16>>, FrameError> {
+    ) -> Result<Fed, FrameError> {
         if self.partial.is_empty() {
             // Most pieces hold whole frames: parse them where they are.
             let (used, r) = Self::frames(&mut self.asm, chunk, max, &mut unit);
-            if matches!(r, Ok(None)) {
+            if r == Ok(Fed::More) {
                 self.partial.extend_from_slice(&chunk[used..]);
             }
             return r;
@@ -369,7 +383,7 @@ impl Reader {
         buf.extend_from_slice(chunk);
         let (used, r) = Self::frames(&mut self.asm, &mut buf, max, &mut unit);
         buf.drain(..used);
-        if matches!(r, Ok(None)) {
+        if r == Ok(Fed::More) {
             self.partial = buf;
         }
         r
@@ -381,18 +395,18 @@ impl Reader {
         buf: &mut [u8],
         max: usize,
         unit: &mut impl FnMut(Inbound),
-    ) -> (usize, Result<Option<Option<u16>>, FrameError>) {
+    ) -> (usize, Result<Fed, FrameError>) {
         let mut used = 0;
         loop {
             let (frame, n) = match parse_client_frame(&mut buf[used..], max) {
                 Ok(Some(f)) => f,
-                Ok(None) => return (used, Ok(None)),
+                Ok(None) => return (used, Ok(Fed::More)),
                 Err(e) => return (used, Err(e)),
             };
             used += n;
             match asm.on_frame(&frame, max) {
                 Ok(None) => {}
-                Ok(Some(Inbound::Close(c))) => return (used, Ok(Some(c))),
+                Ok(Some(Inbound::Close(c))) => return (used, Ok(Fed::Closed(c))),
                 Ok(Some(u)) => unit(u),
                 Err(e) => return (used, Err(e)),
             }
@@ -415,8 +429,8 @@ pub fn verdict_in_pieces(stream: &[u8], cuts: &[usize], max: usize) -> (Vec<Inbo
         let mut piece = stream[from..to].to_vec();
         from = to;
         match reader.feed(&mut piece, max, |u| units.push(u)) {
-            Ok(None) => {}
-            Ok(Some(c)) => return (units, Outcome::Closed(c)),
+            Ok(Fed::More) => {}
+            Ok(Fed::Closed(c)) => return (units, Outcome::Closed(c)),
             Err(e) => return (units, Outcome::Failed(e.code())),
         }
     }
@@ -463,6 +477,16 @@ mod tests {
         let mut out = Vec::new();
         put_close(&mut out, close_code::GOING_AWAY, "bye");
         assert_eq!(out, [0x88, 5, 0x03, 0xE9, b'b', b'y', b'e']);
+    }
+
+    #[test]
+    fn a_long_close_reason_is_cut_on_a_character_boundary() {
+        // 61 two-byte characters: 122 bytes fit, the 62nd would straddle 123.
+        let reason = "é".repeat(62);
+        let mut out = Vec::new();
+        put_close(&mut out, close_code::NORMAL, &reason);
+        assert_eq!(out[1] as usize, 2 + 122);
+        assert!(std::str::from_utf8(&out[4..]).is_ok());
     }
 
     #[test]

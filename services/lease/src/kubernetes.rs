@@ -32,11 +32,18 @@ const ANN_RPC: &str = "pushcluster.io/rpc";
 const ANN_WS: &str = "pushcluster.io/ws";
 const ANN_TCP: &str = "pushcluster.io/tcp";
 
+/// The PushCluster resource's apiVersion. Spelled here because the lease
+/// crate sits below the operator (which defines the type); the operator's
+/// tests check that the two agree.
+pub const OWNER_API_VERSION: &str = "pushcluster.io/v1alpha1";
+/// The PushCluster resource's kind; see [`OWNER_API_VERSION`].
+pub const OWNER_KIND: &str = "PushCluster";
+
 /// The reference that makes a PushCluster (name, uid) own a shard Lease.
 pub fn push_cluster_owner(cluster: &str, uid: &str) -> OwnerReference {
     OwnerReference {
-        api_version: "pushcluster.io/v1alpha1".into(),
-        kind: "PushCluster".into(),
+        api_version: OWNER_API_VERSION.into(),
+        kind: OWNER_KIND.into(),
         name: cluster.into(),
         uid: uid.into(),
         controller: None,
