@@ -3,6 +3,10 @@
 //!
 //! The binaries come from the same target directory as the test executable;
 //! `make test` builds them first (`cargo build --workspace --bins`).
+//!
+//! Longer than 500 lines: one process wrapper per binary (comet, message,
+//! web, Redis), each with its typed config and readiness wait, used by every
+//! system test; an older release's binaries are in [`older`].
 
 pub mod older;
 

@@ -4,6 +4,9 @@
 //! connection that receives it. Each connection has a bounded queue; when it
 //! is full the connection is a slow consumer and is closed, so it never slows
 //! anyone else (its client reconnects and fetches what it missed by mid).
+//!
+//! Over 500 lines with its tests (about 500 without): the mailbox, the
+//! sharded map and the close rules are one locking discipline, read together.
 
 mod delivery;
 mod pacer;
