@@ -44,6 +44,7 @@ pub enum Reason {
     ApplyFailed,
     CredentialsRequired,
     InsecureBySpec,
+    RedisWithoutPassword,
 }
 
 impl Reason {
@@ -59,6 +60,7 @@ impl Reason {
             Reason::ApplyFailed => "ApplyFailed",
             Reason::CredentialsRequired => "CredentialsRequired",
             Reason::InsecureBySpec => "InsecureBySpec",
+            Reason::RedisWithoutPassword => "RedisWithoutPassword",
         }
     }
 }
@@ -279,6 +281,8 @@ pub fn status_of(pc: &PushCluster, o: &Observed) -> PushClusterStatus {
         web: o.web.status(),
         shards: o.shards.clone(),
         endpoints: Some(children::config::endpoints(pc)),
+        storage: children::config::redis_key_prefix(pc)
+            .map(|key_prefix| crate::crd::StorageStatus { key_prefix }),
     }
 }
 
@@ -305,7 +309,28 @@ fn auth_condition(
     prev: Option<&PushClusterStatus>,
     gen: Option<i64>,
 ) -> Condition {
-    if secure(pc) {
+    let redis_by_url = pc
+        .spec
+        .storage
+        .redis
+        .as_ref()
+        .is_some_and(|r| r.url.is_some());
+    if secure(pc) && redis_by_url {
+        // CEL keeps credentials out of `url` (it lands in a ConfigMap), so
+        // a Redis given by URL is one that asks for no password: whoever
+        // reaches it can read and write every stored message.
+        condition(
+            prev,
+            gen,
+            ConditionType::AuthEnabled,
+            false,
+            Reason::RedisWithoutPassword,
+            format!(
+                "storage.redis.url has no password: anyone who reaches Redis reads and writes the stored messages; put a URL with credentials (redis://user:password@host) in a Secret and name it in storage.redis.secretRef (the admin API, private reads and internal gRPC need the credentials in Secret {})",
+                credentials_name(pc)
+            ),
+        )
+    } else if secure(pc) {
         condition(
             prev,
             gen,
@@ -420,5 +445,32 @@ mod tests {
         );
         assert_eq!(s.conditions.len(), 4, "{:?}", s.conditions);
         assert!(is_true(&s, ConditionType::AuthEnabled));
+    }
+
+    #[test]
+    fn a_redis_without_password_is_not_called_secure() {
+        let with = |redis: serde_json::Value| -> PushCluster {
+            serde_json::from_value(json!({
+                "metadata": {"name": "push", "namespace": "team-a", "generation": 1},
+                "spec": {"storage": {"redis": redis}}
+            }))
+            .unwrap()
+        };
+        let by_url = with(json!({"url": "redis://redis:6379/0"}));
+        let s = status_of(&by_url, &observed(&[Some("a")], &["a"]));
+        let a = cond(&s, ConditionType::AuthEnabled);
+        assert_eq!(
+            (a.status.as_str(), a.reason.as_str()),
+            ("False", "RedisWithoutPassword")
+        );
+        assert!(a.message.contains("secretRef"), "{}", a.message);
+        let by_secret = with(json!({"secretRef": {"name": "r", "key": "url"}}));
+        let s = status_of(&by_secret, &observed(&[Some("a")], &["a"]));
+        assert!(is_true(&s, ConditionType::AuthEnabled));
+        assert_eq!(
+            s.storage.map(|st| st.key_prefix).as_deref(),
+            Some("pc:team-a:push"),
+            "the prefix in use is recorded"
+        );
     }
 }

@@ -49,6 +49,35 @@ fn membership(pc: &PushCluster) -> MembershipConfig {
     }
 }
 
+/// The prefix the cluster's Redis keys and live channels live under, when
+/// it stores in Redis: the spec's; else the one recorded in the status
+/// (what the cluster has been storing under); else `pc` for a cluster
+/// whose status predates the prefix (a release that always used `pc`: moving
+/// it would hide its backlog and restart its mids); else, for a new cluster,
+/// `pc:<namespace>:<name>`, unique among the clusters of one Kubernetes
+/// cluster, so any number of them can share one Redis.
+pub fn redis_key_prefix(pc: &PushCluster) -> Option<String> {
+    let redis = pc.spec.storage.redis.as_ref()?;
+    if let Some(p) = &redis.key_prefix {
+        return Some(p.clone());
+    }
+    let status = pc.status.as_ref();
+    if let Some(s) = status.and_then(|s| s.storage.as_ref()) {
+        return Some(s.key_prefix.clone());
+    }
+    if status.is_some_and(|s| s.observed_generation.is_some()) {
+        return Some(LEGACY_KEY_PREFIX.into());
+    }
+    Some(format!(
+        "pc:{}:{}",
+        pc.namespace().unwrap_or_default(),
+        pc.name_any()
+    ))
+}
+
+/// The one prefix every cluster used before prefixes were per cluster.
+pub const LEGACY_KEY_PREFIX: &str = "pc";
+
 /// The three services' configs.
 struct ServiceConfigs {
     comet: push_comet::Config,
@@ -60,6 +89,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
     let s = &pc.spec;
     let message_url = format!("http://{}:{MESSAGE_PORT}", name(pc, "message"));
     let redis_url = s.storage.redis.as_ref().and_then(|r| r.url.clone());
+    let key_prefix = redis_key_prefix(pc).unwrap_or_else(|| LEGACY_KEY_PREFIX.into());
     let comet = push_comet::Config {
         membership: membership(pc),
         ws_listen: on_all_interfaces(s.comet.ports.ws),
@@ -73,6 +103,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         // they store through it.
         store: push_comet::storage::DirectStore {
             redis_url: redis_url.clone(),
+            redis_namespace: key_prefix.clone(),
             ..Default::default()
         },
         max_subscribers_per_key: s.comet.max_subscribers_per_key.max(1) as usize,
@@ -86,6 +117,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
     };
     message.storage.path = "/data/messages.redb".into();
     message.storage.redis_url = redis_url.clone();
+    message.storage.redis_namespace = key_prefix.clone();
     let web = push_web::Config {
         public_listen: on_all_interfaces(WEB_PUBLIC),
         admin_listen: on_all_interfaces(WEB_ADMIN),
@@ -99,6 +131,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         // deliver them from its live channels (push_comet::live).
         store: push_comet::storage::DirectStore {
             redis_url,
+            redis_namespace: key_prefix,
             ..Default::default()
         },
         private_jsonp: s.auth.private_jsonp,

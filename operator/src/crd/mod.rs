@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 mod status;
-pub use status::{ComponentStatus, EndpointsStatus, PushClusterStatus, ShardStatus};
+pub use status::{ComponentStatus, EndpointsStatus, PushClusterStatus, ShardStatus, StorageStatus};
 
 /// Desired state of a push cluster.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -362,7 +362,16 @@ impl Default for EmbeddedSpec {
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("has(self.url) != has(self.secretRef)").message("give exactly one of storage.redis.url and storage.redis.secretRef"))]
+#[x_kube(validation = Rule::new("has(self.keyPrefix) == has(oldSelf.keyPrefix) && (!has(self.keyPrefix) || self.keyPrefix == oldSelf.keyPrefix)").message("storage.redis.keyPrefix cannot change on a live cluster: the stored messages and sequences would stay under the old prefix; create a new PushCluster instead"))]
 pub struct RedisSpec {
+    /// Prefix of every Redis key and live channel of this cluster. Default:
+    /// `pc:<namespace>:<name>`, so clusters sharing one Redis share nothing
+    /// (a cluster made by a release before the prefix existed keeps `pc`,
+    /// the prefix it has stored under; `status.storage.keyPrefix` says
+    /// which is in use). Fixed once created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9._:/-]{1,100}$')").message("storage.redis.keyPrefix must be 1 to 100 letters, digits and . _ : / - (no braces: they are Redis Cluster hash tags)"))]
+    pub key_prefix: Option<String>,
     /// `redis://host:port/db`, without a password: the URL lands in a
     /// ConfigMap, so a URL with credentials goes in `secretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -31,6 +31,18 @@ pub struct PushClusterStatus {
     /// Where to reach the cluster and its credentials.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoints: Option<EndpointsStatus>,
+    /// What the cluster keeps in Redis (absent on the embedded store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageStatus>,
+}
+
+/// Where in Redis the cluster's data lives.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageStatus {
+    /// The prefix of every key and live channel in use: recorded so that
+    /// a later default never moves a running cluster's data.
+    pub key_prefix: String,
 }
 
 /// Addresses of the cluster's Services and the name of its credentials.

@@ -146,6 +146,52 @@ fn comets_and_shard_services_follow_the_shard_count() {
     }
 }
 
+/// The Redis prefix of each service's config.
+fn prefixes(pc: &PushCluster) -> [String; 3] {
+    let cfg = config::configs(pc).unwrap();
+    let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
+    let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
+    let message: push_message::Config = serde_yaml::from_str(&cfg["message.yaml"]).unwrap();
+    [
+        comet.store.redis_namespace,
+        web.store.redis_namespace,
+        message.storage.redis_namespace,
+    ]
+}
+
+#[test]
+fn clusters_sharing_a_redis_share_no_key() {
+    let a = example("pushcluster-full.yaml");
+    let mut b = a.clone();
+    b.metadata.namespace = Some("team-b".into());
+    assert_eq!(prefixes(&a), ["pc:team-a:push-prod"; 3].map(String::from));
+    assert_eq!(prefixes(&b), ["pc:team-b:push-prod"; 3].map(String::from));
+
+    // The spec's prefix wins.
+    let mut own = a.clone();
+    own.spec.storage.redis.as_mut().unwrap().key_prefix = Some("tenant7".into());
+    assert_eq!(prefixes(&own), ["tenant7"; 3].map(String::from));
+
+    // A cluster made before prefixes existed (a status with no prefix in
+    // it) keeps the one it stored under; one with a recorded prefix keeps it.
+    let mut old = a.clone();
+    old.status = Some(push_operator::crd::PushClusterStatus {
+        observed_generation: Some(3),
+        ..Default::default()
+    });
+    assert_eq!(prefixes(&old), ["pc"; 3].map(String::from));
+    old.status.as_mut().unwrap().storage = Some(push_operator::crd::StorageStatus {
+        key_prefix: "pc:team-a:push-prod".into(),
+    });
+    assert_eq!(prefixes(&old), ["pc:team-a:push-prod"; 3].map(String::from));
+
+    // The embedded store has no prefix to record.
+    assert_eq!(
+        config::redis_key_prefix(&example("pushcluster-minimal.yaml")),
+        None
+    );
+}
+
 #[test]
 fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
     let pc = example("pushcluster-full.yaml");

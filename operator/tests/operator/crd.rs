@@ -128,6 +128,10 @@ fn cel_rejects_bad_specs_with_clear_messages() {
             "must not carry credentials",
         ),
         (
+            json!({"storage": {"redis": {"url": "redis://r:6379", "keyPrefix": "a{b}"}}}),
+            "keyPrefix must be 1 to 100 letters",
+        ),
+        (
             json!({"auth": {"insecure": true, "adminTokenSecret": {"name": "s", "key": "k"}}}),
             "auth.insecure turns every credential off",
         ),
