@@ -10,7 +10,7 @@ use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::pipeline::{answer_in_order, Replies};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_server::{Message, MessageServer};
-use pushcluster_store::{AppendOpts, Backend, Channel, Retention, Store, StoreError};
+use pushcluster_store::{AppendOpts, Backend, Channel, Page, Retention, Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -285,25 +285,6 @@ impl<S: Store> MessageService<S> {
     }
 }
 
-/// The longest prefix of `stored` within `max_bytes` of payload (at least
-/// one message), and whether anything was cut.
-pub fn page_by_bytes(
-    mut stored: Vec<pushcluster_store::Stored>,
-    max_bytes: usize,
-) -> (Vec<pushcluster_store::Stored>, bool) {
-    let mut total = 0usize;
-    let keep = stored
-        .iter()
-        .position(|m| {
-            total = total.saturating_add(m.payload.len());
-            total > max_bytes
-        })
-        .map_or(stored.len(), |i| i.max(1));
-    let cut = keep < stored.len();
-    stored.truncate(keep);
-    (stored, cut)
-}
-
 fn internal(e: StoreError) -> Status {
     Status::unavailable(format!("storage: {e}"))
 }
@@ -354,12 +335,15 @@ impl<S: Store> Message for MessageService<S> {
             n => n.min(self.fetch_limit),
         };
         let start = Instant::now();
-        let res = self.store.fetch(ch, r.after_mid, limit as usize).await;
+        let page = Page {
+            messages: limit as usize,
+            bytes: self.fetch_max_bytes,
+        };
+        let res = self.store.fetch_page(ch, r.after_mid, page).await;
         self.metrics.record("fetch", start, &res);
-        let stored = res.map_err(internal)?;
-        let full = stored.len() >= limit as usize;
-        let (page, cut) = page_by_bytes(stored, self.fetch_max_bytes);
-        let messages = page
+        let fetched = res.map_err(internal)?;
+        let messages = fetched
+            .messages
             .into_iter()
             .map(|m| pb::StoredMessage {
                 mid: m.mid,
@@ -369,7 +353,7 @@ impl<S: Store> Message for MessageService<S> {
             .collect();
         Ok(Response::new(pb::FetchReply {
             messages,
-            more: full || cut,
+            more: fetched.more,
         }))
     }
 
@@ -450,33 +434,4 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     ops.await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
     Ok(())
-}
-
-#[cfg(test)]
-mod paging {
-    use super::page_by_bytes;
-    use pushcluster_store::Stored;
-
-    fn msgs(sizes: &[usize]) -> Vec<Stored> {
-        sizes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| Stored {
-                mid: i as i64 + 1,
-                payload: vec![b'x'; *n].into(),
-            })
-            .collect()
-    }
-
-    #[test]
-    fn pages_are_cut_by_bytes_but_never_empty() {
-        let (p, cut) = page_by_bytes(msgs(&[10, 10, 10]), 25);
-        assert_eq!((p.len(), cut), (2, true));
-        let (p, cut) = page_by_bytes(msgs(&[10, 10]), 20);
-        assert_eq!((p.len(), cut), (2, false));
-        // One message larger than the budget still goes out alone.
-        let (p, cut) = page_by_bytes(msgs(&[100, 1]), 10);
-        assert_eq!((p.len(), cut), (1, true));
-        assert_eq!(page_by_bytes(Vec::new(), 10), (Vec::new(), false));
-    }
 }

@@ -5,7 +5,9 @@
 //! durability of every acknowledged append costs a share of one fsync. Reads
 //! run on MVCC snapshots beside it.
 
-use crate::{now_ms, AppendOpts, Channel, Fence, Result, Retention, Store, StoreError, Stored};
+use crate::{
+    now_ms, AppendOpts, Channel, Fence, Fetched, Page, Result, Retention, Store, StoreError, Stored,
+};
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use std::path::Path;
@@ -263,14 +265,15 @@ impl Store for EmbeddedStore {
         self.submit(op, rx).await
     }
 
-    async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {
+    async fn fetch_page(&self, ch: Channel<'_>, after: i64, page: Page) -> Result<Fetched> {
         let chan = channel_name(ch);
         let from = after.max(0) as u64 + 1;
         self.read(move |db| {
             let now = now_ms();
             let tx = db.begin_read().map_err(redb::Error::from)?;
             let msgs = tx.open_table(MSGS).map_err(redb::Error::from)?;
-            let mut out = Vec::new();
+            let mut out = Fetched::default();
+            let mut bytes = 0usize;
             for item in msgs
                 .range((chan.as_str(), from)..=(chan.as_str(), u64::MAX))
                 .map_err(redb::Error::from)?
@@ -280,13 +283,15 @@ impl Store for EmbeddedStore {
                 if expire_at <= now {
                     continue;
                 }
-                out.push(Stored {
+                if !page.fits(out.messages.len(), bytes, payload.len()) {
+                    out.more = true;
+                    break;
+                }
+                bytes += payload.len();
+                out.messages.push(Stored {
                     mid: k.value().1 as i64,
                     payload: Bytes::copy_from_slice(payload),
                 });
-                if out.len() >= limit {
-                    break;
-                }
             }
             Ok(out)
         })

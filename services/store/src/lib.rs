@@ -128,6 +128,32 @@ pub enum StoreError {
     },
 }
 
+/// How much one read returns at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    /// Messages.
+    pub messages: usize,
+    /// Payload bytes, counted whole: a page holds at least one message, and
+    /// otherwise none that would take it past this.
+    pub bytes: usize,
+}
+
+/// One page of a read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fetched {
+    pub messages: Vec<Stored>,
+    /// The page was full (by count or bytes): more may follow the last one.
+    pub more: bool,
+}
+
+impl Page {
+    /// Takes `m` into a page that holds `taken` messages of `bytes` so far:
+    /// whether it fits (the first always does).
+    pub fn fits(&self, taken: usize, bytes: usize, m: usize) -> bool {
+        taken == 0 || (taken < self.messages && bytes.saturating_add(m) <= self.bytes)
+    }
+}
+
 /// Result of store operations.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -151,13 +177,30 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<i64>> + Send {
         self.append_with(ch, payload, ttl, AppendOpts::default())
     }
-    /// Messages of `ch` with mid > `after`, oldest first, at most `limit`, unexpired.
+    /// Messages of `ch` with mid > `after`, oldest first, unexpired, within
+    /// `page`: the backend stops reading there, so a backlog of any size is
+    /// read one bounded page at a time.
+    fn fetch_page(
+        &self,
+        ch: Channel<'_>,
+        after: i64,
+        page: Page,
+    ) -> impl Future<Output = Result<Fetched>> + Send;
+    /// [`Store::fetch_page`] bounded by count only.
     fn fetch(
         &self,
         ch: Channel<'_>,
         after: i64,
         limit: usize,
-    ) -> impl Future<Output = Result<Vec<Stored>>> + Send;
+    ) -> impl Future<Output = Result<Vec<Stored>>> + Send {
+        async move {
+            let page = Page {
+                messages: limit,
+                bytes: usize::MAX,
+            };
+            Ok(self.fetch_page(ch, after, page).await?.messages)
+        }
+    }
     /// Removes every message of `key` (its sequence stays).
     fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
     /// The last mid assigned on `ch` (0 when none).
@@ -185,10 +228,10 @@ impl Store for Backend {
             Backend::Embedded(s) => s.append_with(ch, payload, ttl, opts).await,
         }
     }
-    async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {
+    async fn fetch_page(&self, ch: Channel<'_>, after: i64, page: Page) -> Result<Fetched> {
         match self {
-            Backend::Redis(s) => s.fetch(ch, after, limit).await,
-            Backend::Embedded(s) => s.fetch(ch, after, limit).await,
+            Backend::Redis(s) => s.fetch_page(ch, after, page).await,
+            Backend::Embedded(s) => s.fetch_page(ch, after, page).await,
         }
     }
     async fn delete(&self, key: &str) -> Result<()> {

@@ -16,7 +16,9 @@
 //! runs scripts one at a time and sends a subscriber its messages in the
 //! order they were published.
 
-use crate::{now_ms, AppendOpts, Channel, Result, Retention, Store, StoreError, Stored};
+use crate::{
+    now_ms, AppendOpts, Channel, Fetched, Page, Result, Retention, Store, StoreError, Stored,
+};
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
@@ -50,13 +52,38 @@ if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], string.format('%d ', mid) .
 return {mid, ''}
 ";
 
+// A page of entries after mid ARGV[1]: at most ARGV[2] of them and, past
+// the first, no more than ARGV[3] payload bytes in all. Read in LRANGE
+// chunks sized by the entries seen so far, so a backlog of large messages
+// costs Redis one page's worth of reading, not the whole list (a 1,000-entry
+// LRANGE of 60 KiB messages was 60 MB for one 2 MiB page). Entries are
+// `"<mid> <expiry> <payload>"`; the expiry is checked by the caller, which
+// also hears whether more follow.
 const FETCH: &str = r"
 local head = redis.call('LINDEX', KEYS[1], 0)
-if not head then return {} end
+if not head then return {0, {}} end
 local first = tonumber(string.match(head, '^(%d+) '))
 local start = tonumber(ARGV[1]) - first + 1
 if start < 0 then start = 0 end
-return redis.call('LRANGE', KEYS[1], start, start + tonumber(ARGV[2]) - 1)
+local want = tonumber(ARGV[2])
+local budget = tonumber(ARGV[3])
+local out = {}
+local bytes = 0
+local chunk = 16
+while true do
+  local got = redis.call('LRANGE', KEYS[1], start, start + chunk - 1)
+  for _, e in ipairs(got) do
+    local h = string.find(e, ' ', string.find(e, ' ', 1, true) + 1, true)
+    local size = #e - h
+    if #out > 0 and (#out >= want or bytes + size > budget) then return {1, out} end
+    out[#out + 1] = e
+    bytes = bytes + size
+  end
+  if #got < chunk then return {0, out} end
+  start = start + #got
+  local avg = math.max(1, math.floor(bytes / #out))
+  chunk = math.max(1, math.min(want - #out + 1, math.floor((budget - bytes) / avg) + 1, 1024))
+end
 ";
 
 /// Storing pushes straight into the cluster's Redis (web and comets), in
@@ -223,21 +250,27 @@ impl Store for RedisStore {
         }
     }
 
-    async fn fetch(&self, ch: Channel<'_>, after: i64, limit: usize) -> Result<Vec<Stored>> {
+    async fn fetch_page(&self, ch: Channel<'_>, after: i64, page: Page) -> Result<Fetched> {
         let (_, list) = self.keys(ch);
         let read = || {
             let mut conn = self.conn.clone();
             let mut call = self.fetch.key(&list);
-            call.arg(after.max(0)).arg(limit.max(1));
-            async move { call.invoke_async::<Vec<Vec<u8>>>(&mut conn).await }
+            call.arg(after.max(0))
+                .arg(page.messages.max(1))
+                // Lua numbers are doubles: keep the budget exact.
+                .arg(page.bytes.min(1 << 50));
+            async move { call.invoke_async::<(i64, Vec<Vec<u8>>)>(&mut conn).await }
         };
-        let raw = read_retrying(read).await?;
+        let (more, raw) = read_retrying(read).await?;
         let now = now_ms();
-        let mut out = Vec::with_capacity(raw.len());
+        let mut out = Fetched {
+            messages: Vec::with_capacity(raw.len()),
+            more: more != 0,
+        };
         for r in raw {
             let (mid, expire_at, payload) = parse_entry(&r)?;
             if mid > after && expire_at > now {
-                out.push(Stored { mid, payload });
+                out.messages.push(Stored { mid, payload });
             }
         }
         Ok(out)

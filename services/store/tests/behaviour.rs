@@ -5,7 +5,7 @@ use bytes::Bytes;
 use pushcluster_store::embedded::EmbeddedStore;
 use pushcluster_store::redis::RedisStore;
 use pushcluster_store::testing::RedisServer;
-use pushcluster_store::{AppendOpts, Channel, Fence, Retention, Store, StoreError};
+use pushcluster_store::{AppendOpts, Channel, Fence, Page, Retention, Store, StoreError};
 
 /// Deduplicated by `push_id` (none when empty) and fenced by `fence`.
 fn fenced(push_id: &str, fence: Fence) -> AppendOpts<'_> {
@@ -148,6 +148,38 @@ async fn backlog_is_bounded_oldest_first<S: Store>(s: &S) {
     assert_eq!(got[49].mid, 60);
     let tail = s.fetch(Channel::Private("big"), 55, 1000).await.unwrap();
     assert_eq!(mids(&tail), vec![56, 57, 58, 59, 60]);
+}
+
+async fn pages_are_bounded_by_bytes_and_say_whether_more_follow<S: Store>(s: &S) {
+    for i in 1..=5 {
+        let payload = Bytes::from(vec![b'a' + i as u8; 10]);
+        s.append(Channel::Private("pg"), payload, HOUR)
+            .await
+            .unwrap();
+    }
+    let page = |messages, bytes| Page { messages, bytes };
+    let got = s
+        .fetch_page(Channel::Private("pg"), 0, page(100, 25))
+        .await
+        .unwrap();
+    assert_eq!((mids(&got.messages), got.more), (vec![1, 2], true));
+    let got = s
+        .fetch_page(Channel::Private("pg"), 2, page(2, 1000))
+        .await
+        .unwrap();
+    assert_eq!((mids(&got.messages), got.more), (vec![3, 4], true));
+    let got = s
+        .fetch_page(Channel::Private("pg"), 3, page(100, 20))
+        .await
+        .unwrap();
+    assert_eq!((mids(&got.messages), got.more), (vec![4, 5], false));
+    // One message over the budget still comes, alone.
+    let got = s
+        .fetch_page(Channel::Private("pg"), 0, page(100, 3))
+        .await
+        .unwrap();
+    assert_eq!((mids(&got.messages), got.more), (vec![1], true));
+    assert_eq!(got.messages[0].payload.as_ref(), &[b'b'; 10]);
 }
 
 async fn delete_removes_messages_and_keeps_the_sequence<S: Store>(s: &S) {
@@ -349,6 +381,7 @@ async fn run_suite<S: Store, F: std::future::Future<Output = S>>(make: impl Fn(u
     fetch_returns_what_follows_a_mid_in_order(&make(1000).await).await;
     messages_expire_one_by_one(&make(1000).await).await;
     backlog_is_bounded_oldest_first(&make(50).await).await;
+    pages_are_bounded_by_bytes_and_say_whether_more_follow(&make(50).await).await;
     delete_removes_messages_and_keeps_the_sequence(&make(1000).await).await;
     concurrent_appends_get_unique_contiguous_mids(Arc::new(make(1000).await)).await;
     idempotent_appends_store_once(&make(1000).await).await;
@@ -391,6 +424,53 @@ async fn redis_backend_passes_the_suite() {
 
 /// A lazily connected store is made while Redis is down; its appends fail
 /// (nothing hangs) until Redis is up, then succeed on the same store.
+/// 1,000 messages of 60 KiB on one key (60 MB of backlog) read in 2 MiB
+/// pages: every page arrives, none of them takes the store near the
+/// connection's 500 ms command timeout, and no message is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_is_read_page_by_page() {
+    let server = RedisServer::start();
+    let s = RedisStore::connect(&server.url(), "big", retention(1000))
+        .await
+        .unwrap();
+    let payload = Bytes::from(vec![b'x'; 60 << 10]);
+    for _ in 0..1000 {
+        s.append(Channel::Private("k"), payload.clone(), HOUR)
+            .await
+            .unwrap();
+    }
+    let (mut after, mut pages, mut slowest) = (0, 0, Duration::ZERO);
+    loop {
+        let started = std::time::Instant::now();
+        let got = s
+            .fetch_page(
+                Channel::Private("k"),
+                after,
+                Page {
+                    messages: 1000,
+                    bytes: 2 << 20,
+                },
+            )
+            .await
+            .expect("a page of a large backlog");
+        slowest = slowest.max(started.elapsed());
+        pages += 1;
+        assert!(
+            got.messages.len() <= 34,
+            "{} in one page",
+            got.messages.len()
+        );
+        assert_eq!(got.messages.first().map(|m| m.mid), Some(after + 1));
+        after = got.messages.last().unwrap().mid;
+        if !got.more {
+            break;
+        }
+    }
+    assert_eq!(after, 1000);
+    eprintln!("1000 x 60 KiB: {pages} pages, slowest {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "slowest page {slowest:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lazy_redis_store_works_once_redis_comes_up() {
     let port = pushcluster_store::testing::free_port();
