@@ -100,7 +100,15 @@ impl Comet {
             .max_encoding_message_size(max);
         let metrics = Metrics::register(reg, slow);
         let live_stop = CancellationToken::new();
-        let path = PushPath::open(&cfg, message.clone(), &registry, &metrics, &live_stop)?;
+        let ready = Readiness::default();
+        let path = PushPath::open(
+            &cfg,
+            message.clone(),
+            &registry,
+            &metrics,
+            &ready,
+            &live_stop,
+        )?;
         let comet = Arc::new(Self {
             registry,
             message,
@@ -109,7 +117,7 @@ impl Comet {
             membership,
             ownership,
             ring: RwLock::new(Arc::new(Ring::new([], DEFAULT_VNODES))),
-            ready: Readiness::default(),
+            ready,
             stripes: (0..PUSH_STRIPES)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),

@@ -9,29 +9,41 @@
 //! to the comet, with no reply back: docs/benchmarks.md (S3) has the CPU
 //! this saves. Without Redis, the comet delivers what it stores itself.
 //!
-//! Why nothing is missed:
+//! Why nothing is missed, and nothing unstored is delivered:
 //! - A connection is admitted (its client gets `+h` and then fetches what
 //!   it missed) only once its key's channel is subscribed. A message stored
 //!   before the subscription is in that fetch; one stored after it is
 //!   published to this comet. Clients dedupe by mid.
+//! - Once a subscription is confirmed the comet reads the key's last stored
+//!   mid, and from then on delivers a key's messages only in mid order, one
+//!   after another ([`Registry::offer_live`]). A message that skips ahead
+//!   (a gap) is not delivered as it came: the messages after the last one
+//!   delivered are read from the store instead, which has every real one.
+//!   A forged PUBLISH with an invented mid is thus never delivered.
 //! - Redis runs scripts one at a time and sends a subscriber messages in the
 //!   order they were published, so each key's messages arrive in mid order,
-//!   whichever web or comet stored them, and whoever the web's membership
-//!   view thought owned the key.
-//! - Redis forgets a connection's subscriptions with the connection. When it
-//!   is lost, every connection is closed with a reconnect frame (clients
-//!   come back and fetch what they missed by mid), and new connections wait
-//!   for the new subscription as at any other time.
+//!   whichever web or comet stored them.
+//! - The subscribing connection is checked with a PING every second; one
+//!   unanswered for [`PING_DEADLINE`] (a half-open connection: Redis lost, a
+//!   partition) counts as lost, as does a closed one. While it is lost the
+//!   comet reports unready and new connections wait, but open ones stay:
+//!   once subscribed again, each key's messages stored meanwhile are read
+//!   from the store and delivered ([`Resubscribed::Fill`]). A Redis restart
+//!   costs clients a pause, not a reconnect. A key whose sequence went
+//!   backwards (Redis lost its data) gets every stored message again.
 
-use crate::registry::{Delivery, Registry};
+use crate::registry::{Delivery, LiveOffer, Registry, Resubscribed};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use pushcluster_core::ops::Readiness;
 use pushcluster_core::GID_PRIVATE;
-use pushcluster_store::redis::live;
+use pushcluster_store::redis::{live, RedisStore};
+use pushcluster_store::{Channel, Page, Store};
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -39,9 +51,26 @@ use tokio_util::sync::CancellationToken;
 /// refused (its client retries): Redis is down or far behind.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(5);
 
-/// Pause between attempts to connect to Redis, doubled up to the maximum.
+/// Pause between attempts to connect to Redis, doubled up to the maximum,
+/// each with up to half again of random jitter.
 const RETRY: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// How often the subscribing connection is checked with a PING.
+const PING_EVERY: Duration = Duration::from_secs(1);
+/// A PING unanswered this long means the connection is lost: with
+/// [`PING_EVERY`], a dead or half-open connection is noticed within 4 s.
+pub(crate) const PING_DEADLINE: Duration = Duration::from_secs(3);
+/// Longest wait for a connection to Redis to open.
+const CONNECT_DEADLINE: Duration = Duration::from_secs(3);
+
+/// Most messages one gap fill delivers from the store (two pages); a key
+/// that missed more has its connections reconnect and fetch for themselves.
+const FILL_PAGE: Page = Page {
+    messages: 256,
+    bytes: 1 << 20,
+};
+const FILL_PAGES: usize = 2;
 
 /// Most channels in one SUBSCRIBE or UNSUBSCRIBE: a reconnect storm of
 /// 50,000 keys goes out in a few dozen commands, none of them huge.
@@ -55,6 +84,10 @@ type Update = BoxFuture<'static, (Vec<Box<str>>, redis::RedisResult<()>)>;
 pub struct LiveFeed {
     ns: String,
     registry: Arc<Registry>,
+    /// Where missed messages are read from.
+    store: RedisStore,
+    /// The comet's readiness: down while the feed is.
+    ready: Readiness,
     /// Bumped whenever keys become live, so waiting connections look again.
     changed: watch::Sender<u64>,
     metrics: LiveMetrics,
@@ -69,6 +102,16 @@ pub(crate) struct LiveMetrics {
     pub losses: Counter,
     /// Connections refused because their key's channel was not subscribed in time.
     pub refused: Counter,
+    /// 1 while the subscribing connection is up and answering.
+    pub up: Gauge,
+    /// Messages read from the store and delivered to fill a gap (after a
+    /// lost connection, or a message that skipped ahead).
+    pub filled: Counter,
+    /// Messages dropped from a live channel: already delivered, or with a
+    /// mid the store did not have (forged).
+    pub dropped: Counter,
+    /// Keys whose sequence was found to have gone backwards (Redis lost data).
+    pub resets: Counter,
 }
 
 /// Why the live feed's subscribing connection stopped serving.
@@ -82,15 +125,22 @@ enum Stopped {
     Failed(#[source] redis::RedisError),
     #[error("the registry is gone")]
     RegistryGone,
+    #[error("no answer to PING within {0:?}")]
+    Unresponsive(Duration),
+    #[error("reading the store: {0}")]
+    Store(#[source] pushcluster_store::StoreError),
 }
 
 impl LiveFeed {
     /// Starts subscribing for `registry`'s keys on the Redis at `url`, with
-    /// keys under namespace `ns`; runs until `cancel`.
+    /// keys under namespace `ns`, reading missed messages from `store` and
+    /// marking `ready` down while it is; runs until `cancel`.
     pub(crate) fn start(
         url: &str,
         ns: &str,
         registry: Arc<Registry>,
+        store: RedisStore,
+        ready: Readiness,
         metrics: LiveMetrics,
         cancel: CancellationToken,
     ) -> Result<Arc<Self>, redis::RedisError> {
@@ -100,6 +150,8 @@ impl LiveFeed {
         let feed = Arc::new(Self {
             ns: ns.to_owned(),
             registry,
+            store,
+            ready,
             changed: watch::Sender::new(0),
             metrics,
         });
@@ -140,32 +192,42 @@ impl LiveFeed {
         loop {
             let connected = tokio::select! {
                 _ = cancel.cancelled() => return,
-                c = client.get_async_pubsub() => c,
+                c = tokio::time::timeout(CONNECT_DEADLINE, client.get_async_pubsub()) => c,
             };
             match connected {
-                Ok(pubsub) => {
+                Ok(Ok(pubsub)) => {
                     pause = RETRY;
                     tracing::info!("subscribing to live channels");
+                    self.set_up(true);
                     let why = self.serve(pubsub, &mut changes, &cancel).await;
                     if cancel.is_cancelled() {
                         return;
                     }
-                    tracing::warn!(error = %why, "live channels lost: reconnecting clients");
+                    tracing::warn!(error = %why, "live channels lost: resubscribing; open connections stay");
                 }
-                Err(e) => tracing::warn!(error = %e, "cannot subscribe to live channels"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot subscribe to live channels"),
+                Err(_) => tracing::warn!(
+                    "cannot subscribe to live channels: no connection within {CONNECT_DEADLINE:?}"
+                ),
             }
             self.metrics.losses.inc();
-            // Whatever was published meanwhile reached no one here: the
-            // clients reconnect and fetch it.
+            self.set_up(false);
+            // New connections wait for the new subscription; open ones
+            // stay, and what is published meanwhile is read from the store
+            // once their key is subscribed again.
             self.registry.unset_live();
-            self.registry.reconnect_all();
             self.changed.send_modify(|n| *n += 1);
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(pause) => {}
+                _ = tokio::time::sleep(jittered(pause)) => {}
             }
             pause = (pause * 2).min(RETRY_MAX);
         }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.metrics.up.set(i64::from(up));
+        self.ready.set_dependency(up);
     }
 
     /// Subscribes and delivers on one connection until it fails; says why.
@@ -179,6 +241,9 @@ impl LiveFeed {
         // Every key with connections now, then every key that changes.
         let mut pending: HashSet<Box<str>> = self.registry.unset_live().into_iter().collect();
         let mut in_flight: Option<Update> = None;
+        let mut ping: Option<(Instant, BoxFuture<'static, redis::RedisResult<()>>)> = None;
+        let mut tick = tokio::time::interval(PING_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if in_flight.is_none() && !pending.is_empty() {
                 in_flight = Some(self.update(&sink, &mut pending));
@@ -187,7 +252,11 @@ impl LiveFeed {
                 biased;
                 _ = cancel.cancelled() => return Stopped::ShuttingDown,
                 msg = stream.next() => match msg {
-                    Some(m) => self.deliver(&m),
+                    Some(m) => {
+                        if let Err(e) = self.deliver(&m).await {
+                            return e;
+                        }
+                    }
                     None => return Stopped::Closed,
                 },
                 done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
@@ -196,8 +265,8 @@ impl LiveFeed {
                     if let Err(e) = result {
                         return Stopped::Failed(e);
                     }
-                    for key in &subscribed {
-                        self.registry.set_live(key);
+                    if let Err(e) = self.subscribed(&subscribed).await {
+                        return e;
                     }
                     self.changed.send_modify(|n| *n += 1);
                 }
@@ -205,8 +274,87 @@ impl LiveFeed {
                     Some(k) => { pending.insert(k); }
                     None => return Stopped::RegistryGone,
                 },
+                answered = async { ping.as_mut().expect("guarded").1.as_mut().await }, if ping.is_some() => {
+                    ping = None;
+                    if let Err(e) = answered {
+                        return Stopped::Failed(e);
+                    }
+                }
+                _ = tick.tick() => {
+                    match &ping {
+                        Some((sent, _)) if sent.elapsed() >= PING_DEADLINE => {
+                            return Stopped::Unresponsive(PING_DEADLINE);
+                        }
+                        Some(_) => {}
+                        None => {
+                            let mut sink = sink.clone();
+                            let call = async move { sink.ping::<()>().await }.boxed();
+                            ping = Some((Instant::now(), call));
+                        }
+                    }
+                }
             }
         }
+    }
+
+    /// A batch of keys was confirmed subscribed: reads their last stored
+    /// mids, marks them live, and delivers what each missed while its
+    /// channel was away.
+    async fn subscribed(&self, keys: &[Box<str>]) -> Result<(), Stopped> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let stored = self.store.last_mids(keys).await.map_err(Stopped::Store)?;
+        for (key, stored) in keys.iter().zip(stored) {
+            self.catch_up(key, stored).await?;
+        }
+        Ok(())
+    }
+
+    /// Brings `key` up to `stored`, its last stored mid: delivers what it
+    /// missed, or everything when its sequence went backwards.
+    async fn catch_up(&self, key: &str, stored: i64) -> Result<(), Stopped> {
+        match self.registry.set_live(key, stored) {
+            Resubscribed::UpToDate | Resubscribed::NoKey => Ok(()),
+            Resubscribed::Fill { after } => self.fill(key, after).await,
+            Resubscribed::Reset => {
+                tracing::warn!(
+                    key,
+                    "the key's sequence went backwards (Redis lost data, or it expired): delivering what it holds"
+                );
+                self.metrics.resets.inc();
+                self.fill(key, 0).await
+            }
+        }
+    }
+
+    /// Delivers `key`'s stored messages after `after`, in order; a key that
+    /// missed more than a fill carries has its connections reconnect.
+    async fn fill(&self, key: &str, mut after: i64) -> Result<(), Stopped> {
+        for _ in 0..FILL_PAGES {
+            let page = self
+                .store
+                .fetch_page(Channel::Private(key), after, FILL_PAGE)
+                .await
+                .map_err(Stopped::Store)?;
+            for m in page.messages {
+                after = m.mid;
+                let d = Delivery::new(m.mid, GID_PRIVATE, m.payload);
+                if let LiveOffer::Delivered(_) = self.registry.offer_live(key, &d, true) {
+                    self.metrics.filled.inc();
+                }
+            }
+            if !page.more {
+                return Ok(());
+            }
+        }
+        let n = self.registry.reconnect_key(key);
+        tracing::info!(
+            key,
+            connections = n,
+            "too much missed to fill: reconnecting"
+        );
+        Ok(())
     }
 
     /// Brings the subscriptions of a batch of `pending` keys in line with
@@ -248,16 +396,42 @@ impl LiveFeed {
         .boxed()
     }
 
-    fn deliver(&self, m: &redis::Msg) {
+    async fn deliver(&self, m: &redis::Msg) -> Result<(), Stopped> {
         let Some(key) = live::key_of(&self.ns, m.get_channel_name()) else {
-            return;
+            return Ok(());
         };
         let Some((mid, payload)) = live::decode(m.get_payload_bytes()) else {
             tracing::warn!(key, "unreadable message on a live channel");
-            return;
+            self.metrics.dropped.inc();
+            return Ok(());
         };
         self.metrics.messages.inc();
-        self.registry
-            .deliver(key, &Delivery::new(mid, GID_PRIVATE, payload));
+        let d = Delivery::new(mid, GID_PRIVATE, payload);
+        match self.registry.offer_live(key, &d, false) {
+            LiveOffer::Delivered(_) | LiveOffer::NoKey => Ok(()),
+            LiveOffer::Duplicate => {
+                // Right after a subscription, or forged; or the key's
+                // sequence started again (its keys expired, Redis lost
+                // them): the store's last mid says which.
+                self.metrics.dropped.inc();
+                let stored = self.store.last_mids(&[key]).await.map_err(Stopped::Store)?;
+                match stored.first() {
+                    Some(&stored) => self.catch_up(key, stored).await,
+                    None => Ok(()),
+                }
+            }
+            LiveOffer::Gap { after } => {
+                // Either messages were missed, or the mid was never stored:
+                // the store says which.
+                self.metrics.dropped.inc();
+                self.fill(key, after).await
+            }
+        }
     }
+}
+
+/// `d` plus up to half of it again, at random: comets that lost Redis
+/// together do not all come back in the same instant.
+fn jittered(d: Duration) -> Duration {
+    d + d.mul_f64(rand::random::<f64>() / 2.0)
 }

@@ -51,8 +51,28 @@ impl Metrics {
         );
         reg.register(
             "pushcluster_comet_live_losses",
-            "Times the connection subscribed to live channels was lost; each closes every client connection",
+            "Times the connection subscribed to live channels was lost (closed, failed, or no answer to PING); open client connections stay",
             m.live.losses.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_up",
+            "1 while the connection subscribed to live channels is up and answers PING (Redis); the comet is unready while it is 0",
+            m.live.up.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_filled",
+            "Messages read from the store and delivered to fill a gap in a key's live stream (after the live connection was lost, or a message skipped ahead)",
+            m.live.filled.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_dropped",
+            "Messages from live channels not delivered as they came: already delivered, unreadable, or skipping ahead (then read from the store instead)",
+            m.live.dropped.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_resets",
+            "Keys whose stored sequence was found to have gone backwards (Redis lost data)",
+            m.live.resets.clone(),
         );
         reg.register(
             "pushcluster_comet_live_refused",

@@ -30,6 +30,7 @@ use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use pushcluster_core::batch::Batcher;
 use pushcluster_core::key::Limits;
+use pushcluster_core::ops::Readiness;
 use pushcluster_core::GID_PRIVATE;
 use pushcluster_proto::auth::AuthChannel;
 use pushcluster_proto::pipeline::pipelined_batcher;
@@ -98,6 +99,7 @@ impl PushPath {
         message: MessageClient<AuthChannel>,
         registry: &Arc<Registry>,
         metrics: &Metrics,
+        ready: &Readiness,
         live_stop: &CancellationToken,
     ) -> Result<Self, Error> {
         let direct = &cfg.store;
@@ -116,6 +118,8 @@ impl PushPath {
                     url,
                     &direct.redis_namespace,
                     registry.clone(),
+                    store.clone(),
+                    ready.clone(),
                     metrics.live.clone(),
                     live_stop.clone(),
                 )

@@ -8,18 +8,39 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-/// Readiness shared between a service and its `/readyz`.
+/// Readiness shared between a service and its `/readyz`: the service's
+/// own say (up, not draining) and that of a dependency it cannot serve
+/// without (a comet's live feed from Redis).
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness(Arc<ReadyFlags>);
+
+#[derive(Debug)]
+struct ReadyFlags {
+    ready: AtomicBool,
+    dependency_up: AtomicBool,
+}
+
+impl Default for ReadyFlags {
+    fn default() -> Self {
+        Self {
+            ready: AtomicBool::new(false),
+            dependency_up: AtomicBool::new(true),
+        }
+    }
+}
 
 impl Readiness {
     /// Marks the service ready (or not) to take traffic.
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.0.ready.store(ready, Ordering::SeqCst);
+    }
+    /// Marks the dependency up or down (up unless told).
+    pub fn set_dependency(&self, up: bool) {
+        self.0.dependency_up.store(up, Ordering::SeqCst);
     }
     /// Whether the service takes traffic.
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.ready.load(Ordering::SeqCst) && self.0.dependency_up.load(Ordering::SeqCst)
     }
 }
 

@@ -125,7 +125,9 @@ impl Default for DirectStore {
     }
 }
 
-/// Redis-backed store (single node; keys are Cluster-ready).
+/// Redis-backed store (single node; keys are Cluster-ready). Clones share
+/// one connection.
+#[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
     ns: String,
@@ -160,6 +162,26 @@ impl RedisStore {
             append: Script::new(APPEND),
             fetch: Script::new(FETCH),
         }
+    }
+
+    /// The last mid of each private key (0 for none), in one round trip:
+    /// pipelined GETs rather than an MGET, so each key can sit in its own
+    /// slot of a Redis Cluster.
+    pub async fn last_mids<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<i64>> {
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.get(self.keys(Channel::Private(k.as_ref())).0);
+        }
+        let read = || {
+            let mut conn = self.conn.clone();
+            let pipe = pipe.clone();
+            async move { pipe.query_async::<Vec<Option<i64>>>(&mut conn).await }
+        };
+        Ok(read_retrying(read)
+            .await?
+            .into_iter()
+            .map(Option::unwrap_or_default)
+            .collect())
     }
 
     fn keys(&self, ch: Channel<'_>) -> (String, String) {

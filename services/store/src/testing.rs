@@ -56,19 +56,27 @@ impl RedisServer {
 
     /// As [`Self::start`], on a given port of 127.0.0.1.
     pub fn start_on(port: u16) -> Self {
+        Self::spawn(port, None)
+    }
+
+    /// As [`Self::start_on`], with an append-only file in `dir` fsynced every
+    /// write, so a restart on the same port and `dir` keeps everything
+    /// acknowledged.
+    pub fn start_durable_on(port: u16, dir: &std::path::Path) -> Self {
+        Self::spawn(port, Some(dir))
+    }
+
+    fn spawn(port: u16, dir: Option<&std::path::Path>) -> Self {
+        let port_arg = port.to_string();
+        let mut args = vec!["--port", &port_arg, "--bind", "127.0.0.1", "--save", ""];
+        let dir_arg = dir.map(|d| d.display().to_string());
+        match &dir_arg {
+            Some(d) => args.extend(["--appendonly", "yes", "--appendfsync", "always", "--dir", d]),
+            None => args.extend(["--appendonly", "no"]),
+        }
+        args.extend(["--loglevel", "warning"]);
         let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--loglevel",
-                "warning",
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {

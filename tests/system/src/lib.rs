@@ -9,6 +9,7 @@
 //! system test; an older release's binaries are in [`older`].
 
 pub mod older;
+pub mod proxy;
 
 use pushcluster_core::key::Limits;
 use pushcluster_core::membership::ShardEndpoint;
@@ -255,6 +256,9 @@ pub struct Options {
     /// pushes straight into Redis, as the operator sets it up (true), or
     /// pushes through the comets, as web of the previous release did (false).
     pub web_stores_in_redis: bool,
+    /// With `redis_url`: the Redis URL the comets use instead (a proxy in
+    /// front of the same server, say, that a test cuts).
+    pub comet_redis_url: Option<String>,
     /// Web's lame-duck period after SIGTERM (`drain_delay_ms`).
     pub web_drain_delay_ms: u64,
     /// Client listeners' caps and header deadline (comet and web).
@@ -279,6 +283,7 @@ impl Default for Options {
             older_rpc: false,
             comets_store_in_redis: true,
             web_stores_in_redis: true,
+            comet_redis_url: None,
             web_drain_delay_ms: 0,
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
         }
@@ -378,6 +383,13 @@ impl Cluster {
             comet_store.clone()
         } else {
             DirectStore::default()
+        };
+        let comet_store = match (&opts.comet_redis_url, &comet_store.redis_url) {
+            (Some(url), Some(_)) => DirectStore {
+                redis_url: Some(url.clone()),
+                ..comet_store
+            },
+            _ => comet_store,
         };
         let wait_path = if opts.lease_redis.is_some() {
             "/healthz"

@@ -161,12 +161,58 @@ impl Mailbox {
 type ConnHandle = Arc<Mailbox>;
 
 /// One key's connections.
-#[derive(Default)]
 struct Entry {
     conns: Vec<ConnHandle>,
     /// Whether the key's live channel is known to be subscribed (see
     /// [`crate::live`]); unused without one.
     live: bool,
+    /// The last mid of the key accounted for on the live path: delivered,
+    /// or stored before the key's channel was first subscribed (its clients
+    /// fetch those). [`UNKNOWN_MID`] until the first subscription.
+    last_mid: i64,
+}
+
+impl Default for Entry {
+    fn default() -> Self {
+        Self {
+            conns: Vec::new(),
+            live: false,
+            last_mid: UNKNOWN_MID,
+        }
+    }
+}
+
+/// No mid accounted for yet: the key's channel was never subscribed.
+const UNKNOWN_MID: i64 = -1;
+
+/// What became of a message that arrived on a key's live channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LiveOffer {
+    /// Queued on the key's connections (this many).
+    Delivered(u64),
+    /// Its mid was already accounted for: dropped.
+    Duplicate,
+    /// It is not the next mid: the messages after `after` are to be read
+    /// from the store (which has every real one; a forged mid has none).
+    Gap { after: i64 },
+    /// The key has no connections here (any more).
+    NoKey,
+}
+
+/// What a confirmed (re)subscription of a key's live channel asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resubscribed {
+    /// Nothing to make up: first subscription (its clients fetch what came
+    /// before), or nothing was stored while the channel was away.
+    UpToDate,
+    /// Messages after `after` were stored while the channel was away:
+    /// read them from the store and deliver them.
+    Fill { after: i64 },
+    /// The key's sequence went backwards (Redis lost data): every stored
+    /// message is new; deliver them all.
+    Reset,
+    /// The key has no connections here (any more).
+    NoKey,
 }
 
 /// Why a connection was refused.
@@ -354,11 +400,66 @@ impl Registry {
         lock(self.shard(key)).get(key).is_some_and(|e| e.live)
     }
 
-    /// Marks `key`'s live channel subscribed, if it still has connections.
-    pub(crate) fn set_live(&self, key: &str) {
-        if let Some(e) = lock(self.shard(key)).get_mut(key) {
-            e.live = true;
+    /// Marks `key`'s live channel subscribed, if it still has connections;
+    /// `stored` is the key's last stored mid, read after the subscription
+    /// was confirmed. Says what was missed while it was not subscribed.
+    pub(crate) fn set_live(&self, key: &str, stored: i64) -> Resubscribed {
+        let mut map = lock(self.shard(key));
+        let Some(e) = map.get_mut(key) else {
+            return Resubscribed::NoKey;
+        };
+        e.live = true;
+        let last = e.last_mid;
+        if last == UNKNOWN_MID || stored == last {
+            e.last_mid = stored;
+            Resubscribed::UpToDate
+        } else if stored > last {
+            Resubscribed::Fill { after: last }
+        } else {
+            e.last_mid = 0;
+            Resubscribed::Reset
         }
+    }
+
+    /// Offers a message of `key` that arrived on its live channel (or, with
+    /// `from_store`, one read from the store to fill a gap): delivered only
+    /// when it is the next mid, so each connection gets a key's messages
+    /// once and in order, and a mid never stored is never delivered.
+    pub(crate) fn offer_live(&self, key: &str, d: &Arc<Delivery>, from_store: bool) -> LiveOffer {
+        let mut map = lock(self.shard(key));
+        let Some(e) = map.get_mut(key) else {
+            return LiveOffer::NoKey;
+        };
+        let last = e.last_mid;
+        let next = d.mid == last + 1 || last == UNKNOWN_MID;
+        if !next && d.mid <= last {
+            return LiveOffer::Duplicate;
+        }
+        if !next && !from_store {
+            return LiveOffer::Gap { after: last };
+        }
+        e.last_mid = d.mid;
+        let mut n = 0;
+        for c in &e.conns {
+            if let Some(waker) = self.offer(c, d) {
+                n += 1;
+                if let Some(w) = waker {
+                    w.wake();
+                }
+            }
+        }
+        LiveOffer::Delivered(n)
+    }
+
+    /// Asks `key`'s connections to reconnect (they fetch what they missed).
+    pub(crate) fn reconnect_key(&self, key: &str) -> u64 {
+        let now = self.now_ms();
+        let map = lock(self.shard(key));
+        let conns = map.get(key).map_or(&[][..], |e| &e.conns[..]);
+        for c in conns {
+            c.close(Close::Reconnect, now);
+        }
+        conns.len() as u64
     }
 
     /// Marks every live channel unsubscribed (their connection was lost);

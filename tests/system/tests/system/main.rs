@@ -12,5 +12,6 @@ mod fencing;
 mod hostile;
 mod live;
 mod pushctl;
+mod redis_faults;
 mod sizes;
 mod upgrade;

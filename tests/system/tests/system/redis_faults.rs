@@ -1,0 +1,405 @@
+//! Redis faults as a platform team sees them, on real `redis-server`
+//! processes: a restart, a half-open connection (a proxy the test freezes),
+//! a forged PUBLISH, a large backlog. Followers on WebSocket, TCP and SSE
+//! and pushes at 50/s throughout; each test prints its figures.
+
+use pushcluster_client::http::{Client, Proto};
+use pushcluster_client::{Frame, Message};
+use pushcluster_systest::proxy::FreezableProxy;
+use pushcluster_systest::{
+    collect, free_port, subscribe, Cluster, Followers, Options, RedisServer, Transport,
+};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const PROTOS: [Proto; 3] = [Proto::WebSocket, Proto::Tcp, Proto::Sse];
+
+/// Followers on every transport, two keys each, and a pusher at ~50/s
+/// over all keys that keeps what was acknowledged (and counts refusals).
+struct Traffic {
+    keys: Vec<String>,
+    followers: Vec<Followers>,
+    stop: Arc<AtomicBool>,
+    pusher: tokio::task::JoinHandle<(BTreeMap<String, Vec<i64>>, usize)>,
+}
+
+impl Traffic {
+    async fn start(api: &Client, prefix: &str) -> Self {
+        let mut keys = Vec::new();
+        let mut followers = Vec::new();
+        for p in PROTOS {
+            let ks: Vec<String> = (0..2).map(|i| format!("{prefix}-{p:?}-{i}")).collect();
+            followers.push(Followers::start(api, &ks, p));
+            keys.extend(ks);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let pusher = {
+            let (api, keys, stop) = (api.clone(), keys.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut acked: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+                let mut refused = 0;
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    for k in &keys {
+                        n += 1;
+                        match api.push(k, &format!(r#"{{"n":{n}}}"#), Some(600)).await {
+                            Ok(mid) => acked.entry(k.clone()).or_default().push(mid),
+                            Err(_) => refused += 1,
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                (acked, refused)
+            })
+        };
+        Self {
+            keys,
+            followers,
+            stop,
+            pusher,
+        }
+    }
+
+    /// Stops pushing; returns how many followers' connections there were
+    /// beyond one per key (reconnects), after checking that every follower
+    /// received exactly what was acknowledged, in order, without gaps.
+    async fn finish(self, api: &Client, c: &Cluster) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        let (mut acked, refused) = self.pusher.await.expect("pusher");
+        let mut last = BTreeMap::new();
+        for k in &self.keys {
+            let mid = api
+                .push(k, r#"{"last":true}"#, Some(600))
+                .await
+                .expect("last push");
+            acked.entry(k.clone()).or_default().push(mid);
+            last.insert(k.clone(), mid);
+        }
+        let mut extra = 0;
+        for f in self.followers {
+            for (k, seen) in f.finish(&last, c).await {
+                assert!(seen.gaps.is_empty(), "{k}: gaps {:?}", seen.gaps);
+                assert_eq!(
+                    seen.mids, acked[&k],
+                    "{k}: received differs from acknowledged"
+                );
+                extra += seen.connections.saturating_sub(1);
+            }
+        }
+        (extra, refused)
+    }
+}
+
+fn comets_metric(c: &Cluster, name: &str) -> Vec<f64> {
+    (0..c.comets.len())
+        .map(|i| c.comet_metric(i, name))
+        .collect()
+}
+
+/// Waits until `f` holds, up to `limit`; how long it took.
+async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
+/// A subscriber that records when each message arrives.
+fn watch(mut sub: pushcluster_client::sub::Subscriber) -> Arc<Mutex<Vec<(i64, Instant)>>> {
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok(f) = sub.next_timeout(Duration::from_secs(120)).await {
+            if let Frame::Message(m) = f {
+                g.lock().unwrap().push((m.mid, Instant::now()));
+            }
+        }
+    });
+    got
+}
+
+/// The comets' Redis traffic goes through a proxy that stops moving bytes
+/// (no FIN, no RST: a lost node or a partition). The comets notice within
+/// 5 s (PING), say so (metric, readiness), keep their clients, and once the
+/// cut heals they resubscribe and deliver from the store what each key
+/// missed: followers receive again within 10 s, nothing lost, no reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_redis_connection_is_noticed_and_healed_without_reconnects() {
+    let redis = RedisServer::start();
+    let proxy = FreezableProxy::start(redis.port).await;
+    let c = Cluster::start(Options {
+        redis_url: Some(redis.url()),
+        comet_redis_url: Some(proxy.redis_url()),
+        ..Options::default()
+    });
+    let api = c.client();
+    let traffic = Traffic::start(&api, "cut").await;
+    let watched = watch(subscribe(&c, "cut-watch", Transport::Ws, true).await);
+    let watch_pusher = {
+        let api = api.clone();
+        tokio::spawn(async move {
+            for i in 0..400 {
+                let _ = api
+                    .push("cut-watch", &format!(r#"{{"w":{i}}}"#), Some(600))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    proxy.freeze();
+    let detected = until(Duration::from_secs(8), || {
+        comets_metric(&c, "pushcluster_comet_live_up")
+            .iter()
+            .all(|v| *v == 0.0)
+    })
+    .await
+    .unwrap_or_else(|| panic!("a frozen live connection went unnoticed\n{}", c.logs()));
+    assert!(
+        c.comets.iter().all(|p| !p.is_ready()),
+        "comets stayed ready without Redis"
+    );
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(detected)).await;
+
+    proxy.thaw();
+    let healed = Instant::now();
+    let receiving = until(Duration::from_secs(15), || {
+        watched.lock().unwrap().iter().any(|(_, at)| *at > healed)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no delivery after the cut healed\n{}", c.logs()));
+    until(Duration::from_secs(10), || {
+        c.comets.iter().all(|p| p.is_ready())
+    })
+    .await;
+    watch_pusher.abort();
+    let (reconnects, refused) = traffic.finish(&api, &c).await;
+    let filled: f64 = comets_metric(&c, "pushcluster_comet_live_filled_total")
+        .iter()
+        .sum();
+    eprintln!(
+        "half-open Redis: detected in {detected:?}, receiving {receiving:?} after the cut healed, \
+         {filled} messages filled from the store, {reconnects} follower reconnects, {refused} pushes refused"
+    );
+    assert!(
+        detected <= Duration::from_secs(5),
+        "detected after {detected:?}"
+    );
+    assert!(
+        receiving <= Duration::from_secs(10),
+        "receiving after {receiving:?}"
+    );
+    assert_eq!(reconnects, 0, "followers were made to reconnect");
+    assert!(filled > 0.0, "nothing was filled from the store");
+}
+
+/// Redis restarted (`SHUTDOWN NOSAVE`) with an append-only file fsynced on
+/// every write: every acknowledged push is kept, so clients see a pause
+/// (pushes refused while Redis is down) and no reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_costs_a_pause_not_a_reconnect() {
+    let dir = tempfile::tempdir().expect("dir");
+    let port = free_port();
+    let mut redis = Some(RedisServer::start_durable_on(port, dir.path()));
+    let c = Cluster::start(Options {
+        redis_url: Some(format!("redis://127.0.0.1:{port}/")),
+        ..Options::default()
+    });
+    let api = c.client();
+    let traffic = Traffic::start(&api, "restart").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    shutdown_nosave(port).await;
+    drop(redis.take());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    redis = Some(RedisServer::start_durable_on(port, dir.path()));
+    let back = until(Duration::from_secs(15), || {
+        comets_metric(&c, "pushcluster_comet_live_up")
+            .iter()
+            .all(|v| *v == 1.0)
+    })
+    .await
+    .unwrap_or_else(|| panic!("comets did not resubscribe\n{}", c.logs()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (reconnects, refused) = traffic.finish(&api, &c).await;
+    let resets: f64 = comets_metric(&c, "pushcluster_comet_live_resets_total")
+        .iter()
+        .sum();
+    eprintln!(
+        "Redis restart (AOF): live again {back:?} after the restart, {refused} pushes refused while down, \
+         {reconnects} follower reconnects, {resets} sequence resets"
+    );
+    assert_eq!(reconnects, 0, "followers were made to reconnect");
+    assert_eq!(resets, 0.0, "a durable Redis lost a sequence");
+    drop(redis);
+}
+
+/// Redis restarted without persistence: its sequences start again at 1.
+/// The comets notice that each followed key went backwards and deliver
+/// what the store now holds, live, on the open connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_its_data_is_noticed_and_new_messages_still_flow() {
+    let port = free_port();
+    let redis = RedisServer::start_on(port);
+    let c = Cluster::start(Options {
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    });
+    let api = c.client();
+    let mut sub = subscribe(&c, "lost", Transport::Ws, true).await;
+    for i in 0..5 {
+        api.push("lost", &format!(r#"{{"before":{i}}}"#), Some(600))
+            .await
+            .expect("push");
+    }
+    assert_eq!(
+        mids(&collect(&mut sub, 5, Duration::from_secs(5)).await),
+        [1, 2, 3, 4, 5]
+    );
+    shutdown_nosave(port).await;
+    drop(redis);
+    let _redis = RedisServer::start_on(port);
+    until(Duration::from_secs(15), || {
+        comets_metric(&c, "pushcluster_comet_live_up")
+            .iter()
+            .all(|v| *v == 1.0)
+    })
+    .await
+    .unwrap_or_else(|| panic!("comets did not resubscribe\n{}", c.logs()));
+    let mid = api
+        .push("lost", r#"{"after":0}"#, Some(600))
+        .await
+        .expect("push after the loss");
+    assert_eq!(mid, 1, "the sequence started again");
+    let got = collect(&mut sub, 1, Duration::from_secs(5)).await;
+    assert_eq!(
+        (got[0].mid, got[0].msg.to_string()),
+        (1, r#"{"after":0}"#.to_owned())
+    );
+    let resets: f64 = comets_metric(&c, "pushcluster_comet_live_resets_total")
+        .iter()
+        .sum();
+    assert!(resets >= 1.0, "the reset went unnoticed");
+}
+
+/// Anyone who can reach Redis can PUBLISH on a key's live channel. A
+/// message with a mid the store never assigned (far ahead, or one already
+/// delivered) is not delivered; real pushes around it are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_publish_is_not_delivered() {
+    let redis = RedisServer::start();
+    let c = Cluster::start(Options {
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    });
+    let api = c.client();
+    let mut subs = Vec::new();
+    for t in [Transport::Ws, Transport::Tcp, Transport::Sse] {
+        subs.push(subscribe(&c, "victim", t, true).await);
+    }
+    api.push("victim", r#"{"real":1}"#, Some(600))
+        .await
+        .expect("push");
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let channel = pushcluster_store::redis::live::channel("pc", "victim");
+    for forged in [
+        "9000000000000000 {\"forged\":\"far\"}",
+        "1 {\"forged\":\"replay\"}",
+    ] {
+        let n: i64 = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(forged)
+            .query_async(&mut conn)
+            .await
+            .expect("PUBLISH");
+        assert!(n >= 1, "no comet subscribed to {channel}");
+    }
+    api.push("victim", r#"{"real":2}"#, Some(600))
+        .await
+        .expect("push");
+    for (i, sub) in subs.iter_mut().enumerate() {
+        let got = collect(sub, 2, Duration::from_secs(5)).await;
+        let texts: Vec<String> = got.iter().map(|m| m.msg.to_string()).collect();
+        assert_eq!(mids(&got), [1, 2], "subscriber {i}: {texts:?}");
+        assert!(
+            texts.iter().all(|t| t.contains("real")),
+            "subscriber {i}: {texts:?}"
+        );
+        let quiet_until = Instant::now() + Duration::from_millis(300);
+        while let Some(left) = quiet_until.checked_duration_since(Instant::now()) {
+            match sub.next_timeout(left).await {
+                Ok(Frame::Message(m)) => {
+                    panic!("subscriber {i}: more than the real messages: {m:?}")
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    let dropped: f64 = comets_metric(&c, "pushcluster_comet_live_dropped_total")
+        .iter()
+        .sum();
+    assert!(dropped >= 2.0, "forgeries not counted: {dropped}");
+}
+
+/// 1,000 messages of 60 KiB on one key, read back through web page by page:
+/// every page arrives, each well within a second, none is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_backlog_is_fetched_page_by_page() {
+    let redis = RedisServer::start();
+    let c = Cluster::start(Options {
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    });
+    let api = c.client();
+    let payload = format!(r#"{{"blob":"{}"}}"#, "x".repeat(60 << 10));
+    for _ in 0..1000 {
+        api.push("backlog", &payload, Some(600))
+            .await
+            .expect("push");
+    }
+    let (mut after, mut pages, mut slowest) = (0, 0, Duration::ZERO);
+    while after < 1000 {
+        let started = Instant::now();
+        let (page, _) = api.fetch("backlog", after, None).await.expect("a page");
+        slowest = slowest.max(started.elapsed());
+        pages += 1;
+        assert_eq!(
+            page.first().map(|m| m.mid),
+            Some(after + 1),
+            "page after {after}"
+        );
+        after = page.last().expect("a page").mid;
+    }
+    eprintln!("1000 x 60 KiB through web: {pages} pages, slowest {slowest:?}");
+    assert!(pages > 1, "one page of 60 MB");
+    assert!(slowest < Duration::from_secs(1), "slowest page {slowest:?}");
+}
+
+fn mids(m: &[Message]) -> Vec<i64> {
+    m.iter().map(|m| m.mid).collect()
+}
+
+async fn shutdown_nosave(port: u16) {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    // The server closes the connection instead of answering.
+    let _ = redis::cmd("SHUTDOWN")
+        .arg("NOSAVE")
+        .query_async::<()>(&mut conn)
+        .await;
+}
