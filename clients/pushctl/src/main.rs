@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
+use pushcluster_client::backoff::Backoff;
 use pushcluster_client::http::{Client, Proto};
 use pushcluster_client::sub::{Params, Subscriber};
 use pushcluster_client::{Error, Frame, Message};
@@ -237,9 +238,19 @@ async fn catch_up(
     pr: &mut Printer,
 ) -> anyhow::Result<bool> {
     loop {
-        let (msgs, pmsgs) = client
-            .fetch_with_token(key, token, pr.last, pr.last_public)
+        let page = client
+            .fetch_page_with_token(key, token, pr.last, pr.last_public)
             .await?;
+        // The key's sequence started again (storage lost its data): what
+        // comes is new although its mids are not higher.
+        if page.reset {
+            eprintln!("the key's message ids started again (storage lost data)");
+            pr.last = 0;
+        }
+        if page.preset {
+            pr.last_public = Some(0);
+        }
+        let (msgs, pmsgs) = (page.msgs, page.pmsgs);
         let more = !msgs.is_empty();
         for m in msgs.iter().chain(pmsgs.iter()) {
             if pr.print(m) {
@@ -268,7 +279,7 @@ async fn subscribe(
         printed: 0,
         limit,
     };
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let addr = client.resolve(&p.key, proto.into()).await;
         let sub = match &addr {
@@ -282,9 +293,9 @@ async fn subscribe(
         let mut sub = match sub {
             Ok(s) => s,
             Err(e) => {
-                eprintln!("connect failed ({e}); retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                let pause = backoff.next_pause();
+                eprintln!("connect failed ({e}); retrying in {pause:?}");
+                tokio::time::sleep(pause).await;
                 continue;
             }
         };
@@ -295,9 +306,9 @@ async fn subscribe(
                 // -c: this comet does not take the key now (it moved during a
                 // failover, or the per-key limit): resolve again and retry.
                 Ok(Frame::Error(e)) if e == "-c" => {
-                    eprintln!("comet refused the key for now (-c); retrying in {backoff:?}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    let pause = backoff.next_pause();
+                    eprintln!("comet refused the key for now (-c); retrying in {pause:?}");
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
                 Ok(Frame::Error(e)) => {
@@ -305,7 +316,9 @@ async fn subscribe(
                 }
                 Ok(other) => bail!("unexpected first frame {other:?}"),
                 Err(e) => {
-                    eprintln!("subscribe failed ({e}); retrying");
+                    let pause = backoff.next_pause();
+                    eprintln!("subscribe failed ({e}); retrying in {pause:?}");
+                    tokio::time::sleep(pause).await;
                     continue;
                 }
             }
@@ -313,7 +326,7 @@ async fn subscribe(
         if catch_up(client, &p.key, p.token.as_deref(), &mut pr).await? {
             return Ok(());
         }
-        backoff = Duration::from_millis(200);
+        backoff.reset();
         let mut beat = tokio::time::interval(Duration::from_secs(p.heartbeat));
         beat.tick().await;
         loop {
@@ -335,6 +348,10 @@ async fn subscribe(
                         }
                     }
                     Ok(Frame::Heartbeat) => {}
+                    Ok(Frame::Reset) => {
+                        eprintln!("the key's message ids started again (storage lost data)");
+                        pr.last = 0;
+                    }
                     Ok(Frame::Reconnect) => {
                         eprintln!("comet asked to reconnect");
                         break;

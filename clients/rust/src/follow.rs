@@ -19,8 +19,10 @@ use std::time::{Duration, Instant};
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(10);
 /// The heartbeat the follower announces.
 const HEARTBEAT_SECONDS: u64 = 30;
-/// Pause between failed connection attempts.
+/// First pause between failed connection attempts (with jitter, doubling).
 const RETRY: Duration = Duration::from_millis(50);
+/// Longest pause between attempts.
+const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// A period during which the follower had no comet connection.
 #[derive(Debug, Clone, Copy)]
@@ -49,6 +51,11 @@ pub struct Seen {
     pub gaps: Vec<(i64, i64)>,
     /// Mids that went backwards after a higher one (a restarted sequence).
     pub regressions: Vec<(i64, i64)>,
+    /// Times the cluster said the key's sequence started again (storage
+    /// lost its data); `mids` then goes on with the new sequence.
+    pub resets: usize,
+    /// Where in `mids` the current sequence starts.
+    pub epoch_start: usize,
     /// Accepted subscriptions.
     pub connections: usize,
     /// Periods without a comet, the first one from the start.
@@ -58,7 +65,7 @@ pub struct Seen {
 impl Seen {
     /// The last mid applied (0 when none).
     pub fn last(&self) -> i64 {
-        self.mids.last().copied().unwrap_or(0)
+        self.mids[self.epoch_start..].last().copied().unwrap_or(0)
     }
 }
 
@@ -117,7 +124,10 @@ impl State {
         if m <= last {
             // A sequence that restarted shows as a big step back; a duplicate
             // of something just seen does not.
-            if self.seen.mids.binary_search(&m).is_err() {
+            if self.seen.mids[self.seen.epoch_start..]
+                .binary_search(&m)
+                .is_err()
+            {
                 self.seen.regressions.push((last, m));
             }
             self.seen.duplicates_dropped += 1;
@@ -127,6 +137,12 @@ impl State {
             self.seen.gaps.push((last + 1, m));
         }
         self.seen.mids.push(m);
+    }
+
+    /// The key's sequence started again: mids from 1 are new.
+    fn reset(&mut self) {
+        self.seen.resets += 1;
+        self.seen.epoch_start = self.seen.mids.len();
     }
 
     fn up(&mut self) {
@@ -176,28 +192,31 @@ impl Follow {
     /// Fetches stored messages after the last one seen, below `below` if given.
     async fn catch_up(&self, st: &mut State, below: Option<i64>) -> crate::Result<()> {
         loop {
-            let (stored, _) = match &self.token {
-                Some(t) => {
-                    self.api
-                        .fetch_with_token(&self.key, Some(t), st.seen.last(), None)
-                        .await?
-                }
-                None => self.api.fetch(&self.key, st.seen.last(), None).await?,
-            };
+            let token = self.token.clone().or_else(|| self.api.minted(&self.key));
+            let page = self
+                .api
+                .fetch_page_with_token(&self.key, token.as_deref(), st.seen.last(), None)
+                .await?;
+            if page.reset {
+                st.reset();
+            }
+            let stored = page.msgs;
             let before = st.seen.last();
             for m in stored.iter().filter(|m| below.is_none_or(|b| m.mid < b)) {
                 st.apply(m.mid);
             }
             // A page is bounded by count and by bytes: ask again until a
             // page brings nothing new.
-            if stored.is_empty() || st.seen.last() == before {
+            if stored.is_empty() || (st.seen.last() == before && !page.reset) {
                 return Ok(());
             }
         }
     }
 
     async fn session(&self, st: &mut State, mut sub: Subscriber) -> Ended {
-        if self.catch_up(st, None).await.is_err() {
+        // SSE resumes from Last-Event-ID on the comet (which also says when
+        // the key's sequence started again); the others fetch through web.
+        if self.proto != Proto::Sse && self.catch_up(st, None).await.is_err() {
             return Ended::Reconnect;
         }
         let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
@@ -220,6 +239,7 @@ impl Follow {
                     st.apply(m.mid);
                 }
                 Ok(Frame::Heartbeat) => {}
+                Ok(Frame::Reset) => st.reset(),
                 Err(Error::Timeout) => {
                     // Quiet: once stopping, pick up what a lost frame left.
                     if self.control.stopping() && self.catch_up(st, None).await.is_err() {
@@ -239,6 +259,7 @@ impl Follow {
             down_since: Some(Instant::now()),
             connected: self.control.connected.clone(),
         };
+        let mut backoff = crate::backoff::Backoff::new(RETRY, RETRY_MAX);
         while !self.done(st.seen.last()) {
             let sub = match self.api.resolve(&self.key, self.proto).await {
                 Ok(addr) => self.connect(&addr, st.seen.last()).await,
@@ -250,9 +271,10 @@ impl Follow {
                 if self.control.stopping() {
                     let _ = self.catch_up(&mut st, None).await;
                 }
-                tokio::time::sleep(RETRY).await;
+                tokio::time::sleep(backoff.next_pause()).await;
                 continue;
             };
+            backoff.reset();
             st.up();
             match self.session(&mut st, sub).await {
                 Ended::Done => {

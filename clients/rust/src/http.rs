@@ -25,6 +25,20 @@ pub enum Proto {
     Sse = 3,
 }
 
+/// One page of stored messages.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fetched {
+    /// Private messages after the mid asked for.
+    pub msgs: Vec<Message>,
+    /// Public messages, when asked for.
+    pub pmsgs: Vec<Message>,
+    /// The key's sequence started again (storage lost its data): `msgs`
+    /// are from its start; forget the mids seen so far.
+    pub reset: bool,
+    /// The same for the public channel.
+    pub preset: bool,
+}
+
 impl Client {
     /// `public` and `admin` are base URLs such as `http://127.0.0.1:8090`.
     pub fn new(public: &str, admin: &str, admin_token: Option<String>) -> Self {
@@ -45,7 +59,7 @@ impl Client {
         self
     }
 
-    fn minted(&self, key: &str) -> Option<String> {
+    pub(crate) fn minted(&self, key: &str) -> Option<String> {
         self.subscriber_secret
             .as_ref()
             .map(|s| pushcluster_core::token::mint_for(s.as_bytes(), key, READ_TOKEN_SECONDS))
@@ -104,6 +118,20 @@ impl Client {
         after: i64,
         public_after: Option<i64>,
     ) -> Result<(Vec<Message>, Vec<Message>)> {
+        let f = self
+            .fetch_page_with_token(key, token, after, public_after)
+            .await?;
+        Ok((f.msgs, f.pmsgs))
+    }
+
+    /// One page of `/1/msg/get`, with whether a sequence started again.
+    pub async fn fetch_page_with_token(
+        &self,
+        key: &str,
+        token: Option<&str>,
+        after: i64,
+        public_after: Option<i64>,
+    ) -> Result<Fetched> {
         let url = format!("{}/1/msg/get", self.public);
         let mut q = vec![("k", key.to_owned()), ("m", after.to_string())];
         if let Some(p) = public_after {
@@ -113,7 +141,7 @@ impl Client {
             q.push(("token", t.to_owned()));
         }
         let Some(data) = self.call(self.http.get(url).query(&q)).await? else {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(Fetched::default());
         };
         let list = |name: &str| -> Result<Vec<Message>> {
             data.get(name)
@@ -121,7 +149,13 @@ impl Client {
                 .map(|a| a.iter().map(parse_message).collect())
                 .unwrap_or(Ok(Vec::new()))
         };
-        Ok((list("msgs")?, list("pmsgs")?))
+        let flag = |name: &str| data.get(name).and_then(Value::as_bool).unwrap_or(false);
+        Ok(Fetched {
+            msgs: list("msgs")?,
+            pmsgs: list("pmsgs")?,
+            reset: flag("reset"),
+            preset: flag("preset"),
+        })
     }
 
     /// Web's time (`data.timeid`, 100 ns units): answers without credentials.

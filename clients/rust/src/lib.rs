@@ -4,6 +4,7 @@
 //! Never miss a message: subscribe first, then fetch what was stored after
 //! your last mid, and drop anything whose mid you have already seen.
 
+pub mod backoff;
 pub mod follow;
 pub mod http;
 pub mod sub;
@@ -30,6 +31,9 @@ pub enum Frame {
     Message(Message),
     /// `-r`: the comet asks the client to resolve again and reconnect.
     Reconnect,
+    /// SSE `event: reset`: the key's sequence started again (storage lost
+    /// its data); forget the mids seen, the messages that follow are new.
+    Reset,
     /// `-p`, `-a`, `-c`: a refusal; the connection closes.
     Error(String),
 }

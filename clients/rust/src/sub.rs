@@ -223,6 +223,7 @@ pub fn parse_sse_event(block: &str) -> Result<Option<Frame>> {
     }
     match event {
         "reconnect" => Ok(Some(Frame::Reconnect)),
+        "reset" => Ok(Some(Frame::Reset)),
         _ if data.is_empty() => Ok(None),
         _ => parse_text_frame(&data).map(Some),
     }
@@ -254,6 +255,10 @@ mod tests {
         assert!(parse_sse_event(":h\n\n").unwrap().is_none());
         let f = parse_sse_event("id: 4\ndata: {\"msg\":1,\"mid\":4,\"gid\":0}\n\n").unwrap();
         assert!(matches!(f, Some(Frame::Message(m)) if m.mid == 4));
+        assert_eq!(
+            parse_sse_event("event: reset\ndata: {\"mid\":0}\n\n").unwrap(),
+            Some(Frame::Reset)
+        );
         assert_eq!(
             parse_sse_event("event: reconnect\ndata: x\n\n").unwrap(),
             Some(Frame::Reconnect)

@@ -29,8 +29,11 @@
 //!   comet reports unready and new connections wait, but open ones stay:
 //!   once subscribed again, each key's messages stored meanwhile are read
 //!   from the store and delivered ([`Resubscribed::Fill`]). A Redis restart
-//!   costs clients a pause, not a reconnect. A key whose sequence went
-//!   backwards (Redis lost its data) gets every stored message again.
+//!   costs clients a pause, not a reconnect.
+//! - A key whose sequence went backwards (Redis lost its data) has its
+//!   clients reconnect: their fetch from their last mid answers with the
+//!   restarted sequence and `reset`, so they forget the old mids instead of
+//!   dropping the new messages as seen.
 
 use crate::registry::{Delivery, LiveOffer, Registry, Resubscribed};
 use futures::future::BoxFuture;
@@ -318,12 +321,17 @@ impl LiveFeed {
             Resubscribed::UpToDate | Resubscribed::NoKey => Ok(()),
             Resubscribed::Fill { after } => self.fill(key, after).await,
             Resubscribed::Reset => {
+                // Clients dedupe by mid and would drop the restarted
+                // sequence's messages: they reconnect, and their fetch from
+                // their last mid tells them of the reset (`data.reset`).
+                let n = self.registry.reconnect_key(key);
                 tracing::warn!(
                     key,
-                    "the key's sequence went backwards (Redis lost data, or it expired): delivering what it holds"
+                    connections = n,
+                    "the key's sequence went backwards (Redis lost data, or it expired): clients reconnect and resync"
                 );
                 self.metrics.resets.inc();
-                self.fill(key, 0).await
+                Ok(())
             }
         }
     }

@@ -144,6 +144,16 @@ pub async fn subscribe(
     tokio::spawn(async move {
         let mut sent = last;
         let mut page = first;
+        if page.as_ref().is_some_and(|p| p.reset) {
+            // The key's sequence started again: the client forgets the mids
+            // it has (`event: reset`), and what follows is from the start.
+            sent = 0;
+            let reset = Event::default().event("reset").data(r#"{"mid":0}"#);
+            if !send_bounded(&comet2, &tx, reset).await {
+                gauge.dec();
+                return;
+            }
+        }
         while let Some(p) = page.take() {
             for m in p.messages {
                 sent = sent.max(m.mid);

@@ -188,6 +188,26 @@ impl<S> Clone for MessageService<S> {
 }
 
 impl<S: Store> MessageService<S> {
+    /// A page after `after`; when nothing follows and `after` is beyond the
+    /// channel's last stored mid, the sequence started again (Redis lost
+    /// its data, or the key expired): the page from its start, and true.
+    /// Costs one more read only for a reader that is up to date.
+    async fn fetch_or_reset(
+        &self,
+        ch: Channel<'_>,
+        after: i64,
+        page: Page,
+    ) -> Result<(pushcluster_store::Fetched, bool), StoreError> {
+        let fetched = self.store.fetch_page(ch, after, page).await?;
+        if after <= 0 || !fetched.messages.is_empty() {
+            return Ok((fetched, false));
+        }
+        if self.store.last_mid(ch).await? >= after {
+            return Ok((fetched, false));
+        }
+        Ok((self.store.fetch_page(ch, 0, page).await?, true))
+    }
+
     /// Wraps `store`, registering metrics in `reg`.
     pub fn new(store: Arc<S>, cfg: &Config, reg: &mut Registry) -> Self {
         Self {
@@ -339,9 +359,9 @@ impl<S: Store> Message for MessageService<S> {
             messages: limit as usize,
             bytes: self.fetch_max_bytes,
         };
-        let res = self.store.fetch_page(ch, r.after_mid, page).await;
+        let res = self.fetch_or_reset(ch, r.after_mid, page).await;
         self.metrics.record("fetch", start, &res);
-        let fetched = res.map_err(internal)?;
+        let (fetched, reset) = res.map_err(internal)?;
         let messages = fetched
             .messages
             .into_iter()
@@ -354,6 +374,7 @@ impl<S: Store> Message for MessageService<S> {
         Ok(Response::new(pb::FetchReply {
             messages,
             more: fetched.more,
+            reset,
         }))
     }
 

@@ -75,13 +75,14 @@ fn resolve(s: &AppState, key: Option<&str>, proto: Option<&str>) -> Result<Value
     Ok(json!({ "server": addr }))
 }
 
-/// Stored messages of a channel after `after`, oldest first.
+/// Stored messages of a channel after `after`, oldest first, and whether
+/// the channel's sequence started again (they are then from its start).
 async fn fetch(
     s: &AppState,
     key: &str,
     gid: i32,
     after: i64,
-) -> Result<Vec<pb::StoredMessage>, Reply> {
+) -> Result<(Vec<pb::StoredMessage>, bool), Reply> {
     let req = pb::FetchRequest {
         key: key.to_owned(),
         after_mid: after,
@@ -93,7 +94,10 @@ async fn fetch(
         .clone()
         .fetch(req)
         .await
-        .map(|r| r.into_inner().messages)
+        .map(|r| {
+            let r = r.into_inner();
+            (r.messages, r.reset)
+        })
         .map_err(status_reply)
 }
 
@@ -165,6 +169,10 @@ async fn legacy_server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> 
 /// (`data.msgs`) and, when `p` is given, public messages after `p`
 /// (`data.pmsgs`). At most the message service's fetch limit (messages and bytes) per call: call
 /// again from the last mid for more. `data` is left out when nothing is new.
+/// `data.reset` (`data.preset` for public messages) is true when `m` (`p`)
+/// is beyond the last stored mid: the sequence started again (storage lost
+/// its data), the messages are from its start, and the client forgets the
+/// mids it has instead of dropping the new ones as already seen.
 async fn msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
     let r = msg_get_inner(&s, &q, "k", "m", "p", "cb", message_value).await;
     answer(r, param(&q, "cb"))
@@ -200,17 +208,24 @@ async fn msg_get_inner(
     let mid =
         parse_mid(q, mid_name)?.ok_or_else(|| Reply::param(format!("{mid_name} is required")))?;
     let pmid = parse_mid(q, pmid_name)?;
-    let msgs = fetch(s, key, GID_PRIVATE, mid).await?;
-    let pmsgs = match pmid {
+    let (msgs, reset) = fetch(s, key, GID_PRIVATE, mid).await?;
+    let (pmsgs, preset) = match pmid {
         Some(p) => fetch(s, "", GID_PUBLIC, p).await?,
-        None => Vec::new(),
+        None => (Vec::new(), false),
     };
-    if msgs.is_empty() && pmsgs.is_empty() {
+    if msgs.is_empty() && pmsgs.is_empty() && !reset && !preset {
         return Ok(Reply::ok(None));
     }
     let mut data = json!({ "msgs": msgs.iter().map(render).collect::<Vec<_>>() });
     if pmid.is_some() {
         data["pmsgs"] = pmsgs.iter().map(render).collect::<Vec<_>>().into();
+    }
+    // Only when true: gopush-cluster's clients see the reply they know.
+    if reset {
+        data["reset"] = true.into();
+    }
+    if preset {
+        data["preset"] = true.into();
     }
     Ok(Reply::ok(Some(data)))
 }

@@ -208,8 +208,8 @@ pub(crate) enum Resubscribed {
     /// Messages after `after` were stored while the channel was away:
     /// read them from the store and deliver them.
     Fill { after: i64 },
-    /// The key's sequence went backwards (Redis lost data): every stored
-    /// message is new; deliver them all.
+    /// The key's sequence went backwards (Redis lost data): its clients
+    /// are to reconnect and resync.
     Reset,
     /// The key has no connections here (any more).
     NoKey,
