@@ -3,6 +3,7 @@
 //! tenants in two namespaces served by one operator, neither of which can see
 //! or use the other's keys, messages or credentials.
 
+use anyhow::Context;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -105,21 +106,24 @@ async fn secret(
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_full_example_on_redis() -> anyhow::Result<()> {
-    let Some((client, images)) = full_cluster().await else {
-        return Ok(());
-    };
-    let op = Operator::install(&client, &images, "pco-full").await?;
-    let ns = TestNamespace::create(&client, "full").await?;
-    let result = async {
-        // A Redis as an app team would run it for a test: Deployment + Service.
-        let redis = format!(
-            r#"
+/// A Redis as an app team would run it: a Deployment with its append-only
+/// file on a PersistentVolumeClaim (fsynced on every write), and a Service.
+/// A deleted pod comes back with every acknowledged write.
+async fn deploy_redis(namespace: &str) -> anyhow::Result<()> {
+    let redis = format!(
+        r#"
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {{name: push-redis-data}}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {{requests: {{storage: 1Gi}}}}
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: push-redis}}
 spec:
+  strategy: {{type: Recreate}}
   selector: {{matchLabels: {{app: push-redis}}}}
   template:
     metadata: {{labels: {{app: push-redis}}}}
@@ -127,9 +131,13 @@ spec:
       containers:
         - name: redis
           image: {image}
-          command: [redis-server, --port, "6379", --save, "", --appendonly, "no", --protected-mode, "no"]
+          command: [redis-server, --port, "6379", --save, "", --appendonly, "yes", --appendfsync, always, --dir, /data, --protected-mode, "no"]
           ports: [{{name: redis, containerPort: 6379}}]
           readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
+          volumeMounts: [{{name: data, mountPath: /data}}]
+      volumes:
+        - name: data
+          persistentVolumeClaim: {{claimName: push-redis-data}}
 ---
 apiVersion: v1
 kind: Service
@@ -138,11 +146,23 @@ spec:
   selector: {{app: push-redis}}
   ports: [{{name: redis, port: 6379, targetPort: 6379}}]
 "#,
-            image = std::env::var("E2E_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into())
-        );
-        let n = ns.name.clone();
-        tokio::task::spawn_blocking(move || kubectl(&["apply", "-n", &n, "-f", "-"], Some(&redis)))
-            .await??;
+        image = std::env::var("E2E_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into())
+    );
+    let n = namespace.to_owned();
+    tokio::task::spawn_blocking(move || kubectl(&["apply", "-n", &n, "-f", "-"], Some(&redis)))
+        .await??;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_full_example_on_redis() -> anyhow::Result<()> {
+    let Some((client, images)) = full_cluster().await else {
+        return Ok(());
+    };
+    let op = Operator::install(&client, &images, "pco-full").await?;
+    let ns = TestNamespace::create(&client, "full").await?;
+    let result = async {
+        deploy_redis(&ns.name).await?;
         secret(&client, &ns.name, "push-redis", json!({"url": "redis://push-redis:6379"})).await?;
         secret(
             &client,
@@ -252,10 +272,210 @@ spec:
             "PASS S3 full example on Redis (web stores, comets on live channels): followers on WebSocket, TCP and SSE across a comet SIGKILL and a comet pod delete: {f} {}",
             notes.join(" ")
         );
+
+        // The Redis pod deleted under traffic (a node drained, an upgrade):
+        // it comes back with its append-only file; the comets resubscribe
+        // and fill what each key missed, so clients see a pause and do not
+        // reconnect.
+        let load = Load {
+            keys: 24,
+            rate: 100,
+            prefix: "redis-gone".into(),
+            subscriber_secret: Some("full-subscriber-secret".into()),
+        };
+        let traffic = Traffic::start(authorised.clone(), &load).await;
+        anyhow::ensure!(
+            traffic.all_connected(LIMIT).await,
+            "followers did not all reach a comet"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+        let redis_pods = |pods: Api<Pod>| async move {
+            let list = pods
+                .list(&kube::api::ListParams::default().labels("app=push-redis"))
+                .await?;
+            anyhow::Ok(
+                list.items
+                    .into_iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .map(|p| {
+                        let ready = p
+                            .status
+                            .and_then(|s| s.conditions)
+                            .unwrap_or_default()
+                            .iter()
+                            .any(|c| c.type_ == "Ready" && c.status == "True");
+                        (p.metadata.name.unwrap_or_default(), ready)
+                    })
+                    .collect::<Vec<_>>(),
+            )
+        };
+        let old = redis_pods(pods.clone())
+            .await?
+            .into_iter()
+            .next()
+            .map(|(n, _)| n)
+            .context("no Redis pod")?;
+        let deleted = Instant::now();
+        pods.delete(&old, &DeleteParams::default()).await?;
+        wait("a new Redis pod to be ready", Duration::from_secs(60), || {
+            let (pods, old) = (pods.clone(), old.clone());
+            async move {
+                Ok(redis_pods(pods)
+                    .await?
+                    .iter()
+                    .any(|(n, ready)| *n != old && *ready))
+            }
+        })
+        .await?;
+        let back = deleted.elapsed();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let started = traffic.started();
+        let outcome = traffic.finish(Duration::from_secs(60)).await;
+        let f = outcome.figures(started, Instant::now());
+        println!(
+            "INFO S3 Redis pod deleted under traffic (AOF on its claim): new pod ready after {:.1} s; {f}",
+            back.as_secs_f64()
+        );
+        anyhow::ensure!(
+            f.lost == 0 && f.restarted_keys == 0 && f.acked > 0,
+            "traffic across a Redis pod deletion: {f}"
+        );
+        anyhow::ensure!(
+            f.reconnected == 0,
+            "followers reconnected across a Redis restart that kept its data: {f}"
+        );
+        println!(
+            "PASS S3 Redis pod deleted under traffic on the full example: followers reconnected={} (expected none), lost={}, failed_pushes={}, Redis back in {:.1} s",
+            f.reconnected,
+            f.lost,
+            f.failed,
+            back.as_secs_f64()
+        );
         anyhow::Ok(())
     }
     .await;
     ns.delete().await?;
+    op.uninstall().await?;
+    result
+}
+
+/// Two PushClusters of the same name in two namespaces, given one Redis: each
+/// stores under its own prefix (`pc:<namespace>:<name>`), so a push to the
+/// same key name in one is never seen by the other's followers or reads,
+/// and the two sequences are independent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clusters_on_one_redis_share_nothing() -> anyhow::Result<()> {
+    let Some((client, images)) = full_cluster().await else {
+        return Ok(());
+    };
+    let op = Operator::install(&client, &images, "pco-shared-redis").await?;
+    let a = TestNamespace::create(&client, "redis-a").await?;
+    let b = TestNamespace::create(&client, "redis-b").await?;
+    let result = async {
+        deploy_redis(&a.name).await?;
+        let url = format!("redis://push-redis.{}:6379", a.name);
+        for ns in [&a, &b] {
+            secret(&client, &ns.name, "push-redis", json!({ "url": url })).await?;
+            let pc = json!({
+                "apiVersion": "pushcluster.io/v1alpha1", "kind": "PushCluster",
+                "metadata": {"name": "push"},
+                "spec": {
+                    "image": images.image(),
+                    "web": {"replicas": 1},
+                    "message": {"replicas": 1},
+                    "comet": {"shards": 2, "standbys": 0},
+                    "storage": {"redis": {"secretRef": {"name": "push-redis", "key": "url"}}}
+                }
+            });
+            let n = ns.name.clone();
+            tokio::task::spawn_blocking(move || {
+                kubectl(&["apply", "-n", &n, "-f", "-"], Some(&pc.to_string()))
+            })
+            .await??;
+        }
+        let mut apis = Vec::new();
+        let mut proxies = Vec::new();
+        for ns in [&a, &b] {
+            wait_ready(&client, &ns.name, "push", 2, LIMIT).await?;
+            let pcs: Api<PushCluster> = Api::namespaced(client.clone(), &ns.name);
+            let status = pcs.get("push").await?.status.unwrap_or_default();
+            let prefix = status.storage.map(|s| s.key_prefix).unwrap_or_default();
+            anyhow::ensure!(
+                prefix == format!("pc:{}:push", ns.name),
+                "{}: status says key prefix {prefix:?}",
+                ns.name
+            );
+            let creds = credentials(&client, &ns.name, "push").await?;
+            let public = ServiceProxy::start(&client, &ns.name, "push-web", "public").await?;
+            let admin = ServiceProxy::start(&client, &ns.name, "push-web-admin", "admin").await?;
+            apis.push(
+                HttpApi::new(&public.url(), &admin.url(), Some(creds.admin_token.clone()))
+                    .with_subscriber_secret(Some(creds.subscriber_secret.clone())),
+            );
+            proxies.push((public, admin));
+        }
+        // Followers of the same key names in both, pushes in both.
+        let mut traffics = Vec::new();
+        for api in &apis {
+            first_push(api, "warm-up", "{}").await?;
+            let load = Load {
+                keys: 12,
+                rate: 40,
+                prefix: "same".into(),
+                subscriber_secret: None,
+            };
+            let t = Traffic::start(api.clone(), &load).await;
+            anyhow::ensure!(t.all_connected(LIMIT).await, "followers did not all reach a comet");
+            traffics.push(t);
+        }
+        // One key, one push in a only: b's reads see nothing of it.
+        let ma = apis[0].push("only-in-a", r#"{"from":"a"}"#, None).await?;
+        let (in_b, _) = apis[1].fetch("only-in-a", 0, None).await?;
+        anyhow::ensure!(in_b.is_empty(), "b reads a's message: {in_b:?}");
+        let mb = apis[1].push("only-in-a", r#"{"from":"b"}"#, None).await?;
+        anyhow::ensure!(
+            ma == 1 && mb == 1,
+            "the two clusters share a sequence: a got mid {ma}, b got mid {mb}"
+        );
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let mut figures = Vec::new();
+        for (i, t) in traffics.into_iter().enumerate() {
+            let started = t.started();
+            let outcome = t.finish(Duration::from_secs(60)).await;
+            let f = outcome.figures(started, Instant::now());
+            // A follower that saw the other cluster's messages on its key
+            // would hold mids its own cluster never acknowledged for it.
+            let mut foreign = Vec::new();
+            for (key, (_, seen)) in &outcome.seen {
+                let acked: std::collections::BTreeSet<i64> = outcome
+                    .attempts
+                    .iter()
+                    .filter(|a| &a.key == key)
+                    .filter_map(|a| a.result.as_ref().ok().copied())
+                    .collect();
+                let mids = seen.as_ref().map(|s| s.mids.clone()).unwrap_or_default();
+                if mids.iter().any(|m| !acked.contains(m)) {
+                    foreign.push(key.clone());
+                }
+            }
+            anyhow::ensure!(
+                f.lost == 0 && f.restarted_keys == 0 && f.failed == 0 && foreign.is_empty(),
+                "cluster {i}: {f}; keys with mids not acknowledged here: {foreign:?}; {:?}",
+                outcome.problems()
+            );
+            figures.push(f.to_string());
+        }
+        println!(
+            "PASS two PushClusters (same name, namespaces a and b) on one Redis: separate prefixes and sequences (first mid of one key 1 in each), b's /1/msg/get never sees a's message, followers of the same 12 key names in each saw only their own: a {} | b {}",
+            figures[0], figures[1]
+        );
+        drop(proxies);
+        anyhow::Ok(())
+    }
+    .await;
+    a.delete().await?;
+    b.delete().await?;
     op.uninstall().await?;
     result
 }
