@@ -289,6 +289,9 @@ async fn the_full_example_on_redis() -> anyhow::Result<()> {
             "followers did not all reach a comet"
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
+        // Reconnects are counted from here: the followers' first connections
+        // are behind.
+        let settled = Instant::now();
         let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
         let redis_pods = |pods: Api<Pod>| async move {
             let list = pods
@@ -332,9 +335,11 @@ async fn the_full_example_on_redis() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let started = traffic.started();
         let outcome = traffic.finish(Duration::from_secs(60)).await;
-        let f = outcome.figures(started, Instant::now());
+        let end = Instant::now();
+        let f = outcome.figures(started, end);
+        let during = outcome.figures(settled, end);
         println!(
-            "INFO S3 Redis pod deleted under traffic (AOF on its claim): new pod ready after {:.1} s; {f}",
+            "INFO S3 Redis pod deleted under traffic (AOF on its claim): new pod ready after {:.1} s; whole run {f}; from the deletion on {during}",
             back.as_secs_f64()
         );
         anyhow::ensure!(
@@ -342,12 +347,12 @@ async fn the_full_example_on_redis() -> anyhow::Result<()> {
             "traffic across a Redis pod deletion: {f}"
         );
         anyhow::ensure!(
-            f.reconnected == 0,
-            "followers reconnected across a Redis restart that kept its data: {f}"
+            during.reconnected == 0,
+            "followers reconnected across a Redis restart that kept its data: {during}"
         );
         println!(
             "PASS S3 Redis pod deleted under traffic on the full example: followers reconnected={} (expected none), lost={}, failed_pushes={}, Redis back in {:.1} s",
-            f.reconnected,
+            during.reconnected,
             f.lost,
             f.failed,
             back.as_secs_f64()
@@ -409,31 +414,32 @@ async fn two_clusters_on_one_redis_share_nothing() -> anyhow::Result<()> {
             let creds = credentials(&client, &ns.name, "push").await?;
             let public = ServiceProxy::start(&client, &ns.name, "push-web", "public").await?;
             let admin = ServiceProxy::start(&client, &ns.name, "push-web-admin", "admin").await?;
-            apis.push(
+            apis.push((
                 HttpApi::new(&public.url(), &admin.url(), Some(creds.admin_token.clone()))
                     .with_subscriber_secret(Some(creds.subscriber_secret.clone())),
-            );
+                creds.subscriber_secret.clone(),
+            ));
             proxies.push((public, admin));
         }
         // Followers of the same key names in both, pushes in both.
         let mut traffics = Vec::new();
-        for api in &apis {
+        for (api, subscriber_secret) in &apis {
             first_push(api, "warm-up", "{}").await?;
             let load = Load {
                 keys: 12,
                 rate: 40,
                 prefix: "same".into(),
-                subscriber_secret: None,
+                subscriber_secret: Some(subscriber_secret.clone()),
             };
             let t = Traffic::start(api.clone(), &load).await;
             anyhow::ensure!(t.all_connected(LIMIT).await, "followers did not all reach a comet");
             traffics.push(t);
         }
         // One key, one push in a only: b's reads see nothing of it.
-        let ma = apis[0].push("only-in-a", r#"{"from":"a"}"#, None).await?;
-        let (in_b, _) = apis[1].fetch("only-in-a", 0, None).await?;
+        let ma = apis[0].0.push("only-in-a", r#"{"from":"a"}"#, None).await?;
+        let (in_b, _) = apis[1].0.fetch("only-in-a", 0, None).await?;
         anyhow::ensure!(in_b.is_empty(), "b reads a's message: {in_b:?}");
-        let mb = apis[1].push("only-in-a", r#"{"from":"b"}"#, None).await?;
+        let mb = apis[1].0.push("only-in-a", r#"{"from":"b"}"#, None).await?;
         anyhow::ensure!(
             ma == 1 && mb == 1,
             "the two clusters share a sequence: a got mid {ma}, b got mid {mb}"

@@ -40,6 +40,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use pushcluster_core::ops::Readiness;
 use pushcluster_core::GID_PRIVATE;
 use pushcluster_store::redis::{live, RedisStore};
@@ -63,6 +64,8 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// A PING unanswered this long means the connection is lost: with
 /// [`PING_EVERY`], a dead or half-open connection is noticed within 4 s.
+/// It also bounds the feed's lag: a comet this far behind drops its backlog
+/// with the connection and reads what each key missed from the store.
 pub(crate) const PING_DEADLINE: Duration = Duration::from_secs(3);
 /// Longest wait for a connection to Redis to open.
 const CONNECT_DEADLINE: Duration = Duration::from_secs(3);
@@ -97,7 +100,7 @@ pub struct LiveFeed {
 }
 
 /// Counters of the live feed.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub(crate) struct LiveMetrics {
     /// Messages that arrived on live channels.
     pub messages: Counter,
@@ -115,6 +118,25 @@ pub(crate) struct LiveMetrics {
     pub dropped: Counter,
     /// Keys whose sequence was found to have gone backwards (Redis lost data).
     pub resets: Counter,
+    /// PING round trips on the subscribing connection. A PING's answer comes
+    /// after every message published before it, through Redis's output
+    /// buffer and this comet's backlog: the live feed's lag.
+    pub lag: Histogram,
+}
+
+impl Default for LiveMetrics {
+    fn default() -> Self {
+        Self {
+            messages: Counter::default(),
+            losses: Counter::default(),
+            refused: Counter::default(),
+            up: Gauge::default(),
+            filled: Counter::default(),
+            dropped: Counter::default(),
+            resets: Counter::default(),
+            lag: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+        }
+    }
 }
 
 /// Why the live feed's subscribing connection stopped serving.
@@ -278,7 +300,9 @@ impl LiveFeed {
                     None => return Stopped::RegistryGone,
                 },
                 answered = async { ping.as_mut().expect("guarded").1.as_mut().await }, if ping.is_some() => {
-                    ping = None;
+                    if let Some((sent, _)) = ping.take() {
+                        self.metrics.lag.observe(sent.elapsed().as_secs_f64());
+                    }
                     if let Err(e) = answered {
                         return Stopped::Failed(e);
                     }

@@ -75,6 +75,11 @@ impl Metrics {
             m.live.resets.clone(),
         );
         reg.register(
+            "pushcluster_comet_live_lag_seconds",
+            "PING round trips on the live feed's connection: how far behind Redis the feed runs (over 3 s the connection is dropped and keys are filled from the store)",
+            m.live.lag.clone(),
+        );
+        reg.register(
             "pushcluster_comet_live_refused",
             "Connections refused because their key's live channel was not subscribed in time",
             m.live.refused.clone(),

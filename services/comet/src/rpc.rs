@@ -3,9 +3,9 @@
 //! failures become gRPC statuses here and nowhere else.
 
 use crate::push::{PushError, MAX_PUSH_BATCH};
-use crate::registry::Delivery;
+use crate::registry::{Delivery, LiveOffer};
 use crate::Comet;
-use pushcluster_core::GID_PUBLIC;
+use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::pipeline::{answer_in_order, Replies};
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::comet_server::{Comet as CometService, CometServer};
@@ -147,19 +147,31 @@ impl CometService for CometRpc {
         &self,
         req: Request<pb::DeliverRequest>,
     ) -> Result<Response<pb::DeliverReply>, Status> {
-        let m = req
-            .into_inner()
+        let r = req.into_inner();
+        let m = r
             .message
             .ok_or_else(|| Status::invalid_argument("message is required"))?;
-        if m.gid != GID_PUBLIC {
-            return Err(Status::invalid_argument(
-                "only public messages are delivered to everyone",
-            ));
-        }
-        let n = self
-            .comet
-            .registry
-            .broadcast(&Delivery::new(m.mid, m.gid, m.payload));
+        let n = match m.gid {
+            GID_PUBLIC => self
+                .comet
+                .registry
+                .broadcast(&Delivery::new(m.mid, m.gid, m.payload)),
+            // Web stored it because this comet could not: queued unless
+            // the key's connections already had it.
+            GID_PRIVATE => {
+                self.comet
+                    .cfg
+                    .limits
+                    .check_key(&r.key)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                let d = Delivery::new(m.mid, m.gid, m.payload);
+                match self.comet.registry.offer_live(&r.key, &d, true) {
+                    LiveOffer::Delivered(n) => n,
+                    _ => 0,
+                }
+            }
+            gid => return Err(Status::invalid_argument(format!("unknown gid {gid}"))),
+        };
         self.comet.metrics.deliveries.inc_by(n);
         Ok(Response::new(pb::DeliverReply { connections: n }))
     }

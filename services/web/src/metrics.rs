@@ -24,6 +24,7 @@ pub struct Metrics {
     pub(crate) push_latency: Histogram,
     pub(crate) stored_without_comet: Counter,
     pub(crate) store_retries: Counter,
+    pub(crate) told_comet: Counter,
 }
 
 impl Metrics {
@@ -34,6 +35,7 @@ impl Metrics {
             push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             stored_without_comet: Counter::default(),
             store_retries: Counter::default(),
+            told_comet: Counter::default(),
         };
         reg.register(
             "pushcluster_web_store_retries",
@@ -54,6 +56,11 @@ impl Metrics {
             "pushcluster_web_stored_without_comet",
             "Pushes stored directly because no comet could take them",
             m.stored_without_comet.clone(),
+        );
+        reg.register(
+            "pushcluster_web_told_comet",
+            "Pushes web stored itself and then handed to the key's comet for its connected subscribers",
+            m.told_comet.clone(),
         );
         m
     }

@@ -237,8 +237,48 @@ impl Pushes {
             }
         }
         self.metrics.stored_without_comet.inc();
-        self.store_via_message_service(key, GID_PRIVATE, payload, expire, &push_id)
-            .await
+        let mid = self
+            .store_via_message_service(key, GID_PRIVATE, payload.clone(), expire, &push_id)
+            .await?;
+        if let Some(ep) = view.endpoint_for(key) {
+            self.tell_comet(&ep.rpc, key, mid, payload);
+        }
+        Ok(mid)
+    }
+
+    /// Hands a private message web stored itself (its comet could not, or
+    /// did not answer) to that comet, so the key's connected subscribers get
+    /// it now rather than at their next reconnect. Best effort, in the
+    /// background, for about a second: a comet that stays unreachable has
+    /// lost its clients too, and they fetch by mid when they come back.
+    fn tell_comet(&self, rpc: &str, key: &str, mid: i64, payload: Bytes) {
+        let Ok(client) = self.clients.comet(rpc) else {
+            return;
+        };
+        let req = pb::DeliverRequest {
+            message: Some(pb::StoredMessage {
+                mid,
+                gid: GID_PRIVATE,
+                payload,
+            }),
+            key: key.to_owned(),
+        };
+        let told = self.metrics.told_comet.clone();
+        tokio::spawn(async move {
+            for pause in [0, 100, 300, 500] {
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                match client.clone().deliver(req.clone()).await {
+                    Ok(_) => {
+                        told.inc();
+                        return;
+                    }
+                    // A comet of the previous release delivers only public
+                    // messages: nothing to retry.
+                    Err(s) if s.code() == Code::InvalidArgument => return,
+                    Err(_) => {}
+                }
+            }
+        });
     }
 
     /// Pushes to many keys, one call per comet (with Redis: one store per
@@ -361,6 +401,7 @@ impl Pushes {
                     gid: GID_PUBLIC,
                     payload: payload.clone(),
                 }),
+                key: String::new(),
             };
             let client = self.clients.comet(&ep.rpc);
             async move {

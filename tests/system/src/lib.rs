@@ -259,6 +259,10 @@ pub struct Options {
     /// With `redis_url`: the Redis URL the comets use instead (a proxy in
     /// front of the same server, say, that a test cuts).
     pub comet_redis_url: Option<String>,
+    /// The comets reach the message service through a proxy the test can
+    /// cut or freeze ([`Cluster::comet_message_proxy`]); web reaches it
+    /// directly.
+    pub comet_message_proxy: bool,
     /// Web's lame-duck period after SIGTERM (`drain_delay_ms`).
     pub web_drain_delay_ms: u64,
     /// Client listeners' caps and header deadline (comet and web).
@@ -284,6 +288,7 @@ impl Default for Options {
             comets_store_in_redis: true,
             web_stores_in_redis: true,
             comet_redis_url: None,
+            comet_message_proxy: false,
             web_drain_delay_ms: 0,
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
         }
@@ -314,6 +319,9 @@ pub struct Cluster {
     pub older_message: Option<older::Proxy>,
     /// With `older_rpc`: the proxies in front of the comets, by shard.
     pub older_comets: Vec<older::Proxy>,
+    /// With `comet_message_proxy`: the proxy between comets and the
+    /// message service.
+    pub comet_message_proxy: Option<proxy::FreezableProxy>,
 }
 
 fn yaml<T: serde::Serialize>(cfg: &T) -> String {
@@ -397,6 +405,14 @@ impl Cluster {
             "/readyz"
         };
         let message_url = format!("http://127.0.0.1:{msg_rpc}");
+        let comet_message_proxy = opts
+            .comet_message_proxy
+            .then(|| proxy::FreezableProxy::start_now(msg_rpc));
+        let comet_message_url = comet_message_proxy
+            .as_ref()
+            .map_or(message_url.clone(), |p| {
+                format!("http://127.0.0.1:{}", p.port)
+            });
         let mut comets = Vec::new();
         let mut comet_addrs = Vec::new();
         for i in 0..opts.shards + opts.standbys {
@@ -409,7 +425,7 @@ impl Cluster {
                 tcp_listen: local(tcp),
                 rpc_listen: local(rpc),
                 ops_listen: local(ops),
-                message_url: message_url.clone(),
+                message_url: comet_message_url.clone(),
                 store: comet_store.clone(),
                 queue_depth: opts.queue_depth,
                 max_subscribers_per_key: opts.max_subscribers_per_key,
@@ -488,6 +504,7 @@ impl Cluster {
             admin_url: format!("http://127.0.0.1:{admin}"),
             opts,
             older_message,
+            comet_message_proxy,
             older_comets,
         }
     }

@@ -475,11 +475,16 @@ impl Registry {
         keys
     }
 
-    /// Queues `d` on every connection of `key`; returns how many took it.
+    /// Queues `d`, just stored, on every connection of `key`; returns how
+    /// many took it. Its mid becomes the key's last delivered one.
     pub fn deliver(&self, key: &str, d: &Arc<Delivery>) -> u64 {
-        let map = lock(self.shard(key));
+        let mut map = lock(self.shard(key));
+        let Some(e) = map.get_mut(key) else {
+            return 0;
+        };
+        e.last_mid = d.mid;
         let mut n = 0;
-        for c in map.get(key).into_iter().flat_map(|e| &e.conns) {
+        for c in &e.conns {
             if let Some(waker) = self.offer(c, d) {
                 n += 1;
                 if let Some(w) = waker {

@@ -3,6 +3,7 @@
 //! build links the dependency graph once instead of once per file.
 
 mod auth;
+mod bypass;
 mod compat;
 mod delivery;
 mod durability;
