@@ -240,7 +240,9 @@ impl Pushes {
         let mid = self
             .store_via_message_service(key, GID_PRIVATE, payload.clone(), expire, &push_id)
             .await?;
-        if let Some(ep) = view.endpoint_for(key) {
+        // The comet that serves the key now: storing may have waited out a
+        // failover.
+        if let Some(ep) = self.membership.view().endpoint_for(key) {
             self.tell_comet(&ep.rpc, key, mid, payload);
         }
         Ok(mid)
