@@ -76,6 +76,21 @@ impl Refusal {
     }
 }
 
+/// A lazily connected, authenticated client of the message service.
+pub(crate) fn message_client(cfg: &Config) -> Result<MessageClient<AuthChannel>, Error> {
+    let token = RpcToken::new(cfg.rpc_token.as_deref()).map_err(Error::RpcToken)?;
+    let channel = tonic::transport::Endpoint::from_shared(cfg.message_url.clone())
+        .map_err(Error::MessageUrl)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(STORE_DEADLINE)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let max = pushcluster_proto::max_rpc_bytes(cfg.limits.max_message_bytes);
+    Ok(MessageClient::new(token.on(channel))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max))
+}
+
 impl Comet {
     /// Builds the comet state; `membership` says which keys this comet owns.
     pub fn new(
@@ -86,18 +101,7 @@ impl Comet {
     ) -> Result<Arc<Self>, Error> {
         let slow = Counter::default();
         let registry = Registry::new(cfg.max_subscribers_per_key, cfg.queue_depth, slow.clone());
-        let token = RpcToken::new(cfg.rpc_token.as_deref()).map_err(Error::RpcToken)?;
-        let channel = tonic::transport::Endpoint::from_shared(cfg.message_url.clone())
-            .map_err(Error::MessageUrl)?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(STORE_DEADLINE)
-            .tcp_nodelay(true)
-            .connect_lazy();
-        let channel = token.on(channel);
-        let max = pushcluster_proto::max_rpc_bytes(cfg.limits.max_message_bytes);
-        let message = MessageClient::new(channel)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+        let message = message_client(&cfg)?;
         let metrics = Metrics::register(reg, slow);
         let live_stop = CancellationToken::new();
         let ready = Readiness::default();

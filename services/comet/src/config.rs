@@ -133,11 +133,13 @@ impl Default for Config {
 }
 
 impl Config {
-    /// What this comet is to membership: its shard and its lease identity.
+    /// What this comet is to membership: its shard and its lease identity,
+    /// with no witness (see [`crate::witness`]).
     pub fn role(&self) -> Role {
         Role::Comet {
             shard: self.shard,
             me: self.candidate(),
+            witness: None,
         }
     }
 }

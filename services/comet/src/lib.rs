@@ -32,6 +32,7 @@ mod run;
 pub mod sse;
 pub mod storage;
 pub mod tcp;
+pub mod witness;
 pub mod ws;
 
 pub use comet::{Comet, Refusal};

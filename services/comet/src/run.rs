@@ -15,9 +15,15 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut reg = MetricsRegistry::default();
     let background = CancellationToken::new();
     let owner_cancel = CancellationToken::new();
+    // The store vouches for this comet's shard while the lease backend
+    // cannot (crate::witness).
+    let mut role = cfg.role();
+    if let pushcluster_lease::Role::Comet { witness, .. } = &mut role {
+        *witness = Some(crate::witness::StoreWitness::for_config(&cfg)?);
+    }
     let started = cfg
         .membership
-        .start(cfg.role(), &background, &owner_cancel, &mut reg)
+        .start(role, &background, &owner_cancel, &mut reg)
         .await?;
     let owner_task = started.owner;
     // Keeps a static ownership's channel open while the comet runs.

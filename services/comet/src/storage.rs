@@ -77,6 +77,8 @@ pub(crate) struct Append<'a> {
 }
 
 /// The comet's push path; see the module docs.
+// One per comet, made once at start-up: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum PushPath {
     /// The embedded store: appends batched onto the message service's
     /// AppendStream; the comet queues what it stored.

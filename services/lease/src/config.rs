@@ -80,8 +80,13 @@ pub enum Role {
     /// Web: follows who serves which shard; `comets` is the static list.
     Router { comets: Vec<ShardEndpoint> },
     /// A comet: also holds a shard. `shard` is the one it serves (static)
-    /// or tries first (Redis leases); `me` is stored with its lease.
-    Comet { shard: u32, me: Candidate },
+    /// or tries first (Redis leases); `me` is stored with its lease;
+    /// `witness` is the store it writes to ([`crate::owner::Witness`]).
+    Comet {
+        shard: u32,
+        me: Candidate,
+        witness: Option<Arc<dyn crate::owner::Witness>>,
+    },
 }
 
 /// What a started membership gives its service.
@@ -176,10 +181,11 @@ impl MembershipConfig {
                 );
                 let started = match role {
                     Role::Router { .. } => router(Arc::new(membership)),
-                    Role::Comet { shard, me } => {
+                    Role::Comet { shard, me, witness } => {
                         tracing::info!(holder = %me.holder, "standby: waiting for a shard lease");
                         let (owner, rx) =
                             ShardOwner::new(backend, me, *shards, Some(shard), *lease);
+                        let owner = owner.with_witness(witness);
                         Started {
                             membership: Arc::new(membership),
                             ownership: rx,
@@ -209,7 +215,10 @@ impl MembershipConfig {
                     cluster,
                     background.clone(),
                 );
-                let Role::Comet { mut me, .. } = role else {
+                let Role::Comet {
+                    mut me, witness, ..
+                } = role
+                else {
                     return Ok(router(Arc::new(membership)));
                 };
                 let leases = Arc::new(
@@ -233,6 +242,7 @@ impl MembershipConfig {
                 // all it writes.
                 let (owner, rx) =
                     ShardOwner::following(leases, me, membership.shard_count(), None, *lease);
+                let owner = owner.with_witness(witness);
                 Ok(Started {
                     membership: Arc::new(membership),
                     ownership: rx,
@@ -321,11 +331,16 @@ mod tests {
         assert!(cfg
             .validate(&Role::Comet {
                 shard: 1,
-                me: me.clone()
+                me: me.clone(),
+                witness: None,
             })
             .is_ok());
         assert!(matches!(
-            cfg.validate(&Role::Comet { shard: 2, me }),
+            cfg.validate(&Role::Comet {
+                shard: 2,
+                me,
+                witness: None
+            }),
             Err(Error::ShardOutOfRange {
                 shard: 2,
                 shards: 2

@@ -99,6 +99,9 @@ pub struct KubeLeases {
     cache: Mutex<HashMap<u32, Lease>>,
     /// When each lease's current holder/renewTime was first observed here.
     observed: Mutex<HashMap<u32, (Observed, Instant)>>,
+    /// A read failed (or hung) since the last good one: this process could
+    /// not observe the leases, so it cannot tell whether they were renewed.
+    blind: std::sync::atomic::AtomicBool,
     events: crate::LeaseEvents,
     /// Owner of the Leases this process creates (the PushCluster), so they
     /// are garbage collected with it.
@@ -120,6 +123,7 @@ impl KubeLeases {
             prefix: prefix.to_owned(),
             cache: Mutex::new(HashMap::new()),
             observed: Mutex::new(HashMap::new()),
+            blind: std::sync::atomic::AtomicBool::new(false),
             events: crate::LeaseEvents::default(),
             owner: None,
         }
@@ -173,6 +177,31 @@ impl KubeLeases {
             .unwrap_or(0)
             .max(0) as u64;
         !o.holder.is_empty() && now.duration_since(since) < Duration::from_secs(duration)
+    }
+
+    /// Takes the result of a read sent at `asked`. After reads failed or
+    /// hung (the API server was away), a lease unchanged since before is no
+    /// evidence of a dead holder: it could not renew either. Observation
+    /// then starts again from now, so a standby does not take the lease of
+    /// a holder that rode out the outage.
+    fn read<T>(&self, asked: Instant, r: std::result::Result<T, kube::Error>) -> Result<T> {
+        use std::sync::atomic::Ordering;
+        match r {
+            Err(e) => {
+                self.blind.store(true, Ordering::SeqCst);
+                Err(e.into())
+            }
+            Ok(v) => {
+                if self.blind.swap(false, Ordering::SeqCst) || asked.elapsed() > BLIND_AFTER {
+                    tracing::info!("lease reads failed or hung: observing every lease afresh");
+                    self.observed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clear();
+                }
+                Ok(v)
+            }
+        }
     }
 
     fn remember(&self, shard: u32, l: &Lease) {
@@ -252,7 +281,9 @@ impl KubeLeases {
 impl LeaseBackend for KubeLeases {
     async fn try_acquire(&self, shard: u32, me: &Candidate, ttl: Duration) -> Result<Option<Held>> {
         let name = format!("{}-{shard}", self.prefix);
-        let current = self.api.get_opt(&name).await?;
+        let asked = Instant::now();
+        let current = self.api.get_opt(&name).await;
+        let current = self.read(asked, current)?;
         if let Some(l) = &current {
             if self.valid(shard, l) {
                 return Ok(None);
@@ -327,7 +358,9 @@ impl LeaseBackend for KubeLeases {
 
     async fn snapshot(&self, shards: u32) -> Result<Vec<Option<LeaseRecord>>> {
         let lp = ListParams::default().labels(&format!("{CLUSTER_LABEL}={}", self.cluster));
-        let list = self.api.list(&lp).await?;
+        let asked = Instant::now();
+        let list = self.api.list(&lp).await;
+        let list = self.read(asked, list)?;
         let mut out = vec![None; shards as usize];
         for l in &list.items {
             let Some(shard) = l
@@ -350,6 +383,10 @@ impl LeaseBackend for KubeLeases {
         self.events.subscribe()
     }
 }
+
+/// A lease list slower than this means the API server was not answering:
+/// what was observed before it proves nothing about renewals.
+const BLIND_AFTER: Duration = Duration::from_secs(2);
 
 /// The ReplicaSet controller's hint of which pods to remove first.
 const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";

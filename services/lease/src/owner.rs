@@ -7,6 +7,16 @@
 //! renewal it knows landed, which is `duration - renew_deadline` before the
 //! lease can expire for anyone else: that margin absorbs clock-rate drift and
 //! a slow step-down. It never serves a shard it cannot prove it holds.
+//!
+//! With a [`Witness`] (the store the holder writes to), a holder that cannot
+//! renew keeps serving past its renew deadline for as long as the witness
+//! shows no newer fencing token than its own: an API server that stops
+//! answering everyone cuts nobody off. A new holder raises the shard's fence
+//! in the witness before it serves, so a holder cut off from the API server
+//! alone sees the raise at its next check (every retry period) and steps
+//! down; its writes carry the old token and the store refuses them from the
+//! raise on. A holder that reaches neither steps down at the renew deadline,
+//! as without a witness. The README has the timing table.
 
 use crate::{Candidate, Held, LeaseBackend, LeaseTiming};
 use std::sync::Arc;
@@ -34,6 +44,31 @@ impl Ownership {
     }
 }
 
+/// A second witness of shard ownership beside the lease backend: the store
+/// holders write to, which keeps the newest fencing token of each shard.
+pub trait Witness: Send + Sync + std::fmt::Debug + 'static {
+    /// Raises `shard`'s fence to `token` (no change when it is higher) and
+    /// returns the fence in force: higher than `token` means a newer holder.
+    /// `Ok(None)`: this store keeps no fence to raise (a message service of
+    /// the previous release during a rolling upgrade); the owner then
+    /// behaves as without a witness.
+    fn raise(
+        &self,
+        shard: u32,
+        token: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<u64>, String>> + Send + '_>>;
+}
+
+/// What the witness said of a held shard.
+enum Vouch {
+    /// No newer holder: keep serving.
+    Serve,
+    /// A newer holder raised the fence.
+    Superseded(u64),
+    /// The witness did not answer in time.
+    Silent(String),
+}
+
 /// Runs the ownership loop of one process.
 pub struct ShardOwner<B> {
     backend: Arc<B>,
@@ -46,6 +81,7 @@ pub struct ShardOwner<B> {
     preferred: Option<u32>,
     timing: LeaseTiming,
     tx: watch::Sender<Ownership>,
+    witness: Option<Arc<dyn Witness>>,
 }
 
 impl<B: LeaseBackend> ShardOwner<B> {
@@ -83,9 +119,31 @@ impl<B: LeaseBackend> ShardOwner<B> {
                 preferred,
                 timing,
                 tx,
+                witness: None,
             },
             rx,
         )
+    }
+
+    /// Consults `witness` when the lease cannot be renewed (see the module
+    /// docs), and raises the fence in it before serving a shard.
+    pub fn with_witness(mut self, witness: Option<Arc<dyn Witness>>) -> Self {
+        self.witness = witness;
+        self
+    }
+
+    /// Asks the witness about `h` (None: there is none), waiting at most a
+    /// retry period.
+    async fn vouch(&self, h: &Held) -> Option<Vouch> {
+        let w = self.witness.as_ref()?;
+        let asked = w.raise(h.record.shard, h.record.token);
+        match tokio::time::timeout(self.timing.retry_period(), asked).await {
+            Ok(Ok(None)) => None,
+            Ok(Ok(Some(fence))) if fence > h.record.token => Some(Vouch::Superseded(fence)),
+            Ok(Ok(Some(_))) => Some(Vouch::Serve),
+            Ok(Err(e)) => Some(Vouch::Silent(e)),
+            Err(_) => Some(Vouch::Silent("no answer within a retry period".into())),
+        }
     }
 
     /// Free shards below `shards` in the order to try them.
@@ -130,6 +188,9 @@ impl<B: LeaseBackend> ShardOwner<B> {
     /// Runs until `cancel` fires; then releases the held lease, if any, first.
     pub async fn run(self, cancel: CancellationToken) {
         let mut held: Option<(Held, Instant)> = None;
+        // Until when the witness has vouched for the held lease past its
+        // renew deadline.
+        let mut vouched = Instant::now();
         let mut next_try = Instant::now();
         let mut changes = self.backend.changes();
         let mut count = self.shards.clone();
@@ -143,6 +204,28 @@ impl<B: LeaseBackend> ShardOwner<B> {
                 let shards = *count.borrow_and_update();
                 match self.try_take(shards).await {
                     Ok(Some((h, sent))) => {
+                        // The fence goes up before this comet serves: a holder
+                        // that lost the lease without noticing sees it.
+                        match self.vouch(&h).await {
+                            None | Some(Vouch::Serve) => {}
+                            Some(Vouch::Superseded(fence)) => {
+                                tracing::error!(
+                                    shard = h.record.shard,
+                                    token = h.record.token,
+                                    fence,
+                                    "the store knows a newer holder than this lease: not serving"
+                                );
+                                let _ = self.backend.release(&h).await;
+                                tokio::time::sleep(self.timing.retry_period()).await;
+                                continue;
+                            }
+                            Some(Vouch::Silent(e)) => {
+                                tracing::warn!(shard = h.record.shard, error = %e, "cannot raise the shard's fence in the store: not serving");
+                                let _ = self.backend.release(&h).await;
+                                tokio::time::sleep(self.timing.retry_period()).await;
+                                continue;
+                            }
+                        }
                         tracing::info!(shard = h.record.shard, token = h.record.token, holder = %self.me.holder, "acquired shard lease");
                         self.publish(Ownership::Serving {
                             shard: h.record.shard,
@@ -178,7 +261,7 @@ impl<B: LeaseBackend> ShardOwner<B> {
                 held = None;
                 continue;
             }
-            let deadline = last_ok + self.timing.renew_deadline();
+            let deadline = (last_ok + self.timing.renew_deadline()).max(vouched);
             tokio::select! {
                 _ = cancel.cancelled() => {
                     // Stop serving first, then hand the lease over at once.
@@ -199,10 +282,38 @@ impl<B: LeaseBackend> ShardOwner<B> {
                 }
             }
             if Instant::now() >= deadline {
-                self.step_down(&h, "renew deadline passed");
-                held = None;
-                continue;
+                match self.vouch(&h).await {
+                    Some(Vouch::Serve) => {
+                        if vouched <= last_ok + self.timing.renew_deadline() {
+                            tracing::warn!(shard = h.record.shard, "cannot renew the lease, but the store knows no newer holder: still serving");
+                        }
+                        vouched = Instant::now() + self.timing.retry_period();
+                        next_try = Instant::now();
+                    }
+                    Some(Vouch::Superseded(fence)) => {
+                        tracing::warn!(
+                            shard = h.record.shard,
+                            fence,
+                            "a newer holder raised the shard's fence"
+                        );
+                        self.step_down(&h, "a newer holder raised the fence");
+                        held = None;
+                        continue;
+                    }
+                    Some(Vouch::Silent(e)) => {
+                        tracing::warn!(shard = h.record.shard, error = %e, "the store cannot vouch for the lease either");
+                        self.step_down(&h, "renew deadline passed");
+                        held = None;
+                        continue;
+                    }
+                    None => {
+                        self.step_down(&h, "renew deadline passed");
+                        held = None;
+                        continue;
+                    }
+                }
             }
+            let deadline = (last_ok + self.timing.renew_deadline()).max(vouched);
             let sent = Instant::now();
             match tokio::time::timeout_at(deadline, self.backend.renew(&h, self.timing.duration()))
                 .await
@@ -219,10 +330,9 @@ impl<B: LeaseBackend> ShardOwner<B> {
                     tracing::warn!(shard = h.record.shard, error = %e, "renewing the lease failed; retrying");
                     next_try = Instant::now() + self.timing.retry_period() / 4;
                 }
-                Err(_) => {
-                    self.step_down(&h, "renew deadline passed");
-                    held = None;
-                }
+                // No answer by the deadline: the witness is asked at the
+                // top of the loop.
+                Err(_) => {}
             }
         }
     }

@@ -391,6 +391,25 @@ impl<S: Store> Message for MessageService<S> {
         Ok(Response::new(pb::DeleteReply {}))
     }
 
+    async fn raise_fence(
+        &self,
+        req: Request<pb::RaiseFenceRequest>,
+    ) -> Result<Response<pb::RaiseFenceReply>, Status> {
+        let r = req.into_inner();
+        let start = Instant::now();
+        let res = self
+            .store
+            .raise_fence(pushcluster_store::Fence {
+                shard: r.shard,
+                token: r.token,
+            })
+            .await;
+        self.metrics.record("raise_fence", start, &res);
+        Ok(Response::new(pb::RaiseFenceReply {
+            fence: res.map_err(internal)?,
+        }))
+    }
+
     async fn last_mid(
         &self,
         req: Request<pb::LastMidRequest>,

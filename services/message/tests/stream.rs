@@ -251,6 +251,12 @@ impl pb::message_server::Message for Silent {
     ) -> Result<Response<pb::LastMidReply>, tonic::Status> {
         Err(tonic::Status::unimplemented("silent"))
     }
+    async fn raise_fence(
+        &self,
+        _: tonic::Request<pb::RaiseFenceRequest>,
+    ) -> Result<Response<pb::RaiseFenceReply>, tonic::Status> {
+        Err(tonic::Status::unimplemented("silent"))
+    }
 }
 
 /// A reply stream that yields nothing while `work` runs, then ends.

@@ -49,6 +49,10 @@ enum Op {
         chan: String,
         reply: oneshot::Sender<Result<()>>,
     },
+    RaiseFence {
+        fence: Fence,
+        reply: oneshot::Sender<Result<i64>>,
+    },
     Sweep,
 }
 
@@ -135,6 +139,9 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Op>, retention: Retention) {
                         (Op::Delete { reply, .. }, _) => {
                             let _ = reply.send(Ok(()));
                         }
+                        (Op::RaiseFence { reply, .. }, r) => {
+                            let _ = reply.send(r);
+                        }
                         (Op::Sweep, _) => {}
                     }
                 }
@@ -147,6 +154,9 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Op>, retention: Retention) {
                             let _ = reply.send(Err(StoreError::Corrupt(e.to_string())));
                         }
                         Op::Delete { reply, .. } => {
+                            let _ = reply.send(Err(StoreError::Corrupt(e.to_string())));
+                        }
+                        Op::RaiseFence { reply, .. } => {
                             let _ = reply.send(Err(StoreError::Corrupt(e.to_string())));
                         }
                         Op::Sweep => {}
@@ -229,6 +239,13 @@ fn apply(
                     msgs.retain_in((chan.as_str(), 0)..=(chan.as_str(), u64::MAX), |_, _| false)?;
                     out.push(Ok(0));
                 }
+                Op::RaiseFence { fence: f, .. } => {
+                    let current = fences.get(f.shard)?.map(|g| g.value()).unwrap_or(0);
+                    if f.token > current {
+                        fences.insert(f.shard, f.token)?;
+                    }
+                    out.push(Ok(current.max(f.token) as i64));
+                }
                 Op::Sweep => {
                     msgs.retain(|_, (expire_at, _)| expire_at > now)?;
                     ids.retain(|_, (_, until)| until > now)?;
@@ -296,6 +313,12 @@ impl Store for EmbeddedStore {
             Ok(out)
         })
         .await
+    }
+
+    async fn raise_fence(&self, fence: Fence) -> Result<u64> {
+        let (reply, rx) = oneshot::channel();
+        let op = Op::RaiseFence { fence, reply };
+        Ok(self.submit(op, rx).await?.max(0) as u64)
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

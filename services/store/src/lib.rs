@@ -201,6 +201,11 @@ pub trait Store: Send + Sync + 'static {
             Ok(self.fetch_page(ch, after, page).await?.messages)
         }
     }
+    /// Raises `fence.shard`'s fence to `fence.token` (no change when it is
+    /// higher) and returns the fence in force: what a new shard holder does
+    /// before it serves, and how a holder that cannot renew its lease learns
+    /// whether a newer one exists.
+    fn raise_fence(&self, fence: Fence) -> impl Future<Output = Result<u64>> + Send;
     /// Removes every message of `key` (its sequence stays).
     fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
     /// The last mid assigned on `ch` (0 when none).
@@ -232,6 +237,12 @@ impl Store for Backend {
         match self {
             Backend::Redis(s) => s.fetch_page(ch, after, page).await,
             Backend::Embedded(s) => s.fetch_page(ch, after, page).await,
+        }
+    }
+    async fn raise_fence(&self, fence: Fence) -> Result<u64> {
+        match self {
+            Backend::Redis(s) => s.raise_fence(fence).await,
+            Backend::Embedded(s) => s.raise_fence(fence).await,
         }
     }
     async fn delete(&self, key: &str) -> Result<()> {

@@ -17,7 +17,7 @@
 //! order they were published.
 
 use crate::{
-    now_ms, AppendOpts, Channel, Fetched, Page, Result, Retention, Store, StoreError, Stored,
+    now_ms, AppendOpts, Channel, Fence, Fetched, Page, Result, Retention, Store, StoreError, Stored,
 };
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
@@ -50,6 +50,17 @@ if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], want) 
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], mid, 'PX', ARGV[7]) end
 if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], string.format('%d ', mid) .. ARGV[1]) end
 return {mid, ''}
+";
+
+// Raises a shard's fence (20-digit strings, as in APPEND) and returns the
+// fence in force.
+const RAISE_FENCE: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if not cur or ARGV[1] > cur then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return ARGV[1]
+end
+return cur
 ";
 
 // A page of entries after mid ARGV[1]: at most ARGV[2] of them and, past
@@ -134,6 +145,7 @@ pub struct RedisStore {
     retention: Retention,
     append: Script,
     fetch: Script,
+    raise_fence: Script,
 }
 
 impl RedisStore {
@@ -161,6 +173,7 @@ impl RedisStore {
             retention,
             append: Script::new(APPEND),
             fetch: Script::new(FETCH),
+            raise_fence: Script::new(RAISE_FENCE),
         }
     }
 
@@ -296,6 +309,20 @@ impl Store for RedisStore {
             }
         }
         Ok(out)
+    }
+
+    async fn raise_fence(&self, fence: Fence) -> Result<u64> {
+        let key = format!("{}:fence:{{{}}}", self.ns, fence.shard);
+        let mut conn = self.conn.clone();
+        let current: String = self
+            .raise_fence
+            .key(key)
+            .arg(format!("{:020}", fence.token))
+            .invoke_async(&mut conn)
+            .await?;
+        current
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("fence {current:?}")))
     }
 
     async fn delete(&self, key: &str) -> Result<()> {

@@ -182,6 +182,37 @@ async fn pages_are_bounded_by_bytes_and_say_whether_more_follow<S: Store>(s: &S)
     assert_eq!(got.messages[0].payload.as_ref(), &[b'b'; 10]);
 }
 
+async fn a_raised_fence_only_goes_up_and_refuses_older_writers<S: Store>(s: &S) {
+    let f = |token| Fence { shard: 3, token };
+    assert_eq!(s.raise_fence(f(5)).await.unwrap(), 5);
+    assert_eq!(
+        s.raise_fence(f(4)).await.unwrap(),
+        5,
+        "a lower token is no raise"
+    );
+    let older = s
+        .append_with(
+            Channel::Private("fenced"),
+            b("x"),
+            HOUR,
+            AppendOpts {
+                fence: Some(f(4)),
+                ..AppendOpts::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(older, Err(StoreError::Fenced { current: 5, .. })),
+        "{older:?}"
+    );
+    assert_eq!(s.raise_fence(f(6)).await.unwrap(), 6);
+    assert_eq!(
+        s.raise_fence(Fence { shard: 4, token: 1 }).await.unwrap(),
+        1,
+        "per shard"
+    );
+}
+
 async fn delete_removes_messages_and_keeps_the_sequence<S: Store>(s: &S) {
     s.append(Channel::Private("d"), b("1"), HOUR).await.unwrap();
     s.append(Channel::Private("d"), b("2"), HOUR).await.unwrap();
@@ -382,6 +413,7 @@ async fn run_suite<S: Store, F: std::future::Future<Output = S>>(make: impl Fn(u
     messages_expire_one_by_one(&make(1000).await).await;
     backlog_is_bounded_oldest_first(&make(50).await).await;
     pages_are_bounded_by_bytes_and_say_whether_more_follow(&make(50).await).await;
+    a_raised_fence_only_goes_up_and_refuses_older_writers(&make(50).await).await;
     delete_removes_messages_and_keeps_the_sequence(&make(1000).await).await;
     concurrent_appends_get_unique_contiguous_mids(Arc::new(make(1000).await)).await;
     idempotent_appends_store_once(&make(1000).await).await;

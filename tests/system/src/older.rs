@@ -166,6 +166,14 @@ impl Message for OldMessage {
     ) -> Result<Response<pb::LastMidReply>, Status> {
         self.to.clone().last_mid(r.into_inner()).await
     }
+    async fn raise_fence(
+        &self,
+        _: Request<pb::RaiseFenceRequest>,
+    ) -> Result<Response<pb::RaiseFenceReply>, Status> {
+        Err(Status::unimplemented(
+            "the previous release keeps no fence to raise",
+        ))
+    }
 }
 
 struct OldComet {

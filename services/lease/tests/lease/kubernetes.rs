@@ -203,6 +203,55 @@ async fn skewed_renew_times_do_not_expire_a_lease_early_and_an_expired_one_is_re
     server.await.unwrap();
 }
 
+/// The API server stops answering for longer than the lease: when it is
+/// back, the lease is unchanged (its holder could not renew either). A
+/// standby that could not read meanwhile observes it afresh instead of
+/// taking it; once the holder renews, nothing changes hands.
+#[tokio::test(start_paused = true)]
+async fn a_lease_unchanged_across_an_api_outage_is_not_taken() {
+    let (c, mut h) = client();
+    let leases = KubeLeases::new(Api::namespaced(c, "ns"), "pc");
+    let theirs = lease("7", Some("comet-b"), "2026-01-01T00:00:00.000000Z", 3);
+    let server = tokio::spawn(async move {
+        let path = format!("{LEASES}/pc-comet-0");
+        expect(&mut h, Method::GET, &path, (200, theirs.clone())).await;
+        // The outage: the read fails.
+        expect(
+            &mut h,
+            Method::GET,
+            &path,
+            status(503, "ServiceUnavailable"),
+        )
+        .await;
+        // Back, 11 s after the first look: same lease, yet not expired.
+        expect(&mut h, Method::GET, &path, (200, theirs.clone())).await;
+        // And a read that hangs past the outage counts the same.
+        let (req, send) = h.next_request().await.expect("a request");
+        assert_eq!(req.uri().path(), path);
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        send.send_response(
+            Response::builder()
+                .status(200)
+                .body(Body::from(serde_json::to_vec(&theirs).unwrap()))
+                .unwrap(),
+        );
+    });
+    let ttl = Duration::from_secs(10);
+    assert!(leases.try_acquire(0, &me(), ttl).await.unwrap().is_none());
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert!(leases.try_acquire(0, &me(), ttl).await.is_err());
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert!(
+        leases.try_acquire(0, &me(), ttl).await.unwrap().is_none(),
+        "a lease unchanged across an outage was taken"
+    );
+    assert!(
+        leases.try_acquire(0, &me(), ttl).await.unwrap().is_none(),
+        "a lease unchanged across a hung read was taken"
+    );
+    server.await.unwrap();
+}
+
 #[tokio::test]
 async fn renew_and_release_carry_the_resource_version_and_a_conflict_means_lost() {
     let (c, mut h) = client();

@@ -2,7 +2,7 @@
 //! clock: every duration below is virtual and exact.
 
 use pushcluster_lease::memory::MemoryLeases;
-use pushcluster_lease::owner::{Ownership, ShardOwner};
+use pushcluster_lease::owner::{Ownership, ShardOwner, Witness};
 use pushcluster_lease::{Candidate, LeaseBackend, LeaseTiming};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -315,4 +315,151 @@ async fn the_shard_count_can_change_while_running() {
     for c in cancels {
         c.cancel();
     }
+}
+
+/// The store as a second witness: one fence per shard, shared by every
+/// candidate; a candidate in `cut` cannot reach it.
+#[derive(Clone, Default, Debug)]
+struct StoreWitness {
+    fences: Arc<Mutex<std::collections::HashMap<u32, u64>>>,
+    cut: Arc<Mutex<std::collections::HashSet<String>>>,
+    who: String,
+}
+
+impl StoreWitness {
+    fn for_(&self, who: &str) -> Arc<dyn Witness> {
+        Arc::new(Self {
+            who: who.into(),
+            ..self.clone()
+        })
+    }
+    fn cut(&self, who: &str, cut: bool) {
+        let mut c = self.cut.lock().unwrap();
+        if cut {
+            c.insert(who.into());
+        } else {
+            c.remove(who);
+        }
+    }
+}
+
+impl Witness for StoreWitness {
+    fn raise(
+        &self,
+        shard: u32,
+        token: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<u64>, String>> + Send + '_>>
+    {
+        Box::pin(async move {
+            if self.cut.lock().unwrap().contains(&self.who) {
+                return Err(format!("{} cannot reach the store", self.who));
+            }
+            let mut f = self.fences.lock().unwrap();
+            let fence = f.entry(shard).or_default();
+            *fence = (*fence).max(token);
+            Ok(Some(*fence))
+        })
+    }
+}
+
+fn start_witnessed(
+    leases: &MemoryLeases,
+    store: &StoreWitness,
+    name: &str,
+    log: &Log,
+) -> (CancellationToken, watch::Receiver<Ownership>) {
+    let (owner, rx) = ShardOwner::new(
+        Arc::new(leases.handle_for(name)),
+        candidate(name),
+        1,
+        None,
+        TIMING,
+    );
+    run_logged(owner.with_witness(Some(store.for_(name))), rx, name, log)
+}
+
+/// The lease backend (the API server) stops answering everyone for 20 s,
+/// far past the lease: the store knows no newer holder, so the holder keeps
+/// serving and the standby, which cannot write a lease either, never does.
+#[tokio::test(start_paused = true)]
+async fn a_lease_backend_outage_for_everyone_cuts_no_holder_off() {
+    let (leases, store, log) = (MemoryLeases::new(), StoreWitness::default(), Log::default());
+    let (_a_cancel, a) = start_witnessed(&leases, &store, "a", &log);
+    settle().await;
+    let (_b_cancel, b) = start_witnessed(&leases, &store, "b", &log);
+    settle().await;
+    assert_eq!(a.borrow().shard(), Some(0));
+    leases.partition("a", true);
+    leases.partition("b", true);
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(a.borrow().shard(), Some(0), "the holder stepped down");
+        assert_eq!(b.borrow().shard(), None, "the standby served");
+    }
+    assert_never_two_holders(&log);
+}
+
+/// Only the holder is cut off from the lease backend: the standby takes the
+/// lease once it expires and raises the fence before serving; the holder
+/// sees the raise at its next check and steps down, within a retry period.
+#[tokio::test(start_paused = true)]
+async fn a_holder_cut_off_alone_steps_down_once_its_successor_raises_the_fence() {
+    let (leases, store, log) = (MemoryLeases::new(), StoreWitness::default(), Log::default());
+    let (_a_cancel, a) = start_witnessed(&leases, &store, "a", &log);
+    settle().await;
+    let (_b_cancel, b) = start_witnessed(&leases, &store, "b", &log);
+    settle().await;
+    let cut = Instant::now();
+    leases.partition("a", true);
+    let mut b2 = b.clone();
+    b2.wait_for(|o| o.shard() == Some(0)).await.unwrap();
+    let taken = Instant::now();
+    let mut a2 = a.clone();
+    a2.wait_for(|o| *o == Ownership::Standby).await.unwrap();
+    let stepped_down = Instant::now();
+    assert!(
+        taken - cut <= Duration::from_millis(TIMING.duration_ms + TIMING.retry_period_ms + 10),
+        "successor after {:?}",
+        taken - cut
+    );
+    assert!(
+        stepped_down.saturating_duration_since(taken)
+            <= Duration::from_millis(TIMING.retry_period_ms + 10),
+        "old holder stepped down {:?} after its successor served",
+        stepped_down.saturating_duration_since(taken)
+    );
+    assert_eq!(
+        store.fences.lock().unwrap()[&0],
+        2,
+        "the successor's token is in force"
+    );
+}
+
+/// Cut off from the lease backend and the store: the holder steps down at
+/// its renew deadline, before anyone else can take the lease, as without a
+/// witness.
+#[tokio::test(start_paused = true)]
+async fn a_holder_cut_off_from_both_steps_down_at_the_renew_deadline() {
+    let (leases, store, log) = (MemoryLeases::new(), StoreWitness::default(), Log::default());
+    let (_a_cancel, a) = start_witnessed(&leases, &store, "a", &log);
+    settle().await;
+    let (_b_cancel, b) = start_witnessed(&leases, &store, "b", &log);
+    settle().await;
+    let cut = Instant::now();
+    leases.partition("a", true);
+    store.cut("a", true);
+    let mut a2 = a.clone();
+    a2.wait_for(|o| *o == Ownership::Standby).await.unwrap();
+    let stepped_down = Instant::now();
+    let mut b2 = b.clone();
+    b2.wait_for(|o| o.shard() == Some(0)).await.unwrap();
+    let taken = Instant::now();
+    assert!(
+        stepped_down - cut
+            <= Duration::from_millis(TIMING.renew_deadline_ms + TIMING.retry_period_ms + 10),
+        "stepped down after {:?}",
+        stepped_down - cut
+    );
+    assert!(taken > stepped_down, "the successor served first");
+    assert_never_two_holders(&log);
 }

@@ -117,9 +117,13 @@ async fn a_paused_holder_that_wakes_after_losing_its_lease_cannot_write() {
         c.message.ops_port,
         "pushcluster_message_fenced_appends_total",
     );
+    // How many of the 20 were still inside the holder when it froze depends
+    // on how far its pipelined batches got; those went out with the old
+    // token after the takeover and met the fence. (Whether any did is
+    // timing; the direct append below checks the fence without a race.)
     assert!(
-        fenced_by_store >= 1.0,
-        "no append reached the store's fence; the woken holder answered {why:?}\n{}",
+        refused == 0 || fenced_by_store >= 1.0,
+        "{refused} refused, none by the store's fence; the woken holder answered {why:?}\n{}",
         c.logs()
     );
     // What the woken holder acknowledged is stored once; what it could not
