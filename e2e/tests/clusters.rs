@@ -759,3 +759,125 @@ async fn an_operator_watching_one_namespace_has_no_cluster_wide_rights() -> anyh
     home.delete().await?;
     result
 }
+
+/// The API server process stopped (SIGSTOP), as during a managed
+/// control-plane upgrade or an etcd stall; SIGCONT when dropped, so a
+/// failing test never leaves the control plane frozen.
+struct FrozenApiServer(i32);
+
+impl FrozenApiServer {
+    fn freeze() -> anyhow::Result<Self> {
+        let run_dir = std::env::var("RUN_DIR").context("RUN_DIR (set by make e2e-local)")?;
+        let pid: i32 = std::fs::read_to_string(format!("{run_dir}/kube-apiserver.pid"))?
+            .trim()
+            .parse()?;
+        signal(pid, "STOP")?;
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for FrozenApiServer {
+    fn drop(&mut self) {
+        let _ = signal(self.0, "CONT");
+    }
+}
+
+fn signal(pid: i32, sig: &str) -> anyhow::Result<()> {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "kill -{sig} {pid} failed");
+    Ok(())
+}
+
+/// The shard Leases' holders and transitions, for "nothing changed hands".
+async fn lease_holders(client: &Client, ns: &str) -> anyhow::Result<Vec<(String, String, i32)>> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let mut out: Vec<(String, String, i32)> = leases
+        .list(&kube::api::ListParams::default().labels("pushcluster.io/cluster=push"))
+        .await?
+        .items
+        .into_iter()
+        .map(|l| {
+            let spec = l.spec.unwrap_or_default();
+            (
+                l.metadata.name.unwrap_or_default(),
+                spec.holder_identity.unwrap_or_default(),
+                spec.lease_transitions.unwrap_or(0),
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+/// The API server stops answering for 60 s under traffic, on the minimal
+/// example (embedded store): holders keep their shards because the store
+/// knows no newer holder, web keeps its view, so no follower is cut off, no
+/// push fails and no shard changes hands when the API server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_cuts_no_client_off() -> anyhow::Result<()> {
+    let Some((client, images)) = full_cluster().await else {
+        return Ok(());
+    };
+    let op = Operator::install(&client, &images, "pco-outage").await?;
+    let ns = TestNamespace::create(&client, "outage").await?;
+    let result = async {
+        let (n, image) = (ns.name.clone(), images.image());
+        let name =
+            tokio::task::spawn_blocking(move || apply_example("pushcluster-minimal.yaml", &n, &image))
+                .await??;
+        wait_ready(&client, &ns.name, &name, 2, LIMIT).await?;
+        let creds = credentials(&client, &ns.name, &name).await?;
+        let public = ServiceProxy::start(&client, &ns.name, &format!("{name}-web"), "public").await?;
+        let admin = ServiceProxy::start(&client, &ns.name, &format!("{name}-web-admin"), "admin").await?;
+        let api = HttpApi::new(&public.url(), &admin.url(), Some(creds.admin_token.clone()))
+            .with_subscriber_secret(Some(creds.subscriber_secret.clone()));
+        first_push(&api, "warm-up", "{}").await?;
+        let load = Load {
+            keys: 24,
+            rate: 50,
+            prefix: "outage".into(),
+            subscriber_secret: Some(creds.subscriber_secret.clone()),
+        };
+        let traffic = Traffic::start(api.clone(), &load).await;
+        anyhow::ensure!(traffic.all_connected(LIMIT).await, "followers did not all reach a comet");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let before = lease_holders(&client, &ns.name).await?;
+        let settled = Instant::now();
+        let frozen = FrozenApiServer::freeze()?;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(frozen);
+        let resumed = Instant::now();
+        // Long enough for every holder to renew and every standby to look.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let after = lease_holders(&client, &ns.name).await?;
+        let outcome = traffic.finish(Duration::from_secs(60)).await;
+        let end = Instant::now();
+        let during = outcome.figures(settled, resumed);
+        let whole = outcome.figures(settled, end);
+        println!(
+            "INFO API server SIGSTOPped 60 s on the minimal example: during the outage {during}; from the outage to the end {whole}; leases before {before:?} after {after:?}"
+        );
+        anyhow::ensure!(
+            whole.reconnected == 0 && whole.failed == 0 && whole.lost == 0 && whole.restarted_keys == 0,
+            "the API server outage cost clients: {whole}"
+        );
+        anyhow::ensure!(during.acked > 0, "nothing was pushed during the outage: {during}");
+        anyhow::ensure!(before == after, "shards changed hands: {before:?} -> {after:?}");
+        println!(
+            "PASS API server stopped (SIGSTOP) for 60 s under traffic (minimal example, followers on WebSocket, TCP and SSE, 50 pushes/s): followers cut off={}, failed pushes={}, lost={}, pushes acknowledged during the outage={}, shard Leases unchanged ({} shards, same holders and transitions)",
+            whole.reconnected,
+            whole.failed,
+            whole.lost,
+            during.acked,
+            after.len()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    ns.delete().await?;
+    op.uninstall().await?;
+    result
+}
