@@ -154,6 +154,23 @@ spec:
     Ok(())
 }
 
+/// The full example's traffic: 24 followers (every transport), 100 pushes/s,
+/// once every follower is on a comet.
+async fn full_traffic(api: &HttpApi, prefix: &str) -> anyhow::Result<Traffic> {
+    let load = Load {
+        keys: 24,
+        rate: 100,
+        prefix: prefix.into(),
+        subscriber_secret: Some("full-subscriber-secret".into()),
+    };
+    let traffic = Traffic::start(api.clone(), &load).await;
+    anyhow::ensure!(
+        traffic.all_connected(LIMIT).await,
+        "followers did not all reach a comet"
+    );
+    Ok(traffic)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_full_example_on_redis() -> anyhow::Result<()> {
     let Some((client, images)) = full_cluster().await else {
@@ -215,17 +232,7 @@ async fn the_full_example_on_redis() -> anyhow::Result<()> {
         let (n, c) = (ns.name.clone(), name.clone());
         tokio::task::spawn_blocking(move || rollout_status(&n, &c, LIMIT)).await??;
         wait_ready(&client, &ns.name, &name, 8, LIMIT).await?;
-        let load = Load {
-            keys: 24,
-            rate: 100,
-            prefix: "live".into(),
-            subscriber_secret: Some("full-subscriber-secret".into()),
-        };
-        let traffic = Traffic::start(authorised.clone(), &load).await;
-        anyhow::ensure!(
-            traffic.all_connected(LIMIT).await,
-            "followers did not all reach a comet"
-        );
+        let traffic = full_traffic(&authorised, "live").await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);
         let holder = |shard: u32| {
@@ -277,17 +284,7 @@ async fn the_full_example_on_redis() -> anyhow::Result<()> {
         // it comes back with its append-only file; the comets resubscribe
         // and fill what each key missed, so clients see a pause and do not
         // reconnect.
-        let load = Load {
-            keys: 24,
-            rate: 100,
-            prefix: "redis-gone".into(),
-            subscriber_secret: Some("full-subscriber-secret".into()),
-        };
-        let traffic = Traffic::start(authorised.clone(), &load).await;
-        anyhow::ensure!(
-            traffic.all_connected(LIMIT).await,
-            "followers did not all reach a comet"
-        );
+        let traffic = full_traffic(&authorised, "redis-gone").await?;
         tokio::time::sleep(Duration::from_secs(3)).await;
         // Reconnects are counted from here: the followers' first connections
         // are behind.

@@ -316,21 +316,32 @@ impl LeaseBackend for KubeLeases {
         let Some(mut l) = self.cached(shard) else {
             return Ok(false);
         };
-        let spec = l.spec.get_or_insert_with(LeaseSpec::default);
-        if spec.holder_identity.as_deref() != Some(held.raw.as_str()) {
-            return Ok(false);
-        }
-        spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
-        spec.lease_duration_seconds = Some(ttl.as_secs().max(1) as i32);
         let name = format!("{}-{shard}", self.prefix);
-        match self.api.replace(&name, &PostParams::default(), &l).await {
-            Ok(l) => {
-                self.remember(shard, &l);
-                Ok(true)
+        // A renewal whose answer never came (the API server stalled and
+        // applied it later) changed the resourceVersion under us: on a
+        // conflict the Lease is read again, and renewed once more if it is
+        // still this holder's, same acquisition.
+        for _ in 0..2 {
+            let same_acquisition = Self::record(shard, &l).token == held.record.token;
+            let spec = l.spec.get_or_insert_with(LeaseSpec::default);
+            if spec.holder_identity.as_deref() != Some(held.raw.as_str()) || !same_acquisition {
+                return Ok(false);
             }
-            Err(e) if is_conflict(&e) => Ok(false),
-            Err(e) => Err(e.into()),
+            spec.renew_time = Some(MicroTime(k8s_openapi::jiff::Timestamp::now()));
+            spec.lease_duration_seconds = Some(ttl.as_secs().max(1) as i32);
+            match self.api.replace(&name, &PostParams::default(), &l).await {
+                Ok(l) => {
+                    self.remember(shard, &l);
+                    return Ok(true);
+                }
+                Err(e) if is_conflict(&e) => match self.api.get_opt(&name).await? {
+                    Some(current) => l = current,
+                    None => return Ok(false),
+                },
+                Err(e) => return Err(e.into()),
+            }
         }
+        Ok(false)
     }
 
     async fn release(&self, held: &Held) -> Result<()> {

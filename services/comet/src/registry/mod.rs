@@ -439,16 +439,7 @@ impl Registry {
             return LiveOffer::Gap { after: last };
         }
         e.last_mid = d.mid;
-        let mut n = 0;
-        for c in &e.conns {
-            if let Some(waker) = self.offer(c, d) {
-                n += 1;
-                if let Some(w) = waker {
-                    w.wake();
-                }
-            }
-        }
-        LiveOffer::Delivered(n)
+        LiveOffer::Delivered(self.queue_on(&e.conns, d))
     }
 
     /// Asks `key`'s connections to reconnect (they fetch what they missed).
@@ -483,8 +474,14 @@ impl Registry {
             return 0;
         };
         e.last_mid = d.mid;
+        self.queue_on(&e.conns, d)
+    }
+
+    /// Queues `d` on each of `conns`, waking those that wait; returns how
+    /// many took it.
+    fn queue_on(&self, conns: &[ConnHandle], d: &Arc<Delivery>) -> u64 {
         let mut n = 0;
-        for c in &e.conns {
+        for c in conns {
             if let Some(waker) = self.offer(c, d) {
                 n += 1;
                 if let Some(w) = waker {

@@ -253,7 +253,7 @@ async fn a_lease_unchanged_across_an_api_outage_is_not_taken() {
 }
 
 #[tokio::test]
-async fn renew_and_release_carry_the_resource_version_and_a_conflict_means_lost() {
+async fn renew_and_release_carry_the_resource_version_and_a_conflict_is_checked_by_reading_back() {
     let (c, mut h) = client();
     let leases = KubeLeases::new(Api::namespaced(c, "ns"), "pc");
     let server = tokio::spawn(async move {
@@ -281,24 +281,43 @@ async fn renew_and_release_carry_the_resource_version_and_a_conflict_means_lost(
         .await;
         assert_eq!(put["metadata"]["resourceVersion"], "1");
         assert_ne!(put["spec"]["renewTime"], "2026-01-01T00:00:00.000000Z");
+        // A renewal the API server applied late moved the resourceVersion:
+        // 409, but the Lease is still ours (same holder, same acquisition),
+        // so it is renewed on the version read back.
         let put = expect(&mut h, Method::PUT, &path, status(409, "Conflict")).await;
         assert_eq!(put["metadata"]["resourceVersion"], "2");
-        let released = expect(
+        let ours = lease("5", Some("comet-a"), "2026-01-01T00:00:02.000000Z", 1);
+        expect(&mut h, Method::GET, &path, (200, ours)).await;
+        let put = expect(
             &mut h,
             Method::PUT,
             &path,
-            (200, lease("3", None, "2026-01-01T00:00:01.000000Z", 1)),
+            (
+                200,
+                lease("6", Some("comet-a"), "2026-01-01T00:00:03.000000Z", 1),
+            ),
         )
         .await;
-        assert_eq!(released["metadata"]["resourceVersion"], "2");
+        assert_eq!(put["metadata"]["resourceVersion"], "5");
+        // Taken by another holder meanwhile: lost.
+        expect(&mut h, Method::PUT, &path, status(409, "Conflict")).await;
+        let theirs = lease("7", Some("comet-b"), "2026-01-01T00:00:09.000000Z", 2);
+        expect(&mut h, Method::GET, &path, (200, theirs)).await;
+        // Releasing what is no longer ours changes nothing (409 is fine).
+        let released = expect(&mut h, Method::PUT, &path, status(409, "Conflict")).await;
+        assert_eq!(released["metadata"]["resourceVersion"], "6");
         assert!(released["spec"]["holderIdentity"].is_null());
     });
     let ttl = Duration::from_secs(6);
     let held = leases.try_acquire(0, &me(), ttl).await.unwrap().unwrap();
     assert!(leases.renew(&held, ttl).await.unwrap());
     assert!(
+        leases.renew(&held, ttl).await.unwrap(),
+        "409 from a late renewal of our own: still ours"
+    );
+    assert!(
         !leases.renew(&held, ttl).await.unwrap(),
-        "409 on renew: lost"
+        "409 and another holder: lost"
     );
     leases.release(&held).await.unwrap();
     server.await.unwrap();
