@@ -789,10 +789,16 @@ fn signal(pid: i32, sig: &str) -> anyhow::Result<()> {
 }
 
 /// The shard Leases' holders and transitions, for "nothing changed hands".
-async fn lease_holders(client: &Client, ns: &str) -> anyhow::Result<Vec<(String, String, i32)>> {
+async fn lease_holders(
+    client: &Client,
+    ns: &str,
+    cluster: &str,
+) -> anyhow::Result<Vec<(String, String, i32)>> {
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     let mut out: Vec<(String, String, i32)> = leases
-        .list(&kube::api::ListParams::default().labels("pushcluster.io/cluster=push"))
+        .list(
+            &kube::api::ListParams::default().labels(&format!("pushcluster.io/cluster={cluster}")),
+        )
         .await?
         .items
         .into_iter()
@@ -815,33 +821,74 @@ async fn lease_holders(client: &Client, ns: &str) -> anyhow::Result<Vec<(String,
 /// push fails and no shard changes hands when the API server is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_outage_cuts_no_client_off() -> anyhow::Result<()> {
+    outage_under_traffic("pushcluster-minimal.yaml").await
+}
+
+/// The same on the full example: Redis as the store and witness, 8 shards
+/// and 2 standbys that must not take a lease when the API server is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_cuts_no_client_off_on_redis() -> anyhow::Result<()> {
+    outage_under_traffic("pushcluster-full.yaml").await
+}
+
+async fn outage_under_traffic(example: &str) -> anyhow::Result<()> {
     let Some((client, images)) = full_cluster().await else {
         return Ok(());
     };
+    let full = example == "pushcluster-full.yaml";
     let op = Operator::install(&client, &images, "pco-outage").await?;
     let ns = TestNamespace::create(&client, "outage").await?;
     let result = async {
-        let (n, image) = (ns.name.clone(), images.image());
-        let name =
-            tokio::task::spawn_blocking(move || apply_example("pushcluster-minimal.yaml", &n, &image))
-                .await??;
-        wait_ready(&client, &ns.name, &name, 2, LIMIT).await?;
-        let creds = credentials(&client, &ns.name, &name).await?;
+        if full {
+            deploy_redis(&ns.name).await?;
+            secret(&client, &ns.name, "push-redis", json!({"url": "redis://push-redis:6379"})).await?;
+            secret(
+                &client,
+                &ns.name,
+                "push-auth",
+                json!({"admin-token": "full-admin-token", "subscriber-secret": "full-subscriber-secret"}),
+            )
+            .await?;
+        }
+        let (n, image, file) = (ns.name.clone(), images.image(), example.to_owned());
+        let name = tokio::task::spawn_blocking(move || apply_example(&file, &n, &image)).await??;
+        let shards = if full { 8 } else { 2 };
+        wait_ready(&client, &ns.name, &name, shards, LIMIT).await?;
+        let (admin_token, subscriber_secret) = if full {
+            // Clients reach the comets' pod addresses, not the example's
+            // public DNS names.
+            let clusters: Api<PushCluster> = Api::namespaced(client.clone(), &ns.name);
+            clusters
+                .patch(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"comet": {"advertise": null}}})),
+                )
+                .await?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let (n, c) = (ns.name.clone(), name.clone());
+            tokio::task::spawn_blocking(move || rollout_status(&n, &c, LIMIT)).await??;
+            wait_ready(&client, &ns.name, &name, shards, LIMIT).await?;
+            ("full-admin-token".to_owned(), "full-subscriber-secret".to_owned())
+        } else {
+            let creds = credentials(&client, &ns.name, &name).await?;
+            (creds.admin_token, creds.subscriber_secret)
+        };
         let public = ServiceProxy::start(&client, &ns.name, &format!("{name}-web"), "public").await?;
         let admin = ServiceProxy::start(&client, &ns.name, &format!("{name}-web-admin"), "admin").await?;
-        let api = HttpApi::new(&public.url(), &admin.url(), Some(creds.admin_token.clone()))
-            .with_subscriber_secret(Some(creds.subscriber_secret.clone()));
+        let api = HttpApi::new(&public.url(), &admin.url(), Some(admin_token))
+            .with_subscriber_secret(Some(subscriber_secret.clone()));
         first_push(&api, "warm-up", "{}").await?;
         let load = Load {
             keys: 24,
             rate: 50,
             prefix: "outage".into(),
-            subscriber_secret: Some(creds.subscriber_secret.clone()),
+            subscriber_secret: Some(subscriber_secret),
         };
         let traffic = Traffic::start(api.clone(), &load).await;
         anyhow::ensure!(traffic.all_connected(LIMIT).await, "followers did not all reach a comet");
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let before = lease_holders(&client, &ns.name).await?;
+        let before = lease_holders(&client, &ns.name, &name).await?;
         let settled = Instant::now();
         let frozen = FrozenApiServer::freeze()?;
         tokio::time::sleep(Duration::from_secs(60)).await;
@@ -849,13 +896,13 @@ async fn an_api_server_outage_cuts_no_client_off() -> anyhow::Result<()> {
         let resumed = Instant::now();
         // Long enough for every holder to renew and every standby to look.
         tokio::time::sleep(Duration::from_secs(10)).await;
-        let after = lease_holders(&client, &ns.name).await?;
+        let after = lease_holders(&client, &ns.name, &name).await?;
         let outcome = traffic.finish(Duration::from_secs(60)).await;
         let end = Instant::now();
         let during = outcome.figures(settled, resumed);
         let whole = outcome.figures(settled, end);
         println!(
-            "INFO API server SIGSTOPped 60 s on the minimal example: during the outage {during}; from the outage to the end {whole}; leases before {before:?} after {after:?}"
+            "INFO API server SIGSTOPped 60 s on {example}: during the outage {during}; from the outage to the end {whole}; leases before {before:?} after {after:?}"
         );
         anyhow::ensure!(
             whole.reconnected == 0 && whole.failed == 0 && whole.lost == 0 && whole.restarted_keys == 0,
@@ -864,7 +911,7 @@ async fn an_api_server_outage_cuts_no_client_off() -> anyhow::Result<()> {
         anyhow::ensure!(during.acked > 0, "nothing was pushed during the outage: {during}");
         anyhow::ensure!(before == after, "shards changed hands: {before:?} -> {after:?}");
         println!(
-            "PASS API server stopped (SIGSTOP) for 60 s under traffic (minimal example, followers on WebSocket, TCP and SSE, 50 pushes/s): followers cut off={}, failed pushes={}, lost={}, pushes acknowledged during the outage={}, shard Leases unchanged ({} shards, same holders and transitions)",
+            "PASS API server stopped (SIGSTOP) for 60 s under traffic ({example}, followers on WebSocket, TCP and SSE, 50 pushes/s): followers cut off={}, failed pushes={}, lost={}, pushes acknowledged during the outage={}, shard Leases unchanged ({} shards, same holders and transitions)",
             whole.reconnected,
             whole.failed,
             whole.lost,
