@@ -836,8 +836,15 @@ async fn outage_under_traffic(example: &str) -> anyhow::Result<()> {
         return Ok(());
     };
     let full = example == "pushcluster-full.yaml";
-    let op = Operator::install(&client, &images, "pco-outage").await?;
-    let ns = TestNamespace::create(&client, "outage").await?;
+    // Names of their own: the other outage test's namespaces may still be
+    // terminating.
+    let (release, suffix) = if full {
+        ("pco-outage-redis", "outage-redis")
+    } else {
+        ("pco-outage", "outage")
+    };
+    let op = Operator::install(&client, &images, release).await?;
+    let ns = TestNamespace::create(&client, suffix).await?;
     let result = async {
         if full {
             deploy_redis(&ns.name).await?;
