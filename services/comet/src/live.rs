@@ -20,6 +20,12 @@
 //!   (a gap) is not delivered as it came: the messages after the last one
 //!   delivered are read from the store instead, which has every real one.
 //!   A forged PUBLISH with an invented mid is thus never delivered.
+//! - Writers sign what they publish with a key derived from the cluster's
+//!   RPC token ([`live::LiveKey`]); a comet given the token delivers only
+//!   messages whose signature holds for their key and mid, and reads the
+//!   store for any other. So not even a forged PUBLISH with exactly the
+//!   key's next mid is delivered; a writer of an older release that does
+//!   not sign costs a store read per message, not a lost one.
 //! - Redis runs scripts one at a time and sends a subscriber messages in the
 //!   order they were published, so each key's messages arrive in mid order,
 //!   whichever web or comet stored them.
@@ -116,6 +122,10 @@ pub(crate) struct LiveMetrics {
     /// Messages dropped from a live channel: already delivered, or with a
     /// mid the store did not have (forged).
     pub dropped: Counter,
+    /// Live messages whose signature was missing or did not hold (forged,
+    /// or stored by a writer that does not sign yet): the key's messages
+    /// were read from the store instead.
+    pub unverified: Counter,
     /// Keys whose sequence was found to have gone backwards (Redis lost data).
     pub resets: Counter,
     /// PING round trips on the subscribing connection. A PING's answer comes
@@ -134,6 +144,7 @@ impl Default for LiveMetrics {
             filled: Counter::default(),
             dropped: Counter::default(),
             resets: Counter::default(),
+            unverified: Counter::default(),
             lag: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
         }
     }
@@ -360,6 +371,15 @@ impl LiveFeed {
         }
     }
 
+    /// Brings `key` up to its last stored mid, read now.
+    async fn recheck(&self, key: &str) -> Result<(), Stopped> {
+        let stored = self.store.last_mids(&[key]).await.map_err(Stopped::Store)?;
+        match stored.first() {
+            Some(&stored) => self.catch_up(key, stored).await,
+            None => Ok(()),
+        }
+    }
+
     /// Delivers `key`'s stored messages after `after`, in order; a key that
     /// missed more than a fill carries has its connections reconnect.
     async fn fill(&self, key: &str, mut after: i64) -> Result<(), Stopped> {
@@ -432,13 +452,21 @@ impl LiveFeed {
         let Some(key) = live::key_of(&self.ns, m.get_channel_name()) else {
             return Ok(());
         };
-        let Some((mid, payload)) = live::decode(m.get_payload_bytes()) else {
+        let Some(live) = live::decode(m.get_payload_bytes()) else {
             tracing::warn!(key, "unreadable message on a live channel");
             self.metrics.dropped.inc();
             return Ok(());
         };
         self.metrics.messages.inc();
-        let d = Delivery::new(mid, GID_PRIVATE, payload);
+        if let Some(k) = self.store.live_key() {
+            if !k.verify(m.get_channel_name(), &live) {
+                // Forged, or from a writer of an older release that does
+                // not sign: only the store can say what was stored.
+                self.metrics.unverified.inc();
+                return self.recheck(key).await;
+            }
+        }
+        let d = Delivery::new(live.mid, GID_PRIVATE, live.payload);
         match self.registry.offer_live(key, &d, false) {
             LiveOffer::Delivered(_) | LiveOffer::NoKey => Ok(()),
             LiveOffer::Duplicate => {
@@ -446,11 +474,7 @@ impl LiveFeed {
                 // sequence started again (its keys expired, Redis lost
                 // them): the store's last mid says which.
                 self.metrics.dropped.inc();
-                let stored = self.store.last_mids(&[key]).await.map_err(Stopped::Store)?;
-                match stored.first() {
-                    Some(&stored) => self.catch_up(key, stored).await,
-                    None => Ok(()),
-                }
+                self.recheck(key).await
             }
             LiveOffer::Gap { after } => {
                 // Either messages were missed, or the mid was never stored:

@@ -75,6 +75,11 @@ impl Metrics {
             m.live.resets.clone(),
         );
         reg.register(
+            "pushcluster_comet_live_unverified",
+            "Live messages whose signature was missing or did not hold (forged, or from a writer that does not sign): the key was read from the store instead",
+            m.live.unverified.clone(),
+        );
+        reg.register(
             "pushcluster_comet_live_lag_seconds",
             "PING round trips on the live feed's connection: how far behind Redis the feed runs (over 3 s the connection is dropped and keys are filled from the store)",
             m.live.lag.clone(),

@@ -36,7 +36,7 @@ use pushcluster_proto::auth::AuthChannel;
 use pushcluster_proto::pipeline::pipelined_batcher;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_client::MessageClient;
-use pushcluster_store::redis::RedisStore;
+use pushcluster_store::redis::{live::LiveKey, RedisStore};
 use pushcluster_store::{AppendOpts, Channel, Fence, Store, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,7 +115,8 @@ impl PushPath {
                     &direct.redis_namespace,
                     direct.retention.clone(),
                 )
-                .map_err(Error::Store)?;
+                .map_err(Error::Store)?
+                .signing(cfg.rpc_token.as_deref().map(LiveKey::derive));
                 let live = LiveFeed::start(
                     url,
                     &direct.redis_namespace,

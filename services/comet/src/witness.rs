@@ -37,7 +37,7 @@ impl std::fmt::Debug for StoreWitness {
 impl StoreWitness {
     /// The witness for `cfg`'s storage.
     pub fn for_config(cfg: &Config) -> Result<Arc<dyn Witness>, Error> {
-        let w = match cfg.store.open().map_err(Error::Store)? {
+        let w = match cfg.store.open(None).map_err(Error::Store)? {
             Some(redis) => StoreWitness::Redis(redis),
             None => StoreWitness::Message(crate::comet::message_client(cfg)?),
         };

@@ -92,7 +92,12 @@ pub async fn open_store(cfg: &Config) -> Result<Backend, StoreError> {
                 &cfg.storage.redis_namespace,
                 cfg.retention.clone(),
             )
-            .await?;
+            .await?
+            .signing(
+                cfg.rpc_token
+                    .as_deref()
+                    .map(pushcluster_store::redis::live::LiveKey::derive),
+            );
             tracing::info!(url = %pushcluster_core::ops::redact_url(url), "storage: redis");
             Ok(Backend::Redis(s))
         }

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 // Fences are compared as 20-digit strings: Lua numbers are doubles, exact
@@ -48,7 +49,14 @@ if len > keep then redis.call('LTRIM', KEYS[2], len - keep, -1) end
 local want = tonumber(ARGV[2]) - tonumber(ARGV[3])
 if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], want) end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], mid, 'PX', ARGV[7]) end
-if ARGV[9] ~= '' then redis.call('PUBLISH', ARGV[9], string.format('%d ', mid) .. ARGV[1]) end
+if ARGV[9] ~= '' then
+  local head = string.format('%d ', mid)
+  if ARGV[10] ~= '' then
+    local sig = redis.sha1hex(ARGV[11] .. redis.sha1hex(ARGV[10] .. ARGV[9] .. ' ' .. head .. ARGV[1]))
+    head = head .. 's' .. sig .. ' '
+  end
+  redis.call('PUBLISH', ARGV[9], head .. ARGV[1])
+end
 return {mid, ''}
 ";
 
@@ -97,6 +105,11 @@ while true do
 end
 ";
 
+// Made once per process: a Script hashes its source when made.
+static APPEND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(APPEND));
+static FETCH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(FETCH));
+static RAISE_FENCE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RAISE_FENCE));
+
 /// Storing pushes straight into the cluster's Redis (web and comets), in
 /// the message service's keys: see the module docs.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -118,10 +131,15 @@ impl DirectStore {
         self.redis_url.as_deref().filter(|u| !u.is_empty())
     }
 
-    /// A lazily connected store for it, when a URL is set.
-    pub fn open(&self) -> Result<Option<RedisStore>> {
+    /// A lazily connected store for it, when a URL is set, signing live
+    /// messages with a key derived from `live_secret` (the cluster's RPC
+    /// token) when one is given.
+    pub fn open(&self, live_secret: Option<&str>) -> Result<Option<RedisStore>> {
         self.url()
-            .map(|url| RedisStore::connect_lazy(url, &self.redis_namespace, self.retention.clone()))
+            .map(|url| {
+                RedisStore::connect_lazy(url, &self.redis_namespace, self.retention.clone())
+                    .map(|s| s.signing(live_secret.map(live::LiveKey::derive)))
+            })
             .transpose()
     }
 }
@@ -143,9 +161,7 @@ pub struct RedisStore {
     conn: ConnectionManager,
     ns: String,
     retention: Retention,
-    append: Script,
-    fetch: Script,
-    raise_fence: Script,
+    signing: Option<std::sync::Arc<live::LiveKey>>,
 }
 
 impl RedisStore {
@@ -171,10 +187,20 @@ impl RedisStore {
             conn,
             ns: ns.to_owned(),
             retention,
-            append: Script::new(APPEND),
-            fetch: Script::new(FETCH),
-            raise_fence: Script::new(RAISE_FENCE),
+            signing: None,
         }
+    }
+
+    /// Signs what it publishes on live channels with `key` (see
+    /// [`live::LiveKey`]); without one, live messages go unsigned.
+    pub fn signing(mut self, key: Option<live::LiveKey>) -> Self {
+        self.signing = key.map(std::sync::Arc::new);
+        self
+    }
+
+    /// The key live messages are signed with, if any.
+    pub fn live_key(&self) -> Option<&live::LiveKey> {
+        self.signing.as_deref()
     }
 
     /// The last mid of each private key (0 for none), in one round trip:
@@ -253,8 +279,7 @@ impl Store for RedisStore {
         };
         let now = now_ms();
         let mut conn = self.conn.clone();
-        let (mid, current): (i64, String) = self
-            .append
+        let (mid, current): (i64, String) = APPEND_SCRIPT
             .key(seq)
             .key(list)
             .key(id_key)
@@ -273,6 +298,8 @@ impl Store for RedisStore {
             )
             .arg(token)
             .arg(live_channel)
+            .arg(self.signing.as_ref().map_or("", |k| k.inner.as_str()))
+            .arg(self.signing.as_ref().map_or("", |k| k.outer.as_str()))
             .invoke_async(&mut conn)
             .await?;
         match fence {
@@ -289,7 +316,7 @@ impl Store for RedisStore {
         let (_, list) = self.keys(ch);
         let read = || {
             let mut conn = self.conn.clone();
-            let mut call = self.fetch.key(&list);
+            let mut call = FETCH_SCRIPT.key(&list);
             call.arg(after.max(0))
                 .arg(page.messages.max(1))
                 // Lua numbers are doubles: keep the budget exact.
@@ -314,8 +341,7 @@ impl Store for RedisStore {
     async fn raise_fence(&self, fence: Fence) -> Result<u64> {
         let key = format!("{}:fence:{{{}}}", self.ns, fence.shard);
         let mut conn = self.conn.clone();
-        let current: String = self
-            .raise_fence
+        let current: String = RAISE_FENCE_SCRIPT
             .key(key)
             .arg(format!("{:020}", fence.token))
             .invoke_async(&mut conn)
@@ -358,9 +384,95 @@ where
     }
 }
 
-/// The live channels: where each newly stored private message is published.
 pub mod live {
+    //! The live channels: where each newly stored private message is published.
+    //!
+    //! A published message is `"<mid> <payload>"`, or, signed,
+    //! `"<mid> s<40 hex> <payload>"`: JSON never starts with `s`, so the two
+    //! cannot be confused. Anyone who can reach Redis can PUBLISH, but only
+    //! a writer that knows the cluster's secret can sign; a comet given the
+    //! secret delivers a live message only when its signature holds, and
+    //! reads the key's stored messages instead when it does not.
     use bytes::Bytes;
+    use sha1::{Digest, Sha1};
+
+    /// The secret live messages are signed with, derived from a secret the
+    /// cluster's writers and comets share (its internal RPC token).
+    ///
+    /// The signature is `sha1(outer ‖ hex(sha1(inner ‖ channel ‖ " " ‖ mid ‖ " " ‖ payload)))`,
+    /// hex-encoded: an HMAC-like nesting that Redis's Lua computes with
+    /// `redis.sha1hex` (no HMAC there), and that a length extension cannot
+    /// forge. Channel and mid are inside it, so a signed message replayed on
+    /// another key, or with another mid, fails.
+    #[derive(Clone, PartialEq, Eq)]
+    pub struct LiveKey {
+        pub(crate) inner: String,
+        pub(crate) outer: String,
+    }
+
+    impl std::fmt::Debug for LiveKey {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("LiveKey(..)")
+        }
+    }
+
+    impl LiveKey {
+        /// The key for `secret`; distinct labels keep it apart from any
+        /// other use of the same secret.
+        pub fn derive(secret: &str) -> Self {
+            let part = |label: &str| {
+                let mut h = Sha1::new();
+                h.update(label.as_bytes());
+                h.update(secret.as_bytes());
+                hex::encode(h.finalize())
+            };
+            Self {
+                inner: part("pushcluster live inner\0"),
+                outer: part("pushcluster live outer\0"),
+            }
+        }
+
+        /// The signature of `payload` as `mid` on `channel`, as the store's
+        /// script computes it.
+        pub fn sign(&self, channel: &str, mid: i64, payload: &[u8]) -> [u8; 40] {
+            let mut h = Sha1::new();
+            h.update(self.inner.as_bytes());
+            h.update(channel.as_bytes());
+            h.update(format!(" {mid} ").as_bytes());
+            h.update(payload);
+            let inner = hex::encode(h.finalize());
+            let mut h = Sha1::new();
+            h.update(self.outer.as_bytes());
+            h.update(inner.as_bytes());
+            let mut out = [0u8; 40];
+            // Cannot fail: 20 bytes always fit 40 hex digits.
+            let _ = hex::encode_to_slice(h.finalize(), &mut out);
+            out
+        }
+
+        /// Whether `m`, received on `channel`, carries a signature that holds.
+        pub fn verify(&self, channel: &str, m: &Live) -> bool {
+            m.signature.as_ref().is_some_and(|s| {
+                let want = self.sign(channel, m.mid, &m.payload);
+                // Constant time: a forger learns nothing from timing.
+                want.iter()
+                    .zip(s.iter())
+                    .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                    == 0
+            })
+        }
+    }
+
+    /// A message read from a live channel.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Live {
+        /// The mid it claims.
+        pub mid: i64,
+        /// Its signature, when signed.
+        pub signature: Option<[u8; 40]>,
+        /// The message.
+        pub payload: Bytes,
+    }
 
     /// The channel of `key`'s messages under namespace `ns`; it shares the
     /// key's hash tag, so a sharded-pubsub Redis Cluster keeps it in the
@@ -377,11 +489,29 @@ pub mod live {
             .strip_suffix("}:live")
     }
 
-    /// Splits a published message, `"<mid> <payload>"`, into its parts.
-    pub fn decode(message: &[u8]) -> Option<(i64, Bytes)> {
+    /// Splits a published message into its parts.
+    pub fn decode(message: &[u8]) -> Option<Live> {
         let space = message.iter().position(|&b| b == b' ')?;
         let mid = std::str::from_utf8(&message[..space]).ok()?.parse().ok()?;
-        Some((mid, Bytes::copy_from_slice(&message[space + 1..])))
+        let rest = &message[space + 1..];
+        let signed = rest.len() > 42
+            && rest[0] == b's'
+            && rest[41] == b' '
+            && rest[1..41]
+                .iter()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let (signature, payload) = if signed {
+            let mut sig = [0u8; 40];
+            sig.copy_from_slice(&rest[1..41]);
+            (Some(sig), &rest[42..])
+        } else {
+            (None, rest)
+        };
+        Some(Live {
+            mid,
+            signature,
+            payload: Bytes::copy_from_slice(payload),
+        })
     }
 }
 
@@ -396,8 +526,9 @@ mod tests {
         assert_eq!(live::key_of("pc", &ch), Some("user:{7} x"));
         assert_eq!(live::key_of("other", &ch), None);
         assert_eq!(live::key_of("pc", "pc:k:{a}:s"), None);
-        let (mid, p) = live::decode(b"42 {\"a\": \"b c\"}").unwrap();
-        assert_eq!((mid, p.as_ref()), (42, &b"{\"a\": \"b c\"}"[..]));
+        let m = live::decode(b"42 {\"a\": \"b c\"}").unwrap();
+        assert_eq!((m.mid, m.payload.as_ref()), (42, &b"{\"a\": \"b c\"}"[..]));
+        assert_eq!(m.signature, None);
         assert_eq!(live::decode(b"42"), None);
         assert_eq!(live::decode(b"x {}"), None);
     }

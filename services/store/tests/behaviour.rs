@@ -622,8 +622,9 @@ async fn new_private_messages_are_published_on_their_live_channel() {
             .expect("a published message")
             .expect("the subscription is open");
         assert_eq!(live::key_of("pub", m.get_channel_name()), Some("k"));
-        let (mid, payload) = live::decode(m.get_payload_bytes()).expect("mid and payload");
-        got.push((mid, String::from_utf8(payload.to_vec()).unwrap()));
+        let m = live::decode(m.get_payload_bytes()).expect("mid and payload");
+        assert_eq!(m.signature, None, "signed without a key");
+        got.push((m.mid, String::from_utf8(m.payload.to_vec()).unwrap()));
     }
     let want: Vec<(i64, String)> = [(1, "{\"n\":1}"), (2, "2"), (3, "3"), (4, "4")]
         .into_iter()
@@ -632,4 +633,58 @@ async fn new_private_messages_are_published_on_their_live_channel() {
     assert_eq!(got, want);
     let extra = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
     assert!(extra.is_err(), "published more than once: {extra:?}");
+}
+
+/// A store given a live key signs what it publishes as the comets check it:
+/// the signature the script computes verifies, for its channel and mid only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_messages_are_signed_as_comets_verify_them() {
+    use futures::StreamExt;
+    use pushcluster_store::redis::live::{self, LiveKey};
+    let server = RedisServer::start();
+    let key = LiveKey::derive("the cluster's secret");
+    let s = RedisStore::connect(&server.url(), "sig", Retention::default())
+        .await
+        .unwrap()
+        .signing(Some(key.clone()));
+    let client = redis::Client::open(server.url()).unwrap();
+    let (mut sink, mut stream) = client.get_async_pubsub().await.unwrap().split();
+    let channel = live::channel("sig", "k");
+    sink.subscribe(&channel).await.unwrap();
+    for payload in ["{\"n\":1}", "\"s 2\"", "[3, \"ü\"]"] {
+        s.append(Channel::Private("k"), b(payload), HOUR)
+            .await
+            .unwrap();
+    }
+    for want in 1..=3 {
+        let raw = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a published message")
+            .expect("the subscription is open");
+        let m = live::decode(raw.get_payload_bytes()).expect("decodes");
+        assert_eq!(m.mid, want);
+        assert!(m.signature.is_some(), "unsigned: {m:?}");
+        assert!(
+            key.verify(&channel, &m),
+            "the script's signature fails: {m:?}"
+        );
+        assert!(
+            !key.verify(&live::channel("sig", "other"), &m),
+            "holds on another key"
+        );
+        let moved = live::Live {
+            mid: m.mid + 1,
+            ..m.clone()
+        };
+        assert!(!key.verify(&channel, &moved), "holds for another mid");
+        let changed = live::Live {
+            payload: bytes::Bytes::from_static(b"{\"forged\":1}"),
+            ..m.clone()
+        };
+        assert!(!key.verify(&channel, &changed), "holds for another payload");
+        assert!(
+            !LiveKey::derive("a guess").verify(&channel, &m),
+            "holds for another secret"
+        );
+    }
 }

@@ -36,7 +36,11 @@ impl AppState {
             cfg.max_rpc_bytes(),
         )?);
         // Lazily: web comes up (and serves reads) while Redis is down.
-        let path = match cfg.store.open().map_err(Error::Store)? {
+        let path = match cfg
+            .store
+            .open(cfg.rpc_token.as_deref())
+            .map_err(Error::Store)?
+        {
             Some(redis) => {
                 if let Some(url) = cfg.store.url() {
                     tracing::info!(url = %pushcluster_core::ops::redact_url(url), "storing private pushes straight into redis");

@@ -5,6 +5,7 @@
 
 use pushcluster_client::http::{Client, Proto};
 use pushcluster_client::{Frame, Message};
+use pushcluster_store::redis::live::LiveKey;
 use pushcluster_systest::proxy::FreezableProxy;
 use pushcluster_systest::{
     collect, free_port, subscribe, Cluster, Followers, Options, RedisServer, Transport,
@@ -309,7 +310,8 @@ async fn a_redis_that_lost_its_data_resets_its_clients_instead_of_starving_them(
 
 /// Anyone who can reach Redis can PUBLISH on a key's live channel. A
 /// message with a mid the store never assigned (far ahead, or one already
-/// delivered) is not delivered; real pushes around it are.
+/// delivered), or with exactly the key's next mid but no valid signature,
+/// is not delivered; real pushes around it are.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_publish_is_not_delivered() {
     let redis = RedisServer::start();
@@ -331,9 +333,18 @@ async fn a_forged_publish_is_not_delivered() {
         .await
         .expect("redis");
     let channel = pushcluster_store::redis::live::channel("pc", "victim");
+    let mut received = 0;
+    let guessed = LiveKey::derive("a guess");
+    let wrong_key = format!(
+        "2 s{} {{\"forged\":\"wrong key\"}}",
+        String::from_utf8_lossy(&guessed.sign(&channel, 2, b"{\"forged\":\"wrong key\"}"))
+    );
     for forged in [
         "9000000000000000 {\"forged\":\"far\"}",
         "1 {\"forged\":\"replay\"}",
+        // Exactly the key's next mid: only the signature tells it apart.
+        "2 {\"forged\":\"next\"}",
+        &wrong_key,
     ] {
         let n: i64 = redis::cmd("PUBLISH")
             .arg(&channel)
@@ -342,6 +353,7 @@ async fn a_forged_publish_is_not_delivered() {
             .await
             .expect("PUBLISH");
         assert!(n >= 1, "no comet subscribed to {channel}");
+        received += n;
     }
     api.push("victim", r#"{"real":2}"#, Some(600))
         .await
@@ -365,10 +377,12 @@ async fn a_forged_publish_is_not_delivered() {
             }
         }
     }
-    let dropped: f64 = comets_metric(&c, "pushcluster_comet_live_dropped_total")
+    // Each forgery failed its signature at each comet it reached; no real
+    // push did (they are signed), so none was read back from the store.
+    let unverified: f64 = comets_metric(&c, "pushcluster_comet_live_unverified_total")
         .iter()
         .sum();
-    assert!(dropped >= 2.0, "forgeries not counted: {dropped}");
+    assert_eq!(unverified, received as f64, "forgeries counted");
 }
 
 /// 1,000 messages of 60 KiB on one key, read back through web page by page:
