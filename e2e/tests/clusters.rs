@@ -496,6 +496,7 @@ async fn grpc_fetch(addr: &str, token: Option<&str>) -> anyhow::Result<tonic::Co
         after_mid: 0,
         gid: 0,
         limit: 0,
+        epoch: 0,
     };
     Ok(match c.fetch(req).await {
         Ok(_) => tonic::Code::Ok,

@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 use pushcluster_client::backoff::Backoff;
-use pushcluster_client::http::{Client, Proto};
+use pushcluster_client::http::{Client, Position, Proto};
 use pushcluster_client::sub::{Params, Subscriber};
 use pushcluster_client::{Error, Frame, Message};
 use std::io::Write;
@@ -203,6 +203,9 @@ fn check_json(s: &str) -> anyhow::Result<()> {
 struct Printer {
     last: i64,
     last_public: Option<i64>,
+    /// The epochs `last` and `last_public` belong to (0: none learnt yet).
+    epoch: u64,
+    public_epoch: u64,
     printed: u64,
     limit: Option<u64>,
 }
@@ -238,9 +241,15 @@ async fn catch_up(
     pr: &mut Printer,
 ) -> anyhow::Result<bool> {
     loop {
-        let page = client
-            .fetch_page_with_token(key, token, pr.last, pr.last_public)
-            .await?;
+        let at = Position {
+            after: pr.last,
+            epoch: Some(pr.epoch),
+            public_after: pr.last_public,
+            public_epoch: pr.last_public.map(|_| pr.public_epoch),
+        };
+        let page = client.fetch_page_with_token(key, token, at).await?;
+        pr.epoch = page.epoch.unwrap_or(pr.epoch);
+        pr.public_epoch = page.pepoch.unwrap_or(pr.public_epoch);
         // The key's sequence started again (storage lost its data): what
         // comes is new although its mids are not higher.
         if page.reset {
@@ -276,6 +285,8 @@ async fn subscribe(
     let mut pr = Printer {
         last: from,
         last_public: Some(pmid),
+        epoch: 0,
+        public_epoch: 0,
         printed: 0,
         limit,
     };
@@ -286,7 +297,7 @@ async fn subscribe(
             Ok(a) => match proto {
                 Transport::Ws => Subscriber::websocket(a, &p).await,
                 Transport::Tcp => Subscriber::tcp(a, &p).await,
-                Transport::Sse => Subscriber::sse(a, &p, Some(pr.last)).await,
+                Transport::Sse => Subscriber::sse_from(a, &p, Some(pr.last), Some(pr.epoch)).await,
             },
             Err(e) => Err(Error::Frame(e.to_string())),
         };
@@ -346,12 +357,18 @@ async fn subscribe(
                         if pr.print(&m) {
                             return Ok(());
                         }
+                        // A sequence began while connected: learn its epoch,
+                        // which the next fetch carries to tell a restart.
+                        if m.gid == 0 && m.mid == 1 && pr.epoch == 0 && catch_up(client, &p.key, p.token.as_deref(), &mut pr).await? {
+                            return Ok(());
+                        }
                     }
                     Ok(Frame::Heartbeat) => {}
                     Ok(Frame::Reset) => {
                         eprintln!("the key's message ids started again (storage lost data)");
                         pr.last = 0;
                     }
+                    Ok(Frame::Epoch(e)) => pr.epoch = e,
                     Ok(Frame::Reconnect) => {
                         eprintln!("comet asked to reconnect");
                         break;

@@ -8,7 +8,7 @@
 //! spent without a comet, so a chaos or e2e test can report how long clients
 //! were cut off and how many reconnected.
 
-use crate::http::{Client, Proto};
+use crate::http::{Client, Position, Proto};
 use crate::sub::{Params, Subscriber};
 use crate::{Error, Frame};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -113,6 +113,8 @@ enum Ended {
 
 struct State {
     seen: Seen,
+    /// The epoch the mids seen belong to (0 until one is learnt).
+    epoch: u64,
     down_since: Option<Instant>,
     connected: Arc<AtomicUsize>,
 }
@@ -169,7 +171,7 @@ impl Follow {
         self.control.stopping() && last >= self.until.load(Ordering::SeqCst)
     }
 
-    async fn connect(&self, addr: &str, last: i64) -> crate::Result<Subscriber> {
+    async fn connect(&self, addr: &str, last: i64, epoch: u64) -> crate::Result<Subscriber> {
         let p = Params {
             key: self.key.clone(),
             heartbeat: HEARTBEAT_SECONDS,
@@ -180,7 +182,7 @@ impl Follow {
             Proto::WebSocket => Subscriber::websocket(addr, &p).await?,
             Proto::Tcp => Subscriber::tcp(addr, &p).await?,
             // SSE answers 200 only once the comet registered the connection.
-            Proto::Sse => return Subscriber::sse(addr, &p, Some(last)).await,
+            Proto::Sse => return Subscriber::sse_from(addr, &p, Some(last), Some(epoch)).await,
         };
         match sub.next_timeout(Duration::from_secs(3)).await? {
             Frame::Heartbeat => Ok(sub),
@@ -193,13 +195,19 @@ impl Follow {
     async fn catch_up(&self, st: &mut State, below: Option<i64>) -> crate::Result<()> {
         loop {
             let token = self.token.clone().or_else(|| self.api.minted(&self.key));
+            let at = Position {
+                after: st.seen.last(),
+                epoch: Some(st.epoch),
+                ..Position::default()
+            };
             let page = self
                 .api
-                .fetch_page_with_token(&self.key, token.as_deref(), st.seen.last(), None)
+                .fetch_page_with_token(&self.key, token.as_deref(), at)
                 .await?;
             if page.reset {
                 st.reset();
             }
+            st.epoch = page.epoch.unwrap_or(st.epoch);
             let stored = page.msgs;
             let before = st.seen.last();
             for m in stored.iter().filter(|m| below.is_none_or(|b| m.mid < b)) {
@@ -237,9 +245,15 @@ impl Follow {
                         return Ended::Reconnect;
                     }
                     st.apply(m.mid);
+                    // A sequence began while connected: learn its epoch,
+                    // which the next fetch carries to tell a restart.
+                    if m.mid == 1 && st.epoch == 0 && self.catch_up(st, None).await.is_err() {
+                        return Ended::Reconnect;
+                    }
                 }
                 Ok(Frame::Heartbeat) => {}
                 Ok(Frame::Reset) => st.reset(),
+                Ok(Frame::Epoch(e)) => st.epoch = e,
                 Err(Error::Timeout) => {
                     // Quiet: once stopping, pick up what a lost frame left.
                     if self.control.stopping() && self.catch_up(st, None).await.is_err() {
@@ -256,13 +270,14 @@ impl Follow {
     pub async fn run(self) -> Seen {
         let mut st = State {
             seen: Seen::default(),
+            epoch: 0,
             down_since: Some(Instant::now()),
             connected: self.control.connected.clone(),
         };
         let mut backoff = crate::backoff::Backoff::new(RETRY, RETRY_MAX);
         while !self.done(st.seen.last()) {
             let sub = match self.api.resolve(&self.key, self.proto).await {
-                Ok(addr) => self.connect(&addr, st.seen.last()).await,
+                Ok(addr) => self.connect(&addr, st.seen.last(), st.epoch).await,
                 Err(e) => Err(e),
             };
             let Ok(sub) = sub else {
@@ -295,6 +310,7 @@ mod tests {
     fn state() -> State {
         State {
             seen: Seen::default(),
+            epoch: 0,
             down_since: None,
             connected: Arc::default(),
         }

@@ -37,6 +37,27 @@ pub struct Fetched {
     pub reset: bool,
     /// The same for the public channel.
     pub preset: bool,
+    /// The epoch the private mids belong to, when asked for (see
+    /// [`Position::epoch`]).
+    pub epoch: Option<u64>,
+    /// The same for the public channel.
+    pub pepoch: Option<u64>,
+}
+
+/// Where a reader stands: what `/1/msg/get` reads after.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Position {
+    /// The last private mid seen.
+    pub after: i64,
+    /// The epoch `after` was seen under (0 when none was seen yet); `None`
+    /// reads as gopush-cluster's clients do, without epochs. With one, the
+    /// reply always says the key's epoch, and a sequence that started
+    /// again since is told as `reset` even once its new mids passed `after`.
+    pub epoch: Option<u64>,
+    /// The last public mid seen, when public messages are wanted.
+    pub public_after: Option<i64>,
+    /// The epoch `public_after` was seen under.
+    pub public_epoch: Option<u64>,
 }
 
 impl Client {
@@ -118,24 +139,33 @@ impl Client {
         after: i64,
         public_after: Option<i64>,
     ) -> Result<(Vec<Message>, Vec<Message>)> {
-        let f = self
-            .fetch_page_with_token(key, token, after, public_after)
-            .await?;
+        let at = Position {
+            after,
+            public_after,
+            ..Position::default()
+        };
+        let f = self.fetch_page_with_token(key, token, at).await?;
         Ok((f.msgs, f.pmsgs))
     }
 
-    /// One page of `/1/msg/get`, with whether a sequence started again.
+    /// One page of `/1/msg/get` from `at`, with whether a sequence started
+    /// again.
     pub async fn fetch_page_with_token(
         &self,
         key: &str,
         token: Option<&str>,
-        after: i64,
-        public_after: Option<i64>,
+        at: Position,
     ) -> Result<Fetched> {
         let url = format!("{}/1/msg/get", self.public);
-        let mut q = vec![("k", key.to_owned()), ("m", after.to_string())];
-        if let Some(p) = public_after {
+        let mut q = vec![("k", key.to_owned()), ("m", at.after.to_string())];
+        if let Some(p) = at.public_after {
             q.push(("p", p.to_string()));
+        }
+        if let Some(e) = at.epoch {
+            q.push(("e", e.to_string()));
+        }
+        if let Some(e) = at.public_epoch {
+            q.push(("pe", e.to_string()));
         }
         if let Some(t) = token {
             q.push(("token", t.to_owned()));
@@ -155,6 +185,8 @@ impl Client {
             pmsgs: list("pmsgs")?,
             reset: flag("reset"),
             preset: flag("preset"),
+            epoch: data.get("epoch").and_then(Value::as_u64),
+            pepoch: data.get("pepoch").and_then(Value::as_u64),
         })
     }
 

@@ -34,6 +34,9 @@ pub enum Frame {
     /// SSE `event: reset`: the key's sequence started again (storage lost
     /// its data); forget the mids seen, the messages that follow are new.
     Reset,
+    /// SSE `event: epoch`: the epoch of the key's sequence, which the mids
+    /// that follow belong to (asked for with an epoch on connecting).
+    Epoch(u64),
     /// `-p`, `-a`, `-c`: a refusal; the connection closes.
     Error(String),
 }

@@ -118,9 +118,24 @@ impl Subscriber {
 
     /// Connects over SSE to `addr` (`host:port`), resuming after `last_mid`.
     pub async fn sse(addr: &str, p: &Params, last_mid: Option<i64>) -> Result<Self> {
+        Self::sse_from(addr, p, last_mid, None).await
+    }
+
+    /// [`Subscriber::sse`] resuming after `last_mid` seen under `epoch`
+    /// (0: none seen yet): the comet then sends the key's epoch first
+    /// ([`Frame::Epoch`]), and `reset` when the sequence started again.
+    pub async fn sse_from(
+        addr: &str,
+        p: &Params,
+        last_mid: Option<i64>,
+        epoch: Option<u64>,
+    ) -> Result<Self> {
         let mut url = format!("http://{addr}/sub/sse?key={}", encode(&p.key));
         if let Some(t) = &p.token {
             url.push_str(&format!("&token={}", encode(t)));
+        }
+        if let Some(e) = epoch {
+            url.push_str(&format!("&epoch={e}"));
         }
         let mut req = reqwest::Client::new().get(url);
         if let Some(m) = last_mid {
@@ -224,6 +239,11 @@ pub fn parse_sse_event(block: &str) -> Result<Option<Frame>> {
     match event {
         "reconnect" => Ok(Some(Frame::Reconnect)),
         "reset" => Ok(Some(Frame::Reset)),
+        "epoch" => serde_json::from_str::<serde_json::Value>(&data)
+            .ok()
+            .and_then(|v| v.get("epoch").and_then(serde_json::Value::as_u64))
+            .map(|e| Some(Frame::Epoch(e)))
+            .ok_or_else(|| Error::Frame(format!("epoch event {data:?}"))),
         _ if data.is_empty() => Ok(None),
         _ => parse_text_frame(&data).map(Some),
     }
@@ -263,5 +283,10 @@ mod tests {
             parse_sse_event("event: reconnect\ndata: x\n\n").unwrap(),
             Some(Frame::Reconnect)
         );
+        assert_eq!(
+            parse_sse_event("event: epoch\ndata: {\"epoch\":1764900000123}\n\n").unwrap(),
+            Some(Frame::Epoch(1_764_900_000_123))
+        );
+        assert!(parse_sse_event("event: epoch\ndata: {}\n\n").is_err());
     }
 }

@@ -36,10 +36,12 @@
 //!   once subscribed again, each key's messages stored meanwhile are read
 //!   from the store and delivered ([`Resubscribed::Fill`]). A Redis restart
 //!   costs clients a pause, not a reconnect.
-//! - A key whose sequence went backwards (Redis lost its data) has its
-//!   clients reconnect: their fetch from their last mid answers with the
-//!   restarted sequence and `reset`, so they forget the old mids instead of
-//!   dropping the new messages as seen.
+//! - A key whose sequence went backwards, or started again under a new
+//!   epoch (Redis lost its data), has its clients reconnect: their fetch
+//!   from their last mid answers with the restarted sequence and `reset`,
+//!   so they forget the old mids instead of dropping the new messages as
+//!   seen. The epoch catches a restart even after the new sequence passed
+//!   the mids delivered before it.
 
 use crate::registry::{Delivery, LiveOffer, Registry, Resubscribed};
 use futures::future::BoxFuture;
@@ -50,7 +52,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use pushcluster_core::ops::Readiness;
 use pushcluster_core::GID_PRIVATE;
 use pushcluster_store::redis::{live, RedisStore};
-use pushcluster_store::{Channel, Page, Store};
+use pushcluster_store::{Channel, Page, Seq, Store};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -342,16 +344,16 @@ impl LiveFeed {
         if keys.is_empty() {
             return Ok(());
         }
-        let stored = self.store.last_mids(keys).await.map_err(Stopped::Store)?;
+        let stored = self.store.sequences(keys).await.map_err(Stopped::Store)?;
         for (key, stored) in keys.iter().zip(stored) {
             self.catch_up(key, stored).await?;
         }
         Ok(())
     }
 
-    /// Brings `key` up to `stored`, its last stored mid: delivers what it
-    /// missed, or everything when its sequence went backwards.
-    async fn catch_up(&self, key: &str, stored: i64) -> Result<(), Stopped> {
+    /// Brings `key` up to `stored`, its sequence in the store: delivers what
+    /// it missed, or has its clients resync when the sequence started again.
+    async fn catch_up(&self, key: &str, stored: Seq) -> Result<(), Stopped> {
         match self.registry.set_live(key, stored) {
             Resubscribed::UpToDate | Resubscribed::NoKey => Ok(()),
             Resubscribed::Fill { after } => self.fill(key, after).await,
@@ -373,7 +375,7 @@ impl LiveFeed {
 
     /// Brings `key` up to its last stored mid, read now.
     async fn recheck(&self, key: &str) -> Result<(), Stopped> {
-        let stored = self.store.last_mids(&[key]).await.map_err(Stopped::Store)?;
+        let stored = self.store.sequences(&[key]).await.map_err(Stopped::Store)?;
         match stored.first() {
             Some(&stored) => self.catch_up(key, stored).await,
             None => Ok(()),
@@ -419,8 +421,16 @@ impl LiveFeed {
         }
         let (subscribe, unsubscribe): (Vec<Box<str>>, Vec<Box<str>>) =
             batch.into_iter().partition(|k| self.registry.has_key(k));
+        // Both of each key's channels: see `live::legacy_channel`.
         let names = |keys: &[Box<str>]| -> Vec<String> {
-            keys.iter().map(|k| live::channel(&self.ns, k)).collect()
+            keys.iter()
+                .flat_map(|k| {
+                    [
+                        live::channel(&self.ns, k),
+                        live::legacy_channel(&self.ns, k),
+                    ]
+                })
+                .collect()
         };
         let (sub_names, unsub_names) = (names(&subscribe), names(&unsubscribe));
         let (mut sub_sink, mut unsub_sink) = (sink.clone(), sink.clone());
@@ -449,7 +459,7 @@ impl LiveFeed {
     }
 
     async fn deliver(&self, m: &redis::Msg) -> Result<(), Stopped> {
-        let Some(key) = live::key_of(&self.ns, m.get_channel_name()) else {
+        let Some((key, kind)) = live::key_of(&self.ns, m.get_channel_name()) else {
             return Ok(());
         };
         let Some(live) = live::decode(m.get_payload_bytes()) else {
@@ -457,17 +467,41 @@ impl LiveFeed {
             self.metrics.dropped.inc();
             return Ok(());
         };
+        if kind == live::Kind::Legacy {
+            // The twin of a message that came signed just before, unless
+            // a writer of an older release (which publishes only here)
+            // stored it, or it is forged: the store says which.
+            if self
+                .registry
+                .live_last_mid(key)
+                .is_some_and(|last| live.mid <= last)
+            {
+                return Ok(());
+            }
+            self.metrics.messages.inc();
+            self.metrics.unverified.inc();
+            return self.recheck(key).await;
+        }
         self.metrics.messages.inc();
         if let Some(k) = self.store.live_key() {
             if !k.verify(m.get_channel_name(), &live) {
-                // Forged, or from a writer of an older release that does
-                // not sign: only the store can say what was stored.
+                // Forged, or from a writer without the cluster's secret:
+                // only the store can say what was stored.
                 self.metrics.unverified.inc();
                 return self.recheck(key).await;
             }
         }
         let d = Delivery::new(live.mid, GID_PRIVATE, live.payload);
         match self.registry.offer_live(key, &d, false) {
+            LiveOffer::Delivered(_) if d.mid == 1 => {
+                // A sequence began: its epoch tells a later restart apart
+                // from messages missed (see `Registry::set_live`).
+                let stored = self.store.sequences(&[key]).await.map_err(Stopped::Store)?;
+                if let Some(s) = stored.first() {
+                    self.registry.learn_epoch(key, s.epoch);
+                }
+                Ok(())
+            }
             LiveOffer::Delivered(_) | LiveOffer::NoKey => Ok(()),
             LiveOffer::Duplicate => {
                 // Right after a subscription, or forged; or the key's

@@ -89,6 +89,9 @@ pub struct SseRequest {
     pub token: String,
     /// Resume after this mid (from `Last-Event-ID`, else `last_id=`).
     pub last: Option<i64>,
+    /// `epoch=`: the epoch `last` was seen under (0: none yet). Given, the
+    /// stream starts with the key's epoch (`event: epoch`).
+    pub epoch: Option<u64>,
 }
 
 /// Why an SSE request is refused (HTTP 400, ret 65534).
@@ -98,6 +101,8 @@ pub enum SseError {
     NoKey,
     #[error("Last-Event-ID is not a mid")]
     BadLastId,
+    #[error("epoch is not a non-negative integer")]
+    BadEpoch,
 }
 
 /// Parses an SSE subscription from the raw query (form-urlencoded; a later
@@ -106,15 +111,23 @@ pub enum SseError {
 /// (surrounding spaces allowed); an empty one means "from now". Total over
 /// arbitrary bytes: never panics, refuses with a reason.
 pub fn parse_sse(query: &str, last_event_id: Option<&[u8]>) -> Result<SseRequest, SseError> {
-    let (mut key, mut token, mut last_id) = (String::new(), String::new(), None);
+    let (mut key, mut token, mut last_id, mut epoch) = (String::new(), String::new(), None, None);
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match k.as_ref() {
             "key" => key = v.into_owned(),
             "token" => token = v.into_owned(),
             "last_id" => last_id = Some(v.into_owned()),
+            "epoch" => epoch = Some(v.into_owned()),
             _ => {}
         }
     }
+    let epoch = match epoch.as_deref().map(str::trim) {
+        None => None,
+        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(v.parse::<u64>().map_err(|_| SseError::BadEpoch)?)
+        }
+        Some(_) => return Err(SseError::BadEpoch),
+    };
     let last = match last_event_id {
         Some(h) => Some(
             std::str::from_utf8(h)
@@ -133,7 +146,12 @@ pub fn parse_sse(query: &str, last_event_id: Option<&[u8]>) -> Result<SseRequest
     if key.is_empty() {
         return Err(SseError::NoKey);
     }
-    Ok(SseRequest { key, token, last })
+    Ok(SseRequest {
+        key,
+        token,
+        last,
+        epoch,
+    })
 }
 
 /// What a subscriber asked for, whatever the transport.

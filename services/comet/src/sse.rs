@@ -66,13 +66,20 @@ fn event(d: &Delivery) -> Event {
     }
 }
 
-/// One page of `key`'s private messages after `after`.
-async fn fetch_page(comet: &Comet, key: &str, after: i64) -> Result<pb::FetchReply, tonic::Status> {
+/// One page of `key`'s private messages after `after`, seen under `epoch`
+/// (0: not known).
+async fn fetch_page(
+    comet: &Comet,
+    key: &str,
+    after: i64,
+    epoch: u64,
+) -> Result<pb::FetchReply, tonic::Status> {
     let req = pb::FetchRequest {
         key: key.to_owned(),
         after_mid: after,
         gid: GID_PRIVATE,
         limit: 0,
+        epoch,
     };
     comet
         .message
@@ -93,7 +100,7 @@ pub async fn subscribe(
         Ok(r) => r,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, ret::PARAM, &e.to_string()),
     };
-    let (key, last) = (req.key, req.last.unwrap_or(-1));
+    let (key, last, epoch) = (req.key, req.last.unwrap_or(-1), req.epoch);
     let sub = Subscribe {
         key: key.clone(),
         heartbeat: comet.cfg.sse_keepalive_seconds,
@@ -122,7 +129,7 @@ pub async fn subscribe(
     // page decides the answer (storage down: 503); the rest is paged in the
     // stream, so a long backlog of large messages never sits in memory whole.
     let first = if last >= 0 {
-        match fetch_page(&comet, &key, last).await {
+        match fetch_page(&comet, &key, last, epoch.unwrap_or(0)).await {
             Ok(p) => Some(p),
             Err(e) => {
                 tracing::warn!(key = %key, error = %e, "SSE resume fetch failed");
@@ -154,6 +161,20 @@ pub async fn subscribe(
                 return;
             }
         }
+        // Asked for: the epoch the mids that follow belong to.
+        let epoch = match (epoch, &page) {
+            (Some(_), Some(p)) => {
+                let e = Event::default()
+                    .event("epoch")
+                    .data(format!(r#"{{"epoch":{}}}"#, p.epoch));
+                if !send_bounded(&comet2, &tx, e).await {
+                    gauge.dec();
+                    return;
+                }
+                p.epoch
+            }
+            _ => 0,
+        };
         while let Some(p) = page.take() {
             for m in p.messages {
                 sent = sent.max(m.mid);
@@ -164,7 +185,7 @@ pub async fn subscribe(
                 }
             }
             if p.more {
-                match fetch_page(&comet2, &key, sent).await {
+                match fetch_page(&comet2, &key, sent, epoch).await {
                     Ok(next) if !next.messages.is_empty() => page = Some(next),
                     Ok(_) => {}
                     Err(e) => {

@@ -193,21 +193,20 @@ impl<S> Clone for MessageService<S> {
 }
 
 impl<S: Store> MessageService<S> {
-    /// A page after `after`; when nothing follows and `after` is beyond the
-    /// channel's last stored mid, the sequence started again (Redis lost
-    /// its data, or the key expired): the page from its start, and true.
-    /// Costs one more read only for a reader that is up to date.
+    /// A page after `after`; when `after` is beyond the channel's last
+    /// stored mid, or was seen under another `epoch` (0: not known), the
+    /// sequence started again (Redis lost its data, or the key expired):
+    /// the page from its start, and true.
     async fn fetch_or_reset(
         &self,
         ch: Channel<'_>,
         after: i64,
+        epoch: u64,
         page: Page,
     ) -> Result<(pushcluster_store::Fetched, bool), StoreError> {
+        // The page carries its sequence: telling a reset costs no extra read.
         let fetched = self.store.fetch_page(ch, after, page).await?;
-        if after <= 0 || !fetched.messages.is_empty() {
-            return Ok((fetched, false));
-        }
-        if self.store.last_mid(ch).await? >= after {
+        if !fetched.seq.restarted_since(after, epoch) {
             return Ok((fetched, false));
         }
         Ok((self.store.fetch_page(ch, 0, page).await?, true))
@@ -364,7 +363,7 @@ impl<S: Store> Message for MessageService<S> {
             messages: limit as usize,
             bytes: self.fetch_max_bytes,
         };
-        let res = self.fetch_or_reset(ch, r.after_mid, page).await;
+        let res = self.fetch_or_reset(ch, r.after_mid, r.epoch, page).await;
         self.metrics.record("fetch", start, &res);
         let (fetched, reset) = res.map_err(internal)?;
         let messages = fetched
@@ -380,6 +379,8 @@ impl<S: Store> Message for MessageService<S> {
             messages,
             more: fetched.more,
             reset,
+            epoch: fetched.seq.epoch,
+            last_mid: fetched.seq.last,
         }))
     }
 
@@ -422,10 +423,12 @@ impl<S: Store> Message for MessageService<S> {
         let r = req.into_inner();
         let ch = self.channel(&r.key, r.gid)?;
         let start = Instant::now();
-        let res = self.store.last_mid(ch).await;
+        let res = self.store.sequence(ch).await;
         self.metrics.record("last_mid", start, &res);
+        let seq = res.map_err(internal)?;
         Ok(Response::new(pb::LastMidReply {
-            mid: res.map_err(internal)?,
+            mid: seq.last,
+            epoch: seq.epoch,
         }))
     }
 }

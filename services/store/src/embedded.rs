@@ -6,7 +6,8 @@
 //! run on MVCC snapshots beside it.
 
 use crate::{
-    now_ms, AppendOpts, Channel, Fence, Fetched, Page, Result, Retention, Store, StoreError, Stored,
+    now_ms, AppendOpts, Channel, Fence, Fetched, Page, Result, Retention, Seq, Store, StoreError,
+    Stored,
 };
 use bytes::Bytes;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -21,6 +22,10 @@ const SEQ: TableDefinition<&str, (u64, u64)> = TableDefinition::new("seq");
 const MSGS: TableDefinition<(&str, u64), (u64, &[u8])> = TableDefinition::new("msgs");
 /// (channel name, push id) -> (mid, forgotten at in ms): idempotent appends.
 const IDS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("push_ids");
+/// channel name -> when its sequence started, in ms (see [`crate::Seq`]);
+/// beside `SEQ` rather than in it, so files written before epochs open
+/// (their sequences get an epoch at their next append).
+const EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("epochs");
 /// shard -> the newest fencing token an append carried.
 const FENCES: TableDefinition<u32, u64> = TableDefinition::new("fences");
 
@@ -75,6 +80,7 @@ impl EmbeddedStore {
             tx.open_table(MSGS).map_err(redb::Error::from)?;
             tx.open_table(IDS).map_err(redb::Error::from)?;
             tx.open_table(FENCES).map_err(redb::Error::from)?;
+            tx.open_table(EPOCHS).map_err(redb::Error::from)?;
             tx.commit().map_err(redb::Error::from)?;
         }
         let (writes, rx) = mpsc::channel(4096);
@@ -182,6 +188,7 @@ fn apply(
         let mut msgs = tx.open_table(MSGS)?;
         let mut ids = tx.open_table(IDS)?;
         let mut fences = tx.open_table(FENCES)?;
+        let mut epochs = tx.open_table(EPOCHS)?;
         let backlog = retention.max_backlog.max(1) as u64;
         let window = retention.dedupe_window_seconds.saturating_mul(1000);
         for op in batch.iter() {
@@ -220,6 +227,9 @@ fn apply(
                     let last = seq.get(chan.as_str())?.map(|g| g.value().0).unwrap_or(0);
                     let mid = last + 1;
                     seq.insert(chan.as_str(), (mid, now))?;
+                    if mid == 1 || epochs.get(chan.as_str())?.is_none() {
+                        epochs.insert(chan.as_str(), now)?;
+                    }
                     msgs.insert((chan.as_str(), mid), (*expire_at, payload.as_ref()))?;
                     if mid > backlog {
                         msgs.retain_in(
@@ -251,6 +261,16 @@ fn apply(
                     ids.retain(|_, (_, until)| until > now)?;
                     let idle_ms = retention.idle_ttl_seconds.saturating_mul(1000);
                     seq.retain(|_, (_, touched)| touched.saturating_add(idle_ms) > now)?;
+                    let mut gone = Vec::new();
+                    for item in epochs.iter()? {
+                        let (chan, _) = item?;
+                        if seq.get(chan.value())?.is_none() {
+                            gone.push(chan.value().to_owned());
+                        }
+                    }
+                    for chan in gone {
+                        epochs.remove(chan.as_str())?;
+                    }
                     out.push(Ok(0));
                 }
             }
@@ -289,7 +309,10 @@ impl Store for EmbeddedStore {
             let now = now_ms();
             let tx = db.begin_read().map_err(redb::Error::from)?;
             let msgs = tx.open_table(MSGS).map_err(redb::Error::from)?;
-            let mut out = Fetched::default();
+            let mut out = Fetched {
+                seq: read_seq(&tx, &chan)?,
+                ..Fetched::default()
+            };
             let mut bytes = 0usize;
             for item in msgs
                 .range((chan.as_str(), from)..=(chan.as_str(), u64::MAX))
@@ -330,18 +353,33 @@ impl Store for EmbeddedStore {
         self.submit(op, rx).await
     }
 
-    async fn last_mid(&self, ch: Channel<'_>) -> Result<i64> {
+    async fn sequence(&self, ch: Channel<'_>) -> Result<Seq> {
         let chan = channel_name(ch);
         self.read(move |db| {
             let tx = db.begin_read().map_err(redb::Error::from)?;
-            let seq = tx.open_table(SEQ).map_err(redb::Error::from)?;
-            let last = seq
-                .get(chan.as_str())
-                .map_err(redb::Error::from)?
-                .map(|g| g.value().0)
-                .unwrap_or(0);
-            Ok(last as i64)
+            read_seq(&tx, &chan)
         })
         .await
     }
+}
+
+/// `chan`'s sequence as of the snapshot `tx`.
+fn read_seq(tx: &redb::ReadTransaction, chan: &str) -> Result<Seq> {
+    let seq = tx.open_table(SEQ).map_err(redb::Error::from)?;
+    let last = seq
+        .get(chan)
+        .map_err(redb::Error::from)?
+        .map(|g| g.value().0)
+        .unwrap_or(0);
+    let epoch = tx
+        .open_table(EPOCHS)
+        .map_err(redb::Error::from)?
+        .get(chan)
+        .map_err(redb::Error::from)?
+        .map(|g| g.value())
+        .unwrap_or(0);
+    Ok(Seq {
+        last: last as i64,
+        epoch,
+    })
 }

@@ -138,12 +138,37 @@ pub struct Page {
     pub bytes: usize,
 }
 
+/// Where a channel's sequence stands.
+///
+/// A sequence that storage lost (Redis restarted without persistence, a key
+/// idle past `idle_ttl_seconds`) starts again at mid 1 with a new epoch: a
+/// reader that remembers the epoch it read mids under learns of the restart
+/// even after the new sequence passed the mid it remembers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Seq {
+    /// The last mid assigned (0 when none).
+    pub last: i64,
+    /// When the sequence started, in ms since the Unix epoch; 0 when there
+    /// is none, or it predates epochs and has not been appended to since.
+    pub epoch: u64,
+}
+
+impl Seq {
+    /// Whether a reader that saw mids up to `after` under `epoch` (0: not
+    /// known) must forget them: its sequence was lost and started again.
+    pub fn restarted_since(&self, after: i64, epoch: u64) -> bool {
+        after > 0 && (self.last < after || (epoch != 0 && self.epoch != 0 && epoch != self.epoch))
+    }
+}
+
 /// One page of a read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Fetched {
     pub messages: Vec<Stored>,
     /// The page was full (by count or bytes): more may follow the last one.
     pub more: bool,
+    /// The channel's sequence, read with the page.
+    pub seq: Seq,
 }
 
 impl Page {
@@ -208,8 +233,8 @@ pub trait Store: Send + Sync + 'static {
     fn raise_fence(&self, fence: Fence) -> impl Future<Output = Result<u64>> + Send;
     /// Removes every message of `key` (its sequence stays).
     fn delete(&self, key: &str) -> impl Future<Output = Result<()>> + Send;
-    /// The last mid assigned on `ch` (0 when none).
-    fn last_mid(&self, ch: Channel<'_>) -> impl Future<Output = Result<i64>> + Send;
+    /// Where `ch`'s sequence stands.
+    fn sequence(&self, ch: Channel<'_>) -> impl Future<Output = Result<Seq>> + Send;
 }
 
 /// The backend chosen by configuration.
@@ -251,10 +276,10 @@ impl Store for Backend {
             Backend::Embedded(s) => s.delete(key).await,
         }
     }
-    async fn last_mid(&self, ch: Channel<'_>) -> Result<i64> {
+    async fn sequence(&self, ch: Channel<'_>) -> Result<Seq> {
         match self {
-            Backend::Redis(s) => s.last_mid(ch).await,
-            Backend::Embedded(s) => s.last_mid(ch).await,
+            Backend::Redis(s) => s.sequence(ch).await,
+            Backend::Embedded(s) => s.sequence(ch).await,
         }
     }
 }
@@ -265,4 +290,27 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seq;
+
+    #[test]
+    fn a_reader_learns_of_a_restart_by_mid_or_epoch() {
+        let s = Seq { last: 10, epoch: 7 };
+        assert!(!s.restarted_since(0, 0), "nothing seen, nothing to forget");
+        assert!(!s.restarted_since(0, 3));
+        assert!(!s.restarted_since(10, 7));
+        assert!(!s.restarted_since(4, 0), "no epoch known: mids decide");
+        assert!(s.restarted_since(11, 0), "beyond the last mid");
+        assert!(s.restarted_since(11, 7));
+        assert!(s.restarted_since(4, 3), "another epoch");
+        let legacy = Seq { last: 10, epoch: 0 };
+        assert!(
+            !legacy.restarted_since(4, 3),
+            "no epoch stored: mids decide"
+        );
+        assert!(Seq::default().restarted_since(1, 0), "the sequence is gone");
+    }
 }

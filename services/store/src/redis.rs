@@ -1,13 +1,14 @@
 //! The Redis backend.
 //!
-//! Per channel two keys share one hash tag, so they sit in one slot of a Redis
+//! Per channel three keys share one hash tag, so they sit in one slot of a Redis
 //! Cluster and one script updates them atomically: `<ns>:k:{<key>}:s` (the
-//! sequence, an INCR counter) and `<ns>:k:{<key>}:m` (a list of messages in mid
+//! sequence, an INCR counter), `<ns>:k:{<key>}:e` (its epoch: when it started)
+//! and `<ns>:k:{<key>}:m` (a list of messages in mid
 //! order, each `"<mid> <expires-at-ms> <payload>"`). The public channel uses
 //! `<ns>:g:{all}:*`. A list, not a sorted set: a sorted-set score is a double,
 //! the seed's precision problem; list positions follow from contiguous mids.
-//! The list lives as long as its longest-lived message; the sequence as long
-//! as `idle_ttl` after the last append.
+//! The list lives as long as its longest-lived message; the sequence and its
+//! epoch as long as `idle_ttl` after the last append.
 //!
 //! Every newly stored private message is also published, in the same script,
 //! on its key's live channel (see [`live`]): the comets that hold connections
@@ -17,7 +18,8 @@
 //! order they were published.
 
 use crate::{
-    now_ms, AppendOpts, Channel, Fence, Fetched, Page, Result, Retention, Store, StoreError, Stored,
+    now_ms, AppendOpts, Channel, Fence, Fetched, Page, Result, Retention, Seq, Store, StoreError,
+    Stored,
 };
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
@@ -26,7 +28,9 @@ use serde::{Deserialize, Serialize};
 use std::sync::LazyLock;
 use std::time::Duration;
 
-// Fences are compared as 20-digit strings: Lua numbers are doubles, exact
+// A new sequence (mid 1) gets a new epoch, ARGV[3] (now, in ms), kept as
+// long as the sequence; so does a sequence older than epochs at its next
+// append. Fences are compared as 20-digit strings: Lua numbers are doubles, exact
 // only to 2^53. A refused append returns -1 and the fence in force. Every
 // redis.call costs the script a round through Redis's command dispatch, so
 // there are as few as the semantics allow (RPUSH's reply is the length; the
@@ -43,6 +47,9 @@ if ARGV[6] ~= '' then
 end
 local mid = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if mid == 1 or redis.call('PEXPIRE', KEYS[5], ARGV[5]) == 0 then
+  redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[5])
+end
 local len = redis.call('RPUSH', KEYS[2], string.format('%d ', mid) .. ARGV[2] .. ' ' .. ARGV[1])
 local keep = tonumber(ARGV[4])
 if len > keep then redis.call('LTRIM', KEYS[2], len - keep, -1) end
@@ -51,11 +58,13 @@ if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], want) 
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], mid, 'PX', ARGV[7]) end
 if ARGV[9] ~= '' then
   local head = string.format('%d ', mid)
+  local signed = head
   if ARGV[10] ~= '' then
     local sig = redis.sha1hex(ARGV[11] .. redis.sha1hex(ARGV[10] .. ARGV[9] .. ' ' .. head .. ARGV[1]))
-    head = head .. 's' .. sig .. ' '
+    signed = head .. 's' .. sig .. ' '
   end
-  redis.call('PUBLISH', ARGV[9], head .. ARGV[1])
+  redis.call('PUBLISH', ARGV[9], signed .. ARGV[1])
+  redis.call('PUBLISH', ARGV[12], head .. ARGV[1])
 end
 return {mid, ''}
 ";
@@ -72,15 +81,18 @@ return cur
 ";
 
 // A page of entries after mid ARGV[1]: at most ARGV[2] of them and, past
-// the first, no more than ARGV[3] payload bytes in all. Read in LRANGE
+// the first, no more than ARGV[3] payload bytes in all; with the sequence's
+// last mid and epoch, read in the same step (as strings: exact). Read in LRANGE
 // chunks sized by the entries seen so far, so a backlog of large messages
 // costs Redis one page's worth of reading, not the whole list (a 1,000-entry
 // LRANGE of 60 KiB messages was 60 MB for one 2 MiB page). Entries are
 // `"<mid> <expiry> <payload>"`; the expiry is checked by the caller, which
 // also hears whether more follow.
 const FETCH: &str = r"
+local last = redis.call('GET', KEYS[2]) or ''
+local epoch = redis.call('GET', KEYS[3]) or ''
 local head = redis.call('LINDEX', KEYS[1], 0)
-if not head then return {0, {}} end
+if not head then return {0, {}, last, epoch} end
 local first = tonumber(string.match(head, '^(%d+) '))
 local start = tonumber(ARGV[1]) - first + 1
 if start < 0 then start = 0 end
@@ -94,11 +106,11 @@ while true do
   for _, e in ipairs(got) do
     local h = string.find(e, ' ', string.find(e, ' ', 1, true) + 1, true)
     local size = #e - h
-    if #out > 0 and (#out >= want or bytes + size > budget) then return {1, out} end
+    if #out > 0 and (#out >= want or bytes + size > budget) then return {1, out, last, epoch} end
     out[#out + 1] = e
     bytes = bytes + size
   end
-  if #got < chunk then return {0, out} end
+  if #got < chunk then return {0, out, last, epoch} end
   start = start + #got
   local avg = math.max(1, math.floor(bytes / #out))
   chunk = math.max(1, math.min(want - #out + 1, math.floor((budget - bytes) / avg) + 1, 1024))
@@ -203,23 +215,27 @@ impl RedisStore {
         self.signing.as_deref()
     }
 
-    /// The last mid of each private key (0 for none), in one round trip:
+    /// Where each private key's sequence stands, in one round trip:
     /// pipelined GETs rather than an MGET, so each key can sit in its own
     /// slot of a Redis Cluster.
-    pub async fn last_mids<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<i64>> {
+    pub async fn sequences<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Seq>> {
         let mut pipe = redis::pipe();
         for k in keys {
-            pipe.get(self.keys(Channel::Private(k.as_ref())).0);
+            let (seq, _) = self.keys(Channel::Private(k.as_ref()));
+            pipe.get(epoch_key(&seq)).get(seq);
         }
         let read = || {
             let mut conn = self.conn.clone();
             let pipe = pipe.clone();
-            async move { pipe.query_async::<Vec<Option<i64>>>(&mut conn).await }
+            async move { pipe.query_async::<Vec<Option<u64>>>(&mut conn).await }
         };
-        Ok(read_retrying(read)
-            .await?
-            .into_iter()
-            .map(Option::unwrap_or_default)
+        let got = read_retrying(read).await?;
+        Ok(got
+            .chunks(2)
+            .map(|pair| Seq {
+                epoch: pair[0].unwrap_or_default(),
+                last: pair.get(1).copied().flatten().unwrap_or_default() as i64,
+            })
             .collect())
     }
 
@@ -230,6 +246,31 @@ impl RedisStore {
         };
         (format!("{base}:s"), format!("{base}:m"))
     }
+}
+
+/// The key of a sequence's epoch, beside the sequence `seq` (`...:s`) in
+/// its hash slot.
+fn epoch_key(seq: &str) -> String {
+    format!("{}:e", &seq[..seq.len() - 2])
+}
+
+/// A sequence as the scripts return it: GET results, empty when missing.
+fn parse_seq(last: &[u8], epoch: &[u8]) -> Result<Seq> {
+    let num = |raw: &[u8], what: &str| -> Result<u64> {
+        if raw.is_empty() {
+            return Ok(0);
+        }
+        std::str::from_utf8(raw)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("{what} {:?}", String::from_utf8_lossy(raw)))
+            })
+    };
+    Ok(Seq {
+        last: num(last, "sequence")? as i64,
+        epoch: num(epoch, "epoch")?,
+    })
 }
 
 fn parse_entry(raw: &[u8]) -> Result<(i64, u64, Bytes)> {
@@ -266,6 +307,7 @@ impl Store for RedisStore {
         let (push_id, fence) = (opts.push_id.unwrap_or_default(), opts.fence);
         let (seq, list) = self.keys(ch);
         let id_key = format!("{}:id:{push_id}", &seq[..seq.len() - 2]);
+        let epoch = epoch_key(&seq);
         let (fence_key, token) = match fence {
             Some(f) => (
                 format!("{}:fence:{{{}}}", self.ns, f.shard),
@@ -273,9 +315,12 @@ impl Store for RedisStore {
             ),
             None => (format!("{}:fence:{{none}}", self.ns), String::new()),
         };
-        let live_channel = match ch {
-            Channel::Private(key) => live::channel(&self.ns, key),
-            Channel::Public => String::new(),
+        let (live_channel, legacy_channel) = match ch {
+            Channel::Private(key) => (
+                live::channel(&self.ns, key),
+                live::legacy_channel(&self.ns, key),
+            ),
+            Channel::Public => (String::new(), String::new()),
         };
         let now = now_ms();
         let mut conn = self.conn.clone();
@@ -284,6 +329,7 @@ impl Store for RedisStore {
             .key(list)
             .key(id_key)
             .key(fence_key)
+            .key(epoch)
             .arg(payload.as_ref())
             .arg(now.saturating_add(ttl.as_millis() as u64))
             .arg(now)
@@ -300,6 +346,7 @@ impl Store for RedisStore {
             .arg(live_channel)
             .arg(self.signing.as_ref().map_or("", |k| k.inner.as_str()))
             .arg(self.signing.as_ref().map_or("", |k| k.outer.as_str()))
+            .arg(legacy_channel)
             .invoke_async(&mut conn)
             .await?;
         match fence {
@@ -313,21 +360,27 @@ impl Store for RedisStore {
     }
 
     async fn fetch_page(&self, ch: Channel<'_>, after: i64, page: Page) -> Result<Fetched> {
-        let (_, list) = self.keys(ch);
+        let (seq, list) = self.keys(ch);
+        let epoch = epoch_key(&seq);
         let read = || {
             let mut conn = self.conn.clone();
             let mut call = FETCH_SCRIPT.key(&list);
+            call.key(&seq).key(&epoch);
             call.arg(after.max(0))
                 .arg(page.messages.max(1))
                 // Lua numbers are doubles: keep the budget exact.
                 .arg(page.bytes.min(1 << 50));
-            async move { call.invoke_async::<(i64, Vec<Vec<u8>>)>(&mut conn).await }
+            async move {
+                call.invoke_async::<(i64, Vec<Vec<u8>>, Vec<u8>, Vec<u8>)>(&mut conn)
+                    .await
+            }
         };
-        let (more, raw) = read_retrying(read).await?;
+        let (more, raw, last, epoch) = read_retrying(read).await?;
         let now = now_ms();
         let mut out = Fetched {
             messages: Vec::with_capacity(raw.len()),
             more: more != 0,
+            seq: parse_seq(&last, &epoch)?,
         };
         for r in raw {
             let (mid, expire_at, payload) = parse_entry(&r)?;
@@ -358,14 +411,17 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    async fn last_mid(&self, ch: Channel<'_>) -> Result<i64> {
+    async fn sequence(&self, ch: Channel<'_>) -> Result<Seq> {
         let (seq, _) = self.keys(ch);
+        let epoch = epoch_key(&seq);
         let read = || {
             let mut conn = self.conn.clone();
-            let seq = seq.clone();
-            async move { conn.get::<_, Option<i64>>(seq).await }
+            let (seq, epoch) = (seq.clone(), epoch.clone());
+            async move { conn.mget::<_, Vec<Option<Vec<u8>>>>(&[seq, epoch]).await }
         };
-        Ok(read_retrying(read).await?.unwrap_or(0))
+        let got = read_retrying(read).await?;
+        let part = |i: usize| got.get(i).cloned().flatten().unwrap_or_default();
+        parse_seq(&part(0), &part(1))
     }
 }
 
@@ -474,19 +530,41 @@ pub mod live {
         pub payload: Bytes,
     }
 
-    /// The channel of `key`'s messages under namespace `ns`; it shares the
-    /// key's hash tag, so a sharded-pubsub Redis Cluster keeps it in the
-    /// key's slot.
+    /// The channel of `key`'s messages under namespace `ns`, in the format
+    /// above; it shares the key's hash tag, so a sharded-pubsub Redis
+    /// Cluster keeps it in the key's slot.
     pub fn channel(ns: &str, key: &str) -> String {
+        format!("{ns}:k:{{{key}}}:lv")
+    }
+
+    /// The channel releases before signing used, `"<mid> <payload>"` only:
+    /// comets of those releases read nothing else. Every message is
+    /// published there too, after its signed twin, and comets subscribe to
+    /// it as well, so that in a rolling upgrade comets of either release
+    /// get the messages of writers of either release. Drop both in the
+    /// release after: until then it costs one more PUBLISH per push.
+    pub fn legacy_channel(ns: &str, key: &str) -> String {
         format!("{ns}:k:{{{key}}}:live")
     }
 
-    /// The key a live channel of namespace `ns` belongs to.
-    pub fn key_of<'a>(ns: &str, channel: &'a str) -> Option<&'a str> {
-        channel
-            .strip_prefix(ns)?
-            .strip_prefix(":k:{")?
-            .strip_suffix("}:live")
+    /// Which of a key's channels a message came on.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Kind {
+        /// [`channel`]: signed when the writer has the secret.
+        Signed,
+        /// [`legacy_channel`]: never signed.
+        Legacy,
+    }
+
+    /// The key a live channel of namespace `ns` belongs to, and which of
+    /// its channels it is.
+    pub fn key_of<'a>(ns: &str, channel: &'a str) -> Option<(&'a str, Kind)> {
+        let rest = channel.strip_prefix(ns)?.strip_prefix(":k:{")?;
+        if let Some(k) = rest.strip_suffix("}:lv") {
+            Some((k, Kind::Signed))
+        } else {
+            rest.strip_suffix("}:live").map(|k| (k, Kind::Legacy))
+        }
     }
 
     /// Splits a published message into its parts.
@@ -522,8 +600,17 @@ mod tests {
     #[test]
     fn live_channels_name_their_key_and_carry_mid_and_payload() {
         let ch = live::channel("pc", "user:{7} x");
-        assert_eq!(ch, "pc:k:{user:{7} x}:live");
-        assert_eq!(live::key_of("pc", &ch), Some("user:{7} x"));
+        assert_eq!(ch, "pc:k:{user:{7} x}:lv");
+        assert_eq!(
+            live::key_of("pc", &ch),
+            Some(("user:{7} x", live::Kind::Signed))
+        );
+        let legacy = live::legacy_channel("pc", "user:{7} x");
+        assert_eq!(legacy, "pc:k:{user:{7} x}:live");
+        assert_eq!(
+            live::key_of("pc", &legacy),
+            Some(("user:{7} x", live::Kind::Legacy))
+        );
         assert_eq!(live::key_of("other", &ch), None);
         assert_eq!(live::key_of("pc", "pc:k:{a}:s"), None);
         let m = live::decode(b"42 {\"a\": \"b c\"}").unwrap();

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use pushcluster_store::embedded::EmbeddedStore;
 use pushcluster_store::redis::RedisStore;
 use pushcluster_store::testing::RedisServer;
-use pushcluster_store::{AppendOpts, Channel, Fence, Page, Retention, Store, StoreError};
+use pushcluster_store::{AppendOpts, Channel, Fence, Page, Retention, Seq, Store, StoreError};
 
 /// Deduplicated by `push_id` (none when empty) and fenced by `fence`.
 fn fenced(push_id: &str, fence: Fence) -> AppendOpts<'_> {
@@ -50,8 +50,11 @@ async fn mids_are_contiguous_per_key_from_one<S: Store>(s: &S) {
             .unwrap(),
         1
     );
-    assert_eq!(s.last_mid(Channel::Private("a")).await.unwrap(), 5);
-    assert_eq!(s.last_mid(Channel::Private("nobody")).await.unwrap(), 0);
+    assert_eq!(s.sequence(Channel::Private("a")).await.unwrap().last, 5);
+    assert_eq!(
+        s.sequence(Channel::Private("nobody")).await.unwrap().last,
+        0
+    );
 }
 
 async fn public_channel_has_its_own_sequence<S: Store>(s: &S) {
@@ -334,7 +337,7 @@ async fn idempotent_appends_store_once<S: Store>(s: &S) {
         )
     );
     assert_eq!(a.unwrap(), b2.unwrap());
-    assert_eq!(s.last_mid(Channel::Private("k")).await.unwrap(), 1);
+    assert_eq!(s.sequence(Channel::Private("k")).await.unwrap().last, 1);
 }
 
 async fn an_older_fence_is_refused_and_stores_nothing<S: Store>(s: &S) {
@@ -418,6 +421,52 @@ async fn run_suite<S: Store, F: std::future::Future<Output = S>>(make: impl Fn(u
     concurrent_appends_get_unique_contiguous_mids(Arc::new(make(1000).await)).await;
     idempotent_appends_store_once(&make(1000).await).await;
     an_older_fence_is_refused_and_stores_nothing(&make(1000).await).await;
+    a_sequence_keeps_its_epoch_and_pages_carry_it(&make(1000).await).await;
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+async fn a_sequence_keeps_its_epoch_and_pages_carry_it<S: Store>(s: &S) {
+    let ch = Channel::Private("e");
+    assert_eq!(s.sequence(ch).await.unwrap(), Seq::default());
+    let before = now_ms();
+    s.append(ch, b("1"), HOUR).await.unwrap();
+    let after = now_ms();
+    let first = s.sequence(ch).await.unwrap();
+    assert_eq!(first.last, 1);
+    assert!(
+        (before..=after).contains(&first.epoch),
+        "epoch {} is not when the sequence started ({before}..={after})",
+        first.epoch
+    );
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    s.append(ch, b("2"), HOUR).await.unwrap();
+    s.append(ch, b("3"), HOUR).await.unwrap();
+    s.delete("e").await.unwrap();
+    let now = s.sequence(ch).await.unwrap();
+    assert_eq!(
+        now,
+        Seq { last: 3, ..first },
+        "appends and delete keep the epoch"
+    );
+    let page = Page {
+        messages: 1,
+        bytes: 1 << 20,
+    };
+    assert_eq!(s.fetch_page(ch, 0, page).await.unwrap().seq, now);
+    assert_eq!(s.fetch_page(ch, 9, page).await.unwrap().seq, now);
+    assert_eq!(
+        s.fetch_page(Channel::Private("none"), 0, page)
+            .await
+            .unwrap()
+            .seq,
+        Seq::default()
+    );
 }
 
 static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -563,7 +612,7 @@ async fn embedded_data_survives_a_restart() {
         s.append(Channel::Private("k"), b("4"), HOUR).await.unwrap(),
         3
     );
-    assert_eq!(s.last_mid(Channel::Public).await.unwrap(), 1);
+    assert_eq!(s.sequence(Channel::Public).await.unwrap().last, 1);
 }
 
 /// A newly stored private message is published on its key's live channel,
@@ -580,6 +629,9 @@ async fn new_private_messages_are_published_on_their_live_channel() {
     let client = redis::Client::open(server.url()).unwrap();
     let (mut sink, mut stream) = client.get_async_pubsub().await.unwrap().split();
     sink.subscribe(live::channel("pub", "k")).await.unwrap();
+    sink.subscribe(live::legacy_channel("pub", "k"))
+        .await
+        .unwrap();
 
     assert_eq!(
         s.append(Channel::Private("k"), b("{\"n\":1}"), HOUR)
@@ -617,14 +669,19 @@ async fn new_private_messages_are_published_on_their_live_channel() {
 
     let mut got = Vec::new();
     while got.len() < 4 {
-        let m = tokio::time::timeout(Duration::from_secs(5), stream.next())
-            .await
-            .expect("a published message")
-            .expect("the subscription is open");
-        assert_eq!(live::key_of("pub", m.get_channel_name()), Some("k"));
-        let m = live::decode(m.get_payload_bytes()).expect("mid and payload");
-        assert_eq!(m.signature, None, "signed without a key");
-        got.push((m.mid, String::from_utf8(m.payload.to_vec()).unwrap()));
+        let mut twins = Vec::new();
+        for kind in [live::Kind::Signed, live::Kind::Legacy] {
+            let m = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("a published message")
+                .expect("the subscription is open");
+            assert_eq!(live::key_of("pub", m.get_channel_name()), Some(("k", kind)));
+            let m = live::decode(m.get_payload_bytes()).expect("mid and payload");
+            assert_eq!(m.signature, None, "signed without a key");
+            twins.push((m.mid, String::from_utf8(m.payload.to_vec()).unwrap()));
+        }
+        assert_eq!(twins[0], twins[1], "the legacy twin differs");
+        got.push(twins.swap_remove(0));
     }
     let want: Vec<(i64, String)> = [(1, "{\"n\":1}"), (2, "2"), (3, "3"), (4, "4")]
         .into_iter()
@@ -651,6 +708,9 @@ async fn live_messages_are_signed_as_comets_verify_them() {
     let (mut sink, mut stream) = client.get_async_pubsub().await.unwrap().split();
     let channel = live::channel("sig", "k");
     sink.subscribe(&channel).await.unwrap();
+    sink.subscribe(live::legacy_channel("sig", "k"))
+        .await
+        .unwrap();
     for payload in ["{\"n\":1}", "\"s 2\"", "[3, \"ü\"]"] {
         s.append(Channel::Private("k"), b(payload), HOUR)
             .await
@@ -663,6 +723,20 @@ async fn live_messages_are_signed_as_comets_verify_them() {
             .expect("the subscription is open");
         let m = live::decode(raw.get_payload_bytes()).expect("decodes");
         assert_eq!(m.mid, want);
+        let twin = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("the legacy twin")
+            .expect("the subscription is open");
+        assert_eq!(
+            live::key_of("sig", twin.get_channel_name()),
+            Some(("k", live::Kind::Legacy))
+        );
+        let twin = live::decode(twin.get_payload_bytes()).expect("decodes");
+        assert_eq!(
+            (twin.mid, twin.signature, &twin.payload),
+            (m.mid, None, &m.payload),
+            "older comets read the legacy twin as they always did"
+        );
         assert!(m.signature.is_some(), "unsigned: {m:?}");
         assert!(
             key.verify(&channel, &m),
@@ -687,4 +761,58 @@ async fn live_messages_are_signed_as_comets_verify_them() {
             "holds for another secret"
         );
     }
+}
+
+/// Redis lost a sequence (a restart without persistence, here FLUSHALL):
+/// it starts again at 1 under a new epoch. A sequence written before epochs
+/// existed has none until its next append, which gives it one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_sequence_starts_again_under_a_new_epoch() {
+    let server = RedisServer::start();
+    let s = RedisStore::connect(&server.url(), "ep", Retention::default())
+        .await
+        .unwrap();
+    let ch = Channel::Private("k");
+    for _ in 0..5 {
+        s.append(ch, b("{}"), HOUR).await.unwrap();
+    }
+    let old = s.sequence(ch).await.unwrap();
+    assert_eq!(old.last, 5);
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3)).await;
+    for _ in 0..7 {
+        s.append(ch, b("{}"), HOUR).await.unwrap();
+    }
+    let new = s.sequence(ch).await.unwrap();
+    assert_eq!(new.last, 7);
+    assert_ne!(new.epoch, old.epoch, "a restarted sequence kept its epoch");
+    assert!(new.restarted_since(5, old.epoch), "mid 5 of the old epoch");
+    assert!(!new.restarted_since(5, new.epoch));
+    assert!(
+        !new.restarted_since(5, 0),
+        "without an epoch, mid 5 looks current"
+    );
+    assert_eq!(
+        s.sequences(&["k", "none"]).await.unwrap(),
+        [new, Seq::default()]
+    );
+
+    // As an older release left it: a sequence without an epoch.
+    redis::cmd("SET")
+        .arg("ep:k:{legacy}:s")
+        .arg(4)
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let legacy = Channel::Private("legacy");
+    assert_eq!(s.sequence(legacy).await.unwrap(), Seq { last: 4, epoch: 0 });
+    assert_eq!(s.append(legacy, b("{}"), HOUR).await.unwrap(), 5);
+    let got = s.sequence(legacy).await.unwrap();
+    assert_eq!(got.last, 5);
+    assert!(got.epoch > 0, "no epoch after an append: {got:?}");
 }

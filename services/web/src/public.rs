@@ -75,19 +75,25 @@ fn resolve(s: &AppState, key: Option<&str>, proto: Option<&str>) -> Result<Value
     Ok(json!({ "server": addr }))
 }
 
-/// Stored messages of a channel after `after`, oldest first, and whether
-/// the channel's sequence started again (they are then from its start).
-async fn fetch(
-    s: &AppState,
-    key: &str,
-    gid: i32,
-    after: i64,
-) -> Result<(Vec<pb::StoredMessage>, bool), Reply> {
+/// One read of a channel through the message service.
+struct Read {
+    /// Stored messages after the mid asked for, oldest first.
+    msgs: Vec<pb::StoredMessage>,
+    /// The channel's sequence started again: `msgs` are from its start.
+    reset: bool,
+    /// The sequence's epoch (0: none).
+    epoch: u64,
+}
+
+/// Stored messages of a channel after `after`, seen under `epoch` (0: not
+/// known).
+async fn fetch(s: &AppState, key: &str, gid: i32, after: i64, epoch: u64) -> Result<Read, Reply> {
     let req = pb::FetchRequest {
         key: key.to_owned(),
         after_mid: after,
         gid,
         limit: 0,
+        epoch,
     };
     s.clients
         .message
@@ -96,9 +102,24 @@ async fn fetch(
         .await
         .map(|r| {
             let r = r.into_inner();
-            (r.messages, r.reset)
+            Read {
+                msgs: r.messages,
+                reset: r.reset,
+                epoch: r.epoch,
+            }
         })
         .map_err(status_reply)
+}
+
+fn parse_epoch(q: &HashMap<String, String>, name: &str) -> Result<Option<u64>, Reply> {
+    match param(q, name) {
+        None => Ok(None),
+        Some(v) => v.parse::<u64>().map(Some).map_err(|_| {
+            Reply::param(format!(
+                "{name} must be an epoch as data.epoch gave it (a non-negative integer)"
+            ))
+        }),
+    }
 }
 
 /// Whether a private read of `key` may be answered: with subscriber
@@ -165,75 +186,108 @@ async fn legacy_server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> 
     answer(r, param(&q, "callback"))
 }
 
-/// `/1/msg/get?k=KEY&m=MID[&p=PUBLIC_MID]`: private messages after `m`
-/// (`data.msgs`) and, when `p` is given, public messages after `p`
-/// (`data.pmsgs`). At most the message service's fetch limit (messages and bytes) per call: call
-/// again from the last mid for more. `data` is left out when nothing is new.
+/// `/1/msg/get?k=KEY&m=MID[&p=PUBLIC_MID][&e=EPOCH][&pe=PUBLIC_EPOCH]`:
+/// private messages after `m` (`data.msgs`) and, when `p` is given, public
+/// messages after `p` (`data.pmsgs`). At most the message service's fetch
+/// limit (messages and bytes) per call: call again from the last mid for
+/// more. `data` is left out when nothing is new, unless `e` is given.
 /// `data.reset` (`data.preset` for public messages) is true when `m` (`p`)
-/// is beyond the last stored mid: the sequence started again (storage lost
-/// its data), the messages are from its start, and the client forgets the
-/// mids it has instead of dropping the new ones as already seen.
+/// is beyond the last stored mid, or was seen under another epoch than `e`
+/// (`pe`): the sequence started again (storage lost its data), the
+/// messages are from its start, and the client forgets the mids it has
+/// instead of dropping the new ones as already seen. With `e`, `data.epoch`
+/// (and with `pe`, `data.pepoch`) says the epoch the mids belong to: pass
+/// it back as `e` (`pe`) next time. gopush-cluster's clients, which send
+/// neither, get the replies they know.
 async fn msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
-    let r = msg_get_inner(&s, &q, "k", "m", "p", "cb", message_value).await;
+    let names = Names {
+        key: "k",
+        mid: "m",
+        pmid: "p",
+        callback: "cb",
+        epochs: Some(("e", "pe")),
+    };
+    let r = msg_get_inner(&s, &q, &names, message_value).await;
     answer(r, param(&q, "cb"))
 }
 
 /// `/msg/get?key=&mid=&pmid=`: the same, each element a JSON string of the
 /// old-format message.
 async fn legacy_msg_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
-    let r = msg_get_inner(
-        &s,
-        &q,
-        "key",
-        "mid",
-        "pmid",
-        "callback",
-        legacy_message_string,
-    )
-    .await;
+    let names = Names {
+        key: "key",
+        mid: "mid",
+        pmid: "pmid",
+        callback: "callback",
+        epochs: None,
+    };
+    let r = msg_get_inner(&s, &q, &names, legacy_message_string).await;
     answer(r, param(&q, "callback"))
+}
+
+/// The query parameters of one flavour of `msg/get`.
+struct Names {
+    key: &'static str,
+    mid: &'static str,
+    pmid: &'static str,
+    callback: &'static str,
+    /// Private and public epoch; none in the legacy API.
+    epochs: Option<(&'static str, &'static str)>,
 }
 
 async fn msg_get_inner(
     s: &AppState,
     q: &HashMap<String, String>,
-    key_name: &str,
-    mid_name: &str,
-    pmid_name: &str,
-    callback_name: &str,
+    n: &Names,
     render: fn(&pb::StoredMessage) -> Value,
 ) -> Result<Reply, Reply> {
-    let key = s.check_key(param(q, key_name))?;
-    authorize_read(s, key, q, param(q, callback_name))?;
-    let mid =
-        parse_mid(q, mid_name)?.ok_or_else(|| Reply::param(format!("{mid_name} is required")))?;
-    let pmid = parse_mid(q, pmid_name)?;
-    let (msgs, reset) = fetch(s, key, GID_PRIVATE, mid).await?;
-    let (pmsgs, preset) = match pmid {
-        Some(p) => fetch(s, "", GID_PUBLIC, p).await?,
-        None => (Vec::new(), false),
+    let key = s.check_key(param(q, n.key))?;
+    authorize_read(s, key, q, param(q, n.callback))?;
+    let mid = parse_mid(q, n.mid)?.ok_or_else(|| Reply::param(format!("{} is required", n.mid)))?;
+    let pmid = parse_mid(q, n.pmid)?;
+    let (epoch, pepoch) = match n.epochs {
+        Some((e, pe)) => (parse_epoch(q, e)?, parse_epoch(q, pe)?),
+        None => (None, None),
     };
-    if msgs.is_empty() && pmsgs.is_empty() && !reset && !preset {
+    let private = fetch(s, key, GID_PRIVATE, mid, epoch.unwrap_or(0)).await?;
+    let public = match pmid {
+        Some(p) => Some(fetch(s, "", GID_PUBLIC, p, pepoch.unwrap_or(0)).await?),
+        None => None,
+    };
+    let quiet = private.msgs.is_empty()
+        && !private.reset
+        && public
+            .as_ref()
+            .is_none_or(|p| p.msgs.is_empty() && !p.reset);
+    if quiet && epoch.is_none() {
         return Ok(Reply::ok(None));
     }
-    let mut data = json!({ "msgs": msgs.iter().map(render).collect::<Vec<_>>() });
-    if pmid.is_some() {
-        data["pmsgs"] = pmsgs.iter().map(render).collect::<Vec<_>>().into();
-    }
-    // Only when true: gopush-cluster's clients see the reply they know.
-    if reset {
+    let mut data = json!({ "msgs": private.msgs.iter().map(render).collect::<Vec<_>>() });
+    // Only when true, or asked for: gopush-cluster's clients see the reply
+    // they know.
+    if private.reset {
         data["reset"] = true.into();
     }
-    if preset {
-        data["preset"] = true.into();
+    if epoch.is_some() {
+        data["epoch"] = private.epoch.into();
+    }
+    if let Some(p) = public {
+        data["pmsgs"] = p.msgs.iter().map(render).collect::<Vec<_>>().into();
+        if p.reset {
+            data["preset"] = true.into();
+        }
+        if pepoch.is_some() {
+            data["pepoch"] = p.epoch.into();
+        }
     }
     Ok(Reply::ok(Some(data)))
 }
 
 /// `/1/time/get`: `data.timeid` (Unix time in 100 ns units, as gopush-cluster).
 /// With `k=KEY` it adds `data.mid`, the key's last mid, and `data.pmid`, the
-/// last public mid: a client compares them with what it has seen to know
-/// whether to fetch, and detects a sequence that was reset (idle expiry).
+/// last public mid, with their epochs `data.epoch` and `data.pepoch`: a
+/// client compares them with what it has seen to know whether to fetch,
+/// and detects a sequence that was reset (idle expiry, lost data).
 async fn time_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
     let r = time_inner(&s, &q, param(&q, "k")).await;
     answer(r, param(&q, "cb"))
@@ -259,12 +313,14 @@ async fn time_inner(
                 gid,
             };
             let mut c = s.clients.message.clone();
-            async move { c.last_mid(req).await.map(|r| r.into_inner().mid) }
+            async move { c.last_mid(req).await.map(|r| r.into_inner()) }
         };
-        let (mid, pmid) = tokio::try_join!(last(k, GID_PRIVATE), last("", GID_PUBLIC))
+        let (private, public) = tokio::try_join!(last(k, GID_PRIVATE), last("", GID_PUBLIC))
             .map_err(|e| Reply::err(INTERNAL, format!("storage: {}", e.message())))?;
-        data["mid"] = mid.into();
-        data["pmid"] = pmid.into();
+        data["mid"] = private.mid.into();
+        data["pmid"] = public.mid.into();
+        data["epoch"] = private.epoch.into();
+        data["pepoch"] = public.epoch.into();
     }
     Ok(Reply::ok(Some(data)))
 }

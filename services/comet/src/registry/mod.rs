@@ -17,6 +17,7 @@ use pacer::Pacer;
 use pacer::WAKE_SLICE;
 
 use prometheus_client::metrics::counter::Counter;
+use pushcluster_store::Seq;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -170,6 +171,8 @@ struct Entry {
     /// or stored before the key's channel was first subscribed (its clients
     /// fetch those). [`UNKNOWN_MID`] until the first subscription.
     last_mid: i64,
+    /// The epoch `last_mid` belongs to (0: not known).
+    epoch: u64,
 }
 
 impl Default for Entry {
@@ -178,6 +181,7 @@ impl Default for Entry {
             conns: Vec::new(),
             live: false,
             last_mid: UNKNOWN_MID,
+            epoch: 0,
         }
     }
 }
@@ -401,23 +405,25 @@ impl Registry {
     }
 
     /// Marks `key`'s live channel subscribed, if it still has connections;
-    /// `stored` is the key's last stored mid, read after the subscription
-    /// was confirmed. Says what was missed while it was not subscribed.
-    pub(crate) fn set_live(&self, key: &str, stored: i64) -> Resubscribed {
+    /// `stored` is the key's sequence, read after the subscription was
+    /// confirmed. Says what was missed while it was not subscribed.
+    pub(crate) fn set_live(&self, key: &str, stored: Seq) -> Resubscribed {
         let mut map = lock(self.shard(key));
         let Some(e) = map.get_mut(key) else {
             return Resubscribed::NoKey;
         };
         e.live = true;
         let last = e.last_mid;
-        if last == UNKNOWN_MID || stored == last {
-            e.last_mid = stored;
-            Resubscribed::UpToDate
-        } else if stored > last {
-            Resubscribed::Fill { after: last }
-        } else {
+        let known = last != UNKNOWN_MID;
+        let epoch = std::mem::replace(&mut e.epoch, stored.epoch);
+        if known && stored.restarted_since(last, epoch) {
             e.last_mid = 0;
             Resubscribed::Reset
+        } else if !known || stored.last == last {
+            e.last_mid = stored.last;
+            Resubscribed::UpToDate
+        } else {
+            Resubscribed::Fill { after: last }
         }
     }
 
@@ -440,6 +446,25 @@ impl Registry {
         }
         e.last_mid = d.mid;
         LiveOffer::Delivered(self.queue_on(&e.conns, d))
+    }
+
+    /// The last mid accounted for on `key`'s live path, once known.
+    pub(crate) fn live_last_mid(&self, key: &str) -> Option<i64> {
+        lock(self.shard(key))
+            .get(key)
+            .map(|e| e.last_mid)
+            .filter(|m| *m != UNKNOWN_MID)
+    }
+
+    /// Records the epoch of `key`'s sequence when not known yet: read right
+    /// after the sequence's first mid was delivered, so the mids delivered
+    /// since belong to it.
+    pub(crate) fn learn_epoch(&self, key: &str, epoch: u64) {
+        if let Some(e) = lock(self.shard(key)).get_mut(key) {
+            if e.epoch == 0 {
+                e.epoch = epoch;
+            }
+        }
     }
 
     /// Asks `key`'s connections to reconnect (they fetch what they missed).

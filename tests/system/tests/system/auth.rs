@@ -109,6 +109,7 @@ async fn internal_rpc_needs_the_cluster_token() {
         after_mid: 0,
         gid: 0,
         limit: 0,
+        epoch: 0,
     };
     let push = pb::PushRequest {
         key: "k".into(),

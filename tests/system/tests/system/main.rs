@@ -7,6 +7,7 @@ mod bypass;
 mod compat;
 mod delivery;
 mod durability;
+mod epochs;
 mod errors;
 mod failover;
 mod fencing;

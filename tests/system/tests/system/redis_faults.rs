@@ -339,15 +339,18 @@ async fn a_forged_publish_is_not_delivered() {
         "2 s{} {{\"forged\":\"wrong key\"}}",
         String::from_utf8_lossy(&guessed.sign(&channel, 2, b"{\"forged\":\"wrong key\"}"))
     );
-    for forged in [
-        "9000000000000000 {\"forged\":\"far\"}",
-        "1 {\"forged\":\"replay\"}",
+    let legacy = pushcluster_store::redis::live::legacy_channel("pc", "victim");
+    for (channel, forged) in [
+        (&channel, "9000000000000000 {\"forged\":\"far\"}"),
+        (&channel, "1 {\"forged\":\"replay\"}"),
         // Exactly the key's next mid: only the signature tells it apart.
-        "2 {\"forged\":\"next\"}",
-        &wrong_key,
+        (&channel, "2 {\"forged\":\"next\"}"),
+        (&channel, &wrong_key),
+        // The channel older releases publish on, which carries no signature.
+        (&legacy, "2 {\"forged\":\"legacy\"}"),
     ] {
         let n: i64 = redis::cmd("PUBLISH")
-            .arg(&channel)
+            .arg(channel)
             .arg(forged)
             .query_async(&mut conn)
             .await
