@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -11,10 +12,21 @@ pub(crate) struct ErrorLabels {
     pub(crate) reason: &'static str,
 }
 
+/// Which PushCluster, and why it is degraded.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct DegradedLabels {
+    pub(crate) namespace: String,
+    pub(crate) name: String,
+    pub(crate) reason: &'static str,
+}
+
 /// Metrics of the control loop.
 #[derive(Clone)]
 pub struct Metrics {
     pub(crate) reconciles: Counter,
+    /// 1 while a PushCluster's last reconcile failed for a reason; the
+    /// series goes once a reconcile succeeds.
+    pub(crate) degraded: Family<DegradedLabels, Gauge>,
     pub(crate) failures: Family<ErrorLabels, Counter>,
     pub(crate) duration: Histogram,
     pub(crate) applied: Counter,
@@ -25,6 +37,7 @@ impl Metrics {
     pub fn register(reg: &mut Registry) -> Self {
         let m = Self {
             reconciles: Counter::default(),
+            degraded: Family::default(),
             failures: Family::default(),
             duration: Histogram::new(exponential_buckets(0.005, 2.0, 12)),
             applied: Counter::default(),
@@ -40,6 +53,11 @@ impl Metrics {
             m.failures.clone(),
         );
         reg.register(
+            "pushcluster_operator_cluster_degraded",
+            "1 while a PushCluster's reconcile fails, by reason (CredentialsFailed: its credentials Secret cannot be read or made; ApplyFailed: a child object was refused)",
+            m.degraded.clone(),
+        );
+        reg.register(
             "pushcluster_operator_reconcile_duration_seconds",
             "Reconcile duration",
             m.duration.clone(),
@@ -52,3 +70,24 @@ impl Metrics {
         m
     }
 }
+
+impl Metrics {
+    /// Marks `namespace/name` degraded for `reason` (and for no other).
+    pub(crate) fn set_degraded(&self, namespace: &str, name: &str, reason: Option<&'static str>) {
+        for r in DEGRADED_REASONS {
+            let labels = DegradedLabels {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                reason: r,
+            };
+            if reason == Some(r) {
+                self.degraded.get_or_create(&labels).set(1);
+            } else {
+                self.degraded.remove(&labels);
+            }
+        }
+    }
+}
+
+/// The reasons [`Metrics::set_degraded`] reports.
+const DEGRADED_REASONS: [&str; 2] = ["CredentialsFailed", "ApplyFailed"];

@@ -109,6 +109,7 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
         }
     }
     ctx.metrics.applied.inc_by(written.len() as u64);
+    ctx.metrics.set_degraded(&ns, &pc.name_any(), None);
     let removed = gc::collect_garbage(pc, ctx, &ns).await?;
     if !written.is_empty() || !removed.is_empty() {
         let note = [written.join(", "), removed.join(", ")]
@@ -154,6 +155,8 @@ async fn write_status(
 async fn degrade(pc: &PushCluster, ctx: &Context, reason: Reason, msg: &str) {
     publish(ctx, pc, EventType::Warning, reason.as_str(), msg).await;
     let Some(ns) = pc.namespace() else { return };
+    ctx.metrics
+        .set_degraded(&ns, &pc.name_any(), Some(reason.as_str()));
     let status = status::degraded(pc, reason, msg);
     if let Err(e) = write_status(pc, ctx, &ns, &status).await {
         tracing::warn!(error = %e, "cannot record Degraded");

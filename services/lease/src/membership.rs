@@ -5,6 +5,7 @@ use crate::LeaseBackend;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use pushcluster_core::membership::{ClusterView, Membership};
 use std::sync::atomic::AtomicU64;
@@ -24,6 +25,8 @@ struct ShardLabel {
 pub struct MembershipMetrics {
     without_holder: Family<ShardLabel, Counter<f64, AtomicU64>>,
     holder_changes: Family<ShardLabel, Counter>,
+    held: Family<ShardLabel, Gauge>,
+    held_since: Family<ShardLabel, Gauge<f64, AtomicU64>>,
 }
 
 impl MembershipMetrics {
@@ -40,7 +43,41 @@ impl MembershipMetrics {
             "Lease holder changes per shard, as seen by this process",
             m.holder_changes.clone(),
         );
+        reg.register(
+            "pushcluster_shard_held",
+            "1 while the shard's lease has a holder, 0 while it has none, as seen by this process",
+            m.held.clone(),
+        );
+        reg.register(
+            "pushcluster_shard_holder_since_timestamp_seconds",
+            "When this process first saw the shard's current holder (Unix time); the holder's age is time() minus this",
+            m.held_since.clone(),
+        );
         m
+    }
+
+    /// Records the holders seen in one snapshot (`tokens[k]`: shard k's
+    /// holder's fencing token, none without a holder) against the last.
+    fn observe(&self, before: Option<&[Option<u64>]>, tokens: &[Option<u64>], dt: f64) {
+        let unix_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        for (k, a) in tokens.iter().enumerate() {
+            let l = ShardLabel { shard: k as u32 };
+            let b = before.and_then(|b| b.get(k)).copied().flatten();
+            if let Some(before) = before {
+                if before.get(k).copied().flatten().is_none() {
+                    self.without_holder.get_or_create(&l).inc_by(dt);
+                }
+                if b != *a && a.is_some() {
+                    self.holder_changes.get_or_create(&l).inc();
+                }
+            }
+            self.held.get_or_create(&l).set(i64::from(a.is_some()));
+            if a.is_some() && (before.is_none() || b != *a) {
+                self.held_since.get_or_create(&l).set(unix_now);
+            }
+        }
     }
 }
 
@@ -71,18 +108,13 @@ impl LeaseMembership {
                         let now = Instant::now();
                         let tokens: Vec<Option<u64>> =
                             snap.iter().map(|r| r.as_ref().map(|r| r.token)).collect();
-                        if let Some((then, before)) = &prev {
-                            let dt = (now - *then).as_secs_f64();
-                            for (k, (b, a)) in before.iter().zip(&tokens).enumerate() {
-                                let l = ShardLabel { shard: k as u32 };
-                                if b.is_none() {
-                                    metrics.without_holder.get_or_create(&l).inc_by(dt);
-                                }
-                                if b != a && a.is_some() {
-                                    metrics.holder_changes.get_or_create(&l).inc();
-                                }
+                        let (before, dt) = match &prev {
+                            Some((then, before)) => {
+                                (Some(before.as_slice()), (now - *then).as_secs_f64())
                             }
-                        }
+                            None => (None, 0.0),
+                        };
+                        metrics.observe(before, &tokens, dt);
                         prev = Some((now, tokens));
                         let view = ClusterView::new(snap.iter().flatten().map(|r| r.endpoint()));
                         tx.send_if_modified(|cur| {

@@ -1,6 +1,8 @@
 //! The message service: the gRPC front of storage. Comets store through it
 //! before they deliver; web reads offline messages and deletes through it.
 
+pub mod volume;
+
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -452,6 +454,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let require = pushcluster_proto::auth::RequireToken::new(cfg.rpc_token.as_deref())
         .map_err(|e| Error::Config(format!("rpc_token: {e}")))?;
     let store = Arc::new(open_store(&cfg).await?);
+    if let Backend::Embedded(_) = store.as_ref() {
+        volume::watch(cfg.storage.path.clone(), &mut registry, cancel.clone());
+    }
     let svc = MessageService::new(store, &cfg, &mut registry).draining_on(cancel.clone());
     let ready = pushcluster_core::ops::Readiness::default();
     let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
