@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run build release test lint chart-lint crds deps clean image e2e e2e-local bench bench-compare
+.PHONY: help run build release test lint chart-lint monitoring-test crds deps clean image e2e e2e-local bench bench-compare
 
 IMAGE ?= ghcr.io/pushcluster/pushcluster:0.1.0
 
@@ -11,6 +11,7 @@ help:
 	@echo "make test   - install what tests need (redis-server), lint, build, run every test"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
 	@echo "make chart-lint - helm lint of charts/pushcluster-operator (Helm's library)"
+	@echo "make monitoring-test - promtool check and unit tests of the alerts (Debian's prometheus)"
 	@echo "make crds   - regenerate crds/ and the chart's copy from the Rust types"
 	@echo "make build  - debug build of every binary"
 	@echo "make bench  - criterion benchmarks (ring, frames, store on both backends)"
@@ -44,8 +45,13 @@ crds:
 	$(CARGO) run -q -p push-operator --bin crdgen > crds/pushcluster.io_pushclusters.yaml
 	cp crds/pushcluster.io_pushclusters.yaml charts/pushcluster-operator/crds/
 
+# The alerts: promtool checks the rule file and runs its unit tests.
+monitoring-test:
+	promtool check rules charts/pushcluster-operator/files/prometheus-rules.yaml
+	cd monitoring && promtool test rules rules-test.yaml
+
 # System tests start the real binaries, so they are built first.
-test: deps lint chart-lint build
+test: deps lint chart-lint monitoring-test build
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 		$(CARGO) nextest run --workspace --exclude pushcluster-e2e --no-fail-fast; \
 	else \

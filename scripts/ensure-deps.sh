@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what the tests need and the Rust toolchain does not bring:
-# redis-server (the Redis storage suite and system tests start a real one)
-# and python3 (the gopush-cluster compatibility client). protoc comes from the
+# redis-server (the Redis storage suite and system tests start a real one),
+# python3 (the gopush-cluster compatibility client) and prometheus (promtool
+# checks and unit-tests the alerts; the monitoring test runs a real server). protoc comes from the
 # protoc-bin-vendored crate, so no system package is needed for it.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 install_helm_lib() {
   # Helm's own library, for `helm lint` in make test (no Helm binary needed).
   python3 -c "import helm_sdkpy" 2>/dev/null && return 0

@@ -15,8 +15,10 @@ pub(crate) struct ErrorLabels {
 /// Which PushCluster, and why it is degraded.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct DegradedLabels {
+    /// The PushCluster's namespace: scrape the operator with honorLabels,
+    /// so this wins over the operator pod's own namespace.
     pub(crate) namespace: String,
-    pub(crate) name: String,
+    pub(crate) pushcluster: String,
     pub(crate) reason: &'static str,
 }
 
@@ -77,7 +79,7 @@ impl Metrics {
         for r in DEGRADED_REASONS {
             let labels = DegradedLabels {
                 namespace: namespace.to_owned(),
-                name: name.to_owned(),
+                pushcluster: name.to_owned(),
                 reason: r,
             };
             if reason == Some(r) {
