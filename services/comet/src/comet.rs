@@ -102,7 +102,7 @@ impl Comet {
         let slow = Counter::default();
         let registry = Registry::new(cfg.max_subscribers_per_key, cfg.queue_depth, slow.clone());
         let message = message_client(&cfg)?;
-        let metrics = Metrics::register(reg, slow);
+        let metrics = Metrics::register(reg, slow, cfg.store.url().is_some());
         let live_stop = CancellationToken::new();
         let ready = Readiness::default();
         let path = PushPath::open(

@@ -30,7 +30,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub(crate) fn register(reg: &mut MetricsRegistry, slow_consumers: Counter) -> Self {
+    /// Registers a comet's metrics in `reg`; `live`: those of the Redis
+    /// live feed too.
+    pub(crate) fn register(reg: &mut MetricsRegistry, slow_consumers: Counter, live: bool) -> Self {
         let m = Self {
             connections: Family::default(),
             pushes: Counter::default(),
@@ -44,51 +46,11 @@ impl Metrics {
             serving: Gauge::default(),
             live: live::LiveMetrics::default(),
         };
-        reg.register(
-            "pushcluster_comet_live_messages",
-            "Stored private messages that arrived on the live channels of this comet's keys (Redis)",
-            m.live.messages.clone(),
-        );
-        reg.register(
-            "pushcluster_comet_live_losses",
-            "Times the connection subscribed to live channels was lost (closed, failed, or no answer to PING); open client connections stay",
-            m.live.losses.clone(),
-        );
-        reg.register(
-            "pushcluster_comet_live_up",
-            "1 while the connection subscribed to live channels is up and answers PING (Redis); the comet is unready while it is 0",
-            m.live.up.clone(),
-        );
-        reg.register(
-            "pushcluster_comet_live_filled",
-            "Messages read from the store and delivered to fill a gap in a key's live stream (after the live connection was lost, or a message skipped ahead)",
-            m.live.filled.clone(),
-        );
-        reg.register(
-            "pushcluster_comet_live_dropped",
-            "Messages from live channels not delivered as they came: already delivered, unreadable, or skipping ahead (then read from the store instead)",
-            m.live.dropped.clone(),
-        );
-        reg.register(
-            "pushcluster_comet_live_resets",
-            "Keys whose stored sequence was found to have gone backwards (Redis lost data)",
-            m.live.resets.clone(),
-        );
-        reg.register(
-            "pushcluster_comet_live_unverified",
-            "Live messages whose signature was missing or did not hold (forged, or from a writer that does not sign): the key was read from the store instead",
-            m.live.unverified.clone(),
-        );
-        reg.register(
-            "pushcluster_comet_live_lag_seconds",
-            "PING round trips on the live feed's connection: how far behind Redis the feed runs (over 3 s the connection is dropped and keys are filled from the store)",
-            m.live.lag.clone(),
-        );
-        reg.register(
-            "pushcluster_comet_live_refused",
-            "Connections refused because their key's live channel was not subscribed in time",
-            m.live.refused.clone(),
-        );
+        // Only on Redis: an embedded-store comet has no live feed, and a
+        // `live_up` stuck at 0 there would read as a feed lost.
+        if live {
+            m.register_live(reg);
+        }
         reg.register(
             "pushcluster_comet_serving",
             "1 while this comet holds a shard, 0 while it is a standby",
@@ -151,5 +113,55 @@ impl Metrics {
         self.connections
             .get_or_create(&TransportLabel { transport })
             .clone()
+    }
+}
+
+impl Metrics {
+    fn register_live(&self, reg: &mut MetricsRegistry) {
+        reg.register(
+            "pushcluster_comet_live_messages",
+            "Stored private messages that arrived on the live channels of this comet's keys (Redis)",
+            self.live.messages.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_losses",
+            "Times the connection subscribed to live channels was lost (closed, failed, or no answer to PING); open client connections stay",
+            self.live.losses.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_up",
+            "1 while the connection subscribed to live channels is up and answers PING (Redis); the comet is unready while it is 0",
+            self.live.up.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_filled",
+            "Messages read from the store and delivered to fill a gap in a key's live stream (after the live connection was lost, or a message skipped ahead)",
+            self.live.filled.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_dropped",
+            "Messages from live channels not delivered as they came: already delivered, unreadable, or skipping ahead (then read from the store instead)",
+            self.live.dropped.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_resets",
+            "Keys whose stored sequence was found to have gone backwards (Redis lost data)",
+            self.live.resets.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_unverified",
+            "Live messages whose signature was missing or did not hold (forged, or from a writer that does not sign): the key was read from the store instead",
+            self.live.unverified.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_lag_seconds",
+            "PING round trips on the live feed's connection: how far behind Redis the feed runs (over 3 s the connection is dropped and keys are filled from the store)",
+            self.live.lag.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_live_refused",
+            "Connections refused because their key's live channel was not subscribed in time",
+            self.live.refused.clone(),
+        );
     }
 }

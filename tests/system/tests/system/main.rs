@@ -13,6 +13,7 @@ mod failover;
 mod fencing;
 mod hostile;
 mod live;
+mod monitoring;
 mod pushctl;
 mod redis_faults;
 mod sizes;
