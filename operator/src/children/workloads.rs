@@ -128,6 +128,31 @@ fn pod_env() -> Vec<EnvVar> {
     ]
 }
 
+/// A component's resources when its spec gives none: requests that keep
+/// the pod out of the BestEffort class (first to be evicted) and a memory
+/// limit, from the figures in docs/benchmarks.md (about 4 MiB per idle
+/// process and 1.8–2.0 KiB per subscriber connection; about 75 µs of web
+/// CPU, 35 µs of comet CPU per stored push). Sized for a comet of 25,000
+/// connections at its request and 250,000 at its limit, and web and the
+/// message service at about 1,000 pushes/s per 100m; docs/operations.md
+/// ("Sizing") says how to scale them.
+pub fn default_resources(component: &str) -> ResourceRequirements {
+    let (cpu, memory, limit) = match component {
+        "comet" => ("100m", "64Mi", "512Mi"),
+        "message" => ("100m", "64Mi", "512Mi"),
+        _ => ("100m", "32Mi", "256Mi"),
+    };
+    let q = |v: &str| Quantity(v.to_owned());
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), q(cpu)),
+            ("memory".to_owned(), q(memory)),
+        ])),
+        limits: Some(BTreeMap::from([("memory".to_owned(), q(limit))])),
+        ..ResourceRequirements::default()
+    }
+}
+
 /// What differs between the components' pods.
 struct PodParts<'a> {
     component: &'a str,
@@ -226,7 +251,11 @@ fn pod_template(pc: &PushCluster, hash: &str, p: PodParts<'_>) -> PodTemplateSpe
                 ports: Some(ports),
                 readiness_probe: Some(probe("/readyz")),
                 liveness_probe: Some(probe("/healthz")),
-                resources: p.resources.cloned(),
+                resources: Some(
+                    p.resources
+                        .cloned()
+                        .unwrap_or_else(|| default_resources(p.component)),
+                ),
                 volume_mounts: Some(mounts),
                 security_context: Some(SecurityContext {
                     allow_privilege_escalation: Some(false),
@@ -409,13 +438,22 @@ pub fn message_statefulset(pc: &PushCluster, hash: &str) -> StatefulSet {
 
 /// PodDisruptionBudgets: voluntary evictions take one pod of a component at a
 /// time (a comet holder hands its shard over on eviction like on SIGTERM).
+/// The embedded store's single message pod takes none: a node drain stops
+/// at it instead of taking the cluster's storage away without warning
+/// (docs/operations.md, "Maintenance", says how to move it).
 pub fn pdbs(pc: &PushCluster) -> Vec<PodDisruptionBudget> {
     COMPONENTS
         .iter()
         .map(|c| PodDisruptionBudget {
             metadata: meta(pc, name(pc, c), Some(c)),
             spec: Some(PodDisruptionBudgetSpec {
-                max_unavailable: Some(IntOrString::Int(1)),
+                max_unavailable: Some(IntOrString::Int(
+                    if *c == "message" && super::embedded(pc) {
+                        0
+                    } else {
+                        1
+                    },
+                )),
                 selector: Some(match_labels(pc, c)),
                 ..PodDisruptionBudgetSpec::default()
             }),

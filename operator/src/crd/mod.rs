@@ -86,6 +86,15 @@ pub struct NetworkPolicySpec {
     /// cluster's namespace. Name the monitoring namespace here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub monitoring_from: Vec<NetworkPolicyPeer>,
+    /// Where the API server is, for egress from comets and web (leases,
+    /// EndpointSlices) on ports 443 and 6443; empty: any address. Name its
+    /// address (`ipBlock`) to narrow it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_server_to: Vec<NetworkPolicyPeer>,
+    /// Where Redis is, for egress on its port (from `storage.redis.url`,
+    /// else 6379); empty: any address.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redis_to: Vec<NetworkPolicyPeer>,
 }
 
 fn yes() -> bool {
@@ -99,6 +108,8 @@ impl Default for NetworkPolicySpec {
             public_from: Vec::new(),
             admin_from: Vec::new(),
             monitoring_from: Vec::new(),
+            api_server_to: Vec::new(),
+            redis_to: Vec::new(),
         }
     }
 }

@@ -601,7 +601,7 @@ fn ingress_of(p: &NetworkPolicy) -> Vec<(Vec<i32>, Option<Vec<NetworkPolicyPeer>
     let spec = p.spec.as_ref().unwrap();
     assert_eq!(
         spec.policy_types.as_deref(),
-        Some(&["Ingress".to_owned()][..])
+        Some(&["Ingress".to_owned(), "Egress".to_owned()][..])
     );
     spec.ingress
         .iter()
@@ -732,4 +732,159 @@ fn network_policies_open_each_port_only_to_whom_it_serves() {
         .filter(|c| matches!(c, Child::NetworkPolicy(_)))
         .count();
     assert_eq!(policies, 3);
+}
+
+/// Egress as (ports with protocol, to) per rule.
+type Egress = Vec<(Vec<String>, Option<Vec<NetworkPolicyPeer>>)>;
+
+fn egress_of(p: &NetworkPolicy) -> Egress {
+    p.spec
+        .as_ref()
+        .unwrap()
+        .egress
+        .iter()
+        .flatten()
+        .map(|r| {
+            let ports = r
+                .ports
+                .iter()
+                .flatten()
+                .map(|p| match p.port {
+                    Some(IntOrString::Int(n)) => {
+                        format!("{n}/{}", p.protocol.as_deref().unwrap_or("TCP"))
+                    }
+                    ref other => panic!("named port {other:?}"),
+                })
+                .collect();
+            (ports, r.to.clone())
+        })
+        .collect()
+}
+
+#[test]
+fn network_policies_let_each_pod_out_only_to_what_it_uses() {
+    let component = |c: &str| {
+        Some(vec![peer(
+            Some(&[
+                ("app.kubernetes.io/instance", "push"),
+                ("app.kubernetes.io/component", c),
+            ]),
+            None,
+        )])
+    };
+    let dns = (vec!["53/UDP".to_owned(), "53/TCP".to_owned()], None);
+    let api = (vec!["443/TCP".to_owned(), "6443/TCP".to_owned()], None);
+    let message = (vec!["8070/TCP".to_owned()], component("message"));
+    let comet_rpc = (vec!["6970/TCP".to_owned()], component("comet"));
+    let by_name = |pc: &PushCluster| -> BTreeMap<String, Egress> {
+        network::network_policies(pc)
+            .iter()
+            .map(|p| (p.name_any(), egress_of(p)))
+            .collect()
+    };
+
+    // Embedded: the message service talks to nobody; comets and web to
+    // the API server and the message service, web to the comets too.
+    let minimal = by_name(&example("pushcluster-minimal.yaml"));
+    assert_eq!(minimal["push-message"], vec![dns.clone()]);
+    assert_eq!(
+        minimal["push-comet"],
+        vec![dns.clone(), api.clone(), message.clone()]
+    );
+    assert_eq!(
+        minimal["push-web"],
+        vec![dns.clone(), api.clone(), message.clone(), comet_rpc.clone()]
+    );
+
+    // On Redis every component reaches Redis, on the URL's port; named
+    // destinations replace "anywhere".
+    let mut pc = example("pushcluster-minimal.yaml");
+    pc.spec.message.replicas = 1;
+    pc.spec.storage.redis = Some(
+        serde_json::from_value(serde_json::json!({"url": "redis://redis.shared:6380/2"})).unwrap(),
+    );
+    pc.spec.network_policy = serde_json::from_value(serde_json::json!({
+        "apiServerTo": [{"ipBlock": {"cidr": "10.96.0.1/32"}}],
+        "redisTo": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "shared"}}}],
+    }))
+    .unwrap();
+    let redis = (
+        vec!["6380/TCP".to_owned()],
+        Some(vec![peer(None, Some("shared"))]),
+    );
+    let on_redis = by_name(&pc);
+    assert_eq!(on_redis["push-message"], vec![dns.clone(), redis.clone()]);
+    let comet = &on_redis["push-comet"];
+    assert_eq!(comet.len(), 4);
+    assert_eq!(comet[3], redis);
+    let api_to = comet[1].1.as_ref().unwrap()[0].ip_block.as_ref().unwrap();
+    assert_eq!(api_to.cidr, "10.96.0.1/32");
+    assert_eq!(on_redis["push-web"].last(), Some(&redis));
+}
+
+#[test]
+fn every_pod_has_requests_and_a_memory_limit_unless_its_spec_sets_them() {
+    use k8s_openapi::api::core::v1::ResourceRequirements;
+    let pc = example("pushcluster-minimal.yaml");
+    let containers: Vec<(String, ResourceRequirements)> = desired(&pc, &Default::default())
+        .unwrap()
+        .iter()
+        .filter_map(|c| {
+            let v = c.to_json().unwrap();
+            let kind = v["kind"].as_str()?.to_owned();
+            if kind != "Deployment" && kind != "StatefulSet" {
+                return None;
+            }
+            let r = v["spec"]["template"]["spec"]["containers"][0]["resources"].clone();
+            Some((c.name().to_owned(), serde_json::from_value(r).unwrap()))
+        })
+        .collect();
+    assert_eq!(containers.len(), 3, "{containers:?}");
+    for (name, r) in &containers {
+        let requests = r
+            .requests
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no requests"));
+        assert!(
+            requests.contains_key("cpu") && requests.contains_key("memory"),
+            "{name}: {r:?}"
+        );
+        assert!(
+            r.limits.as_ref().is_some_and(|l| l.contains_key("memory")),
+            "{name}: {r:?}"
+        );
+    }
+    // A spec's own resources replace the defaults whole.
+    let mut custom = pc.clone();
+    custom.spec.web.resources =
+        Some(serde_json::from_value(serde_json::json!({"requests": {"cpu": "2"}})).unwrap());
+    let web = workloads::web_deployment(&custom, "h");
+    let r = web.spec.unwrap().template.spec.unwrap().containers[0]
+        .resources
+        .clone()
+        .unwrap();
+    assert_eq!(r.requests.unwrap()["cpu"].0, "2");
+    assert!(r.limits.is_none());
+}
+
+#[test]
+fn a_drain_does_not_take_the_embedded_stores_only_pod() {
+    let max_unavailable = |pc: &PushCluster| -> BTreeMap<String, i32> {
+        workloads::pdbs(pc)
+            .into_iter()
+            .map(|p| {
+                let n = match p.spec.unwrap().max_unavailable {
+                    Some(IntOrString::Int(n)) => n,
+                    other => panic!("{other:?}"),
+                };
+                (p.metadata.name.unwrap(), n)
+            })
+            .collect()
+    };
+    let embedded = max_unavailable(&example("pushcluster-minimal.yaml"));
+    assert_eq!(embedded["push-message"], 0);
+    assert_eq!(embedded["push-comet"], 1);
+    assert_eq!(embedded["push-web"], 1);
+    let on_redis = max_unavailable(&example("pushcluster-full.yaml"));
+    assert!(on_redis.values().all(|n| *n == 1), "{on_redis:?}");
 }
