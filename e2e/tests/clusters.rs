@@ -12,7 +12,7 @@ use push_operator::crd::PushCluster;
 use pushcluster_client::http::Client as HttpApi;
 use pushcluster_e2e::traffic::{ready_endpoints, Load, ServiceProxy, Traffic};
 use pushcluster_e2e::{
-    apply_example, credentials, full_cluster, helm, kill9, kubectl, rollout_status, wait,
+    apply_example, credentials, full_cluster, helm, kill9, kubectl, rollout_status, root, wait,
     wait_ready, Images, TestNamespace,
 };
 use pushcluster_proto::auth::RpcToken;
@@ -931,5 +931,119 @@ async fn outage_under_traffic(example: &str) -> anyhow::Result<()> {
     .await;
     ns.delete().await?;
     op.uninstall().await?;
+    result
+}
+
+/// What a platform team's monitoring sees from the chart and a running
+/// cluster: the PodMonitors, the PrometheusRule (exactly the rule file) and
+/// the dashboard ConfigMap, each only where its kind exists; requests and a
+/// memory limit on every pod; egress in every NetworkPolicy. The monitoring
+/// CRDs come from the Prometheus Operator's published YAML in the directory
+/// `MONITORING_CRDS` names (its repository's example/prometheus-operator-crd);
+/// without it those objects are skipped, with a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitoring_objects_requests_and_egress() -> anyhow::Result<()> {
+    let Some((client, images)) = full_cluster().await else {
+        return Ok(());
+    };
+    let crds = std::env::var("MONITORING_CRDS")
+        .ok()
+        .filter(|d| !d.is_empty());
+    match &crds {
+        Some(dir) => {
+            for f in ["podmonitors.yaml", "prometheusrules.yaml"] {
+                let path = std::path::Path::new(dir).join(f);
+                let path = path.display().to_string();
+                // Server-side: the CRDs are too large for the last-applied annotation.
+                kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &path], None)?;
+            }
+            kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd/podmonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com"], None)?;
+        }
+        None => println!(
+            "SKIP monitoring objects: set MONITORING_CRDS to a directory holding the Prometheus Operator's podmonitors.yaml and prometheusrules.yaml CRDs (example/prometheus-operator-crd in its repository)"
+        ),
+    }
+    let home = TestNamespace::create(&client, "pco-mon").await?;
+    let watched = TestNamespace::create(&client, "mon").await?;
+    let result = async {
+        let values = json!({"image": {"repository": images.repository, "tag": images.tag}, "watchNamespace": watched.name});
+        let n = home.name.clone();
+        tokio::task::spawn_blocking(move || helm("install", "pco-mon", &n, &values, true, Duration::from_secs(120))).await??;
+        let (n, image) = (watched.name.clone(), images.image());
+        let name = tokio::task::spawn_blocking(move || apply_example("pushcluster-minimal.yaml", &n, &image)).await??;
+        wait_ready(&client, &watched.name, &name, 2, LIMIT).await?;
+        let get = |args: Vec<String>| {
+            tokio::task::spawn_blocking(move || {
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                kubectl(&a, None)
+            })
+        };
+        let json_of = |text: String| -> anyhow::Result<serde_json::Value> { Ok(serde_json::from_str(&text)?) };
+        let mut found = Vec::new();
+
+        let dashboard = json_of(get(vec!["get".into(), "configmap".into(), "pco-mon-pushcluster-operator-dashboard".into(), "-n".into(), home.name.clone(), "-o".into(), "json".into()]).await??)?;
+        anyhow::ensure!(dashboard["metadata"]["labels"]["grafana_dashboard"] == "1", "dashboard ConfigMap without the sidecar label");
+        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root().join("charts/pushcluster-operator/files/grafana-dashboard.json"))?)?;
+        let got: serde_json::Value = serde_json::from_str(dashboard["data"]["pushcluster.json"].as_str().unwrap_or_default())?;
+        anyhow::ensure!(got == want, "the dashboard ConfigMap differs from files/grafana-dashboard.json");
+        found.push(format!("ConfigMap pco-mon-pushcluster-operator-dashboard ({} panels)", want["panels"].as_array().map_or(0, Vec::len)));
+
+        if crds.is_some() {
+            let monitors = get(vec!["get".into(), "podmonitors".into(), "-n".into(), home.name.clone(), "-o".into(), "name".into()]).await??;
+            for m in ["podmonitor.monitoring.coreos.com/pco-mon-pushcluster-operator", "podmonitor.monitoring.coreos.com/pco-mon-pushcluster-operator-pushclusters"] {
+                anyhow::ensure!(monitors.lines().any(|l| l.trim() == m), "no {m} in {monitors:?}");
+            }
+            let pm = json_of(get(vec!["get".into(), "podmonitor".into(), "pco-mon-pushcluster-operator-pushclusters".into(), "-n".into(), home.name.clone(), "-o".into(), "json".into()]).await??)?;
+            anyhow::ensure!(pm["spec"]["namespaceSelector"]["matchNames"] == json!([watched.name]), "PodMonitor watches {}", pm["spec"]["namespaceSelector"]);
+            let rule = json_of(get(vec!["get".into(), "prometheusrule".into(), "pco-mon-pushcluster-operator".into(), "-n".into(), home.name.clone(), "-o".into(), "json".into()]).await??)?;
+            let file: serde_json::Value = serde_yaml::from_str(&std::fs::read_to_string(root().join("charts/pushcluster-operator/files/prometheus-rules.yaml"))?)?;
+            anyhow::ensure!(rule["spec"]["groups"] == file["groups"], "the PrometheusRule differs from files/prometheus-rules.yaml");
+            let alerts = file["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().into_iter().flatten()).filter(|r| r.get("alert").is_some()).count();
+            found.push(format!("PodMonitors pco-mon-pushcluster-operator and ...-pushclusters, PrometheusRule pco-mon-pushcluster-operator ({alerts} alerts, as the rule file)"));
+        }
+
+        let pods = json_of(get(vec!["get".into(), "pods".into(), "-n".into(), watched.name.clone(), "-l".into(), format!("app.kubernetes.io/instance={name}"), "-o".into(), "json".into()]).await??)?;
+        let pods = pods["items"].as_array().cloned().unwrap_or_default();
+        anyhow::ensure!(!pods.is_empty(), "no pods");
+        for p in &pods {
+            for c in p["spec"]["containers"].as_array().into_iter().flatten() {
+                let r = &c["resources"];
+                anyhow::ensure!(
+                    r["requests"]["cpu"].is_string() && r["requests"]["memory"].is_string() && r["limits"]["memory"].is_string(),
+                    "{}: resources {r}", p["metadata"]["name"]
+                );
+            }
+            anyhow::ensure!(p["status"]["qosClass"] == "Burstable", "{}: QoS {}", p["metadata"]["name"], p["status"]["qosClass"]);
+        }
+        let policies = json_of(get(vec!["get".into(), "networkpolicies".into(), "-n".into(), watched.name.clone(), "-l".into(), format!("app.kubernetes.io/instance={name}"), "-o".into(), "json".into()]).await??)?;
+        let policies = policies["items"].as_array().cloned().unwrap_or_default();
+        anyhow::ensure!(policies.len() == 3, "{} NetworkPolicies", policies.len());
+        for p in &policies {
+            let types = &p["spec"]["policyTypes"];
+            anyhow::ensure!(types == &json!(["Ingress", "Egress"]) && p["spec"]["egress"].as_array().is_some_and(|e| !e.is_empty()), "{}: {types} egress {}", p["metadata"]["name"], p["spec"]["egress"]);
+        }
+        println!(
+            "PASS S2 monitoring and production defaults: {}; {} pods with cpu/memory requests and a memory limit (QoS Burstable); {} NetworkPolicies with egress rules",
+            found.join(", "),
+            pods.len(),
+            policies.len()
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    watched.delete().await?;
+    let n = home.name.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        helm(
+            "uninstall",
+            "pco-mon",
+            &n,
+            &json!({}),
+            true,
+            Duration::from_secs(60),
+        )
+    })
+    .await?;
+    home.delete().await?;
     result
 }

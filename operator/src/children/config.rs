@@ -10,6 +10,7 @@ use crate::crd::{EndpointsStatus, PushCluster};
 use crate::Result;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
+use pushcluster_core::serve::ListenerLimits;
 use pushcluster_lease::{LeaseTiming, MembershipConfig};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -108,6 +109,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         },
         max_subscribers_per_key: s.comet.max_subscribers_per_key.max(1) as usize,
         queue_depth: s.comet.queue_depth.max(1) as usize,
+        listener_limits: listener_limits(s.comet.max_connections, s.comet.max_connections_per_ip),
         ..push_comet::Config::default()
     };
     let mut message = push_message::Config {
@@ -135,6 +137,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
             ..Default::default()
         },
         private_jsonp: s.auth.private_jsonp,
+        listener_limits: listener_limits(s.web.max_connections, s.web.max_connections_per_ip),
         membership: membership(pc),
         advertise: push_web::ClientAddresses {
             ws: s.comet.advertise.as_ref().and_then(|a| a.ws.clone()),
@@ -208,5 +211,16 @@ pub fn endpoints(pc: &PushCluster) -> EndpointsStatus {
         public: format!("{}.{ns}.svc:{WEB_PUBLIC}", name(pc, "web")),
         admin: format!("{}.{ns}.svc:{WEB_ADMIN}", name(pc, "web-admin")),
         credentials_secret: super::secure(pc).then(|| super::credentials_name(pc)),
+    }
+}
+
+/// A component's listener caps: the spec's where it sets them, else the
+/// services' defaults.
+fn listener_limits(max: Option<i32>, per_ip: Option<i32>) -> ListenerLimits {
+    let d = ListenerLimits::default();
+    ListenerLimits {
+        max_connections: max.map_or(d.max_connections, |m| m.max(1) as usize),
+        max_connections_per_ip: per_ip.map_or(d.max_connections_per_ip, |m| m.max(0) as usize),
+        ..d
     }
 }

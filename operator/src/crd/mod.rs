@@ -152,6 +152,17 @@ pub struct CometSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("workerThreads must be between 0 and 64"))]
     pub worker_threads: Option<i32>,
+    /// Most open client connections per pod and listener; beyond it new
+    /// ones are refused (HTTP 503 or a close) and counted in
+    /// `pushcluster_listener_refused_connections_total`. Unset: 15,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxConnections must be at least 1"))]
+    pub max_connections: Option<i32>,
+    /// Most open connections from one client address per pod and listener;
+    /// unset or 0: no limit (clients behind one NAT or proxy share an address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("maxConnectionsPerIp must be at least 0"))]
+    pub max_connections_per_ip: Option<i32>,
     /// Container ports.
     #[serde(default)]
     pub ports: CometPorts,
@@ -180,6 +191,8 @@ impl Default for CometSpec {
             advertise: None,
             resources: None,
             worker_threads: None,
+            max_connections: None,
+            max_connections_per_ip: None,
             ports: CometPorts::default(),
         }
     }
@@ -289,6 +302,17 @@ pub struct WebSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("workerThreads must be between 0 and 64"))]
     pub worker_threads: Option<i32>,
+    /// Most open client connections per pod and listener; beyond it new
+    /// ones are refused (HTTP 503 or a close) and counted in
+    /// `pushcluster_listener_refused_connections_total`. Unset: 15,000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 1").message("maxConnections must be at least 1"))]
+    pub max_connections: Option<i32>,
+    /// Most open connections from one client address per pod and listener;
+    /// unset or 0: no limit (clients behind one NAT or proxy share an address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("maxConnectionsPerIp must be at least 0"))]
+    pub max_connections_per_ip: Option<i32>,
 }
 
 impl Default for WebSpec {
@@ -298,6 +322,8 @@ impl Default for WebSpec {
             service_type: ServiceType::default(),
             resources: None,
             worker_threads: None,
+            max_connections: None,
+            max_connections_per_ip: None,
         }
     }
 }

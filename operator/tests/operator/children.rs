@@ -888,3 +888,33 @@ fn a_drain_does_not_take_the_embedded_stores_only_pod() {
     let on_redis = max_unavailable(&example("pushcluster-full.yaml"));
     assert!(on_redis.values().all(|n| *n == 1), "{on_redis:?}");
 }
+
+#[test]
+fn connection_caps_from_the_spec_reach_the_listeners() {
+    let caps = |pc: &PushCluster| {
+        let cfg = config::configs(pc).unwrap();
+        let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
+        let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
+        (comet.listener_limits, web.listener_limits)
+    };
+    let mut pc = example("pushcluster-minimal.yaml");
+    let (comet, web) = caps(&pc);
+    let defaults = pushcluster_core::serve::ListenerLimits::default();
+    assert_eq!((comet, web), (defaults.clone(), defaults.clone()));
+    pc.spec.comet.max_connections = Some(50_000);
+    pc.spec.comet.max_connections_per_ip = Some(100);
+    pc.spec.web.max_connections = Some(2_000);
+    let (comet, web) = caps(&pc);
+    assert_eq!(
+        (comet.max_connections, comet.max_connections_per_ip),
+        (50_000, 100)
+    );
+    assert_eq!(
+        (web.max_connections, web.max_connections_per_ip),
+        (2_000, 0)
+    );
+    assert_eq!(
+        comet.header_timeout_seconds,
+        defaults.header_timeout_seconds
+    );
+}
