@@ -191,6 +191,7 @@ impl Comet {
                 pushcluster_core::token::verify(secret.as_bytes(), &sub.key, &sub.token, now)
             {
                 tracing::debug!(key = %sub.key, error = %e, "subscriber token refused");
+                self.metrics.token_refusals.inc();
                 return Err(Refusal::Auth);
             }
         }

@@ -22,6 +22,8 @@ pub struct Metrics {
     pub(crate) fenced: Counter,
     pub(crate) deliveries: Counter,
     pub(crate) push_latency: Histogram,
+    pub(crate) delivery_latency: Histogram,
+    pub(crate) token_refusals: Counter,
     pub(crate) slow_consumers: Counter,
     pub(crate) reconnects_sent: Counter,
     pub(crate) lease_transitions: Counter,
@@ -40,6 +42,8 @@ impl Metrics {
             fenced: Counter::default(),
             deliveries: Counter::default(),
             push_latency: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            delivery_latency: Histogram::new(exponential_buckets(0.00005, 2.0, 18)),
+            token_refusals: Counter::default(),
             slow_consumers,
             reconnects_sent: Counter::default(),
             lease_transitions: Counter::default(),
@@ -51,6 +55,16 @@ impl Metrics {
         if live {
             m.register_live(reg);
         }
+        reg.register(
+            "pushcluster_comet_delivery_latency_seconds",
+            "From a private message reaching the comet (stored by it, or from Redis's live feed right after the store script) to its frame being handed to a subscriber connection's writer; per connection",
+            m.delivery_latency.clone(),
+        );
+        reg.register(
+            "pushcluster_comet_token_refusals",
+            "Subscriptions refused because their subscriber token was missing, expired or wrong",
+            m.token_refusals.clone(),
+        );
         reg.register(
             "pushcluster_comet_serving",
             "1 while this comet holds a shard, 0 while it is a standby",
@@ -102,6 +116,13 @@ impl Metrics {
             m.reconnects_sent.clone(),
         );
         m
+    }
+
+    /// Records a private message handed to a connection's writer.
+    pub(crate) fn delivered(&self, d: &crate::registry::Delivery) {
+        if d.gid == pushcluster_core::GID_PRIVATE {
+            self.delivery_latency.observe(d.at.elapsed().as_secs_f64());
+        }
     }
 
     /// Counts a connection dropped for not taking what it was sent.

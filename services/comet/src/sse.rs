@@ -206,6 +206,7 @@ pub async fn subscribe(
                         if d.gid == GID_PRIVATE && d.mid <= sent {
                             continue;
                         }
+                        comet2.metrics.delivered(&d);
                         if !send_bounded(&comet2, &tx, event(&d)).await {
                             break;
                         }

@@ -183,12 +183,15 @@ async fn drive(
                 Next::Message(d) => {
                     // A lone frame is written as it is; several queued ones
                     // are gathered into one write.
+                    comet.metrics.delivered(&d);
                     let written = match s.try_message() {
                         None => write_bounded(&mut w, d.resp(format)).await,
                         Some(next) => {
+                            comet.metrics.delivered(&next);
                             out.extend_from_slice(d.resp(format));
                             out.extend_from_slice(next.resp(format));
                             while let Some(d) = s.try_message() {
+                                comet.metrics.delivered(&d);
                                 out.extend_from_slice(d.resp(format));
                             }
                             send(&mut w, &mut out).await

@@ -349,6 +349,7 @@ impl Conn {
             match ready!(self.sub.poll_next(cx)) {
                 Next::Message(d) => {
                     if self.state == Phase::Open {
+                        self.comet.metrics.delivered(&d);
                         wsf::put_frame(
                             &mut self.out,
                             Opcode::Text,

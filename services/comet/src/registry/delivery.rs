@@ -5,12 +5,15 @@ use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use pushcluster_core::frame::{encode_json, encode_resp_bulk, Format};
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 /// A stored message on its way to connections, encoded lazily per format.
 #[derive(Debug)]
 pub struct Delivery {
     pub mid: i64,
     pub gid: i32,
+    /// When the comet had it: stored by it, or arrived from the store.
+    pub at: Instant,
     payload: Bytes,
     json: [OnceLock<Utf8Bytes>; 2],
     resp: [OnceLock<Bytes>; 2],
@@ -29,6 +32,7 @@ impl Delivery {
         Arc::new(Self {
             mid,
             gid,
+            at: Instant::now(),
             payload,
             json: Default::default(),
             resp: Default::default(),

@@ -372,6 +372,11 @@ async fn subscriber_tokens_are_verified() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
+    // Three WebSocket refusals and one SSE: each counted, the good ones not.
+    assert_eq!(
+        c.comet_metric(0, "pushcluster_comet_token_refusals_total"),
+        4.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
