@@ -741,12 +741,23 @@ async fn an_operator_watching_one_namespace_has_no_cluster_wide_rights() -> anyh
         anyhow::Ok(())
     }
     .await;
+    tear_down(watched, home, "pco-one").await?;
+    result
+}
+
+/// Deletes the watched namespace, uninstalls the chart's `release` and
+/// deletes its home namespace.
+async fn tear_down(
+    watched: TestNamespace,
+    home: TestNamespace,
+    release: &'static str,
+) -> anyhow::Result<()> {
     watched.delete().await?;
     let n = home.name.clone();
     let _ = tokio::task::spawn_blocking(move || {
         helm(
             "uninstall",
-            "pco-one",
+            release,
             &n,
             &json!({}),
             true,
@@ -754,8 +765,7 @@ async fn an_operator_watching_one_namespace_has_no_cluster_wide_rights() -> anyh
         )
     })
     .await?;
-    home.delete().await?;
-    result
+    home.delete().await
 }
 
 /// The API server process stopped (SIGSTOP), as during a managed
@@ -1031,19 +1041,6 @@ async fn monitoring_objects_requests_and_egress() -> anyhow::Result<()> {
         anyhow::Ok(())
     }
     .await;
-    watched.delete().await?;
-    let n = home.name.clone();
-    let _ = tokio::task::spawn_blocking(move || {
-        helm(
-            "uninstall",
-            "pco-mon",
-            &n,
-            &json!({}),
-            true,
-            Duration::from_secs(60),
-        )
-    })
-    .await?;
-    home.delete().await?;
+    tear_down(watched, home, "pco-mon").await?;
     result
 }

@@ -715,6 +715,25 @@ impl Followers {
     }
 }
 
+/// `name` on every comet of `c`, by index.
+pub fn comets_metric(c: &Cluster, name: &str) -> Vec<f64> {
+    (0..c.comets.len())
+        .map(|i| c.comet_metric(i, name))
+        .collect()
+}
+
+/// Waits until `f` holds, up to `limit`; how long it took.
+pub async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if f() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

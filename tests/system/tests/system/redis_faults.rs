@@ -8,7 +8,8 @@ use pushcluster_client::{Frame, Message};
 use pushcluster_store::redis::live::LiveKey;
 use pushcluster_systest::proxy::FreezableProxy;
 use pushcluster_systest::{
-    collect, free_port, subscribe, Cluster, Followers, Options, RedisServer, Transport,
+    collect, comets_metric, free_port, subscribe, until, Cluster, Followers, Options, RedisServer,
+    Transport,
 };
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,24 +107,6 @@ struct Outcome {
     refused: usize,
     /// Per follower, the times it was told its key's sequence started again.
     resets: Vec<usize>,
-}
-
-fn comets_metric(c: &Cluster, name: &str) -> Vec<f64> {
-    (0..c.comets.len())
-        .map(|i| c.comet_metric(i, name))
-        .collect()
-}
-
-/// Waits until `f` holds, up to `limit`; how long it took.
-async fn until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if f() {
-            return Some(start.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    None
 }
 
 /// A subscriber that records when each message arrives.
