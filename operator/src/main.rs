@@ -155,6 +155,7 @@ async fn run(
         cancel.clone(),
     ));
     let ctx = Context::new(client.clone(), metrics);
+    let gone = ctx.clone();
     let cfg = watcher::Config::default().any_semantic();
     let owned_cfg = watcher::Config::default().labels(&push_operator::children::managed_query());
     let stop = cancel.clone();
@@ -170,9 +171,21 @@ async fn run(
         .owns(owned!(NetworkPolicy), owned_cfg)
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx)
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "reconcile result");
+        .for_each(|r| {
+            // A PushCluster deleted (its children's deletions still ask
+            // for it) takes its degraded series with it: no finalizer
+            // would tell otherwise, and a stale 1 would keep alerting.
+            if let Err(kube::runtime::controller::Error::ObjectNotFound(obj)) = &r {
+                gone.metrics.set_degraded(
+                    obj.namespace.as_deref().unwrap_or_default(),
+                    &obj.name,
+                    None,
+                );
+            }
+            async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "reconcile result");
+                }
             }
         })
         .await;

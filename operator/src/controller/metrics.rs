@@ -75,7 +75,7 @@ impl Metrics {
 
 impl Metrics {
     /// Marks `namespace/name` degraded for `reason` (and for no other).
-    pub(crate) fn set_degraded(&self, namespace: &str, name: &str, reason: Option<&'static str>) {
+    pub fn set_degraded(&self, namespace: &str, name: &str, reason: Option<&'static str>) {
         for r in DEGRADED_REASONS {
             let labels = DegradedLabels {
                 namespace: namespace.to_owned(),
@@ -93,3 +93,41 @@ impl Metrics {
 
 /// The reasons [`Metrics::set_degraded`] reports.
 const DEGRADED_REASONS: [&str; 2] = ["CredentialsFailed", "ApplyFailed"];
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::registry::Registry;
+
+    #[test]
+    fn a_degraded_cluster_has_one_series_until_it_recovers_or_goes() {
+        let mut reg = Registry::default();
+        let m = Metrics::register(&mut reg);
+        let text = |reg: &Registry| {
+            let mut t = String::new();
+            encode(&mut t, reg).unwrap();
+            // A family's series come in hash order.
+            let mut lines: Vec<String> = t
+                .lines()
+                .filter(|l| l.starts_with("pushcluster_operator_cluster_degraded{"))
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            lines
+        };
+        m.set_degraded("a", "chat", Some("ApplyFailed"));
+        m.set_degraded("a", "chat", Some("CredentialsFailed"));
+        m.set_degraded("b", "mail", Some("ApplyFailed"));
+        assert_eq!(
+            text(&reg),
+            [
+                r#"pushcluster_operator_cluster_degraded{namespace="a",pushcluster="chat",reason="CredentialsFailed"} 1"#,
+                r#"pushcluster_operator_cluster_degraded{namespace="b",pushcluster="mail",reason="ApplyFailed"} 1"#,
+            ]
+        );
+        m.set_degraded("a", "chat", None);
+        m.set_degraded("b", "mail", None);
+        assert!(text(&reg).is_empty(), "{:?}", text(&reg));
+    }
+}
