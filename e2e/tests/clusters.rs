@@ -544,15 +544,29 @@ async fn two_tenants_one_operator_secure_by_default() -> anyhow::Result<()> {
     let op = Operator::install(&client, &images, "pco-tenants").await?;
     let a = TestNamespace::create(&client, "tenant-a").await?;
     let b = TestNamespace::create(&client, "tenant-b").await?;
+    // A StorageClass whose provisioner is a registered CSI driver (the
+    // harness serves every claim alike): tenant a's claim on it is
+    // ReadWriteOncePod, tenant b's on no class ReadWriteOnce.
+    let csi = json!([
+        {"apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver", "metadata": {"name": "csi.e2e.pushcluster.io"}, "spec": {}},
+        {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": "e2e-csi"}, "provisioner": "csi.e2e.pushcluster.io"}
+    ]);
+    for o in csi.as_array().into_iter().flatten() {
+        let o = o.to_string();
+        tokio::task::spawn_blocking(move || kubectl(&["apply", "-f", "-"], Some(&o))).await??;
+    }
     let result = async {
-        for ns in [&a, &b] {
+        for (ns, class) in [(&a, Some("e2e-csi")), (&b, None)] {
             // Same PushCluster name in both and no auth settings at all:
             // the operator generates each tenant's credentials.
-            let pc = json!({
+            let mut pc = json!({
                 "apiVersion": "pushcluster.io/v1alpha1", "kind": "PushCluster",
                 "metadata": {"name": "push"},
                 "spec": {"image": images.image(), "web": {"replicas": 1}, "comet": {"shards": 2, "standbys": 0}}
             });
+            if let Some(class) = class {
+                pc["spec"]["storage"] = json!({"embedded": {"storageClassName": class}});
+            }
             let n = ns.name.clone();
             tokio::task::spawn_blocking(move || {
                 kubectl(&["apply", "-n", &n, "-f", "-"], Some(&pc.to_string()))
@@ -562,6 +576,16 @@ async fn two_tenants_one_operator_secure_by_default() -> anyhow::Result<()> {
         for ns in [&a, &b] {
             wait_ready(&client, &ns.name, "push", 2, LIMIT).await?;
         }
+        let mut modes = Vec::new();
+        for ns in [&a, &b] {
+            let sts: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(client.clone(), &ns.name);
+            let claim = sts.get("push-message").await?.spec.and_then(|s| s.volume_claim_templates).unwrap_or_default();
+            modes.push(claim.first().and_then(|c| c.spec.as_ref()).and_then(|s| s.access_modes.clone()).unwrap_or_default().join(","));
+        }
+        anyhow::ensure!(
+            modes == ["ReadWriteOncePod", "ReadWriteOnce"],
+            "claim access modes (CSI class, no class): {modes:?}"
+        );
         let creds = [
             credentials(&client, &a.name, "push").await?,
             credentials(&client, &b.name, "push").await?,
@@ -690,7 +714,9 @@ async fn two_tenants_one_operator_secure_by_default() -> anyhow::Result<()> {
         .await??;
         println!("generated NetworkPolicies (not enforced by this harness):\n{policies}");
         println!(
-            "PASS S5 two tenants, one operator, secure by default: both Ready with generated credentials; mids a={ma} b={mb} for one key name; refused: {}",
+            "PASS S5 two tenants, one operator, secure by default: both Ready with generated credentials; store claims {} (CSI class) and {} (no class); mids a={ma} b={mb} for one key name; refused: {}",
+            modes[0],
+            modes[1],
             refused.join("; ")
         );
         anyhow::Ok(())
@@ -699,6 +725,18 @@ async fn two_tenants_one_operator_secure_by_default() -> anyhow::Result<()> {
     a.delete().await?;
     b.delete().await?;
     op.uninstall().await?;
+    tokio::task::spawn_blocking(|| {
+        kubectl(
+            &[
+                "delete",
+                "--ignore-not-found",
+                "storageclass/e2e-csi",
+                "csidriver/csi.e2e.pushcluster.io",
+            ],
+            None,
+        )
+    })
+    .await??;
     result
 }
 

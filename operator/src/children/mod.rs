@@ -15,7 +15,7 @@ pub mod rbac;
 pub mod services;
 pub mod workloads;
 
-use crate::crd::PushCluster;
+use crate::crd::{ClaimAccessMode, PushCluster};
 use crate::Result;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
@@ -204,10 +204,20 @@ impl Child {
     }
 }
 
-/// Every child of `pc`, in apply order; `creds` are the digests of the
-/// generated credentials (they roll the pods that read them).
-pub fn desired(pc: &PushCluster, creds: &CredentialDigests) -> Result<Vec<Child>> {
-    let hash = config_hashes(pc, creds)?;
+/// What the children depend on besides the PushCluster: facts the controller
+/// read from the cluster before building them.
+#[derive(Debug, Clone, Default)]
+pub struct Facts {
+    /// Digests of the generated credentials (they roll the pods that read them).
+    pub creds: CredentialDigests,
+    /// Access mode of the embedded store's claim (see
+    /// [`crate::controller::storage`]).
+    pub claim_access: ClaimAccessMode,
+}
+
+/// Every child of `pc`, in apply order.
+pub fn desired(pc: &PushCluster, facts: &Facts) -> Result<Vec<Child>> {
+    let hash = config_hashes(pc, &facts.creds)?;
     let mut out = vec![Child::ConfigMap(config::config_map(pc)?)];
     out.extend(
         rbac::service_accounts(pc)
@@ -230,7 +240,11 @@ pub fn desired(pc: &PushCluster, creds: &CredentialDigests) -> Result<Vec<Child>
             .map(Child::NetworkPolicy),
     );
     out.push(if embedded(pc) {
-        Child::StatefulSet(workloads::message_statefulset(pc, &hash.message))
+        Child::StatefulSet(workloads::message_statefulset(
+            pc,
+            &hash.message,
+            facts.claim_access,
+        ))
     } else {
         Child::Deployment(workloads::message_deployment(pc, &hash.message))
     });

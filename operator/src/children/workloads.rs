@@ -6,7 +6,7 @@ use super::config::{CONFIG_DIR, CONFIG_HASH};
 use super::credentials::{credentials_name, secure, ADMIN_TOKEN, RPC_TOKEN, SUBSCRIBER_SECRET};
 use super::{labels, match_labels, meta, name, COMPONENTS, MESSAGE_OPS, MESSAGE_PORT};
 use super::{WEB_ADMIN, WEB_OPS, WEB_PUBLIC};
-use crate::crd::{PushCluster, SecretKeyRef};
+use crate::crd::{ClaimAccessMode, PushCluster, SecretKeyRef};
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet,
     StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec, StatefulSetUpdateStrategy,
@@ -389,7 +389,8 @@ pub fn message_deployment(pc: &PushCluster, hash: &str) -> Deployment {
 /// outlive pods, rollouts and reschedules. A StatefulSet replaces its pod
 /// only after the old one is gone: never two writers on one store. Deleting
 /// the PushCluster deletes the claim too (retention policy `Delete`).
-pub fn message_statefulset(pc: &PushCluster, hash: &str) -> StatefulSet {
+/// `access` is the claim's access mode, settled by the controller.
+pub fn message_statefulset(pc: &PushCluster, hash: &str, access: ClaimAccessMode) -> StatefulSet {
     let e = &pc.spec.storage.embedded;
     let claim = PersistentVolumeClaim {
         metadata: ObjectMeta {
@@ -398,7 +399,7 @@ pub fn message_statefulset(pc: &PushCluster, hash: &str) -> StatefulSet {
             ..ObjectMeta::default()
         },
         spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".into()]),
+            access_modes: Some(vec![access.as_str().into()]),
             storage_class_name: e.storage_class_name.clone(),
             resources: Some(VolumeResourceRequirements {
                 requests: Some(BTreeMap::from([(

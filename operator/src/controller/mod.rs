@@ -1,7 +1,8 @@
 //! The control loop: `reconcile` makes the cluster look like its PushCluster.
 //!
 //! One reconcile, in order: complete the credentials Secret
-//! ([`credentials`]), apply every desired child that differs from its live
+//! ([`credentials`]), settle the embedded store's claim mode ([`storage`]),
+//! apply every desired child that differs from its live
 //! object ([`apply`]), delete what removed shards left ([`gc`]), read the
 //! workloads and Leases ([`observe`]) and write the status computed from
 //! them ([`crate::status`]) when it changed.
@@ -11,6 +12,7 @@ pub mod credentials;
 pub mod gc;
 pub mod metrics;
 pub mod observe;
+pub mod storage;
 
 use crate::children::{self, MANAGER};
 use crate::crd::{PushCluster, PushClusterStatus};
@@ -96,8 +98,18 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
             return Err(e);
         }
     };
+    let claim_access = if children::embedded(pc) {
+        let support = storage::support(pc, ctx, &ns).await?;
+        storage::choose(pc.spec.storage.embedded.access_mode, &support)
+    } else {
+        Default::default()
+    };
+    let facts = children::Facts {
+        creds,
+        claim_access,
+    };
     let mut written = Vec::new();
-    for child in children::desired(pc, &creds)? {
+    for child in children::desired(pc, &facts)? {
         match apply::apply_if_changed(ctx, &ns, &child).await {
             Ok(true) => written.push(child.describe()),
             Ok(false) => {}
@@ -126,7 +138,7 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    let observed = observe::observe(pc, ctx, &ns, &creds).await?;
+    let observed = observe::observe(pc, ctx, &ns, &facts.creds).await?;
     let status = status::status_of(pc, &observed);
     let converging = !status::is_true(&status, ConditionType::Ready);
     if pc.status.as_ref() != Some(&status) {

@@ -378,6 +378,36 @@ pub struct EmbeddedSpec {
     /// StorageClass of the claim; the cluster's default class when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_class_name: Option<String>,
+    /// The claim's access mode. Absent: `ReadWriteOncePod` where the cluster
+    /// supports it (API server 1.27 or later and the class's provisioner a
+    /// registered CSI driver, which only the operator's ClusterRole can
+    /// read), else `ReadWriteOnce`. Chosen once, when the StatefulSet is
+    /// created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_mode: Option<ClaimAccessMode>,
+}
+
+/// Access mode of the embedded store's claim.
+#[derive(
+    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum ClaimAccessMode {
+    /// One node may mount it (every volume plugin).
+    #[default]
+    ReadWriteOnce,
+    /// One pod may mount it: a second message pod cannot open the store even
+    /// on the same node (CSI drivers only).
+    ReadWriteOncePod,
+}
+
+impl ClaimAccessMode {
+    /// The PersistentVolumeClaim API's spelling.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ClaimAccessMode::ReadWriteOnce => "ReadWriteOnce",
+            ClaimAccessMode::ReadWriteOncePod => "ReadWriteOncePod",
+        }
+    }
 }
 
 fn d_size() -> String {
@@ -389,6 +419,7 @@ impl Default for EmbeddedSpec {
         Self {
             size: d_size(),
             storage_class_name: None,
+            access_mode: None,
         }
     }
 }

@@ -13,7 +13,7 @@ use push_operator::children::{
     self, config, credentials, desired, network, rbac, services, workloads, Child,
     CredentialDigests, CONFIG_HASH,
 };
-use push_operator::crd::PushCluster;
+use push_operator::crd::{ClaimAccessMode, PushCluster};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -277,7 +277,7 @@ fn the_embedded_store_lives_on_a_claim_of_a_one_pod_statefulset() {
     let mut pc = example("pushcluster-minimal.yaml");
     pc.spec.storage.embedded.size = "5Gi".into();
     pc.spec.storage.embedded.storage_class_name = Some("fast".into());
-    let sts = workloads::message_statefulset(&pc, "h");
+    let sts = workloads::message_statefulset(&pc, "h", ClaimAccessMode::ReadWriteOncePod);
     let spec = sts.spec.unwrap();
     assert_eq!(spec.replicas, Some(1), "never two writers on one store");
     assert_eq!(spec.pod_management_policy.as_deref(), Some("OrderedReady"));
@@ -285,6 +285,11 @@ fn the_embedded_store_lives_on_a_claim_of_a_one_pod_statefulset() {
     let cs = claim.spec.as_ref().unwrap();
     assert_eq!(claim.metadata.name.as_deref(), Some("data"));
     assert_eq!(cs.storage_class_name.as_deref(), Some("fast"));
+    assert_eq!(
+        cs.access_modes.as_deref(),
+        Some(&["ReadWriteOncePod".to_owned()][..]),
+        "the mode the controller settled"
+    );
     assert_eq!(
         cs.resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0,
         "5Gi"
@@ -369,7 +374,7 @@ fn rbac_is_least_privilege() {
     let sas = rbac::service_accounts(&pc);
     let message = sas.iter().find(|s| s.name_any() == "push-message").unwrap();
     assert_eq!(message.automount_service_account_token, Some(false));
-    let d = workloads::message_statefulset(&pc, "h");
+    let d = workloads::message_statefulset(&pc, "h", Default::default());
     assert_eq!(
         d.spec
             .unwrap()
@@ -532,7 +537,7 @@ fn every_component_reads_its_credentials_from_the_generated_secret() {
         "comets never see the admin token"
     );
     let message = env_of(
-        workloads::message_statefulset(&pc, "h")
+        workloads::message_statefulset(&pc, "h", Default::default())
             .spec
             .unwrap()
             .template

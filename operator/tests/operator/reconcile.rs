@@ -6,7 +6,7 @@
 use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::{Client, Resource};
-use push_operator::children::{desired, Child, CredentialDigests};
+use push_operator::children::{desired, Child, CredentialDigests, Facts};
 use push_operator::controller::{error_policy, reconcile, Context, Metrics};
 use push_operator::crd::PushCluster;
 use serde_json::{json, Value};
@@ -194,13 +194,19 @@ fn as_stored(body: &Value) -> Value {
     obj
 }
 
-/// The digests of the credentials the fake holds.
-fn creds(fake: &Shared) -> CredentialDigests {
+/// What the children are built from, as the fake holds it: the
+/// credentials' digests (and `ReadWriteOnce`, as the fake gives no version).
+fn facts(fake: &Shared) -> Facts {
     let f = fake.lock().unwrap();
-    f.objects
+    let creds = f
+        .objects
         .get(&format!("{SECRETS}/push-credentials"))
         .map(|s| CredentialDigests::of(&serde_json::from_value(s.clone()).unwrap()))
-        .unwrap_or_default()
+        .unwrap_or_default();
+    Facts {
+        creds,
+        ..Facts::default()
+    }
 }
 
 /// Puts the PushCluster into the fake, as the API server holds it.
@@ -288,14 +294,18 @@ async fn first_reconcile_applies_every_object_then_reports_status() {
         .await
         .unwrap();
     // The credentials first: read, created (never applied), announced.
+    // Then the claim's mode: no StatefulSet yet, so the server's version
+    // (the fake has none: ReadWriteOnce).
     let mut want = vec![
         (Method::GET, format!("{SECRETS}/push-credentials")),
         (Method::POST, SECRETS.into()),
         (Method::POST, EVENTS.into()),
+        (Method::GET, format!("{STATEFULSETS}/push-message")),
+        (Method::GET, "/version".into()),
     ];
-    let digests = creds(&fake);
+    let digests = facts(&fake);
     assert_eq!(
-        digests.0.keys().collect::<Vec<_>>(),
+        digests.creds.0.keys().collect::<Vec<_>>(),
         ["admin-token", "rpc-token", "subscriber-secret"]
     );
     for c in desired(&pc, &digests).unwrap() {
@@ -361,10 +371,13 @@ async fn a_no_op_reconcile_writes_nothing() {
     let pc = stored(&fake);
     fake.lock().unwrap().log.clear();
     reconcile(Arc::new(pc.clone()), ctx(client)).await.unwrap();
-    let mut want: Vec<(Method, String)> =
-        vec![(Method::GET, format!("{SECRETS}/push-credentials"))];
+    // The live StatefulSet settles the claim's mode: nothing else is asked.
+    let mut want: Vec<(Method, String)> = vec![
+        (Method::GET, format!("{SECRETS}/push-credentials")),
+        (Method::GET, format!("{STATEFULSETS}/push-message")),
+    ];
     want.extend(
-        desired(&pc, &creds(&fake))
+        desired(&pc, &facts(&fake))
             .unwrap()
             .iter()
             .map(|c| (Method::GET, path_of(c))),
