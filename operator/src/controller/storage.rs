@@ -58,12 +58,18 @@ pub fn choose(spec: Option<ClaimAccessMode>, support: &Support) -> ClaimAccessMo
 }
 
 /// `"1"`, `"28+"` → `(1, 28)`: managed clusters append `+` to the minor.
-pub fn parse_version(major: &str, minor: &str) -> Option<(u32, u32)> {
+/// A server built from source without version stamps says neither (its
+/// gitVersion is `v0.0.0-master+<commit>`): that is the newest code there
+/// is, so it counts as newer than any release.
+pub fn parse_version(major: &str, minor: &str, git_version: &str) -> Option<(u32, u32)> {
     let num = |s: &str| {
         s.trim_end_matches(|c: char| !c.is_ascii_digit())
             .parse()
             .ok()
     };
+    if major.is_empty() && minor.is_empty() && git_version.starts_with("v0.0.0-") {
+        return Some((u32::MAX, 0));
+    }
     Some((num(major)?, num(minor)?))
 }
 
@@ -87,7 +93,7 @@ pub async fn support(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<Suppor
         return Ok(out);
     }
     out.server = match ctx.client.apiserver_version().await {
-        Ok(info) => parse_version(&info.major, &info.minor),
+        Ok(info) => parse_version(&info.major, &info.minor, &info.git_version),
         Err(e) => {
             tracing::debug!(error = %e, "cannot read the API server's version");
             None
@@ -179,9 +185,12 @@ mod tests {
 
     #[test]
     fn versions_as_servers_spell_them() {
-        assert_eq!(parse_version("1", "28"), Some((1, 28)));
-        assert_eq!(parse_version("1", "29+"), Some((1, 29)));
-        assert_eq!(parse_version("", ""), None);
-        assert_eq!(parse_version("1", "x"), None);
+        assert_eq!(parse_version("1", "28", "v1.28.7"), Some((1, 28)));
+        assert_eq!(parse_version("1", "29+", "v1.29.3-eks-1"), Some((1, 29)));
+        assert_eq!(parse_version("1", "x", "v1.x"), None);
+        assert_eq!(parse_version("", "", "weird"), None);
+        // An unstamped build from source is newer than every release.
+        let dev = parse_version("", "", "v0.0.0-master+c8dcb00be996");
+        assert!(dev.is_some_and(|v| v >= (1, 27)));
     }
 }
