@@ -65,9 +65,10 @@ pub async fn ready_endpoints(
 
 /// A load balancer on 127.0.0.1 in front of one Service port, as an Ingress
 /// or a cloud load balancer would be: each new connection goes to a ready
-/// endpoint (round robin), refreshed from EndpointSlices every 200 ms. It
-/// stands in for kube-proxy, which the process harness lacks, and works the
-/// same on any cluster whose pod IPs the test can reach.
+/// endpoint (round robin), following the Service's EndpointSlices through a
+/// watch, as ingress controllers and kube-proxy do. It stands in for
+/// kube-proxy, which the process harness lacks, and works the same on any
+/// cluster whose pod IPs the test can reach.
 pub struct ServiceProxy {
     pub addr: SocketAddr,
     cancel: CancellationToken,
@@ -81,7 +82,18 @@ impl ServiceProxy {
         service: &str,
         port: &str,
     ) -> anyhow::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_at(client, ns, service, port, "127.0.0.1:0".parse()?).await
+    }
+
+    /// [`ServiceProxy::start`], listening on `bind`.
+    pub async fn start_at(
+        client: &Client,
+        ns: &str,
+        service: &str,
+        port: &str,
+        bind: SocketAddr,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
         let addr = listener.local_addr()?;
         let cancel = CancellationToken::new();
         // Like a load balancer's first health check: wait for an endpoint.
@@ -108,11 +120,19 @@ impl ServiceProxy {
             let targets = targets.clone();
             let cancel = cancel.clone();
             async move {
-                while !cancel.is_cancelled() {
+                use futures::StreamExt;
+                let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+                let cfg = kube::runtime::watcher::Config::default()
+                    .labels(&format!("kubernetes.io/service-name={service}"));
+                let mut changes = kube::runtime::watcher(api, cfg).boxed();
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        ev = changes.next() => if ev.is_none() { return },
+                    }
                     if let Ok(t) = ready_endpoints(&client, &ns, &service, &port).await {
                         *targets.lock().unwrap_or_else(|e| e.into_inner()) = t;
                     }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
         };
@@ -471,6 +491,28 @@ impl Outcome {
             f.reconnected += usize::from(came_back);
         }
         f
+    }
+
+    /// [`Outcome::figures`] of the followers on `protos` only (and the
+    /// pushes to their keys).
+    pub fn figures_of(&self, protos: &[Proto], from: Instant, to: Instant) -> Figures {
+        let seen: BTreeMap<String, (Proto, Option<Seen>)> = self
+            .seen
+            .iter()
+            .filter(|(_, (p, _))| protos.contains(p))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let part = Outcome {
+            keys: seen.keys().cloned().collect(),
+            attempts: self
+                .attempts
+                .iter()
+                .filter(|a| seen.contains_key(&a.key))
+                .cloned()
+                .collect(),
+            seen,
+        };
+        part.figures(from, to)
     }
 
     /// Problems with the run as a whole: losses, gaps, restarted sequences,

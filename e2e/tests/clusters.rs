@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::Client;
 use push_operator::crd::PushCluster;
-use pushcluster_client::http::Client as HttpApi;
+use pushcluster_client::http::{Client as HttpApi, Proto};
 use pushcluster_e2e::traffic::{ready_endpoints, Load, ServiceProxy, Traffic};
 use pushcluster_e2e::{
     apply_example, credentials, full_cluster, helm, kill9, kubectl, rollout_status, root, wait,
@@ -50,6 +50,11 @@ impl Operator {
             return Err(e);
         }
         Ok(op)
+    }
+
+    /// The namespace it runs in.
+    fn namespace(&self) -> &str {
+        self.ns.as_ref().map_or("", |n| n.name.as_str())
     }
 
     async fn uninstall(mut self) -> anyhow::Result<()> {
@@ -1080,5 +1085,160 @@ async fn monitoring_objects_requests_and_egress() -> anyhow::Result<()> {
     }
     .await;
     tear_down(watched, home, "pco-mon").await?;
+    result
+}
+
+/// A shard's EndpointSlice: the pods it names, ready.
+async fn slice_pods(client: &Client, ns: &str, name: &str) -> anyhow::Result<Vec<String>> {
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> =
+        Api::namespaced(client.clone(), ns);
+    let s = slices.get(name).await?;
+    Ok(s.endpoints
+        .iter()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter_map(|e| e.target_ref.as_ref().and_then(|r| r.name.clone()))
+        .collect())
+}
+
+/// Waits until shard `shard`'s Lease changed hands (transitions above
+/// `before`) and its EndpointSlice names the new holder; returns the holder.
+async fn taken_and_published(
+    client: &Client,
+    ns: &str,
+    cluster: &str,
+    shard: u32,
+    before: i32,
+) -> anyhow::Result<String> {
+    let lease = format!("{cluster}-comet-{shard}");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let spec = leases.get(&lease).await?.spec.unwrap_or_default();
+        let holder = spec.holder_identity.unwrap_or_default();
+        let published = slice_pods(client, ns, &lease).await?;
+        if spec.lease_transitions.unwrap_or(0) > before
+            && !holder.is_empty()
+            && published == [holder.clone()]
+        {
+            return Ok(holder);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{lease} not taken again with its EndpointSlice: holder {holder:?}, slice {published:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Failover with the operator scaled to 0, on the minimal example with 2
+/// standbys: followers reach comets by pod address (TCP, as web gives them)
+/// and by advertised per-shard addresses (WebSocket and SSE, through a load
+/// balancer per shard Service that follows its EndpointSlice). A graceful
+/// delete of one holder, then a SIGKILL of another: the standbys take over
+/// and write their own addresses into the shard slices, so every follower is
+/// back on a comet within 100 ms (graceful) and a lease plus 0.5 s (crash),
+/// with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_without_the_operator() -> anyhow::Result<()> {
+    let Some((client, images)) = full_cluster().await else {
+        return Ok(());
+    };
+    let op = Operator::install(&client, &images, "pco-noop").await?;
+    let ns = TestNamespace::create(&client, "noop").await?;
+    let result = async {
+        // One port on 127.0.1.10, 127.0.1.11: shard k's advertised address
+        // is 127.0.1.1k:<port>, a load balancer for Service <name>-comet-k.
+        let port = std::net::TcpListener::bind("127.0.1.10:0")?.local_addr()?.port();
+        let mut pc = pushcluster_e2e::example("pushcluster-minimal.yaml")?;
+        pc["spec"]["image"] = images.image().into();
+        pc["spec"]["comet"] = json!({"shards": 2, "standbys": 2, "advertise": {"ws": format!("127.0.1.1{{shard}}:{port}")}});
+        let name = pc["metadata"]["name"].as_str().unwrap_or("push").to_owned();
+        let n = ns.name.clone();
+        tokio::task::spawn_blocking(move || kubectl(&["apply", "-n", &n, "-f", "-"], Some(&pc.to_string()))).await??;
+        wait_ready(&client, &ns.name, &name, 2, LIMIT).await?;
+        let lease_s = {
+            let pcs: Api<PushCluster> = Api::namespaced(client.clone(), &ns.name);
+            pcs.get(&name).await?.spec.lease.duration_seconds
+        };
+        let mut balancers = Vec::new();
+        for k in 0..2u32 {
+            let bind: std::net::SocketAddr = format!("127.0.1.1{k}:{port}").parse()?;
+            balancers.push(ServiceProxy::start_at(&client, &ns.name, &format!("{name}-comet-{k}"), "ws", bind).await?);
+        }
+        let creds = credentials(&client, &ns.name, &name).await?;
+        let public = ServiceProxy::start(&client, &ns.name, &format!("{name}-web"), "public").await?;
+        let admin = ServiceProxy::start(&client, &ns.name, &format!("{name}-web-admin"), "admin").await?;
+        let api = HttpApi::new(&public.url(), &admin.url(), Some(creds.admin_token))
+            .with_subscriber_secret(Some(creds.subscriber_secret.clone()));
+        first_push(&api, "warm-up", "{}").await?;
+
+        // No operator from here on.
+        let (n, deployment) = (op.namespace().to_owned(), "deployment/pco-noop-pushcluster-operator".to_owned());
+        tokio::task::spawn_blocking(move || kubectl(&["scale", "-n", &n, &deployment, "--replicas=0"], None)).await??;
+        wait("the operator gone", LIMIT, || async {
+            let pods: Api<Pod> = Api::namespaced(client.clone(), op.namespace());
+            Ok(pods.list(&kube::api::ListParams::default()).await?.items.is_empty())
+        })
+        .await?;
+
+        let load = Load { keys: 24, rate: 50, prefix: "noop".into(), subscriber_secret: Some(creds.subscriber_secret) };
+        let traffic = Traffic::start(api.clone(), &load).await;
+        anyhow::ensure!(traffic.all_connected(LIMIT).await, "followers did not all reach a comet");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        let mut events = Vec::new();
+        for (shard, crash) in [(0u32, false), (1u32, true)] {
+            let leases = lease_holders(&client, &ns.name, &name).await?;
+            let (_, victim, before) = leases[shard as usize].clone();
+            let from = Instant::now();
+            if crash {
+                kill9(&client, &ns.name, &victim).await?;
+            } else {
+                let pods: Api<Pod> = Api::namespaced(client.clone(), &ns.name);
+                pods.delete(&victim, &DeleteParams::default()).await?;
+            }
+            let heir = taken_and_published(&client, &ns.name, &name, shard, before).await?;
+            let taken = from.elapsed();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            events.push((shard, crash, victim, heir, taken, from, Instant::now()));
+        }
+        let outcome = traffic.finish(Duration::from_secs(60)).await;
+        let mut problems = outcome.problems();
+        let limit = |crash: bool| if crash { Duration::from_secs(lease_s as u64) + Duration::from_millis(500) } else { Duration::from_millis(100) };
+        for (shard, crash, victim, heir, taken, from, to) in &events {
+            let kind = if *crash { "SIGKILL" } else { "graceful delete" };
+            let pod_addr = outcome.figures_of(&[Proto::Tcp], *from, *to);
+            let advertised = outcome.figures_of(&[Proto::WebSocket, Proto::Sse], *from, *to);
+            println!(
+                "INFO {kind} of shard {shard}'s holder {victim}, no operator: {heir} took the Lease and its EndpointSlice in {:.2} s; pod addresses (TCP): {pod_addr}; advertised addresses (WebSocket, SSE): {advertised}",
+                taken.as_secs_f64()
+            );
+            for (what, f) in [("pod", &pod_addr), ("advertised", &advertised)] {
+                if f.longest_outage > limit(*crash) {
+                    problems.push(format!("{kind}: followers on {what} addresses were without a comet for {:.3} s (limit {:.3} s)", f.longest_outage.as_secs_f64(), limit(*crash).as_secs_f64()));
+                }
+                if f.lost > 0 || f.still_down > 0 {
+                    problems.push(format!("{kind}: {what} followers lost {} messages, {} still down", f.lost, f.still_down));
+                }
+            }
+        }
+        anyhow::ensure!(problems.is_empty(), "failover without the operator: {problems:?}");
+        let graceful = &events[0];
+        let crash = &events[1];
+        let worst = |e: &(u32, bool, String, String, Duration, Instant, Instant)| outcome.figures(e.5, e.6).longest_outage.as_secs_f64();
+        println!(
+            "PASS failover with the operator scaled to 0 (minimal example, 2 shards + 2 standbys, 24 followers on pod and advertised addresses, 50 pushes/s): longest without a comet {:.3} s after a graceful delete (limit 0.100), {:.3} s after a SIGKILL (limit {:.1}); standbys wrote their EndpointSlices in {:.2} s and {:.2} s; 0 lost",
+            worst(graceful),
+            worst(crash),
+            limit(true).as_secs_f64(),
+            graceful.4.as_secs_f64(),
+            crash.4.as_secs_f64(),
+        );
+        drop(balancers);
+        anyhow::Ok(())
+    }
+    .await;
+    ns.delete().await?;
+    op.uninstall().await?;
     result
 }

@@ -1,12 +1,11 @@
-//! Puts each shard's Lease holder behind its per-shard Service: the operator
-//! labels the holder pod `pushcluster.io/shard=<k>` (with a high
-//! pod-deletion cost, so a rollout removes standbys first) and unlabels pods
-//! that hold nothing. Comets, which face the internet, may therefore patch no
-//! pod at all; web does not need the label either (it routes by Lease holder
-//! and the comets Service's EndpointSlices), so the per-shard Services only
-//! serve what reaches a shard by name (e.g. a load balancer per shard). Only
-//! holder changes act: renewals, which rewrite the Lease every second, cost a
-//! comparison.
+//! Marks each shard's Lease holder: the operator labels the holder pod
+//! `pushcluster.io/shard=<k>` (with a high pod-deletion cost, so a rollout
+//! removes standbys first) and unlabels pods that hold nothing. Routing does
+//! not wait for it: web routes by Lease holder, and the per-shard Services
+//! follow the EndpointSlice each holder writes itself (see the lease crate's
+//! `shard_slice`), so a failover needs no running operator. Comets, which
+//! face the internet, may patch no pod at all. Only holder changes act:
+//! renewals, which rewrite the Lease every second, cost a comparison.
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;

@@ -20,6 +20,7 @@ use crate::Result;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -149,6 +150,7 @@ pub enum Child {
     Role(Role),
     RoleBinding(RoleBinding),
     Service(Service),
+    EndpointSlice(EndpointSlice),
     Lease(Lease),
     NetworkPolicy(NetworkPolicy),
     StatefulSet(StatefulSet),
@@ -165,6 +167,7 @@ macro_rules! each_kind {
             Child::Role($o) => $body,
             Child::RoleBinding($o) => $body,
             Child::Service($o) => $body,
+            Child::EndpointSlice($o) => $body,
             Child::Lease($o) => $body,
             Child::NetworkPolicy($o) => $body,
             Child::StatefulSet($o) => $body,
@@ -199,8 +202,13 @@ impl Child {
     }
 
     /// The object as JSON, with apiVersion and kind (what an apply sends).
+    /// A shard EndpointSlice goes without `endpoints`: its holder owns them.
     pub fn to_json(&self) -> Result<serde_json::Value> {
-        Ok(each_kind!(self, o => serde_json::to_value(o))?)
+        let mut v = each_kind!(self, o => serde_json::to_value(o))?;
+        if let (Child::EndpointSlice(_), Some(o)) = (self, v.as_object_mut()) {
+            o.remove("endpoints");
+        }
+        Ok(v)
     }
 }
 
@@ -227,6 +235,11 @@ pub fn desired(pc: &PushCluster, facts: &Facts) -> Result<Vec<Child>> {
     out.extend(rbac::roles(pc).into_iter().map(Child::Role));
     out.extend(rbac::role_bindings(pc).into_iter().map(Child::RoleBinding));
     out.extend(services::shard_services(pc).into_iter().map(Child::Service));
+    out.extend(
+        services::shard_endpoint_slices(pc)
+            .into_iter()
+            .map(Child::EndpointSlice),
+    );
     out.push(Child::Service(services::comets_service(pc)));
     out.extend(
         services::component_services(pc)

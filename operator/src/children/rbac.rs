@@ -46,8 +46,22 @@ pub fn roles(pc: &PushCluster) -> Vec<Role> {
                 // Listing and watching cannot be limited by name; Leases hold
                 // no secrets. Writes are limited to this cluster's shards.
                 rule(leases, "leases", &["list", "watch"], None),
-                rule(leases, "leases", &["get", "update"], Some(own_leases)),
+                rule(
+                    leases,
+                    "leases",
+                    &["get", "update"],
+                    Some(own_leases.clone()),
+                ),
                 slices.clone(),
+                // The shard slices share the Leases' names: a holder writes
+                // its address into its own shard's (see shard_slice in the
+                // lease crate); the operator makes them.
+                rule(
+                    "discovery.k8s.io",
+                    "endpointslices",
+                    &["get", "patch"],
+                    Some(own_leases),
+                ),
             ]),
         },
         Role {

@@ -5,6 +5,7 @@ use super::{labels, meta, name, selector, MESSAGE_PORT, WEB_ADMIN, WEB_PUBLIC};
 use crate::crd::PushCluster;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use pushcluster_lease::kubernetes::{lease_name, SHARD_LABEL};
@@ -54,25 +55,73 @@ fn shard_meta(
     m
 }
 
-/// One Service per shard, `<cluster>-comet-<k>`, selecting the pod labelled
-/// `pushcluster.io/shard=k`: a stable name per shard, and the EndpointSlices
-/// web routes by.
+/// The ports a shard is reached on: name and port (the container's).
+fn shard_ports(pc: &PushCluster) -> [(&'static str, i32); 3] {
+    let p = &pc.spec.comet.ports;
+    [("ws", p.ws), ("tcp", p.tcp), ("rpc", p.rpc)]
+}
+
+/// One Service per shard, `<cluster>-comet-<k>`, without a selector: its
+/// EndpointSlice of the same name is written by the shard's Lease holder
+/// ([`shard_endpoint_slices`]), so what reaches a shard by name (a load
+/// balancer or Ingress per shard, the target of advertised addresses)
+/// follows the holder without waiting for the operator.
 pub fn shard_services(pc: &PushCluster) -> Vec<Service> {
-    let c = &pc.spec.comet;
-    (0..c.shards.max(1))
+    (0..pc.spec.comet.shards.max(1))
         .map(|k| {
-            let mut sel = selector(pc, "comet");
-            sel.insert(SHARD_LABEL.to_owned(), k.to_string());
-            service(
+            let mut s = service(
                 shard_meta(pc, k),
-                sel,
-                &[
-                    ("ws", c.ports.ws),
-                    ("tcp", c.ports.tcp),
-                    ("rpc", c.ports.rpc),
-                ],
+                BTreeMap::new(),
+                &shard_ports(pc),
                 "ClusterIP",
-            )
+            );
+            if let Some(spec) = s.spec.as_mut() {
+                spec.selector = None;
+                // Selector-less: the slice's port numbers are the targets.
+                for p in spec.ports.iter_mut().flatten() {
+                    p.target_port = Some(IntOrString::Int(p.port));
+                }
+            }
+            s
+        })
+        .collect()
+}
+
+/// Value of `endpointslice.kubernetes.io/managed-by` on the shard slices:
+/// not the EndpointSlice controller's, so it leaves them alone.
+pub const SLICE_MANAGER: &str = "pushcluster.io/comet";
+
+/// The EndpointSlice `<cluster>-comet-<k>` of each shard Service, with the
+/// Service's ports and labels. The operator makes them and owns everything
+/// but `endpoints`, which only the shard's holder writes (its pod address,
+/// when it takes the Lease): `Child::to_json` leaves that field out.
+pub fn shard_endpoint_slices(pc: &PushCluster) -> Vec<EndpointSlice> {
+    (0..pc.spec.comet.shards.max(1))
+        .map(|k| {
+            let mut metadata = shard_meta(pc, k);
+            let svc = metadata.name.clone().unwrap_or_default();
+            let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+            labels.insert("kubernetes.io/service-name".into(), svc);
+            labels.insert(
+                "endpointslice.kubernetes.io/managed-by".into(),
+                SLICE_MANAGER.into(),
+            );
+            EndpointSlice {
+                metadata,
+                address_type: "IPv4".into(),
+                endpoints: Vec::new(),
+                ports: Some(
+                    shard_ports(pc)
+                        .iter()
+                        .map(|(n, p)| EndpointPort {
+                            name: Some((*n).into()),
+                            port: Some(*p),
+                            protocol: Some("TCP".into()),
+                            app_protocol: None,
+                        })
+                        .collect(),
+                ),
+            }
         })
         .collect()
 }

@@ -301,6 +301,8 @@ fn deployment(pc: &PushCluster, hash: &str, replicas: i32, p: PodParts<'_>) -> D
 pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Deployment {
     let c = &pc.spec.comet;
     let mut env = pod_env();
+    // The holder writes its address into its shard's EndpointSlice.
+    env.push(field_env("POD_IP", "status.podIP"));
     env.extend(subscriber_env(pc));
     env.extend(rpc_token_env(pc));
     env.extend(redis_url_env(pc));

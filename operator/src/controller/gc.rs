@@ -1,14 +1,18 @@
-//! Deletes what owner references cannot: Leases and per-shard Services of
-//! shards beyond `spec.comet.shards`, and NetworkPolicies once turned off.
+//! Deletes what owner references cannot: Leases, per-shard Services and
+//! their EndpointSlices of shards beyond `spec.comet.shards`, the
+//! EndpointSlice controller's leftovers of per-shard Services, and
+//! NetworkPolicies once turned off.
 //! Everything else is garbage collected through owner references when the
 //! PushCluster goes.
 
 use super::Context;
 use crate::children::cluster_query;
+use crate::children::services::SLICE_MANAGER;
 use crate::crd::PushCluster;
 use crate::Result;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Resource, ResourceExt};
@@ -16,6 +20,9 @@ use pushcluster_lease::kubernetes::SHARD_LABEL;
 use serde::de::DeserializeOwned;
 use std::collections::BTreeMap;
 use std::fmt::Debug;
+
+/// Label naming who manages an EndpointSlice.
+const SLICE_MANAGED_BY: &str = "endpointslice.kubernetes.io/managed-by";
 
 /// The shard an object is labelled with.
 pub fn shard_of(labels: &BTreeMap<String, String>) -> Option<i32> {
@@ -52,6 +59,18 @@ pub async fn collect_garbage(pc: &PushCluster, ctx: &Context, ns: &str) -> Resul
     let beyond = |labels: &BTreeMap<String, String>| shard_of(labels).is_some_and(|k| k >= shards);
     let mut removed = delete_where::<Lease>(pc, ctx, ns, |l| beyond(l.labels())).await?;
     removed.extend(delete_where::<Service>(pc, ctx, ns, |s| beyond(s.labels())).await?);
+    // Shard slices of removed shards, and the EndpointSlice controller's
+    // slices left from when per-shard Services had a selector (it stops
+    // managing a Service whose selector goes, but does not delete them).
+    removed.extend(
+        delete_where::<EndpointSlice>(pc, ctx, ns, |s| {
+            let l = s.labels();
+            beyond(l)
+                || (shard_of(l).is_some()
+                    && l.get(SLICE_MANAGED_BY).map(String::as_str) != Some(SLICE_MANAGER))
+        })
+        .await?,
+    );
     if !pc.spec.network_policy.enabled {
         // Turned off after they were made: owner references only act when
         // the PushCluster goes, so remove them here.

@@ -75,6 +75,8 @@ fn the_minimal_example_produces_the_whole_cluster() {
             "RoleBinding/push-web",
             "Service/push-comet-0",
             "Service/push-comet-1",
+            "EndpointSlice/push-comet-0",
+            "EndpointSlice/push-comet-1",
             "Service/push-comets",
             "Service/push-message",
             "Service/push-web",
@@ -135,15 +137,53 @@ fn comets_and_shard_services_follow_the_shard_count() {
         "8 shards + 2 standbys"
     );
     let svcs = services::shard_services(&pc);
-    assert_eq!(svcs.len(), 8);
-    for (k, s) in svcs.iter().enumerate() {
+    let slices = services::shard_endpoint_slices(&pc);
+    assert_eq!((svcs.len(), slices.len()), (8, 8));
+    for (k, (s, slice)) in svcs.iter().zip(&slices).enumerate() {
         assert_eq!(s.name_any(), format!("push-prod-comet-{k}"));
-        let sel = s.spec.as_ref().unwrap().selector.as_ref().unwrap();
-        assert_eq!(sel["pushcluster.io/shard"], k.to_string());
-        assert_eq!(sel["app.kubernetes.io/component"], "comet");
-        // EndpointSlices inherit these labels; web finds shards by them.
+        // No selector: the holder writes the slice, no relabel needed.
+        let spec = s.spec.as_ref().unwrap();
+        assert_eq!(spec.selector, None);
         assert_eq!(s.labels()["pushcluster.io/shard"], k.to_string());
+        // The slice of the same name belongs to that Service, is left
+        // alone by the EndpointSlice controller, and carries its ports.
+        assert_eq!(slice.name_any(), s.name_any());
+        let l = slice.labels();
+        assert_eq!(l["kubernetes.io/service-name"], s.name_any());
+        assert_eq!(
+            l["endpointslice.kubernetes.io/managed-by"],
+            "pushcluster.io/comet"
+        );
+        assert_eq!(l["pushcluster.io/shard"], k.to_string());
+        let svc_ports: Vec<(Option<String>, i32)> = spec
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| {
+                assert_eq!(p.target_port, Some(IntOrString::Int(p.port)));
+                (p.name.clone(), p.port)
+            })
+            .collect();
+        let slice_ports: Vec<(Option<String>, i32)> = slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| (p.name.clone(), p.port.unwrap()))
+            .collect();
+        assert_eq!(svc_ports, slice_ports);
+        // An apply leaves the endpoints to the holder.
+        let json = Child::EndpointSlice(slice.clone()).to_json().unwrap();
+        assert!(json.get("endpoints").is_none(), "{json}");
+        assert_eq!(json["addressType"], "IPv4");
     }
+    let env = d.spec.unwrap().template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(
+        env.iter().any(|e| e.name == "POD_IP"),
+        "a comet must know its address to publish it"
+    );
 }
 
 /// The Redis prefix of each service's config.
@@ -335,8 +375,8 @@ fn rbac_is_least_privilege() {
             assert!(!rule.resources.unwrap_or_default().iter().any(|x| x == "*"));
         }
     }
-    // Comets (internet-facing) write only their own cluster's shard Leases,
-    // by name, create nothing and touch no pod.
+    // Comets (internet-facing) write only their own cluster's shard Leases
+    // and shard EndpointSlices, by name, create nothing and touch no pod.
     let comet = rbac::roles(&pc)
         .into_iter()
         .find(|r| r.name_any() == "push-comet")
@@ -345,12 +385,15 @@ fn rbac_is_least_privilege() {
     for rule in &rules {
         let resources = rule.resources.clone().unwrap_or_default();
         assert!(!resources.contains(&"pods".to_owned()), "{rule:?}");
-        assert!(
-            !rule.verbs.iter().any(|v| v == "create" || v == "patch"),
-            "{rule:?}"
-        );
-        if rule.verbs.iter().any(|v| v == "update") {
-            assert_eq!(resources, ["leases"]);
+        assert!(!rule.verbs.iter().any(|v| v == "create"), "{rule:?}");
+        if rule.verbs.iter().any(|v| v == "update" || v == "patch") {
+            let writes: &[&str] = if resources == ["leases"] {
+                &["get", "update"]
+            } else {
+                assert_eq!(resources, ["endpointslices"]);
+                &["get", "patch"]
+            };
+            assert_eq!(rule.verbs, writes);
             assert_eq!(
                 rule.resource_names.as_deref(),
                 Some(&["push-comet-0".to_owned(), "push-comet-1".to_owned()][..])

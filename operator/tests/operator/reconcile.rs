@@ -245,6 +245,7 @@ fn path_of(c: &Child) -> String {
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/team-a/leases";
 const SERVICES: &str = "/api/v1/namespaces/team-a/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/namespaces/team-a/endpointslices";
 const DEPLOYMENTS: &str = "/apis/apps/v1/namespaces/team-a/deployments";
 const STATEFULSETS: &str = "/apis/apps/v1/namespaces/team-a/statefulsets";
 const PODS: &str = "/api/v1/namespaces/team-a/pods";
@@ -314,6 +315,7 @@ async fn first_reconcile_applies_every_object_then_reports_status() {
     }
     want.push((Method::GET, LEASES.into()));
     want.push((Method::GET, SERVICES.into()));
+    want.push((Method::GET, SLICES.into()));
     want.push((Method::POST, EVENTS.into()));
     want.extend(observe_requests());
     want.push((Method::PATCH, STATUS.into()));
@@ -384,6 +386,7 @@ async fn a_no_op_reconcile_writes_nothing() {
     );
     want.push((Method::GET, LEASES.into()));
     want.push((Method::GET, SERVICES.into()));
+    want.push((Method::GET, SLICES.into()));
     want.extend(observe_requests());
     assert_eq!(requests(&fake), want);
     assert_eq!(writes(&fake), vec![], "a no-op reconcile must not write");
@@ -411,7 +414,7 @@ async fn drift_in_a_managed_field_is_repaired() {
 }
 
 #[tokio::test]
-async fn fewer_shards_remove_their_services_and_leases() {
+async fn fewer_shards_remove_their_services_slices_and_leases() {
     let fake = Shared::default();
     let client = start(fake.clone());
     seed(&fake, &cluster(3));
@@ -426,6 +429,16 @@ async fn fewer_shards_remove_their_services_and_leases() {
                    "spec": {"holderIdentity": format!("comet-pod-{k}"), "leaseTransitions": 1, "acquireTime": "2026-11-25T10:00:00.000000Z"}}),
         );
     }
+    // What the EndpointSlice controller made while shard Services had a
+    // selector (it copies their labels): left to the operator to remove.
+    fake.lock().unwrap().objects.insert(
+        format!("{SLICES}/push-comet-0-x7k2p"),
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4", "endpoints": [],
+               "metadata": {"name": "push-comet-0-x7k2p", "namespace": NS, "labels": {
+                   "pushcluster.io/cluster": "push", "pushcluster.io/shard": "0",
+                   "kubernetes.io/service-name": "push-comet-0",
+                   "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"}}}),
+    );
     fake.lock().unwrap().log.clear();
     let mut pc = stored(&fake);
     pc.spec.comet.shards = 2;
@@ -440,7 +453,9 @@ async fn fewer_shards_remove_their_services_and_leases() {
         deletes,
         vec![
             format!("{LEASES}/push-comet-2"),
-            format!("{SERVICES}/push-comet-2")
+            format!("{SERVICES}/push-comet-2"),
+            format!("{SLICES}/push-comet-0-x7k2p"),
+            format!("{SLICES}/push-comet-2"),
         ]
     );
     let patched: Vec<String> = writes(&fake)

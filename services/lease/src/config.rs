@@ -222,7 +222,7 @@ impl MembershipConfig {
                     return Ok(router(Arc::new(membership)));
                 };
                 let leases = Arc::new(
-                    KubeLeases::new(kube::Api::namespaced(client, &ns), cluster).owned_by(
+                    KubeLeases::new(kube::Api::namespaced(client.clone(), &ns), cluster).owned_by(
                         cluster_uid
                             .as_deref()
                             .map(|uid| push_cluster_owner(cluster, uid)),
@@ -238,11 +238,30 @@ impl MembershipConfig {
                     );
                 }
                 tracing::info!(holder = %me.holder, namespace = %ns, "standby: waiting for a shard Lease");
-                // This pod patches no pod: the Lease (which it may update) is
-                // all it writes.
+                // This pod patches no pod: its shard's Lease and, once it
+                // holds that, the shard's EndpointSlice are all it writes.
+                let pod = me.holder.clone();
                 let (owner, rx) =
                     ShardOwner::following(leases, me, membership.shard_count(), None, *lease);
                 let owner = owner.with_witness(witness);
+                match std::env::var("POD_IP") {
+                    Ok(ip) if !ip.is_empty() => {
+                        let slices = crate::shard_slice::ShardSlices::new(
+                            kube::Api::namespaced(client.clone(), &ns),
+                            &ns,
+                            cluster,
+                            crate::shard_slice::Me { pod, ip },
+                        );
+                        tokio::spawn(slices.run(
+                            rx.clone(),
+                            lease.retry_period(),
+                            background.clone(),
+                        ));
+                    }
+                    _ => tracing::warn!(
+                        "POD_IP is not set: the shard's Service will not follow this comet"
+                    ),
+                }
                 Ok(Started {
                     membership: Arc::new(membership),
                     ownership: rx,

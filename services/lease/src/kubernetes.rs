@@ -1,7 +1,9 @@
 //! Kubernetes leases: `coordination.k8s.io/v1` Lease `<cluster>-comet-<k>` per
 //! shard (created by the operator, so a comet needs only get and update on
-//! its cluster's Leases), and the pod label `pushcluster.io/shard=<k>` that
-//! puts the holder behind its shard's Service (set by the operator).
+//! its cluster's Leases). The holder puts itself behind its shard's Service
+//! by writing that Service's EndpointSlice ([`crate::shard_slice`]); the
+//! operator labels holder pods `pushcluster.io/shard=<k>` only so rollouts
+//! remove standbys first.
 //!
 //! Writes are optimistic: every update carries the resourceVersion last read,
 //! and 409 Conflict means somebody else wrote first (we lost the race).
@@ -404,9 +406,9 @@ const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
 /// Deletion cost of a shard holder (standbys have the default, 0).
 const HOLDER_DELETION_COST: &str = "1000";
 
-/// Labels a comet pod with the shard it holds, so the shard's Service
-/// selects it (and removes the label when it holds none). The operator does
-/// this for the comets: they patch no pods themselves.
+/// Labels a comet pod with the shard it holds (and removes the label when
+/// it holds none), with a deletion cost that makes rollouts remove standbys
+/// first. The operator does this for the comets: they patch no pods.
 pub struct PodLabeler {
     api: Api<Pod>,
     pod: String,

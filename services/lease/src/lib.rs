@@ -21,6 +21,7 @@ pub mod membership;
 pub mod memory;
 pub mod owner;
 pub mod redis;
+pub mod shard_slice;
 
 pub use config::{MembershipConfig, Role, Started};
 use pushcluster_core::membership::ShardEndpoint;
