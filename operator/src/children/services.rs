@@ -89,7 +89,7 @@ pub fn shard_services(pc: &PushCluster) -> Vec<Service> {
 
 /// Value of `endpointslice.kubernetes.io/managed-by` on the shard slices:
 /// not the EndpointSlice controller's, so it leaves them alone.
-pub const SLICE_MANAGER: &str = "pushcluster.io/comet";
+pub const SLICE_MANAGER: &str = "pushcluster-comet";
 
 /// The EndpointSlice `<cluster>-comet-<k>` of each shard Service, with the
 /// Service's ports and labels. The operator makes them and owns everything

@@ -47,6 +47,29 @@ fn snapshot(name: &str, pc: &PushCluster) {
     );
 }
 
+/// Whether `v` is a valid label value (the API server's rule: at most 63
+/// characters, alphanumerics with `-`, `_`, `.` inside).
+fn valid_label_value(v: &str) -> bool {
+    let inner = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    v.is_empty()
+        || (v.len() <= 63
+            && v.chars().all(inner)
+            && v.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && v.ends_with(|c: char| c.is_ascii_alphanumeric()))
+}
+
+#[test]
+fn every_label_value_is_one_the_api_server_takes() {
+    for file in ["pushcluster-minimal.yaml", "pushcluster-full.yaml"] {
+        for c in desired(&example(file), &Default::default()).unwrap() {
+            for (k, v) in c.meta().labels.iter().flatten() {
+                assert!(valid_label_value(v), "{}: label {k}={v:?}", c.describe());
+            }
+        }
+    }
+    assert!(!valid_label_value("pushcluster.io/comet"));
+}
+
 #[test]
 fn snapshots_of_every_object() {
     snapshot("minimal.yaml", &example("pushcluster-minimal.yaml"));
@@ -152,7 +175,7 @@ fn comets_and_shard_services_follow_the_shard_count() {
         assert_eq!(l["kubernetes.io/service-name"], s.name_any());
         assert_eq!(
             l["endpointslice.kubernetes.io/managed-by"],
-            "pushcluster.io/comet"
+            "pushcluster-comet"
         );
         assert_eq!(l["pushcluster.io/shard"], k.to_string());
         let svc_ports: Vec<(Option<String>, i32)> = spec
