@@ -7,7 +7,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Secret, Service};
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
-use push_operator::children::{desired, Child};
+use push_operator::children::{desired, Child, MANAGER};
 use push_operator::crd::PushCluster;
 use pushcluster_e2e::{
     cluster, example, has_ready_nodes, install_crd, wait, Operator, TestNamespace,
@@ -33,9 +33,24 @@ async fn child_versions(
         let o = api.get(&c.name()).await?;
         // Workloads and PDBs get status updates once pods run (each bumps
         // the resourceVersion); their generation moves only with the spec.
-        let version = match o.metadata.generation {
-            Some(g) => format!("generation {g}"),
-            None => o.resource_version().unwrap_or_default(),
+        // Shard EndpointSlices: their holders write the endpoints, so only
+        // the operator's own entry in managedFields tells its writes.
+        let version = if matches!(c, Child::EndpointSlice(_)) {
+            let mine = o
+                .metadata
+                .managed_fields
+                .iter()
+                .flatten()
+                .find(|m| m.manager.as_deref() == Some(MANAGER));
+            format!(
+                "applied {:?}",
+                mine.and_then(|m| m.time.as_ref()).map(|t| t.0)
+            )
+        } else {
+            match o.metadata.generation {
+                Some(g) => format!("generation {g}"),
+                None => o.resource_version().unwrap_or_default(),
+            }
         };
         out.insert(c.describe(), version);
     }

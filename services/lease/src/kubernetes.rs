@@ -101,6 +101,8 @@ pub struct KubeLeases {
     cache: Mutex<HashMap<u32, Lease>>,
     /// When each lease's current holder/renewTime was first observed here.
     observed: Mutex<HashMap<u32, (Observed, Instant)>>,
+    /// The earliest expiry of a lease the last snapshot found held.
+    next_expiry: Mutex<Option<Instant>>,
     /// A read failed (or hung) since the last good one: this process could
     /// not observe the leases, so it cannot tell whether they were renewed.
     blind: std::sync::atomic::AtomicBool,
@@ -125,6 +127,7 @@ impl KubeLeases {
             prefix: prefix.to_owned(),
             cache: Mutex::new(HashMap::new()),
             observed: Mutex::new(HashMap::new()),
+            next_expiry: Mutex::new(None),
             blind: std::sync::atomic::AtomicBool::new(false),
             events: crate::LeaseEvents::default(),
             owner: None,
@@ -162,6 +165,12 @@ impl KubeLeases {
 
     /// Whether `l` is held by someone right now, judged by observation.
     fn valid(&self, shard: u32, l: &Lease) -> bool {
+        self.expiry(shard, l).is_some()
+    }
+
+    /// When `l`'s holder's claim expires, judged by observation; `None`
+    /// when it is free or expired already.
+    fn expiry(&self, shard: u32, l: &Lease) -> Option<Instant> {
         let now = Instant::now();
         let o = observe(l);
         let mut seen = self.observed.lock().unwrap_or_else(|e| e.into_inner());
@@ -178,7 +187,8 @@ impl KubeLeases {
             .and_then(|s| s.lease_duration_seconds)
             .unwrap_or(0)
             .max(0) as u64;
-        !o.holder.is_empty() && now.duration_since(since) < Duration::from_secs(duration)
+        let until = since + Duration::from_secs(duration);
+        (!o.holder.is_empty() && now < until).then_some(until)
     }
 
     /// Takes the result of a read sent at `asked`. After reads failed or
@@ -375,6 +385,7 @@ impl LeaseBackend for KubeLeases {
         let list = self.api.list(&lp).await;
         let list = self.read(asked, list)?;
         let mut out = vec![None; shards as usize];
+        let mut first_expiry: Option<Instant> = None;
         for l in &list.items {
             let Some(shard) = l
                 .metadata
@@ -385,15 +396,24 @@ impl LeaseBackend for KubeLeases {
             else {
                 continue;
             };
-            if shard < shards && self.valid(shard, l) {
+            if shard >= shards {
+                continue;
+            }
+            if let Some(until) = self.expiry(shard, l) {
                 out[shard as usize] = Some(Self::record(shard, l));
+                first_expiry = Some(first_expiry.map_or(until, |f| f.min(until)));
             }
         }
+        *self.next_expiry.lock().unwrap_or_else(|e| e.into_inner()) = first_expiry;
         Ok(out)
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.events.subscribe()
+    }
+
+    fn next_expiry(&self) -> Option<Instant> {
+        *self.next_expiry.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -163,6 +163,13 @@ pub trait LeaseBackend: Send + Sync + 'static {
     /// (it was, with a plain notification: graceful takeovers then waited a
     /// whole retry period).
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// When the first lease seen held in the last [`LeaseBackend::snapshot`]
+    /// expires, as this process judges it; `None` when no lease is held or
+    /// the backend cannot tell. A standby tries then, not at its next retry
+    /// period: a crashed holder's shard is taken as soon as it may be.
+    fn next_expiry(&self) -> Option<tokio::time::Instant> {
+        None
+    }
 }
 
 /// Where a backend announces lease events (see [`LeaseBackend::changes`]).

@@ -128,6 +128,16 @@ impl LeaseBackend for MemoryLeases {
             .collect())
     }
 
+    fn next_expiry(&self) -> Option<Instant> {
+        let now = Instant::now();
+        self.lock()
+            .leases
+            .values()
+            .map(|(_, exp)| *exp)
+            .filter(|exp| *exp > now)
+            .min()
+    }
+
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.events.subscribe()
     }

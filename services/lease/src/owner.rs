@@ -181,6 +181,17 @@ impl<B: LeaseBackend> ShardOwner<B> {
         Ok(None)
     }
 
+    /// When a standby looks for a free lease again: after a retry period,
+    /// or just after the first held lease expires if that is sooner (the
+    /// margin covers the backend's clock granularity).
+    fn next_look(&self) -> Instant {
+        let period = Instant::now() + self.timing.retry_period();
+        match self.backend.next_expiry() {
+            Some(e) => period.min(e + Duration::from_millis(5)),
+            None => period,
+        }
+    }
+
     fn publish(&self, o: Ownership) {
         self.tx.send_replace(o);
     }
@@ -246,7 +257,7 @@ impl<B: LeaseBackend> ShardOwner<B> {
                     r = count.changed() => if r.is_err() {
                         tokio::time::sleep(self.timing.retry_period()).await;
                     },
-                    _ = tokio::time::sleep(self.timing.retry_period()) => {}
+                    _ = tokio::time::sleep_until(self.next_look()) => {}
                 }
                 continue;
             };

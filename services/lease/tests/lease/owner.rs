@@ -166,6 +166,34 @@ async fn a_partitioned_holder_steps_down_before_anyone_else_can_take_over() {
     assert_never_two_holders(&log);
 }
 
+/// A holder that dies (never renews again): the standby takes the shard
+/// when the lease expires, not up to a retry period later.
+#[tokio::test(start_paused = true)]
+async fn a_standby_takes_a_dead_holders_shard_as_its_lease_expires() {
+    let leases = MemoryLeases::new();
+    let log = Log::default();
+    let (_a_cancel, _a) = start(&leases, "a", 1, &log);
+    settle().await;
+    // The standby's retry ticks fall half a period after the holder's
+    // renewals, so waiting for the next tick would show.
+    tokio::time::sleep(Duration::from_millis(TIMING.retry_period_ms / 2)).await;
+    let (_b_cancel, b) = start(&leases, "b", 1, &log);
+    settle().await;
+    tokio::time::sleep(Duration::from_millis(123)).await;
+    leases.partition("a", true);
+    // It renews no more: its lease ends here.
+    let expiry = leases.next_expiry().expect("a's lease is held");
+    let mut b2 = b.clone();
+    b2.wait_for(|o| o.shard() == Some(0)).await.unwrap();
+    let late = Instant::now().saturating_duration_since(expiry);
+    assert!(
+        Instant::now() >= expiry && late <= Duration::from_millis(10),
+        "taken {late:?} after the lease expired (a retry period is {} ms)",
+        TIMING.retry_period_ms
+    );
+    assert_never_two_holders(&log);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_holder_that_lost_its_lease_steps_down() {
     let leases = MemoryLeases::new();
