@@ -46,6 +46,8 @@ pub struct RedisLeases {
     renew: Script,
     release: Script,
     events: crate::LeaseEvents,
+    /// The earliest expiry of a lease the last snapshot found held.
+    next_expiry: std::sync::Mutex<Option<tokio::time::Instant>>,
     _listener: tokio::task::JoinHandle<()>,
 }
 
@@ -64,6 +66,7 @@ impl RedisLeases {
             renew: Script::new(RENEW),
             release: Script::new(RELEASE),
             events,
+            next_expiry: std::sync::Mutex::new(None),
             _listener: listener,
         })
     }
@@ -170,17 +173,30 @@ impl LeaseBackend for RedisLeases {
         }
         let mut pipe = redis::pipe();
         for k in 0..shards {
-            pipe.get(self.key(k));
+            pipe.get(self.key(k)).pttl(self.key(k));
         }
         let mut conn = self.conn.clone();
-        let raws: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+        let raws: Vec<(Option<String>, i64)> = pipe.query_async(&mut conn).await?;
+        // Counted from the reply, so at most a round trip late: a standby
+        // waking then finds the key gone, never still held.
+        let now = tokio::time::Instant::now();
+        let first = raws
+            .iter()
+            .filter(|(raw, ttl)| raw.is_some() && *ttl > 0)
+            .map(|(_, ttl)| now + Duration::from_millis(*ttl as u64))
+            .min();
+        *self.next_expiry.lock().unwrap_or_else(|e| e.into_inner()) = first;
         raws.into_iter()
             .enumerate()
-            .map(|(k, raw)| raw.map(|r| parse(k as u32, &r)).transpose())
+            .map(|(k, (raw, _))| raw.map(|r| parse(k as u32, &r)).transpose())
             .collect()
     }
 
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.events.subscribe()
+    }
+
+    fn next_expiry(&self) -> Option<tokio::time::Instant> {
+        *self.next_expiry.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

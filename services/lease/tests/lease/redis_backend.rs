@@ -88,3 +88,40 @@ async fn leases_are_exclusive_fenced_and_expire() {
         .unwrap();
     assert!(freed);
 }
+
+/// A standby learns from each snapshot when the first held lease ends, so
+/// it can try to take it then rather than at its next retry tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_tells_when_the_first_held_lease_ends() {
+    let server = RedisServer::start();
+    let a = RedisLeases::connect(&server.url(), "x").await.unwrap();
+    let b = RedisLeases::connect(&server.url(), "x").await.unwrap();
+    b.snapshot(2).await.unwrap();
+    assert_eq!(b.next_expiry(), None, "nothing held");
+    a.try_acquire(0, &c("a"), Duration::from_millis(5000))
+        .await
+        .unwrap()
+        .expect("free");
+    a.try_acquire(1, &c("a"), Duration::from_millis(800))
+        .await
+        .unwrap()
+        .expect("free");
+    let asked = tokio::time::Instant::now();
+    b.snapshot(2).await.unwrap();
+    let ends = b.next_expiry().expect("two leases held");
+    // Shard 1's, the sooner one.
+    assert!(ends > asked && ends <= tokio::time::Instant::now() + Duration::from_millis(800));
+    assert!(
+        ends > asked + Duration::from_millis(600),
+        "{:?}",
+        ends - asked
+    );
+    tokio::time::sleep_until(ends + Duration::from_millis(5)).await;
+    assert!(
+        b.try_acquire(1, &c("b"), Duration::from_millis(800))
+            .await
+            .unwrap()
+            .is_some(),
+        "free at the expiry the snapshot gave"
+    );
+}
