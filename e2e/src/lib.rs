@@ -384,6 +384,17 @@ pub async fn pods_of(
 /// the test can see the container's process (the process harness reports
 /// `proc://<pid>` container ids); elsewhere it says so.
 pub async fn kill9(client: &Client, namespace: &str, pod: &str) -> anyhow::Result<()> {
+    signal_pod(client, namespace, pod, "KILL").await
+}
+
+/// Sends `sig` (`KILL`, `STOP`, `CONT`) to the main process of `pod`'s first
+/// container; see [`kill9`] for where that works.
+pub async fn signal_pod(
+    client: &Client,
+    namespace: &str,
+    pod: &str,
+    sig: &str,
+) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let p = pods.get(pod).await?;
     let id = p
@@ -393,10 +404,12 @@ pub async fn kill9(client: &Client, namespace: &str, pod: &str) -> anyhow::Resul
         .and_then(|c| c.container_id)
         .unwrap_or_default();
     let Some(pid) = id.strip_prefix("proc://") else {
-        bail!("cannot SIGKILL {pod}: its container {id:?} is not a local process (needs the process harness)");
+        bail!("cannot signal {pod}: its container {id:?} is not a local process (needs the process harness)");
     };
-    let status = Command::new("kill").args(["-9", pid]).status()?;
-    anyhow::ensure!(status.success(), "kill -9 {pid} failed");
+    let status = Command::new("kill")
+        .args([&format!("-{sig}"), pid])
+        .status()?;
+    anyhow::ensure!(status.success(), "kill -{sig} {pid} failed");
     Ok(())
 }
 

@@ -875,27 +875,53 @@ async fn lease_holders(
 /// push fails and no shard changes hands when the API server is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_outage_cuts_no_client_off() -> anyhow::Result<()> {
-    outage_under_traffic("pushcluster-minimal.yaml").await
+    outage_under_traffic("pushcluster-minimal.yaml", Fault::ApiServer).await
 }
 
 /// The same on the full example: Redis as the store and witness, 8 shards
 /// and 2 standbys that must not take a lease when the API server is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_outage_cuts_no_client_off_on_redis() -> anyhow::Result<()> {
-    outage_under_traffic("pushcluster-full.yaml").await
+    outage_under_traffic("pushcluster-full.yaml", Fault::ApiServer).await
 }
 
-async fn outage_under_traffic(example: &str) -> anyhow::Result<()> {
+/// Every message pod stopped (SIGSTOP) for 3 s under traffic on the minimal
+/// example: comets cannot store, web stores each push itself once the pod
+/// answers again and hands it to the key's comet, so every acknowledged
+/// push reaches its connected follower, none waits for a later reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_message_service_away_for_3_s_leaves_no_push_behind() -> anyhow::Result<()> {
+    outage_under_traffic("pushcluster-minimal.yaml", Fault::MessagePods).await
+}
+
+/// The same on the full example (web stores in Redis; the message pods
+/// serve reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_message_service_away_for_3_s_leaves_no_push_behind_on_redis() -> anyhow::Result<()> {
+    outage_under_traffic("pushcluster-full.yaml", Fault::MessagePods).await
+}
+
+/// What stops answering in [`outage_under_traffic`].
+#[derive(Clone, Copy, PartialEq)]
+enum Fault {
+    /// The API server, SIGSTOPped for 60 s.
+    ApiServer,
+    /// Every message pod, SIGSTOPped for 3 s.
+    MessagePods,
+}
+
+async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()> {
     let Some((client, images)) = full_cluster().await else {
         return Ok(());
     };
     let full = example == "pushcluster-full.yaml";
-    // Names of their own: the other outage test's namespaces may still be
+    // Names of their own: the other outage tests' namespaces may still be
     // terminating.
-    let (release, suffix) = if full {
-        ("pco-outage-redis", "outage-redis")
-    } else {
-        ("pco-outage", "outage")
+    let (release, suffix) = match (fault, full) {
+        (Fault::ApiServer, true) => ("pco-outage-redis", "outage-redis"),
+        (Fault::ApiServer, false) => ("pco-outage", "outage"),
+        (Fault::MessagePods, true) => ("pco-msg-redis", "msg-redis"),
+        (Fault::MessagePods, false) => ("pco-msg", "msg"),
     };
     let op = Operator::install(&client, &images, release).await?;
     let ns = TestNamespace::create(&client, suffix).await?;
@@ -951,9 +977,35 @@ async fn outage_under_traffic(example: &str) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let before = lease_holders(&client, &ns.name, &name).await?;
         let settled = Instant::now();
-        let frozen = FrozenApiServer::freeze()?;
-        tokio::time::sleep(Duration::from_secs(60)).await;
-        drop(frozen);
+        let what = match fault {
+            Fault::ApiServer => {
+                let frozen = FrozenApiServer::freeze()?;
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                drop(frozen);
+                "API server SIGSTOPped 60 s"
+            }
+            Fault::MessagePods => {
+                let pods: Vec<String> = pushcluster_e2e::pods_of(&client, &ns.name, &name, "message").await?.into_keys().collect();
+                let mut stopped = Vec::new();
+                let mut failed = None;
+                for p in &pods {
+                    match pushcluster_e2e::signal_pod(&client, &ns.name, p, "STOP").await {
+                        Ok(()) => stopped.push(p),
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                if failed.is_none() {
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                }
+                for p in stopped {
+                    pushcluster_e2e::signal_pod(&client, &ns.name, p, "CONT").await?;
+                }
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                "every message pod SIGSTOPped 3 s"
+            }
+        };
         let resumed = Instant::now();
         // Long enough for every holder to renew and every standby to look.
         tokio::time::sleep(Duration::from_secs(10)).await;
@@ -963,8 +1015,28 @@ async fn outage_under_traffic(example: &str) -> anyhow::Result<()> {
         let during = outcome.figures(settled, resumed);
         let whole = outcome.figures(settled, end);
         println!(
-            "INFO API server SIGSTOPped 60 s on {example}: during the outage {during}; from the outage to the end {whole}; leases before {before:?} after {after:?}"
+            "INFO {what} on {example}: during the outage {during}; from the outage to the end {whole}; leases before {before:?} after {after:?}"
         );
+        if fault == Fault::MessagePods {
+            // A follower may be told to reconnect (and fetch by mid), if
+            // within a second; none may be left waiting or lose anything.
+            anyhow::ensure!(
+                whole.failed == 0 && whole.lost == 0 && whole.restarted_keys == 0 && whole.still_down == 0
+                    && whole.longest_outage <= Duration::from_secs(1),
+                "the message service away cost clients: {whole}"
+            );
+            anyhow::ensure!(before == after, "shards changed hands: {before:?} -> {after:?}");
+            println!(
+                "PASS message service away (every message pod SIGSTOPped 3 s) under traffic ({example}, followers on WebSocket, TCP and SSE, 50 pushes/s): acknowledged={} (during the pause {}), failed pushes={}, lost={}, followers told to reconnect={}, longest without a comet {:.2} s, shard Leases unchanged",
+                whole.acked,
+                during.acked,
+                whole.failed,
+                whole.lost,
+                whole.reconnected,
+                whole.longest_outage.as_secs_f64()
+            );
+            return anyhow::Ok(());
+        }
         anyhow::ensure!(
             whole.reconnected == 0 && whole.failed == 0 && whole.lost == 0 && whole.restarted_keys == 0,
             "the API server outage cost clients: {whole}"
