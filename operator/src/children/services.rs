@@ -11,30 +11,35 @@ use kube::ResourceExt;
 use pushcluster_lease::kubernetes::{lease_name, SHARD_LABEL};
 use std::collections::BTreeMap;
 
-/// A Service whose ports target the pod's ports of the same names.
+/// A Service whose ports target the selected pods' ports of the same names;
+/// without a selector, its EndpointSlices' port numbers (the same as its own).
 fn service(
     metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
-    selector: BTreeMap<String, String>,
+    selector: Option<BTreeMap<String, String>>,
     ports: &[(&str, i32)],
     type_: &str,
 ) -> Service {
+    let target = |n: &str, p: i32| match selector {
+        Some(_) => IntOrString::String(n.to_owned()),
+        None => IntOrString::Int(p),
+    };
     Service {
         metadata,
         spec: Some(ServiceSpec {
             type_: Some(type_.to_owned()),
-            selector: Some(selector),
             ports: Some(
                 ports
                     .iter()
                     .map(|(n, p)| ServicePort {
                         name: Some((*n).to_owned()),
                         port: *p,
-                        target_port: Some(IntOrString::String((*n).to_owned())),
+                        target_port: Some(target(n, *p)),
                         protocol: Some("TCP".into()),
                         ..ServicePort::default()
                     })
                     .collect(),
             ),
+            selector,
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -68,22 +73,7 @@ fn shard_ports(pc: &PushCluster) -> [(&'static str, i32); 3] {
 /// follows the holder without waiting for the operator.
 pub fn shard_services(pc: &PushCluster) -> Vec<Service> {
     (0..pc.spec.comet.shards.max(1))
-        .map(|k| {
-            let mut s = service(
-                shard_meta(pc, k),
-                BTreeMap::new(),
-                &shard_ports(pc),
-                "ClusterIP",
-            );
-            if let Some(spec) = s.spec.as_mut() {
-                spec.selector = None;
-                // Selector-less: the slice's port numbers are the targets.
-                for p in spec.ports.iter_mut().flatten() {
-                    p.target_port = Some(IntOrString::Int(p.port));
-                }
-            }
-            s
-        })
+        .map(|k| service(shard_meta(pc, k), None, &shard_ports(pc), "ClusterIP"))
         .collect()
 }
 
@@ -137,7 +127,7 @@ pub fn comets_service(pc: &PushCluster) -> Service {
             pushcluster_lease::endpoints::comets_service(&pc.name_any()),
             Some("comet"),
         ),
-        selector(pc, "comet"),
+        Some(selector(pc, "comet")),
         &[("ws", c.ws), ("tcp", c.tcp), ("rpc", c.rpc)],
         "ClusterIP",
     );
@@ -165,7 +155,7 @@ pub fn component_services(pc: &PushCluster) -> Vec<Service> {
     let of = |object: &str, component: &str, port: (&str, i32), type_: &str| {
         service(
             meta(pc, name(pc, object), Some(component)),
-            selector(pc, component),
+            Some(selector(pc, component)),
             &[port],
             type_,
         )
