@@ -60,6 +60,11 @@ pub struct Seen {
     pub connections: usize,
     /// Periods without a comet, the first one from the start.
     pub outages: Vec<Outage>,
+    /// Times a comet told it to reconnect (`-r`, SSE `reconnect`).
+    pub told_to_reconnect: usize,
+    /// Mids that arrived live over two connections: two comets delivered
+    /// them (a fetched copy of a live mid is not counted).
+    pub live_twice: Vec<i64>,
 }
 
 impl Seen {
@@ -107,8 +112,26 @@ pub struct Follow {
 enum Ended {
     /// Done: stopped and reached `until`.
     Done,
-    /// The connection ended; resolve again.
+    /// The comet told it to go, or web failed it; resolve again.
     Reconnect,
+    /// The connection broke without a word: the comet may be gone, so
+    /// resolve asking web to wait for its successor.
+    Lost,
+}
+
+/// Whether `e` says nothing answers at the address (the comet is gone or
+/// cut off), rather than that a comet answered and refused.
+fn unreachable(e: &Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error as Ws;
+    match e {
+        Error::Io(_) | Error::Closed | Error::Timeout => true,
+        Error::Ws(w) => matches!(
+            w,
+            Ws::Io(_) | Ws::ConnectionClosed | Ws::AlreadyClosed | Ws::Protocol(_)
+        ),
+        Error::Http(h) => h.status().is_none(),
+        Error::Api { .. } | Error::Frame(_) => false,
+    }
 }
 
 struct State {
@@ -117,6 +140,8 @@ struct State {
     epoch: u64,
     down_since: Option<Instant>,
     connected: Arc<AtomicUsize>,
+    /// The connection (by number) each mid of each sequence came live on.
+    live_on: std::collections::HashMap<(usize, i64), usize>,
 }
 
 impl State {
@@ -139,6 +164,15 @@ impl State {
             self.seen.gaps.push((last + 1, m));
         }
         self.seen.mids.push(m);
+    }
+
+    /// Notes that mid `m` came live on the current connection.
+    fn live(&mut self, m: i64) {
+        let conn = self.seen.connections;
+        let first = *self.live_on.entry((self.seen.resets, m)).or_insert(conn);
+        if first != conn {
+            self.seen.live_twice.push(m);
+        }
     }
 
     /// The key's sequence started again: mids from 1 are new.
@@ -234,13 +268,14 @@ impl Follow {
                 f = sub.next_timeout(Duration::from_millis(300)) => f,
                 _ = beat.tick() => {
                     if sub.heartbeat().await.is_err() {
-                        return Ended::Reconnect;
+                        return Ended::Lost;
                     }
                     continue;
                 }
             };
             match frame {
                 Ok(Frame::Message(m)) => {
+                    st.live(m.mid);
                     if m.mid > st.seen.last() + 1 && self.catch_up(st, Some(m.mid)).await.is_err() {
                         return Ended::Reconnect;
                     }
@@ -260,7 +295,12 @@ impl Follow {
                         return Ended::Reconnect;
                     }
                 }
-                Ok(Frame::Reconnect) | Ok(Frame::Error(_)) | Err(_) => return Ended::Reconnect,
+                Err(e) if unreachable(&e) => return Ended::Lost,
+                Ok(Frame::Reconnect) => {
+                    st.seen.told_to_reconnect += 1;
+                    return Ended::Reconnect;
+                }
+                Ok(Frame::Error(_)) | Err(_) => return Ended::Reconnect,
             }
         }
         Ended::Done
@@ -273,21 +313,47 @@ impl Follow {
             epoch: 0,
             down_since: Some(Instant::now()),
             connected: self.control.connected.clone(),
+            live_on: Default::default(),
         };
         let mut backoff = crate::backoff::Backoff::new(RETRY, RETRY_MAX);
+        // The address lost last, for web to wait past; at most one such
+        // wait per outage, then plain backoff (a load balancer may still
+        // point at the dead comet for a moment after web knows better).
+        let mut lost: Option<String> = None;
+        let mut may_wait = true;
         while !self.done(st.seen.last()) {
-            let sub = match self.api.resolve(&self.key, self.proto).await {
-                Ok(addr) => self.connect(&addr, st.seen.last(), st.epoch).await,
-                Err(e) => Err(e),
-            };
-            let Ok(sub) = sub else {
-                // Refused (-c: not this comet's key yet) or unreachable. Once
-                // stopping, storage alone can still bring the follower up to date.
-                if self.control.stopping() {
-                    let _ = self.catch_up(&mut st, None).await;
+            let resolved = match lost.take() {
+                Some(gone) => {
+                    self.api
+                        .resolve_after_losing(&self.key, self.proto, &gone)
+                        .await
                 }
-                tokio::time::sleep(backoff.next_pause()).await;
-                continue;
+                None => self.api.resolve(&self.key, self.proto).await,
+            };
+            let (addr, sub) = match resolved {
+                Ok(addr) => {
+                    let sub = self.connect(&addr, st.seen.last(), st.epoch).await;
+                    (Some(addr), sub)
+                }
+                Err(e) => (None, Err(e)),
+            };
+            let addr = addr.unwrap_or_default();
+            let sub = match sub {
+                Ok(sub) => sub,
+                Err(e) => {
+                    // Refused (-c: not this comet's key yet) or unreachable. Once
+                    // stopping, storage alone can still bring the follower up to date.
+                    if self.control.stopping() {
+                        let _ = self.catch_up(&mut st, None).await;
+                    }
+                    if may_wait && !addr.is_empty() && unreachable(&e) {
+                        may_wait = false;
+                        lost = Some(addr);
+                    } else {
+                        tokio::time::sleep(backoff.next_pause()).await;
+                    }
+                    continue;
+                }
             };
             backoff.reset();
             st.up();
@@ -296,7 +362,15 @@ impl Follow {
                     st.connected.fetch_sub(1, Ordering::SeqCst);
                     break;
                 }
-                Ended::Reconnect => st.down(),
+                Ended::Reconnect => {
+                    st.down();
+                    may_wait = true;
+                }
+                Ended::Lost => {
+                    st.down();
+                    may_wait = false;
+                    lost = Some(addr);
+                }
             }
         }
         st.seen
@@ -313,7 +387,25 @@ mod tests {
             epoch: 0,
             down_since: None,
             connected: Arc::default(),
+            live_on: Default::default(),
         }
+    }
+
+    #[test]
+    fn tells_a_mid_delivered_live_by_two_connections() {
+        let mut st = state();
+        st.up();
+        st.live(1);
+        st.live(1);
+        st.down();
+        st.up();
+        st.live(2);
+        st.live(1);
+        assert_eq!(st.seen.live_twice, vec![1]);
+        // A new sequence's mid 1 is another message.
+        st.reset();
+        st.live(1);
+        assert_eq!(st.seen.live_twice, vec![1]);
     }
 
     #[test]

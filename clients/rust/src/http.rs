@@ -108,11 +108,29 @@ impl Client {
 
     /// The address of the comet serving `key` for `proto`.
     pub async fn resolve(&self, key: &str, proto: Proto) -> Result<String> {
+        self.resolve_inner(key, proto, None).await
+    }
+
+    /// [`Client::resolve`] after losing the comet at `lost` (the connection
+    /// broke, or nothing answered there): web answers once the key's shard
+    /// has another holder, or after about a lease duration if none comes.
+    pub async fn resolve_after_losing(
+        &self,
+        key: &str,
+        proto: Proto,
+        lost: &str,
+    ) -> Result<String> {
+        self.resolve_inner(key, proto, Some(lost)).await
+    }
+
+    async fn resolve_inner(&self, key: &str, proto: Proto, lost: Option<&str>) -> Result<String> {
         let url = format!("{}/1/server/get", self.public);
         let p = (proto as u8).to_string();
-        let data = self
-            .call(self.http.get(url).query(&[("k", key), ("p", &p)]))
-            .await?;
+        let mut query = vec![("k", key), ("p", &p)];
+        if let Some(lost) = lost {
+            query.push(("w", lost));
+        }
+        let data = self.call(self.http.get(url).query(&query)).await?;
         data.and_then(|d| d.get("server").and_then(Value::as_str).map(str::to_owned))
             .ok_or_else(|| Error::Frame("no server in reply".into()))
     }

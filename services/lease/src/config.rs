@@ -134,6 +134,19 @@ impl MembershipConfig {
         }
     }
 
+    /// How long a shard whose holder vanished can stay without a new one:
+    /// a lease duration (the standby takes it as it expires) plus a retry
+    /// period to see it. `None` with static membership, where no holder is
+    /// ever replaced.
+    pub fn handover_within(&self) -> Option<std::time::Duration> {
+        match self {
+            MembershipConfig::Static { .. } => None,
+            MembershipConfig::Redis { lease, .. } | MembershipConfig::Kubernetes { lease, .. } => {
+                Some(lease.duration() + lease.retry_period())
+            }
+        }
+    }
+
     /// Checks what parsing cannot: the lease timing's order and a comet's
     /// shard below the shard count.
     pub fn validate(&self, role: &Role) -> Result<()> {

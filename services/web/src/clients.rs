@@ -6,8 +6,8 @@ use pushcluster_proto::auth::{AuthChannel, RpcToken};
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_proto::v1::message_client::MessageClient;
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tonic::transport::{Channel, Endpoint};
 
 /// The message service's client and the comets' clients.
@@ -15,6 +15,7 @@ pub struct Clients {
     /// The message service.
     pub message: MessageClient<AuthChannel>,
     comets: Mutex<HashMap<String, CometClient<AuthChannel>>>,
+    probes: Mutex<HashMap<String, (Instant, Probe)>>,
     rpc_token: RpcToken,
     timeout_ms: u64,
     max_bytes: usize,
@@ -36,6 +37,7 @@ impl Clients {
         Ok(Self {
             message,
             comets: Mutex::new(HashMap::new()),
+            probes: Mutex::new(HashMap::new()),
             rpc_token,
             timeout_ms,
             max_bytes,
@@ -55,11 +57,50 @@ impl Clients {
         Ok(c)
     }
 
+    /// Whether the comet at `rpc` answers a call within [`PROBE_DEADLINE`].
+    /// One call per address per [`PROBE_FRESH`]: when a comet dies, the
+    /// thousands of clients that lost it together ask about it together,
+    /// and all share that one answer.
+    pub async fn comet_answers(&self, rpc: &str) -> bool {
+        let probe = {
+            let mut map = self.probes.lock().unwrap_or_else(|e| e.into_inner());
+            map.retain(|_, (at, _)| at.elapsed() < PROBE_FRESH);
+            map.entry(rpc.to_owned())
+                .or_insert_with(|| (Instant::now(), Probe::default()))
+                .1
+                .clone()
+        };
+        let Ok(mut comet) = self.comet(rpc) else {
+            return false;
+        };
+        *probe
+            .get_or_init(|| async move {
+                let mut req = tonic::Request::new(pushcluster_proto::v1::StatsRequest {});
+                req.set_timeout(PROBE_DEADLINE);
+                tokio::time::timeout(PROBE_DEADLINE, comet.stats(req))
+                    .await
+                    .is_ok_and(|r| r.is_ok())
+            })
+            .await
+    }
+
     /// The deadline of one call.
     pub fn deadline(&self) -> Duration {
         Duration::from_millis(self.timeout_ms.max(1))
     }
 }
+
+/// One shared answer to "does this comet answer?".
+type Probe = Arc<tokio::sync::OnceCell<bool>>;
+
+/// How long after it began one probe's answer stands for every client
+/// asking: long enough to share among the clients that lost one comet
+/// together, short enough that "it answered" is not older than the loss a
+/// client reports (a comet that answered just before it died).
+const PROBE_FRESH: Duration = Duration::from_millis(100);
+/// How long a live comet has to answer a probe; one that is stopped or
+/// cut off counts as gone after this.
+const PROBE_DEADLINE: Duration = Duration::from_millis(300);
 
 fn channel(url: &str, timeout_ms: u64) -> Result<Channel, Error> {
     Ok(Endpoint::from_shared(url.to_owned())

@@ -90,7 +90,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         .membership
         .start(role, &cancel, &cancel, &mut reg)
         .await?;
-    let state = AppState::new(cfg.clone(), started.membership, &mut reg)?;
+    let state = AppState::new(cfg.clone(), started.membership, cancel.clone(), &mut reg)?;
     let ready = Readiness::default();
     let public = tokio::net::TcpListener::bind(cfg.public_listen).await?;
     let admin = tokio::net::TcpListener::bind(cfg.admin_listen).await?;

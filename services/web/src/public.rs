@@ -10,6 +10,7 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::Router;
 use pushcluster_core::frame::{encode_json, Format};
+use pushcluster_core::membership::ShardEndpoint;
 use pushcluster_core::token;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::v1 as pb;
@@ -50,9 +51,56 @@ fn parse_mid(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Rep
 fn resolve(s: &AppState, key: Option<&str>, proto: Option<&str>) -> Result<Value, Reply> {
     let key = s.check_key(key)?;
     let view = s.membership.view();
-    let ep = view
-        .endpoint_for(key)
-        .ok_or_else(|| Reply::err(NO_NODE, "no comet serves this key right now"))?;
+    address(s, view.endpoint_for(key), proto).map(|addr| json!({ "server": addr }))
+}
+
+/// [`resolve`], except that while the answer would be `lost` from the
+/// holder that served it when asked, it waits for another holder (see
+/// [`server_get`]).
+async fn resolve_after_losing(
+    s: &AppState,
+    key: Option<&str>,
+    proto: Option<&str>,
+    lost: &str,
+) -> Result<Value, Reply> {
+    let key = s.check_key(key)?;
+    let mut views = s.membership.watch();
+    let first = views.borrow_and_update().endpoint_for(key).cloned();
+    let unchanged = |ep: Option<&ShardEndpoint>| ep == first.as_ref();
+    // A comet web can still reach is not gone: the client lost it for
+    // some other reason (an idle timeout on the way, its own network) and
+    // is better served by an answer now than by a wait for a handover that
+    // is not coming.
+    let waits = match (&first, s.handover_within) {
+        (Some(ep), Some(_)) => {
+            address(s, Some(ep), proto)? == lost && !s.clients.comet_answers(&ep.rpc).await
+        }
+        (None, Some(_)) => true,
+        (_, None) => false,
+    };
+    if waits {
+        let deadline = tokio::time::sleep(s.handover_within.unwrap_or_default());
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                changed = views.changed() => {
+                    if changed.is_err() || !unchanged(views.borrow_and_update().endpoint_for(key)) {
+                        break;
+                    }
+                }
+                _ = &mut deadline => break,
+                _ = s.draining.cancelled() => break,
+            }
+        }
+    }
+    let view = views.borrow().clone();
+    address(s, view.endpoint_for(key), proto).map(|addr| json!({ "server": addr }))
+}
+
+/// The address a client is given for `ep` and `proto`: the comet's own, or
+/// the advertised template for its shard.
+fn address(s: &AppState, ep: Option<&ShardEndpoint>, proto: Option<&str>) -> Result<String, Reply> {
+    let ep = ep.ok_or_else(|| Reply::err(NO_NODE, "no comet serves this key right now"))?;
     let (own, template) = match proto.unwrap_or("1") {
         "1" | "3" => (&ep.ws, &s.cfg.advertise.ws),
         "2" => (&ep.tcp, &s.cfg.advertise.tcp),
@@ -72,7 +120,7 @@ fn resolve(s: &AppState, key: Option<&str>, proto: Option<&str>) -> Result<Value
             "the comet has no address for this protocol",
         ));
     }
-    Ok(json!({ "server": addr }))
+    Ok(addr)
 }
 
 /// One read of a channel through the message service.
@@ -176,9 +224,20 @@ fn answer(r: Result<Reply, Reply>, callback: Option<&str>) -> Reply {
     r.unwrap_or_else(|e| e).jsonp(callback)
 }
 
+/// `/1/server/get?k=KEY&p=PROTO[&w=ADDRESS]`. `w` names the address a
+/// client just lost (its connection broke, or nothing answered there):
+/// while web would give that same address from the same holder, it waits
+/// for the shard's holder to change, at most a lease duration plus a retry
+/// period, and answers then. A client that lost a crashed comet so
+/// reconnects the moment its standby takes the shard, instead of whenever
+/// its backoff next wakes it; a client whose comet is fine gets its answer
+/// at once.
 async fn server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {
-    let r = resolve(&s, param(&q, "k"), param(&q, "p")).map(|d| Reply::ok(Some(d)));
-    answer(r, param(&q, "cb"))
+    let r = match param(&q, "w") {
+        Some(lost) => resolve_after_losing(&s, param(&q, "k"), param(&q, "p"), lost).await,
+        None => resolve(&s, param(&q, "k"), param(&q, "p")),
+    };
+    answer(r.map(|d| Reply::ok(Some(d))), param(&q, "cb"))
 }
 
 async fn legacy_server_get(State(s): State<Arc<AppState>>, Query(q): Params) -> Reply {

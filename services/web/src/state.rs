@@ -19,16 +19,24 @@ pub struct AppState {
     pub(crate) clients: Arc<Clients>,
     pub(crate) pushes: Pushes,
     pub(crate) metrics: Metrics,
+    /// How long `/1/server/get` waits for a lost comet's successor (see
+    /// [`crate::public`]); `None` answers at once.
+    pub(crate) handover_within: Option<std::time::Duration>,
+    /// Fires when web starts draining: waiting resolves answer at once.
+    pub(crate) draining: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
     /// Builds the state; `membership` tells where each shard's comet is.
     /// The push path follows the storage kind: Redis when `store` names one.
+    /// `draining` ends the waits of resolves for a lost comet.
     pub fn new(
         cfg: Config,
         membership: Arc<dyn Membership>,
+        draining: tokio_util::sync::CancellationToken,
         reg: &mut Registry,
     ) -> Result<Arc<Self>, Error> {
+        let handover_within = cfg.membership.handover_within();
         let clients = Arc::new(Clients::new(
             &cfg.message_url,
             cfg.rpc_token.as_deref(),
@@ -63,6 +71,8 @@ impl AppState {
             clients,
             pushes,
             metrics,
+            handover_within,
+            draining,
         }))
     }
 

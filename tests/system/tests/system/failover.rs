@@ -213,3 +213,95 @@ async fn takeover_series() {
         );
     }
 }
+
+/// Issue 23's crash bound, with no control plane: followers on every
+/// transport lose their comet to a SIGKILL and are on its standby within a
+/// lease duration plus 0.5 s, because web holds their resolve
+/// (`/1/server/get?w=`) until the standby took the shard instead of letting
+/// their backoff decide when they look again. A client that names a comet
+/// which still answers gets its answer at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_are_back_within_a_lease_and_a_half_second_of_a_crash() {
+    let redis = RedisServer::start();
+    let (mut c, lease_duration) = failover_cluster(&redis);
+    let api = c.client();
+    let keys: Vec<String> = (0..6).map(|i| format!("user-{i}")).collect();
+    let victim = holder_of(&c, &keys[0]).await.expect("user-0 is served");
+
+    // A comet that answers is not waited past.
+    let live = api.resolve(&keys[0], Proto::WebSocket).await.unwrap();
+    let asked = Instant::now();
+    let again = api
+        .resolve_after_losing(&keys[0], Proto::WebSocket, &live)
+        .await
+        .unwrap();
+    let answered = asked.elapsed();
+    assert_eq!(again, live);
+    assert!(
+        answered < lease_duration / 2,
+        "web waited {answered:?} past a comet that answers"
+    );
+
+    let mut followers = Vec::new();
+    for proto in [Proto::WebSocket, Proto::Tcp, Proto::Sse] {
+        followers.push((proto, Followers::start(&api, &keys, proto)));
+    }
+    let all = keys.len() * followers.len();
+    let up = pushcluster_systest::until(Duration::from_secs(10), || {
+        followers
+            .iter()
+            .map(|(_, f)| f.control.connected())
+            .sum::<usize>()
+            == all
+    })
+    .await;
+    assert!(up.is_some(), "followers did not connect\n{}", c.logs());
+    // Older than web's probe answers: the live comet's answer above is no
+    // evidence about the comet after the kill below.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let heir = standby(&c);
+    let t0 = Instant::now();
+    c.comets[victim].kill9();
+    wait_takeover(&c, &keys[0], heir, lease_duration + Duration::from_secs(1)).await;
+    let takeover = t0.elapsed();
+    let back = pushcluster_systest::until(lease_duration + Duration::from_secs(3), || {
+        followers
+            .iter()
+            .map(|(_, f)| f.control.connected())
+            .sum::<usize>()
+            == all
+    })
+    .await;
+    assert!(back.is_some(), "followers did not come back\n{}", c.logs());
+
+    let mut last = BTreeMap::new();
+    for k in &keys {
+        last.insert(
+            k.clone(),
+            api.push(k, r#"{"last":true}"#, Some(600)).await.unwrap(),
+        );
+    }
+    let bound = lease_duration + Duration::from_millis(500);
+    let mut cut = 0;
+    let mut longest = Duration::ZERO;
+    for (proto, f) in followers {
+        for (k, seen) in f.finish(&last, &c).await {
+            for o in seen.outages.iter().filter(|o| o.from >= t0) {
+                cut += 1;
+                longest = longest.max(o.length());
+                assert!(
+                    o.length() <= bound,
+                    "{proto:?} follower of {k} was without a comet for {:?} (takeover {takeover:?})\n{}",
+                    o.length(),
+                    c.logs()
+                );
+            }
+            assert!(seen.gaps.is_empty(), "{k}: gaps {:?}", seen.gaps);
+        }
+    }
+    eprintln!(
+        "crash: standby serving after {takeover:?}; {cut} followers cut off, the longest for {longest:?} (bound {bound:?})"
+    );
+    assert!(cut > 0, "the SIGKILL cut no follower off");
+}
