@@ -2,6 +2,8 @@
 //! the tests skip), throwaway namespaces, the CRD, the operator process, Helm
 //! and kubectl as a user runs them, and waiting for conditions.
 
+pub mod api_gate;
+pub mod setup;
 pub mod traffic;
 
 use anyhow::{bail, Context as _};

@@ -395,6 +395,9 @@ pub struct Figures {
     pub longest_outage: Duration,
     /// Followers still without a comet at the window's end.
     pub still_down: usize,
+    /// Reconnect frames the followers got over the whole run (frames carry
+    /// no time, so this is not limited to the window).
+    pub told_to_reconnect: usize,
     /// Up to three distinct errors of failed pushes.
     pub failure_samples: Vec<String>,
 }
@@ -489,6 +492,7 @@ impl Outcome {
                 }
             }
             f.reconnected += usize::from(came_back);
+            f.told_to_reconnect += s.told_to_reconnect;
         }
         f
     }
@@ -496,10 +500,24 @@ impl Outcome {
     /// [`Outcome::figures`] of the followers on `protos` only (and the
     /// pushes to their keys).
     pub fn figures_of(&self, protos: &[Proto], from: Instant, to: Instant) -> Figures {
+        self.figures_where(|_, p| protos.contains(&p), from, to)
+    }
+
+    /// [`Outcome::figures`] of the followers of `keys` only.
+    pub fn figures_for(&self, keys: &[String], from: Instant, to: Instant) -> Figures {
+        self.figures_where(|k, _| keys.iter().any(|x| x == k), from, to)
+    }
+
+    fn figures_where(
+        &self,
+        pick: impl Fn(&str, Proto) -> bool,
+        from: Instant,
+        to: Instant,
+    ) -> Figures {
         let seen: BTreeMap<String, (Proto, Option<Seen>)> = self
             .seen
             .iter()
-            .filter(|(_, (p, _))| protos.contains(p))
+            .filter(|(k, (p, _))| pick(k, *p))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let part = Outcome {
@@ -516,7 +534,7 @@ impl Outcome {
     }
 
     /// Problems with the run as a whole: losses, gaps, restarted sequences,
-    /// followers that never caught up.
+    /// mids delivered live by two comets, followers that never caught up.
     pub fn problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (key, (proto, s)) in &self.seen {
@@ -531,6 +549,12 @@ impl Outcome {
                 out.push(format!(
                     "{key} ({proto:?}): mids went back {:?}",
                     s.regressions
+                ));
+            }
+            if !s.live_twice.is_empty() {
+                out.push(format!(
+                    "{key} ({proto:?}): mids delivered live by two comets {:?}",
+                    s.live_twice
                 ));
             }
         }
