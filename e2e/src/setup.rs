@@ -43,6 +43,11 @@ impl ChartOperator {
         Ok(op)
     }
 
+    /// The Helm release name.
+    pub fn release(&self) -> &str {
+        &self.release
+    }
+
     /// The namespace it runs in.
     pub fn namespace(&self) -> &str {
         self.ns.as_ref().map_or("", |n| n.name.as_str())

@@ -398,6 +398,10 @@ pub struct Figures {
     /// Reconnect frames the followers got over the whole run (frames carry
     /// no time, so this is not limited to the window).
     pub told_to_reconnect: usize,
+    /// Push-to-delivery time of the pushes sent in the window that reached
+    /// their follower live: the 99th percentile, and how many there were.
+    pub p99_delivery: Option<Duration>,
+    pub delivered_live: usize,
     /// Up to three distinct errors of failed pushes.
     pub failure_samples: Vec<String>,
 }
@@ -414,6 +418,14 @@ impl std::fmt::Display for Figures {
             self.reconnected,
             self.longest_outage.as_secs_f64()
         )?;
+        if let Some(p) = self.p99_delivery {
+            write!(
+                f,
+                " p99_push_to_delivery={:.1}ms (of {} live)",
+                p.as_secs_f64() * 1000.0,
+                self.delivered_live
+            )?;
+        }
         if !self.failure_samples.is_empty() {
             write!(f, " push_errors={:?}", self.failure_samples)?;
         }
@@ -479,6 +491,19 @@ impl Outcome {
             }
         }
         f.restarted_keys = restarted.len();
+        let mut delays = Vec::new();
+        for a in self.attempts.iter().filter(|a| inside(a.at)) {
+            let (Ok(m), Some((_, Some(s)))) = (&a.result, self.seen.get(&a.key)) else {
+                continue;
+            };
+            if let Some((_, t)) = s.live_at.iter().find(|(mid, _)| mid == m) {
+                delays.push(t.saturating_duration_since(a.at));
+            }
+        }
+        delays.sort();
+        f.delivered_live = delays.len();
+        f.p99_delivery = (!delays.is_empty())
+            .then(|| delays[((delays.len() - 1) as f64 * 0.99).round() as usize]);
         for (_, s) in self.seen.values() {
             let Some(s) = s else {
                 f.still_down += 1;

@@ -741,11 +741,85 @@ async fn the_message_service_away_for_3_s_leaves_no_push_behind_on_redis() -> an
     outage_under_traffic("pushcluster-full.yaml", Fault::MessagePods).await
 }
 
+/// The API server answers reads but refuses every write of the comets for
+/// 60 s (their Role loses its write verbs, with the operator scaled to 0 so
+/// it does not put them back: the stand-in, on this control plane, for an
+/// etcd out of space or a write quota): holders cannot renew and standbys
+/// cannot take over, yet no follower is cut off and no shard changes hands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_refusing_writes_cuts_no_client_off() -> anyhow::Result<()> {
+    outage_under_traffic("pushcluster-minimal.yaml", Fault::WritesRefused).await
+}
+
+/// The same on the full example.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_refusing_writes_cuts_no_client_off_on_redis() -> anyhow::Result<()> {
+    outage_under_traffic("pushcluster-full.yaml", Fault::WritesRefused).await
+}
+
+/// Scales the operator to 0 (it would put the verbs back), takes every
+/// write verb out of the comets' Role for `how_long`, then restores it.
+async fn refuse_comet_writes(
+    client: &Client,
+    op: &ChartOperator,
+    ns: &str,
+    cluster: &str,
+    how_long: Duration,
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::rbac::v1::Role;
+    let (n, deployment) = (
+        op.namespace().to_owned(),
+        format!("deployment/{}-pushcluster-operator", op.release()),
+    );
+    tokio::task::spawn_blocking(move || {
+        kubectl(&["scale", "-n", &n, &deployment, "--replicas=0"], None)
+    })
+    .await??;
+    wait("the operator gone", LIMIT, || async {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), op.namespace());
+        Ok(pods
+            .list(&kube::api::ListParams::default())
+            .await?
+            .items
+            .is_empty())
+    })
+    .await?;
+    let roles: Api<Role> = Api::namespaced(client.clone(), ns);
+    let role = format!("{cluster}-comet");
+    let rules = roles.get(&role).await?.rules.unwrap_or_default();
+    let writes = ["create", "update", "patch", "delete", "deletecollection"];
+    let read_only: Vec<_> = rules
+        .iter()
+        .cloned()
+        .map(|mut r| {
+            r.verbs.retain(|v| !writes.contains(&v.as_str()));
+            r
+        })
+        .filter(|r| !r.verbs.is_empty())
+        .collect();
+    anyhow::ensure!(
+        read_only != rules,
+        "the comet Role {role} grants no write to take away: {rules:?}"
+    );
+    let set =
+        |rules: &Vec<k8s_openapi::api::rbac::v1::PolicyRule>| Patch::Merge(json!({"rules": rules}));
+    roles
+        .patch(&role, &PatchParams::default(), &set(&read_only))
+        .await?;
+    tokio::time::sleep(how_long).await;
+    roles
+        .patch(&role, &PatchParams::default(), &set(&rules))
+        .await?;
+    Ok(())
+}
+
 /// What stops answering in [`outage_under_traffic`].
 #[derive(Clone, Copy, PartialEq)]
 enum Fault {
     /// The API server, SIGSTOPped for 60 s.
     ApiServer,
+    /// Every write of the comets refused (403) for 60 s; reads answered.
+    WritesRefused,
     /// Every message pod, SIGSTOPped for 3 s.
     MessagePods,
 }
@@ -762,6 +836,8 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
         (Fault::ApiServer, false) => ("pco-outage", "outage"),
         (Fault::MessagePods, true) => ("pco-msg-redis", "msg-redis"),
         (Fault::MessagePods, false) => ("pco-msg", "msg"),
+        (Fault::WritesRefused, true) => ("pco-ro-redis", "ro-redis"),
+        (Fault::WritesRefused, false) => ("pco-ro", "ro"),
     };
     let op = ChartOperator::install(&client, &images, release).await?;
     let ns = TestNamespace::create(&client, suffix).await?;
@@ -781,7 +857,10 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
         };
         let traffic = Traffic::start(api.clone(), &load).await;
         anyhow::ensure!(traffic.all_connected(LIMIT).await, "followers did not all reach a comet");
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A steady stretch to compare delivery during the fault with.
+        let warm = Instant::now();
+        tokio::time::sleep(Duration::from_secs(10)).await;
         let before = lease_holders(&client, &ns.name, &name).await?;
         let settled = Instant::now();
         let what = match fault {
@@ -790,6 +869,10 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 drop(frozen);
                 "API server SIGSTOPped 60 s"
+            }
+            Fault::WritesRefused => {
+                refuse_comet_writes(&client, &op, &ns.name, &name, Duration::from_secs(60)).await?;
+                "API server refusing the comets' writes for 60 s"
             }
             Fault::MessagePods => {
                 let pods: Vec<String> = pushcluster_e2e::pods_of(&client, &ns.name, &name, "message").await?.into_keys().collect();
@@ -819,10 +902,11 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
         let after = lease_holders(&client, &ns.name, &name).await?;
         let outcome = traffic.finish(Duration::from_secs(60)).await;
         let end = Instant::now();
+        let steady = outcome.figures(warm, settled);
         let during = outcome.figures(settled, resumed);
         let whole = outcome.figures(settled, end);
         println!(
-            "INFO {what} on {example}: during the outage {during}; from the outage to the end {whole}; leases before {before:?} after {after:?}"
+            "INFO {what} on {example}: before the outage {steady}; during the outage {during}; from the outage to the end {whole}; leases before {before:?} after {after:?}"
         );
         if fault == Fault::MessagePods {
             // A follower may be told to reconnect (and fetch by mid), if
@@ -850,12 +934,21 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
         );
         anyhow::ensure!(during.acked > 0, "nothing was pushed during the outage: {during}");
         anyhow::ensure!(before == after, "shards changed hands: {before:?} -> {after:?}");
+        let problems = outcome.problems();
+        anyhow::ensure!(problems.is_empty(), "{what}: {problems:?}");
+        let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
+        let (p99_before, p99_during) = (ms(steady.p99_delivery), ms(during.p99_delivery));
+        anyhow::ensure!(
+            p99_during <= 2.0 * p99_before,
+            "{what}: live delivery slowed down: p99 push-to-delivery {p99_during:.1} ms during the outage, {p99_before:.1} ms before"
+        );
         println!(
-            "PASS API server stopped (SIGSTOP) for 60 s under traffic ({example}, followers on WebSocket, TCP and SSE, 50 pushes/s): followers cut off={}, failed pushes={}, lost={}, pushes acknowledged during the outage={}, shard Leases unchanged ({} shards, same holders and transitions)",
+            "PASS {what} under traffic ({example}, followers on WebSocket, TCP and SSE, 50 pushes/s): followers cut off={}, failed pushes={}, lost={}, pushes acknowledged during the outage={} ({} delivered live), p99 push-to-delivery {p99_during:.1} ms during vs {p99_before:.1} ms before, shard Leases unchanged ({} shards, same holders and transitions)",
             whole.reconnected,
             whole.failed,
             whole.lost,
             during.acked,
+            during.delivered_live,
             after.len()
         );
         anyhow::Ok(())

@@ -65,6 +65,8 @@ pub struct Seen {
     /// Mids that arrived live over two connections: two comets delivered
     /// them (a fetched copy of a live mid is not counted).
     pub live_twice: Vec<i64>,
+    /// When each mid first arrived live, for push-to-delivery latency.
+    pub live_at: Vec<(i64, Instant)>,
 }
 
 impl Seen {
@@ -169,9 +171,16 @@ impl State {
     /// Notes that mid `m` came live on the current connection.
     fn live(&mut self, m: i64) {
         let conn = self.seen.connections;
-        let first = *self.live_on.entry((self.seen.resets, m)).or_insert(conn);
-        if first != conn {
-            self.seen.live_twice.push(m);
+        match self.live_on.entry((self.seen.resets, m)) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                if *first.get() != conn {
+                    self.seen.live_twice.push(m);
+                }
+            }
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(conn);
+                self.seen.live_at.push((m, Instant::now()));
+            }
         }
     }
 

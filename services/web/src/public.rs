@@ -10,7 +10,7 @@ use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::Router;
 use pushcluster_core::frame::{encode_json, Format};
-use pushcluster_core::membership::ShardEndpoint;
+use pushcluster_core::membership::{ClusterView, ShardEndpoint};
 use pushcluster_core::token;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::v1 as pb;
@@ -66,7 +66,6 @@ async fn resolve_after_losing(
     let key = s.check_key(key)?;
     let mut views = s.membership.watch();
     let first = views.borrow_and_update().endpoint_for(key).cloned();
-    let unchanged = |ep: Option<&ShardEndpoint>| ep == first.as_ref();
     // A comet web can still reach is not gone: the client lost it for
     // some other reason (an idle timeout on the way, its own network) and
     // is better served by an answer now than by a wait for a handover that
@@ -84,7 +83,7 @@ async fn resolve_after_losing(
         loop {
             tokio::select! {
                 changed = views.changed() => {
-                    if changed.is_err() || !unchanged(views.borrow_and_update().endpoint_for(key)) {
+                    if changed.is_err() || handed_over(first.as_ref(), &views.borrow_and_update(), key) {
                         break;
                     }
                 }
@@ -95,6 +94,23 @@ async fn resolve_after_losing(
     }
     let view = views.borrow().clone();
     address(s, view.endpoint_for(key), proto).map(|addr| json!({ "server": addr }))
+}
+
+/// Whether `key`, served by `first` when the client asked, has a new
+/// comet in `view`: its shard has another holder, or the key moved to
+/// another shard that remains (a reshard). A shard that merely left the
+/// ring (its holder died and is not ready) does not count: its keys would
+/// land on a neighbour that refuses them, while the standby takes the
+/// shard moments later.
+fn handed_over(first: Option<&ShardEndpoint>, view: &ClusterView, key: &str) -> bool {
+    let Some(first) = first else {
+        return view.endpoint_for(key).is_some();
+    };
+    match view.endpoints.get(&first.shard) {
+        None => false,
+        Some(now) if now != first => true,
+        Some(_) => view.endpoint_for(key).map(|e| e.shard) != Some(first.shard),
+    }
 }
 
 /// The address a client is given for `ep` and `proto`: the comet's own, or
@@ -382,4 +398,46 @@ async fn time_inner(
         data["pepoch"] = public.epoch.into();
     }
     Ok(Reply::ok(Some(data)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(shard: u32, host: &str) -> ShardEndpoint {
+        ShardEndpoint {
+            shard,
+            rpc: format!("http://{host}:1"),
+            ws: format!("{host}:2"),
+            tcp: format!("{host}:3"),
+        }
+    }
+
+    #[test]
+    fn a_resolve_waits_for_a_new_holder_not_for_a_neighbour() {
+        let both = ClusterView::new([ep(0, "a"), ep(1, "b")]);
+        let key = (0..100)
+            .map(|i| format!("k{i}"))
+            .find(|k| both.endpoint_for(k).map(|e| e.shard) == Some(0))
+            .expect("some key on shard 0");
+        let first = both.endpoint_for(&key).cloned();
+        // Nothing changed.
+        assert!(!handed_over(first.as_ref(), &both, &key));
+        // The holder died: its shard left the ring and the key would land
+        // on shard 1, which is not its comet.
+        let gone = ClusterView::new([ep(1, "b")]);
+        assert!(!handed_over(first.as_ref(), &gone, &key));
+        // The standby took the shard.
+        let taken = ClusterView::new([ep(0, "c"), ep(1, "b")]);
+        assert!(handed_over(first.as_ref(), &taken, &key));
+        // Nobody served the key when asked: any comet will do.
+        assert!(handed_over(None, &gone, &key));
+        assert!(!handed_over(None, &ClusterView::new([]), &key));
+        // A reshard moved the key while its old shard stays.
+        let moved = (2..50)
+            .map(|n| ClusterView::new((0..n).map(|k| ep(k, if k == 0 { "a" } else { "x" }))))
+            .find(|v| v.endpoint_for(&key).map(|e| e.shard) != Some(0))
+            .expect("some shard count moves the key");
+        assert!(handed_over(first.as_ref(), &moved, &key));
+    }
 }
