@@ -4,7 +4,7 @@
 
 use crate::metrics::Metrics;
 use crate::protocol::{HeartbeatBounds, Subscribe};
-use crate::registry::{RegisterError, Registry, Subscription};
+use crate::registry::{Delivery, LiveOffer, RegisterError, Registry, Subscription};
 use crate::storage::{PushPath, STORE_DEADLINE};
 use crate::{Config, Error};
 use prometheus_client::metrics::counter::Counter;
@@ -16,6 +16,7 @@ use pushcluster_core::ring::{Ring, DEFAULT_VNODES};
 use pushcluster_lease::owner::Ownership;
 use pushcluster_proto::auth::AuthChannel;
 use pushcluster_proto::auth::RpcToken;
+use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_client::MessageClient;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -230,6 +231,19 @@ impl Comet {
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Queues a private message stored by someone else (web's store around
+    /// this comet) on `key`'s connections, unless they already had it;
+    /// returns how many took it.
+    pub(crate) fn deliver_private(&self, key: &str, m: pb::StoredMessage) -> Result<u64, String> {
+        self.cfg.limits.check_key(key).map_err(|e| e.to_string())?;
+        let d = Delivery::new(m.mid, m.gid, m.payload);
+        let n = match self.registry.offer_live(key, &d, true) {
+            LiveOffer::Delivered(n) => n,
+            _ => 0,
+        };
+        Ok(n)
     }
 
     /// Counts a reconnect frame sent.

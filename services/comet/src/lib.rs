@@ -20,6 +20,7 @@
 //! [`pushcluster_lease::MembershipConfig::start`], the listeners, and the
 //! drain on SIGTERM, which awaits every task it started.
 
+mod bypassed;
 mod comet;
 mod config;
 pub mod live;

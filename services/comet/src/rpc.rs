@@ -3,7 +3,7 @@
 //! failures become gRPC statuses here and nowhere else.
 
 use crate::push::{PushError, MAX_PUSH_BATCH};
-use crate::registry::{Delivery, LiveOffer};
+use crate::registry::Delivery;
 use crate::Comet;
 use pushcluster_core::{GID_PRIVATE, GID_PUBLIC};
 use pushcluster_proto::pipeline::{answer_in_order, Replies};
@@ -158,18 +158,10 @@ impl CometService for CometRpc {
                 .broadcast(&Delivery::new(m.mid, m.gid, m.payload)),
             // Web stored it because this comet could not: queued unless
             // the key's connections already had it.
-            GID_PRIVATE => {
-                self.comet
-                    .cfg
-                    .limits
-                    .check_key(&r.key)
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?;
-                let d = Delivery::new(m.mid, m.gid, m.payload);
-                match self.comet.registry.offer_live(&r.key, &d, true) {
-                    LiveOffer::Delivered(n) => n,
-                    _ => 0,
-                }
-            }
+            GID_PRIVATE => self
+                .comet
+                .deliver_private(&r.key, m)
+                .map_err(Status::invalid_argument)?,
             gid => return Err(Status::invalid_argument(format!("unknown gid {gid}"))),
         };
         self.comet.metrics.deliveries.inc_by(n);

@@ -71,6 +71,10 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     ));
     let follow = tokio::spawn(comet.clone().follow_membership(background.clone()));
     let sweeper = tokio::spawn(sweep_silent(comet.clone(), background.clone()));
+    // Without Redis, pushes web stored around this comet are announced by
+    // the message service (crate::bypassed).
+    let bypassed = matches!(comet.path, crate::storage::PushPath::StoreThenQueue(_))
+        .then(|| tokio::spawn(crate::bypassed::follow(comet.clone(), background.clone())));
     let require = RequireToken::new(comet.cfg.rpc_token.as_deref()).map_err(Error::RpcToken)?;
     let rpc_task = tokio::spawn({
         let stop = stop_accepting.clone();
@@ -114,6 +118,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     background.cancel();
     let _ = follow.await;
     let _ = sweeper.await;
+    if let Some(b) = bypassed {
+        let _ = b.await;
+    }
     let _ = ops.await;
     Ok(())
 }

@@ -162,6 +162,8 @@ impl PushPath {
                     push_id: a.push_id.to_owned(),
                     shard: a.fence.shard,
                     fence: a.fence.token,
+                    // The key's own comet stores it and delivers it itself.
+                    announce: false,
                 };
                 batcher
                     .call(req)

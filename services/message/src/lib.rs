@@ -178,7 +178,14 @@ pub struct MessageService<S> {
     fetch_max_bytes: usize,
     metrics: Metrics,
     drain: CancellationToken,
+    /// Private messages appended with `announce`, for Bypassed followers.
+    bypassed: tokio::sync::broadcast::Sender<pb::DeliverRequest>,
 }
+
+/// Announced messages buffered per Bypassed follower; one that falls
+/// further behind is told it lost some (they are rare: pushes whose comet
+/// failed them).
+const BYPASSED_BUFFER: usize = 4096;
 
 // By hand: a derive would ask for `S: Clone`, and only the Arc is cloned.
 impl<S> Clone for MessageService<S> {
@@ -190,6 +197,7 @@ impl<S> Clone for MessageService<S> {
             fetch_max_bytes: self.fetch_max_bytes,
             metrics: self.metrics.clone(),
             drain: self.drain.clone(),
+            bypassed: self.bypassed.clone(),
         }
     }
 }
@@ -223,6 +231,7 @@ impl<S: Store> MessageService<S> {
             fetch_max_bytes: cfg.fetch_max_bytes.max(1),
             metrics: Metrics::register(reg),
             drain: CancellationToken::new(),
+            bypassed: tokio::sync::broadcast::channel(BYPASSED_BUFFER).0,
         }
     }
 
@@ -263,7 +272,20 @@ impl<S: Store> MessageService<S> {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let start = Instant::now();
         let opts = AppendOpts::from_wire(&r.push_id, r.shard, r.fence);
+        let announced = (r.announce && r.gid == GID_PRIVATE).then(|| r.payload.clone());
         let res = self.store.append_with(ch, r.payload, ttl, opts).await;
+        if let (Ok(mid), Some(payload)) = (&res, announced) {
+            // No follower is no error: the comet may not be up yet, and web
+            // also hands the message to the comet itself.
+            let _ = self.bypassed.send(pb::DeliverRequest {
+                key: r.key.clone(),
+                message: Some(pb::StoredMessage {
+                    mid: *mid,
+                    gid: GID_PRIVATE,
+                    payload,
+                }),
+            });
+        }
         if let Err(e @ StoreError::Fenced { .. }) = &res {
             // Not a storage failure: a comet that lost its Lease tried to write.
             self.metrics.fenced.inc();
@@ -348,6 +370,33 @@ impl<S: Store> Message for MessageService<S> {
             async move { svc.append_batch(b.appends).await }
         });
         Ok(Response::new(replies))
+    }
+
+    type BypassedStream = Replies<pb::DeliverRequest>;
+
+    async fn bypassed(
+        &self,
+        _req: Request<pb::BypassedRequest>,
+    ) -> Result<Response<Self::BypassedStream>, Status> {
+        use futures::StreamExt;
+        use tokio_stream::wrappers::{errors::BroadcastStreamRecvError, BroadcastStream};
+        let drain = self.drain.clone();
+        let notices = BroadcastStream::new(self.bypassed.subscribe())
+            .map(|n| {
+                n.map_err(|BroadcastStreamRecvError::Lagged(missed)| {
+                    Status::data_loss(format!(
+                        "missed {missed} announced messages: the follower fell behind"
+                    ))
+                })
+            })
+            // The first loss ends the stream; draining ends it too.
+            .scan(false, |lost, n| {
+                let stop = *lost;
+                *lost = n.is_err();
+                futures::future::ready((!stop).then_some(n))
+            })
+            .take_until(async move { drain.cancelled().await });
+        Ok(Response::new(Box::pin(notices)))
     }
 
     async fn fetch(

@@ -257,6 +257,13 @@ impl pb::message_server::Message for Silent {
     ) -> Result<Response<pb::RaiseFenceReply>, tonic::Status> {
         Err(tonic::Status::unimplemented("silent"))
     }
+    type BypassedStream = pushcluster_proto::pipeline::Replies<pb::DeliverRequest>;
+    async fn bypassed(
+        &self,
+        _: tonic::Request<pb::BypassedRequest>,
+    ) -> Result<Response<Self::BypassedStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("silent"))
+    }
 }
 
 /// A reply stream that yields nothing while `work` runs, then ends.
@@ -305,4 +312,50 @@ async fn a_stuck_server_fails_the_call_at_the_deadline_and_the_next_call_gets_a_
         assert_eq!(opened.load(std::sync::atomic::Ordering::SeqCst), round);
     }
     server.abort();
+}
+
+/// Bypassed: a follower hears each private append marked `announce` (web's
+/// stores around a comet), with its mid and payload, and nothing else; a
+/// draining service ends the stream.
+#[tokio::test]
+async fn announced_appends_reach_bypassed_followers() {
+    let server = Server::start().await;
+    let mut client = MessageClient::new(endpoint(server.addr));
+    let mut heard = client
+        .bypassed(pb::BypassedRequest {})
+        .await
+        .expect("follow")
+        .into_inner();
+    let append = |key: &str, announce: bool| pb::AppendRequest {
+        key: key.to_owned(),
+        payload: format!(r#"{{"announce":{announce}}}"#).into(),
+        announce,
+        ..Default::default()
+    };
+    let quiet = client
+        .append(append("k", false))
+        .await
+        .expect("append")
+        .into_inner()
+        .mid;
+    let loud = client
+        .append(append("k", true))
+        .await
+        .expect("append")
+        .into_inner()
+        .mid;
+    let d = tokio::time::timeout(Duration::from_secs(5), heard.message())
+        .await
+        .expect("announced in time")
+        .expect("stream")
+        .expect("one message");
+    assert_eq!(d.key, "k");
+    let m = d.message.expect("message");
+    assert_eq!((m.mid, quiet + 1), (loud, loud));
+    assert_eq!(&m.payload[..], br#"{"announce":true}"#);
+    server.stop().await;
+    let end = tokio::time::timeout(Duration::from_secs(5), heard.message())
+        .await
+        .expect("stream ends on drain");
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 }

@@ -124,6 +124,10 @@ impl Pushes {
             // Web holds no shard: its direct stores are not fenced.
             shard: 0,
             fence: 0,
+            // Web stores a private push only when its comet failed it, did
+            // not answer, or there is none: the comets hear of it through
+            // the message service too, in case web cannot reach them.
+            announce: gid == GID_PRIVATE,
         };
         // While the message service is unreachable (the embedded store's one
         // pod restarting takes seconds) keep trying, so the push is answered

@@ -263,6 +263,10 @@ pub struct Options {
     /// cut or freeze ([`Cluster::comet_message_proxy`]); web reaches it
     /// directly.
     pub comet_message_proxy: bool,
+    /// Web reaches each comet's gRPC through a proxy the test can cut or
+    /// freeze ([`Cluster::web_comet_proxies`]); clients reach the comets
+    /// directly.
+    pub web_comet_proxy: bool,
     /// Web's lame-duck period after SIGTERM (`drain_delay_ms`).
     pub web_drain_delay_ms: u64,
     /// Client listeners' caps and header deadline (comet and web).
@@ -289,6 +293,7 @@ impl Default for Options {
             web_stores_in_redis: true,
             comet_redis_url: None,
             comet_message_proxy: false,
+            web_comet_proxy: false,
             web_drain_delay_ms: 0,
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
         }
@@ -322,6 +327,9 @@ pub struct Cluster {
     /// With `comet_message_proxy`: the proxy between comets and the
     /// message service.
     pub comet_message_proxy: Option<proxy::FreezableProxy>,
+    /// With `web_comet_proxy`: the proxies between web and each comet, by
+    /// shard.
+    pub web_comet_proxies: Vec<proxy::FreezableProxy>,
 }
 
 fn yaml<T: serde::Serialize>(cfg: &T) -> String {
@@ -461,12 +469,18 @@ impl Cluster {
         let (public, admin, ops) = (free_port(), free_port(), free_port());
         let mut static_comets = Vec::new();
         let mut older_comets = Vec::new();
+        let mut web_comet_proxies = Vec::new();
         for (shard, a) in comet_addrs.iter().enumerate() {
             let mut rpc = a.rpc_port;
             if opts.older_rpc {
                 let p = older::comet(rpc, opts.rpc_token.as_deref());
                 rpc = p.port;
                 older_comets.push(p);
+            }
+            if opts.web_comet_proxy {
+                let p = proxy::FreezableProxy::start_now(rpc);
+                rpc = p.port;
+                web_comet_proxies.push(p);
             }
             static_comets.push(ShardEndpoint {
                 shard: shard as u32,
@@ -506,6 +520,7 @@ impl Cluster {
             older_message,
             comet_message_proxy,
             older_comets,
+            web_comet_proxies,
         }
     }
 

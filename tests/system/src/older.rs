@@ -174,6 +174,15 @@ impl Message for OldMessage {
             "the previous release keeps no fence to raise",
         ))
     }
+    type BypassedStream = pushcluster_proto::pipeline::Replies<pb::DeliverRequest>;
+    async fn bypassed(
+        &self,
+        _: Request<pb::BypassedRequest>,
+    ) -> Result<Response<Self::BypassedStream>, Status> {
+        Err(Status::unimplemented(
+            "the previous release announces no bypassed pushes",
+        ))
+    }
 }
 
 struct OldComet {
