@@ -229,18 +229,7 @@ pub async fn deploy_example(
     let shards = if full { 8 } else { 2 };
     wait_ready(client, ns, &name, shards, limit).await?;
     let (admin_token, subscriber_secret) = if full {
-        let clusters: Api<PushCluster> = Api::namespaced(client.clone(), ns);
-        clusters
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"comet": {"advertise": null}}})),
-            )
-            .await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (n, c) = (ns.to_owned(), name.clone());
-        tokio::task::spawn_blocking(move || rollout_status(&n, &c, limit)).await??;
-        wait_ready(client, ns, &name, shards, limit).await?;
+        without_advertise(client, ns, &name, shards, limit).await?;
         (
             "full-admin-token".to_owned(),
             "full-subscriber-secret".to_owned(),
@@ -255,4 +244,28 @@ pub async fn deploy_example(
         admin_token,
         subscriber_secret,
     })
+}
+
+/// Drops `cluster`'s `advertise` addresses (the full example's public DNS
+/// names, which nothing here resolves), so clients reach the comets at
+/// their pod addresses, and waits for the rollout and Ready.
+pub async fn without_advertise(
+    client: &Client,
+    ns: &str,
+    cluster: &str,
+    shards: i32,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let clusters: Api<PushCluster> = Api::namespaced(client.clone(), ns);
+    clusters
+        .patch(
+            cluster,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"comet": {"advertise": null}}})),
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (n, c) = (ns.to_owned(), cluster.to_owned());
+    tokio::task::spawn_blocking(move || rollout_status(&n, &c, limit)).await??;
+    wait_ready(client, ns, cluster, shards, limit).await
 }

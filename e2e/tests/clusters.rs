@@ -11,7 +11,8 @@ use kube::Client;
 use push_operator::crd::PushCluster;
 use pushcluster_client::http::{Client as HttpApi, Proto};
 use pushcluster_e2e::setup::{
-    deploy_example, deploy_redis, first_push, lease_holders, secret, ChartOperator, Deployed,
+    deploy_example, deploy_redis, first_push, lease_holders, secret, without_advertise,
+    ChartOperator, Deployed,
 };
 use pushcluster_e2e::traffic::{ready_endpoints, Load, ServiceProxy, Traffic};
 use pushcluster_e2e::{
@@ -92,18 +93,7 @@ async fn the_full_example_on_redis() -> anyhow::Result<()> {
         // another deleted gracefully, and still no acknowledged push lost.
         // The example hands clients public DNS names; here they reach the
         // comets' pod addresses instead.
-        let clusters: Api<PushCluster> = Api::namespaced(client.clone(), &ns.name);
-        clusters
-            .patch(
-                &name,
-                &PatchParams::default(),
-                &Patch::Merge(json!({"spec": {"comet": {"advertise": null}}})),
-            )
-            .await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let (n, c) = (ns.name.clone(), name.clone());
-        tokio::task::spawn_blocking(move || rollout_status(&n, &c, LIMIT)).await??;
-        wait_ready(&client, &ns.name, &name, 8, LIMIT).await?;
+        without_advertise(&client, &ns.name, &name, 8, LIMIT).await?;
         let traffic = full_traffic(&authorised, "live").await?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let leases: Api<Lease> = Api::namespaced(client.clone(), &ns.name);

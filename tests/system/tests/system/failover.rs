@@ -247,14 +247,14 @@ async fn followers_are_back_within_a_lease_and_a_half_second_of_a_crash() {
         followers.push((proto, Followers::start(&api, &keys, proto)));
     }
     let all = keys.len() * followers.len();
-    let up = pushcluster_systest::until(Duration::from_secs(10), || {
+    let connected = || {
         followers
             .iter()
             .map(|(_, f)| f.control.connected())
             .sum::<usize>()
             == all
-    })
-    .await;
+    };
+    let up = pushcluster_systest::until(Duration::from_secs(10), connected).await;
     assert!(up.is_some(), "followers did not connect\n{}", c.logs());
     // Older than web's probe answers: the live comet's answer above is no
     // evidence about the comet after the kill below.
@@ -265,14 +265,7 @@ async fn followers_are_back_within_a_lease_and_a_half_second_of_a_crash() {
     c.comets[victim].kill9();
     wait_takeover(&c, &keys[0], heir, lease_duration + Duration::from_secs(1)).await;
     let takeover = t0.elapsed();
-    let back = pushcluster_systest::until(lease_duration + Duration::from_secs(3), || {
-        followers
-            .iter()
-            .map(|(_, f)| f.control.connected())
-            .sum::<usize>()
-            == all
-    })
-    .await;
+    let back = pushcluster_systest::until(lease_duration + Duration::from_secs(3), connected).await;
     assert!(back.is_some(), "followers did not come back\n{}", c.logs());
 
     let mut last = BTreeMap::new();
