@@ -106,6 +106,12 @@ pub struct KubeLeases {
     /// A read failed (or hung) since the last good one: this process could
     /// not observe the leases, so it cannot tell whether they were renewed.
     blind: std::sync::atomic::AtomicBool,
+    /// A takeover write of this process was refused (not a conflict) and no
+    /// Lease has changed since: the API server is refusing or throttling
+    /// writes, so a Lease that is not renewed shows that nobody can write
+    /// it, not that its holder died. Takeovers then wait for proof: the
+    /// holder's address not answering.
+    writes_refused: std::sync::atomic::AtomicBool,
     events: crate::LeaseEvents,
     /// Owner of the Leases this process creates (the PushCluster), so they
     /// are garbage collected with it.
@@ -129,6 +135,7 @@ impl KubeLeases {
             observed: Mutex::new(HashMap::new()),
             next_expiry: Mutex::new(None),
             blind: std::sync::atomic::AtomicBool::new(false),
+            writes_refused: std::sync::atomic::AtomicBool::new(false),
             events: crate::LeaseEvents::default(),
             owner: None,
         }
@@ -176,7 +183,20 @@ impl KubeLeases {
         let mut seen = self.observed.lock().unwrap_or_else(|e| e.into_inner());
         let since = match seen.get(&shard) {
             Some((prev, at)) if *prev == o => *at,
-            _ => {
+            prev => {
+                if prev.is_some()
+                    && self
+                        .writes_refused
+                        .swap(false, std::sync::atomic::Ordering::SeqCst)
+                {
+                    // A write got through: writes work again. Every holder
+                    // gets a whole lease from now to renew, as after an
+                    // outage of reads.
+                    tracing::info!(
+                        "a Lease changed: writes are accepted again; observing every lease afresh"
+                    );
+                    seen.clear();
+                }
                 seen.insert(shard, (o.clone(), now));
                 now
             }
@@ -214,6 +234,11 @@ impl KubeLeases {
                 Ok(v)
             }
         }
+    }
+
+    fn refusing_writes(&self) -> bool {
+        self.writes_refused
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn remember(&self, shard: u32, l: &Lease) {
@@ -301,6 +326,23 @@ impl LeaseBackend for KubeLeases {
                 return Ok(None);
             }
         }
+        // A released lease names nobody: free to take whatever the writes did.
+        let named = |l: &&Lease| {
+            l.spec
+                .as_ref()
+                .and_then(|s| s.holder_identity.as_deref())
+                .is_some_and(|h| !h.is_empty())
+        };
+        if let Some(l) = current
+            .as_ref()
+            .filter(named)
+            .filter(|_| self.refusing_writes())
+        {
+            if holder_answers(l).await {
+                tracing::info!(shard, holder = ?l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()), "writes were refused and the holder still answers: not taking its lapsed lease");
+                return Ok(None);
+            }
+        }
         let existed = current.is_some();
         let want = self.claim(shard, current, me, ttl);
         let written = if existed {
@@ -319,7 +361,15 @@ impl LeaseBackend for KubeLeases {
                 }))
             }
             Err(e) if is_conflict(&e) => Ok(None),
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                if !self
+                    .writes_refused
+                    .swap(true, std::sync::atomic::Ordering::SeqCst)
+                {
+                    tracing::warn!(error = %e, "a takeover write was refused: until a Lease changes, only a holder that does not answer is replaced");
+                }
+                Err(e.into())
+            }
         }
     }
 
@@ -417,6 +467,33 @@ impl LeaseBackend for KubeLeases {
     }
 }
 
+/// How long a lapsed holder's gRPC address has to accept a connection to
+/// count as alive.
+const HOLDER_PROBE: Duration = Duration::from_millis(300);
+
+/// Whether the holder named by `l` accepts a connection at the gRPC address
+/// it announced: a process that died refuses (or its address is gone); one
+/// that only cannot write its Lease accepts.
+async fn holder_answers(l: &Lease) -> bool {
+    let addr = l
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANN_RPC))
+        .map(|u| {
+            u.trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .to_owned()
+        });
+    let Some(addr) = addr.filter(|a| !a.is_empty()) else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(HOLDER_PROBE, tokio::net::TcpStream::connect(addr.as_str())).await,
+        Ok(Ok(_))
+    )
+}
+
 /// A lease list slower than this means the API server was not answering:
 /// what was observed before it proves nothing about renewals.
 const BLIND_AFTER: Duration = Duration::from_secs(2);
@@ -473,5 +550,23 @@ mod tests {
         assert!(fencing_token(1_700_000_100, 1) > fencing_token(1_700_000_000, 500_000));
         // Beyond 2^24 transitions the count saturates instead of wrapping.
         assert_eq!(fencing_token(1, 1 << 30), fencing_token(1, (1 << 24) - 1));
+    }
+
+    fn lease_at(rpc: Option<&str>) -> super::Lease {
+        let mut l = super::Lease::default();
+        if let Some(rpc) = rpc {
+            l.metadata.annotations = Some([(super::ANN_RPC.to_owned(), rpc.to_owned())].into());
+        }
+        l
+    }
+
+    #[tokio::test]
+    async fn a_holder_answers_while_its_grpc_port_accepts() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert!(super::holder_answers(&lease_at(Some(&format!("http://{addr}")))).await);
+        drop(listener);
+        assert!(!super::holder_answers(&lease_at(Some(&format!("http://{addr}")))).await);
+        assert!(!super::holder_answers(&lease_at(None)).await);
     }
 }

@@ -441,3 +441,78 @@ async fn a_released_lease_is_taken_at_once_because_the_watch_wakes_the_standby()
     );
     cancel.cancel();
 }
+
+/// Writes refused (403): the API server answers reads but not writes, so a
+/// Lease that stops being renewed proves nothing about its holder. While no
+/// Lease has changed since a takeover write was refused, a lapsed Lease whose
+/// holder still accepts connections is left alone; once one changes, writes
+/// work again and every holder gets a whole lease to renew; a lapsed Lease
+/// whose holder does not answer is taken all along.
+#[tokio::test(start_paused = true)]
+async fn after_a_refused_write_only_a_holder_that_does_not_answer_is_replaced() {
+    let (c, mut h) = client();
+    let leases = KubeLeases::new(Api::namespaced(c, "ns"), "pc");
+    let alive = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let with_rpc = |mut l: Value, rpc: String| {
+        l["metadata"]["annotations"] = json!({"pushcluster.io/rpc": rpc});
+        l
+    };
+    let theirs = with_rpc(
+        lease("7", Some("comet-b"), "2026-01-01T00:00:00.000000Z", 3),
+        format!("http://{}", alive.local_addr().unwrap()),
+    );
+    let server = tokio::spawn(async move {
+        let path = format!("{LEASES}/pc-comet-0");
+        expect(&mut h, Method::GET, &path, (200, theirs.clone())).await;
+        // Lapsed: the takeover write is refused.
+        expect(&mut h, Method::GET, &path, (200, theirs.clone())).await;
+        expect(&mut h, Method::PUT, &path, status(403, "Forbidden")).await;
+        // Still lapsed, and its holder answers: no write.
+        expect(&mut h, Method::GET, &path, (200, theirs.clone())).await;
+        // The holder renewed once writes came back: valid, and observed
+        // afresh.
+        let renewed = with_rpc(
+            lease("8", Some("comet-b"), "2026-01-01T00:00:11.000000Z", 3),
+            "http://127.0.0.1:1".into(),
+        );
+        expect(&mut h, Method::GET, &path, (200, renewed.clone())).await;
+        // Lapsed again, writes refused again, and now its holder is gone:
+        // taken as soon as writes are accepted.
+        expect(&mut h, Method::GET, &path, (200, renewed.clone())).await;
+        expect(&mut h, Method::PUT, &path, status(403, "Forbidden")).await;
+        expect(&mut h, Method::GET, &path, (200, renewed)).await;
+        expect(
+            &mut h,
+            Method::PUT,
+            &path,
+            (
+                200,
+                lease("9", Some("comet-a"), "2026-01-01T00:00:22.000000Z", 4),
+            ),
+        )
+        .await;
+    });
+    let ttl = Duration::from_secs(10);
+    assert!(leases.try_acquire(0, &me(), ttl).await.unwrap().is_none());
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert!(leases.try_acquire(0, &me(), ttl).await.is_err(), "refused");
+    assert!(
+        leases.try_acquire(0, &me(), ttl).await.unwrap().is_none(),
+        "the holder answers"
+    );
+    assert!(
+        leases.try_acquire(0, &me(), ttl).await.unwrap().is_none(),
+        "renewed"
+    );
+    tokio::time::advance(Duration::from_secs(11)).await;
+    assert!(
+        leases.try_acquire(0, &me(), ttl).await.is_err(),
+        "refused again"
+    );
+    let held = leases.try_acquire(0, &me(), ttl).await.unwrap();
+    assert!(
+        held.is_some(),
+        "a lapsed lease of a holder that does not answer is taken"
+    );
+    server.await.unwrap();
+}
