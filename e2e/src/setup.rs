@@ -43,6 +43,29 @@ impl ChartOperator {
         Ok(op)
     }
 
+    /// Scales the operator's Deployment to 0 and waits until its pod is
+    /// gone: from then on nothing repairs or relabels the clusters.
+    pub async fn scale_to_zero(&self, client: &Client) -> anyhow::Result<()> {
+        let (n, deployment) = (
+            self.namespace().to_owned(),
+            format!("deployment/{}-pushcluster-operator", self.release),
+        );
+        tokio::task::spawn_blocking(move || {
+            kubectl(&["scale", "-n", &n, &deployment, "--replicas=0"], None)
+        })
+        .await??;
+        crate::wait("the operator gone", Duration::from_secs(240), || async {
+            let pods: Api<k8s_openapi::api::core::v1::Pod> =
+                Api::namespaced(client.clone(), self.namespace());
+            Ok(pods
+                .list(&kube::api::ListParams::default())
+                .await?
+                .items
+                .is_empty())
+        })
+        .await
+    }
+
     /// The Helm release name.
     pub fn release(&self) -> &str {
         &self.release

@@ -757,23 +757,7 @@ async fn refuse_comet_writes(
     how_long: Duration,
 ) -> anyhow::Result<()> {
     use k8s_openapi::api::rbac::v1::Role;
-    let (n, deployment) = (
-        op.namespace().to_owned(),
-        format!("deployment/{}-pushcluster-operator", op.release()),
-    );
-    tokio::task::spawn_blocking(move || {
-        kubectl(&["scale", "-n", &n, &deployment, "--replicas=0"], None)
-    })
-    .await??;
-    wait("the operator gone", LIMIT, || async {
-        let pods: Api<Pod> = Api::namespaced(client.clone(), op.namespace());
-        Ok(pods
-            .list(&kube::api::ListParams::default())
-            .await?
-            .items
-            .is_empty())
-    })
-    .await?;
+    op.scale_to_zero(client).await?;
     let roles: Api<Role> = Api::namespaced(client.clone(), ns);
     let role = format!("{cluster}-comet");
     let rules = roles.get(&role).await?.rules.unwrap_or_default();
@@ -1093,7 +1077,7 @@ async fn taken_and_published(
 }
 
 /// Failover with the operator scaled to 0, on the minimal example with 2
-/// standbys: followers reach comets by pod address (TCP, as web gives them)
+/// standbys (and on the full example below): followers reach comets by pod address (TCP, as web gives them)
 /// and by advertised per-shard addresses (WebSocket and SSE, through a load
 /// balancer per shard Service that follows its EndpointSlice). A graceful
 /// delete of one holder, then a SIGKILL of another: the standbys take over
@@ -1103,48 +1087,57 @@ async fn taken_and_published(
 /// of clients that lost the dead comet until then), with nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_without_the_operator() -> anyhow::Result<()> {
+    failover_without_operator("pushcluster-minimal.yaml").await
+}
+
+/// The same on the full example: Redis, 8 shards, 2 standbys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_without_the_operator_on_redis() -> anyhow::Result<()> {
+    failover_without_operator("pushcluster-full.yaml").await
+}
+
+async fn failover_without_operator(example: &str) -> anyhow::Result<()> {
     let Some((client, images)) = full_cluster().await else {
         return Ok(());
     };
-    let op = ChartOperator::install(&client, &images, "pco-noop").await?;
-    let ns = TestNamespace::create(&client, "noop").await?;
+    let full = example == "pushcluster-full.yaml";
+    let (release, suffix) = if full {
+        ("pco-noop-redis", "noop-redis")
+    } else {
+        ("pco-noop", "noop")
+    };
+    let op = ChartOperator::install(&client, &images, release).await?;
+    let ns = TestNamespace::create(&client, suffix).await?;
     let result = async {
-        // One port on 127.0.1.10, 127.0.1.11: shard k's advertised address
-        // is 127.0.1.1k:<port>, a load balancer for Service <name>-comet-k.
+        let Deployed { name, shards, admin_token, subscriber_secret } =
+            deploy_example(&client, &images, &ns.name, example, LIMIT).await?;
+        // One port on 127.0.1.10, 127.0.1.11, ...: shard k's advertised
+        // address is 127.0.1.1k:<port>, a load balancer for Service
+        // <name>-comet-k. Two standbys.
         let port = std::net::TcpListener::bind("127.0.1.10:0")?.local_addr()?.port();
-        let mut pc = pushcluster_e2e::example("pushcluster-minimal.yaml")?;
-        pc["spec"]["image"] = images.image().into();
-        pc["spec"]["comet"] = json!({"shards": 2, "standbys": 2, "advertise": {"ws": format!("127.0.1.1{{shard}}:{port}")}});
-        let name = pc["metadata"]["name"].as_str().unwrap_or("push").to_owned();
-        let n = ns.name.clone();
-        tokio::task::spawn_blocking(move || kubectl(&["apply", "-n", &n, "-f", "-"], Some(&pc.to_string()))).await??;
-        wait_ready(&client, &ns.name, &name, 2, LIMIT).await?;
-        let lease_s = {
-            let pcs: Api<PushCluster> = Api::namespaced(client.clone(), &ns.name);
-            pcs.get(&name).await?.spec.lease.duration_seconds
-        };
+        let pcs: Api<PushCluster> = Api::namespaced(client.clone(), &ns.name);
+        let comet = json!({"standbys": 2, "advertise": {"ws": format!("127.0.1.1{{shard}}:{port}")}});
+        pcs.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"comet": comet}}))).await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (n, c) = (ns.name.clone(), name.clone());
+        tokio::task::spawn_blocking(move || rollout_status(&n, &c, LIMIT)).await??;
+        wait_ready(&client, &ns.name, &name, shards, LIMIT).await?;
+        let lease_s = pcs.get(&name).await?.spec.lease.duration_seconds;
         let mut balancers = Vec::new();
-        for k in 0..2u32 {
+        for k in 0..shards {
             let bind: std::net::SocketAddr = format!("127.0.1.1{k}:{port}").parse()?;
             balancers.push(ServiceProxy::start_at(&client, &ns.name, &format!("{name}-comet-{k}"), "ws", bind).await?);
         }
-        let creds = credentials(&client, &ns.name, &name).await?;
         let public = ServiceProxy::start(&client, &ns.name, &format!("{name}-web"), "public").await?;
         let admin = ServiceProxy::start(&client, &ns.name, &format!("{name}-web-admin"), "admin").await?;
-        let api = HttpApi::new(&public.url(), &admin.url(), Some(creds.admin_token))
-            .with_subscriber_secret(Some(creds.subscriber_secret.clone()));
+        let api = HttpApi::new(&public.url(), &admin.url(), Some(admin_token))
+            .with_subscriber_secret(Some(subscriber_secret.clone()));
         first_push(&api, "warm-up", "{}").await?;
 
         // No operator from here on.
-        let (n, deployment) = (op.namespace().to_owned(), "deployment/pco-noop-pushcluster-operator".to_owned());
-        tokio::task::spawn_blocking(move || kubectl(&["scale", "-n", &n, &deployment, "--replicas=0"], None)).await??;
-        wait("the operator gone", LIMIT, || async {
-            let pods: Api<Pod> = Api::namespaced(client.clone(), op.namespace());
-            Ok(pods.list(&kube::api::ListParams::default()).await?.items.is_empty())
-        })
-        .await?;
+        op.scale_to_zero(&client).await?;
 
-        let load = Load { keys: 24, rate: 50, prefix: "noop".into(), subscriber_secret: Some(creds.subscriber_secret) };
+        let load = Load { keys: 24, rate: 50, prefix: "noop".into(), subscriber_secret: Some(subscriber_secret) };
         let traffic = Traffic::start(api.clone(), &load).await;
         anyhow::ensure!(traffic.all_connected(LIMIT).await, "followers did not all reach a comet");
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1191,7 +1184,7 @@ async fn failover_without_the_operator() -> anyhow::Result<()> {
         let crash = &events[1];
         let worst = |e: &(u32, bool, String, String, Duration, Instant, Instant)| outcome.figures(e.5, e.6).longest_outage.as_secs_f64();
         println!(
-            "PASS failover with the operator scaled to 0 (minimal example, 2 shards + 2 standbys, 24 followers on pod and advertised addresses, 50 pushes/s): longest without a comet {:.3} s after a graceful delete (limit 0.100), {:.3} s after a SIGKILL (limit {:.1}, a lease plus 0.5 s); standbys wrote their EndpointSlices in {:.2} s and {:.2} s; 0 lost",
+            "PASS failover with the operator scaled to 0 ({example}, {shards} shards + 2 standbys, 24 followers on pod and advertised addresses, 50 pushes/s): longest without a comet {:.3} s after a graceful delete (limit 0.100), {:.3} s after a SIGKILL (limit {:.1}, a lease plus 0.5 s); standbys wrote their EndpointSlices in {:.2} s and {:.2} s; 0 lost",
             worst(graceful),
             worst(crash),
             limit(true).as_secs_f64(),
