@@ -40,6 +40,9 @@ pub struct Support {
 
 /// The claim's access mode: the live one, else the spec's, else
 /// `ReadWriteOncePod` where supported.
+/// The first Kubernetes release with `ReadWriteOncePod` on by default (GA).
+const ONCE_POD_SINCE: (u32, u32) = (1, 27);
+
 pub fn choose(spec: Option<ClaimAccessMode>, support: &Support) -> ClaimAccessMode {
     match support.existing.as_deref() {
         Some("ReadWriteOncePod") => return ClaimAccessMode::ReadWriteOncePod,
@@ -49,7 +52,7 @@ pub fn choose(spec: Option<ClaimAccessMode>, support: &Support) -> ClaimAccessMo
     if let Some(mode) = spec {
         return mode;
     }
-    let new_enough = support.server.is_some_and(|v| v >= (1, 27));
+    let new_enough = support.server.is_some_and(|v| v >= ONCE_POD_SINCE);
     if new_enough && support.csi == Some(true) {
         ClaimAccessMode::ReadWriteOncePod
     } else {
@@ -99,7 +102,7 @@ pub async fn support(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<Suppor
             None
         }
     };
-    if out.server.is_some_and(|v| v >= (1, 27)) {
+    if out.server.is_some_and(|v| v >= ONCE_POD_SINCE) {
         out.csi = csi_backed(pc, ctx).await;
     }
     Ok(out)
@@ -170,7 +173,7 @@ mod tests {
     #[test]
     fn once_pod_only_where_server_and_driver_support_it() {
         assert_eq!(
-            choose(None, &support(None, Some((1, 27)), Some(true))),
+            choose(None, &support(None, Some(ONCE_POD_SINCE), Some(true))),
             Rwop
         );
         assert_eq!(choose(None, &support(None, Some((2, 0)), Some(true))), Rwop);
@@ -191,6 +194,6 @@ mod tests {
         assert_eq!(parse_version("", "", "weird"), None);
         // An unstamped build from source is newer than every release.
         let dev = parse_version("", "", "v0.0.0-master+c8dcb00be996");
-        assert!(dev.is_some_and(|v| v >= (1, 27)));
+        assert!(dev.is_some_and(|v| v >= ONCE_POD_SINCE));
     }
 }
