@@ -53,8 +53,6 @@ pub enum Error {
     MessageUrl(#[source] tonic::transport::Error),
     #[error("store: {0}")]
     Store(#[source] pushcluster_store::StoreError),
-    #[error("live channels: {0}")]
-    Live(#[source] redis::RedisError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
     #[error("gRPC server: {0}")]

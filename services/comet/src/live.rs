@@ -51,6 +51,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use pushcluster_core::ops::Readiness;
 use pushcluster_core::GID_PRIVATE;
+use pushcluster_redis::{Event, Mode, Subscriber, SubscriberHandle, Target};
 use pushcluster_store::redis::{live, RedisStore};
 use pushcluster_store::{Channel, Page, Seq, Store};
 use std::collections::HashSet;
@@ -97,6 +98,9 @@ type Update = BoxFuture<'static, (Vec<Box<str>>, redis::RedisResult<()>)>;
 /// A comet's subscriptions to live channels; see the module docs.
 pub struct LiveFeed {
     ns: String,
+    /// On a Redis Cluster: sharded channels, and no legacy twins (no
+    /// release before cluster support published there).
+    cluster: bool,
     registry: Arc<Registry>,
     /// Where missed messages are read from.
     store: RedisStore,
@@ -170,31 +174,31 @@ enum Stopped {
 }
 
 impl LiveFeed {
-    /// Starts subscribing for `registry`'s keys on the Redis at `url`, with
-    /// keys under namespace `ns`, reading missed messages from `store` and
-    /// marking `ready` down while it is; runs until `cancel`.
+    /// Starts subscribing for `registry`'s keys on the Redis `store` writes
+    /// to, with keys under namespace `ns`, reading missed messages from
+    /// `store` and marking `ready` down while it is; runs until `cancel`.
     pub(crate) fn start(
-        url: &str,
         ns: &str,
         registry: Arc<Registry>,
         store: RedisStore,
         ready: Readiness,
         metrics: LiveMetrics,
         cancel: CancellationToken,
-    ) -> Result<Arc<Self>, redis::RedisError> {
-        let client = redis::Client::open(url)?;
+    ) -> Arc<Self> {
+        let target = store.target().clone();
         let (tx, rx) = mpsc::unbounded_channel();
         registry.report_key_changes(tx);
         let feed = Arc::new(Self {
             ns: ns.to_owned(),
+            cluster: target.mode() == Mode::Cluster,
             registry,
             store,
             ready,
             changed: watch::Sender::new(0),
             metrics,
         });
-        tokio::spawn(feed.clone().run(client, rx, cancel));
-        Ok(feed)
+        tokio::spawn(feed.clone().run(target, rx, cancel));
+        feed
     }
 
     /// Waits until `key` (which has just been registered) is subscribed;
@@ -222,7 +226,7 @@ impl LiveFeed {
 
     async fn run(
         self: Arc<Self>,
-        client: redis::Client,
+        target: Target,
         mut changes: mpsc::UnboundedReceiver<Box<str>>,
         cancel: CancellationToken,
     ) {
@@ -230,14 +234,14 @@ impl LiveFeed {
         loop {
             let connected = tokio::select! {
                 _ = cancel.cancelled() => return,
-                c = tokio::time::timeout(CONNECT_DEADLINE, client.get_async_pubsub()) => c,
+                c = tokio::time::timeout(CONNECT_DEADLINE, Subscriber::connect(&target, true)) => c,
             };
             match connected {
-                Ok(Ok(pubsub)) => {
+                Ok(Ok((handle, stream))) => {
                     pause = RETRY;
                     tracing::info!("subscribing to live channels");
                     self.set_up(true);
-                    let why = self.serve(pubsub, &mut changes, &cancel).await;
+                    let why = self.serve(handle, stream, &mut changes, &cancel).await;
                     if cancel.is_cancelled() {
                         return;
                     }
@@ -271,11 +275,11 @@ impl LiveFeed {
     /// Subscribes and delivers on one connection until it fails; says why.
     async fn serve(
         &self,
-        pubsub: redis::aio::PubSub,
+        sink: SubscriberHandle,
+        mut stream: futures::stream::BoxStream<'static, Event>,
         changes: &mut mpsc::UnboundedReceiver<Box<str>>,
         cancel: &CancellationToken,
     ) -> Stopped {
-        let (sink, mut stream) = pubsub.split();
         // Every key with connections now, then every key that changes.
         let mut pending: HashSet<Box<str>> = self.registry.unset_live().into_iter().collect();
         let mut in_flight: Option<Update> = None;
@@ -290,9 +294,18 @@ impl LiveFeed {
                 biased;
                 _ = cancel.cancelled() => return Stopped::ShuttingDown,
                 msg = stream.next() => match msg {
-                    Some(m) => {
+                    Some(Event::Message(m)) => {
                         if let Err(e) = self.deliver(&m).await {
                             return e;
+                        }
+                    }
+                    Some(Event::Dropped(channel)) => {
+                        // Its slot moved: subscribing again reaches the new
+                        // owner, and the catch-up after it delivers what
+                        // was published in between.
+                        if let Some((key, _)) = live::key_of(&self.ns, &channel) {
+                            tracing::info!(key, "live channel moved with its slot: subscribing again");
+                            pending.insert(key.into());
                         }
                     }
                     None => return Stopped::Closed,
@@ -328,7 +341,7 @@ impl LiveFeed {
                         Some(_) => {}
                         None => {
                             let mut sink = sink.clone();
-                            let call = async move { sink.ping::<()>().await }.boxed();
+                            let call = async move { sink.ping().await }.boxed();
                             ping = Some((Instant::now(), call));
                         }
                     }
@@ -414,23 +427,24 @@ impl LiveFeed {
     /// Brings the subscriptions of a batch of `pending` keys in line with
     /// the registry: keys with connections subscribed, others unsubscribed.
     /// Resolves to the keys subscribed once Redis has confirmed them.
-    fn update(&self, sink: &redis::aio::PubSubSink, pending: &mut HashSet<Box<str>>) -> Update {
+    fn update(&self, sink: &SubscriberHandle, pending: &mut HashSet<Box<str>>) -> Update {
         let batch: Vec<Box<str>> = pending.iter().take(BATCH).cloned().collect();
         for k in &batch {
             pending.remove(k);
         }
         let (subscribe, unsubscribe): (Vec<Box<str>>, Vec<Box<str>>) =
             batch.into_iter().partition(|k| self.registry.has_key(k));
-        // Both of each key's channels: see `live::legacy_channel`.
+        // Both of each key's channels (see `live::legacy_channel`), but for
+        // the signed one alone on a Redis Cluster.
         let names = |keys: &[Box<str>]| -> Vec<String> {
-            keys.iter()
-                .flat_map(|k| {
-                    [
-                        live::channel(&self.ns, k),
-                        live::legacy_channel(&self.ns, k),
-                    ]
-                })
-                .collect()
+            let mut out = Vec::with_capacity(keys.len() * 2);
+            for k in keys {
+                out.push(live::channel(&self.ns, k));
+                if !self.cluster {
+                    out.push(live::legacy_channel(&self.ns, k));
+                }
+            }
+            out
         };
         let (sub_names, unsub_names) = (names(&subscribe), names(&unsubscribe));
         let (mut sub_sink, mut unsub_sink) = (sink.clone(), sink.clone());

@@ -116,17 +116,16 @@ impl PushPath {
                     direct.retention.clone(),
                 )
                 .map_err(Error::Store)?
-                .signing(cfg.rpc_token.as_deref().map(LiveKey::derive));
+                .signing(cfg.rpc_token.as_deref().map(LiveKey::derive))
+                .durability(direct.redis_durability);
                 let live = LiveFeed::start(
-                    url,
                     &direct.redis_namespace,
                     registry.clone(),
                     store.clone(),
                     ready.clone(),
                     metrics.live.clone(),
                     live_stop.clone(),
-                )
-                .map_err(Error::Live)?;
+                );
                 tracing::info!(
                     url = %pushcluster_core::ops::redact_url(url),
                     "private pushes arrive on redis live channels"

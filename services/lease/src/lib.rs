@@ -126,6 +126,8 @@ pub struct Held {
 pub enum Error {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("redis: {0}")]
+    RedisTarget(#[from] pushcluster_redis::Error),
     #[error("kubernetes: {0}")]
     Kube(#[source] Box<kube::Error>),
     #[error("lease record is corrupt: {0}")]

@@ -6,10 +6,17 @@
 //! whole stored value, so only the holder of that very acquisition can extend
 //! or drop it. Expiry is judged by the Redis server's clock alone. Acquire and
 //! release publish on `<ns>:leases`, so standbys and routers react at once.
+//!
+//! Any mode [`pushcluster_redis`] reaches works: on a Redis Cluster each
+//! shard's two keys share its hash tag, and `PUBLISH` reaches every node;
+//! behind Sentinels the leases follow the master (a failover that loses
+//! the last writes may shorten a lease, never hand one shard to two
+//! holders at once beyond what the lost write allowed: use WAIT-grade
+//! durability for the store, and leases long enough to cover a failover).
 
 use crate::{Candidate, Error, Held, LeaseBackend, LeaseRecord, Result};
 use futures::StreamExt;
-use redis::aio::ConnectionManager;
+use pushcluster_redis::{Conn, Event, Subscriber, Target};
 use redis::Script;
 use std::time::Duration;
 
@@ -40,7 +47,7 @@ return 0
 
 /// Leases in one Redis.
 pub struct RedisLeases {
-    conn: ConnectionManager,
+    conn: Conn,
     ns: String,
     acquire: Script,
     renew: Script,
@@ -52,13 +59,14 @@ pub struct RedisLeases {
 }
 
 impl RedisLeases {
-    /// Connects to `url`; keys are prefixed with `ns`.
+    /// Connects to `url` (any mode: see [`pushcluster_redis`]); keys are
+    /// prefixed with `ns`.
     pub async fn connect(url: &str, ns: &str) -> Result<Self> {
-        let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client.clone()).await?;
+        let target = Target::parse(url)?;
+        let conn = target.connect().await?;
         let events = crate::LeaseEvents::default();
         let channel = format!("{ns}:leases");
-        let listener = tokio::spawn(listen(client, channel, events.clone()));
+        let listener = tokio::spawn(listen(target, channel, events.clone()));
         Ok(Self {
             conn,
             ns: ns.to_owned(),
@@ -87,14 +95,15 @@ impl Drop for RedisLeases {
 }
 
 /// Announces every lease event on `events`; reconnects when the connection drops.
-async fn listen(client: redis::Client, channel: String, events: crate::LeaseEvents) {
+async fn listen(target: Target, channel: String, events: crate::LeaseEvents) {
     loop {
-        match client.get_async_pubsub().await {
-            Ok(mut ps) => {
-                if ps.subscribe(&channel).await.is_ok() {
-                    let mut msgs = ps.on_message();
-                    while msgs.next().await.is_some() {
-                        events.notify();
+        match Subscriber::connect(&target, false).await {
+            Ok((mut handle, mut stream)) => {
+                if handle.subscribe(vec![channel.clone()]).await.is_ok() {
+                    while let Some(e) = stream.next().await {
+                        if let Event::Message(_) = e {
+                            events.notify();
+                        }
                     }
                 }
             }
@@ -171,12 +180,26 @@ impl LeaseBackend for RedisLeases {
         if shards == 0 {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for k in 0..shards {
-            pipe.get(self.key(k)).pttl(self.key(k));
-        }
-        let mut conn = self.conn.clone();
-        let raws: Vec<(Option<String>, i64)> = pipe.query_async(&mut conn).await?;
+        let parts: Vec<(String, Vec<redis::Cmd>)> = (0..shards)
+            .map(|k| {
+                let key = self.key(k);
+                let cmds = vec![redis::Cmd::get(&key), redis::Cmd::pttl(&key)];
+                (key, cmds)
+            })
+            .collect();
+        let replies: Vec<redis::Value> = self.conn.query_parts(&parts).await?;
+        let raws: Vec<(Option<String>, i64)> = replies
+            .chunks(2)
+            .map(|pair| match pair {
+                [raw, ttl] => Ok((
+                    redis::from_redis_value_ref(raw).map_err(redis::RedisError::from)?,
+                    redis::from_redis_value_ref(ttl).map_err(redis::RedisError::from)?,
+                )),
+                _ => Err(Error::Corrupt(
+                    "a lease snapshot reply was cut short".into(),
+                )),
+            })
+            .collect::<Result<_>>()?;
         // Counted from the reply, so at most a round trip late: a standby
         // waking then finds the key gone, never still held.
         let now = tokio::time::Instant::now();

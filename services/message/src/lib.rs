@@ -52,10 +52,16 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, rename_all = "snake_case", deny_unknown_fields)]
 pub struct StorageConfig {
-    /// `redis://host:port/db`; empty for the embedded store.
+    /// `redis://host:port/db`, `redis+sentinel://…` or `redis+cluster://…`
+    /// (see `pushcluster_redis`); empty for the embedded store.
     pub redis_url: Option<String>,
     /// Prefix of every Redis key, so clusters can share one Redis.
     pub redis_namespace: String,
+    /// Replicas that must confirm a write before it is acknowledged.
+    // Left out when default, so configs (and their hashes: pods roll on a
+    // change) of clusters that do not set it stay as they were.
+    #[serde(skip_serializing_if = "pushcluster_redis::Durability::is_master_only")]
+    pub redis_durability: pushcluster_redis::Durability,
     /// File of the embedded store.
     pub path: PathBuf,
 }
@@ -65,6 +71,7 @@ impl Default for StorageConfig {
         Self {
             redis_url: None,
             redis_namespace: "pc".into(),
+            redis_durability: Default::default(),
             path: PathBuf::from("data/messages.redb"),
         }
     }
@@ -99,7 +106,8 @@ pub async fn open_store(cfg: &Config) -> Result<Backend, StoreError> {
                 cfg.rpc_token
                     .as_deref()
                     .map(pushcluster_store::redis::live::LiveKey::derive),
-            );
+            )
+            .durability(cfg.storage.redis_durability);
             tracing::info!(url = %pushcluster_core::ops::redact_url(url), "storage: redis");
             Ok(Backend::Redis(s))
         }

@@ -114,6 +114,8 @@ impl Default for Retention {
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("redis: {0}")]
+    RedisTarget(#[source] pushcluster_redis::Error),
     #[error("embedded store: {0}")]
     Embedded(#[from] redb::Error),
     #[error("embedded store writer has stopped")]
@@ -126,6 +128,39 @@ pub enum StoreError {
         token: u64,
         current: u64,
     },
+}
+
+impl StoreError {
+    /// Whether trying again soon may succeed: Redis unreachable or slow, a
+    /// Sentinel or Cluster failover under way (the old master answers
+    /// `READONLY`, a slot `CLUSTERDOWN`/`TRYAGAIN`), or replicas that did
+    /// not confirm in time. A retry under the same push id is never stored
+    /// twice.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_refusal()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || matches!(
+                        e.code(),
+                        Some("READONLY" | "MASTERDOWN" | "LOADING" | "CLUSTERDOWN" | "TRYAGAIN")
+                    )
+            }
+            Self::RedisTarget(pushcluster_redis::Error::NotReplicated { .. }) => true,
+            _ => false,
+        }
+    }
+}
+
+impl From<pushcluster_redis::Error> for StoreError {
+    fn from(e: pushcluster_redis::Error) -> Self {
+        match e {
+            pushcluster_redis::Error::Redis(e) => Self::Redis(e),
+            other => Self::RedisTarget(other),
+        }
+    }
 }
 
 /// How much one read returns at most.
@@ -239,7 +274,7 @@ pub trait Store: Send + Sync + 'static {
 
 /// The backend chosen by configuration.
 pub enum Backend {
-    /// Redis single node.
+    /// Redis: one node, Sentinel-watched or a Redis Cluster.
     Redis(redis::RedisStore),
     /// redb on local disk.
     Embedded(embedded::EmbeddedStore),

@@ -22,12 +22,16 @@ use crate::{
     Stored,
 };
 use bytes::Bytes;
-use redis::aio::ConnectionManager;
+use pushcluster_redis::{Conn, Durability, Mode, Target};
 use redis::{AsyncCommands, Script};
 use serde::{Deserialize, Serialize};
 use std::sync::LazyLock;
 use std::time::Duration;
 
+// KEYS[4] is the fence: the shard's on one node, the key's own copy of it
+// on a Redis Cluster (a script may touch one slot only). ARGV[13] is the
+// publish command: SPUBLISH on a Redis Cluster (sharded pub/sub: the
+// message goes to the key's slot's node only), PUBLISH elsewhere.
 // A new sequence (mid 1) gets a new epoch, ARGV[3] (now, in ms), kept as
 // long as the sequence; so does a sequence older than epochs at its next
 // append. Fences are compared as 20-digit strings: Lua numbers are doubles, exact
@@ -63,8 +67,8 @@ if ARGV[9] ~= '' then
     local sig = redis.sha1hex(ARGV[11] .. redis.sha1hex(ARGV[10] .. ARGV[9] .. ' ' .. head .. ARGV[1]))
     signed = head .. 's' .. sig .. ' '
   end
-  redis.call('PUBLISH', ARGV[9], signed .. ARGV[1])
-  redis.call('PUBLISH', ARGV[12], head .. ARGV[1])
+  redis.call(ARGV[13], ARGV[9], signed .. ARGV[1])
+  if ARGV[12] ~= '' then redis.call('PUBLISH', ARGV[12], head .. ARGV[1]) end
 end
 return {mid, ''}
 ";
@@ -135,6 +139,12 @@ pub struct DirectStore {
     pub redis_namespace: String,
     /// Backlog, sequence lifetime and dedupe window: the message service's.
     pub retention: Retention,
+    /// Replicas that must have a push before it is acknowledged: the
+    /// message service's `storage.redis_durability`.
+    // Left out when default, so configs (and their hashes: pods roll on a
+    // change) of clusters that do not set it stay as they were.
+    #[serde(skip_serializing_if = "pushcluster_redis::Durability::is_master_only")]
+    pub redis_durability: Durability,
 }
 
 impl DirectStore {
@@ -149,8 +159,12 @@ impl DirectStore {
     pub fn open(&self, live_secret: Option<&str>) -> Result<Option<RedisStore>> {
         self.url()
             .map(|url| {
-                RedisStore::connect_lazy(url, &self.redis_namespace, self.retention.clone())
-                    .map(|s| s.signing(live_secret.map(live::LiveKey::derive)))
+                RedisStore::connect_lazy(url, &self.redis_namespace, self.retention.clone()).map(
+                    |s| {
+                        s.signing(live_secret.map(live::LiveKey::derive))
+                            .durability(self.redis_durability)
+                    },
+                )
             })
             .transpose()
     }
@@ -162,45 +176,70 @@ impl Default for DirectStore {
             redis_url: None,
             redis_namespace: "pc".into(),
             retention: Retention::default(),
+            redis_durability: Durability::default(),
         }
     }
 }
 
-/// Redis-backed store (single node; keys are Cluster-ready). Clones share
-/// one connection.
+/// Redis-backed store on one node, a Sentinel-watched master or a Redis
+/// Cluster ([`pushcluster_redis::Target`]). Clones share the connections.
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: Conn,
+    target: std::sync::Arc<Target>,
     ns: String,
     retention: Retention,
     signing: Option<std::sync::Arc<live::LiveKey>>,
+    durability: Durability,
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://host:port/db`), prefixing every key with `ns`.
+    /// Connects to `url` (any mode: see [`pushcluster_redis`]), prefixing
+    /// every key with `ns`.
     pub async fn connect(url: &str, ns: &str, retention: Retention) -> Result<Self> {
-        let conn = ConnectionManager::new(redis::Client::open(url)?).await?;
-        Ok(Self::over(conn, ns, retention))
+        let target = Target::parse(url)?;
+        let conn = target.connect().await?;
+        Ok(Self::over(conn, target, ns, retention))
     }
 
     /// Like [`Self::connect`], but connects on first use and reconnects
     /// after a failure: a process that starts while Redis is down (a comet
     /// in a rollout, say) comes up, and its appends fail until Redis answers.
     pub fn connect_lazy(url: &str, ns: &str, retention: Retention) -> Result<Self> {
-        let conn = ConnectionManager::new_lazy_with_config(
-            redis::Client::open(url)?,
-            redis::aio::ConnectionManagerConfig::default(),
-        )?;
-        Ok(Self::over(conn, ns, retention))
+        let target = Target::parse(url)?;
+        let conn = target.connect_lazy()?;
+        Ok(Self::over(conn, target, ns, retention))
     }
 
-    fn over(conn: ConnectionManager, ns: &str, retention: Retention) -> Self {
+    fn over(conn: Conn, target: Target, ns: &str, retention: Retention) -> Self {
         Self {
             conn,
+            target: std::sync::Arc::new(target),
             ns: ns.to_owned(),
             retention,
             signing: None,
+            durability: Durability::default(),
         }
+    }
+
+    /// Acknowledges an append only once `d.replicas` replicas have it.
+    pub fn durability(mut self, d: Durability) -> Self {
+        self.durability = d;
+        self
+    }
+
+    /// Where Redis is: for subscribers of the same Redis (live feeds).
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The connection, for what else lives in the same Redis.
+    pub fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
+    fn cluster(&self) -> bool {
+        self.conn.mode() == Mode::Cluster
     }
 
     /// Signs what it publishes on live channels with `key` (see
@@ -218,18 +257,17 @@ impl RedisStore {
     /// Where each private key's sequence stands, in one round trip:
     /// pipelined GETs rather than an MGET, so each key can sit in its own
     /// slot of a Redis Cluster.
+    /// On a Redis Cluster, one pipeline per hash slot, all in flight at once.
     pub async fn sequences<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Seq>> {
-        let mut pipe = redis::pipe();
-        for k in keys {
-            let (seq, _) = self.keys(Channel::Private(k.as_ref()));
-            pipe.get(epoch_key(&seq)).get(seq);
-        }
-        let read = || {
-            let mut conn = self.conn.clone();
-            let pipe = pipe.clone();
-            async move { pipe.query_async::<Vec<Option<u64>>>(&mut conn).await }
-        };
-        let got = read_retrying(read).await?;
+        let parts: Vec<(String, Vec<redis::Cmd>)> = keys
+            .iter()
+            .map(|k| {
+                let (seq, _) = self.keys(Channel::Private(k.as_ref()));
+                let cmds = vec![redis::Cmd::get(epoch_key(&seq)), redis::Cmd::get(&seq)];
+                (seq, cmds)
+            })
+            .collect();
+        let got = read_retrying(|| self.conn.query_parts::<Option<u64>>(&parts)).await?;
         Ok(got
             .chunks(2)
             .map(|pair| Seq {
@@ -293,9 +331,14 @@ fn parse_entry(raw: &[u8]) -> Result<(i64, u64, Bytes)> {
 impl Store for RedisStore {
     /// One atomic script: check and raise the shard's fence, dedupe by push
     /// id (same hash tag, same slot), INCR the sequence, append, trim, extend
-    /// the list's life. The fence key `<ns>:fence:{<shard>}` sits in another
-    /// slot: atomic on a single node (the only mode wired today); a Redis
-    /// Cluster client would keep a copy of the fence per key instead.
+    /// the list's life. The fence is the shard's `<ns>:fence:{<shard>}` on
+    /// one node; on a Redis Cluster, where a script touches one slot, it is
+    /// the key's own copy `<ns>:k:{<key>}:f`, raised by the appends of each
+    /// new holder: a superseded holder is refused on every key its successor
+    /// has written, and its appends to other keys still get their mids from
+    /// the one sequence (no key has two streams). With
+    /// [`RedisStore::durability`], the append is acknowledged only once
+    /// that many replicas confirm it.
     async fn append_with(
         &self,
         ch: Channel<'_>,
@@ -308,24 +351,34 @@ impl Store for RedisStore {
         let (seq, list) = self.keys(ch);
         let id_key = format!("{}:id:{push_id}", &seq[..seq.len() - 2]);
         let epoch = epoch_key(&seq);
+        let cluster = self.cluster();
         let (fence_key, token) = match fence {
+            Some(f) if cluster => (
+                format!("{}:f", &seq[..seq.len() - 2]),
+                format!("{:020}", f.token),
+            ),
             Some(f) => (
                 format!("{}:fence:{{{}}}", self.ns, f.shard),
                 format!("{:020}", f.token),
             ),
+            None if cluster => (format!("{}:f", &seq[..seq.len() - 2]), String::new()),
             None => (format!("{}:fence:{{none}}", self.ns), String::new()),
         };
+        // No release before Redis Cluster support published on a cluster,
+        // so there is no legacy twin to feed there.
         let (live_channel, legacy_channel) = match ch {
+            Channel::Private(key) if cluster => (live::channel(&self.ns, key), String::new()),
             Channel::Private(key) => (
                 live::channel(&self.ns, key),
                 live::legacy_channel(&self.ns, key),
             ),
             Channel::Public => (String::new(), String::new()),
         };
+        let publish = if cluster { "SPUBLISH" } else { "PUBLISH" };
         let now = now_ms();
         let mut conn = self.conn.clone();
         let (mid, current): (i64, String) = APPEND_SCRIPT
-            .key(seq)
+            .key(&seq)
             .key(list)
             .key(id_key)
             .key(fence_key)
@@ -347,6 +400,7 @@ impl Store for RedisStore {
             .arg(self.signing.as_ref().map_or("", |k| k.inner.as_str()))
             .arg(self.signing.as_ref().map_or("", |k| k.outer.as_str()))
             .arg(legacy_channel)
+            .arg(publish)
             .invoke_async(&mut conn)
             .await?;
         match fence {
@@ -355,7 +409,10 @@ impl Store for RedisStore {
                 token: f.token,
                 current: current.parse().unwrap_or(u64::MAX),
             }),
-            _ => Ok(mid),
+            _ => {
+                self.conn.wait_for_replicas(&seq, &self.durability).await?;
+                Ok(mid)
+            }
         }
     }
 

@@ -1,4 +1,7 @@
-//! Test support: a real `redis-server` on a free loopback port, stopped on drop.
+//! Test support: real `redis-server` processes on free loopback ports,
+//! stopped on drop: one node ([`RedisServer`]), a Redis Cluster of masters
+//! with a replica each ([`RedisClusterServers`]) and a master with replicas
+//! watched by Sentinels ([`RedisSentinels`]).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -7,6 +10,8 @@ use std::time::{Duration, Instant};
 /// A `redis-server` child process.
 pub struct RedisServer {
     child: Child,
+    /// Its command line, to start it again.
+    args: Vec<String>,
     /// Its port on 127.0.0.1.
     pub port: u16,
     _dir: Option<std::path::PathBuf>,
@@ -67,39 +72,416 @@ impl RedisServer {
     }
 
     fn spawn(port: u16, dir: Option<&std::path::Path>) -> Self {
-        let port_arg = port.to_string();
-        let mut args = vec!["--port", &port_arg, "--bind", "127.0.0.1", "--save", ""];
-        let dir_arg = dir.map(|d| d.display().to_string());
-        match &dir_arg {
-            Some(d) => args.extend(["--appendonly", "yes", "--appendfsync", "always", "--dir", d]),
-            None => args.extend(["--appendonly", "no"]),
+        let mut args: Vec<String> = ["--save", ""].map(String::from).to_vec();
+        match dir {
+            Some(d) => args.extend(
+                ["--appendonly", "yes", "--appendfsync", "always", "--dir"]
+                    .map(String::from)
+                    .into_iter()
+                    .chain([d.display().to_string()]),
+            ),
+            None => args.extend(["--appendonly", "no"].map(String::from)),
         }
-        args.extend(["--loglevel", "warning"]);
-        let child = Command::new("redis-server")
-            .args(&args)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot start redis-server ({e}): install it with `apt-get install -y redis-server` (make test does)")
-            });
+        Self::spawn_with(port, args)
+    }
+
+    /// `redis-server` on `port` with `args` added (after the port, the
+    /// loopback bind and warning-level logs).
+    pub fn spawn_with(port: u16, args: Vec<String>) -> Self {
+        let mut all: Vec<String> = vec![
+            "--port".into(),
+            port.to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--loglevel".into(),
+            "warning".into(),
+        ];
+        all.extend(args);
+        Self::spawn_raw(port, all)
+    }
+
+    /// `redis-server` with exactly `all` as its arguments, listening on `port`.
+    fn spawn_raw(port: u16, all: Vec<String>) -> Self {
+        let child = launch(&all);
         let server = Self {
             child,
+            args: all,
             port,
             _dir: None,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return server;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!("redis-server did not start on port {port}");
+        wait_listening(port);
+        server
+    }
+
+    /// Kills it (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again with the same command line, after [`Self::kill`].
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = launch(&self.args);
+        wait_listening(self.port);
+    }
+
+    /// A synchronous connection, for test set-up and inspection.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .unwrap_or_else(|e| panic!("redis on port {}: {e}", self.port))
     }
 
     /// Its URL.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+fn launch(args: &[String]) -> Child {
+    Command::new("redis-server")
+        .args(args)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start redis-server ({e}): install it with `apt-get install -y redis-server` (make test does)")
+        })
+}
+
+fn wait_listening(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("redis-server did not start on port {port}");
+}
+
+/// Polls `f` every 50 ms until it holds; panics with `what` after `limit`.
+fn wait_for(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} within {limit:?}");
+}
+
+/// A Redis Cluster on loopback: `masters` masters splitting the 16384
+/// slots evenly, each with one replica; node timeout 1 s, so a dead master's
+/// replica takes over within about 2 s.
+pub struct RedisClusterServers {
+    /// The nodes: masters first, then their replicas in the same order.
+    pub nodes: Vec<RedisServer>,
+    /// Node ids, in the order of `nodes`.
+    pub ids: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisClusterServers {
+    /// Starts `masters` masters and as many replicas and joins them.
+    pub fn start(masters: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let nodes: Vec<RedisServer> = (0..masters * 2)
+            .map(|_| {
+                let port = free_port();
+                RedisServer::spawn_with(
+                    port,
+                    [
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        "1000",
+                        "--cluster-replica-validity-factor",
+                        "0",
+                        "--cluster-require-full-coverage",
+                        "no",
+                        "--cluster-allow-reads-when-down",
+                        "no",
+                    ]
+                    .map(String::from)
+                    .into_iter()
+                    .chain([
+                        "--cluster-config-file".into(),
+                        format!("nodes-{port}.conf"),
+                        "--dir".into(),
+                        dir.path().display().to_string(),
+                    ])
+                    .collect(),
+                )
+            })
+            .collect();
+        let ids: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                redis::cmd("CLUSTER")
+                    .arg("MYID")
+                    .query(&mut n.conn())
+                    .expect("CLUSTER MYID")
+            })
+            .collect();
+        let per = 16384 / masters;
+        for (i, n) in nodes.iter().take(masters).enumerate() {
+            let first = i * per;
+            let last = if i + 1 == masters {
+                16383
+            } else {
+                first + per - 1
+            };
+            let mut c = n.conn();
+            redis::cmd("CLUSTER")
+                .arg("SET-CONFIG-EPOCH")
+                .arg(i + 1)
+                .exec(&mut c)
+                .expect("SET-CONFIG-EPOCH");
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .exec(&mut c)
+                .expect("ADDSLOTSRANGE");
+        }
+        let mut first = nodes[0].conn();
+        for n in &nodes[1..] {
+            redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(n.port)
+                .exec(&mut first)
+                .expect("CLUSTER MEET");
+        }
+        wait_for(
+            Duration::from_secs(20),
+            "cluster nodes did not all meet",
+            || {
+                nodes.iter().all(|n| {
+                    redis::cmd("CLUSTER")
+                        .arg("NODES")
+                        .query::<String>(&mut n.conn())
+                        .is_ok_and(|t| t.lines().count() == nodes.len() && !t.contains("handshake"))
+                })
+            },
+        );
+        for (r, master) in nodes[masters..].iter().zip(&ids) {
+            redis::cmd("CLUSTER")
+                .arg("REPLICATE")
+                .arg(master)
+                .exec(&mut r.conn())
+                .expect("CLUSTER REPLICATE");
+        }
+        let cluster = Self { nodes, ids, dir };
+        cluster.wait_healthy();
+        cluster
+    }
+
+    /// Waits until every live node says the cluster is ok and every
+    /// replica's link to its master is up.
+    pub fn wait_healthy(&self) {
+        wait_for(
+            Duration::from_secs(30),
+            "the redis cluster did not become healthy",
+            || {
+                self.nodes.iter().all(|n| {
+                    let mut c = n.conn();
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query(&mut c)
+                        .unwrap_or_default();
+                    let repl: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query(&mut c)
+                        .unwrap_or_default();
+                    info.contains("cluster_state:ok")
+                        && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+                })
+            },
+        );
+    }
+
+    /// `redis+cluster://` URL naming every node as a seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// Index in `nodes` of the master that serves `key`'s slot now, asked
+    /// of node `ask` (any live node).
+    pub fn master_of(&self, key: &str, ask: usize) -> usize {
+        let slot = pushcluster_redis::slot(key.as_bytes());
+        let slots: Vec<(i64, i64, String, i64)> = cluster_slots(&mut self.nodes[ask].conn());
+        let (_, _, _, port) = slots
+            .into_iter()
+            .find(|(a, b, _, _)| (*a..=*b).contains(&i64::from(slot)))
+            .expect("the slot is served");
+        self.nodes
+            .iter()
+            .position(|n| i64::from(n.port) == port)
+            .expect("a known node serves it")
+    }
+
+    /// The directory holding the nodes' cluster config files.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+/// `CLUSTER SLOTS` as (first slot, last slot, master host, master port).
+fn cluster_slots(c: &mut redis::Connection) -> Vec<(i64, i64, String, i64)> {
+    let v: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query(c)
+        .expect("CLUSTER SLOTS");
+    v.into_iter()
+        .filter_map(|range| {
+            let redis::Value::Array(parts) = range else {
+                return None;
+            };
+            let first: i64 = redis::from_redis_value_ref(parts.first()?).ok()?;
+            let last: i64 = redis::from_redis_value_ref(parts.get(1)?).ok()?;
+            let redis::Value::Array(master) = parts.get(2)? else {
+                return None;
+            };
+            let host: String = redis::from_redis_value_ref(master.first()?).ok()?;
+            let port: i64 = redis::from_redis_value_ref(master.get(1)?).ok()?;
+            Some((first, last, host, port))
+        })
+        .collect()
+}
+
+/// A master with replicas, watched by three Sentinels (quorum 2) that call
+/// a master down after 1 s.
+pub struct RedisSentinels {
+    /// The data nodes: the first master, then its replicas.
+    pub nodes: Vec<RedisServer>,
+    /// The Sentinels.
+    pub sentinels: Vec<RedisServer>,
+    /// The master's name.
+    pub master: String,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinels {
+    /// Starts a master, `replicas` replicas and three Sentinels, and waits
+    /// until every Sentinel knows every replica and the other Sentinels.
+    pub fn start(replicas: usize) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let master = RedisServer::spawn_with(
+            free_port(),
+            ["--save", "", "--appendonly", "no"]
+                .map(String::from)
+                .to_vec(),
+        );
+        let mut nodes = vec![master];
+        for _ in 0..replicas {
+            let port = free_port();
+            nodes.push(RedisServer::spawn_with(
+                port,
+                vec![
+                    "--save".into(),
+                    "".into(),
+                    "--appendonly".into(),
+                    "no".into(),
+                    "--replicaof".into(),
+                    "127.0.0.1".into(),
+                    nodes[0].port.to_string(),
+                ],
+            ));
+        }
+        let name = "pcmaster".to_owned();
+        let sentinels: Vec<RedisServer> = (0..3)
+            .map(|i| {
+                let port = free_port();
+                let conf = dir.path().join(format!("sentinel-{i}.conf"));
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "sentinel monitor {name} 127.0.0.1 {} 2\n\
+                         sentinel down-after-milliseconds {name} 1000\n\
+                         sentinel failover-timeout {name} 10000\n\
+                         sentinel parallel-syncs {name} 2\n",
+                        nodes[0].port
+                    ),
+                )
+                .expect("sentinel config");
+                RedisServer::spawn_raw(
+                    port,
+                    vec![
+                        conf.display().to_string(),
+                        "--sentinel".into(),
+                        "--port".into(),
+                        port.to_string(),
+                        "--bind".into(),
+                        "127.0.0.1".into(),
+                        "--loglevel".into(),
+                        "warning".into(),
+                    ],
+                )
+            })
+            .collect();
+        let group = Self {
+            nodes,
+            sentinels,
+            master: name,
+            _dir: dir,
+        };
+        wait_for(
+            Duration::from_secs(30),
+            "the sentinels did not discover the group",
+            || {
+                group.sentinels.iter().all(|s| {
+                    let mut c = s.conn();
+                    let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
+                        .arg("REPLICAS")
+                        .arg(&group.master)
+                        .query(&mut c)
+                        .unwrap_or_default();
+                    let others: Vec<redis::Value> = redis::cmd("SENTINEL")
+                        .arg("SENTINELS")
+                        .arg(&group.master)
+                        .query(&mut c)
+                        .unwrap_or_default();
+                    replicas.len() == group.nodes.len() - 1
+                        && others.len() == group.sentinels.len() - 1
+                })
+            },
+        );
+        group
+    }
+
+    /// `redis+sentinel://` URL naming the Sentinels and the master.
+    pub fn url(&self) -> String {
+        let s: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+sentinel://{}/{}", s.join(","), self.master)
+    }
+
+    /// Index in `nodes` of the master the first live Sentinel names.
+    pub fn master_index(&self) -> Option<usize> {
+        self.sentinels.iter().find_map(|s| {
+            let mut c = redis::Client::open(s.url()).ok()?.get_connection().ok()?;
+            let (_, port): (String, u16) = redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(&self.master)
+                .query(&mut c)
+                .ok()?;
+            self.nodes.iter().position(|n| n.port == port)
+        })
     }
 }
 

@@ -192,12 +192,7 @@ impl Pushes {
                 let opts = AppendOpts::dedupe(push_id);
                 redis.append_with(Channel::Private(key), payload.clone(), ttl, opts)
             },
-            |e: &StoreError| {
-                matches!(e, StoreError::Redis(e) if e.is_io_error()
-                    || e.is_connection_refusal()
-                    || e.is_connection_dropped()
-                    || e.is_timeout())
-            },
+            StoreError::is_transient,
         )
         .await
         .map_err(|e| {
