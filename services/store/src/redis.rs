@@ -29,7 +29,10 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 // KEYS[4] is the fence: the shard's on one node, the key's own copy of it
-// on a Redis Cluster (a script may touch one slot only). ARGV[13] is the
+// on a Redis Cluster (a script may touch one slot only), `"<shard> <token>"`
+// with the shard in ARGV[14], compared only within one shard (a key that a
+// reshard moved answers to its new shard's tokens) and kept as long as the
+// sequence. ARGV[13] is the
 // publish command: SPUBLISH on a Redis Cluster (sharded pub/sub: the
 // message goes to the key's slot's node only), PUBLISH elsewhere.
 // A new sequence (mid 1) gets a new epoch, ARGV[3] (now, in ms), kept as
@@ -40,7 +43,15 @@ use std::time::Duration;
 // there are as few as the semantics allow (RPUSH's reply is the length; the
 // expiry, an integer string, is concatenated rather than formatted).
 const APPEND: &str = r"
-if ARGV[8] ~= '' then
+if ARGV[8] ~= '' and ARGV[14] ~= '' then
+  local cur = redis.call('GET', KEYS[4])
+  local shard, token
+  if cur then shard, token = string.match(cur, '^(%d+) (%d+)$') end
+  if shard == ARGV[14] and token > ARGV[8] then return {-1, token} end
+  if shard ~= ARGV[14] or ARGV[8] > token then
+    redis.call('SET', KEYS[4], ARGV[14] .. ' ' .. ARGV[8], 'PX', ARGV[5])
+  end
+elseif ARGV[8] ~= '' then
   local cur = redis.call('GET', KEYS[4])
   if cur and cur > ARGV[8] then return {-1, cur} end
   if not cur or ARGV[8] > cur then redis.call('SET', KEYS[4], ARGV[8]) end
@@ -401,6 +412,10 @@ impl Store for RedisStore {
             .arg(self.signing.as_ref().map_or("", |k| k.outer.as_str()))
             .arg(legacy_channel)
             .arg(publish)
+            .arg(match fence {
+                Some(f) if cluster => f.shard.to_string(),
+                _ => String::new(),
+            })
             .invoke_async(&mut conn)
             .await?;
         match fence {

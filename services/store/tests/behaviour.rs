@@ -185,7 +185,16 @@ async fn pages_are_bounded_by_bytes_and_say_whether_more_follow<S: Store>(s: &S)
     assert_eq!(got.messages[0].payload.as_ref(), &[b'b'; 10]);
 }
 
-async fn a_raised_fence_only_goes_up_and_refuses_older_writers<S: Store>(s: &S) {
+/// How a backend fences: one fence per shard, or (a Redis Cluster, where
+/// a script reaches one slot) a copy per key that each holder's appends
+/// raise, so an older holder is refused on the keys its successor wrote.
+#[derive(Clone, Copy, PartialEq)]
+enum Fences {
+    PerShard,
+    PerKey,
+}
+
+async fn a_raised_fence_only_goes_up_and_refuses_older_writers<S: Store>(s: &S, fences: Fences) {
     let f = |token| Fence { shard: 3, token };
     assert_eq!(s.raise_fence(f(5)).await.unwrap(), 5);
     assert_eq!(
@@ -193,6 +202,31 @@ async fn a_raised_fence_only_goes_up_and_refuses_older_writers<S: Store>(s: &S) 
         5,
         "a lower token is no raise"
     );
+    if fences == Fences::PerKey {
+        // The successor's first append raises the key's copy.
+        let opts = AppendOpts {
+            fence: Some(f(5)),
+            ..AppendOpts::default()
+        };
+        s.append_with(Channel::Private("fenced"), b("new"), HOUR, opts)
+            .await
+            .unwrap();
+        // A key moved to another shard by a reshard answers to that shard.
+        let moved = AppendOpts {
+            fence: Some(Fence { shard: 9, token: 1 }),
+            ..AppendOpts::default()
+        };
+        s.append_with(Channel::Private("fenced"), b("moved"), HOUR, moved)
+            .await
+            .unwrap();
+        let back = AppendOpts {
+            fence: Some(f(5)),
+            ..AppendOpts::default()
+        };
+        s.append_with(Channel::Private("fenced"), b("back"), HOUR, back)
+            .await
+            .unwrap();
+    }
     let older = s
         .append_with(
             Channel::Private("fenced"),
@@ -409,14 +443,17 @@ async fn an_older_fence_is_refused_and_stores_nothing<S: Store>(s: &S) {
 }
 
 /// Runs every case, each on a fresh store from `make(max_backlog)`.
-async fn run_suite<S: Store, F: std::future::Future<Output = S>>(make: impl Fn(usize) -> F) {
+async fn run_suite<S: Store, F: std::future::Future<Output = S>>(
+    fences: Fences,
+    make: impl Fn(usize) -> F,
+) {
     mids_are_contiguous_per_key_from_one(&make(1000).await).await;
     public_channel_has_its_own_sequence(&make(1000).await).await;
     fetch_returns_what_follows_a_mid_in_order(&make(1000).await).await;
     messages_expire_one_by_one(&make(1000).await).await;
     backlog_is_bounded_oldest_first(&make(50).await).await;
     pages_are_bounded_by_bytes_and_say_whether_more_follow(&make(50).await).await;
-    a_raised_fence_only_goes_up_and_refuses_older_writers(&make(50).await).await;
+    a_raised_fence_only_goes_up_and_refuses_older_writers(&make(50).await, fences).await;
     delete_removes_messages_and_keeps_the_sequence(&make(1000).await).await;
     concurrent_appends_get_unique_contiguous_mids(Arc::new(make(1000).await)).await;
     idempotent_appends_store_once(&make(1000).await).await;
@@ -479,7 +516,7 @@ fn next_id() -> usize {
 async fn embedded_backend_passes_the_suite() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_owned();
-    run_suite(|backlog| {
+    run_suite(Fences::PerShard, |backlog| {
         let path = root.join(format!("db{}.redb", next_id()));
         async move { EmbeddedStore::open(&path, retention(backlog)).unwrap() }
     })
@@ -491,7 +528,48 @@ async fn redis_backend_passes_the_suite() {
     let server = RedisServer::start();
     let url = server.url();
     // Each case gets its own key namespace on the one server.
-    run_suite(|backlog| {
+    run_suite(Fences::PerShard, |backlog| {
+        let url = url.clone();
+        async move {
+            let ns = format!("t{}", next_id());
+            RedisStore::connect(&url, &ns, retention(backlog))
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+}
+
+/// The same suite on a Redis Cluster (3 masters, a replica each), every
+/// append waiting for its replica: scripts stay in one slot, reads across
+/// slots go one pipeline per slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_backend_passes_the_suite() {
+    let cluster = pushcluster_store::testing::RedisClusterServers::start(3);
+    let url = cluster.url();
+    let wait = pushcluster_redis::Durability {
+        replicas: 1,
+        timeout_ms: 2000,
+    };
+    run_suite(Fences::PerKey, |backlog| {
+        let url = url.clone();
+        async move {
+            let ns = format!("t{}", next_id());
+            RedisStore::connect(&url, &ns, retention(backlog))
+                .await
+                .unwrap()
+                .durability(wait)
+        }
+    })
+    .await;
+}
+
+/// The same suite on a master with two replicas behind three Sentinels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_sentinel_backend_passes_the_suite() {
+    let group = pushcluster_store::testing::RedisSentinels::start(2);
+    let url = group.url();
+    run_suite(Fences::PerShard, |backlog| {
         let url = url.clone();
         async move {
             let ns = format!("t{}", next_id());

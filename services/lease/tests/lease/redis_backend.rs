@@ -17,8 +17,27 @@ fn c(name: &str) -> Candidate {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leases_are_exclusive_fenced_and_expire() {
     let server = RedisServer::start();
-    let a = RedisLeases::connect(&server.url(), "t").await.unwrap();
-    let b = RedisLeases::connect(&server.url(), "t").await.unwrap();
+    exclusive_fenced_and_expiring(&server.url()).await;
+}
+
+/// The same on a Redis Cluster: each lease's keys share a slot, the
+/// snapshot reads one pipeline per slot, events reach every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_on_a_redis_cluster_are_exclusive_fenced_and_expire() {
+    let cluster = pushcluster_store::testing::RedisClusterServers::start(3);
+    exclusive_fenced_and_expiring(&cluster.url()).await;
+}
+
+/// The same behind Sentinels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_behind_sentinels_are_exclusive_fenced_and_expire() {
+    let group = pushcluster_store::testing::RedisSentinels::start(1);
+    exclusive_fenced_and_expiring(&group.url()).await;
+}
+
+async fn exclusive_fenced_and_expiring(url: &str) {
+    let a = RedisLeases::connect(url, "t").await.unwrap();
+    let b = RedisLeases::connect(url, "t").await.unwrap();
     let ttl = Duration::from_millis(400);
 
     let held = a
