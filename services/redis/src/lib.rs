@@ -47,6 +47,8 @@ pub enum Error {
     Url { url: String, why: String },
     #[error(transparent)]
     Redis(#[from] RedisError),
+    #[error("stored on the master, but its replication could not be confirmed: {0}")]
+    Unconfirmed(#[source] RedisError),
     #[error("stored on the master, but only {confirmed} of {wanted} replicas confirmed it within {timeout:?}")]
     NotReplicated {
         wanted: u32,
@@ -504,20 +506,27 @@ impl Conn {
         }
         let mut wait = redis::cmd("WAIT");
         wait.arg(durability.replicas).arg(durability.timeout_ms);
-        let confirmed: i64 = match &self.inner {
+        let asked: RedisResult<i64> = match &self.inner {
             Inner::Cluster(c) => {
-                let mut conn = c.get().await?;
-                let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::with_key(key, SlotAddr::Master),
-                ));
-                let v = conn.route_command(wait, at).await?;
-                redis::from_redis_value(v).map_err(RedisError::from)?
+                async {
+                    let mut conn = c.get().await?;
+                    let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                        Route::with_key(key, SlotAddr::Master),
+                    ));
+                    let v = conn.route_command(wait, at).await?.extract_error()?;
+                    redis::from_redis_value(v).map_err(RedisError::from)
+                }
+                .await
             }
             _ => {
                 let mut conn = self.clone();
-                wait.query_async(&mut conn).await?
+                wait.query_async(&mut conn).await
             }
         };
+        // Whatever went wrong (the node failed over between the write and
+        // the WAIT, say), the write is not known to be replicated: not
+        // acknowledged, and retried under its push id.
+        let confirmed = asked.map_err(Error::Unconfirmed)?;
         if confirmed < i64::from(durability.replicas) {
             return Err(Error::NotReplicated {
                 wanted: durability.replicas,

@@ -147,8 +147,14 @@ impl StoreError {
                         e.code(),
                         Some("READONLY" | "MASTERDOWN" | "LOADING" | "CLUSTERDOWN" | "TRYAGAIN")
                     )
+                    // The Sentinels name no master the client can reach
+                    // yet: a failover under way.
+                    || e.kind() == ::redis::ErrorKind::MasterNameNotFoundBySentinel
             }
-            Self::RedisTarget(pushcluster_redis::Error::NotReplicated { .. }) => true,
+            Self::RedisTarget(
+                pushcluster_redis::Error::NotReplicated { .. }
+                | pushcluster_redis::Error::Unconfirmed(_),
+            ) => true,
             _ => false,
         }
     }

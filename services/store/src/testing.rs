@@ -14,7 +14,10 @@ pub struct RedisServer {
     args: Vec<String>,
     /// Its port on 127.0.0.1.
     pub port: u16,
-    _dir: Option<std::path::PathBuf>,
+    /// Its working directory, when the arguments named none: a replica
+    /// writes the snapshot it syncs there (`dump.rdb`), and a later server
+    /// started in the same directory would load it.
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// First and last port handed out: below Linux's ephemeral range (32768 up),
@@ -95,19 +98,29 @@ impl RedisServer {
             "127.0.0.1".into(),
             "--loglevel".into(),
             "warning".into(),
+            // A replica syncs at once, not after the default 5 s a master
+            // waits for more replicas to share one transfer.
+            "--repl-diskless-sync-delay".into(),
+            "0".into(),
         ];
         all.extend(args);
         Self::spawn_raw(port, all)
     }
 
-    /// `redis-server` with exactly `all` as its arguments, listening on `port`.
-    fn spawn_raw(port: u16, all: Vec<String>) -> Self {
+    /// `redis-server` with exactly `all` as its arguments (and a fresh
+    /// working directory unless they name one), listening on `port`.
+    fn spawn_raw(port: u16, mut all: Vec<String>) -> Self {
+        let own = (!all.iter().any(|a| a == "--dir")).then(|| {
+            let d = tempfile::tempdir().expect("temp dir");
+            all.extend(["--dir".into(), d.path().display().to_string()]);
+            d
+        });
         let child = launch(&all);
         let server = Self {
             child,
             args: all,
             port,
-            _dir: None,
+            _dir: own,
         };
         wait_listening(port);
         server
@@ -187,8 +200,10 @@ impl RedisClusterServers {
     /// Starts `masters` masters and as many replicas and joins them.
     pub fn start(masters: usize) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let nodes: Vec<RedisServer> = (0..masters * 2)
-            .map(|_| {
+        let buses: Vec<u16> = (0..masters * 2).map(|_| free_port()).collect();
+        let nodes: Vec<RedisServer> = buses
+            .iter()
+            .map(|bus| {
                 let port = free_port();
                 RedisServer::spawn_with(
                     port,
@@ -211,8 +226,14 @@ impl RedisClusterServers {
                     .map(String::from)
                     .into_iter()
                     .chain([
+                        // The bus port defaults to port + 10000, which may
+                        // be taken: pick a free one too.
+                        "--cluster-port".into(),
+                        bus.to_string(),
                         "--cluster-config-file".into(),
                         format!("nodes-{port}.conf"),
+                        "--dbfilename".into(),
+                        format!("dump-{port}.rdb"),
                         "--dir".into(),
                         dir.path().display().to_string(),
                     ])
@@ -251,11 +272,12 @@ impl RedisClusterServers {
                 .expect("ADDSLOTSRANGE");
         }
         let mut first = nodes[0].conn();
-        for n in &nodes[1..] {
+        for (n, bus) in nodes[1..].iter().zip(&buses[1..]) {
             redis::cmd("CLUSTER")
                 .arg("MEET")
                 .arg("127.0.0.1")
                 .arg(n.port)
+                .arg(bus)
                 .exec(&mut first)
                 .expect("CLUSTER MEET");
         }
@@ -458,6 +480,14 @@ impl RedisSentinels {
                 })
             },
         );
+        wait_for(Duration::from_secs(30), "the replicas did not sync", || {
+            group.nodes[1..].iter().all(|n| {
+                redis::cmd("INFO")
+                    .arg("replication")
+                    .query::<String>(&mut n.conn())
+                    .is_ok_and(|i| i.contains("master_link_status:up"))
+            })
+        });
         group
     }
 

@@ -271,6 +271,8 @@ pub struct Options {
     pub web_drain_delay_ms: u64,
     /// Client listeners' caps and header deadline (comet and web).
     pub listener_limits: pushcluster_core::serve::ListenerLimits,
+    /// Replicas every Redis write waits for (web, comets, message service).
+    pub redis_durability: pushcluster_redis::Durability,
 }
 
 impl Default for Options {
@@ -296,6 +298,7 @@ impl Default for Options {
             web_comet_proxy: false,
             web_drain_delay_ms: 0,
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
+            redis_durability: pushcluster_redis::Durability::default(),
         }
     }
 }
@@ -360,6 +363,7 @@ impl Cluster {
             ..push_message::Config::default()
         };
         message_cfg.storage.redis_url = opts.redis_url.clone();
+        message_cfg.storage.redis_durability = opts.redis_durability;
         message_cfg.storage.path = dir.path().join("data/messages.redb");
         let message = Proc::spawn(
             dir.path(),
@@ -393,6 +397,7 @@ impl Cluster {
                 .redis_url
                 .clone()
                 .filter(|_| opts.comets_store_in_redis),
+            redis_durability: opts.redis_durability,
             ..DirectStore::default()
         };
         let web_store = if opts.web_stores_in_redis {

@@ -16,5 +16,6 @@ mod live;
 mod monitoring;
 mod pushctl;
 mod redis_faults;
+mod redis_ha;
 mod sizes;
 mod upgrade;
