@@ -309,12 +309,14 @@ fn auth_condition(
     prev: Option<&PushClusterStatus>,
     gen: Option<i64>,
 ) -> Condition {
+    // A Secret with the URL, or one with the password, is how a password
+    // reaches Redis; without either, Redis asks for none.
     let redis_by_url = pc
         .spec
         .storage
         .redis
         .as_ref()
-        .is_some_and(|r| r.url.is_some());
+        .is_some_and(|r| r.secret_ref.is_none() && r.password_secret_ref.is_none());
     if secure(pc) && redis_by_url {
         // CEL keeps credentials out of `url` (it lands in a ConfigMap), so
         // a Redis given by URL is one that asks for no password: whoever
@@ -326,7 +328,7 @@ fn auth_condition(
             false,
             Reason::RedisWithoutPassword,
             format!(
-                "storage.redis.url has no password: anyone who reaches Redis reads and writes the stored messages; put a URL with credentials (redis://user:password@host) in a Secret and name it in storage.redis.secretRef (the admin API, private reads and internal gRPC need the credentials in Secret {})",
+                "storage.redis has no password: anyone who reaches Redis reads and writes the stored messages; name a Secret holding the password in storage.redis.passwordSecretRef (or, for one node, a URL with credentials in storage.redis.secretRef) (the admin API, private reads and internal gRPC need the credentials in Secret {})",
                 credentials_name(pc)
             ),
         )

@@ -6,7 +6,7 @@
 
 use super::credentials::{CredentialDigests, CREDENTIAL_KEYS, RPC_TOKEN, SUBSCRIBER_SECRET};
 use super::{meta, name, MESSAGE_OPS, MESSAGE_PORT, WEB_ADMIN, WEB_OPS, WEB_PUBLIC};
-use crate::crd::{EndpointsStatus, PushCluster};
+use crate::crd::{EndpointsStatus, PushCluster, RedisMode};
 use crate::Result;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::ResourceExt;
@@ -76,6 +76,47 @@ pub fn redis_key_prefix(pc: &PushCluster) -> Option<String> {
     ))
 }
 
+/// The Redis URL the services are configured with, in the form
+/// `pushcluster_redis::Target` parses: `url` itself (mode Single; none when
+/// the URL is in `secretRef`), `redis+sentinel://<addresses>/<master>/<db>`
+/// or `redis+cluster://<nodes>`. The password, when kept apart, joins it in
+/// the pod (`PUSH_REDIS_PASSWORD`).
+pub fn redis_url(pc: &PushCluster) -> Option<String> {
+    let r = pc.spec.storage.redis.as_ref()?;
+    match r.mode.unwrap_or_default() {
+        RedisMode::Single => r.url.clone(),
+        RedisMode::Sentinel => r.sentinel.as_ref().map(|s| {
+            format!(
+                "redis+sentinel://{}/{}/{}",
+                s.addresses.join(","),
+                s.master_name,
+                s.db
+            )
+        }),
+        RedisMode::Cluster => r
+            .cluster
+            .as_ref()
+            .map(|c| format!("redis+cluster://{}", c.nodes.join(","))),
+    }
+}
+
+/// When a push counts as stored, for the services' configs.
+fn redis_durability(pc: &PushCluster) -> pushcluster_redis::Durability {
+    let d = pc
+        .spec
+        .storage
+        .redis
+        .as_ref()
+        .and_then(|r| r.durability.as_ref());
+    match d {
+        Some(d) => pushcluster_redis::Durability {
+            replicas: d.replicas.max(0) as u32,
+            timeout_ms: d.timeout_milliseconds.max(1) as u64,
+        },
+        None => pushcluster_redis::Durability::default(),
+    }
+}
+
 /// The one prefix every cluster used before prefixes were per cluster.
 pub const LEGACY_KEY_PREFIX: &str = "pc";
 
@@ -89,7 +130,8 @@ struct ServiceConfigs {
 fn service_configs(pc: &PushCluster) -> ServiceConfigs {
     let s = &pc.spec;
     let message_url = format!("http://{}:{MESSAGE_PORT}", name(pc, "message"));
-    let redis_url = s.storage.redis.as_ref().and_then(|r| r.url.clone());
+    let redis_url = redis_url(pc);
+    let durability = redis_durability(pc);
     let key_prefix = redis_key_prefix(pc).unwrap_or_else(|| LEGACY_KEY_PREFIX.into());
     let comet = push_comet::Config {
         membership: membership(pc),
@@ -105,6 +147,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         store: push_comet::storage::DirectStore {
             redis_url: redis_url.clone(),
             redis_namespace: key_prefix.clone(),
+            redis_durability: durability,
             ..Default::default()
         },
         max_subscribers_per_key: s.comet.max_subscribers_per_key.max(1) as usize,
@@ -120,6 +163,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
     message.storage.path = "/data/messages.redb".into();
     message.storage.redis_url = redis_url.clone();
     message.storage.redis_namespace = key_prefix.clone();
+    message.storage.redis_durability = durability;
     let web = push_web::Config {
         public_listen: on_all_interfaces(WEB_PUBLIC),
         admin_listen: on_all_interfaces(WEB_ADMIN),
@@ -134,6 +178,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         store: push_comet::storage::DirectStore {
             redis_url,
             redis_namespace: key_prefix,
+            redis_durability: durability,
             ..Default::default()
         },
         private_jsonp: s.auth.private_jsonp,

@@ -52,6 +52,29 @@ pub fn redis_port(url: Option<&str>) -> i32 {
         .unwrap_or(6379)
 }
 
+/// Every port the services reach Redis on: the node's (mode Single), the
+/// Sentinels' and the Cluster seeds', plus 6379 in those two modes, where
+/// the data nodes' addresses come from Redis itself and are not in the spec
+/// (data nodes on other ports need them allowed by hand).
+pub fn redis_ports(r: &crate::crd::RedisSpec) -> Vec<i32> {
+    use crate::crd::RedisMode;
+    let of = |hostports: &[String]| -> Vec<i32> {
+        hostports
+            .iter()
+            .filter_map(|h| h.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+            .chain([6379])
+            .collect()
+    };
+    let mut ports = match r.mode.unwrap_or_default() {
+        RedisMode::Single => vec![redis_port(r.url.as_deref())],
+        RedisMode::Sentinel => r.sentinel.as_ref().map_or(vec![6379], |s| of(&s.addresses)),
+        RedisMode::Cluster => r.cluster.as_ref().map_or(vec![6379], |c| of(&c.nodes)),
+    };
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
 /// The cluster's NetworkPolicies, one per component; none when disabled.
 pub fn network_policies(pc: &PushCluster) -> Vec<NetworkPolicy> {
     let np = &pc.spec.network_policy;
@@ -88,10 +111,8 @@ pub fn network_policies(pc: &PushCluster) -> Vec<NetworkPolicy> {
     let dns = out(&[(53, "UDP"), (53, "TCP")], None);
     let api_server = out(&[(443, "TCP"), (6443, "TCP")], nonempty(&np.api_server_to));
     let redis = pc.spec.storage.redis.as_ref().map(|r| {
-        out(
-            &[(redis_port(r.url.as_deref()), "TCP")],
-            nonempty(&np.redis_to),
-        )
+        let ports: Vec<(i32, &str)> = redis_ports(r).into_iter().map(|p| (p, "TCP")).collect();
+        out(&ports, nonempty(&np.redis_to))
     });
     let to_message = out(&[(MESSAGE_PORT, "TCP")], Some(pods_of(&["message"])));
     let policy = |component: &str,
@@ -148,6 +169,31 @@ pub fn network_policies(pc: &PushCluster) -> Vec<NetworkPolicy> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redis_ports_follow_the_mode() {
+        let spec = |v: serde_json::Value| -> crate::crd::RedisSpec {
+            serde_json::from_value(v).expect("redis spec")
+        };
+        assert_eq!(
+            super::redis_ports(&spec(serde_json::json!({"url": "redis://r:6380/0"}))),
+            vec![6380]
+        );
+        assert_eq!(
+            super::redis_ports(&spec(serde_json::json!({
+                "mode": "Sentinel",
+                "sentinel": {"masterName": "m", "addresses": ["s1:26379", "s2:26379"]}
+            }))),
+            vec![6379, 26379]
+        );
+        assert_eq!(
+            super::redis_ports(&spec(serde_json::json!({
+                "mode": "Cluster",
+                "cluster": {"nodes": ["n1:7000", "n2:7001"]}
+            }))),
+            vec![6379, 7000, 7001]
+        );
+    }
+
     #[test]
     fn redis_ports_come_from_the_url() {
         assert_eq!(super::redis_port(Some("redis://redis.team-a:6380/0")), 6380);

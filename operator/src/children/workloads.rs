@@ -107,11 +107,24 @@ fn subscriber_env(pc: &PushCluster) -> Option<EnvVar> {
     )
 }
 
-/// The Redis URL from the Secret the spec names, if it names one (the
-/// message service, the comets and web all reach Redis).
-fn redis_url_env(pc: &PushCluster) -> Option<EnvVar> {
-    let r = pc.spec.storage.redis.as_ref()?.secret_ref.as_ref()?;
-    Some(secret_env("PUSH_REDIS_URL", r))
+/// The Redis URL and password from the Secrets the spec names, if it
+/// names them (the message service, the comets and web all reach Redis).
+fn redis_url_env(pc: &PushCluster) -> Vec<EnvVar> {
+    let Some(r) = pc.spec.storage.redis.as_ref() else {
+        return Vec::new();
+    };
+    // The password joins whichever URL is in force, in the pod.
+    [
+        r.secret_ref
+            .as_ref()
+            .map(|s| secret_env("PUSH_REDIS_URL", s)),
+        r.password_secret_ref
+            .as_ref()
+            .map(|s| secret_env("PUSH_REDIS_PASSWORD", s)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 /// `PUSH_WORKER_THREADS` when the spec sets it (the binaries' default otherwise).

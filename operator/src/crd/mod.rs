@@ -424,12 +424,17 @@ impl Default for EmbeddedSpec {
     }
 }
 
-/// How to reach Redis (a single node): a URL or a Secret holding it, not both.
-/// Keys are already laid out for Redis Cluster (one hash tag per push key);
-/// a cluster client is not wired in yet, so there is no `cluster` switch.
+/// How to reach Redis: one node (a URL, or a Secret holding it), a master
+/// watched by Sentinels, or a Redis Cluster. Every key of one push key
+/// shares a hash tag, so a Redis Cluster keeps a push's sequence, list,
+/// dedupe ids, fence and live channel in one slot.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.url) != has(self.secretRef)").message("give exactly one of storage.redis.url and storage.redis.secretRef"))]
+#[x_kube(validation = Rule::new("(has(self.mode) && self.mode != 'Single') || has(self.url) != has(self.secretRef)").message("give exactly one of storage.redis.url and storage.redis.secretRef"))]
+#[x_kube(validation = Rule::new("!has(self.mode) || self.mode == 'Single' || (!has(self.url) && !has(self.secretRef))").message("storage.redis.url and storage.redis.secretRef name one node: with mode Sentinel give storage.redis.sentinel, with mode Cluster storage.redis.cluster (and the password in storage.redis.passwordSecretRef)"))]
+#[x_kube(validation = Rule::new("(has(self.mode) && self.mode == 'Sentinel') == has(self.sentinel)").message("storage.redis.sentinel (masterName and addresses) goes with mode Sentinel, and only with it"))]
+#[x_kube(validation = Rule::new("(has(self.mode) && self.mode == 'Cluster') == has(self.cluster)").message("storage.redis.cluster (seed nodes) goes with mode Cluster, and only with it"))]
+#[x_kube(validation = Rule::new("!has(self.passwordSecretRef) || !has(self.secretRef)").message("storage.redis.secretRef holds a whole URL with its password: drop passwordSecretRef, or give the URL in storage.redis.url"))]
 #[x_kube(validation = Rule::new("has(self.keyPrefix) == has(oldSelf.keyPrefix) && (!has(self.keyPrefix) || self.keyPrefix == oldSelf.keyPrefix)").message("storage.redis.keyPrefix cannot change on a live cluster: the stored messages and sequences would stay under the old prefix; create a new PushCluster instead"))]
 pub struct RedisSpec {
     /// Prefix of every Redis key and live channel of this cluster. Default:
@@ -440,14 +445,97 @@ pub struct RedisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9._:/-]{1,100}$')").message("storage.redis.keyPrefix must be 1 to 100 letters, digits and . _ : / - (no braces: they are Redis Cluster hash tags)"))]
     pub key_prefix: Option<String>,
-    /// `redis://host:port/db`, without a password: the URL lands in a
-    /// ConfigMap, so a URL with credentials goes in `secretRef`.
+    /// How Redis is deployed. Default `Single`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RedisMode>,
+    /// `redis://host:port/db` of one node (mode Single), without a
+    /// password: the URL lands in a ConfigMap, so a URL with credentials
+    /// goes in `secretRef`, or the password in `passwordSecretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("!self.matches('^[A-Za-z0-9+.-]+://[^/@]*@')").message("storage.redis.url must not carry credentials (user:password@): it is stored in a ConfigMap; put the URL in a Secret and name it in storage.redis.secretRef"))]
     pub url: Option<String>,
-    /// A Secret key holding the URL (when it carries a password).
+    /// A Secret key holding the URL (when it carries a password; mode Single).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretKeyRef>,
+    /// The master Sentinels watch (mode Sentinel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<RedisSentinelSpec>,
+    /// The Redis Cluster (mode Cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<RedisClusterSpec>,
+    /// A Secret key holding Redis's password (AUTH): with `url`, Sentinel
+    /// or Cluster. Sentinels themselves are asked without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// When a push counts as stored. Default: once the master has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durability: Option<RedisDurabilitySpec>,
+}
+
+/// How Redis is deployed.
+#[derive(
+    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Default,
+)]
+pub enum RedisMode {
+    /// One node (`url` or `secretRef`).
+    #[default]
+    Single,
+    /// A master and replicas that Sentinels watch and fail over; clients
+    /// ask the Sentinels which node is master.
+    Sentinel,
+    /// A Redis Cluster: slots spread over masters, each with replicas;
+    /// clients follow slot moves and failovers.
+    Cluster,
+}
+
+/// A master watched by Redis Sentinels.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.masterName.matches('^[A-Za-z0-9._-]{1,100}$')").message("storage.redis.sentinel.masterName must be 1 to 100 letters, digits and . _ -"))]
+#[x_kube(validation = Rule::new("size(self.addresses) >= 1 && size(self.addresses) <= 16").message("storage.redis.sentinel.addresses must name 1 to 16 Sentinels"))]
+#[x_kube(validation = Rule::new("self.addresses.all(a, a.matches('^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$'))").message("storage.redis.sentinel.addresses must be host:port, e.g. redis-sentinel.redis:26379"))]
+pub struct RedisSentinelSpec {
+    /// The name the Sentinels know the master by (`sentinel monitor <name>`).
+    pub master_name: String,
+    /// Sentinels, `host:port`; one is enough to find the others' answer,
+    /// more survive losing one.
+    pub addresses: Vec<String>,
+    /// Database number on the master.
+    #[serde(default)]
+    pub db: u8,
+}
+
+/// A Redis Cluster.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("size(self.nodes) >= 1 && size(self.nodes) <= 64").message("storage.redis.cluster.nodes must name 1 to 64 seed nodes"))]
+#[x_kube(validation = Rule::new("self.nodes.all(a, a.matches('^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$'))").message("storage.redis.cluster.nodes must be host:port, e.g. redis-cluster.redis:6379"))]
+pub struct RedisClusterSpec {
+    /// Seed nodes, `host:port`: any that answers tells the client the rest.
+    pub nodes: Vec<String>,
+}
+
+/// When a push counts as stored.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisDurabilitySpec {
+    /// Replicas that must confirm each push (`WAIT`) before it is
+    /// acknowledged. 0: the master's answer is enough, and a failover can
+    /// lose the pushes of the moment before it. N: a push is lost only if
+    /// the master and N replicas all lose it; while fewer than N replicas
+    /// are in sync, pushes are retried and then fail rather than being
+    /// acknowledged (run N+1 replicas to ride out losing one).
+    #[serde(default)]
+    #[x_kube(validation = Rule::new("self >= 0 && self <= 5").message("storage.redis.durability.replicas must be between 0 and 5"))]
+    pub replicas: i32,
+    /// How long a push waits for them, in milliseconds.
+    #[serde(default = "d_wait_ms")]
+    #[x_kube(validation = Rule::new("self >= 10 && self <= 10000").message("storage.redis.durability.timeoutMilliseconds must be between 10 and 10000"))]
+    pub timeout_milliseconds: i32,
+}
+
+fn d_wait_ms() -> i32 {
+    1000
 }
 
 /// A key of a Secret in the PushCluster's namespace.

@@ -492,6 +492,71 @@ fn secrets_and_scheduling_reach_the_pods() {
     );
 }
 
+/// Sentinel and Cluster modes reach every service as one URL, the
+/// password from its Secret, durability in each config; egress opens the
+/// Sentinels', seeds' and data nodes' ports.
+#[test]
+fn sentinel_and_cluster_modes_reach_every_service() {
+    let mut pc = example("pushcluster-full.yaml");
+    let redis = |v: serde_json::Value| -> push_operator::crd::RedisSpec {
+        serde_json::from_value(v).expect("redis spec")
+    };
+    pc.spec.storage.redis = Some(redis(serde_json::json!({
+        "mode": "Sentinel",
+        "sentinel": {"masterName": "mymaster", "addresses": ["s-0.redis:26379", "s-1.redis:26379"], "db": 2},
+        "passwordSecretRef": {"name": "redis-auth", "key": "password"},
+        "durability": {"replicas": 1, "timeoutMilliseconds": 500}
+    })));
+    let cfg = config::configs(&pc).unwrap();
+    let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
+    let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
+    let message: push_message::Config = serde_yaml::from_str(&cfg["message.yaml"]).unwrap();
+    let url = "redis+sentinel://s-0.redis:26379,s-1.redis:26379/mymaster/2";
+    assert_eq!(comet.store.redis_url.as_deref(), Some(url));
+    assert_eq!(web.store.redis_url.as_deref(), Some(url));
+    assert_eq!(message.storage.redis_url.as_deref(), Some(url));
+    let wait = pushcluster_redis::Durability {
+        replicas: 1,
+        timeout_ms: 500,
+    };
+    assert_eq!(
+        [
+            comet.store.redis_durability,
+            web.store.redis_durability,
+            message.storage.redis_durability
+        ],
+        [wait; 3]
+    );
+    for d in [
+        workloads::message_deployment(&pc, "h"),
+        workloads::web_deployment(&pc, "h"),
+        workloads::comet_deployment(&pc, "h"),
+    ] {
+        let env = env_of(pod(d));
+        assert_eq!(
+            secret_of(&env["PUSH_REDIS_PASSWORD"]),
+            Some(("redis-auth", "password"))
+        );
+        assert!(
+            !env.contains_key("PUSH_REDIS_URL"),
+            "the URL is in the config"
+        );
+    }
+    pc.spec.storage.redis = Some(redis(serde_json::json!({
+        "mode": "Cluster",
+        "cluster": {"nodes": ["rc-0.redis:7000", "rc-1.redis:7000"]}
+    })));
+    let cfg = config::configs(&pc).unwrap();
+    let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
+    assert_eq!(
+        web.store.redis_url.as_deref(),
+        Some("redis+cluster://rc-0.redis:7000,rc-1.redis:7000")
+    );
+    assert!(web.store.redis_durability.is_master_only());
+    pushcluster_redis::Target::parse(web.store.redis_url.as_deref().unwrap())
+        .expect("the services parse the URL the operator writes");
+}
+
 #[test]
 fn worker_threads_reach_comets_and_web_only_when_set() {
     let mut pc = example("pushcluster-minimal.yaml");

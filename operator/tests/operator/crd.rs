@@ -135,6 +135,38 @@ fn cel_rejects_bad_specs_with_clear_messages() {
             json!({"auth": {"insecure": true, "adminTokenSecret": {"name": "s", "key": "k"}}}),
             "auth.insecure turns every credential off",
         ),
+        (
+            json!({"storage": {"redis": {"mode": "Sentinel"}}}),
+            "storage.redis.sentinel (masterName and addresses) goes with mode Sentinel",
+        ),
+        (
+            json!({"storage": {"redis": {"url": "redis://r:6379", "cluster": {"nodes": ["n:6379"]}}}}),
+            "storage.redis.cluster (seed nodes) goes with mode Cluster",
+        ),
+        (
+            json!({"storage": {"redis": {"mode": "Cluster", "url": "redis://r:6379", "cluster": {"nodes": ["n:6379"]}}}}),
+            "name one node",
+        ),
+        (
+            json!({"storage": {"redis": {"mode": "Cluster", "cluster": {"nodes": ["n"]}}}}),
+            "cluster.nodes must be host:port",
+        ),
+        (
+            json!({"storage": {"redis": {"mode": "Sentinel", "sentinel": {"masterName": "m", "addresses": []}}}}),
+            "must name 1 to 16 Sentinels",
+        ),
+        (
+            json!({"storage": {"redis": {"mode": "Sentinel", "sentinel": {"masterName": "a b", "addresses": ["s:26379"]}}}}),
+            "masterName must be 1 to 100",
+        ),
+        (
+            json!({"storage": {"redis": {"url": "redis://r:6379", "durability": {"replicas": 9}}}}),
+            "durability.replicas must be between 0 and 5",
+        ),
+        (
+            json!({"storage": {"redis": {"secretRef": {"name": "s", "key": "url"}, "passwordSecretRef": {"name": "s", "key": "pw"}}}}),
+            "holds a whole URL with its password",
+        ),
     ];
     for (spec, want) in cases {
         let mut v = base.clone();
@@ -150,4 +182,13 @@ fn cel_rejects_bad_specs_with_clear_messages() {
     ok["spec"] =
         json!({"message": {"replicas": 3}, "storage": {"redis": {"url": "redis://r:6379"}}});
     assert_eq!(cel_errors(&ok), Vec::<String>::new());
+    for redis in [
+        json!({"mode": "Sentinel", "sentinel": {"masterName": "mymaster", "addresses": ["redis-sentinel.redis:26379"]}, "passwordSecretRef": {"name": "redis", "key": "password"}, "durability": {"replicas": 1}}),
+        json!({"mode": "Cluster", "cluster": {"nodes": ["redis-cluster-0.redis:6379", "redis-cluster-1.redis:6379"]}}),
+        json!({"mode": "Single", "url": "redis://r:6379", "passwordSecretRef": {"name": "redis", "key": "password"}}),
+    ] {
+        let mut ok = base.clone();
+        ok["spec"] = json!({"message": {"replicas": 2}, "storage": {"redis": redis.clone()}});
+        assert_eq!(cel_errors(&ok), Vec::<String>::new(), "{redis}");
+    }
 }

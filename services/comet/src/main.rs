@@ -74,7 +74,7 @@ fn main() -> anyhow::Result<()> {
         set(&mut cfg.rpc_listen, a.rpc_listen);
         set(&mut cfg.ops_listen, a.ops_listen);
         set(&mut cfg.message_url, a.message_url);
-        set_some(&mut cfg.store.redis_url, a.common.redis_url);
+        a.common.lay_redis_url(&mut cfg.store.redis_url);
         set_some(&mut cfg.subscriber_secret, a.subscriber_secret);
         set_some(&mut cfg.rpc_token, a.common.rpc_token);
     };

@@ -29,6 +29,23 @@ pub struct CommonArgs {
     /// Secret) for a URL with a password.
     #[arg(long, env = "PUSH_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// Password of Redis, joined to its URL (any mode: `redis://`,
+    /// `redis+sentinel://`, `redis+cluster://`), so the URL itself can sit
+    /// in a config file while the password comes from a Secret. Prefer the
+    /// variable.
+    #[arg(long, env = "PUSH_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+}
+
+impl CommonArgs {
+    /// Lays `--redis-url` over the config's Redis URL `field`, then joins
+    /// `--redis-password` to whichever URL is in force.
+    pub fn lay_redis_url(&self, field: &mut Option<String>) {
+        set_some(field, self.redis_url.clone());
+        if let (Some(url), Some(password)) = (field.as_mut(), &self.redis_password) {
+            *url = crate::ops::with_password(url, password);
+        }
+    }
 }
 
 /// Lays a flag over a config field: `field` becomes the flag's value when

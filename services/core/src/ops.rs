@@ -242,6 +242,35 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `url` with `password` set in it (percent-encoded): how a password kept
+/// apart from the URL (`PUSH_REDIS_PASSWORD`, from a Secret) joins it.
+pub fn with_password(url: &str, password: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (user, hosts) = match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            (
+                userinfo.split_once(':').map_or(userinfo, |(u, _)| u),
+                &rest[at + 1..],
+            )
+        }
+        None => ("", rest),
+    };
+    let mut encoded = String::with_capacity(password.len());
+    for b in password.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            encoded.push(b as char);
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    format!("{}{user}:{encoded}@{hosts}", &url[..scheme_end + 3])
+}
+
 #[cfg(test)]
 mod tests {
 

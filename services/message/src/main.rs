@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
     let configure = |cfg: &mut Config| {
         set(&mut cfg.listen, a.listen);
         set(&mut cfg.ops_listen, a.ops_listen);
-        set_some(&mut cfg.storage.redis_url, a.common.redis_url);
+        a.common.lay_redis_url(&mut cfg.storage.redis_url);
         set_some(&mut cfg.rpc_token, a.common.rpc_token);
         set(&mut cfg.storage.path, a.data);
     };

@@ -336,35 +336,6 @@ fn percent_decode(s: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "the credentials are not UTF-8".to_owned())
 }
 
-/// `url` with `password` set in it (percent-encoded): how a password kept
-/// apart from the URL (`PUSH_REDIS_PASSWORD`, from a Secret) joins it.
-pub fn with_password(url: &str, password: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let (user, hosts) = match rest[..authority_end].rfind('@') {
-        Some(at) => {
-            let userinfo = &rest[..at];
-            (
-                userinfo.split_once(':').map_or(userinfo, |(u, _)| u),
-                &rest[at + 1..],
-            )
-        }
-        None => ("", rest),
-    };
-    let mut encoded = String::with_capacity(password.len());
-    for b in password.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            encoded.push(b as char);
-        } else {
-            encoded.push_str(&format!("%{b:02X}"));
-        }
-    }
-    format!("{}{user}:{encoded}@{hosts}", &url[..scheme_end + 3])
-}
-
 fn manager_config() -> ConnectionManagerConfig {
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -692,7 +663,7 @@ mod tests {
 
     #[test]
     fn passwords_join_and_leave_urls() {
-        let url = with_password("redis+sentinel://s1,s2/m", "p@ss:/w");
+        let url = pushcluster_core::ops::with_password("redis+sentinel://s1,s2/m", "p@ss:/w");
         assert_eq!(url, "redis+sentinel://:p%40ss%3A%2Fw@s1,s2/m");
         assert_eq!(redact(&url), "redis+sentinel://***@s1,s2/m");
         let Kind::Sentinel { node, .. } = Target::parse(&url).unwrap().kind else {
@@ -700,7 +671,7 @@ mod tests {
         };
         assert_eq!(node.password(), Some("p@ss:/w"));
         assert_eq!(
-            with_password("redis://admin:old@h:1/0", "new"),
+            pushcluster_core::ops::with_password("redis://admin:old@h:1/0", "new"),
             "redis://admin:new@h:1/0"
         );
     }

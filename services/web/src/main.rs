@@ -65,8 +65,8 @@ fn main() -> anyhow::Result<()> {
         set(&mut cfg.message_url, a.message_url);
         set_some(&mut cfg.admin_token, a.admin_token);
         set_some(&mut cfg.subscriber_secret, a.subscriber_secret);
+        a.common.lay_redis_url(&mut cfg.store.redis_url);
         set_some(&mut cfg.rpc_token, a.common.rpc_token);
-        set_some(&mut cfg.store.redis_url, a.common.redis_url);
     };
     run_service(
         &common,
