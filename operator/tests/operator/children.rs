@@ -60,7 +60,12 @@ fn valid_label_value(v: &str) -> bool {
 
 #[test]
 fn every_label_value_is_one_the_api_server_takes() {
-    for file in ["pushcluster-minimal.yaml", "pushcluster-full.yaml"] {
+    for file in [
+        "pushcluster-minimal.yaml",
+        "pushcluster-full.yaml",
+        "pushcluster-redis-cluster.yaml",
+        "pushcluster-redis-sentinel.yaml",
+    ] {
         for c in desired(&example(file), &Default::default()).unwrap() {
             for (k, v) in c.meta().labels.iter().flatten() {
                 assert!(valid_label_value(v), "{}: label {k}={v:?}", c.describe());

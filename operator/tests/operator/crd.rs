@@ -47,6 +47,8 @@ fn examples_match_the_schema() {
     for name in [
         "pushcluster-minimal.yaml",
         "pushcluster-full.yaml",
+        "pushcluster-redis-cluster.yaml",
+        "pushcluster-redis-sentinel.yaml",
         "pushcluster-invalid.yaml",
     ] {
         let v = example(name);
@@ -69,7 +71,12 @@ fn cel_errors(v: &Value) -> Vec<String> {
 
 #[test]
 fn cel_accepts_the_good_examples() {
-    for name in ["pushcluster-minimal.yaml", "pushcluster-full.yaml"] {
+    for name in [
+        "pushcluster-minimal.yaml",
+        "pushcluster-full.yaml",
+        "pushcluster-redis-cluster.yaml",
+        "pushcluster-redis-sentinel.yaml",
+    ] {
         assert_eq!(cel_errors(&example(name)), Vec::<String>::new(), "{name}");
     }
 }

@@ -241,65 +241,13 @@ impl RedisClusterServers {
                 )
             })
             .collect();
-        let ids: Vec<String> = nodes
+        let urls: Vec<String> = nodes.iter().map(RedisServer::url).collect();
+        let meet: Vec<(String, u16, u16)> = nodes
             .iter()
-            .map(|n| {
-                redis::cmd("CLUSTER")
-                    .arg("MYID")
-                    .query(&mut n.conn())
-                    .expect("CLUSTER MYID")
-            })
+            .zip(&buses)
+            .map(|(n, bus)| ("127.0.0.1".to_owned(), n.port, *bus))
             .collect();
-        let per = 16384 / masters;
-        for (i, n) in nodes.iter().take(masters).enumerate() {
-            let first = i * per;
-            let last = if i + 1 == masters {
-                16383
-            } else {
-                first + per - 1
-            };
-            let mut c = n.conn();
-            redis::cmd("CLUSTER")
-                .arg("SET-CONFIG-EPOCH")
-                .arg(i + 1)
-                .exec(&mut c)
-                .expect("SET-CONFIG-EPOCH");
-            redis::cmd("CLUSTER")
-                .arg("ADDSLOTSRANGE")
-                .arg(first)
-                .arg(last)
-                .exec(&mut c)
-                .expect("ADDSLOTSRANGE");
-        }
-        let mut first = nodes[0].conn();
-        for (n, bus) in nodes[1..].iter().zip(&buses[1..]) {
-            redis::cmd("CLUSTER")
-                .arg("MEET")
-                .arg("127.0.0.1")
-                .arg(n.port)
-                .arg(bus)
-                .exec(&mut first)
-                .expect("CLUSTER MEET");
-        }
-        wait_for(
-            Duration::from_secs(20),
-            "cluster nodes did not all meet",
-            || {
-                nodes.iter().all(|n| {
-                    redis::cmd("CLUSTER")
-                        .arg("NODES")
-                        .query::<String>(&mut n.conn())
-                        .is_ok_and(|t| t.lines().count() == nodes.len() && !t.contains("handshake"))
-                })
-            },
-        );
-        for (r, master) in nodes[masters..].iter().zip(&ids) {
-            redis::cmd("CLUSTER")
-                .arg("REPLICATE")
-                .arg(master)
-                .exec(&mut r.conn())
-                .expect("CLUSTER REPLICATE");
-        }
+        let ids = form_cluster(&urls, &meet, masters);
         let cluster = Self { nodes, ids, dir };
         cluster.wait_healthy();
         cluster
@@ -358,6 +306,80 @@ impl RedisClusterServers {
     pub fn dir(&self) -> &std::path::Path {
         self.dir.path()
     }
+}
+
+/// Joins fresh cluster-enabled nodes into a Redis Cluster, as `redis-cli
+/// --cluster create` does: the first `masters` of `urls` split the 16384
+/// slots evenly, the rest replicate them in order (one each, wrapping).
+/// `meet` gives each node's address as the others should see it (host,
+/// port, cluster bus port). Returns the node ids, in order. Panics (it is
+/// test set-up) when a node does not answer or the nodes never meet.
+pub fn form_cluster(urls: &[String], meet: &[(String, u16, u16)], masters: usize) -> Vec<String> {
+    let conn = |url: &String| {
+        redis::Client::open(url.as_str())
+            .and_then(|c| c.get_connection())
+            .unwrap_or_else(|e| panic!("redis node {url}: {e}"))
+    };
+    let ids: Vec<String> = urls
+        .iter()
+        .map(|u| {
+            redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query(&mut conn(u))
+                .expect("CLUSTER MYID")
+        })
+        .collect();
+    let per = 16384 / masters;
+    for (i, u) in urls.iter().take(masters).enumerate() {
+        let first = i * per;
+        let last = if i + 1 == masters {
+            16383
+        } else {
+            first + per - 1
+        };
+        let mut c = conn(u);
+        redis::cmd("CLUSTER")
+            .arg("SET-CONFIG-EPOCH")
+            .arg(i + 1)
+            .exec(&mut c)
+            .expect("SET-CONFIG-EPOCH");
+        redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(first)
+            .arg(last)
+            .exec(&mut c)
+            .expect("ADDSLOTSRANGE");
+    }
+    let mut first = conn(&urls[0]);
+    for (host, port, bus) in &meet[1..] {
+        redis::cmd("CLUSTER")
+            .arg("MEET")
+            .arg(host)
+            .arg(port)
+            .arg(bus)
+            .exec(&mut first)
+            .expect("CLUSTER MEET");
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "cluster nodes did not all meet",
+        || {
+            urls.iter().all(|u| {
+                redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query::<String>(&mut conn(u))
+                    .is_ok_and(|t| t.lines().count() == urls.len() && !t.contains("handshake"))
+            })
+        },
+    );
+    for (i, u) in urls.iter().enumerate().skip(masters) {
+        redis::cmd("CLUSTER")
+            .arg("REPLICATE")
+            .arg(&ids[(i - masters) % masters])
+            .exec(&mut conn(u))
+            .expect("CLUSTER REPLICATE");
+    }
+    ids
 }
 
 /// `CLUSTER SLOTS` as (first slot, last slot, master host, master port).
