@@ -182,6 +182,13 @@ async fn the_redis_cluster_example_rides_out_a_master_crash() -> anyhow::Result<
             "PASS RC kubectl apply pushcluster-redis-cluster.yaml (mode Cluster, WAIT 1 replica): Ready and rolled out in {:.1} s",
             t.elapsed().as_secs_f64()
         );
+        let pcs: Api<push_operator::crd::PushCluster> = Api::namespaced(client.clone(), &ns.name);
+        wait("status.storage to count 3 masters answering", LIMIT, || async {
+            let st = pcs.get(&name).await?.status.and_then(|s| s.storage);
+            Ok(st.is_some_and(|s| s.masters == Some(3) && s.masters_answering == Some(3)))
+        })
+        .await?;
+        println!("PASS RC status.storage: masters=3 mastersAnswering=3 (the operator asked the Redis Cluster, with the password from its Secret)");
 
         let admin =
             ServiceProxy::start(&client, &ns.name, &format!("{name}-web-admin"), "admin").await?;

@@ -180,6 +180,9 @@ pub struct Observed {
     pub shards: Vec<ShardStatus>,
     /// Comet pods of the current generation (config hash and image).
     pub current_comets: BTreeSet<String>,
+    /// What Redis said it looks like (Sentinel and Cluster modes), or why
+    /// it could not be asked.
+    pub redis: Option<Result<pushcluster_redis::Topology, String>>,
 }
 
 /// The status of `pc` given what was observed: `Ready` only when every shard
@@ -281,8 +284,24 @@ pub fn status_of(pc: &PushCluster, o: &Observed) -> PushClusterStatus {
         web: o.web.status(),
         shards: o.shards.clone(),
         endpoints: Some(children::config::endpoints(pc)),
-        storage: children::config::redis_key_prefix(pc)
-            .map(|key_prefix| crate::crd::StorageStatus { key_prefix }),
+        storage: children::config::redis_key_prefix(pc).map(|key_prefix| {
+            let mut s = crate::crd::StorageStatus {
+                key_prefix,
+                ..Default::default()
+            };
+            match &o.redis {
+                Some(Ok(pushcluster_redis::Topology::Sentinel { master })) => {
+                    s.master = Some(master.clone());
+                }
+                Some(Ok(pushcluster_redis::Topology::Cluster { masters, answering })) => {
+                    s.masters = Some(*masters);
+                    s.masters_answering = Some(*answering);
+                }
+                Some(Err(why)) => s.problem = Some(why.clone()),
+                Some(Ok(pushcluster_redis::Topology::Single)) | None => {}
+            }
+            s
+        }),
     }
 }
 
@@ -386,7 +405,46 @@ mod tests {
                 })
                 .collect(),
             current_comets: current.iter().map(|s| s.to_string()).collect(),
+            redis: None,
         }
+    }
+
+    #[test]
+    fn the_storage_status_says_what_redis_looks_like() {
+        let pc = |redis: serde_json::Value| -> PushCluster {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "pushcluster.io/v1alpha1",
+                "kind": "PushCluster",
+                "metadata": {"name": "c", "namespace": "n"},
+                "spec": {"storage": {"redis": redis}}
+            }))
+            .expect("pushcluster")
+        };
+        let cluster = pc(serde_json::json!({"mode": "Cluster", "cluster": {"nodes": ["r:6379"]}}));
+        let mut o = observed(&[Some("a")], &["a"]);
+        o.redis = Some(Ok(pushcluster_redis::Topology::Cluster {
+            masters: 3,
+            answering: 2,
+        }));
+        let s = status_of(&cluster, &o).storage.expect("storage status");
+        assert_eq!(
+            (s.masters, s.masters_answering, s.master),
+            (Some(3), Some(2), None)
+        );
+        let sentinel = pc(
+            serde_json::json!({"mode": "Sentinel", "sentinel": {"masterName": "m", "addresses": ["s:26379"]}}),
+        );
+        o.redis = Some(Ok(pushcluster_redis::Topology::Sentinel {
+            master: "10.0.0.7:6379".into(),
+        }));
+        let s = status_of(&sentinel, &o).storage.expect("storage status");
+        assert_eq!(s.master.as_deref(), Some("10.0.0.7:6379"));
+        o.redis = Some(Err("no answer within 2s".into()));
+        let s = status_of(&sentinel, &o).storage.expect("storage status");
+        assert_eq!(
+            (s.master, s.problem.as_deref()),
+            (None, Some("no answer within 2s"))
+        );
     }
 
     fn cond(s: &PushClusterStatus, type_: ConditionType) -> &Condition {

@@ -55,13 +55,54 @@ pub async fn observe(
         })
         .map(|p| p.name_any())
         .collect();
+    let redis = redis_topology(pc, ctx, ns).await;
     Ok(Observed {
         comet,
         message,
         web,
         shards,
         current_comets,
+        redis,
     })
+}
+
+/// How long the status's look at Redis may take.
+const REDIS_LOOK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Sentinel and Cluster modes: asks Redis which node is master, or how many
+/// masters answer, for the status (`status.storage`). The password comes
+/// from `passwordSecretRef`. A failure is reported, never fatal: the
+/// cluster's own pods reach Redis on their own.
+async fn redis_topology(
+    pc: &PushCluster,
+    ctx: &Context,
+    ns: &str,
+) -> Option<std::result::Result<pushcluster_redis::Topology, String>> {
+    let r = pc.spec.storage.redis.as_ref()?;
+    if r.mode.unwrap_or_default() == crate::crd::RedisMode::Single {
+        return None;
+    }
+    let mut url = children::config::redis_url(pc)?;
+    if let Some(s) = &r.password_secret_ref {
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(ctx.client.clone(), ns);
+        let password = match secrets.get_opt(&s.name).await {
+            Ok(found) => found
+                .and_then(|sec| sec.data)
+                .and_then(|d| d.get(&s.key).cloned())
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned()),
+            Err(e) => return Some(Err(format!("reading Secret {}: {e}", s.name))),
+        };
+        match password {
+            Some(p) => url = pushcluster_core::ops::with_password(&url, &p),
+            None => return Some(Err(format!("Secret {} has no key {}", s.name, s.key))),
+        }
+    }
+    let target = match pushcluster_redis::Target::parse(&url) {
+        Ok(t) => t,
+        Err(e) => return Some(Err(e.to_string())),
+    };
+    Some(target.topology(REDIS_LOOK).await.map_err(|e| e.to_string()))
 }
 
 /// One row per shard `0..spec.comet.shards`: its Lease's holder, since when,

@@ -43,6 +43,19 @@ pub struct StorageStatus {
     /// The prefix of every key and live channel in use: recorded so that
     /// a later default never moves a running cluster's data.
     pub key_prefix: String,
+    /// Mode Sentinel: the master the Sentinels name (`host:port`), as last
+    /// asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub master: Option<String>,
+    /// Mode Cluster: masters that serve slots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masters: Option<u32>,
+    /// Mode Cluster: of those, how many answer (not flagged failing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masters_answering: Option<u32>,
+    /// Why the last look at Redis failed, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// Addresses of the cluster's Services and the name of its credentials.

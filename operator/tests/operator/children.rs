@@ -250,6 +250,7 @@ fn clusters_sharing_a_redis_share_no_key() {
     assert_eq!(prefixes(&old), ["pc"; 3].map(String::from));
     old.status.as_mut().unwrap().storage = Some(push_operator::crd::StorageStatus {
         key_prefix: "pc:team-a:push-prod".into(),
+        ..Default::default()
     });
     assert_eq!(prefixes(&old), ["pc:team-a:push-prod"; 3].map(String::from));
 

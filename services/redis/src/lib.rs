@@ -245,6 +245,80 @@ impl Target {
     }
 }
 
+/// What a Redis deployment looks like now, as its own nodes say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// One node, answering.
+    Single,
+    /// The master the Sentinels name (`host:port`), checked with `ROLE`.
+    Sentinel { master: String },
+    /// Masters serving slots, and how many of them answer (not flagged
+    /// failing by the node asked).
+    Cluster { masters: u32, answering: u32 },
+}
+
+impl Target {
+    /// Asks Redis what it looks like now, within `limit`: the status's
+    /// view of a Sentinel group or a Cluster.
+    pub async fn topology(&self, limit: Duration) -> Result<Topology, Error> {
+        let ask = async {
+            match &self.kind {
+                Kind::Single(c) => {
+                    let mut conn = c.get_multiplexed_async_connection().await?;
+                    redis::cmd("PING").query_async::<()>(&mut conn).await?;
+                    Ok(Topology::Single)
+                }
+                Kind::Sentinel { .. } => {
+                    let client = self.master_client().await?;
+                    Ok(Topology::Sentinel {
+                        master: client.get_connection_info().addr().to_string(),
+                    })
+                }
+                Kind::Cluster { .. } => {
+                    let conn = self.connect_lazy()?;
+                    let Inner::Cluster(c) = &conn.inner else {
+                        unreachable!("a cluster target connects to a cluster")
+                    };
+                    let mut cluster = c.get().await?;
+                    let any = RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random);
+                    let nodes = cluster
+                        .route_command(redis::cmd("CLUSTER").arg("NODES").to_owned(), any)
+                        .await?
+                        .extract_error()?;
+                    let text: String = redis::from_redis_value(nodes).map_err(RedisError::from)?;
+                    Ok(cluster_masters(&text))
+                }
+            }
+        };
+        tokio::time::timeout(limit, ask)
+            .await
+            .map_err(|_| Error::Url {
+                url: self.redacted.clone(),
+                why: format!("no answer within {limit:?}"),
+            })?
+    }
+}
+
+/// Masters with slots in a `CLUSTER NODES` reply, and those not failing.
+fn cluster_masters(nodes: &str) -> Topology {
+    let (mut masters, mut answering) = (0, 0);
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(flags), Some(link)) = (fields.get(2), fields.get(7)) else {
+            continue;
+        };
+        if !flags.split(',').any(|f| f == "master") || fields.len() < 9 {
+            continue;
+        }
+        masters += 1;
+        let failing = flags.split(',').any(|f| f == "fail" || f == "fail?");
+        if !failing && *link == "connected" {
+            answering += 1;
+        }
+    }
+    Topology::Cluster { masters, answering }
+}
+
 /// A URL's authority split into credentials and `host:port` addresses.
 struct Authority {
     username: Option<String>,
@@ -643,6 +717,24 @@ mod tests {
         assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
         assert_ne!(slot(b"foo{}{bar}"), slot(b"bar"));
         assert_eq!(slot(b"pc:k:{alice}:lv"), slot(b"alice"));
+    }
+
+    #[test]
+    fn cluster_nodes_count_masters_with_slots_and_those_answering() {
+        let nodes = "\
+a 10.0.0.1:6379@16379 myself,master - 0 0 1 connected 0-5460
+b 10.0.0.2:6379@16379 master,fail - 0 0 2 disconnected 5461-10922
+c 10.0.0.3:6379@16379 master - 0 0 3 connected 10923-16383
+d 10.0.0.4:6379@16379 slave a 0 0 1 connected
+e 10.0.0.5:6379@16379 master - 0 0 0 connected
+";
+        assert_eq!(
+            cluster_masters(nodes),
+            Topology::Cluster {
+                masters: 3,
+                answering: 2
+            }
+        );
     }
 
     #[test]
