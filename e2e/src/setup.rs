@@ -171,10 +171,21 @@ spec:
   selector: {{app: push-redis}}
   ports: [{{name: redis, port: 6379, targetPort: 6379}}]
 "#,
-        image = std::env::var("E2E_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into())
+        image = redis_image()
     );
+    apply_yaml(namespace, redis).await
+}
+
+/// The image Redis pods run (`E2E_REDIS_IMAGE`, default `redis:7`; the
+/// harness maps it to the machine's redis-server).
+pub fn redis_image() -> String {
+    std::env::var("E2E_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into())
+}
+
+/// `kubectl apply` of `yaml` in `namespace`.
+pub async fn apply_yaml(namespace: &str, yaml: String) -> anyhow::Result<()> {
     let n = namespace.to_owned();
-    tokio::task::spawn_blocking(move || kubectl(&["apply", "-n", &n, "-f", "-"], Some(&redis)))
+    tokio::task::spawn_blocking(move || kubectl(&["apply", "-n", &n, "-f", "-"], Some(&yaml)))
         .await??;
     Ok(())
 }

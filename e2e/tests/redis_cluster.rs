@@ -10,10 +10,10 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::Client;
 use pushcluster_client::http::Client as HttpApi;
-use pushcluster_e2e::setup::{first_push, secret, ChartOperator};
+use pushcluster_e2e::setup::{apply_yaml, first_push, redis_image, secret, ChartOperator};
 use pushcluster_e2e::traffic::{Load, ServiceProxy, Traffic};
 use pushcluster_e2e::{
-    apply_example, full_cluster, kill9, kubectl, rollout_status, wait, wait_ready, TestNamespace,
+    apply_example, full_cluster, kill9, rollout_status, wait, wait_ready, TestNamespace,
 };
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -62,12 +62,9 @@ spec:
   selector: {{app: push-redis-cluster}}
   ports: [{{name: redis, port: 6379, targetPort: 6379}}]
 "#,
-        image = std::env::var("E2E_REDIS_IMAGE").unwrap_or_else(|_| "redis:7".into())
+        image = redis_image()
     );
-    let n = namespace.to_owned();
-    tokio::task::spawn_blocking(move || kubectl(&["apply", "-n", &n, "-f", "-"], Some(&redis)))
-        .await??;
-    Ok(())
+    apply_yaml(namespace, redis).await
 }
 
 /// The Redis pods' names and IPs, in ordinal order, once all are ready.

@@ -91,18 +91,10 @@ impl RedisServer {
     /// `redis-server` on `port` with `args` added (after the port, the
     /// loopback bind and warning-level logs).
     pub fn spawn_with(port: u16, args: Vec<String>) -> Self {
-        let mut all: Vec<String> = vec![
-            "--port".into(),
-            port.to_string(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--loglevel".into(),
-            "warning".into(),
-            // A replica syncs at once, not after the default 5 s a master
-            // waits for more replicas to share one transfer.
-            "--repl-diskless-sync-delay".into(),
-            "0".into(),
-        ];
+        let mut all = base_args(port);
+        // A replica syncs at once, not after the default 5 s a master waits
+        // for more replicas to share one transfer.
+        all.extend(["--repl-diskless-sync-delay".into(), "0".into()]);
         all.extend(args);
         Self::spawn_raw(port, all)
     }
@@ -150,6 +142,18 @@ impl RedisServer {
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
+}
+
+/// The port, the loopback bind and warning-level logs.
+fn base_args(port: u16) -> Vec<String> {
+    vec![
+        "--port".into(),
+        port.to_string(),
+        "--bind".into(),
+        "127.0.0.1".into(),
+        "--loglevel".into(),
+        "warning".into(),
+    ]
 }
 
 fn launch(args: &[String]) -> Child {
@@ -460,19 +464,9 @@ impl RedisSentinels {
                     ),
                 )
                 .expect("sentinel config");
-                RedisServer::spawn_raw(
-                    port,
-                    vec![
-                        conf.display().to_string(),
-                        "--sentinel".into(),
-                        "--port".into(),
-                        port.to_string(),
-                        "--bind".into(),
-                        "127.0.0.1".into(),
-                        "--loglevel".into(),
-                        "warning".into(),
-                    ],
-                )
+                let mut args = vec![conf.display().to_string(), "--sentinel".into()];
+                args.extend(base_args(port));
+                RedisServer::spawn_raw(port, args)
             })
             .collect();
         let group = Self {

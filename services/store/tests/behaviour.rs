@@ -523,21 +523,26 @@ async fn embedded_backend_passes_the_suite() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_backend_passes_the_suite() {
-    let server = RedisServer::start();
-    let url = server.url();
-    // Each case gets its own key namespace on the one server.
-    run_suite(Fences::PerShard, |backlog| {
+/// The suite on the Redis at `url`, each case under its own key
+/// namespace, appends waiting for `durability`.
+async fn redis_suite(url: String, fences: Fences, durability: pushcluster_redis::Durability) {
+    run_suite(fences, |backlog| {
         let url = url.clone();
         async move {
             let ns = format!("t{}", next_id());
             RedisStore::connect(&url, &ns, retention(backlog))
                 .await
                 .unwrap()
+                .durability(durability)
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_backend_passes_the_suite() {
+    let server = RedisServer::start();
+    redis_suite(server.url(), Fences::PerShard, Default::default()).await;
 }
 
 /// The same suite on a Redis Cluster (3 masters, a replica each), every
@@ -546,39 +551,18 @@ async fn redis_backend_passes_the_suite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_backend_passes_the_suite() {
     let cluster = pushcluster_store::testing::RedisClusterServers::start(3);
-    let url = cluster.url();
     let wait = pushcluster_redis::Durability {
         replicas: 1,
         timeout_ms: 2000,
     };
-    run_suite(Fences::PerKey, |backlog| {
-        let url = url.clone();
-        async move {
-            let ns = format!("t{}", next_id());
-            RedisStore::connect(&url, &ns, retention(backlog))
-                .await
-                .unwrap()
-                .durability(wait)
-        }
-    })
-    .await;
+    redis_suite(cluster.url(), Fences::PerKey, wait).await;
 }
 
 /// The same suite on a master with two replicas behind three Sentinels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_sentinel_backend_passes_the_suite() {
     let group = pushcluster_store::testing::RedisSentinels::start(2);
-    let url = group.url();
-    run_suite(Fences::PerShard, |backlog| {
-        let url = url.clone();
-        async move {
-            let ns = format!("t{}", next_id());
-            RedisStore::connect(&url, &ns, retention(backlog))
-                .await
-                .unwrap()
-        }
-    })
-    .await;
+    redis_suite(group.url(), Fences::PerShard, Default::default()).await;
 }
 
 /// A lazily connected store is made while Redis is down; its appends fail
