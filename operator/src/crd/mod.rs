@@ -491,14 +491,19 @@ pub enum RedisMode {
 /// A master watched by Redis Sentinels.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.masterName.matches('^[A-Za-z0-9._-]{1,100}$')").message("storage.redis.sentinel.masterName must be 1 to 100 letters, digits and . _ -"))]
-#[x_kube(validation = Rule::new("size(self.addresses) >= 1 && size(self.addresses) <= 16").message("storage.redis.sentinel.addresses must name 1 to 16 Sentinels"))]
-#[x_kube(validation = Rule::new("self.addresses.all(a, a.matches('^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$'))").message("storage.redis.sentinel.addresses must be host:port, e.g. redis-sentinel.redis:26379"))]
+// Lists and their items are bounded by the schema (maxItems, maxLength,
+// pattern) rather than by CEL: a rule over every item of an unbounded list
+// costs more than the API server's budget for a CRD.
 pub struct RedisSentinelSpec {
     /// The name the Sentinels know the master by (`sentinel monitor <name>`).
+    #[schemars(length(min = 1, max = 100), pattern(r"^[A-Za-z0-9._-]+$"))]
     pub master_name: String,
-    /// Sentinels, `host:port`; one is enough to find the others' answer,
-    /// more survive losing one.
+    /// Sentinels, `host:port` (1 to 16); one is enough to find the others'
+    /// answer, more survive losing one.
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(length(max = 260), pattern(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$"))
+    )]
     pub addresses: Vec<String>,
     /// Database number on the master.
     #[serde(default)]
@@ -508,10 +513,13 @@ pub struct RedisSentinelSpec {
 /// A Redis Cluster.
 #[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("size(self.nodes) >= 1 && size(self.nodes) <= 64").message("storage.redis.cluster.nodes must name 1 to 64 seed nodes"))]
-#[x_kube(validation = Rule::new("self.nodes.all(a, a.matches('^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$'))").message("storage.redis.cluster.nodes must be host:port, e.g. redis-cluster.redis:6379"))]
 pub struct RedisClusterSpec {
-    /// Seed nodes, `host:port`: any that answers tells the client the rest.
+    /// Seed nodes, `host:port` (1 to 64): any that answers tells the
+    /// client the rest.
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(length(max = 260), pattern(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$"))
+    )]
     pub nodes: Vec<String>,
 }
 

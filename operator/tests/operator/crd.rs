@@ -59,6 +59,30 @@ fn examples_match_the_schema() {
     let mut bad = example("pushcluster-minimal.yaml");
     bad["spec"] = json!({"comet": {"shards": "two"}, "web": {"serviceType": "Ingress"}});
     assert!(validator.iter_errors(&bad).count() >= 2);
+    // Redis address lists are bounded by the schema (a CEL rule over every
+    // item of a list costs more than the API server allows a CRD).
+    for (redis, what) in [
+        (
+            json!({"mode": "Cluster", "cluster": {"nodes": ["n"]}}),
+            "host:port",
+        ),
+        (
+            json!({"mode": "Cluster", "cluster": {"nodes": []}}),
+            "an empty list",
+        ),
+        (
+            json!({"mode": "Sentinel", "sentinel": {"masterName": "m", "addresses": []}}),
+            "no Sentinel",
+        ),
+        (
+            json!({"mode": "Sentinel", "sentinel": {"masterName": "a b", "addresses": ["s:26379"]}}),
+            "a master name with a space",
+        ),
+    ] {
+        let mut bad = example("pushcluster-minimal.yaml");
+        bad["spec"] = json!({"storage": {"redis": redis}});
+        assert!(validator.iter_errors(&bad).count() >= 1, "{what} accepted");
+    }
 }
 
 fn cel_errors(v: &Value) -> Vec<String> {
@@ -153,18 +177,6 @@ fn cel_rejects_bad_specs_with_clear_messages() {
         (
             json!({"storage": {"redis": {"mode": "Cluster", "url": "redis://r:6379", "cluster": {"nodes": ["n:6379"]}}}}),
             "name one node",
-        ),
-        (
-            json!({"storage": {"redis": {"mode": "Cluster", "cluster": {"nodes": ["n"]}}}}),
-            "cluster.nodes must be host:port",
-        ),
-        (
-            json!({"storage": {"redis": {"mode": "Sentinel", "sentinel": {"masterName": "m", "addresses": []}}}}),
-            "must name 1 to 16 Sentinels",
-        ),
-        (
-            json!({"storage": {"redis": {"mode": "Sentinel", "sentinel": {"masterName": "a b", "addresses": ["s:26379"]}}}}),
-            "masterName must be 1 to 100",
         ),
         (
             json!({"storage": {"redis": {"url": "redis://r:6379", "durability": {"replicas": 9}}}}),
