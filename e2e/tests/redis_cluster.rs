@@ -25,7 +25,9 @@ const MASTERS: usize = 3;
 
 /// Six cluster-enabled Redis pods (a StatefulSet, nodes.conf on an
 /// emptyDir so a restarted container keeps its identity) and the Service
-/// the example names as its seed.
+/// the example names as its seed. Each node announces its pod IP, as Redis
+/// Cluster charts do: the address a peer sees a connection come from need
+/// not be the one the node listens on.
 async fn deploy_redis_cluster(namespace: &str) -> anyhow::Result<()> {
     let redis = format!(
         r#"
@@ -47,7 +49,11 @@ spec:
                     --cluster-node-timeout, "2000", --cluster-require-full-coverage, "no",
                     --cluster-replica-validity-factor, "0", --repl-diskless-sync-delay, "0",
                     --requirepass, {PASSWORD}, --masterauth, {PASSWORD},
-                    --save, "", --appendonly, "no", --dir, /data, --protected-mode, "no"]
+                    --save, "", --appendonly, "no", --dir, /data, --protected-mode, "no",
+                    --bind, 0.0.0.0, --cluster-announce-ip, "$(POD_IP)"]
+          env:
+            - name: POD_IP
+              valueFrom: {{fieldRef: {{fieldPath: status.podIP}}}}
           ports: [{{name: redis, containerPort: 6379}}]
           readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
           volumeMounts: [{{name: data, mountPath: /data}}]

@@ -100,6 +100,41 @@ pub fn redis_url(pc: &PushCluster) -> Option<String> {
     }
 }
 
+/// [`redis_url`] for a client outside the cluster's namespace (the
+/// operator): a host without a dot is a Service of the PushCluster's own
+/// namespace, which only that namespace's pods find by its short name, so it
+/// gets `.<namespace>` (the same name through the cluster's DNS search).
+pub fn redis_url_from(pc: &PushCluster, namespace: &str) -> Option<String> {
+    let r = pc.spec.storage.redis.as_ref()?;
+    let qualify = |hostports: &[String]| -> String {
+        hostports
+            .iter()
+            .map(|h| match h.rsplit_once(':') {
+                Some((host, port)) if !host.contains('.') && !host.starts_with('[') => {
+                    format!("{host}.{namespace}:{port}")
+                }
+                _ => h.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    match r.mode.unwrap_or_default() {
+        RedisMode::Single => redis_url(pc),
+        RedisMode::Sentinel => r.sentinel.as_ref().map(|s| {
+            format!(
+                "redis+sentinel://{}/{}/{}",
+                qualify(&s.addresses),
+                s.master_name,
+                s.db
+            )
+        }),
+        RedisMode::Cluster => r
+            .cluster
+            .as_ref()
+            .map(|c| format!("redis+cluster://{}", qualify(&c.nodes))),
+    }
+}
+
 /// When a push counts as stored, for the services' configs.
 fn redis_durability(pc: &PushCluster) -> pushcluster_redis::Durability {
     let d = pc

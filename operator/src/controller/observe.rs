@@ -82,7 +82,7 @@ async fn redis_topology(
     if r.mode.unwrap_or_default() == crate::crd::RedisMode::Single {
         return None;
     }
-    let mut url = children::config::redis_url(pc)?;
+    let mut url = children::config::redis_url_from(pc, ns)?;
     if let Some(s) = &r.password_secret_ref {
         let secrets: Api<k8s_openapi::api::core::v1::Secret> =
             Api::namespaced(ctx.client.clone(), ns);

@@ -561,6 +561,19 @@ fn sentinel_and_cluster_modes_reach_every_service() {
     assert!(web.store.redis_durability.is_master_only());
     pushcluster_redis::Target::parse(web.store.redis_url.as_deref().unwrap())
         .expect("the services parse the URL the operator writes");
+    // The operator, in another namespace, names a short host by its namespace.
+    assert_eq!(
+        config::redis_url_from(&pc, "team-a").as_deref(),
+        Some("redis+cluster://rc-0.redis:7000,rc-1.redis:7000")
+    );
+    pc.spec.storage.redis = Some(redis(serde_json::json!({
+        "mode": "Sentinel",
+        "sentinel": {"masterName": "m", "addresses": ["push-redis:26379", "s.other:26379"]}
+    })));
+    assert_eq!(
+        config::redis_url_from(&pc, "team-a").as_deref(),
+        Some("redis+sentinel://push-redis.team-a:26379,s.other:26379/m/0")
+    );
 }
 
 #[test]
