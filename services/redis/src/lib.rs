@@ -198,10 +198,9 @@ impl Target {
                 master,
                 node,
             } => Inner::Sentinel(Arc::new(sentinel::Follower::new(sentinels, master, node)?)),
-            Kind::Cluster { .. } => Inner::Cluster(Arc::new(LazyCluster {
-                client: self.cluster_builder().build()?,
-                conn: tokio::sync::OnceCell::new(),
-            })),
+            Kind::Cluster { .. } => {
+                Inner::Cluster(Arc::new(LazyCluster::new(self.cluster_builder().build()?)))
+            }
         };
         Ok(Conn { inner })
     }
@@ -460,18 +459,78 @@ enum Inner {
 }
 
 /// A cluster connection made on first use (a failed attempt is retried
-/// by the next call).
+/// by the next call) and made again after a call times out or loses its
+/// connection: the client learns a new slot map only from a redirection or
+/// a refused connection, so a master that stops answering (hung, cut off)
+/// would otherwise keep its slots in the client's eyes after a replica took
+/// them over. A fresh connection asks the seeds.
 struct LazyCluster {
     client: redis::cluster::ClusterClient,
-    conn: tokio::sync::OnceCell<ClusterConnection>,
+    conn: tokio::sync::Mutex<Option<(u64, ClusterConnection)>>,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl LazyCluster {
+    fn new(client: redis::cluster::ClusterClient) -> Self {
+        Self {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            generation: Default::default(),
+        }
+    }
+
     async fn get(&self) -> RedisResult<ClusterConnection> {
-        self.conn
-            .get_or_try_init(|| self.client.get_async_connection())
-            .await
-            .cloned()
+        self.current().await.map(|(_, c)| c)
+    }
+
+    async fn current(&self) -> RedisResult<(u64, ClusterConnection)> {
+        let mut conn = self.conn.lock().await;
+        if let Some(c) = conn.as_ref() {
+            return Ok(c.clone());
+        }
+        let made = self.client.get_async_connection().await?;
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        *conn = Some((generation, made.clone()));
+        Ok((generation, made))
+    }
+
+    /// Drops connection `generation` after `e`, if `e` says a node stopped
+    /// answering, so the next call starts from the seeds.
+    async fn failed(&self, generation: u64, e: &RedisError) {
+        if !(e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal()) {
+            return;
+        }
+        let mut conn = self.conn.lock().await;
+        if conn.as_ref().is_some_and(|(g, _)| *g == generation) {
+            tracing::warn!(error = %e, "redis cluster: a node stopped answering; reconnecting through the seeds");
+            *conn = None;
+        }
+    }
+
+    async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let (generation, mut conn) = self.current().await?;
+        let r = conn.req_packed_command(cmd).await;
+        if let Err(e) = &r {
+            self.failed(generation, e).await;
+        }
+        r
+    }
+
+    async fn commands(
+        &self,
+        pipeline: &redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        let (generation, mut conn) = self.current().await?;
+        let r = conn.req_packed_commands(pipeline, offset, count).await;
+        if let Err(e) = &r {
+            self.failed(generation, e).await;
+        }
+        r
     }
 }
 
@@ -554,12 +613,18 @@ impl Conn {
         let asked: RedisResult<i64> = match &self.inner {
             Inner::Cluster(c) => {
                 async {
-                    let mut conn = c.get().await?;
+                    let (generation, mut conn) = c.current().await?;
                     let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
                         Route::with_key(key, SlotAddr::Master),
                     ));
-                    let v = conn.route_command(wait, at).await?.extract_error()?;
-                    redis::from_redis_value(v).map_err(RedisError::from)
+                    let v = match conn.route_command(wait, at).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            c.failed(generation, &e).await;
+                            return Err(e);
+                        }
+                    };
+                    redis::from_redis_value(v.extract_error()?).map_err(RedisError::from)
                 }
                 .await
             }
@@ -593,7 +658,7 @@ impl ConnectionLike for Conn {
             }
             Inner::Cluster(c) => {
                 let c = c.clone();
-                Box::pin(async move { c.get().await?.req_packed_command(cmd).await })
+                Box::pin(async move { c.command(cmd).await })
             }
         }
     }
@@ -612,12 +677,7 @@ impl ConnectionLike for Conn {
             }
             Inner::Cluster(c) => {
                 let c = c.clone();
-                Box::pin(async move {
-                    c.get()
-                        .await?
-                        .req_packed_commands(pipeline, offset, count)
-                        .await
-                })
+                Box::pin(async move { c.commands(pipeline, offset, count).await })
             }
         }
     }

@@ -124,6 +124,15 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
+    /// Sends it `signal` (`STOP`, `CONT`, …) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{signal}"), self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -{signal} redis-server on port {}", self.port);
+    }
+
     /// Starts it again with the same command line, after [`Self::kill`].
     pub fn restart(&mut self) {
         self.kill();

@@ -239,6 +239,33 @@ async fn a_redis_cluster_master_killed_without_wait_reports_what_it_lost() {
     assert_eq!(pushed.failed, 0);
 }
 
+/// A master that stops answering (SIGSTOP, a hung or cut-off node) for 7 s,
+/// longer than a command may take (5 s): its replica takes over after about
+/// two node timeouts; the clients, which learn a new slot map only from a
+/// redirection or a refused connection, must not keep sending its slots'
+/// pushes to the silent node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_master_that_stops_answering_is_failed_over_without_a_failed_push() {
+    let mut redis = RedisClusterServers::start(3);
+    let c = cluster_on(&redis.url(), WAIT_ONE);
+    let (pushed, lost) = under_traffic(&c, Duration::from_secs(3), true, || {
+        let victim = redis.master_of("busy", 0);
+        let t = Instant::now();
+        redis.nodes[victim].signal("STOP");
+        std::thread::sleep(Duration::from_secs(7));
+        redis.nodes[victim].signal("CONT");
+        redis.wait_healthy();
+        eprintln!(
+            "redis cluster: master {victim} stopped 7 s, healthy again {:?} after the stop",
+            t.elapsed()
+        );
+    })
+    .await;
+    assert_eq!(lost, 0);
+    assert_eq!(pushed.failed, 0);
+    let _ = &mut redis;
+}
+
 /// Moves `slot` from its master to another master as `redis-cli --cluster
 /// reshard` does: IMPORTING/MIGRATING, MIGRATE the keys in batches, then
 /// SETSLOT NODE on every master. Prints how long it took.
