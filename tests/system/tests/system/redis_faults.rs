@@ -341,6 +341,21 @@ async fn a_forged_publish_is_not_delivered() {
         assert!(n >= 1, "no comet subscribed to {channel}");
         received += n;
     }
+    // The comets have judged every forgery before the real next push is
+    // stored: otherwise a forgery's read-back could already find (and
+    // deliver) mid 2, and the legacy forgery of mid 2 would pass as its
+    // twin, uncounted (seen once in CI under load).
+    let judged = pushcluster_systest::until(Duration::from_secs(5), || {
+        comets_metric(&c, "pushcluster_comet_live_unverified_total")
+            .iter()
+            .sum::<f64>()
+            >= received as f64
+    })
+    .await;
+    assert!(
+        judged.is_some(),
+        "the comets did not judge every forgery within 5 s"
+    );
     api.push("victim", r#"{"real":2}"#, Some(600))
         .await
         .expect("push");
