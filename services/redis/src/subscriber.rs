@@ -14,7 +14,8 @@
 //! connection of a cluster: the subscriber starts again with a new one and
 //! reads what it missed, rather than trust a silent resubscription.
 
-use crate::{Error, Kind, Target};
+use crate::target::Kind;
+use crate::{Error, Target};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use redis::cluster_async::ClusterConnection;
