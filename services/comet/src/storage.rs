@@ -36,7 +36,7 @@ use pushcluster_proto::auth::AuthChannel;
 use pushcluster_proto::pipeline::pipelined_batcher;
 use pushcluster_proto::v1 as pb;
 use pushcluster_proto::v1::message_client::MessageClient;
-use pushcluster_store::redis::{live::LiveKey, RedisStore};
+use pushcluster_store::redis::RedisStore;
 use pushcluster_store::{AppendOpts, Channel, Fence, Store, StoreError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,19 +105,14 @@ impl PushPath {
         live_stop: &CancellationToken,
     ) -> Result<Self, Error> {
         let direct = &cfg.store;
-        match direct.url() {
-            Some(url) => {
-                // Lazily: a comet comes up (and serves subscribers) while
-                // Redis is down; its appends fail meanwhile and web stores
-                // those pushes through the message service, retrying.
-                let store = RedisStore::connect_lazy(
-                    url,
-                    &direct.redis_namespace,
-                    direct.retention.clone(),
-                )
-                .map_err(Error::Store)?
-                .signing(cfg.rpc_token.as_deref().map(LiveKey::derive))
-                .durability(direct.redis_durability);
+        // Lazily: a comet comes up (and serves subscribers) while Redis is
+        // down; its appends fail meanwhile and web stores those pushes
+        // through the message service, retrying.
+        match direct
+            .open(cfg.rpc_token.as_deref())
+            .map_err(Error::Store)?
+        {
+            Some(store) => {
                 let live = LiveFeed::start(
                     &direct.redis_namespace,
                     registry.clone(),
@@ -127,7 +122,7 @@ impl PushPath {
                     live_stop.clone(),
                 );
                 tracing::info!(
-                    url = %pushcluster_core::ops::redact_url(url),
+                    url = %store.target(),
                     "private pushes arrive on redis live channels"
                 );
                 Ok(Self::LiveFromRedis {
