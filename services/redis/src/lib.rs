@@ -158,11 +158,7 @@ impl Conn {
         parts: &[(String, Vec<Cmd>)],
     ) -> RedisResult<Vec<T>> {
         let groups: Vec<Vec<usize>> = if self.mode() == Mode::Cluster {
-            let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
-            for (i, (key, _)) in parts.iter().enumerate() {
-                by_slot.entry(slot(key.as_bytes())).or_default().push(i);
-            }
-            by_slot.into_values().collect()
+            by_slot(0..parts.len(), |&i| slot(parts[i].0.as_bytes()))
         } else {
             vec![(0..parts.len()).collect()]
         };
@@ -274,6 +270,19 @@ impl ConnectionLike for Conn {
             Inner::Cluster(_) => 0,
         }
     }
+}
+
+/// `items` grouped by their hash slot (`slot_of`), in slot order: one
+/// pipeline, or one `SSUBSCRIBE`, may reach one slot only.
+pub(crate) fn by_slot<T>(
+    items: impl IntoIterator<Item = T>,
+    slot_of: impl Fn(&T) -> u16,
+) -> Vec<Vec<T>> {
+    let mut groups: std::collections::BTreeMap<u16, Vec<T>> = Default::default();
+    for item in items {
+        groups.entry(slot_of(&item)).or_default().push(item);
+    }
+    groups.into_values().collect()
 }
 
 /// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 use redis::{Msg, PushInfo, PushKind, RedisResult, Value};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 /// What a subscription delivers.
@@ -145,10 +145,12 @@ impl SubscriberHandle {
                 if !*sharded {
                     return conn.subscribe(channels).await;
                 }
-                let calls = by_slot(channels).into_values().map(|group| {
-                    let mut conn = conn.clone();
-                    async move { conn.ssubscribe(group).await }
-                });
+                let calls = crate::by_slot(channels, |c| crate::slot(c.as_bytes()))
+                    .into_iter()
+                    .map(|group| {
+                        let mut conn = conn.clone();
+                        async move { conn.ssubscribe(group).await }
+                    });
                 futures::future::try_join_all(calls).await.map(|_| ())
             }
         }
@@ -169,10 +171,12 @@ impl SubscriberHandle {
                 if let Ok(mut l) = leaving.lock() {
                     l.extend(channels.iter().map(|c| c.as_bytes().to_vec()));
                 }
-                let calls = by_slot(channels).into_values().map(|group| {
-                    let mut conn = conn.clone();
-                    async move { conn.sunsubscribe(group).await }
-                });
+                let calls = crate::by_slot(channels, |c| crate::slot(c.as_bytes()))
+                    .into_iter()
+                    .map(|group| {
+                        let mut conn = conn.clone();
+                        async move { conn.sunsubscribe(group).await }
+                    });
                 futures::future::try_join_all(calls).await.map(|_| ())
             }
         }
@@ -194,14 +198,4 @@ impl SubscriberHandle {
             }
         }
     }
-}
-
-/// Channels grouped by hash slot: one `SSUBSCRIBE` may name channels of
-/// one slot only.
-fn by_slot(channels: Vec<String>) -> BTreeMap<u16, Vec<String>> {
-    let mut groups: BTreeMap<u16, Vec<String>> = BTreeMap::new();
-    for c in channels {
-        groups.entry(crate::slot(c.as_bytes())).or_default().push(c);
-    }
-    groups
 }
