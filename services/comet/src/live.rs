@@ -28,7 +28,10 @@
 //!   not sign costs a store read per message, not a lost one.
 //! - Redis runs scripts one at a time and sends a subscriber messages in the
 //!   order they were published, so each key's messages arrive in mid order,
-//!   whichever web or comet stored them.
+//!   whichever web or comet stored them. Writers that wait for replicas
+//!   (`durability`) publish after the wait instead, so two writers' messages
+//!   of one key may arrive out of order: the later mid is a gap, filled from
+//!   the store up to that mid, and the earlier one is dropped as delivered.
 //! - The subscribing connection is checked with a PING every second; one
 //!   unanswered for [`PING_DEADLINE`] (a half-open connection: Redis lost, a
 //!   partition) counts as lost, as does a closed one. While it is lost the
@@ -369,7 +372,7 @@ impl LiveFeed {
     async fn catch_up(&self, key: &str, stored: Seq) -> Result<(), Stopped> {
         match self.registry.set_live(key, stored) {
             Resubscribed::UpToDate | Resubscribed::NoKey => Ok(()),
-            Resubscribed::Fill { after } => self.fill(key, after).await,
+            Resubscribed::Fill { after } => self.fill(key, after, i64::MAX).await,
             Resubscribed::Reset => {
                 // Clients dedupe by mid and would drop the restarted
                 // sequence's messages: they reconnect, and their fetch from
@@ -395,9 +398,15 @@ impl LiveFeed {
         }
     }
 
-    /// Delivers `key`'s stored messages after `after`, in order; a key that
-    /// missed more than a fill carries has its connections reconnect.
-    async fn fill(&self, key: &str, mut after: i64) -> Result<(), Stopped> {
+    /// Delivers `key`'s stored messages after `after`, up to `until`, in
+    /// order; a key that missed more than a fill carries has its
+    /// connections reconnect.
+    ///
+    /// A gap is filled only up to the mid that revealed it: with writers
+    /// that wait for replicas, a published mid is confirmed and so is every
+    /// mid before it (replication is one ordered stream), but a later one
+    /// in the store may not be yet; it comes on its own when it is.
+    async fn fill(&self, key: &str, mut after: i64, until: i64) -> Result<(), Stopped> {
         for _ in 0..FILL_PAGES {
             let page = self
                 .store
@@ -405,6 +414,9 @@ impl LiveFeed {
                 .await
                 .map_err(Stopped::Store)?;
             for m in page.messages {
+                if m.mid > until {
+                    return Ok(());
+                }
                 after = m.mid;
                 let d = Delivery::new(m.mid, GID_PRIVATE, m.payload);
                 if let LiveOffer::Delivered(_) = self.registry.offer_live(key, &d, true) {
@@ -528,7 +540,7 @@ impl LiveFeed {
                 // Either messages were missed, or the mid was never stored:
                 // the store says which.
                 self.metrics.dropped.inc();
-                self.fill(key, after).await
+                self.fill(key, after, d.mid).await
             }
         }
     }

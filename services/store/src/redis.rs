@@ -15,7 +15,10 @@
 //! for the key subscribe to it. Publishing inside the script that assigns the
 //! mid is what keeps delivery in mid order whoever stored the message: Redis
 //! runs scripts one at a time and sends a subscriber its messages in the
-//! order they were published.
+//! order they were published. A store that waits for replicas
+//! ([`RedisStore::durability`]) publishes after the wait instead, so that
+//! nothing a failover can still lose reaches a client; comets put its
+//! messages back in mid order from the store (`services/comet/src/live.rs`).
 
 use crate::{
     now_ms, AppendOpts, Channel, Fence, Fetched, Page, Result, Retention, Seq, Store, StoreError,
@@ -34,7 +37,11 @@ use std::time::Duration;
 // reshard moved answers to its new shard's tokens) and kept as long as the
 // sequence. ARGV[13] is the
 // publish command: SPUBLISH on a Redis Cluster (sharded pub/sub: the
-// message goes to the key's slot's node only), PUBLISH elsewhere.
+// message goes to the key's slot's node only), PUBLISH elsewhere; an empty
+// ARGV[9] publishes nothing (the writer publishes after WAIT instead). A
+// repeated push id returns its mid and, when ARGV[15] is set, its stored
+// entry (empty once trimmed), for the writer to publish: the first writer
+// may have failed between its WAIT and its publish.
 // A new sequence (mid 1) gets a new epoch, ARGV[3] (now, in ms), kept as
 // long as the sequence; so does a sequence older than epochs at its next
 // append. Fences are compared as 20-digit strings: Lua numbers are doubles, exact
@@ -47,18 +54,28 @@ if ARGV[8] ~= '' and ARGV[14] ~= '' then
   local cur = redis.call('GET', KEYS[4])
   local shard, token
   if cur then shard, token = string.match(cur, '^(%d+) (%d+)$') end
-  if shard == ARGV[14] and token > ARGV[8] then return {-1, token} end
+  if shard == ARGV[14] and token > ARGV[8] then return {-1, token, ''} end
   if shard ~= ARGV[14] or ARGV[8] > token then
     redis.call('SET', KEYS[4], ARGV[14] .. ' ' .. ARGV[8], 'PX', ARGV[5])
   end
 elseif ARGV[8] ~= '' then
   local cur = redis.call('GET', KEYS[4])
-  if cur and cur > ARGV[8] then return {-1, cur} end
+  if cur and cur > ARGV[8] then return {-1, cur, ''} end
   if not cur or ARGV[8] > cur then redis.call('SET', KEYS[4], ARGV[8]) end
 end
 if ARGV[6] ~= '' then
   local seen = redis.call('GET', KEYS[3])
-  if seen then return {tonumber(seen), ''} end
+  if seen then
+    local entry = ''
+    if ARGV[15] ~= '' then
+      local head = redis.call('LINDEX', KEYS[2], 0)
+      if head then
+        local at = tonumber(seen) - tonumber(string.match(head, '^(%d+) '))
+        if at >= 0 then entry = redis.call('LINDEX', KEYS[2], at) or '' end
+      end
+    end
+    return {tonumber(seen), '', entry}
+  end
 end
 local mid = redis.call('INCR', KEYS[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -81,7 +98,7 @@ if ARGV[9] ~= '' then
   redis.call(ARGV[13], ARGV[9], signed .. ARGV[1])
   if ARGV[12] ~= '' then redis.call('PUBLISH', ARGV[12], head .. ARGV[1]) end
 end
-return {mid, ''}
+return {mid, '', ''}
 ";
 
 // Raises a shard's fence (20-digit strings, as in APPEND) and returns the
@@ -253,6 +270,38 @@ impl RedisStore {
         self.conn.mode() == Mode::Cluster
     }
 
+    /// Publishes `payload`, stored as `mid`, on its key's live channel (and
+    /// its legacy twin, when named) as the append script would have.
+    async fn publish_live(
+        &self,
+        channel: &str,
+        legacy: &str,
+        mid: i64,
+        payload: &[u8],
+    ) -> Result<()> {
+        let message = live::encode(self.live_key(), channel, mid, payload);
+        let mut conn = self.conn.clone();
+        if self.cluster() {
+            // Sharded: the channel's hash tag routes it to the key's master.
+            redis::cmd("SPUBLISH")
+                .arg(channel)
+                .arg(message)
+                .query_async::<()>(&mut conn)
+                .await?;
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
+        if !legacy.is_empty() {
+            pipe.cmd("PUBLISH")
+                .arg(legacy)
+                .arg(live::encode(None, legacy, mid, payload))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
     /// Signs what it publishes on live channels with `key` (see
     /// [`live::LiveKey`]); without one, live messages go unsigned.
     pub fn signing(mut self, key: Option<live::LiveKey>) -> Self {
@@ -386,9 +435,14 @@ impl Store for RedisStore {
             Channel::Public => (String::new(), String::new()),
         };
         let publish = if cluster { "SPUBLISH" } else { "PUBLISH" };
+        // Waiting for replicas, the script publishes nothing: a message
+        // published before they confirm it could be delivered, then lost in
+        // a failover, and the retried push would get its mid again, the
+        // key's clients told to reset. The writer publishes it after WAIT.
+        let late = live_channel.as_str() != "" && !self.durability.is_master_only();
         let now = now_ms();
         let mut conn = self.conn.clone();
-        let (mid, current): (i64, String) = APPEND_SCRIPT
+        let (mid, current, entry): (i64, String, Vec<u8>) = APPEND_SCRIPT
             .key(&seq)
             .key(list)
             .key(id_key)
@@ -407,15 +461,16 @@ impl Store for RedisStore {
                     .max(1),
             )
             .arg(token)
-            .arg(live_channel)
+            .arg(if late { "" } else { live_channel.as_str() })
             .arg(self.signing.as_ref().map_or("", |k| k.inner.as_str()))
             .arg(self.signing.as_ref().map_or("", |k| k.outer.as_str()))
-            .arg(legacy_channel)
+            .arg(if late { "" } else { legacy_channel.as_str() })
             .arg(publish)
             .arg(match fence {
                 Some(f) if cluster => f.shard.to_string(),
                 _ => String::new(),
             })
+            .arg(if late { "1" } else { "" })
             .invoke_async(&mut conn)
             .await?;
         match fence {
@@ -426,6 +481,22 @@ impl Store for RedisStore {
             }),
             _ => {
                 self.conn.wait_for_replicas(&seq, &self.durability).await?;
+                if late {
+                    // A repeated push id publishes what was stored under it
+                    // (an earlier attempt may have failed before
+                    // publishing); comets drop a mid they delivered.
+                    let stored = match entry.as_slice() {
+                        [] => Some(payload),
+                        raw => parse_entry(raw)
+                            .ok()
+                            .filter(|(m, expire_at, _)| *m == mid && *expire_at > now_ms())
+                            .map(|(_, _, p)| p),
+                    };
+                    if let Some(p) = stored {
+                        self.publish_live(&live_channel, &legacy_channel, mid, &p)
+                            .await?;
+                    }
+                }
                 Ok(mid)
             }
         }

@@ -147,6 +147,11 @@ impl RedisServer {
             .unwrap_or_else(|e| panic!("redis on port {}: {e}", self.port))
     }
 
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Its URL.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)

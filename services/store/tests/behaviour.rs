@@ -825,6 +825,112 @@ async fn live_messages_are_signed_as_comets_verify_them() {
     }
 }
 
+/// A store that waits for a replica publishes a message only once the
+/// replica confirmed it: an append the replica does not confirm (stopped)
+/// fails and publishes nothing; its retry under the same push id, once the
+/// replica is back, publishes what was stored, signed as the script signs,
+/// with its legacy twin; a later push follows as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_replicas_publishes_only_what_they_confirmed() {
+    use futures::StreamExt;
+    use pushcluster_store::redis::live::{self, LiveKey};
+    let master = RedisServer::start();
+    let port = pushcluster_store::testing::free_port();
+    let replica = RedisServer::spawn_with(
+        port,
+        vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            master.port().to_string(),
+        ],
+    );
+    let key = LiveKey::derive("secret");
+    let s = RedisStore::connect(&master.url(), "late", Retention::default())
+        .await
+        .unwrap()
+        .signing(Some(key.clone()))
+        .durability(pushcluster_redis::Durability {
+            replicas: 1,
+            timeout_ms: 300,
+        });
+    // The replica has synced once a write reaches it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s
+        .append(Channel::Private("warm"), b("0"), HOUR)
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = redis::Client::open(master.url()).unwrap();
+    let (mut sink, mut stream) = client.get_async_pubsub().await.unwrap().split();
+    let channel = live::channel("late", "k");
+    sink.subscribe(&channel).await.unwrap();
+    sink.subscribe(live::legacy_channel("late", "k"))
+        .await
+        .unwrap();
+
+    replica.signal("STOP");
+    let unconfirmed = s
+        .append_with(
+            Channel::Private("k"),
+            b("{\"n\":1}"),
+            HOUR,
+            AppendOpts::dedupe("p1"),
+        )
+        .await;
+    let quiet = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    replica.signal("CONT");
+    let e = unconfirmed.expect_err("acknowledged without its replica");
+    assert!(e.is_transient(), "a retry would not follow: {e}");
+    assert!(
+        quiet.is_err(),
+        "published before the replica had it: {quiet:?}"
+    );
+
+    let retried = s
+        .append_with(
+            Channel::Private("k"),
+            b("{\"n\":1}"),
+            HOUR,
+            AppendOpts::dedupe("p1"),
+        )
+        .await
+        .expect("the retry, once the replica is back");
+    assert_eq!(retried, 1);
+    s.append(Channel::Private("k"), b("{\"n\":2}"), HOUR)
+        .await
+        .unwrap();
+    for want in [1, 2] {
+        let mut pair = Vec::new();
+        for kind in [live::Kind::Signed, live::Kind::Legacy] {
+            let raw = tokio::time::timeout(Duration::from_secs(5), stream.next())
+                .await
+                .expect("a published message")
+                .expect("the subscription is open");
+            assert_eq!(
+                live::key_of("late", raw.get_channel_name()),
+                Some(("k", kind))
+            );
+            pair.push(live::decode(raw.get_payload_bytes()).expect("decodes"));
+        }
+        let (signed, twin) = (&pair[0], &pair[1]);
+        assert_eq!(signed.mid, want);
+        assert_eq!(&signed.payload[..], format!("{{\"n\":{want}}}").as_bytes());
+        assert!(key.verify(&channel, signed), "signature fails: {signed:?}");
+        assert_eq!(
+            (twin.mid, twin.signature, &twin.payload),
+            (want, None, &signed.payload)
+        );
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+    assert!(extra.is_err(), "published more than once: {extra:?}");
+}
+
 /// Redis lost a sequence (a restart without persistence, here FLUSHALL):
 /// it starts again at 1 under a new epoch. A sequence written before epochs
 /// existed has none until its next append, which gives it one.

@@ -132,6 +132,21 @@ pub fn key_of<'a>(ns: &str, channel: &'a str) -> Option<(&'a str, Kind)> {
     }
 }
 
+/// A message as published on `channel`: `"<mid> <payload>"`, signed with
+/// `key` when given, exactly as the store's script writes it.
+pub fn encode(key: Option<&LiveKey>, channel: &str, mid: i64, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(payload.len() + 64);
+    out.extend_from_slice(mid.to_string().as_bytes());
+    out.push(b' ');
+    if let Some(k) = key {
+        out.push(b's');
+        out.extend_from_slice(&k.sign(channel, mid, payload));
+        out.push(b' ');
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
 /// Splits a published message into its parts.
 pub fn decode(message: &[u8]) -> Option<Live> {
     let space = message.iter().position(|&b| b == b' ')?;
