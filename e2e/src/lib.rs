@@ -3,6 +3,7 @@
 //! and kubectl as a user runs them, and waiting for conditions.
 
 pub mod api_gate;
+pub mod api_throttle;
 pub mod setup;
 pub mod traffic;
 

@@ -303,3 +303,65 @@ pub async fn without_advertise(
     tokio::task::spawn_blocking(move || rollout_status(&n, &c, limit)).await??;
     wait_ready(client, ns, cluster, shards, limit).await
 }
+
+/// The API server's address, as this test's kubeconfig names it.
+pub async fn api_server() -> anyhow::Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let cfg = kube::Config::infer().await?;
+    let host = cfg.cluster_url.host().unwrap_or("127.0.0.1").to_owned();
+    let port = cfg.cluster_url.port_u16().unwrap_or(443);
+    (host.as_str(), port)
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{host}:{port} resolves to nothing"))
+}
+
+/// Points the pods of `components` (`comet`, `web`) of cluster `name` at an
+/// API-server stand-in on 127.0.0.1:`port` (a rollout), and waits until
+/// every rollout is done and comets of the new ReplicaSet hold all `shards`.
+pub async fn api_through(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    shards: i32,
+    port: u16,
+    components: &[&str],
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::apps::v1::Deployment;
+    let port = port.to_string();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    // A field manager of its own: the operator's server-side applies own
+    // the rest of the env and leave these two entries alone.
+    let env = json!([
+        {"name": "KUBERNETES_SERVICE_PORT", "value": port},
+        {"name": "KUBERNETES_SERVICE_PORT_HTTPS", "value": port},
+    ]);
+    for c in components {
+        deployments
+            .patch(
+                &format!("{name}-{c}"),
+                &PatchParams {
+                    field_manager: Some("e2e-api-gate".into()),
+                    ..PatchParams::default()
+                },
+                &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{"name": c, "env": env}]}}}})),
+            )
+            .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (n, c) = (ns.to_owned(), name.to_owned());
+    tokio::task::spawn_blocking(move || rollout_status(&n, &c, Duration::from_secs(240))).await??;
+    crate::wait(
+        "every shard held by a comet of the new ReplicaSet",
+        Duration::from_secs(240),
+        || async {
+            let comets = crate::pods_of(client, ns, name, "comet").await?;
+            let held = lease_holders(client, ns, name).await?;
+            Ok(
+                held.len() == shards as usize
+                    && held.iter().all(|(_, h, _)| comets.contains_key(h)),
+            )
+        },
+    )
+    .await
+}

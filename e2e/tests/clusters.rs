@@ -10,9 +10,10 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::Client;
 use push_operator::crd::PushCluster;
 use pushcluster_client::http::{Client as HttpApi, Proto};
+use pushcluster_e2e::api_throttle::ApiThrottle;
 use pushcluster_e2e::setup::{
-    deploy_example, deploy_redis, first_push, lease_holders, secret, without_advertise,
-    ChartOperator, Deployed,
+    api_server, api_through, deploy_example, deploy_redis, first_push, lease_holders, secret,
+    without_advertise, ChartOperator, Deployed,
 };
 use pushcluster_e2e::traffic::{ready_endpoints, Load, ServiceProxy, Traffic};
 use pushcluster_e2e::{
@@ -747,6 +748,34 @@ async fn an_api_server_refusing_writes_cuts_no_client_off_on_redis() -> anyhow::
     outage_under_traffic("pushcluster-full.yaml", Fault::WritesRefused).await
 }
 
+/// The API server throttling (429 to every new request of the comets and
+/// web, as API Priority and Fairness answers when overloaded) for 60 s: no
+/// follower cut off, no shard changing hands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_throttling_cuts_no_client_off() -> anyhow::Result<()> {
+    outage_under_traffic("pushcluster-minimal.yaml", Fault::Throttled).await
+}
+
+/// The same on the full example.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_throttling_cuts_no_client_off_on_redis() -> anyhow::Result<()> {
+    outage_under_traffic("pushcluster-full.yaml", Fault::Throttled).await
+}
+
+/// The API server's certificates, for [`ApiThrottle`]: the local control
+/// plane's (`$RUN_DIR/pki`, which `make e2e-local` sets), else `None` after
+/// saying why the throttling scenarios skip.
+fn api_server_pki() -> Option<std::path::PathBuf> {
+    let pki = std::env::var_os("RUN_DIR").map(|d| std::path::PathBuf::from(d).join("pki"));
+    match pki.filter(|p| p.join("serving.key").exists()) {
+        Some(p) => Some(p),
+        None => {
+            println!("SKIP API server throttling: it needs the API server's serving key ($RUN_DIR/pki of make e2e-local) to stand in for it");
+            None
+        }
+    }
+}
+
 /// Scales the operator to 0 (it would put the verbs back), takes every
 /// write verb out of the comets' Role for `how_long`, then restores it.
 async fn refuse_comet_writes(
@@ -796,6 +825,8 @@ enum Fault {
     WritesRefused,
     /// Every message pod, SIGSTOPped for 3 s.
     MessagePods,
+    /// Every new request of the comets and web answered 429 for 60 s.
+    Throttled,
 }
 
 async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()> {
@@ -812,12 +843,29 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
         (Fault::MessagePods, false) => ("pco-msg", "msg"),
         (Fault::WritesRefused, true) => ("pco-ro-redis", "ro-redis"),
         (Fault::WritesRefused, false) => ("pco-ro", "ro"),
+        (Fault::Throttled, true) => ("pco-429-redis", "429-redis"),
+        (Fault::Throttled, false) => ("pco-429", "429"),
+    };
+    let pki = match fault {
+        Fault::Throttled => match api_server_pki() {
+            Some(p) => Some(p),
+            None => return Ok(()),
+        },
+        _ => None,
     };
     let op = ChartOperator::install(&client, &images, release).await?;
     let ns = TestNamespace::create(&client, suffix).await?;
     let result = async {
-        let Deployed { name, admin_token, subscriber_secret, .. } =
+        let Deployed { name, shards, admin_token, subscriber_secret } =
             deploy_example(&client, &images, &ns.name, example, LIMIT).await?;
+        let throttle = match &pki {
+            Some(pki) => {
+                let t = ApiThrottle::start(api_server().await?, pki).await?;
+                api_through(&client, &ns.name, &name, shards, t.addr.port(), &["comet", "web"]).await?;
+                Some(t)
+            }
+            None => None,
+        };
         let public = ServiceProxy::start(&client, &ns.name, &format!("{name}-web"), "public").await?;
         let admin = ServiceProxy::start(&client, &ns.name, &format!("{name}-web-admin"), "admin").await?;
         let api = HttpApi::new(&public.url(), &admin.url(), Some(admin_token))
@@ -868,6 +916,17 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
                     return Err(e);
                 }
                 "every message pod SIGSTOPped 3 s"
+            }
+            Fault::Throttled => {
+                let t = throttle.as_ref().ok_or_else(|| anyhow::anyhow!("no throttling proxy"))?;
+                let relayed = t.relayed();
+                anyhow::ensure!(relayed > 0, "nothing reached the API server through the proxy");
+                t.throttle(true);
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                t.throttle(false);
+                anyhow::ensure!(t.refused() > 0, "no request was throttled");
+                println!("INFO throttling proxy: {relayed} requests relayed before, {} answered 429 in 60 s", t.refused());
+                "API server throttling (429) the comets and web for 60 s"
             }
         };
         let resumed = Instant::now();

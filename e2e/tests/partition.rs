@@ -10,18 +10,17 @@
 //! it (their `KUBERNETES_SERVICE_PORT` points there), and it silences the
 //! connections of the one pod it is told to cut.
 
-use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::Client;
 use push_operator::crd::PushCluster;
 use pushcluster_client::http::Client as HttpApi;
 use pushcluster_core::ring::Ring;
 use pushcluster_e2e::api_gate::ApiGate;
-use pushcluster_e2e::setup::{deploy_example, first_push, lease_holders, ChartOperator, Deployed};
+use pushcluster_e2e::setup::{
+    api_server, api_through, deploy_example, first_push, lease_holders, ChartOperator, Deployed,
+};
 use pushcluster_e2e::traffic::{Load, ServiceProxy, Traffic};
-use pushcluster_e2e::{full_cluster, pods_of, rollout_status, wait, TestNamespace};
-use serde_json::json;
-use std::net::ToSocketAddrs;
+use pushcluster_e2e::{full_cluster, wait, TestNamespace};
 use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(240);
@@ -38,19 +37,8 @@ async fn one_holder_cut_off_from_the_api_server_on_redis() -> anyhow::Result<()>
     holder_cut_off("pushcluster-full.yaml").await
 }
 
-/// The API server's address, as this test's kubeconfig names it.
-async fn api_server() -> anyhow::Result<std::net::SocketAddr> {
-    let cfg = kube::Config::infer().await?;
-    let host = cfg.cluster_url.host().unwrap_or("127.0.0.1").to_owned();
-    let port = cfg.cluster_url.port_u16().unwrap_or(443);
-    (host.as_str(), port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| anyhow::anyhow!("{host}:{port} resolves to nothing"))
-}
-
 /// Points every comet of `name` at `gate` (a rollout) and waits until the
-/// new comets hold every shard.
+/// new comets hold every shard and have each connected through the gate.
 async fn comets_through(
     client: &Client,
     ns: &str,
@@ -58,37 +46,13 @@ async fn comets_through(
     shards: i32,
     gate: &ApiGate,
 ) -> anyhow::Result<()> {
-    let port = gate.addr.port().to_string();
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    // A field manager of its own: the operator's server-side applies own
-    // the rest of the env and leave these two entries alone.
-    let env = json!([
-        {"name": "KUBERNETES_SERVICE_PORT", "value": port},
-        {"name": "KUBERNETES_SERVICE_PORT_HTTPS", "value": port},
-    ]);
-    deployments
-        .patch(
-            &format!("{name}-comet"),
-            &PatchParams {
-                field_manager: Some("e2e-api-gate".into()),
-                ..PatchParams::default()
-            },
-            &Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{"name": "comet", "env": env}]}}}})),
-        )
-        .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let (n, c) = (ns.to_owned(), name.to_owned());
-    tokio::task::spawn_blocking(move || rollout_status(&n, &c, LIMIT)).await??;
+    api_through(client, ns, name, shards, gate.addr.port(), &["comet"]).await?;
     wait(
-        "every shard held by a comet behind the gate",
+        "every shard holder connected through the gate",
         LIMIT,
         || async {
-            let comets = pods_of(client, ns, name, "comet").await?;
             let held = lease_holders(client, ns, name).await?;
-            Ok(held.len() == shards as usize
-                && held
-                    .iter()
-                    .all(|(_, h, _)| comets.contains_key(h) && gate.has_seen(h)))
+            Ok(held.iter().all(|(_, h, _)| gate.has_seen(h)))
         },
     )
     .await
