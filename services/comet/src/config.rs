@@ -48,6 +48,10 @@ pub struct Config {
     pub heartbeat_grace_seconds: u64,
     /// Seconds between SSE keep-alive comments.
     pub sse_keepalive_seconds: u64,
+    /// Page origins whose scripts may read SSE (CORS; `*`, the default:
+    /// any; subscriptions are guarded by tokens, not by origin).
+    #[serde(skip_serializing_if = "pushcluster_core::cors::AllowedOrigins::is_default")]
+    pub cors_origins: pushcluster_core::cors::AllowedOrigins,
     /// Caps and deadlines of the client listeners (WebSocket/SSE and TCP,
     /// each counted on its own).
     pub listener_limits: pushcluster_core::serve::ListenerLimits,
@@ -125,6 +129,7 @@ impl Default for Config {
             heartbeat_grace_seconds: 5,
             sse_keepalive_seconds: 15,
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
+            cors_origins: Default::default(),
             subscriber_secret: None,
             rpc_token: None,
             limits: Limits::default(),

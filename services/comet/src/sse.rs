@@ -101,10 +101,16 @@ pub async fn subscribe(
         Err(e) => return refuse(StatusCode::BAD_REQUEST, ret::PARAM, &e.to_string()),
     };
     let (key, last, epoch) = (req.key, req.last.unwrap_or(-1), req.epoch);
+    // A token in `Authorization: Bearer` (a fetch-based SSE client) stays
+    // out of URLs and proxy logs; the parameter still works for EventSource.
+    let token = match pushcluster_core::cors::bearer(&headers) {
+        Some(t) if req.token.is_empty() => t.to_owned(),
+        _ => req.token,
+    };
     let sub = Subscribe {
         key: key.clone(),
         heartbeat: comet.cfg.sse_keepalive_seconds,
-        token: req.token,
+        token,
         format: Format::Json,
     };
     // No client heartbeats here: the comet sends keep-alives, and a gone

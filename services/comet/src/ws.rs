@@ -48,12 +48,45 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 /// one is freed, so a connection that once had a burst does not keep it.
 const KEEP_BUFFER: usize = 256;
 
-/// Routes of the comet's HTTP listener: WebSocket and SSE.
+/// Routes of the comet's HTTP listener: WebSocket and SSE (readable by
+/// the pages of `cors_origins`).
 pub fn router(comet: Arc<Comet>) -> Router {
+    let origins = Arc::new(comet.cfg.cors_origins.clone());
     Router::new()
         .route("/sub", get(upgrade))
         .route("/sub/sse", get(crate::sse::subscribe))
+        .layer(axum::middleware::from_fn_with_state(
+            origins,
+            pushcluster_core::cors::cors,
+        ))
         .with_state(comet)
+}
+
+/// The subprotocol a client offers to say it speaks this protocol and may
+/// carry its token in the handshake: `Sec-WebSocket-Protocol: pushcluster,
+/// token.<token>` (browsers cannot set an `Authorization` header on a
+/// WebSocket; a subprotocol keeps the token out of URLs and proxy logs).
+const SUBPROTOCOL: &str = "pushcluster";
+
+/// The offered subprotocols: whether `pushcluster` is among them, and the
+/// token one carries.
+fn offered(headers: &HeaderMap) -> (bool, Option<String>) {
+    let mut ours = false;
+    let mut token = None;
+    for p in headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+    {
+        if p == SUBPROTOCOL {
+            ours = true;
+        } else if let Some(t) = p.strip_prefix("token.") {
+            token = Some(t.to_owned());
+        }
+    }
+    (ours, token)
 }
 
 fn bad_request(status: StatusCode, msg: &str) -> Response {
@@ -107,6 +140,7 @@ async fn upgrade(
     let Ok(accept) = HeaderValue::from_str(&accept) else {
         return bad_request(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is invalid");
     };
+    let (ours, offered_token) = offered(headers);
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return bad_request(
             StatusCode::BAD_REQUEST,
@@ -120,7 +154,7 @@ async fn upgrade(
     let admitted = match subscribe_params(
         get("key"),
         get("heartbeat"),
-        get("token"),
+        get("token").or(offered_token.as_deref()),
         get("ver"),
         comet.heartbeat_bounds(),
     ) {
@@ -152,6 +186,13 @@ async fn upgrade(
     h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    // A browser fails a handshake that offered subprotocols and got none.
+    if ours {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
     r
 }
 

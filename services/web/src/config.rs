@@ -56,6 +56,14 @@ pub struct Config {
     /// drop a terminating pod asynchronously, and connections they still send
     /// in that time would otherwise be refused.
     pub drain_delay_ms: u64,
+    /// Page origins whose scripts may read the public API (CORS; `*`, the
+    /// default: any; reads are guarded by tokens, not by origin).
+    #[serde(skip_serializing_if = "pushcluster_core::cors::AllowedOrigins::is_default")]
+    pub cors_origins: pushcluster_core::cors::AllowedOrigins,
+    /// Serve the browser client's demo page at `/demo/` on the public
+    /// listener (`make run` does; off by default).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub demo: bool,
     /// Addresses given to clients by `/1/server/get`, as templates where
     /// `{shard}` is the shard id (e.g. `push-{shard}.example.com:443`); unset,
     /// the comet's own address is given.
@@ -104,6 +112,8 @@ impl Default for Config {
             rpc_timeout_ms: 5000,
             drain_delay_ms: 0,
             advertise: ClientAddresses::default(),
+            cors_origins: Default::default(),
+            demo: false,
         }
     }
 }

@@ -6,7 +6,10 @@
 use crate::reply::{status_reply, Reply, INTERNAL, NO_NODE, UNAUTHORIZED};
 use crate::request::{param, Params};
 use crate::AppState;
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
 use axum::Router;
 use pushcluster_core::frame::{encode_json, Format};
@@ -21,20 +24,71 @@ use std::sync::Arc;
 /// Routes of the public listener.
 pub fn router(state: Arc<AppState>) -> Router {
     let metrics = state.metrics.clone();
-    Router::new()
+    let origins = Arc::new(state.cfg.cors_origins.clone());
+    let mut r = Router::new()
         .route("/1/server/get", get(server_get))
         .route("/1/msg/get", get(msg_get))
         .route("/1/time/get", get(time_get))
         .route("/server/get", get(legacy_server_get))
         .route("/msg/get", get(legacy_msg_get))
         .route("/time/get", get(legacy_time_get))
-        .route("/openapi.json", get(crate::openapi))
-        .fallback(crate::reply::not_found)
+        .route("/openapi.json", get(crate::openapi));
+    if state.cfg.demo {
+        r = r
+            .route("/demo", get(|| async { Redirect::permanent("/demo/") }))
+            .route("/demo/", get(demo_page))
+            .route("/demo/src/index.js", get(demo_client));
+    }
+    r.fallback(crate::reply::not_found)
+        .layer(axum::middleware::from_fn(bearer_as_token))
+        .layer(axum::middleware::from_fn_with_state(
+            origins,
+            pushcluster_core::cors::cors,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             metrics,
             crate::metrics::count_requests,
         ))
         .with_state(state)
+}
+
+/// The browser client's demo page (`clients/js/demo.html`).
+async fn demo_page() -> impl IntoResponse {
+    static PAGE: &str = include_str!("../../../clients/js/demo.html");
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE)
+}
+
+/// The browser client itself, as the demo page imports it.
+async fn demo_client() -> impl IntoResponse {
+    static CLIENT: &str = include_str!("../../../clients/js/src/index.js");
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        CLIENT,
+    )
+}
+
+/// A subscriber token sent as `Authorization: Bearer` (kept out of URLs,
+/// so out of proxy logs) counts as the `token` parameter, which it is
+/// added as when the query has none: every read checks one place.
+async fn bearer_as_token(mut req: Request, next: Next) -> Response {
+    let token = pushcluster_core::cors::bearer(req.headers()).map(str::to_owned);
+    if let Some(t) = token {
+        let query = req.uri().query().unwrap_or_default();
+        let has = form_urlencoded::parse(query.as_bytes()).any(|(k, _)| k == "token");
+        if !has {
+            let mut q = form_urlencoded::Serializer::new(query.to_owned());
+            q.append_pair("token", &t);
+            let path = format!("{}?{}", req.uri().path(), q.finish());
+            if let Ok(pq) = path.parse::<axum::http::uri::PathAndQuery>() {
+                let mut parts = req.uri().clone().into_parts();
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+    }
+    next.run(req).await
 }
 
 fn parse_mid(q: &HashMap<String, String>, name: &str) -> Result<Option<i64>, Reply> {
@@ -209,7 +263,7 @@ fn authorize_read(
     token::verify(secret.as_bytes(), key, token, token::unix_now()).map_err(|e| {
         Reply::err(
             UNAUTHORIZED,
-            format!("private read of {key:?} needs the key's subscriber token (token=): {e}"),
+            format!("private read of {key:?} needs the key's subscriber token (token= or Authorization: Bearer): {e}"),
         )
     })
 }
