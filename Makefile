@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: help run build release test lint chart-lint monitoring-test crds deps clean image e2e e2e-local bench bench-compare
+.PHONY: help run build release test js-test lint chart-lint monitoring-test crds deps clean image e2e e2e-local bench bench-compare
 
 IMAGE ?= ghcr.io/pushcluster/pushcluster:0.1.0
 
@@ -10,6 +10,7 @@ help:
 	@echo "make run    - build (release) and start a local cluster: web, message (embedded store), two comets"
 	@echo "make test   - install what tests need (redis-server), lint, build, run every test"
 	@echo "make lint   - cargo fmt --check and clippy -D warnings"
+	@echo "make js-test - the JS client's tests (Node) and its demo page in headless Chromium"
 	@echo "make chart-lint - helm lint of charts/pushcluster-operator (Helm's library)"
 	@echo "make monitoring-test - promtool check and unit tests of the alerts (Debian's prometheus)"
 	@echo "make crds   - regenerate crds/ and the chart's copy from the Rust types"
@@ -57,6 +58,13 @@ test: deps lint chart-lint monitoring-test build
 	else \
 		$(CARGO) test --workspace --exclude pushcluster-e2e --no-fail-fast; \
 	fi
+	$(MAKE) js-test
+
+# The browser and Node client (clients/js) under Node's test runner, against
+# the real binaries, and its demo page in headless Chromium (screenshot in
+# target/test-output/chromium-demo.png).
+js-test:
+	cd clients/js && npm test
 
 # Benchmarks (not in CI): criterion for ring, frames, checks, tokens, and the
 # store on both backends (Redis: a redis-server on a free port); then the

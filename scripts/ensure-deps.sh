@@ -2,13 +2,22 @@
 # Installs what the tests need and the Rust toolchain does not bring:
 # redis-server (the Redis storage suite and system tests start a real one),
 # python3 (the gopush-cluster compatibility client) and prometheus (promtool
-# checks and unit-tests the alerts; the monitoring test runs a real server). protoc comes from the
+# checks and unit-tests the alerts; the monitoring test runs a real server) and
+# chromium (the JS client's demo page is tested in it). protoc comes from the
 # protoc-bin-vendored crate, so no system package is needed for it.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+# The JS client's demo page is tested in real headless Chromium.
+[ -x "${CHROMIUM:-/usr/bin/chromium}" ] || missing+=(chromium)
+# Node 20 or later runs the JS client's tests (its WebSocket); Debian's own
+# nodejs is older, so it is not installed from here.
+if ! node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' 2>/dev/null; then
+  echo "Node.js 20 or later is needed for clients/js (make js-test); found: $(node --version 2>/dev/null || echo none)" >&2
+  exit 1
+fi
 install_helm_lib() {
   # Helm's own library, for `helm lint` in make test (no Helm binary needed).
   python3 -c "import helm_sdkpy" 2>/dev/null && return 0

@@ -36,6 +36,7 @@ Push:
   curl -X POST 'localhost:8091/1/admin/push/private?key=alice&expire=60' -d '{"hi":1}'
   $BIN/pushctl push alice '{"hi":2}'
   $BIN/pushctl broadcast '{"news":"to everyone"}'
+In a browser: http://127.0.0.1:8090/demo/?keys=alice,bob (the JS client, clients/js)
 Offline messages:
   curl 'localhost:8090/1/msg/get?k=alice&m=0'
 Metrics: curl localhost:8092/metrics (web), :6971 and :16971 (comets), :8071 (message)
