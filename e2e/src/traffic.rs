@@ -181,7 +181,10 @@ impl Drop for ServiceProxy {
 #[derive(Debug, Clone)]
 pub struct Attempt {
     pub key: String,
+    /// When the push was sent.
     pub at: Instant,
+    /// When its answer came.
+    pub done: Instant,
     /// The mid on success; the error otherwise.
     pub result: Result<i64, String>,
 }
@@ -364,7 +367,12 @@ async fn push_steadily(
             attempts
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(Attempt { key, at, result });
+                .push(Attempt {
+                    key,
+                    at,
+                    done: Instant::now(),
+                    result,
+                });
         });
         while inflight.try_join_next().is_some() {}
     }
@@ -404,6 +412,8 @@ pub struct Figures {
     pub delivered_live: usize,
     /// Up to three distinct errors of failed pushes.
     pub failure_samples: Vec<String>,
+    /// Up to three restarts seen: the key, the mid and why it counts.
+    pub restart_samples: Vec<String>,
 }
 
 impl std::fmt::Display for Figures {
@@ -429,6 +439,9 @@ impl std::fmt::Display for Figures {
         if !self.failure_samples.is_empty() {
             write!(f, " push_errors={:?}", self.failure_samples)?;
         }
+        if !self.restart_samples.is_empty() {
+            write!(f, " restarts={:?}", self.restart_samples)?;
+        }
         Ok(())
     }
 }
@@ -438,20 +451,36 @@ impl Outcome {
     pub fn figures(&self, from: Instant, to: Instant) -> Figures {
         let inside = |t: Instant| t >= from && t < to;
         let mut f = Figures::default();
-        let mut acked_before: BTreeMap<&str, i64> = BTreeMap::new();
+        // A key's sequence restarted when a push gets a mid not above one
+        // acknowledged before that push was sent, or when one mid was
+        // acknowledged for two pushes. (Pushes to one key run concurrently,
+        // and one that waited out a failover may be answered after later
+        // ones: only "acknowledged before sent" orders two pushes.)
+        let mut acked: BTreeMap<&str, Vec<(Instant, i64)>> = BTreeMap::new();
         for a in &self.attempts {
-            if a.at < from {
-                if let Ok(m) = a.result {
-                    let e = acked_before.entry(&a.key).or_default();
-                    *e = (*e).max(m);
-                }
+            if let Ok(m) = a.result {
+                acked.entry(&a.key).or_default().push((a.done, m));
             }
         }
-        // A key's sequence restarted when an acknowledged mid is not above
-        // everything acknowledged before the window, or when one mid was
-        // acknowledged for two pushes. (Pushes to one key in flight at once,
-        // e.g. waiting out a message-service restart, may be answered in any
-        // order, so order inside the window proves nothing.)
+        for v in acked.values_mut() {
+            v.sort();
+            // Each entry's mid becomes the highest acknowledged up to then.
+            let mut top = 0;
+            for e in v.iter_mut() {
+                top = top.max(e.1);
+                e.1 = top;
+            }
+        }
+        let acked_before = |key: &str, sent: Instant| -> i64 {
+            acked.get(key).map_or(0, |v| {
+                let n = v.partition_point(|(done, _)| *done < sent);
+                if n == 0 {
+                    0
+                } else {
+                    v[n - 1].1
+                }
+            })
+        };
         let mut acks_of: BTreeMap<(&str, i64), usize> = BTreeMap::new();
         for a in &self.attempts {
             if let Ok(m) = a.result {
@@ -483,10 +512,32 @@ impl Outcome {
             }
         }
         for (key, acks) in by_key {
-            let before = acked_before.get(key).copied().unwrap_or(0);
-            for (_, m) in acks {
-                if m <= before || acks_of.get(&(key, m)).copied().unwrap_or(0) > 1 {
+            for (sent, m) in acks {
+                let before = acked_before(key, sent);
+                let twice = acks_of.get(&(key, m)).copied().unwrap_or(0) > 1;
+                if m <= before || twice {
                     restarted.insert(key);
+                    if f.restart_samples.len() < 3 {
+                        let times: Vec<String> = self
+                            .attempts
+                            .iter()
+                            .filter(|a| a.key == key && a.result == Ok(m))
+                            .map(|a| {
+                                let rel = |t: Instant| {
+                                    t.checked_duration_since(from).map_or_else(
+                                        || -(from.duration_since(t).as_secs_f64()),
+                                        |d| d.as_secs_f64(),
+                                    )
+                                };
+                                format!("sent {:.2}s answered {:.2}s", rel(a.at), rel(a.done))
+                            })
+                            .collect();
+                        f.restart_samples.push(if twice {
+                            format!("{key}: mid {m} acknowledged twice ({})", times.join("; "))
+                        } else {
+                            format!("{key}: mid {m} after {before} was acknowledged")
+                        });
+                    }
                 }
             }
         }
