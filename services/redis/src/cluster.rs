@@ -56,6 +56,16 @@ impl LazyCluster {
         }
     }
 
+    /// Drops connection `generation`: its slot map is out of date (a write
+    /// sent to one node was redirected), and the next call asks the seeds.
+    pub(crate) async fn stale(&self, generation: u64) {
+        let mut conn = self.conn.lock().await;
+        if conn.as_ref().is_some_and(|(g, _)| *g == generation) {
+            tracing::info!("redis cluster: a slot moved; learning the slots again from the seeds");
+            *conn = None;
+        }
+    }
+
     pub(crate) async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
         let (generation, mut conn) = self.current().await?;
         let r = conn.req_packed_command(cmd).await;

@@ -29,7 +29,7 @@ pub use target::{Target, Topology};
 
 use cluster::LazyCluster;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{Route, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, RedisError, RedisFuture, RedisResult, Value};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -183,49 +183,92 @@ impl Conn {
         Ok(slots.into_iter().flatten().flatten().collect())
     }
 
-    /// Waits until `durability.replicas` replicas have every write made so
-    /// far on this connection (`WAIT`), on the node that holds `key`.
-    pub async fn wait_for_replicas(&self, key: &str, durability: &Durability) -> Result<(), Error> {
-        if durability.replicas == 0 {
-            return Ok(());
+    /// Runs `write` (commands on `key`'s slot) and, unless `durability` is
+    /// master-only, `WAIT` right after it in the same pipeline; returns
+    /// `write`'s replies once `durability.replicas` replicas confirmed it.
+    ///
+    /// One pipeline, because `WAIT` counts only the writes of the
+    /// connection it is sent on: a separate call may go out on another
+    /// connection (a reconnect, a slot-map refresh) where it has nothing to
+    /// wait for and confirms at once what no replica has.
+    pub async fn write_confirmed(
+        &self,
+        key: &str,
+        write: &[Cmd],
+        durability: &Durability,
+    ) -> Result<Vec<Value>, Error> {
+        let mut pipe = redis::pipe();
+        for c in write {
+            pipe.add_command(c.clone());
         }
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(durability.replicas).arg(durability.timeout_ms);
-        let asked: RedisResult<i64> = match &self.inner {
+        let waits = durability.replicas > 0;
+        if waits {
+            pipe.cmd("WAIT")
+                .arg(durability.replicas)
+                .arg(durability.timeout_ms);
+        }
+        let count = pipe.len();
+        let mut replies: Vec<Value> = match &self.inner {
             Inner::Cluster(c) => {
-                async {
-                    let (generation, mut conn) = c.current().await?;
-                    let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                        Route::with_key(key, SlotAddr::Master),
-                    ));
-                    let v = match conn.route_command(wait, at).await {
-                        Ok(v) => v,
-                        Err(e) => {
-                            c.failed(generation, &e).await;
-                            return Err(e);
+                let (generation, mut conn) = c.current().await?;
+                let at =
+                    SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
+                match conn.route_pipeline(pipe, 0, count, at).await {
+                    Ok(v) => {
+                        let moved = v.iter().any(|r| {
+                            matches!(r, Value::ServerError(e) if matches!(e.code(), "MOVED" | "ASK"))
+                        });
+                        if moved {
+                            c.stale(generation).await;
                         }
-                    };
-                    redis::from_redis_value(v.extract_error()?).map_err(RedisError::from)
+                        v
+                    }
+                    Err(e) => {
+                        if matches!(e.code(), Some("MOVED" | "ASK")) {
+                            c.stale(generation).await;
+                        } else {
+                            c.failed(generation, &e).await;
+                        }
+                        return Err(e.into());
+                    }
                 }
-                .await
             }
             _ => {
                 let mut conn = self.clone();
-                wait.query_async(&mut conn).await
+                conn.req_packed_commands(&pipe, 0, count).await?
             }
         };
-        // Whatever went wrong (the node failed over between the write and
-        // the WAIT, say), the write is not known to be replicated: not
-        // acknowledged, and retried under its push id.
-        let confirmed = asked.map_err(Error::Unconfirmed)?;
-        if confirmed < i64::from(durability.replicas) {
-            return Err(Error::NotReplicated {
-                wanted: durability.replicas,
-                confirmed,
-                timeout: Duration::from_millis(durability.timeout_ms),
-            });
+        let asked = if waits { replies.pop() } else { None };
+        // The write's own error says more than WAIT's.
+        for r in &replies {
+            if let Value::ServerError(e) = r {
+                return Err(RedisError::from(e.clone()).into());
+            }
         }
-        Ok(())
+        if waits {
+            // Whatever went wrong (the node failed over under the write,
+            // say), the write is not known to be replicated: not
+            // acknowledged, and retried under its push id.
+            let confirmed: i64 = match asked.map(Value::extract_error) {
+                Some(Ok(v)) => redis::from_redis_value(v)
+                    .map_err(|e| Error::Unconfirmed(RedisError::from(e)))?,
+                Some(Err(e)) => return Err(Error::Unconfirmed(e)),
+                None => {
+                    return Err(Error::Unconfirmed(RedisError::from((
+                        redis::ErrorKind::Client,
+                        "no reply to WAIT",
+                    ))))
+                }
+            };
+            if confirmed < i64::from(durability.replicas) {
+                return Err(Error::NotReplicated {
+                    wanted: durability.replicas,
+                    confirmed,
+                    timeout: Duration::from_millis(durability.timeout_ms),
+                });
+            }
+        }
+        Ok(replies)
     }
 }
 

@@ -145,7 +145,10 @@ impl StoreError {
                     || e.is_timeout()
                     || matches!(
                         e.code(),
-                        Some("READONLY" | "MASTERDOWN" | "LOADING" | "CLUSTERDOWN" | "TRYAGAIN")
+                        Some(
+                            "READONLY" | "MASTERDOWN" | "LOADING" | "CLUSTERDOWN" | "TRYAGAIN"
+                                | "MOVED" | "ASK"
+                        )
                     )
                     // The Sentinels name no master the client can reach
                     // yet: a failover under way.

@@ -39,9 +39,12 @@ use std::time::Duration;
 // publish command: SPUBLISH on a Redis Cluster (sharded pub/sub: the
 // message goes to the key's slot's node only), PUBLISH elsewhere; an empty
 // ARGV[9] publishes nothing (the writer publishes after WAIT instead). A
-// repeated push id returns its mid and, when ARGV[15] is set, its stored
-// entry (empty once trimmed), for the writer to publish: the first writer
-// may have failed between its WAIT and its publish.
+// repeated push id returns its mid and, when ARGV[15] is set (the writer
+// waits for replicas), its stored entry (empty once trimmed), for the
+// writer to publish (the first writer may have failed between its WAIT and
+// its publish), after writing its id again: the WAIT that follows on this
+// connection then covers the first attempt's write, which came before it
+// in the replication stream, whichever connection made it.
 // A new sequence (mid 1) gets a new epoch, ARGV[3] (now, in ms), kept as
 // long as the sequence; so does a sequence older than epochs at its next
 // append. Fences are compared as 20-digit strings: Lua numbers are doubles, exact
@@ -68,6 +71,7 @@ if ARGV[6] ~= '' then
   if seen then
     local entry = ''
     if ARGV[15] ~= '' then
+      redis.call('SET', KEYS[3], seen, 'PX', ARGV[7])
       local head = redis.call('LINDEX', KEYS[2], 0)
       if head then
         local at = tonumber(seen) - tonumber(string.match(head, '^(%d+) '))
@@ -441,13 +445,20 @@ impl Store for RedisStore {
         // key's clients told to reset. The writer publishes it after WAIT.
         let late = live_channel.as_str() != "" && !self.durability.is_master_only();
         let now = now_ms();
-        let mut conn = self.conn.clone();
-        let (mid, current, entry): (i64, String, Vec<u8>) = APPEND_SCRIPT
-            .key(&seq)
-            .key(list)
-            .key(id_key)
-            .key(fence_key)
-            .key(epoch)
+        let durable = !self.durability.is_master_only();
+        let script = |eval: bool| {
+            let mut c = redis::cmd(if eval { "EVAL" } else { "EVALSHA" });
+            c.arg(if eval {
+                APPEND
+            } else {
+                APPEND_SCRIPT.get_hash()
+            })
+            .arg(5)
+            .arg(&seq)
+            .arg(&list)
+            .arg(&id_key)
+            .arg(&fence_key)
+            .arg(&epoch)
             .arg(payload.as_ref())
             .arg(now.saturating_add(ttl.as_millis() as u64))
             .arg(now)
@@ -460,7 +471,7 @@ impl Store for RedisStore {
                     .saturating_mul(1000)
                     .max(1),
             )
-            .arg(token)
+            .arg(&token)
             .arg(if late { "" } else { live_channel.as_str() })
             .arg(self.signing.as_ref().map_or("", |k| k.inner.as_str()))
             .arg(self.signing.as_ref().map_or("", |k| k.outer.as_str()))
@@ -470,9 +481,35 @@ impl Store for RedisStore {
                 Some(f) if cluster => f.shard.to_string(),
                 _ => String::new(),
             })
-            .arg(if late { "1" } else { "" })
-            .invoke_async(&mut conn)
-            .await?;
+            .arg(if durable { "1" } else { "" });
+            c
+        };
+        // The script and its WAIT in one pipeline: see
+        // `Conn::write_confirmed`. A node that has not seen the script yet
+        // gets its body once.
+        let seq_key = seq.as_str();
+        let run = |eval: bool| {
+            let cmd = script(eval);
+            async move {
+                self.conn
+                    .write_confirmed(seq_key, std::slice::from_ref(&cmd), &self.durability)
+                    .await
+            }
+        };
+        let replies = match run(false).await {
+            Err(pushcluster_redis::Error::Redis(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                run(true).await?
+            }
+            r => r?,
+        };
+        let reply = replies
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Corrupt("no reply to the append".into()))?;
+        let (mid, current, entry): (i64, String, Vec<u8>) =
+            redis::from_redis_value(reply.extract_error()?).map_err(redis::RedisError::from)?;
         match fence {
             Some(f) if mid < 0 => Err(StoreError::Fenced {
                 shard: f.shard,
@@ -480,7 +517,6 @@ impl Store for RedisStore {
                 current: current.parse().unwrap_or(u64::MAX),
             }),
             _ => {
-                self.conn.wait_for_replicas(&seq, &self.durability).await?;
                 if late {
                     // A repeated push id publishes what was stored under it
                     // (an earlier attempt may have failed before

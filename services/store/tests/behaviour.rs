@@ -883,8 +883,28 @@ async fn waiting_for_replicas_publishes_only_what_they_confirmed() {
             AppendOpts::dedupe("p1"),
         )
         .await;
+    // The retry may come on another connection (another web, a reconnect),
+    // where a bare WAIT would have nothing to wait for and confirm at once.
+    let elsewhere = RedisStore::connect(&master.url(), "late", Retention::default())
+        .await
+        .unwrap()
+        .durability(pushcluster_redis::Durability {
+            replicas: 1,
+            timeout_ms: 300,
+        })
+        .append_with(
+            Channel::Private("k"),
+            b("{\"n\":1}"),
+            HOUR,
+            AppendOpts::dedupe("p1"),
+        )
+        .await;
     let quiet = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
     replica.signal("CONT");
+    assert!(
+        elsewhere.is_err(),
+        "a retry on another connection was confirmed without the replica: {elsewhere:?}"
+    );
     let e = unconfirmed.expect_err("acknowledged without its replica");
     assert!(e.is_transient(), "a retry would not follow: {e}");
     assert!(
