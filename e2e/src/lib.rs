@@ -419,7 +419,19 @@ pub async fn signal_pod(
 /// Applies a PushCluster example from `examples/` into `namespace` with
 /// `kubectl apply`, its image set to `image`; returns its name.
 pub fn apply_example(file: &str, namespace: &str, image: &str) -> anyhow::Result<String> {
+    apply_example_with(file, namespace, image, |_| Ok(()))
+}
+
+/// [`apply_example`], after `edit` changed the example (the full example
+/// with another storage, say).
+pub fn apply_example_with(
+    file: &str,
+    namespace: &str,
+    image: &str,
+    edit: impl FnOnce(&mut serde_json::Value) -> anyhow::Result<()>,
+) -> anyhow::Result<String> {
     let mut pc = example(file)?;
+    edit(&mut pc)?;
     pc["spec"]["image"] = image.into();
     let name = pc["metadata"]["name"]
         .as_str()

@@ -1,4 +1,5 @@
-//! The Redis Cluster example (`examples/pushcluster-redis-cluster.yaml`) on
+//! The full example (`examples/pushcluster-full.yaml`) with the storage of
+//! the Redis Cluster example (`examples/pushcluster-redis-cluster.yaml`) on
 //! a Redis Cluster of six pods (three masters, a replica each, a password),
 //! formed as `redis-cli --cluster create` would: followers on every
 //! transport and pushes throughout, one master's Redis stopped (SIGSTOP)
@@ -20,7 +21,7 @@ use pushcluster_client::http::Client as HttpApi;
 use pushcluster_e2e::setup::{apply_yaml, first_push, redis_image, secret, ChartOperator};
 use pushcluster_e2e::traffic::{Load, ServiceProxy, Traffic};
 use pushcluster_e2e::{
-    apply_example, full_cluster, rollout_status, signal_pod, wait, wait_ready, TestNamespace,
+    apply_example_with, full_cluster, rollout_status, signal_pod, wait, wait_ready, TestNamespace,
 };
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -137,7 +138,7 @@ fn masters_seen_by(ip: &str) -> anyhow::Result<Vec<String>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_redis_cluster_example_rides_out_a_master_failover() -> anyhow::Result<()> {
+async fn the_full_example_on_a_redis_cluster_rides_out_a_master_failover() -> anyhow::Result<()> {
     let Some((client, images)) = full_cluster().await else {
         return Ok(());
     };
@@ -179,17 +180,31 @@ async fn the_redis_cluster_example_rides_out_a_master_failover() -> anyhow::Resu
             json!({"admin-token": "rc-admin-token", "subscriber-secret": "rc-subscriber-secret"}),
         )
         .await?;
+        // The full example (8 shards, 2 standbys, 3 web, 3 message, network
+        // policies, scheduling) with the Redis Cluster storage of
+        // pushcluster-redis-cluster.yaml (mode Cluster, password, WAIT 1).
         let (n, image) = (ns.name.clone(), images.image());
         let name = tokio::task::spawn_blocking(move || {
-            apply_example("pushcluster-redis-cluster.yaml", &n, &image)
+            let storage = pushcluster_e2e::example("pushcluster-redis-cluster.yaml")?["spec"]["storage"].clone();
+            anyhow::ensure!(storage["redis"]["mode"] == "Cluster", "the Redis Cluster example's storage: {storage}");
+            apply_example_with("pushcluster-full.yaml", &n, &image, |pc| {
+                pc["spec"]["storage"] = storage;
+                // Its advertised hosts (push-{shard}.example.com) do not
+                // resolve here: clients get the comets' own addresses.
+                if let Some(comet) = pc["spec"]["comet"].as_object_mut() {
+                    comet.remove("advertise");
+                }
+                Ok(())
+            })
         })
         .await??;
         let t = Instant::now();
-        wait_ready(&client, &ns.name, &name, 4, LIMIT).await?;
+        let shards = 8;
+        wait_ready(&client, &ns.name, &name, shards, LIMIT).await?;
         let (n, c) = (ns.name.clone(), name.clone());
         tokio::task::spawn_blocking(move || rollout_status(&n, &c, LIMIT)).await??;
         println!(
-            "PASS RC kubectl apply pushcluster-redis-cluster.yaml (mode Cluster, WAIT 1 replica): Ready and rolled out in {:.1} s",
+            "PASS RC kubectl apply pushcluster-full.yaml with the storage of pushcluster-redis-cluster.yaml (mode Cluster, WAIT 1 replica; 8 shards, 2 standbys, 3 web, 3 message): Ready and rolled out in {:.1} s",
             t.elapsed().as_secs_f64()
         );
         let pcs: Api<push_operator::crd::PushCluster> = Api::namespaced(client.clone(), &ns.name);
