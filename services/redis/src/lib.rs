@@ -91,9 +91,14 @@ pub struct Durability {
 }
 
 impl Durability {
-    /// Whether the master's answer is enough (the default).
+    /// Whether these are the default settings (configs leave them out).
     pub fn is_master_only(&self) -> bool {
         *self == Self::default()
+    }
+
+    /// Whether writes wait for replicas (`WAIT`) before they count.
+    pub fn waits(&self) -> bool {
+        self.replicas > 0
     }
 }
 
@@ -183,9 +188,9 @@ impl Conn {
         Ok(slots.into_iter().flatten().flatten().collect())
     }
 
-    /// Runs `write` (commands on `key`'s slot) and, unless `durability` is
-    /// master-only, `WAIT` right after it in the same pipeline; returns
-    /// `write`'s replies once `durability.replicas` replicas confirmed it.
+    /// Runs `write` (commands on `key`'s slot) and, when `durability`
+    /// waits, `WAIT` right after it in the same pipeline; returns `write`'s
+    /// replies once `durability.replicas` replicas confirmed it.
     ///
     /// One pipeline, because `WAIT` counts only the writes of the
     /// connection it is sent on: a separate call may go out on another
@@ -194,14 +199,14 @@ impl Conn {
     pub async fn write_confirmed(
         &self,
         key: &str,
-        write: &[Cmd],
+        write: Vec<Cmd>,
         durability: &Durability,
     ) -> Result<Vec<Value>, Error> {
         let mut pipe = redis::pipe();
         for c in write {
-            pipe.add_command(c.clone());
+            pipe.add_command(c);
         }
-        let waits = durability.replicas > 0;
+        let waits = durability.waits();
         if waits {
             pipe.cmd("WAIT")
                 .arg(durability.replicas)

@@ -443,9 +443,9 @@ impl Store for RedisStore {
         // published before they confirm it could be delivered, then lost in
         // a failover, and the retried push would get its mid again, the
         // key's clients told to reset. The writer publishes it after WAIT.
-        let late = live_channel.as_str() != "" && !self.durability.is_master_only();
+        let durable = self.durability.waits();
+        let late = durable && !live_channel.is_empty();
         let now = now_ms();
-        let durable = !self.durability.is_master_only();
         let script = |eval: bool| {
             let mut c = redis::cmd(if eval { "EVAL" } else { "EVALSHA" });
             c.arg(if eval {
@@ -492,7 +492,7 @@ impl Store for RedisStore {
             let cmd = script(eval);
             async move {
                 self.conn
-                    .write_confirmed(seq_key, std::slice::from_ref(&cmd), &self.durability)
+                    .write_confirmed(seq_key, vec![cmd], &self.durability)
                     .await
             }
         };

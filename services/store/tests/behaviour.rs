@@ -834,6 +834,10 @@ async fn live_messages_are_signed_as_comets_verify_them() {
 async fn waiting_for_replicas_publishes_only_what_they_confirmed() {
     use futures::StreamExt;
     use pushcluster_store::redis::live::{self, LiveKey};
+    const WAIT_ONE: pushcluster_redis::Durability = pushcluster_redis::Durability {
+        replicas: 1,
+        timeout_ms: 300,
+    };
     let master = RedisServer::start();
     let port = pushcluster_store::testing::free_port();
     let replica = RedisServer::spawn_with(
@@ -849,10 +853,7 @@ async fn waiting_for_replicas_publishes_only_what_they_confirmed() {
         .await
         .unwrap()
         .signing(Some(key.clone()))
-        .durability(pushcluster_redis::Durability {
-            replicas: 1,
-            timeout_ms: 300,
-        });
+        .durability(WAIT_ONE);
     // The replica has synced once a write reaches it.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while s
@@ -888,10 +889,7 @@ async fn waiting_for_replicas_publishes_only_what_they_confirmed() {
     let elsewhere = RedisStore::connect(&master.url(), "late", Retention::default())
         .await
         .unwrap()
-        .durability(pushcluster_redis::Durability {
-            replicas: 1,
-            timeout_ms: 300,
-        })
+        .durability(WAIT_ONE)
         .append_with(
             Channel::Private("k"),
             b("{\"n\":1}"),
