@@ -64,7 +64,7 @@ test: deps lint chart-lint monitoring-test build
 # the real binaries, and its demo page in headless Chromium (screenshot in
 # target/test-output/chromium-demo.png).
 js-test:
-	cd clients/js && npm test
+	cd clients/js && timeout --kill-after=30 900 npm test
 
 # Benchmarks (not in CI): criterion for ring, frames, checks, tokens, and the
 # store on both backends (Redis: a redis-server on a free port); then the

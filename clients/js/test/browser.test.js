@@ -72,7 +72,9 @@ async function launchChromium() {
       '--window-size=1280,900',
       'about:blank',
     ],
-    { stdio: 'ignore' },
+    // Its own process group: Chromium's helpers (renderer, crashpad) outlive
+    // a kill of the browser process alone and keep writing the profile.
+    { stdio: 'ignore', detached: true },
   );
   const portFile = path.join(profile, 'DevToolsActivePort');
   const deadline = Date.now() + 30_000;
@@ -151,12 +153,30 @@ test('the demo page in Chromium shows every message once, in order, across a com
       `Chromium page: ${keys.map((k) => `${k} ${shown.received[k].length} messages`).join(', ')} of ${total} pushed; errors seen and retried: ${shown.errors.length}`,
     );
   } finally {
-    cdp?.close();
-    const exited = new Promise((resolve) => browser.child.once('exit', resolve));
-    browser.child.kill('SIGKILL');
-    await exited;
-    // Chromium's helper processes may still be writing the profile.
-    rmSync(browser.profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 200 });
-    await c.stop();
+    try {
+      cdp?.close();
+      await stopChromium(browser);
+    } finally {
+      await c.stop();
+    }
   }
 });
+
+/** Kills Chromium's whole process group and removes its profile (best effort: a leftover temp dir must not fail the test). */
+async function stopChromium(browser) {
+  const exited =
+    browser.child.exitCode !== null || browser.child.signalCode !== null
+      ? Promise.resolve()
+      : new Promise((resolve) => browser.child.once('exit', resolve));
+  try {
+    process.kill(-browser.child.pid, 'SIGKILL');
+  } catch {
+    // already gone
+  }
+  await Promise.race([exited, sleep(10_000)]);
+  try {
+    rmSync(browser.profile, { recursive: true, force: true, maxRetries: 10, retryDelay: 200 });
+  } catch (e) {
+    console.log(`left Chromium's profile ${browser.profile}: ${e.message}`);
+  }
+}

@@ -51,6 +51,12 @@ export function mintToken(secret, key, seconds) {
   return `${expiry}.${tag}`;
 }
 
+/** Every binary still running: killed when the test process exits, whatever failed. */
+const live = new Set();
+process.on('exit', () => {
+  for (const child of live) child.kill('SIGKILL');
+});
+
 export class LocalCluster {
   /** Starts it; `subscriberSecret` turns token checks on. */
   static async start({ subscriberSecret = null, adminToken = null, demo = false } = {}) {
@@ -116,15 +122,19 @@ export class LocalCluster {
     });
     const exited = new Promise((resolve) => child.on('exit', resolve));
     this.procs[name] = { child, exited };
+    live.add(child);
+    child.on('exit', () => live.delete(child));
     await waitListening(this.listenPort(name), name);
   }
 
-  /** Sends `signal` to `name` and waits for it to exit. */
+  /** Sends `signal` to `name` and waits for it to exit (SIGKILL after 10 s). */
   async stopProcess(name, signal = 'SIGKILL') {
     const p = this.procs[name];
     if (!p) return;
     p.child.kill(signal);
+    const timer = setTimeout(() => p.child.kill('SIGKILL'), 10_000);
     await p.exited;
+    clearTimeout(timer);
     delete this.procs[name];
   }
 
@@ -150,6 +160,6 @@ export class LocalCluster {
 
   async stop() {
     for (const name of Object.keys(this.procs)) await this.stopProcess(name, 'SIGTERM');
-    rmSync(this.dir, { recursive: true, force: true });
+    rmSync(this.dir, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 });
   }
 }
