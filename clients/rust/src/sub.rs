@@ -81,22 +81,61 @@ pub fn parse_tcp_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>> {
     }
 }
 
+/// The `/sub` URL of `addr` for `p`.
+fn ws_url(scheme: &str, addr: &str, p: &Params) -> String {
+    let mut url = format!(
+        "{scheme}://{addr}/sub?key={}&heartbeat={}",
+        encode(&p.key),
+        p.heartbeat
+    );
+    if let Some(t) = &p.token {
+        url.push_str(&format!("&token={}", encode(t)));
+    }
+    if p.versioned {
+        url.push_str("&ver=1");
+    }
+    url
+}
+
 impl Subscriber {
     /// Connects over WebSocket to `addr` (`host:port`).
     pub async fn websocket(addr: &str, p: &Params) -> Result<Self> {
-        let mut url = format!(
-            "ws://{addr}/sub?key={}&heartbeat={}",
-            encode(&p.key),
-            p.heartbeat
-        );
-        if let Some(t) = &p.token {
-            url.push_str(&format!("&token={}", encode(t)));
-        }
-        if p.versioned {
-            url.push_str("&ver=1");
-        }
-        let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url("ws", addr, p)).await?;
         Ok(Self::Ws(Box::new(ws)))
+    }
+
+    /// Connects over WebSocket behind TLS (`wss://`) to `addr`
+    /// (`host:port`, the host being the name the certificate must carry),
+    /// trusting what `tls` trusts: `None`, the system's roots.
+    pub async fn websocket_tls(
+        addr: &str,
+        p: &Params,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Self> {
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            ws_url("wss", addr, p),
+            None,
+            true,
+            tls.map(tokio_tungstenite::Connector::Rustls),
+        )
+        .await?;
+        Ok(Self::Ws(Box::new(ws)))
+    }
+
+    /// The certificate the server showed (DER), on a TLS connection.
+    pub fn peer_certificate(&self) -> Option<Vec<u8>> {
+        match self {
+            Self::Ws(ws) => match ws.get_ref() {
+                tokio_tungstenite::MaybeTlsStream::Rustls(tls) => tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|c| c.to_vec()),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 
     /// Connects over the TCP protocol to `addr` (`host:port`).

@@ -23,6 +23,12 @@ pub struct Config {
     pub holder: Option<String>,
     /// WebSocket (`/sub`) and SSE (`/sub/sse`) listen address.
     pub ws_listen: SocketAddr,
+    /// WebSocket and SSE behind TLS (the same routes as `ws_listen`), on
+    /// its own port, with a certificate re-read when its files change;
+    /// unset: no TLS port. For a comet that is the edge (a LoadBalancer or
+    /// NodePort straight to the pod); behind an Ingress the plain port is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ws_tls: Option<pushcluster_core::tls::TlsListen>,
     /// TCP protocol listen address.
     pub tcp_listen: SocketAddr,
     /// gRPC listen address (web pushes here).
@@ -117,6 +123,7 @@ impl Default for Config {
             advertise: Advertise::default(),
             holder: None,
             ws_listen: ([127, 0, 0, 1], 6968).into(),
+            ws_tls: None,
             tcp_listen: ([127, 0, 0, 1], 6969).into(),
             rpc_listen: ([127, 0, 0, 1], 6970).into(),
             ops_listen: ([127, 0, 0, 1], 6971).into(),

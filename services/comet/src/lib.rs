@@ -55,6 +55,8 @@ pub enum Error {
     Store(#[source] pushcluster_store::StoreError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("ws_tls: {0}")]
+    Tls(#[from] pushcluster_core::tls::TlsError),
     #[error("gRPC server: {0}")]
     Serve(#[from] tonic::transport::Error),
 }

@@ -32,6 +32,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let ready = comet.ready.clone();
 
     let ws_listener = tokio::net::TcpListener::bind(cfg.ws_listen).await?;
+    let ws_tls = match &cfg.ws_tls {
+        Some(t) => Some((
+            tokio::net::TcpListener::bind(t.listen).await?,
+            pushcluster_core::tls::Certificates::load(t)?,
+        )),
+        None => None,
+    };
     let tcp_listener = tokio::net::TcpListener::bind(cfg.tcp_listen).await?;
     let rpc_listener = tokio::net::TcpListener::bind(cfg.rpc_listen).await?;
     tracing::info!(
@@ -39,6 +46,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         ws = %cfg.ws_listen,
         tcp = %cfg.tcp_listen,
         rpc = %cfg.rpc_listen,
+        ws_tls = ?cfg.ws_tls.as_ref().map(|t| t.listen),
         "comet listening"
     );
 
@@ -47,6 +55,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let listener_metrics = pushcluster_core::serve::ListenerMetrics::register(&mut reg);
     let caps = |name| listener_metrics.caps(name, &cfg.listener_limits);
     let (ws_caps, tcp_caps) = (caps("comet_ws"), caps("comet_tcp"));
+    let wss_caps = caps("comet_wss");
     let ops = tokio::spawn(pushcluster_core::ops::serve_ops(
         cfg.ops_listen,
         Arc::new(reg),
@@ -61,6 +70,16 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         ws_caps,
         stop_accepting.clone(),
     ));
+    let wss_task = ws_tls.map(|(listener, certs)| {
+        tokio::spawn(certs.clone().watch(background.clone()));
+        tokio::spawn(pushcluster_core::serve::serve_tls(
+            listener,
+            ws::router(comet.clone()),
+            wss_caps,
+            stop_accepting.clone(),
+            certs,
+        ))
+    });
     let tcp_conns = tokio_util::task::TaskTracker::new();
     let tcp_task = tokio::spawn(tcp::serve(
         comet.clone(),
@@ -112,6 +131,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     // their queues are flushed after close_all; WebSocket connections are
     // tracked apart (they left axum at the upgrade).
     let _ = tokio::time::timeout(Duration::from_secs(10), ws_task).await;
+    if let Some(t) = wss_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
     // Every connection unregisters when it ends; the sweeper aborts those
     // that cannot flush within the grace period.
     let _ = tokio::time::timeout(Duration::from_secs(10), comet.registry.drained()).await;

@@ -16,6 +16,7 @@ pub mod ops;
 pub mod ret;
 pub mod ring;
 pub mod serve;
+pub mod tls;
 pub mod token;
 pub mod websocket;
 

@@ -26,6 +26,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::tls::Certificates;
+
 /// Largest request head (line and headers) a listener buffers.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
@@ -166,12 +168,12 @@ fn admit(counts: &Arc<Counts>, ip: IpAddr, limits: &ListenerLimits) -> Result<Sl
 }
 
 /// A socket holding its place under the caps until it is dropped.
-struct Counted {
-    io: TcpStream,
+struct Counted<IO> {
+    io: IO,
     _slot: Slot,
 }
 
-impl tokio::io::AsyncRead for Counted {
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<IO> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -181,7 +183,7 @@ impl tokio::io::AsyncRead for Counted {
     }
 }
 
-impl tokio::io::AsyncWrite for Counted {
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Counted<IO> {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -232,14 +234,36 @@ async fn refuse(mut stream: TcpStream, reason: &'static str) {
 /// fires, then waits for in-flight requests (upgraded connections live on
 /// in their own tasks).
 pub async fn serve(listener: TcpListener, app: Router, caps: Caps, shutdown: CancellationToken) {
+    serve_with(listener, app, caps, shutdown, None).await
+}
+
+/// [`serve`] behind TLS: each connection's handshake uses the certificate of
+/// the moment ([`Certificates`], reloaded on its own), within the header
+/// deadline.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    caps: Caps,
+    shutdown: CancellationToken,
+    certs: Arc<Certificates>,
+) {
+    serve_with(listener, app, caps, shutdown, Some(certs)).await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    caps: Caps,
+    shutdown: CancellationToken,
+    tls: Option<Arc<Certificates>>,
+) {
     let name = caps.name;
+    let head_deadline = Duration::from_secs(caps.limits.header_timeout_seconds.max(1));
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(
-            caps.limits.header_timeout_seconds.max(1),
-        ))
+        .header_read_timeout(head_deadline)
         // Request heads above this are refused (431) instead of buffered.
         .max_buf_size(MAX_HEAD_BYTES);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -265,16 +289,44 @@ pub async fn serve(listener: TcpListener, app: Router, caps: Caps, shutdown: Can
         };
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(app.clone());
-        // The slot rides with the socket: an upgraded WebSocket outlives
-        // its HTTP connection and still counts.
-        let io = TokioIo::new(Counted {
-            io: stream,
-            _slot: slot,
-        });
-        let conn = builder.serve_connection_with_upgrades(io, svc);
-        let conn = graceful.watch(conn.into_owned());
+        let watcher = graceful.watcher();
+        let Some(certs) = &tls else {
+            // The slot rides with the socket: an upgraded WebSocket outlives
+            // its HTTP connection and still counts.
+            let io = TokioIo::new(Counted {
+                io: stream,
+                _slot: slot,
+            });
+            let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+            tokio::spawn(async move {
+                if let Err(e) = watcher.watch(conn).await {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        let (acceptor, builder) = (certs.acceptor(), builder.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // The handshake counts against the header deadline: a client
+            // that opens a socket and says nothing is dropped as over plain
+            // HTTP.
+            let stream = match tokio::time::timeout(head_deadline, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let io = TokioIo::new(Counted {
+                io: stream,
+                _slot: slot,
+            });
+            let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
         });

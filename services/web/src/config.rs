@@ -11,6 +11,10 @@ use std::net::SocketAddr;
 pub struct Config {
     /// Public listener: `/1/server/get`, `/1/msg/get`, `/1/time/get` and legacy forms.
     pub public_listen: SocketAddr,
+    /// The public API behind TLS as well, on its own port, with a
+    /// certificate re-read when its files change; unset: no TLS port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_tls: Option<pushcluster_core::tls::TlsListen>,
     /// Admin listener: `/1/admin/...` and legacy `/admin/...`; keep it private.
     pub admin_listen: SocketAddr,
     /// Ops listener (`/metrics`, `/healthz`, `/readyz`).
@@ -92,6 +96,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             public_listen: ([127, 0, 0, 1], 8090).into(),
+            public_tls: None,
             admin_listen: ([127, 0, 0, 1], 8091).into(),
             ops_listen: ([127, 0, 0, 1], 8092).into(),
             message_url: "http://127.0.0.1:8070".into(),

@@ -57,6 +57,8 @@ pub enum Error {
     Store(#[source] pushcluster_store::StoreError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("public_tls: {0}")]
+    Tls(#[from] pushcluster_core::tls::TlsError),
 }
 
 /// Once `draining` fires, every response says `Connection: close`, so
@@ -94,9 +96,21 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let ready = Readiness::default();
     let public = tokio::net::TcpListener::bind(cfg.public_listen).await?;
     let admin = tokio::net::TcpListener::bind(cfg.admin_listen).await?;
+    let public_tls = match &cfg.public_tls {
+        Some(t) => Some((
+            tokio::net::TcpListener::bind(t.listen).await?,
+            pushcluster_core::tls::Certificates::load(t)?,
+        )),
+        None => None,
+    };
     let listener_metrics = pushcluster_core::serve::ListenerMetrics::register(&mut reg);
     let caps = |name| listener_metrics.caps(name, &cfg.listener_limits);
-    tracing::info!(public = %cfg.public_listen, admin = %cfg.admin_listen, "web listening");
+    tracing::info!(
+        public = %cfg.public_listen,
+        public_tls = ?cfg.public_tls.as_ref().map(|t| t.listen),
+        admin = %cfg.admin_listen,
+        "web listening"
+    );
     // Lame duck: on `cancel`, report unready at once, keep serving for
     // `drain_delay_ms`, then stop accepting and finish in-flight requests.
     let stop = CancellationToken::new();
@@ -122,10 +136,27 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let closing = || axum::middleware::from_fn_with_state(cancel.clone(), close_when_draining);
     let public_app = public::router(state.clone()).layer(closing());
     let admin_app = admin::router(state).layer(closing());
+    let tls = public_tls.map(|(listener, certs)| {
+        tokio::spawn(certs.clone().watch(stop.clone()));
+        pushcluster_core::serve::serve_tls(
+            listener,
+            public_app.clone(),
+            caps("web_public_tls"),
+            stop.clone(),
+            certs,
+        )
+    });
     let p = pushcluster_core::serve::serve(public, public_app, caps("web_public"), stop.clone());
     let a = pushcluster_core::serve::serve(admin, admin_app, caps("web_admin"), stop.clone());
     ready.set(true);
-    tokio::join!(p, a);
+    match tls {
+        Some(t) => {
+            tokio::join!(p, a, t);
+        }
+        None => {
+            tokio::join!(p, a);
+        }
+    }
     ready.set(false);
     let _ = ops.await;
     Ok(())

@@ -273,6 +273,10 @@ pub struct Options {
     pub listener_limits: pushcluster_core::serve::ListenerLimits,
     /// Replicas every Redis write waits for (web, comets, message service).
     pub redis_durability: pushcluster_redis::Durability,
+    /// A directory with `tls.crt` and `tls.key`: comets serve WebSocket and
+    /// SSE behind TLS on a port of their own (`CometAddrs::wss`), web its
+    /// public API (`Cluster::public_tls_port`), re-reading them every second.
+    pub tls_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -299,6 +303,7 @@ impl Default for Options {
             web_drain_delay_ms: 0,
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
             redis_durability: pushcluster_redis::Durability::default(),
+            tls_dir: None,
         }
     }
 }
@@ -307,6 +312,8 @@ impl Default for Options {
 #[derive(Debug, Clone)]
 pub struct CometAddrs {
     pub ws: String,
+    /// WebSocket and SSE behind TLS (with `Options::tls_dir`).
+    pub wss: Option<String>,
     pub tcp: String,
     pub rpc_port: u16,
 }
@@ -321,6 +328,8 @@ pub struct Cluster {
     pub comet_addrs: Vec<CometAddrs>,
     pub web: Proc,
     pub public_url: String,
+    /// Web's public API behind TLS (with `Options::tls_dir`).
+    pub public_tls_port: Option<u16>,
     pub admin_url: String,
     pub opts: Options,
     /// With `older_rpc`: the proxy in front of the message service.
@@ -341,6 +350,18 @@ fn yaml<T: serde::Serialize>(cfg: &T) -> String {
 
 fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A TLS listener on a free port with the certificate in `dir`.
+fn tls_listen(dir: &std::path::Path) -> (u16, pushcluster_core::tls::TlsListen) {
+    let port = free_port();
+    let t = pushcluster_core::tls::TlsListen {
+        listen: local(port),
+        cert_file: dir.join("tls.crt"),
+        key_file: dir.join("tls.key"),
+        reload_seconds: 1,
+    };
+    (port, t)
 }
 
 impl Cluster {
@@ -430,7 +451,9 @@ impl Cluster {
         let mut comet_addrs = Vec::new();
         for i in 0..opts.shards + opts.standbys {
             let (ws, tcp, rpc, ops) = (free_port(), free_port(), free_port(), free_port());
+            let wss = opts.tls_dir.as_deref().map(tls_listen);
             let cfg = push_comet::Config {
+                ws_tls: wss.as_ref().map(|(_, t)| t.clone()),
                 shard: i % opts.shards,
                 holder: Some(format!("comet-{i}")),
                 membership: membership.clone(),
@@ -467,11 +490,13 @@ impl Cluster {
             }
             comet_addrs.push(CometAddrs {
                 ws: format!("127.0.0.1:{ws}"),
+                wss: wss.map(|(port, _)| format!("localhost:{port}")),
                 tcp: format!("127.0.0.1:{tcp}"),
                 rpc_port: rpc,
             });
         }
         let (public, admin, ops) = (free_port(), free_port(), free_port());
+        let public_tls = opts.tls_dir.as_deref().map(tls_listen);
         let mut static_comets = Vec::new();
         let mut older_comets = Vec::new();
         let mut web_comet_proxies = Vec::new();
@@ -496,6 +521,7 @@ impl Cluster {
         }
         let web_cfg = push_web::Config {
             public_listen: local(public),
+            public_tls: public_tls.as_ref().map(|(_, t)| t.clone()),
             admin_listen: local(admin),
             ops_listen: local(ops),
             message_url,
@@ -520,6 +546,7 @@ impl Cluster {
             comet_addrs,
             web,
             public_url: format!("http://127.0.0.1:{public}"),
+            public_tls_port: public_tls.map(|(port, _)| port),
             admin_url: format!("http://127.0.0.1:{admin}"),
             opts,
             older_message,

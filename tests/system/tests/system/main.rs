@@ -18,4 +18,5 @@ mod pushctl;
 mod redis_faults;
 mod redis_ha;
 mod sizes;
+mod tls;
 mod upgrade;

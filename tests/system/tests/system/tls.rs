@@ -1,0 +1,152 @@
+//! TLS where the pod is the edge: comets serve WebSocket behind TLS and web
+//! its public API, from certificate files re-read while they run. A rotated
+//! certificate reaches new handshakes; connections already open keep
+//! receiving; a broken file keeps the certificate in use.
+
+use pushcluster_client::sub::{Params, Subscriber};
+use pushcluster_core::tls::testing::{Leaf, TestCa};
+use pushcluster_systest::{collect, Cluster, Options};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The certificate a fresh TLS handshake with `localhost:port` is shown.
+async fn served_certificate(port: u16, tls: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    s.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+/// Waits until new handshakes on `port` see `leaf`.
+async fn until_served(port: u16, tls: &Arc<rustls::ClientConfig>, leaf: &Leaf) {
+    for _ in 0..150 {
+        if served_certificate(port, tls.clone()).await == leaf.der {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("port {port} still serves the old certificate after 15 s");
+}
+
+/// A GET on web's public TLS port: status line and body.
+async fn get_tls(port: u16, tls: Arc<rustls::ClientConfig>, path: &str) -> String {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("request");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_reaches_new_connections_and_keeps_open_ones() {
+    let certs = tempfile::tempdir().expect("dir");
+    let ca = TestCa::new("pushcluster test CA");
+    let first = ca.leaf(&["localhost"]);
+    first.write_to(certs.path());
+    let c = Cluster::start(Options {
+        shards: 1,
+        tls_dir: Some(certs.path().to_owned()),
+        ..Options::default()
+    });
+    let trust = ca.client_config();
+    let wss = c.comet_addrs[0].wss.clone().expect("a TLS port");
+    let wss_port: u16 = wss.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap();
+    let web_port = c.public_tls_port.expect("web's TLS port");
+
+    // Web's public API answers behind TLS.
+    let r = get_tls(web_port, trust.clone(), "/1/server/get?k=tls-a&p=1").await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(r.contains(r#""ret":0"#), "{r}");
+
+    let p = |key: &str| Params {
+        key: key.to_owned(),
+        heartbeat: 30,
+        token: None,
+        versioned: true,
+    };
+    let mut old = Subscriber::websocket_tls(&wss, &p("tls-a"), Some(trust.clone()))
+        .await
+        .expect("wss subscribe");
+    assert_eq!(old.peer_certificate(), Some(first.der.clone()));
+    // A client that trusts nothing of ours is refused at the handshake.
+    let strangers = TestCa::new("someone else").client_config();
+    assert!(
+        Subscriber::websocket_tls(&wss, &p("tls-a"), Some(strangers))
+            .await
+            .is_err(),
+        "a certificate the client does not trust must fail the handshake"
+    );
+    let api = c.client();
+    // The first frame is the heartbeat: the comet has registered us.
+    assert_eq!(
+        old.next_timeout(Duration::from_secs(5)).await.expect("+h"),
+        pushcluster_client::Frame::Heartbeat
+    );
+    api.push("tls-a", r#"{"n": 1}"#, Some(600))
+        .await
+        .expect("push 1");
+    let got = collect(&mut old, 1, Duration::from_secs(5)).await;
+    assert_eq!(got[0].msg, serde_json::json!({"n": 1}));
+
+    // Rotation, as a renewed Secret lands in the pod.
+    let second = ca.leaf(&["localhost"]);
+    second.write_to(certs.path());
+    until_served(wss_port, &trust, &second).await;
+    until_served(web_port, &trust, &second).await;
+
+    let mut new = Subscriber::websocket_tls(&wss, &p("tls-a"), Some(trust.clone()))
+        .await
+        .expect("wss subscribe after the rotation");
+    assert_eq!(new.peer_certificate(), Some(second.der.clone()));
+    assert_eq!(
+        new.next_timeout(Duration::from_secs(5)).await.expect("+h"),
+        pushcluster_client::Frame::Heartbeat
+    );
+    api.push("tls-a", r#"{"n": 2}"#, Some(600))
+        .await
+        .expect("push 2");
+    // The connection opened under the first certificate is still the same
+    // one, and still receives.
+    let got = collect(&mut old, 1, Duration::from_secs(5)).await;
+    assert_eq!(got[0].msg, serde_json::json!({"n": 2}));
+    assert_eq!(old.peer_certificate(), Some(first.der.clone()));
+    let got = collect(&mut new, 1, Duration::from_secs(5)).await;
+    assert_eq!(got[0].msg, serde_json::json!({"n": 2}));
+
+    // A broken file is not taken: the second certificate stays in use.
+    std::fs::write(
+        certs.path().join("tls.crt"),
+        "-----BEGIN CERTIFICATE-----\nbroken\n",
+    )
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        served_certificate(wss_port, trust.clone()).await,
+        second.der
+    );
+    assert!(
+        c.logs().contains("TLS certificate not reloaded"),
+        "the refusal is logged"
+    );
+    api.push("tls-a", r#"{"n": 3}"#, Some(600))
+        .await
+        .expect("push 3");
+    assert_eq!(
+        collect(&mut old, 1, Duration::from_secs(5)).await[0].msg["n"],
+        3
+    );
+}
