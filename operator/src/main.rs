@@ -4,7 +4,7 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::runtime::{watcher, Controller};
@@ -168,7 +168,8 @@ async fn run(
         .owns(owned!(Role), owned_cfg.clone())
         .owns(owned!(RoleBinding), owned_cfg.clone())
         .owns(owned!(PodDisruptionBudget), owned_cfg.clone())
-        .owns(owned!(NetworkPolicy), owned_cfg)
+        .owns(owned!(NetworkPolicy), owned_cfg.clone())
+        .owns(owned!(Ingress), owned_cfg)
         .graceful_shutdown_on(async move { stop.cancelled().await })
         .run(reconcile, error_policy, ctx)
         .for_each(|r| {

@@ -183,6 +183,8 @@ pub struct Observed {
     /// What Redis said it looks like (Sentinel and Cluster modes), or why
     /// it could not be asked.
     pub redis: Option<Result<pushcluster_redis::Topology, String>>,
+    /// Where each listener reaches web and the comets.
+    pub listeners: Vec<crate::crd::ListenerEndpoints>,
 }
 
 /// The status of `pc` given what was observed: `Ready` only when every shard
@@ -283,7 +285,10 @@ pub fn status_of(pc: &PushCluster, o: &Observed) -> PushClusterStatus {
         message: o.message.status(),
         web: o.web.status(),
         shards: o.shards.clone(),
-        endpoints: Some(children::config::endpoints(pc)),
+        endpoints: Some(crate::crd::EndpointsStatus {
+            listeners: o.listeners.clone(),
+            ..children::config::endpoints(pc)
+        }),
         storage: children::config::redis_key_prefix(pc).map(|key_prefix| {
             let mut s = crate::crd::StorageStatus {
                 key_prefix,
@@ -406,6 +411,7 @@ mod tests {
                 .collect(),
             current_comets: current.iter().map(|s| s.to_string()).collect(),
             redis: None,
+            listeners: Vec::new(),
         }
     }
 

@@ -4,8 +4,8 @@
 //! Each component's pod template carries the hash of its own config only, so
 //! a change rolls only the pods it concerns (and a reshard rolls none).
 
-use super::credentials::{CredentialDigests, CREDENTIAL_KEYS, RPC_TOKEN, SUBSCRIBER_SECRET};
-use super::{meta, name, MESSAGE_OPS, MESSAGE_PORT, WEB_ADMIN, WEB_OPS, WEB_PUBLIC};
+use super::credentials::{CREDENTIAL_KEYS, RPC_TOKEN, SUBSCRIBER_SECRET};
+use super::{meta, name, Facts, MESSAGE_OPS, MESSAGE_PORT, WEB_ADMIN, WEB_OPS, WEB_PUBLIC};
 use crate::crd::{EndpointsStatus, PushCluster, RedisMode};
 use crate::Result;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -162,8 +162,20 @@ struct ServiceConfigs {
     web: push_web::Config,
 }
 
-fn service_configs(pc: &PushCluster) -> ServiceConfigs {
+/// A TLS listener of the pods on `port`, with the listener certificate.
+fn pod_tls(port: i32) -> pushcluster_core::tls::TlsListen {
+    let dir = std::path::Path::new(super::listeners::TLS_DIR);
+    pushcluster_core::tls::TlsListen {
+        listen: on_all_interfaces(port),
+        cert_file: dir.join("tls.crt"),
+        key_file: dir.join("tls.key"),
+        reload_seconds: 5,
+    }
+}
+
+fn service_configs(pc: &PushCluster, facts: &Facts) -> ServiceConfigs {
     let s = &pc.spec;
+    let pod_tls_on = super::listeners::pod_tls_secret(pc).is_some();
     let message_url = format!("http://{}:{MESSAGE_PORT}", name(pc, "message"));
     let redis_url = redis_url(pc);
     let durability = redis_durability(pc);
@@ -171,6 +183,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
     let comet = push_comet::Config {
         membership: membership(pc),
         ws_listen: on_all_interfaces(s.comet.ports.ws),
+        ws_tls: pod_tls_on.then(|| pod_tls(super::listeners::WSS_PORT)),
         tcp_listen: on_all_interfaces(s.comet.ports.tcp),
         rpc_listen: on_all_interfaces(s.comet.ports.rpc),
         ops_listen: on_all_interfaces(s.comet.ports.ops),
@@ -201,6 +214,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
     message.storage.redis_durability = durability;
     let web = push_web::Config {
         public_listen: on_all_interfaces(WEB_PUBLIC),
+        public_tls: pod_tls_on.then(|| pod_tls(super::listeners::WEB_PUBLIC_TLS)),
         admin_listen: on_all_interfaces(WEB_ADMIN),
         ops_listen: on_all_interfaces(WEB_OPS),
         message_url,
@@ -219,10 +233,7 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
         private_jsonp: s.auth.private_jsonp,
         listener_limits: listener_limits(s.web.max_connections, s.web.max_connections_per_ip),
         membership: membership(pc),
-        advertise: push_web::ClientAddresses {
-            ws: s.comet.advertise.as_ref().and_then(|a| a.ws.clone()),
-            tcp: s.comet.advertise.as_ref().and_then(|a| a.tcp.clone()),
-        },
+        advertise: super::listeners::client_addresses(pc, &facts.listener_endpoints(pc)),
         ..push_web::Config::default()
     };
     ServiceConfigs {
@@ -233,8 +244,8 @@ fn service_configs(pc: &PushCluster) -> ServiceConfigs {
 }
 
 /// The three service configs, keyed by file name.
-pub fn configs(pc: &PushCluster) -> Result<BTreeMap<String, String>> {
-    let c = service_configs(pc);
+pub fn configs(pc: &PushCluster, facts: &Facts) -> Result<BTreeMap<String, String>> {
+    let c = service_configs(pc, facts);
     Ok(BTreeMap::from([
         ("comet.yaml".to_owned(), serde_yaml::to_string(&c.comet)?),
         (
@@ -246,10 +257,10 @@ pub fn configs(pc: &PushCluster) -> Result<BTreeMap<String, String>> {
 }
 
 /// The ConfigMap holding the service configs.
-pub fn config_map(pc: &PushCluster) -> Result<ConfigMap> {
+pub fn config_map(pc: &PushCluster, facts: &Facts) -> Result<ConfigMap> {
     Ok(ConfigMap {
         metadata: meta(pc, name(pc, "config"), None),
-        data: Some(configs(pc)?),
+        data: Some(configs(pc, facts)?),
         ..ConfigMap::default()
     })
 }
@@ -266,8 +277,9 @@ pub struct ConfigHashes {
 
 /// The per-component config hashes of `pc`, with the digests of the
 /// credentials each component reads (so rotating one rolls its users).
-pub fn config_hashes(pc: &PushCluster, creds: &CredentialDigests) -> Result<ConfigHashes> {
-    let c = service_configs(pc);
+pub fn config_hashes(pc: &PushCluster, facts: &Facts) -> Result<ConfigHashes> {
+    let c = service_configs(pc, facts);
+    let creds = &facts.creds;
     Ok(ConfigHashes {
         comet: hash_of(&(
             serde_yaml::to_string(&c.comet)?,
@@ -284,13 +296,15 @@ pub fn hash_of<T: Serialize>(v: &T) -> String {
     hex::encode(Sha256::digest(bytes))[..16].to_owned()
 }
 
-/// Where the cluster is reached (in-cluster DNS names) and its credentials.
+/// Where the cluster is reached (in-cluster DNS names) and its credentials;
+/// the listeners' addresses are added from what was observed.
 pub fn endpoints(pc: &PushCluster) -> EndpointsStatus {
     let ns = pc.namespace().unwrap_or_default();
     EndpointsStatus {
         public: format!("{}.{ns}.svc:{WEB_PUBLIC}", name(pc, "web")),
         admin: format!("{}.{ns}.svc:{WEB_ADMIN}", name(pc, "web-admin")),
         credentials_secret: super::secure(pc).then(|| super::credentials_name(pc)),
+        listeners: Vec::new(),
     }
 }
 

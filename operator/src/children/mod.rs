@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod credentials;
+pub mod listeners;
 pub mod network;
 pub mod rbac;
 pub mod services;
@@ -21,7 +22,7 @@ use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -153,6 +154,8 @@ pub enum Child {
     EndpointSlice(EndpointSlice),
     Lease(Lease),
     NetworkPolicy(NetworkPolicy),
+    Ingress(Ingress),
+    HttpRoute(listeners::HTTPRoute),
     StatefulSet(StatefulSet),
     Deployment(Deployment),
     PodDisruptionBudget(PodDisruptionBudget),
@@ -170,6 +173,8 @@ macro_rules! each_kind {
             Child::EndpointSlice($o) => $body,
             Child::Lease($o) => $body,
             Child::NetworkPolicy($o) => $body,
+            Child::Ingress($o) => $body,
+            Child::HttpRoute($o) => $body,
             Child::StatefulSet($o) => $body,
             Child::Deployment($o) => $body,
             Child::PodDisruptionBudget($o) => $body,
@@ -221,12 +226,24 @@ pub struct Facts {
     /// Access mode of the embedded store's claim (see
     /// [`crate::controller::storage`]).
     pub claim_access: ClaimAccessMode,
+    /// The listener Services as the API server has them (node ports, load
+    /// balancer addresses).
+    pub listener_services: listeners::LiveServices,
+    /// Whether the Gateway API's HTTPRoute is installed.
+    pub gateway_api: bool,
+}
+
+impl Facts {
+    /// Where each listener reaches web and the comets.
+    pub fn listener_endpoints(&self, pc: &PushCluster) -> Vec<crate::crd::ListenerEndpoints> {
+        listeners::listener_endpoints(pc, &self.listener_services, self.gateway_api)
+    }
 }
 
 /// Every child of `pc`, in apply order.
 pub fn desired(pc: &PushCluster, facts: &Facts) -> Result<Vec<Child>> {
-    let hash = config_hashes(pc, &facts.creds)?;
-    let mut out = vec![Child::ConfigMap(config::config_map(pc)?)];
+    let hash = config_hashes(pc, facts)?;
+    let mut out = vec![Child::ConfigMap(config::config_map(pc, facts)?)];
     out.extend(
         rbac::service_accounts(pc)
             .into_iter()
@@ -247,6 +264,11 @@ pub fn desired(pc: &PushCluster, facts: &Facts) -> Result<Vec<Child>> {
             .map(Child::Service),
     );
     out.extend(services::shard_leases(pc).into_iter().map(Child::Lease));
+    out.extend(listeners::services(pc).into_iter().map(Child::Service));
+    out.extend(listeners::ingresses(pc).into_iter().map(Child::Ingress));
+    if facts.gateway_api {
+        out.extend(listeners::http_routes(pc).into_iter().map(Child::HttpRoute));
+    }
     out.extend(
         network::network_policies(pc)
             .into_iter()

@@ -77,6 +77,8 @@ pub fn redis_ports(r: &crate::crd::RedisSpec) -> Vec<i32> {
 
 /// The cluster's NetworkPolicies, one per component; none when disabled.
 pub fn network_policies(pc: &PushCluster) -> Vec<NetworkPolicy> {
+    let tls = super::listeners::pod_tls_secret(pc).is_some();
+    let tls_ports = |p: i32| if tls { vec![p] } else { vec![] };
     let np = &pc.spec.network_policy;
     if !np.enabled {
         return Vec::new();
@@ -130,7 +132,10 @@ pub fn network_policies(pc: &PushCluster) -> Vec<NetworkPolicy> {
         policy(
             "comet",
             vec![
-                rule(&[c.ws, c.tcp], public.clone()),
+                rule(
+                    &[&[c.ws, c.tcp][..], &tls_ports(super::listeners::WSS_PORT)].concat(),
+                    public.clone(),
+                ),
                 rule(&[c.rpc], Some(pods_of(&["web"]))),
                 rule(&[c.ops], Some(monitoring.clone())),
             ],
@@ -150,7 +155,14 @@ pub fn network_policies(pc: &PushCluster) -> Vec<NetworkPolicy> {
         policy(
             "web",
             vec![
-                rule(&[WEB_PUBLIC], public),
+                rule(
+                    &[
+                        &[WEB_PUBLIC][..],
+                        &tls_ports(super::listeners::WEB_PUBLIC_TLS),
+                    ]
+                    .concat(),
+                    public,
+                ),
                 rule(&[WEB_ADMIN], Some(or_own(&np.admin_from))),
                 rule(&[WEB_OPS], Some(monitoring)),
             ],

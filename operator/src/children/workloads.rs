@@ -15,8 +15,8 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -320,22 +320,52 @@ pub fn comet_deployment(pc: &PushCluster, hash: &str) -> Deployment {
     env.extend(rpc_token_env(pc));
     env.extend(redis_url_env(pc));
     env.extend(worker_threads_env(c.worker_threads));
+    let (volumes, mounts) = listener_tls(pc);
+    let mut ports = vec![
+        ("ws", c.ports.ws),
+        ("tcp", c.ports.tcp),
+        ("rpc", c.ports.rpc),
+    ];
+    if !volumes.is_empty() {
+        ports.push(("wss", super::listeners::WSS_PORT));
+    }
     let parts = PodParts {
         component: "comet",
         binary: "push-comet",
-        ports: vec![
-            ("ws", c.ports.ws),
-            ("tcp", c.ports.tcp),
-            ("rpc", c.ports.rpc),
-        ],
+        ports,
         ops_port: c.ports.ops,
         env,
         resources: c.resources.as_ref(),
-        volumes: vec![],
-        mounts: vec![],
+        volumes,
+        mounts,
         api_access: true,
     };
     deployment(pc, hash, c.shards + c.standbys, parts)
+}
+
+/// The listener certificate's volume and mount, when Service listeners
+/// have the pods terminate TLS. Mounted by Secret name, so a renewed
+/// certificate reaches the running pods (they re-read it) without a roll.
+fn listener_tls(pc: &PushCluster) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let Some(secret) = super::listeners::pod_tls_secret(pc) else {
+        return (vec![], vec![]);
+    };
+    (
+        vec![Volume {
+            name: "listener-tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.to_owned()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        }],
+        vec![VolumeMount {
+            name: "listener-tls".into(),
+            mount_path: super::listeners::TLS_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }],
+    )
 }
 
 /// Web.
@@ -351,15 +381,20 @@ pub fn web_deployment(pc: &PushCluster, hash: &str) -> Deployment {
     env.extend(rpc_token_env(pc));
     env.extend(redis_url_env(pc));
     env.extend(worker_threads_env(pc.spec.web.worker_threads));
+    let (volumes, mounts) = listener_tls(pc);
+    let mut ports = vec![("public", WEB_PUBLIC), ("admin", WEB_ADMIN)];
+    if !volumes.is_empty() {
+        ports.push(("public-tls", super::listeners::WEB_PUBLIC_TLS));
+    }
     let parts = PodParts {
         component: "web",
         binary: "push-web",
-        ports: vec![("public", WEB_PUBLIC), ("admin", WEB_ADMIN)],
+        ports,
         ops_port: WEB_OPS,
         env,
         resources: pc.spec.web.resources.as_ref(),
-        volumes: vec![],
-        mounts: vec![],
+        volumes,
+        mounts,
         api_access: true,
     };
     deployment(pc, hash, pc.spec.web.replicas, parts)

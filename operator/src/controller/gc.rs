@@ -1,19 +1,22 @@
 //! Deletes what owner references cannot: Leases, per-shard Services and
 //! their EndpointSlices of shards beyond `spec.comet.shards`, the
-//! EndpointSlice controller's leftovers of per-shard Services, and
+//! EndpointSlice controller's leftovers of per-shard Services, the objects
+//! of listeners removed or changed (Services, Ingresses, HTTPRoutes), and
 //! NetworkPolicies once turned off.
 //! Everything else is garbage collected through owner references when the
 //! PushCluster goes.
 
 use super::Context;
-use crate::children::cluster_query;
+use crate::children::listeners::{HTTPRoute, LISTENER_LABEL};
 use crate::children::services::SLICE_MANAGER;
+use crate::children::{cluster_query, Child};
 use crate::crd::PushCluster;
 use crate::Result;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{Ingress, NetworkPolicy};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams};
 use kube::{Resource, ResourceExt};
 use pushcluster_lease::kubernetes::SHARD_LABEL;
@@ -53,20 +56,62 @@ where
     Ok(removed)
 }
 
-/// Deletes what is left of removed shards and disabled policies.
-pub async fn collect_garbage(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<Vec<String>> {
+/// Deletes what is left of removed shards, removed listeners and disabled
+/// policies. `desired` names the children this reconcile applied.
+pub async fn collect_garbage(
+    pc: &PushCluster,
+    ctx: &Context,
+    ns: &str,
+    desired: &[Child],
+    gateway_api: bool,
+) -> Result<Vec<String>> {
     let shards = pc.spec.comet.shards;
     let beyond = |labels: &BTreeMap<String, String>| shard_of(labels).is_some_and(|k| k >= shards);
+    // A listener's object that no desired child of its kind names: its
+    // listener went, changed type, or its shard did.
+    let unwanted = |kind: &str, o: &ObjectMeta| {
+        o.labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(LISTENER_LABEL))
+            && !desired
+                .iter()
+                .any(|c| c.resource().kind == kind && Some(c.name()) == o.name)
+    };
     let mut removed = delete_where::<Lease>(pc, ctx, ns, |l| beyond(l.labels())).await?;
-    removed.extend(delete_where::<Service>(pc, ctx, ns, |s| beyond(s.labels())).await?);
+    removed.extend(
+        delete_where::<Service>(pc, ctx, ns, |s| {
+            beyond(s.labels()) || unwanted("Service", &s.metadata)
+        })
+        .await?,
+    );
+    // Clusters that never had listeners are spared the list calls.
+    let had_listeners = !pc.spec.listeners.is_empty()
+        || pc
+            .status
+            .as_ref()
+            .and_then(|s| s.endpoints.as_ref())
+            .is_some_and(|e| !e.listeners.is_empty());
+    if had_listeners {
+        removed.extend(
+            delete_where::<Ingress>(pc, ctx, ns, |i| unwanted("Ingress", &i.metadata)).await?,
+        );
+    }
+    if gateway_api {
+        removed.extend(
+            delete_where::<HTTPRoute>(pc, ctx, ns, |r| unwanted("HTTPRoute", &r.metadata)).await?,
+        );
+    }
     // Shard slices of removed shards, and the EndpointSlice controller's
     // slices left from when per-shard Services had a selector (it stops
     // managing a Service whose selector goes, but does not delete them).
     removed.extend(
         delete_where::<EndpointSlice>(pc, ctx, ns, |s| {
             let l = s.labels();
+            // A listener Service's slices are the EndpointSlice
+            // controller's to keep (they carry the Service's labels).
             beyond(l)
                 || (shard_of(l).is_some()
+                    && !l.contains_key(LISTENER_LABEL)
                     && l.get(SLICE_MANAGED_BY).map(String::as_str) != Some(SLICE_MANAGER))
         })
         .await?,

@@ -107,10 +107,13 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
     let facts = children::Facts {
         creds,
         claim_access,
+        listener_services: observe::listener_services(pc, ctx, &ns).await?,
+        gateway_api: observe::gateway_api(pc, ctx).await,
     };
     let mut written = Vec::new();
-    for child in children::desired(pc, &facts)? {
-        match apply::apply_if_changed(ctx, &ns, &child).await {
+    let desired = children::desired(pc, &facts)?;
+    for child in &desired {
+        match apply::apply_if_changed(ctx, &ns, child).await {
             Ok(true) => written.push(child.describe()),
             Ok(false) => {}
             Err(e) => {
@@ -122,7 +125,7 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
     }
     ctx.metrics.applied.inc_by(written.len() as u64);
     ctx.metrics.set_degraded(&ns, &pc.name_any(), None);
-    let removed = gc::collect_garbage(pc, ctx, &ns).await?;
+    let removed = gc::collect_garbage(pc, ctx, &ns, &desired, facts.gateway_api).await?;
     if !written.is_empty() || !removed.is_empty() {
         let note = [written.join(", "), removed.join(", ")]
             .into_iter()
@@ -138,9 +141,12 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
         )
         .await;
     }
-    let observed = observe::observe(pc, ctx, &ns, &facts.creds).await?;
+    let observed = observe::observe(pc, ctx, &ns, &facts).await?;
     let status = status::status_of(pc, &observed);
-    let converging = !status::is_true(&status, ConditionType::Ready);
+    // Node ports and load balancer addresses arrive after the apply: look
+    // again soon, so web's config gets them.
+    let converging = !status::is_true(&status, ConditionType::Ready)
+        || observed.listeners != facts.listener_endpoints(pc);
     if pc.status.as_ref() != Some(&status) {
         write_status(pc, ctx, &ns, &status).await?;
     }

@@ -3,7 +3,7 @@
 
 use super::gc::shard_of;
 use super::Context;
-use crate::children::{self, cluster_query, selector_query, CredentialDigests, CONFIG_HASH};
+use crate::children::{self, cluster_query, selector_query, Facts, CONFIG_HASH};
 use crate::crd::{PushCluster, ShardStatus};
 use crate::status::{Observed, Rollout};
 use crate::Result;
@@ -15,12 +15,7 @@ use kube::api::{Api, ListParams};
 use kube::ResourceExt;
 
 /// Reads the workloads, Leases and comet pods of `pc`.
-pub async fn observe(
-    pc: &PushCluster,
-    ctx: &Context,
-    ns: &str,
-    creds: &CredentialDigests,
-) -> Result<Observed> {
+pub async fn observe(pc: &PushCluster, ctx: &Context, ns: &str, facts: &Facts) -> Result<Observed> {
     let deps: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let rollout =
         |d: Option<Deployment>| d.as_ref().map(Rollout::of_deployment).unwrap_or_default();
@@ -37,7 +32,7 @@ pub async fn observe(
         rollout(deps.get_opt(&children::name(pc, "message")).await?)
     };
     let shards = shard_table(pc, ctx, ns).await?;
-    let hash = children::config_hashes(pc, creds)?.comet;
+    let hash = children::config_hashes(pc, facts)?.comet;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
     let comet_pods = ListParams::default().labels(&selector_query(pc, "comet"));
     let current_comets = pods
@@ -56,7 +51,14 @@ pub async fn observe(
         .map(|p| p.name_any())
         .collect();
     let redis = redis_topology(pc, ctx, ns).await;
+    // Read again after the apply: node ports and load balancer addresses
+    // are filled in by the API server and the cloud after creation.
+    let live = Facts {
+        listener_services: listener_services(pc, ctx, ns).await?,
+        ..facts.clone()
+    };
     Ok(Observed {
+        listeners: live.listener_endpoints(pc),
         comet,
         message,
         web,
@@ -64,6 +66,52 @@ pub async fn observe(
         current_comets,
         redis,
     })
+}
+
+/// The listener Services of `pc` as the API server has them.
+pub async fn listener_services(
+    pc: &PushCluster,
+    ctx: &Context,
+    ns: &str,
+) -> Result<children::listeners::LiveServices> {
+    if pc.spec.listeners.is_empty() {
+        return Ok(Default::default());
+    }
+    let api: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(ctx.client.clone(), ns);
+    let lp = ListParams::default().labels(&format!(
+        "{},{}",
+        cluster_query(pc),
+        children::listeners::LISTENER_LABEL
+    ));
+    Ok(children::listeners::LiveServices::of(
+        api.list(&lp).await?.items,
+    ))
+}
+
+/// Whether the Gateway API's HTTPRoute can be made here. Asked only when
+/// the cluster has, or had, a Gateway listener.
+pub async fn gateway_api(pc: &PushCluster, ctx: &Context) -> bool {
+    let gateway = |t: &str| t == crate::crd::ListenerType::Gateway.as_str();
+    let wanted = pc.spec.listeners.iter().any(|l| gateway(l.type_.as_str()))
+        || pc
+            .status
+            .as_ref()
+            .and_then(|s| s.endpoints.as_ref())
+            .is_some_and(|e| e.listeners.iter().any(|l| gateway(&l.type_)));
+    if !wanted {
+        return false;
+    }
+    match ctx
+        .client
+        .list_api_group_resources("gateway.networking.k8s.io/v1")
+        .await
+    {
+        Ok(list) => list.resources.iter().any(|r| r.name == "httproutes"),
+        Err(e) => {
+            tracing::debug!(error = %e, "no Gateway API");
+            false
+        }
+    }
 }
 
 /// How long the status's look at Redis may take.

@@ -10,8 +10,15 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+mod listeners;
 mod status;
-pub use status::{ComponentStatus, EndpointsStatus, PushClusterStatus, ShardStatus, StorageStatus};
+pub use listeners::{
+    GatewayRef, IssuerKind, IssuerRef, ListenerPorts, ListenerSpec, ListenerTls, ListenerType,
+};
+pub use status::{
+    ComponentStatus, EndpointsStatus, ListenerEndpoints, PushClusterStatus, ShardAddresses,
+    ShardStatus, StorageStatus,
+};
 
 /// Desired state of a push cluster.
 #[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
@@ -32,6 +39,10 @@ pub use status::{ComponentStatus, EndpointsStatus, PushClusterStatus, ShardStatu
 )]
 #[x_kube(validation = Rule::new("has(self.storage.redis) || self.message.replicas == 1").message("without storage.redis the embedded store runs in one message pod: set message.replicas to 1"))]
 #[x_kube(validation = Rule::new("has(self.storage.redis) == has(oldSelf.storage.redis)").message("storage cannot switch between redis and embedded on a live cluster: the stored messages would not move with it; create a new PushCluster instead"))]
+#[x_kube(validation = Rule::new("!has(self.listeners) || self.listeners.all(a, self.listeners.exists_one(b, b.name == a.name))").message("listeners[].name must be unique"))]
+#[x_kube(validation = Rule::new("!has(self.listeners) || size(self.listeners.filter(l, has(l.advertise) && l.advertise)) <= 1").message("at most one listener may say advertise: true (web gives clients one address per key)"))]
+#[x_kube(validation = Rule::new("!has(self.listeners) || self.listeners.all(a, self.listeners.all(b, !(a.type in ['ClusterIP', 'NodePort', 'LoadBalancer'] && b.type in ['ClusterIP', 'NodePort', 'LoadBalancer'] && has(a.tls) && has(b.tls)) || a.tls.secretName == b.tls.secretName))").message("listeners of Service types terminate TLS in the pods, which serve one certificate: give them all the same tls.secretName"))]
+#[x_kube(validation = Rule::new("!has(self.comet.advertise) || !has(self.listeners) || size(self.listeners) == 0").message("comet.advertise and listeners both say what web gives clients: drop comet.advertise (listeners derive the addresses)"))]
 #[serde(rename_all = "camelCase")]
 pub struct PushClusterSpec {
     /// Container image holding push-comet, push-message and push-web.
@@ -61,6 +72,11 @@ pub struct PushClusterSpec {
     /// Who may connect to which port (NetworkPolicies the operator generates).
     #[serde(default)]
     pub network_policy: NetworkPolicySpec,
+    /// How clients outside the cluster reach it: Services, Ingresses or
+    /// Gateway routes, one per shard, and the addresses web gives clients.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub listeners: Vec<ListenerSpec>,
 }
 
 /// The NetworkPolicies of a cluster: public ports open to `publicFrom`

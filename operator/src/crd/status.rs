@@ -69,6 +69,45 @@ pub struct EndpointsStatus {
     /// The Secret holding the generated credentials (absent when insecure).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+    /// Where each listener of `spec.listeners` reaches web and the comets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<ListenerEndpoints>,
+}
+
+/// The addresses one listener gives.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerEndpoints {
+    /// The listener's name.
+    pub name: String,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// Web's public API through it (`https://push.example.com`), once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web: Option<String>,
+    /// Each shard's comet through it.
+    #[serde(default)]
+    pub shards: Vec<ShardAddresses>,
+    /// Whether web gives clients these addresses (`/1/server/get`).
+    #[serde(default)]
+    pub advertised: bool,
+    /// What it still waits for (a load balancer's address, the Gateway API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<String>,
+}
+
+/// One shard's comet through a listener, `host:port`.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ShardAddresses {
+    pub shard: i32,
+    /// WebSocket and SSE (`wss://` when the listener has TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ws: Option<String>,
+    /// The TCP protocol (Service types only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<String>,
 }
 
 /// Replicas of one component.

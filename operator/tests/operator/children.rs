@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use push_operator::children::{
     self, config, credentials, desired, network, rbac, services, workloads, Child,
-    CredentialDigests, CONFIG_HASH,
+    CredentialDigests, Facts, CONFIG_HASH,
 };
 use push_operator::crd::{ClaimAccessMode, PushCluster};
 use std::collections::BTreeMap;
@@ -65,6 +65,7 @@ fn every_label_value_is_one_the_api_server_takes() {
         "pushcluster-full.yaml",
         "pushcluster-redis-cluster.yaml",
         "pushcluster-redis-sentinel.yaml",
+        "pushcluster-listeners.yaml",
     ] {
         for c in desired(&example(file), &Default::default()).unwrap() {
             for (k, v) in c.meta().labels.iter().flatten() {
@@ -79,6 +80,7 @@ fn every_label_value_is_one_the_api_server_takes() {
 fn snapshots_of_every_object() {
     snapshot("minimal.yaml", &example("pushcluster-minimal.yaml"));
     snapshot("full.yaml", &example("pushcluster-full.yaml"));
+    snapshot("listeners.yaml", &example("pushcluster-listeners.yaml"));
 }
 
 #[test]
@@ -216,7 +218,7 @@ fn comets_and_shard_services_follow_the_shard_count() {
 
 /// The Redis prefix of each service's config.
 fn prefixes(pc: &PushCluster) -> [String; 3] {
-    let cfg = config::configs(pc).unwrap();
+    let cfg = config::configs(pc, &Facts::default()).unwrap();
     let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
     let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
     let message: push_message::Config = serde_yaml::from_str(&cfg["message.yaml"]).unwrap();
@@ -264,7 +266,7 @@ fn clusters_sharing_a_redis_share_no_key() {
 #[test]
 fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
     let pc = example("pushcluster-full.yaml");
-    let cfg = config::configs(&pc).unwrap();
+    let cfg = config::configs(&pc, &Facts::default()).unwrap();
     let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
     assert_eq!(
         comet.membership,
@@ -335,8 +337,8 @@ fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
         "the shard count is not in any hash"
     );
     assert_eq!(
-        config::configs(&reshard).unwrap(),
-        config::configs(&pc).unwrap(),
+        config::configs(&reshard, &Facts::default()).unwrap(),
+        config::configs(&pc, &Facts::default()).unwrap(),
         "nor in any config"
     );
 }
@@ -513,7 +515,7 @@ fn sentinel_and_cluster_modes_reach_every_service() {
         "passwordSecretRef": {"name": "redis-auth", "key": "password"},
         "durability": {"replicas": 1, "timeoutMilliseconds": 500}
     })));
-    let cfg = config::configs(&pc).unwrap();
+    let cfg = config::configs(&pc, &Facts::default()).unwrap();
     let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
     let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
     let message: push_message::Config = serde_yaml::from_str(&cfg["message.yaml"]).unwrap();
@@ -552,7 +554,7 @@ fn sentinel_and_cluster_modes_reach_every_service() {
         "mode": "Cluster",
         "cluster": {"nodes": ["rc-0.redis:7000", "rc-1.redis:7000"]}
     })));
-    let cfg = config::configs(&pc).unwrap();
+    let cfg = config::configs(&pc, &Facts::default()).unwrap();
     let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
     assert_eq!(
         web.store.redis_url.as_deref(),
@@ -696,7 +698,7 @@ fn every_component_reads_its_credentials_from_the_generated_secret() {
     );
     assert_eq!(keys(&message), ["rpc-token"]);
     // No credential is ever rendered into the ConfigMap.
-    let cm = serde_json::to_string(&config::config_map(&pc).unwrap()).unwrap();
+    let cm = serde_json::to_string(&config::config_map(&pc, &Facts::default()).unwrap()).unwrap();
     for word in ["admin_token", "subscriber_secret", "rpc_token"] {
         assert!(!cm.contains(word), "{word} in the ConfigMap");
     }
@@ -714,13 +716,27 @@ fn rotating_a_credential_rolls_exactly_the_pods_that_read_it() {
         ("rpc-token", "r"),
         ("subscriber-secret", "s"),
     ];
-    let before = children::config_hashes(&pc, &CredentialDigests::of(&secret_with(&keys))).unwrap();
+    let before = children::config_hashes(
+        &pc,
+        &Facts {
+            creds: CredentialDigests::of(&secret_with(&keys)),
+            ..Facts::default()
+        },
+    )
+    .unwrap();
     let rotate = |key: &str| {
         let changed: Vec<(&str, &str)> = keys
             .iter()
             .map(|(k, v)| (*k, if *k == key { "new" } else { *v }))
             .collect();
-        children::config_hashes(&pc, &CredentialDigests::of(&secret_with(&changed))).unwrap()
+        children::config_hashes(
+            &pc,
+            &Facts {
+                creds: CredentialDigests::of(&secret_with(&changed)),
+                ..Facts::default()
+            },
+        )
+        .unwrap()
     };
     let admin = rotate("admin-token");
     assert_eq!(
@@ -1047,7 +1063,7 @@ fn a_drain_does_not_take_the_embedded_stores_only_pod() {
 #[test]
 fn connection_caps_from_the_spec_reach_the_listeners() {
     let caps = |pc: &PushCluster| {
-        let cfg = config::configs(pc).unwrap();
+        let cfg = config::configs(pc, &Facts::default()).unwrap();
         let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
         let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
         (comet.listener_limits, web.listener_limits)

@@ -49,6 +49,7 @@ fn examples_match_the_schema() {
         "pushcluster-full.yaml",
         "pushcluster-redis-cluster.yaml",
         "pushcluster-redis-sentinel.yaml",
+        "pushcluster-listeners.yaml",
         "pushcluster-invalid.yaml",
     ] {
         let v = example(name);
@@ -100,6 +101,7 @@ fn cel_accepts_the_good_examples() {
         "pushcluster-full.yaml",
         "pushcluster-redis-cluster.yaml",
         "pushcluster-redis-sentinel.yaml",
+        "pushcluster-listeners.yaml",
     ] {
         assert_eq!(cel_errors(&example(name)), Vec::<String>::new(), "{name}");
     }
@@ -185,6 +187,66 @@ fn cel_rejects_bad_specs_with_clear_messages() {
         (
             json!({"storage": {"redis": {"secretRef": {"name": "s", "key": "url"}, "passwordSecretRef": {"name": "s", "key": "pw"}}}}),
             "holds a whole URL with its password",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "Ingress", "host": "p.example.com"}]}),
+            "give host (web) and shardHost",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "Ingress", "host": "p.example.com", "shardHost": "p.example.com"}]}),
+            "shardHost must contain {shard}",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "NodePort"}]}),
+            "NodePort listener needs host",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "ClusterIP", "gateway": {"name": "g"}}]}),
+            "goes with type Gateway, and only with it",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "Gateway", "host": "p.example.com", "shardHost": "p-{shard}.example.com"}]}),
+            "goes with type Gateway, and only with it",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "LoadBalancer", "ingressClassName": "nginx"}]}),
+            "ingressClassName goes with type Ingress only",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "LoadBalancer", "tls": {"issuer": {"name": "le", "kind": "ClusterIssuer"}}}]}),
+            "tls.issuer (cert-manager) goes with type Ingress only",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "ClusterIP", "tls": {}}]}),
+            "tls needs secretName",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "Gateway", "host": "p.example.com", "shardHost": "p-{shard}.example.com", "gateway": {"name": "g"}, "tls": {"secretName": "s"}}]}),
+            "certificate is on the Gateway",
+        ),
+        (
+            json!({"listeners": [{"name": "web", "type": "ClusterIP"}]}),
+            "must not be comet, comets, config, message, web or web-admin",
+        ),
+        (
+            json!({"listeners": [{"name": "a-0", "type": "ClusterIP"}]}),
+            "nor end in -<number>",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "ClusterIP"}, {"name": "a", "type": "NodePort", "host": "n"}]}),
+            "listeners[].name must be unique",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "ClusterIP", "advertise": true}, {"name": "b", "type": "NodePort", "host": "n", "advertise": true}]}),
+            "at most one listener may say advertise: true",
+        ),
+        (
+            json!({"listeners": [{"name": "a", "type": "ClusterIP", "tls": {"secretName": "one"}}, {"name": "b", "type": "LoadBalancer", "tls": {"secretName": "two"}}]}),
+            "give them all the same tls.secretName",
+        ),
+        (
+            json!({"comet": {"advertise": {"ws": "p-{shard}:443"}}, "listeners": [{"name": "a", "type": "ClusterIP"}]}),
+            "drop comet.advertise",
         ),
     ];
     for (spec, want) in cases {

@@ -4,4 +4,5 @@
 mod chart;
 mod children;
 mod crd;
+mod listeners;
 mod reconcile;

@@ -82,14 +82,21 @@ impl Config {
     }
 }
 
-/// Client-facing address templates.
+/// Client-facing addresses: per shard where each shard has its own (a
+/// node port, a load balancer's address), else a template.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClientAddresses {
-    /// WebSocket and SSE.
+    /// WebSocket and SSE template.
     pub ws: Option<String>,
-    /// TCP.
+    /// TCP template.
     pub tcp: Option<String>,
+    /// WebSocket and SSE address of each shard (before the template).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ws_by_shard: std::collections::BTreeMap<u32, String>,
+    /// TCP address of each shard (before the template).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub tcp_by_shard: std::collections::BTreeMap<u32, String>,
 }
 
 impl Default for Config {

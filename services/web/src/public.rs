@@ -167,22 +167,24 @@ fn handed_over(first: Option<&ShardEndpoint>, view: &ClusterView, key: &str) -> 
     }
 }
 
-/// The address a client is given for `ep` and `proto`: the comet's own, or
-/// the advertised template for its shard.
+/// The address a client is given for `ep` and `proto`: its shard's
+/// advertised address, else the advertised template, else the comet's own.
 fn address(s: &AppState, ep: Option<&ShardEndpoint>, proto: Option<&str>) -> Result<String, Reply> {
     let ep = ep.ok_or_else(|| Reply::err(NO_NODE, "no comet serves this key right now"))?;
-    let (own, template) = match proto.unwrap_or("1") {
-        "1" | "3" => (&ep.ws, &s.cfg.advertise.ws),
-        "2" => (&ep.tcp, &s.cfg.advertise.tcp),
+    let a = &s.cfg.advertise;
+    let (own, template, by_shard) = match proto.unwrap_or("1") {
+        "1" | "3" => (&ep.ws, &a.ws, &a.ws_by_shard),
+        "2" => (&ep.tcp, &a.tcp, &a.tcp_by_shard),
         other => {
             return Err(Reply::param(format!(
                 "unknown protocol {other:?}: 1 websocket, 2 tcp, 3 sse"
             )))
         }
     };
-    let addr = match template {
-        Some(t) => t.replace("{shard}", &ep.shard.to_string()),
-        None => own.clone(),
+    let addr = match (by_shard.get(&ep.shard), template) {
+        (Some(a), _) => a.clone(),
+        (None, Some(t)) => t.replace("{shard}", &ep.shard.to_string()),
+        (None, None) => own.clone(),
     };
     if addr.is_empty() {
         return Err(Reply::err(
