@@ -122,6 +122,28 @@ impl Subscriber {
         Ok(Self::Ws(Box::new(ws)))
     }
 
+    /// [`Subscriber::websocket_tls`] to the address `connect`, naming
+    /// `host` (`host:port`) in the handshake and the request: for a client
+    /// that resolved the name itself, or reaches a pod behind a name that
+    /// only resolves elsewhere.
+    pub async fn websocket_tls_via(
+        connect: std::net::SocketAddr,
+        host: &str,
+        p: &Params,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Result<Self> {
+        let stream = TcpStream::connect(connect).await?;
+        stream.set_nodelay(true)?;
+        let (ws, _) = tokio_tungstenite::client_async_tls_with_config(
+            ws_url("wss", host, p),
+            stream,
+            None,
+            tls.map(tokio_tungstenite::Connector::Rustls),
+        )
+        .await?;
+        Ok(Self::Ws(Box::new(ws)))
+    }
+
     /// The certificate the server showed (DER), on a TLS connection.
     pub fn peer_certificate(&self) -> Option<Vec<u8>> {
         match self {
