@@ -17,7 +17,9 @@
 
 use anyhow::Context;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::Ingress;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -202,7 +204,7 @@ async fn listeners_of_every_type_on_the_real_api_server() -> anyhow::Result<()> 
     };
     let op = ChartOperator::install(&client, &images, "pco-ls").await?;
     let ns = TestNamespace::create(&client, "ls").await?;
-    let result = scenario(&client, &images.image(), &ns.name).await;
+    let result = scenario(&client, &images.image(), &ns.name, &op).await;
     ns.delete().await?;
     op.uninstall().await?;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
@@ -212,7 +214,35 @@ async fn listeners_of_every_type_on_the_real_api_server() -> anyhow::Result<()> 
     result
 }
 
-async fn scenario(client: &Client, image: &str, ns: &str) -> anyhow::Result<()> {
+/// The pods named by EndpointSlice `name`'s ready endpoints.
+async fn slice_pods(client: &Client, ns: &str, name: &str) -> anyhow::Result<Vec<String>> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), ns);
+    Ok(slices
+        .get(name)
+        .await?
+        .endpoints
+        .into_iter()
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter_map(|e| e.target_ref.and_then(|r| r.name))
+        .collect())
+}
+
+async fn holder(client: &Client, ns: &str, shard: u32) -> anyhow::Result<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    Ok(leases
+        .get(&format!("{CLUSTER}-comet-{shard}"))
+        .await?
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default())
+}
+
+async fn scenario(
+    client: &Client,
+    image: &str,
+    ns: &str,
+    op: &ChartOperator,
+) -> anyhow::Result<()> {
     let ca = TestCa::new("pushcluster e2e CA");
     let first = leaf(&ca, ns);
     tls_secret(client, ns, &first).await?;
@@ -575,6 +605,20 @@ async fn scenario(client: &Client, image: &str, ns: &str) -> anyhow::Result<()> 
         rotated.as_secs_f64()
     );
 
+    // The shard Services of Service listeners have no selector: the Lease
+    // holder wrote itself into their EndpointSlices.
+    for k in 0..2u32 {
+        let h = holder(client, ns, k).await?;
+        for l in ["inside", "nodes", "public"] {
+            let pods = slice_pods(client, ns, &format!("push-{l}-{k}")).await?;
+            anyhow::ensure!(
+                pods == [h.clone()],
+                "push-{l}-{k} names {pods:?}, shard {k}'s holder is {h}"
+            );
+        }
+    }
+    println!("PASS LS the per-shard Services of the ClusterIP, NodePort and LoadBalancer listeners have no selector; each shard's Lease holder wrote itself into their EndpointSlices");
+
     // Removing listeners removes their objects.
     let t = Instant::now();
     let mut pc = pcs.get(CLUSTER).await?;
@@ -621,6 +665,36 @@ async fn scenario(client: &Client, image: &str, ns: &str) -> anyhow::Result<()> 
         "PASS LS listeners nodes, ingress and gw removed from the spec: their Services, Ingresses and HTTPRoutes gone in {:.1} s, the status lists inside and public; left: {}",
         gone.as_secs_f64(),
         left.unwrap_or_default().split_whitespace().collect::<Vec<_>>().join(" ")
+    );
+
+    // A failover with no operator running: the listener's shard Service
+    // follows the new holder.
+    op.scale_to_zero(client).await?;
+    let old = holder(client, ns, shard).await?;
+    let slice = format!("push-public-{shard}");
+    anyhow::ensure!(
+        slice_pods(client, ns, &slice).await? == [old.clone()],
+        "{slice} before the failover"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let t = Instant::now();
+    pods.delete(&old, &Default::default()).await?;
+    wait(
+        "the listener's shard Service to follow the new holder",
+        LIMIT,
+        || async {
+            let h = holder(client, ns, shard).await?;
+            let named = slice_pods(client, ns, &slice).await?;
+            let followed = !h.is_empty() && h != old && named == [h.clone()];
+            Ok(followed)
+        },
+    )
+    .await?;
+    let followed = t.elapsed();
+    let new = holder(client, ns, shard).await?;
+    println!(
+        "PASS LS failover with the operator scaled to 0: {old} deleted, {slice} named the new holder {new} after {:.2} s (no relabel, no operator)",
+        followed.as_secs_f64()
     );
     Ok(())
 }

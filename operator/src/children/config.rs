@@ -47,6 +47,7 @@ fn membership(pc: &PushCluster) -> MembershipConfig {
         kube_namespace: None,
         cluster_uid: pc.uid(),
         lease: timing(pc),
+        shard_services: super::listeners::shard_service_prefixes(pc),
     }
 }
 

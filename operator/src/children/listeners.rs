@@ -4,16 +4,19 @@
 //! from them and what the API server filled in (node ports, load balancer
 //! addresses), where clients reach web and each shard's comet.
 //!
-//! Service listeners select pods: web's pods, and for shard `k` the comet
-//! labelled `pushcluster.io/shard=k` (its Lease holder). Ingresses and
+//! Service listeners: web's selects web's pods; shard `k`'s has no selector
+//! and its EndpointSlice is written by the shard's Lease holder, as for
+//! `<cluster>-comet-<k>`, so no failover waits for the operator. Ingresses and
 //! routes point at web's public Service and at the shard Services
 //! (`<cluster>-comet-<k>`, whose endpoints the holder writes).
 
+use super::services::SLICE_MANAGER;
 use super::{labels, meta, name, selector, WEB_PUBLIC};
 use crate::crd::{
     IssuerKind, ListenerEndpoints, ListenerSpec, ListenerType, PushCluster, ShardAddresses,
 };
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
 use k8s_openapi::api::networking::v1::{
     HTTPIngressPath, HTTPIngressRuleValue, Ingress, IngressBackend, IngressRule,
     IngressServiceBackend, IngressSpec, IngressTLS, ServiceBackendPort,
@@ -165,6 +168,69 @@ fn port(name: &str, port: i32, target: &str) -> ServicePort {
     }
 }
 
+/// A port of a selector-less Service: its target is the container port,
+/// which the EndpointSlice names.
+fn slice_port(name: &str, port: i32, container: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.into()),
+        port,
+        target_port: Some(IntOrString::Int(container)),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    }
+}
+
+/// Name prefixes of the Service listeners' per-shard Services
+/// (`<cluster>-<listener>`): the holder of shard k writes `<prefix>-<k>`.
+pub fn shard_service_prefixes(pc: &PushCluster) -> Vec<String> {
+    pc.spec
+        .listeners
+        .iter()
+        .filter(|l| l.type_.is_service())
+        .map(|l| format!("{}-{}", pc.name_any(), l.name))
+        .collect()
+}
+
+/// The EndpointSlices of the Service listeners' per-shard Services, made
+/// empty by the operator (ports and labels); the shard's holder writes the
+/// endpoints, which `Child::to_json` leaves out of every apply.
+pub fn endpoint_slices(pc: &PushCluster) -> Vec<EndpointSlice> {
+    let mut out = Vec::new();
+    for l in pc.spec.listeners.iter().filter(|l| l.type_.is_service()) {
+        let (ws_name, ws_port) = if l.tls.is_some() {
+            ("wss", WSS_PORT)
+        } else {
+            ("ws", pc.spec.comet.ports.ws)
+        };
+        for k in shards(pc) {
+            let mut metadata = listener_meta(pc, l, Some(k), BTreeMap::new());
+            let svc = metadata.name.clone().unwrap_or_default();
+            let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+            labels.insert("kubernetes.io/service-name".into(), svc);
+            labels.insert(
+                "endpointslice.kubernetes.io/managed-by".into(),
+                SLICE_MANAGER.into(),
+            );
+            let port = |name: &str, port: i32| EndpointPort {
+                name: Some(name.into()),
+                port: Some(port),
+                protocol: Some("TCP".into()),
+                app_protocol: None,
+            };
+            out.push(EndpointSlice {
+                metadata,
+                address_type: "IPv4".into(),
+                endpoints: Vec::new(),
+                ports: Some(vec![
+                    port(ws_name, ws_port),
+                    port("tcp", pc.spec.comet.ports.tcp),
+                ]),
+            });
+        }
+    }
+    out
+}
+
 /// Services of the Service listeners: web's and one per shard.
 pub fn services(pc: &PushCluster) -> Vec<Service> {
     let mut out = Vec::new();
@@ -192,18 +258,23 @@ pub fn services(pc: &PushCluster) -> Vec<Service> {
             vec![web_port],
         ));
         for k in shards(pc) {
-            let mut sel = selector(pc, "comet");
-            sel.insert(SHARD_LABEL.into(), k.to_string());
+            // No selector: the shard's Lease holder writes its own address
+            // into the Service's EndpointSlice ([`endpoint_slices`]), so
+            // the Service follows a failover with no operator running.
             let ws = if tls {
-                port("wss", p.ws, "wss")
+                slice_port("wss", p.ws, WSS_PORT)
             } else {
-                port("ws", p.ws, "ws")
+                slice_port("ws", p.ws, pc.spec.comet.ports.ws)
             };
-            out.push(svc(
+            let mut s = svc(
                 listener_meta(pc, l, Some(k), BTreeMap::new()),
-                sel,
-                vec![ws, port("tcp", p.tcp, "tcp")],
-            ));
+                BTreeMap::new(),
+                vec![ws, slice_port("tcp", p.tcp, pc.spec.comet.ports.tcp)],
+            );
+            if let Some(spec) = s.spec.as_mut() {
+                spec.selector = None;
+            }
+            out.push(s);
         }
     }
     out

@@ -265,6 +265,11 @@ pub fn desired(pc: &PushCluster, facts: &Facts) -> Result<Vec<Child>> {
     );
     out.extend(services::shard_leases(pc).into_iter().map(Child::Lease));
     out.extend(listeners::services(pc).into_iter().map(Child::Service));
+    out.extend(
+        listeners::endpoint_slices(pc)
+            .into_iter()
+            .map(Child::EndpointSlice),
+    );
     out.extend(listeners::ingresses(pc).into_iter().map(Child::Ingress));
     if facts.gateway_api {
         out.extend(listeners::http_routes(pc).into_iter().map(Child::HttpRoute));

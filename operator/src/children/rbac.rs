@@ -38,6 +38,15 @@ pub fn roles(pc: &PushCluster) -> Vec<Role> {
     let own_leases: Vec<String> = (0..pc.spec.comet.shards.max(1))
         .map(|k| pushcluster_lease::kubernetes::lease_name(&pc.name_any(), k as u32))
         .collect();
+    let shard_slices: Vec<String> = own_leases
+        .iter()
+        .cloned()
+        .chain(
+            super::listeners::endpoint_slices(pc)
+                .iter()
+                .map(|s| s.name_any()),
+        )
+        .collect();
     let leases = "coordination.k8s.io";
     vec![
         Role {
@@ -54,13 +63,14 @@ pub fn roles(pc: &PushCluster) -> Vec<Role> {
                 ),
                 slices.clone(),
                 // The shard slices share the Leases' names: a holder writes
-                // its address into its own shard's (see shard_slice in the
+                // its address into its own shard's, and into its shard's
+                // slice of each Service listener (see shard_slice in the
                 // lease crate); the operator makes them.
                 rule(
                     "discovery.k8s.io",
                     "endpointslices",
                     &["get", "patch"],
-                    Some(own_leases),
+                    Some(shard_slices),
                 ),
             ]),
         },

@@ -107,12 +107,13 @@ pub async fn collect_garbage(
     removed.extend(
         delete_where::<EndpointSlice>(pc, ctx, ns, |s| {
             let l = s.labels();
-            // A listener Service's slices are the EndpointSlice
-            // controller's to keep (they carry the Service's labels).
+            let ours = l.get(SLICE_MANAGED_BY).map(String::as_str) == Some(SLICE_MANAGER);
+            // A listener web Service's slices are the EndpointSlice
+            // controller's to keep (they carry the Service's labels); its
+            // per-shard slices are ours, and go with their listener.
             beyond(l)
-                || (shard_of(l).is_some()
-                    && !l.contains_key(LISTENER_LABEL)
-                    && l.get(SLICE_MANAGED_BY).map(String::as_str) != Some(SLICE_MANAGER))
+                || (shard_of(l).is_some() && !l.contains_key(LISTENER_LABEL) && !ours)
+                || (ours && unwanted("EndpointSlice", &s.metadata))
         })
         .await?,
     );

@@ -279,6 +279,7 @@ fn configs_are_the_services_own_types_and_their_hash_rolls_pods() {
                 renew_deadline_ms: 4000,
                 retry_period_ms: 1000,
             },
+            shard_services: vec![],
         },
         "the shard count is not configured: the shard Leases say"
     );

@@ -99,6 +99,12 @@ fn each_listener_makes_an_object_for_web_and_one_per_shard_all_owned() {
         "Service/push-public",
         "Service/push-public-0",
         "Service/push-public-1",
+        "EndpointSlice/push-inside-0",
+        "EndpointSlice/push-inside-1",
+        "EndpointSlice/push-nodes-0",
+        "EndpointSlice/push-nodes-1",
+        "EndpointSlice/push-public-0",
+        "EndpointSlice/push-public-1",
         "Ingress/push-ingress",
         "Ingress/push-ingress-0",
         "Ingress/push-ingress-1",
@@ -148,15 +154,13 @@ fn ports(s: &Service) -> Vec<(String, i32, String)> {
 }
 
 #[test]
-fn service_listeners_select_web_or_the_shards_holder_on_plain_or_tls_ports() {
+fn service_listeners_reach_web_or_the_shards_holder_on_plain_or_tls_ports() {
     let pc = example();
     let all = listeners::services(&pc);
     let s = |n| service(&all, n).spec.clone().unwrap();
-    // Web's Service selects web; a shard's selects the comet labelled with
-    // the shard, which its Lease holder sets on itself.
-    let sel = s("push-public-1").selector.unwrap();
-    assert_eq!(sel["app.kubernetes.io/component"], "comet");
-    assert_eq!(sel["pushcluster.io/shard"], "1");
+    // Web's Service selects web; a shard's has no selector: its holder
+    // writes itself into the slice (below), as into <cluster>-comet-<k>.
+    assert_eq!(s("push-public-1").selector, None);
     assert_eq!(
         s("push-public").selector.unwrap()["app.kubernetes.io/component"],
         "web"
@@ -168,7 +172,7 @@ fn service_listeners_select_web_or_the_shards_holder_on_plain_or_tls_ports() {
     // TLS listeners reach the pods' TLS ports; a load balancer listens on 443.
     assert_eq!(
         ports(service(&all, "push-public-0")),
-        [own("wss", 443, "wss"), own("tcp", 6969, "tcp")]
+        [own("wss", 443, "6972"), own("tcp", 6969, "6969")]
     );
     assert_eq!(
         ports(service(&all, "push-public")),
@@ -180,7 +184,7 @@ fn service_listeners_select_web_or_the_shards_holder_on_plain_or_tls_ports() {
     );
     assert_eq!(
         ports(service(&all, "push-inside-1")),
-        [own("wss", 6972, "wss"), own("tcp", 6969, "tcp")]
+        [own("wss", 6972, "6972"), own("tcp", 6969, "6969")]
     );
     // Without TLS, the plain ports.
     assert_eq!(
@@ -189,7 +193,84 @@ fn service_listeners_select_web_or_the_shards_holder_on_plain_or_tls_ports() {
     );
     assert_eq!(
         ports(service(&all, "push-nodes-0")),
-        [own("ws", 6968, "ws"), own("tcp", 6969, "tcp")]
+        [own("ws", 6968, "6968"), own("tcp", 6969, "6969")]
+    );
+}
+
+#[test]
+fn the_shards_holder_writes_the_listener_slices_and_may_only_write_those() {
+    let pc = example();
+    let slices = listeners::endpoint_slices(&pc);
+    let names: Vec<String> = slices.iter().map(|s| s.name_any()).collect();
+    assert_eq!(
+        names,
+        [
+            "push-inside-0",
+            "push-inside-1",
+            "push-nodes-0",
+            "push-nodes-1",
+            "push-public-0",
+            "push-public-1"
+        ]
+    );
+    let s = &slices[5];
+    let l = s.labels();
+    assert_eq!(l["kubernetes.io/service-name"], "push-public-1");
+    // Not the EndpointSlice controller's: it leaves them alone.
+    assert_eq!(
+        l["endpointslice.kubernetes.io/managed-by"],
+        "pushcluster-comet"
+    );
+    let ports: Vec<(Option<String>, Option<i32>)> = s
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone(), p.port))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (Some("wss".into()), Some(6972)),
+            (Some("tcp".into()), Some(6969))
+        ]
+    );
+    // Applied without endpoints: those are the holder's.
+    let json = Child::EndpointSlice(s.clone()).to_json().unwrap();
+    assert!(json.get("endpoints").is_none(), "{json}");
+    // The comets know the prefixes and may patch exactly these names.
+    let cfg = config::configs(&pc, &Facts::default()).unwrap();
+    let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
+    let pushcluster_lease::MembershipConfig::Kubernetes { shard_services, .. } = comet.membership
+    else {
+        panic!("not Kubernetes membership");
+    };
+    assert_eq!(shard_services, ["push-inside", "push-nodes", "push-public"]);
+    let role = push_operator::children::rbac::roles(&pc)
+        .into_iter()
+        .find(|r| r.name_any() == "push-comet")
+        .unwrap();
+    let patchable: Vec<String> = role
+        .rules
+        .unwrap()
+        .into_iter()
+        .filter(|r| {
+            r.resources.as_deref() == Some(&["endpointslices".to_owned()][..])
+                && r.verbs.contains(&"patch".to_owned())
+        })
+        .flat_map(|r| r.resource_names.unwrap_or_default())
+        .collect();
+    assert_eq!(
+        patchable,
+        [
+            "push-comet-0",
+            "push-comet-1",
+            "push-inside-0",
+            "push-inside-1",
+            "push-nodes-0",
+            "push-nodes-1",
+            "push-public-0",
+            "push-public-1"
+        ]
     );
 }
 

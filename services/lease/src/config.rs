@@ -57,6 +57,11 @@ pub enum MembershipConfig {
         /// Lease timing.
         #[serde(default)]
         lease: LeaseTiming,
+        /// Further per-shard Services (the PushCluster's listeners): the
+        /// holder of shard k also writes its address into the EndpointSlice
+        /// `<name>-<k>` of each, so they follow it with no operator running.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        shard_services: Vec<String>,
     },
 }
 
@@ -214,6 +219,7 @@ impl MembershipConfig {
                 kube_namespace,
                 cluster_uid,
                 lease,
+                shard_services,
             } => {
                 let client = kube::Client::try_default().await?;
                 let ns = kube_namespace
@@ -264,7 +270,8 @@ impl MembershipConfig {
                             &ns,
                             cluster,
                             crate::shard_slice::Me { pod, ip },
-                        );
+                        )
+                        .with_services(shard_services);
                         tokio::spawn(slices.run(
                             rx.clone(),
                             lease.retry_period(),

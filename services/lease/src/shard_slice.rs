@@ -6,6 +6,9 @@
 //! operator in the loop: relabelling pods took one operator round trip,
 //! and none at all while the operator was down.
 //!
+//! The same goes for the per-shard Services of the PushCluster's listeners
+//! (`<listener service>-<k>`, also selector-less): the holder writes each.
+//!
 //! The operator makes each slice (owned by the PushCluster, with the
 //! Service's ports and no endpoints), so a comet needs only get and patch on
 //! these names. Every write carries the resourceVersion it read, and only a
@@ -67,6 +70,8 @@ pub struct ShardSlices {
     namespace: String,
     cluster: String,
     me: Me,
+    /// Name prefixes of further per-shard Services (`<prefix>-<k>`).
+    services: Vec<String>,
 }
 
 impl ShardSlices {
@@ -77,50 +82,73 @@ impl ShardSlices {
             namespace: namespace.to_owned(),
             cluster: cluster.to_owned(),
             me,
+            services: Vec::new(),
         }
     }
 
-    fn name(&self, shard: u32) -> String {
-        crate::kubernetes::lease_name(&self.cluster, shard)
+    /// Also writes the slices `<prefix>-<k>` of `services`.
+    pub fn with_services(mut self, services: &[String]) -> Self {
+        self.services = services.to_vec();
+        self
+    }
+
+    /// The slices of `shard`: its own Service's first (what web and the
+    /// advertised addresses use), then the listeners'.
+    fn names(&self, shard: u32) -> Vec<String> {
+        std::iter::once(crate::kubernetes::lease_name(&self.cluster, shard))
+            .chain(self.services.iter().map(|p| format!("{p}-{shard}")))
+            .collect()
     }
 
     /// Replaces the slice's endpoints with `endpoints`, on the version read.
-    async fn write(&self, shard: u32, version: Option<String>, endpoints: Value) -> Result<()> {
+    async fn write(&self, name: &str, version: Option<String>, endpoints: Value) -> Result<()> {
         let patch = json!({
             "metadata": {"resourceVersion": version},
             "endpoints": endpoints,
         });
         self.api
-            .patch(
-                &self.name(shard),
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await?;
         Ok(())
     }
 
-    /// Makes the slice of `shard` name this comet alone; says whether it
-    /// wrote.
+    /// Makes the slices of `shard` name this comet alone; says whether it
+    /// wrote any. Every slice is tried; the first error is returned.
     pub async fn publish(&self, shard: u32) -> Result<bool> {
-        let slice = self.api.get(&self.name(shard)).await?;
+        let mut results = Vec::new();
+        for name in self.names(shard) {
+            results.push(self.publish_one(&name).await);
+        }
+        combine(results)
+    }
+
+    async fn publish_one(&self, name: &str) -> Result<bool> {
+        let slice = self.api.get(name).await?;
         if names_only(&slice, &self.me) {
             return Ok(false);
         }
         let endpoints = endpoints_of(&self.me, &self.namespace);
-        self.write(shard, slice.metadata.resource_version, endpoints)
+        self.write(name, slice.metadata.resource_version, endpoints)
             .await?;
         Ok(true)
     }
 
-    /// Empties the slice of `shard` if it still names this comet (a
-    /// successor may have written it already: then it is left alone).
+    /// Empties the slices of `shard` that still name this comet (a
+    /// successor may have written one already: then it is left alone).
     pub async fn withdraw(&self, shard: u32) -> Result<bool> {
-        let slice = self.api.get(&self.name(shard)).await?;
+        let mut results = Vec::new();
+        for name in self.names(shard) {
+            results.push(self.withdraw_one(&name).await);
+        }
+        combine(results)
+    }
+
+    async fn withdraw_one(&self, name: &str) -> Result<bool> {
+        let slice = self.api.get(name).await?;
         if !names(&slice, &self.me) {
             return Ok(false);
         }
-        self.write(shard, slice.metadata.resource_version, json!([]))
+        self.write(name, slice.metadata.resource_version, json!([]))
             .await?;
         Ok(true)
     }
@@ -176,6 +204,15 @@ impl ShardSlices {
             }
         }
     }
+}
+
+/// Whether any write happened, or the first error of `results`.
+fn combine(results: Vec<Result<bool>>) -> Result<bool> {
+    let mut wrote = false;
+    for r in results {
+        wrote |= r?;
+    }
+    Ok(wrote)
 }
 
 #[cfg(test)]
