@@ -10,7 +10,7 @@
 //! routes point at web's public Service and at the shard Services
 //! (`<cluster>-comet-<k>`, whose endpoints the holder writes).
 
-use super::services::SLICE_MANAGER;
+use super::services::holder_written;
 use super::{labels, meta, name, selector, WEB_PUBLIC};
 use crate::crd::{
     IssuerKind, ListenerEndpoints, ListenerSpec, ListenerType, PushCluster, ShardAddresses,
@@ -204,13 +204,7 @@ pub fn endpoint_slices(pc: &PushCluster) -> Vec<EndpointSlice> {
         };
         for k in shards(pc) {
             let mut metadata = listener_meta(pc, l, Some(k), BTreeMap::new());
-            let svc = metadata.name.clone().unwrap_or_default();
-            let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
-            labels.insert("kubernetes.io/service-name".into(), svc);
-            labels.insert(
-                "endpointslice.kubernetes.io/managed-by".into(),
-                SLICE_MANAGER.into(),
-            );
+            holder_written(&mut metadata);
             let port = |name: &str, port: i32| EndpointPort {
                 name: Some(name.into()),
                 port: Some(port),
@@ -278,6 +272,26 @@ pub fn services(pc: &PushCluster) -> Vec<Service> {
         }
     }
     out
+}
+
+/// What a host-routed listener (Ingress, Gateway) routes: web's host to
+/// web's public Service, and each shard's host to the shard's Service
+/// (whose endpoints its holder writes): `(shard, host, Service, port)`.
+fn routed(
+    pc: &PushCluster,
+    host: &str,
+    shard_host: &str,
+) -> Vec<(Option<i32>, String, String, i32)> {
+    std::iter::once((None, host.to_owned(), name(pc, "web"), WEB_PUBLIC))
+        .chain(shards(pc).map(|k| {
+            (
+                Some(k),
+                per_shard(shard_host, k),
+                lease_name(&pc.name_any(), k as u32),
+                pc.spec.comet.ports.ws,
+            )
+        }))
+        .collect()
 }
 
 /// What an Ingress of `l` is annotated with: long stream timeouts and no
@@ -356,14 +370,8 @@ pub fn ingresses(pc: &PushCluster) -> Vec<Ingress> {
             }),
             ..Ingress::default()
         };
-        out.push(ingress(None, host.clone(), name(pc, "web"), WEB_PUBLIC));
-        for k in shards(pc) {
-            out.push(ingress(
-                Some(k),
-                per_shard(shard_host, k),
-                lease_name(&pc.name_any(), k as u32),
-                pc.spec.comet.ports.ws,
-            ));
+        for (shard, host, service, port) in routed(pc, host, shard_host) {
+            out.push(ingress(shard, host, service, port));
         }
     }
     out
@@ -393,14 +401,8 @@ pub fn http_routes(pc: &PushCluster) -> Vec<HTTPRoute> {
                 }],
             },
         };
-        out.push(route(None, host.clone(), name(pc, "web"), WEB_PUBLIC));
-        for k in shards(pc) {
-            out.push(route(
-                Some(k),
-                per_shard(shard_host, k),
-                lease_name(&pc.name_any(), k as u32),
-                pc.spec.comet.ports.ws,
-            ));
+        for (shard, host, service, port) in routed(pc, host, shard_host) {
+            out.push(route(shard, host, service, port));
         }
     }
     out

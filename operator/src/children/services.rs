@@ -81,6 +81,20 @@ pub fn shard_services(pc: &PushCluster) -> Vec<Service> {
 /// not the EndpointSlice controller's, so it leaves them alone.
 pub const SLICE_MANAGER: &str = "pushcluster-comet";
 
+/// Labels `metadata` (named as its Service) as the EndpointSlice of that
+/// Service which a shard's holder writes, not the EndpointSlice controller.
+pub(crate) fn holder_written(
+    metadata: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) {
+    let svc = metadata.name.clone().unwrap_or_default();
+    let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert("kubernetes.io/service-name".into(), svc);
+    labels.insert(
+        "endpointslice.kubernetes.io/managed-by".into(),
+        SLICE_MANAGER.into(),
+    );
+}
+
 /// The EndpointSlice `<cluster>-comet-<k>` of each shard Service, with the
 /// Service's ports and labels. The operator makes them and owns everything
 /// but `endpoints`, which only the shard's holder writes (its pod address,
@@ -89,13 +103,7 @@ pub fn shard_endpoint_slices(pc: &PushCluster) -> Vec<EndpointSlice> {
     (0..pc.spec.comet.shards.max(1))
         .map(|k| {
             let mut metadata = shard_meta(pc, k);
-            let svc = metadata.name.clone().unwrap_or_default();
-            let labels = metadata.labels.get_or_insert_with(BTreeMap::new);
-            labels.insert("kubernetes.io/service-name".into(), svc);
-            labels.insert(
-                "endpointslice.kubernetes.io/managed-by".into(),
-                SLICE_MANAGER.into(),
-            );
+            holder_written(&mut metadata);
             EndpointSlice {
                 metadata,
                 address_type: "IPv4".into(),

@@ -169,32 +169,28 @@ fn service_listeners_reach_web_or_the_shards_holder_on_plain_or_tls_ports() {
     assert_eq!(s("push-inside-0").type_.as_deref(), Some("ClusterIP"));
     assert_eq!(s("push-public-0").type_.as_deref(), Some("LoadBalancer"));
     let own = |n: &str, p: i32, t: &str| (n.to_owned(), p, t.to_owned());
-    // TLS listeners reach the pods' TLS ports; a load balancer listens on 443.
-    assert_eq!(
-        ports(service(&all, "push-public-0")),
-        [own("wss", 443, "6972"), own("tcp", 6969, "6969")]
-    );
-    assert_eq!(
-        ports(service(&all, "push-public")),
-        [own("https", 443, "public-tls")]
-    );
-    assert_eq!(
-        ports(service(&all, "push-inside")),
-        [own("https", 8093, "public-tls")]
-    );
-    assert_eq!(
-        ports(service(&all, "push-inside-1")),
-        [own("wss", 6972, "6972"), own("tcp", 6969, "6969")]
-    );
-    // Without TLS, the plain ports.
-    assert_eq!(
-        ports(service(&all, "push-nodes")),
-        [own("http", 8090, "public")]
-    );
-    assert_eq!(
-        ports(service(&all, "push-nodes-0")),
-        [own("ws", 6968, "6968"), own("tcp", 6969, "6969")]
-    );
+    // TLS listeners reach the pods' TLS ports; a load balancer listens on
+    // 443; without TLS, the plain ports.
+    let want = [
+        (
+            "push-public-0",
+            vec![own("wss", 443, "6972"), own("tcp", 6969, "6969")],
+        ),
+        ("push-public", vec![own("https", 443, "public-tls")]),
+        ("push-inside", vec![own("https", 8093, "public-tls")]),
+        (
+            "push-inside-1",
+            vec![own("wss", 6972, "6972"), own("tcp", 6969, "6969")],
+        ),
+        ("push-nodes", vec![own("http", 8090, "public")]),
+        (
+            "push-nodes-0",
+            vec![own("ws", 6968, "6968"), own("tcp", 6969, "6969")],
+        ),
+    ];
+    for (name, ports_wanted) in want {
+        assert_eq!(ports(service(&all, name)), ports_wanted, "{name}");
+    }
 }
 
 #[test]
