@@ -51,14 +51,19 @@ pub async fn observe(pc: &PushCluster, ctx: &Context, ns: &str, facts: &Facts) -
         .map(|p| p.name_any())
         .collect();
     let redis = redis_topology(pc, ctx, ns).await;
-    // Read again after the apply: node ports and load balancer addresses
-    // are filled in by the API server and the cloud after creation.
-    let live = Facts {
-        listener_services: listener_services(pc, ctx, ns).await?,
-        ..facts.clone()
-    };
+    // Node ports and load balancer addresses are filled in by the API
+    // server and the cloud after creation: read again while some are
+    // missing (what was read before the apply is complete otherwise).
+    let mut listeners = facts.listener_endpoints(pc);
+    if listeners.iter().any(|l| l.pending.is_some()) {
+        let live = Facts {
+            listener_services: listener_services(pc, ctx, ns).await?,
+            ..facts.clone()
+        };
+        listeners = live.listener_endpoints(pc);
+    }
     Ok(Observed {
-        listeners: live.listener_endpoints(pc),
+        listeners,
         comet,
         message,
         web,
@@ -91,13 +96,13 @@ pub async fn listener_services(
 /// Whether the Gateway API's HTTPRoute can be made here. Asked only when
 /// the cluster has, or had, a Gateway listener.
 pub async fn gateway_api(pc: &PushCluster, ctx: &Context) -> bool {
-    let gateway = |t: &str| t == crate::crd::ListenerType::Gateway.as_str();
-    let wanted = pc.spec.listeners.iter().any(|l| gateway(l.type_.as_str()))
+    let gateway = crate::crd::ListenerType::Gateway;
+    let wanted = pc.spec.listeners.iter().any(|l| l.type_ == gateway)
         || pc
             .status
             .as_ref()
             .and_then(|s| s.endpoints.as_ref())
-            .is_some_and(|e| e.listeners.iter().any(|l| gateway(&l.type_)));
+            .is_some_and(|e| e.listeners.iter().any(|l| l.type_ == gateway.as_str()));
     if !wanted {
         return false;
     }
