@@ -54,7 +54,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use pushcluster_core::ops::Readiness;
 use pushcluster_core::GID_PRIVATE;
-use pushcluster_redis::{Event, Mode, Subscriber, SubscriberHandle, Target};
+use pushcluster_redis::{Event, Subscriber, SubscriberHandle, Target};
 use pushcluster_store::redis::{live, RedisStore};
 use pushcluster_store::{Channel, Page, Seq, Store};
 use std::collections::HashSet;
@@ -101,9 +101,6 @@ type Update = BoxFuture<'static, (Vec<Box<str>>, redis::RedisResult<()>)>;
 /// A comet's subscriptions to live channels; see the module docs.
 pub struct LiveFeed {
     ns: String,
-    /// On a Redis Cluster: sharded channels, and no legacy twins (no
-    /// release before cluster support published there).
-    cluster: bool,
     registry: Arc<Registry>,
     /// Where missed messages are read from.
     store: RedisStore,
@@ -193,7 +190,6 @@ impl LiveFeed {
         registry.report_key_changes(tx);
         let feed = Arc::new(Self {
             ns: ns.to_owned(),
-            cluster: target.mode() == Mode::Cluster,
             registry,
             store,
             ready,
@@ -306,7 +302,7 @@ impl LiveFeed {
                         // Its slot moved: subscribing again reaches the new
                         // owner, and the catch-up after it delivers what
                         // was published in between.
-                        if let Some((key, _)) = live::key_of(&self.ns, &channel) {
+                        if let Some(key) = live::key_of(&self.ns, &channel) {
                             tracing::info!(key, "live channel moved with its slot: subscribing again");
                             pending.insert(key.into());
                         }
@@ -446,17 +442,8 @@ impl LiveFeed {
         }
         let (subscribe, unsubscribe): (Vec<Box<str>>, Vec<Box<str>>) =
             batch.into_iter().partition(|k| self.registry.has_key(k));
-        // Both of each key's channels (see `live::legacy_channel`), but for
-        // the signed one alone on a Redis Cluster.
         let names = |keys: &[Box<str>]| -> Vec<String> {
-            let mut out = Vec::with_capacity(keys.len() * 2);
-            for k in keys {
-                out.push(live::channel(&self.ns, k));
-                if !self.cluster {
-                    out.push(live::legacy_channel(&self.ns, k));
-                }
-            }
-            out
+            keys.iter().map(|k| live::channel(&self.ns, k)).collect()
         };
         let (sub_names, unsub_names) = (names(&subscribe), names(&unsubscribe));
         let (mut sub_sink, mut unsub_sink) = (sink.clone(), sink.clone());
@@ -485,7 +472,7 @@ impl LiveFeed {
     }
 
     async fn deliver(&self, m: &redis::Msg) -> Result<(), Stopped> {
-        let Some((key, kind)) = live::key_of(&self.ns, m.get_channel_name()) else {
+        let Some(key) = live::key_of(&self.ns, m.get_channel_name()) else {
             return Ok(());
         };
         let Some(live) = live::decode(m.get_payload_bytes()) else {
@@ -493,21 +480,6 @@ impl LiveFeed {
             self.metrics.dropped.inc();
             return Ok(());
         };
-        if kind == live::Kind::Legacy {
-            // The twin of a message that came signed just before, unless
-            // a writer of an older release (which publishes only here)
-            // stored it, or it is forged: the store says which.
-            if self
-                .registry
-                .live_last_mid(key)
-                .is_some_and(|last| live.mid <= last)
-            {
-                return Ok(());
-            }
-            self.metrics.messages.inc();
-            self.metrics.unverified.inc();
-            return self.recheck(key).await;
-        }
         self.metrics.messages.inc();
         if let Some(k) = self.store.live_key() {
             if !k.verify(m.get_channel_name(), &live) {

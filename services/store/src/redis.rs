@@ -33,13 +33,13 @@ use std::time::Duration;
 
 // KEYS[4] is the fence: the shard's on one node, the key's own copy of it
 // on a Redis Cluster (a script may touch one slot only), `"<shard> <token>"`
-// with the shard in ARGV[14], compared only within one shard (a key that a
+// with the shard in ARGV[13], compared only within one shard (a key that a
 // reshard moved answers to its new shard's tokens) and kept as long as the
-// sequence. ARGV[13] is the
+// sequence. ARGV[12] is the
 // publish command: SPUBLISH on a Redis Cluster (sharded pub/sub: the
 // message goes to the key's slot's node only), PUBLISH elsewhere; an empty
 // ARGV[9] publishes nothing (the writer publishes after WAIT instead). A
-// repeated push id returns its mid and, when ARGV[15] is set (the writer
+// repeated push id returns its mid and, when ARGV[14] is set (the writer
 // waits for replicas), its stored entry (empty once trimmed), for the
 // writer to publish (the first writer may have failed between its WAIT and
 // its publish), after writing its id again: the WAIT that follows on this
@@ -53,13 +53,13 @@ use std::time::Duration;
 // there are as few as the semantics allow (RPUSH's reply is the length; the
 // expiry, an integer string, is concatenated rather than formatted).
 const APPEND: &str = r"
-if ARGV[8] ~= '' and ARGV[14] ~= '' then
+if ARGV[8] ~= '' and ARGV[13] ~= '' then
   local cur = redis.call('GET', KEYS[4])
   local shard, token
   if cur then shard, token = string.match(cur, '^(%d+) (%d+)$') end
-  if shard == ARGV[14] and token > ARGV[8] then return {-1, token, ''} end
-  if shard ~= ARGV[14] or ARGV[8] > token then
-    redis.call('SET', KEYS[4], ARGV[14] .. ' ' .. ARGV[8], 'PX', ARGV[5])
+  if shard == ARGV[13] and token > ARGV[8] then return {-1, token, ''} end
+  if shard ~= ARGV[13] or ARGV[8] > token then
+    redis.call('SET', KEYS[4], ARGV[13] .. ' ' .. ARGV[8], 'PX', ARGV[5])
   end
 elseif ARGV[8] ~= '' then
   local cur = redis.call('GET', KEYS[4])
@@ -70,7 +70,7 @@ if ARGV[6] ~= '' then
   local seen = redis.call('GET', KEYS[3])
   if seen then
     local entry = ''
-    if ARGV[15] ~= '' then
+    if ARGV[14] ~= '' then
       redis.call('SET', KEYS[3], seen, 'PX', ARGV[7])
       local head = redis.call('LINDEX', KEYS[2], 0)
       if head then
@@ -99,8 +99,7 @@ if ARGV[9] ~= '' then
     local sig = redis.sha1hex(ARGV[11] .. redis.sha1hex(ARGV[10] .. ARGV[9] .. ' ' .. head .. ARGV[1]))
     signed = head .. 's' .. sig .. ' '
   end
-  redis.call(ARGV[13], ARGV[9], signed .. ARGV[1])
-  if ARGV[12] ~= '' then redis.call('PUBLISH', ARGV[12], head .. ARGV[1]) end
+  redis.call(ARGV[12], ARGV[9], signed .. ARGV[1])
 end
 return {mid, '', ''}
 ";
@@ -274,35 +273,22 @@ impl RedisStore {
         self.conn.mode() == Mode::Cluster
     }
 
-    /// Publishes `payload`, stored as `mid`, on its key's live channel (and
-    /// its legacy twin, when named) as the append script would have.
-    async fn publish_live(
-        &self,
-        channel: &str,
-        legacy: &str,
-        mid: i64,
-        payload: &[u8],
-    ) -> Result<()> {
+    /// Publishes `payload`, stored as `mid`, on its key's live channel as
+    /// the append script would have.
+    async fn publish_live(&self, channel: &str, mid: i64, payload: &[u8]) -> Result<()> {
         let message = live::encode(self.live_key(), channel, mid, payload);
         let mut conn = self.conn.clone();
-        if self.cluster() {
-            // Sharded: the channel's hash tag routes it to the key's master.
-            redis::cmd("SPUBLISH")
-                .arg(channel)
-                .arg(message)
-                .query_async::<()>(&mut conn)
-                .await?;
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
-        if !legacy.is_empty() {
-            pipe.cmd("PUBLISH")
-                .arg(legacy)
-                .arg(live::encode(None, legacy, mid, payload))
-                .ignore();
-        }
-        pipe.query_async::<()>(&mut conn).await?;
+        // Sharded on a Cluster: the channel's hash tag routes it to the
+        // key's master.
+        redis::cmd(if self.cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        })
+        .arg(channel)
+        .arg(message)
+        .query_async::<()>(&mut conn)
+        .await?;
         Ok(())
     }
 
@@ -428,15 +414,9 @@ impl Store for RedisStore {
             None if cluster => (format!("{}:f", &seq[..seq.len() - 2]), String::new()),
             None => (format!("{}:fence:{{none}}", self.ns), String::new()),
         };
-        // No release before Redis Cluster support published on a cluster,
-        // so there is no legacy twin to feed there.
-        let (live_channel, legacy_channel) = match ch {
-            Channel::Private(key) if cluster => (live::channel(&self.ns, key), String::new()),
-            Channel::Private(key) => (
-                live::channel(&self.ns, key),
-                live::legacy_channel(&self.ns, key),
-            ),
-            Channel::Public => (String::new(), String::new()),
+        let live_channel = match ch {
+            Channel::Private(key) => live::channel(&self.ns, key),
+            Channel::Public => String::new(),
         };
         let publish = if cluster { "SPUBLISH" } else { "PUBLISH" };
         // Waiting for replicas, the script publishes nothing: a message
@@ -475,7 +455,6 @@ impl Store for RedisStore {
             .arg(if late { "" } else { live_channel.as_str() })
             .arg(self.signing.as_ref().map_or("", |k| k.inner.as_str()))
             .arg(self.signing.as_ref().map_or("", |k| k.outer.as_str()))
-            .arg(if late { "" } else { legacy_channel.as_str() })
             .arg(publish)
             .arg(match fence {
                 Some(f) if cluster => f.shard.to_string(),
@@ -529,8 +508,7 @@ impl Store for RedisStore {
                             .map(|(_, _, p)| p),
                     };
                     if let Some(p) = stored {
-                        self.publish_live(&live_channel, &legacy_channel, mid, &p)
-                            .await?;
+                        self.publish_live(&live_channel, mid, &p).await?;
                     }
                 }
                 Ok(mid)

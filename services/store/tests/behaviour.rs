@@ -691,9 +691,8 @@ async fn new_private_messages_are_published_on_their_live_channel() {
     let client = redis::Client::open(server.url()).unwrap();
     let (mut sink, mut stream) = client.get_async_pubsub().await.unwrap().split();
     sink.subscribe(live::channel("pub", "k")).await.unwrap();
-    sink.subscribe(live::legacy_channel("pub", "k"))
-        .await
-        .unwrap();
+    // The unsigned twin's channel of releases before 2026-12-06: no more.
+    sink.subscribe("pub:k:{k}:live").await.unwrap();
 
     assert_eq!(
         s.append(Channel::Private("k"), b("{\"n\":1}"), HOUR)
@@ -731,19 +730,14 @@ async fn new_private_messages_are_published_on_their_live_channel() {
 
     let mut got = Vec::new();
     while got.len() < 4 {
-        let mut twins = Vec::new();
-        for kind in [live::Kind::Signed, live::Kind::Legacy] {
-            let m = tokio::time::timeout(Duration::from_secs(5), stream.next())
-                .await
-                .expect("a published message")
-                .expect("the subscription is open");
-            assert_eq!(live::key_of("pub", m.get_channel_name()), Some(("k", kind)));
-            let m = live::decode(m.get_payload_bytes()).expect("mid and payload");
-            assert_eq!(m.signature, None, "signed without a key");
-            twins.push((m.mid, String::from_utf8(m.payload.to_vec()).unwrap()));
-        }
-        assert_eq!(twins[0], twins[1], "the legacy twin differs");
-        got.push(twins.swap_remove(0));
+        let m = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a published message")
+            .expect("the subscription is open");
+        assert_eq!(live::key_of("pub", m.get_channel_name()), Some("k"));
+        let m = live::decode(m.get_payload_bytes()).expect("mid and payload");
+        assert_eq!(m.signature, None, "signed without a key");
+        got.push((m.mid, String::from_utf8(m.payload.to_vec()).unwrap()));
     }
     let want: Vec<(i64, String)> = [(1, "{\"n\":1}"), (2, "2"), (3, "3"), (4, "4")]
         .into_iter()
@@ -770,9 +764,8 @@ async fn live_messages_are_signed_as_comets_verify_them() {
     let (mut sink, mut stream) = client.get_async_pubsub().await.unwrap().split();
     let channel = live::channel("sig", "k");
     sink.subscribe(&channel).await.unwrap();
-    sink.subscribe(live::legacy_channel("sig", "k"))
-        .await
-        .unwrap();
+    // The unsigned twin's channel of releases before 2026-12-06: no more.
+    sink.subscribe("sig:k:{k}:live").await.unwrap();
     for payload in ["{\"n\":1}", "\"s 2\"", "[3, \"ü\"]"] {
         s.append(Channel::Private("k"), b(payload), HOUR)
             .await
@@ -785,20 +778,6 @@ async fn live_messages_are_signed_as_comets_verify_them() {
             .expect("the subscription is open");
         let m = live::decode(raw.get_payload_bytes()).expect("decodes");
         assert_eq!(m.mid, want);
-        let twin = tokio::time::timeout(Duration::from_secs(5), stream.next())
-            .await
-            .expect("the legacy twin")
-            .expect("the subscription is open");
-        assert_eq!(
-            live::key_of("sig", twin.get_channel_name()),
-            Some(("k", live::Kind::Legacy))
-        );
-        let twin = live::decode(twin.get_payload_bytes()).expect("decodes");
-        assert_eq!(
-            (twin.mid, twin.signature, &twin.payload),
-            (m.mid, None, &m.payload),
-            "older comets read the legacy twin as they always did"
-        );
         assert!(m.signature.is_some(), "unsigned: {m:?}");
         assert!(
             key.verify(&channel, &m),
@@ -823,13 +802,15 @@ async fn live_messages_are_signed_as_comets_verify_them() {
             "holds for another secret"
         );
     }
+    let extra = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+    assert!(extra.is_err(), "published more than once: {extra:?}");
 }
 
 /// A store that waits for a replica publishes a message only once the
 /// replica confirmed it: an append the replica does not confirm (stopped)
 /// fails and publishes nothing; its retry under the same push id, once the
 /// replica is back, publishes what was stored, signed as the script signs,
-/// with its legacy twin; a later push follows as usual.
+/// and nothing else; a later push follows as usual.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiting_for_replicas_publishes_only_what_they_confirmed() {
     use futures::StreamExt;
@@ -871,9 +852,8 @@ async fn waiting_for_replicas_publishes_only_what_they_confirmed() {
     let (mut sink, mut stream) = client.get_async_pubsub().await.unwrap().split();
     let channel = live::channel("late", "k");
     sink.subscribe(&channel).await.unwrap();
-    sink.subscribe(live::legacy_channel("late", "k"))
-        .await
-        .unwrap();
+    // The unsigned twin's channel of releases before 2026-12-06: no more.
+    sink.subscribe("late:k:{k}:live").await.unwrap();
 
     replica.signal("STOP");
     let unconfirmed = s
@@ -924,26 +904,15 @@ async fn waiting_for_replicas_publishes_only_what_they_confirmed() {
         .await
         .unwrap();
     for want in [1, 2] {
-        let mut pair = Vec::new();
-        for kind in [live::Kind::Signed, live::Kind::Legacy] {
-            let raw = tokio::time::timeout(Duration::from_secs(5), stream.next())
-                .await
-                .expect("a published message")
-                .expect("the subscription is open");
-            assert_eq!(
-                live::key_of("late", raw.get_channel_name()),
-                Some(("k", kind))
-            );
-            pair.push(live::decode(raw.get_payload_bytes()).expect("decodes"));
-        }
-        let (signed, twin) = (&pair[0], &pair[1]);
+        let raw = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("a published message")
+            .expect("the subscription is open");
+        assert_eq!(live::key_of("late", raw.get_channel_name()), Some("k"));
+        let signed = live::decode(raw.get_payload_bytes()).expect("decodes");
         assert_eq!(signed.mid, want);
         assert_eq!(&signed.payload[..], format!("{{\"n\":{want}}}").as_bytes());
-        assert!(key.verify(&channel, signed), "signature fails: {signed:?}");
-        assert_eq!(
-            (twin.mid, twin.signature, &twin.payload),
-            (want, None, &signed.payload)
-        );
+        assert!(key.verify(&channel, &signed), "signature fails: {signed:?}");
     }
     let extra = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
     assert!(extra.is_err(), "published more than once: {extra:?}");

@@ -448,14 +448,6 @@ impl Registry {
         LiveOffer::Delivered(self.queue_on(&e.conns, d))
     }
 
-    /// The last mid accounted for on `key`'s live path, once known.
-    pub(crate) fn live_last_mid(&self, key: &str) -> Option<i64> {
-        lock(self.shard(key))
-            .get(key)
-            .map(|e| e.last_mid)
-            .filter(|m| *m != UNKNOWN_MID)
-    }
-
     /// Records the epoch of `key`'s sequence when not known yet: read right
     /// after the sequence's first mid was delivered, so the mids delivered
     /// since belong to it.

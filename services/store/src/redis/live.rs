@@ -102,34 +102,15 @@ pub fn channel(ns: &str, key: &str) -> String {
     format!("{ns}:k:{{{key}}}:lv")
 }
 
-/// The channel releases before signing used, `"<mid> <payload>"` only:
-/// comets of those releases read nothing else. Every message is
-/// published there too, after its signed twin, and comets subscribe to
-/// it as well, so that in a rolling upgrade comets of either release
-/// get the messages of writers of either release. Drop both in the
-/// release after: until then it costs one more PUBLISH per push.
-pub fn legacy_channel(ns: &str, key: &str) -> String {
-    format!("{ns}:k:{{{key}}}:live")
-}
-
-/// Which of a key's channels a message came on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// [`channel`]: signed when the writer has the secret.
-    Signed,
-    /// [`legacy_channel`]: never signed.
-    Legacy,
-}
-
-/// The key a live channel of namespace `ns` belongs to, and which of
-/// its channels it is.
-pub fn key_of<'a>(ns: &str, channel: &'a str) -> Option<(&'a str, Kind)> {
-    let rest = channel.strip_prefix(ns)?.strip_prefix(":k:{")?;
-    if let Some(k) = rest.strip_suffix("}:lv") {
-        Some((k, Kind::Signed))
-    } else {
-        rest.strip_suffix("}:live").map(|k| (k, Kind::Legacy))
-    }
+/// The key a live channel of namespace `ns` belongs to. Releases before
+/// 2026-12-06 also published an unsigned twin of each message on
+/// `…:{<key>}:live` for comets older than signing; that channel is gone
+/// (upgrades go through the signing release, whose comets read `…:lv`).
+pub fn key_of<'a>(ns: &str, channel: &'a str) -> Option<&'a str> {
+    channel
+        .strip_prefix(ns)?
+        .strip_prefix(":k:{")?
+        .strip_suffix("}:lv")
 }
 
 /// A message as published on `channel`: `"<mid> <payload>"`, signed with
@@ -180,10 +161,8 @@ mod tests {
     fn live_channels_name_their_key_and_carry_mid_and_payload() {
         let ch = channel("pc", "user:{7} x");
         assert_eq!(ch, "pc:k:{user:{7} x}:lv");
-        assert_eq!(key_of("pc", &ch), Some(("user:{7} x", Kind::Signed)));
-        let legacy = legacy_channel("pc", "user:{7} x");
-        assert_eq!(legacy, "pc:k:{user:{7} x}:live");
-        assert_eq!(key_of("pc", &legacy), Some(("user:{7} x", Kind::Legacy)));
+        assert_eq!(key_of("pc", &ch), Some("user:{7} x"));
+        assert_eq!(key_of("pc", "pc:k:{user:{7} x}:live"), None);
         assert_eq!(key_of("other", &ch), None);
         assert_eq!(key_of("pc", "pc:k:{a}:s"), None);
         let m = decode(b"42 {\"a\": \"b c\"}").unwrap();
