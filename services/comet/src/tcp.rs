@@ -8,7 +8,9 @@
 use crate::protocol::{parse_command, subscribe_params};
 use crate::registry::{Close, Next, Subscription};
 use crate::Comet;
+use prometheus_client::metrics::gauge::Gauge;
 use pushcluster_core::frame::{self, Format};
+use pushcluster_core::serve::Slot;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,11 +37,7 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match caps.admit(peer.ip()) {
                     Ok(slot) => {
-                        let comet = comet.clone();
-                        conns.spawn(async move {
-                            handle(comet, stream).await;
-                            drop(slot);
-                        });
+                        conns.spawn(handle(comet.clone(), stream, slot, conns.clone()));
                     }
                     // Over a cap: the channel error frame, then close.
                     Err(_) => {
@@ -84,7 +82,11 @@ async fn read_command(
     }
 }
 
-async fn handle(comet: Arc<Comet>, stream: TcpStream) {
+/// Reads the subscribe command and admits the connection, which then
+/// runs as a task of its own ([`drive`], tracked by `conns`): the
+/// handshake's state (its timer, the admission) is not carried by every
+/// idle subscriber's task for its whole life.
+async fn handle(comet: Arc<Comet>, stream: TcpStream, slot: Slot, conns: TaskTracker) {
     let _ = stream.set_nodelay(true);
     let (mut r, w) = stream.into_split();
     let mut buf = Vec::with_capacity(128);
@@ -102,15 +104,40 @@ async fn handle(comet: Arc<Comet>, stream: TcpStream) {
     else {
         return refuse(w, frame::ERR_PARAM).await;
     };
+    drop(args);
     let silence = comet.read_deadline(sub.heartbeat);
     let s = match comet.admit(&sub, Some(silence)).await {
         Ok(s) => s,
         Err(refusal) => return refuse(w, refusal.frame()).await,
     };
-    let gauge = comet.metrics.conn_gauge("tcp");
-    gauge.inc();
-    drive(&comet, r, w, buf, s, sub.format, silence).await;
-    gauge.dec();
+    let mut out = frame::HEARTBEAT_REPLY.to_vec();
+    if !heartbeats(&mut out, &buf) {
+        return;
+    }
+    drop(buf);
+    let open = Open::new(&comet, slot);
+    conns.spawn(drive(comet, r, w, out, s, sub.format, silence, open));
+}
+
+/// An admitted connection's place under the listener's caps and in the
+/// connections gauge, given back when the connection ends.
+struct Open {
+    gauge: Gauge,
+    _slot: Slot,
+}
+
+impl Open {
+    fn new(comet: &Comet, slot: Slot) -> Self {
+        let gauge = comet.metrics.conn_gauge("tcp");
+        gauge.inc();
+        Self { gauge, _slot: slot }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 async fn refuse(mut w: OwnedWriteHalf, reply: &[u8]) {
@@ -155,90 +182,112 @@ async fn write_bounded(w: &mut OwnedWriteHalf, bytes: &[u8]) -> std::io::Result<
     if done == bytes.len() {
         return Ok(());
     }
-    tokio::time::timeout(STALL_LIMIT, w.write_all(&bytes[done..]))
-        .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "slow consumer"))?
+    // Boxed: inline, the timer and the write would sit in every idle
+    // connection's task (a future is as large as its largest state).
+    Box::pin(tokio::time::timeout(
+        STALL_LIMIT,
+        w.write_all(&bytes[done..]),
+    ))
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "slow consumer"))?
 }
 
-async fn drive(
-    comet: &Comet,
+/// Serves an admitted connection until it ends; its first write is `out`
+/// (the subscribe reply and one to each heartbeat that came with the
+/// command). Whatever this holds across an await, every idle subscriber
+/// holds, so the rare paths (a write that has to wait, closing) are boxed.
+// Not an async fn (clippy's manual_async_fn): see the comment inside.
+#[allow(clippy::too_many_arguments, clippy::manual_async_fn)]
+fn drive(
+    comet: Arc<Comet>,
     mut r: OwnedReadHalf,
     mut w: OwnedWriteHalf,
-    pending: Vec<u8>,
+    mut out: Vec<u8>,
     s: Subscription,
     format: Format,
     silence: Duration,
-) {
-    let mut out = frame::HEARTBEAT_REPLY.to_vec();
-    let only_heartbeats = heartbeats(&mut out, &pending);
-    drop(pending);
-    if !only_heartbeats || send(&mut w, &mut out).await.is_err() {
-        return;
-    }
-    let mut chunk = [0u8; 64];
-    loop {
-        tokio::select! {
-            biased;
-            next = s.next() => match next {
-                Next::Message(d) => {
-                    // A lone frame is written as it is; several queued ones
-                    // are gathered into one write.
-                    comet.metrics.delivered(&d);
-                    let written = match s.try_message() {
-                        None => write_bounded(&mut w, d.resp(format)).await,
-                        Some(next) => {
-                            comet.metrics.delivered(&next);
-                            out.extend_from_slice(d.resp(format));
-                            out.extend_from_slice(next.resp(format));
-                            while let Some(d) = s.try_message() {
-                                comet.metrics.delivered(&d);
-                                out.extend_from_slice(d.resp(format));
-                            }
-                            send(&mut w, &mut out).await
-                        }
-                    };
-                    if let Err(e) = written {
-                        if e.kind() == std::io::ErrorKind::TimedOut {
-                            tracing::debug!("TCP subscriber left its writes unread, dropping it");
-                            comet.metrics.slow_consumer();
-                        }
-                        return;
-                    }
-                }
-                Next::Close(Close::Reconnect) => {
-                    // The queue is flushed already (messages come first).
-                    if format == Format::Json {
-                        out.extend_from_slice(frame::RECONNECT);
-                        comet.reconnect_sent();
-                    }
-                    // Bounded: the sweeper aborts a close that cannot flush,
-                    // and the abort ends this select.
-                    tokio::select! {
-                        _ = async { let _ = send(&mut w, &mut out).await; let _ = w.shutdown().await; } => {}
-                        _ = wait_abort(&s) => {}
-                    }
-                    return;
-                }
-                Next::Close(Close::Timeout) => {
-                    tracing::debug!("heartbeat timeout, closing");
-                    return;
-                }
-                Next::Close(Close::Abort) => return,
-            },
-            n = r.read(&mut chunk) => match n {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if !heartbeats(&mut out, &chunk[..n]) {
-                        tracing::debug!("unknown bytes from TCP subscriber, closing");
-                        return;
-                    }
-                    if send(&mut w, &mut out).await.is_err() {
-                        return;
-                    }
-                    s.heartbeat(silence);
-                }
-            },
+    open: Open,
+) -> impl std::future::Future<Output = ()> {
+    // A block, not an `async fn`: an async fn moves each argument into a
+    // local of its own, which keeps a second copy of them all in the task.
+    async move {
+        // Moved in with the block, given back when it ends.
+        let _open = &open;
+        if send(&mut w, &mut out).await.is_err() {
+            return;
         }
+        // Heartbeats are a byte or three: more than this is read in passes.
+        let mut chunk = [0u8; 16];
+        loop {
+            tokio::select! {
+                biased;
+                next = s.next() => match next {
+                    Next::Message(d) => {
+                        // A lone frame is written as it is; several queued ones
+                        // are gathered into one write.
+                        comet.metrics.delivered(&d);
+                        let written = match s.try_message() {
+                            None => write_bounded(&mut w, d.resp(format)).await,
+                            Some(next) => {
+                                comet.metrics.delivered(&next);
+                                out.extend_from_slice(d.resp(format));
+                                out.extend_from_slice(next.resp(format));
+                                while let Some(d) = s.try_message() {
+                                    comet.metrics.delivered(&d);
+                                    out.extend_from_slice(d.resp(format));
+                                }
+                                send(&mut w, &mut out).await
+                            }
+                        };
+                        if let Err(e) = written {
+                            if e.kind() == std::io::ErrorKind::TimedOut {
+                                tracing::debug!("TCP subscriber left its writes unread, dropping it");
+                                comet.metrics.slow_consumer();
+                            }
+                            return;
+                        }
+                    }
+                    Next::Close(Close::Reconnect) => {
+                        // The queue is flushed already (messages come first).
+                        if format == Format::Json {
+                            out.extend_from_slice(frame::RECONNECT);
+                            comet.reconnect_sent();
+                        }
+                        // Bounded: the sweeper aborts a close that cannot flush,
+                        // and the abort ends this select.
+                        Box::pin(close_flushed(&mut w, &mut out, &s)).await;
+                        return;
+                    }
+                    Next::Close(Close::Timeout) => {
+                        tracing::debug!("heartbeat timeout, closing");
+                        return;
+                    }
+                    Next::Close(Close::Abort) => return,
+                },
+                n = r.read(&mut chunk) => match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if !heartbeats(&mut out, &chunk[..n]) {
+                            tracing::debug!("unknown bytes from TCP subscriber, closing");
+                            return;
+                        }
+                        if send(&mut w, &mut out).await.is_err() {
+                            return;
+                        }
+                        s.heartbeat(silence);
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Writes what is left and ends the connection, unless the comet aborts
+/// the close first (the sweeper does when it cannot flush).
+async fn close_flushed(w: &mut OwnedWriteHalf, out: &mut Vec<u8>, s: &Subscription) {
+    tokio::select! {
+        _ = async { let _ = send(w, out).await; let _ = w.shutdown().await; } => {}
+        _ = wait_abort(s) => {}
     }
 }
 
