@@ -98,6 +98,16 @@ const BATCH: usize = 2048;
 /// Redis has confirmed it.
 type Update = BoxFuture<'static, (Vec<Box<str>>, redis::RedisResult<()>)>;
 
+/// Epochs of sequences that began (mid 1 delivered) being read: the keys,
+/// then their sequences.
+type EpochRead = BoxFuture<
+    'static,
+    (
+        Vec<Box<str>>,
+        Result<Vec<Seq>, pushcluster_store::StoreError>,
+    ),
+>;
+
 /// A comet's subscriptions to live channels; see the module docs.
 pub struct LiveFeed {
     ns: String,
@@ -282,6 +292,11 @@ impl LiveFeed {
         // Every key with connections now, then every key that changes.
         let mut pending: HashSet<Box<str>> = self.registry.unset_live().into_iter().collect();
         let mut in_flight: Option<Update> = None;
+        // Keys whose sequence began, for their epochs: read in batches, one
+        // at a time, beside the feed rather than in its way (each read inline
+        // held every other key's messages for a Redis round trip).
+        let mut began: Vec<Box<str>> = Vec::new();
+        let mut epochs: Option<EpochRead> = None;
         let mut ping: Option<(Instant, BoxFuture<'static, redis::RedisResult<()>>)> = None;
         let mut tick = tokio::time::interval(PING_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -289,13 +304,26 @@ impl LiveFeed {
             if in_flight.is_none() && !pending.is_empty() {
                 in_flight = Some(self.update(&sink, &mut pending));
             }
+            if epochs.is_none() && !began.is_empty() {
+                let keys = std::mem::take(&mut began);
+                let store = self.store.clone();
+                epochs = Some(
+                    async move {
+                        let read = store.sequences(&keys).await;
+                        (keys, read)
+                    }
+                    .boxed(),
+                );
+            }
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Stopped::ShuttingDown,
                 msg = stream.next() => match msg {
                     Some(Event::Message(m)) => {
-                        if let Err(e) = self.deliver(&m).await {
-                            return e;
+                        match self.deliver(&m).await {
+                            Ok(Some(key)) => began.push(key.into()),
+                            Ok(None) => {}
+                            Err(e) => return e,
                         }
                     }
                     Some(Event::Dropped(channel)) => {
@@ -319,6 +347,18 @@ impl LiveFeed {
                         return e;
                     }
                     self.changed.send_modify(|n| *n += 1);
+                }
+                read = async { epochs.as_mut().expect("guarded").await }, if epochs.is_some() => {
+                    epochs = None;
+                    let (keys, read) = read;
+                    match read {
+                        Ok(seqs) => {
+                            for (key, s) in keys.iter().zip(seqs) {
+                                self.registry.learn_epoch(key, s.epoch);
+                            }
+                        }
+                        Err(e) => return Stopped::Store(e),
+                    }
                 }
                 key = changes.recv() => match key {
                     Some(k) => { pending.insert(k); }
@@ -471,14 +511,19 @@ impl LiveFeed {
         .boxed()
     }
 
-    async fn deliver(&self, m: &redis::Msg) -> Result<(), Stopped> {
+    /// Delivers a message from a live channel; returns its key when it
+    /// began the key's sequence (mid 1), whose epoch the caller reads: it
+    /// tells a later restart apart from messages missed (see
+    /// `Registry::set_live`), and the mids delivered until it is read
+    /// belong to it too.
+    async fn deliver<'m>(&self, m: &'m redis::Msg) -> Result<Option<&'m str>, Stopped> {
         let Some(key) = live::key_of(&self.ns, m.get_channel_name()) else {
-            return Ok(());
+            return Ok(None);
         };
         let Some(live) = live::decode(m.get_payload_bytes()) else {
             tracing::warn!(key, "unreadable message on a live channel");
             self.metrics.dropped.inc();
-            return Ok(());
+            return Ok(None);
         };
         self.metrics.messages.inc();
         if let Some(k) = self.store.live_key() {
@@ -486,33 +531,25 @@ impl LiveFeed {
                 // Forged, or from a writer without the cluster's secret:
                 // only the store can say what was stored.
                 self.metrics.unverified.inc();
-                return self.recheck(key).await;
+                return self.recheck(key).await.map(|()| None);
             }
         }
         let d = Delivery::new(live.mid, GID_PRIVATE, live.payload);
         match self.registry.offer_live(key, &d, false) {
-            LiveOffer::Delivered(_) if d.mid == 1 => {
-                // A sequence began: its epoch tells a later restart apart
-                // from messages missed (see `Registry::set_live`).
-                let stored = self.store.sequences(&[key]).await.map_err(Stopped::Store)?;
-                if let Some(s) = stored.first() {
-                    self.registry.learn_epoch(key, s.epoch);
-                }
-                Ok(())
-            }
-            LiveOffer::Delivered(_) | LiveOffer::NoKey => Ok(()),
+            LiveOffer::Delivered(_) if d.mid == 1 => Ok(Some(key)),
+            LiveOffer::Delivered(_) | LiveOffer::NoKey => Ok(None),
             LiveOffer::Duplicate => {
                 // Right after a subscription, or forged; or the key's
                 // sequence started again (its keys expired, Redis lost
                 // them): the store's last mid says which.
                 self.metrics.dropped.inc();
-                self.recheck(key).await
+                self.recheck(key).await.map(|()| None)
             }
             LiveOffer::Gap { after } => {
                 // Either messages were missed, or the mid was never stored:
                 // the store says which.
                 self.metrics.dropped.inc();
-                self.fill(key, after, d.mid).await
+                self.fill(key, after, d.mid).await.map(|()| None)
             }
         }
     }
