@@ -51,7 +51,10 @@ use std::time::Duration;
 // only to 2^53. A refused append returns -1 and the fence in force. Every
 // redis.call costs the script a round through Redis's command dispatch, so
 // there are as few as the semantics allow (RPUSH's reply is the length; the
-// expiry, an integer string, is concatenated rather than formatted).
+// expiry, an integer string, is concatenated rather than formatted). Numbers
+// go to redis.call as strings made with '%d': Lua turns a number argument
+// into one with '%.14g', the C library's floating-point printing (1–2 % of
+// Redis's samples in S3).
 const APPEND: &str = r"
 if ARGV[8] ~= '' and ARGV[13] ~= '' then
   local cur = redis.call('GET', KEYS[4])
@@ -86,14 +89,15 @@ redis.call('PEXPIRE', KEYS[1], ARGV[5])
 if mid == 1 or redis.call('PEXPIRE', KEYS[5], ARGV[5]) == 0 then
   redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[5])
 end
-local len = redis.call('RPUSH', KEYS[2], string.format('%d ', mid) .. ARGV[2] .. ' ' .. ARGV[1])
+local m = string.format('%d', mid)
+local head = m .. ' '
+local len = redis.call('RPUSH', KEYS[2], head .. ARGV[2] .. ' ' .. ARGV[1])
 local keep = tonumber(ARGV[4])
 if len > keep then redis.call('LTRIM', KEYS[2], len - keep, -1) end
 local want = tonumber(ARGV[2]) - tonumber(ARGV[3])
-if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], want) end
-if ARGV[6] ~= '' then redis.call('SET', KEYS[3], mid, 'PX', ARGV[7]) end
+if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], string.format('%d', want)) end
+if ARGV[6] ~= '' then redis.call('SET', KEYS[3], m, 'PX', ARGV[7]) end
 if ARGV[9] ~= '' then
-  local head = string.format('%d ', mid)
   local signed = head
   if ARGV[10] ~= '' then
     local sig = redis.sha1hex(ARGV[11] .. redis.sha1hex(ARGV[10] .. ARGV[9] .. ' ' .. head .. ARGV[1]))
