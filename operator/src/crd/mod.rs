@@ -311,10 +311,10 @@ pub struct WebSpec {
     /// Container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Runtime threads per pod: unset or 0 runs one per CPU the pod may use
-    /// (its CPU limit counts), so web keeps answering while the host holds
-    /// one CPU (docs/benchmarks.md, S3); 1 runs a single-threaded runtime,
-    /// a little cheaper per push; n runs n.
+    /// Runtime threads per pod: unset or 1 runs a single-threaded runtime,
+    /// a fifth cheaper per push than two threads waking each other
+    /// (docs/benchmarks.md, S3); 0 runs one per CPU the pod may use (its CPU
+    /// limit counts); n runs n. Scale out (`replicas`) first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self >= 0 && self <= 64").message("workerThreads must be between 0 and 64"))]
     pub worker_threads: Option<i32>,

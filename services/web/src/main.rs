@@ -11,11 +11,14 @@ use std::path::PathBuf;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// Runtime threads unless `--worker-threads` says: one per CPU. Web stores
-/// each push in Redis and answers it; with two threads one keeps answering
-/// while the host holds the other's CPU, which halved S3's p99 for ~8 µs more
-/// CPU per push (docs/benchmarks.md).
-const THREADS: usize = 0;
+/// Runtime threads unless `--worker-threads` says: one. On two threads web
+/// made 6.6 system calls and 2.1 context switches per stored push against
+/// 2.4 and 0.45 on one (`perf stat`, S3), the threads waking each other, and
+/// spent a fifth more CPU per push (117 against 95 µs); S3's p99 did not
+/// follow the thread count across alternating runs (docs/benchmarks.md).
+/// Web holds no state: it scales by replicas, or by `--worker-threads 0`
+/// (one per CPU) in a big pod.
+const THREADS: usize = 1;
 
 /// pushcluster web: the gopush-cluster compatible HTTP API.
 ///
