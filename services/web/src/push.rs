@@ -190,7 +190,10 @@ impl Pushes {
         self.retrying(
             || {
                 let opts = AppendOpts::dedupe(push_id);
-                redis.append_with(Channel::Private(key), payload.clone(), ttl, opts)
+                // Boxed: the store's future is ~2.5 KB, and unboxed it was
+                // copied into the future awaiting it (memmove 1.7 % of web's
+                // samples in S3 under this call; none after).
+                Box::pin(redis.append_with(Channel::Private(key), payload.clone(), ttl, opts))
             },
             StoreError::is_transient,
         )
