@@ -3,11 +3,13 @@
 //! `Authorization: Bearer <token>`. How a push is stored and delivered is
 //! [`crate::push`]'s business; this module reads and checks requests.
 
+use crate::push::push_id;
 use crate::reply::{status_reply, Reply, UNAUTHORIZED};
 use crate::request::{param, read_body, url_form, Params};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
+use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -19,6 +21,10 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
+
+/// The header a back end names a push with, to repeat it safely
+/// (draft-ietf-httpapi-idempotency-key-header).
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Routes of the admin listener.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -65,15 +71,18 @@ async fn authorize(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
 async fn push_private(
     State(s): State<Arc<AppState>>,
     Query(q): Params,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Reply, Reply> {
     let start = Instant::now();
     let pushed = async {
         let key = s.check_key(param(&q, "key"))?;
         let expire = s.expire(&q)?;
+        let idempotency = idempotency_key(&headers)?;
         let body = read_body(body, s.cfg.limits.max_message_bytes).await?;
         s.check_message(&body)?;
-        let mid = s.pushes.push_private(key, body, expire).await?;
+        let push_id = push_id(idempotency, &body);
+        let mid = s.pushes.push_private(key, body, expire, push_id).await?;
         Ok(Reply::ok(Some(json!({ "mid": mid }))))
     }
     .await;
@@ -81,6 +90,28 @@ async fn push_private(
         .push_latency
         .observe(start.elapsed().as_secs_f64());
     pushed
+}
+
+/// The request's `Idempotency-Key`, when it has one: 1 to 255 printable
+/// ASCII characters (a UUID, say), given once. A push repeated with the same
+/// key and body within the dedupe window is stored once (see
+/// [`crate::push::push_id`]).
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Reply> {
+    let mut given = headers.get_all(IDEMPOTENCY_KEY).iter();
+    let Some(value) = given.next() else {
+        return Ok(None);
+    };
+    if given.next().is_some() {
+        return Err(Reply::param("Idempotency-Key given more than once"));
+    }
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
+        return Err(Reply::param(
+            "Idempotency-Key must be 1 to 255 printable ASCII characters",
+        ));
+    }
+    // Printable ASCII is UTF-8: cannot fail.
+    Ok(value.to_str().ok())
 }
 
 /// Parses `{"m": <message as a JSON string, or the JSON itself>, "k": "a,b,c"}`.
@@ -112,9 +143,11 @@ fn parse_multi(body: &[u8]) -> Result<(Bytes, Vec<String>), Reply> {
 async fn push_multi(
     State(s): State<Arc<AppState>>,
     Query(q): Params,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Reply, Reply> {
     let expire = s.expire(&q)?;
+    let idempotency = idempotency_key(&headers)?;
     let l = &s.cfg.limits;
     let limit = l.max_message_bytes * 2 + l.max_keys_per_multipush * (l.max_key_bytes + 1) + 64;
     let body = read_body(body, limit).await?;
@@ -130,7 +163,8 @@ async fn push_multi(
     for k in &keys {
         s.check_key(Some(k))?;
     }
-    let failed = s.pushes.multi_push(keys, payload, expire).await;
+    let push_id = push_id(idempotency, &body);
+    let failed = s.pushes.multi_push(keys, payload, expire, push_id).await;
     Ok(if failed.is_empty() {
         Reply::ok(None)
     } else {
@@ -143,12 +177,15 @@ async fn push_multi(
 async fn broadcast(
     State(s): State<Arc<AppState>>,
     Query(q): Params,
+    headers: HeaderMap,
     body: Body,
 ) -> Result<Reply, Reply> {
     let expire = s.expire(&q)?;
+    let idempotency = idempotency_key(&headers)?;
     let body = read_body(body, s.cfg.limits.max_message_bytes).await?;
     s.check_message(&body)?;
-    let (mid, connections) = s.pushes.broadcast(body, expire).await?;
+    let push_id = idempotency.map_or(String::new(), |k| push_id(Some(k), &body));
+    let (mid, connections) = s.pushes.broadcast(body, expire, &push_id).await?;
     Ok(Reply::ok(Some(
         json!({ "mid": mid, "connections": connections }),
     )))
@@ -193,6 +230,37 @@ mod tests {
         assert!(parse_multi(br#"{"m":"1"}"#).is_err());
         assert!(parse_multi(br#"{"m":"1","k":""}"#).is_err());
         assert!(parse_multi(b"nope").is_err());
+    }
+
+    #[test]
+    fn idempotency_keys() {
+        let with = |values: &[&[u8]]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(
+                    IDEMPOTENCY_KEY,
+                    axum::http::HeaderValue::from_bytes(v).unwrap(),
+                );
+            }
+            h
+        };
+        assert_eq!(idempotency_key(&HeaderMap::new()).unwrap(), None);
+        assert_eq!(
+            idempotency_key(&with(&[b"order 1"])).unwrap(),
+            Some("order 1")
+        );
+        assert!(idempotency_key(&with(&[&[b'k'; 255]])).is_ok());
+        assert!(idempotency_key(&with(&[&[b'k'; 256]])).is_err());
+        assert!(idempotency_key(&with(&[b""])).is_err());
+        assert!(idempotency_key(&with(&[b"caf\xc3\xa9"])).is_err());
+        assert!(idempotency_key(&with(&[b"a", b"b"])).is_err());
+        // Same key and body: the same plain id, which storage accepts.
+        let id = push_id(Some("k"), b"{}");
+        assert_eq!(id, push_id(Some("k"), b"{}"));
+        assert!(pushcluster_core::key::check_push_id(&id).is_ok());
+        assert_ne!(id, push_id(Some("k"), b"{ }"));
+        assert_ne!(id, push_id(Some("k2"), b"{}"));
+        assert_ne!(push_id(None, b"{}"), push_id(None, b"{}"));
     }
 
     #[test]

@@ -204,9 +204,15 @@ impl Pushes {
         })
     }
 
-    /// Pushes one private message; returns its mid once stored.
-    pub async fn push_private(&self, key: &str, payload: Bytes, expire: u64) -> Result<i64, Reply> {
-        let push_id = new_push_id();
+    /// Pushes one private message under `push_id` (see [`push_id`]);
+    /// returns its mid once stored.
+    pub async fn push_private(
+        &self,
+        key: &str,
+        payload: Bytes,
+        expire: u64,
+        push_id: String,
+    ) -> Result<i64, Reply> {
         if let PushPath::StoreInRedis(redis) = &self.path {
             return self
                 .store_in_redis(redis, key, payload, expire, &push_id)
@@ -286,9 +292,15 @@ impl Pushes {
     }
 
     /// Pushes to many keys, one call per comet (with Redis: one store per
-    /// key, pipelined on web's connection); returns the keys that failed.
-    pub async fn multi_push(&self, keys: Vec<String>, payload: Bytes, expire: u64) -> Vec<String> {
-        let push_id = new_push_id();
+    /// key, pipelined on web's connection), each under `push_id` (see
+    /// [`push_id`]); returns the keys that failed.
+    pub async fn multi_push(
+        &self,
+        keys: Vec<String>,
+        payload: Bytes,
+        expire: u64,
+        push_id: String,
+    ) -> Vec<String> {
         let push_id = push_id.as_str();
         if let PushPath::StoreInRedis(_) = &self.path {
             return self.store_each(keys, payload, expire, push_id).await;
@@ -390,12 +402,19 @@ impl Pushes {
     /// Stores a broadcast once on the public sequence (gid 1), then delivers
     /// it to every connection of every comet; returns its mid and how many
     /// connections it reached. Clients that were offline read it from
-    /// `/1/msg/get?...&p=LAST_PUBLIC_MID`.
-    pub async fn broadcast(&self, payload: Bytes, expire: u64) -> Result<(i64, u64), Reply> {
+    /// `/1/msg/get?...&p=LAST_PUBLIC_MID`. Without an idempotency key
+    /// (`push_id` empty) it is stored once and never retried; with one, a
+    /// repeated broadcast is not stored again and gets the first one's mid,
+    /// which connected clients that saw it drop (they dedupe by mid).
+    pub async fn broadcast(
+        &self,
+        payload: Bytes,
+        expire: u64,
+        push_id: &str,
+    ) -> Result<(i64, u64), Reply> {
         let _order = self.broadcast_order.lock().await;
-        // Stored once by web itself, never retried: no push id needed.
         let mid = self
-            .store_via_message_service("", GID_PUBLIC, payload.clone(), expire, "")
+            .store_via_message_service("", GID_PUBLIC, payload.clone(), expire, push_id)
             .await?;
         let view = self.membership.view();
         let deliveries = view.endpoints.values().map(|ep| {
@@ -501,7 +520,26 @@ fn split_pushes(replied: Result<pb::MultiPushReply, tonic::Status>, n: usize) ->
     }
 }
 
-/// A fresh push id: 128 random bits, hex.
-fn new_push_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+/// The id a push is stored under. Without an `Idempotency-Key` it is fresh
+/// (128 random bits, hex), so only web's own retries of one request dedupe.
+/// With one it follows from the key and the request's body, so a back end
+/// that repeats a request (its answer was lost) within the dedupe window
+/// gets the first mid back and nothing is stored twice; the same key with
+/// another body is another push, never a silently dropped one. Hashed: the
+/// id becomes part of a storage key, so it must be short and plain
+/// ([`pushcluster_core::key::check_push_id`]), and a prefix that random ids
+/// never have keeps the two kinds apart.
+pub fn push_id(idempotency_key: Option<&str>, body: &[u8]) -> String {
+    use sha1::{Digest, Sha1};
+    match idempotency_key {
+        None => format!("{:032x}", rand::random::<u128>()),
+        Some(k) => {
+            let mut h = Sha1::new();
+            h.update(b"pushcluster idempotency key\0");
+            h.update(k.as_bytes());
+            h.update(b"\0");
+            h.update(body);
+            format!("i{}", hex::encode(h.finalize()))
+        }
+    }
 }

@@ -12,6 +12,7 @@ mod errors;
 mod failover;
 mod fencing;
 mod hostile;
+mod idempotency;
 mod live;
 mod monitoring;
 mod pushctl;
