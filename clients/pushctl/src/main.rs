@@ -58,6 +58,11 @@ enum Cmd {
         /// Seconds until it expires (server default when omitted).
         #[arg(long)]
         expire: Option<u64>,
+        /// Names this push (sent as the Idempotency-Key header): running the
+        /// same command again within the cluster's dedupe window (default
+        /// 60 s) prints the first mid and stores nothing new.
+        #[arg(long)]
+        idempotency_key: Option<String>,
     },
     /// Push one JSON message to several keys (comma-separated); prints failed keys.
     Mpush {
@@ -134,9 +139,16 @@ async fn main() -> anyhow::Result<()> {
     let client = Client::new(&cli.web, &cli.admin, cli.admin_token.clone())
         .with_subscriber_secret(cli.subscriber_secret.clone());
     match cli.cmd {
-        Cmd::Push { key, json, expire } => {
+        Cmd::Push {
+            key,
+            json,
+            expire,
+            idempotency_key,
+        } => {
             check_json(&json)?;
-            let mid = client.push(&key, &json, expire).await?;
+            let mid = client
+                .push_idempotent(&key, &json, expire, idempotency_key.as_deref())
+                .await?;
             println!("{mid}");
         }
         Cmd::Mpush { keys, json, expire } => {

@@ -244,12 +244,28 @@ impl Client {
 
     /// Pushes `json` to `key`; returns its mid once stored.
     pub async fn push(&self, key: &str, json: &str, expire: Option<u64>) -> Result<i64> {
+        self.push_idempotent(key, json, expire, None).await
+    }
+
+    /// [`Client::push`] named by `idempotency_key` (an `Idempotency-Key`
+    /// header): repeating it with the same key and message within the
+    /// cluster's dedupe window stores nothing new and returns the first mid,
+    /// so a push whose answer was lost can be sent again safely.
+    pub async fn push_idempotent(
+        &self,
+        key: &str,
+        json: &str,
+        expire: Option<u64>,
+        idempotency_key: Option<&str>,
+    ) -> Result<i64> {
         let url = format!("{}/1/admin/push/private", self.admin);
         let mut q = Self::expire_query(expire);
         q.push(("key", key.to_owned()));
-        let d = self
-            .call(self.http.post(url).query(&q).body(json.to_owned()))
-            .await?;
+        let mut req = self.http.post(url).query(&q).body(json.to_owned());
+        if let Some(k) = idempotency_key {
+            req = req.header("Idempotency-Key", k);
+        }
+        let d = self.call(req).await?;
         d.and_then(|d| d.get("mid").and_then(Value::as_i64))
             .ok_or_else(|| Error::Frame("no mid in reply".into()))
     }

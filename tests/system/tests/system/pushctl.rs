@@ -1,5 +1,6 @@
 //! `pushctl`, the real binary: push, sub (offline catch-up then live, in mid
-//! order, across a comet restart), resolve, status.
+//! order, across a comet restart), resolve, status; a push that can be run
+//! again under an idempotency key.
 
 use pushcluster_systest::{bin_dir, Cluster, Options};
 use std::process::{Command, Stdio};
@@ -58,4 +59,21 @@ fn pushctl_pushes_and_subscribes_across_a_comet_restart() {
     );
     assert_eq!(pushctl(&c, &["resolve", "carol"]), c.comet_addrs[0].ws);
     assert!(pushctl(&c, &["status", "--key", "carol"]).contains("last mid 4"));
+}
+
+/// `pushctl push --idempotency-key`: run again, it prints the first mid and
+/// stores nothing new; another key is another push.
+#[test]
+fn pushctl_push_with_an_idempotency_key_can_be_run_again() {
+    let c = Cluster::start(Options::default());
+    let push = |key: &str| {
+        pushctl(
+            &c,
+            &["push", "dave", r#"{"n":1}"#, "--idempotency-key", key],
+        )
+    };
+    assert_eq!(push("job-1"), "1");
+    assert_eq!(push("job-1"), "1");
+    assert_eq!(push("job-2"), "2");
+    assert!(pushctl(&c, &["status", "--key", "dave"]).contains("last mid 2"));
 }
