@@ -61,17 +61,23 @@ pub enum Error {
     Tls(#[from] pushcluster_core::tls::TlsError),
 }
 
-/// Once `draining` fires, every response says `Connection: close`, so
-/// clients stop reusing kept-alive connections to this process during its
-/// lame-duck period and open new ones, which the load balancer sends to
-/// another pod; when the listeners close, no idle connection is left to
-/// race a request against.
-async fn close_when_draining(
+/// Headers of every response. `X-Content-Type-Options: nosniff`: a browser
+/// must take JSON (and JSONP's JavaScript) as what it is declared, never
+/// sniff a message a back end pushed into HTML. Once `draining` fires,
+/// `Connection: close`, so clients stop reusing kept-alive connections to
+/// this process during its lame-duck period and open new ones, which the
+/// load balancer sends to another pod; when the listeners close, no idle
+/// connection is left to race a request against.
+async fn every_response(
     axum::extract::State(draining): axum::extract::State<CancellationToken>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let mut res = next.run(req).await;
+    res.headers_mut().insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
     if draining.is_cancelled() {
         res.headers_mut().insert(
             axum::http::header::CONNECTION,
@@ -133,7 +139,7 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
         ready.clone(),
         stop.clone(),
     ));
-    let closing = || axum::middleware::from_fn_with_state(cancel.clone(), close_when_draining);
+    let closing = || axum::middleware::from_fn_with_state(cancel.clone(), every_response);
     let public_app = public::router(state.clone()).layer(closing());
     let admin_app = admin::router(state).layer(closing());
     let tls = public_tls.map(|(listener, certs)| {

@@ -186,6 +186,22 @@ async fn http_errors_are_json_with_gopush_codes() {
         (Some(0), Some("ok"))
     );
     assert!(v["data"]["timeid"].as_i64().unwrap() > 0);
+    // No response of either listener is sniffed into another type.
+    for url in [
+        format!("{p}/1/time/get"),
+        format!("{p}/1/server/get"),
+        format!("{p}/1/server/get?k=a&cb=cb"),
+        format!("{a}/nope"),
+    ] {
+        let r = h.get(&url).send().await.expect("request");
+        assert_eq!(
+            r.headers()
+                .get("x-content-type-options")
+                .and_then(|v| v.to_str().ok()),
+            Some("nosniff"),
+            "{url}"
+        );
+    }
     // The OpenAPI document lists every route.
     let (_, spec) = call(h.get(format!("{p}/openapi.json"))).await;
     for path in [
