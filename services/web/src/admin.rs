@@ -3,7 +3,7 @@
 //! `Authorization: Bearer <token>`. How a push is stored and delivered is
 //! [`crate::push`]'s business; this module reads and checks requests.
 
-use crate::push::push_id;
+use crate::idempotency::{idempotency_key, push_id};
 use crate::reply::{status_reply, Reply, UNAUTHORIZED};
 use crate::request::{param, read_body, url_form, Params};
 use crate::AppState;
@@ -21,10 +21,6 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The header a back end names a push with, to repeat it safely
-/// (draft-ietf-httpapi-idempotency-key-header).
-const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// Routes of the admin listener.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -90,28 +86,6 @@ async fn push_private(
         .push_latency
         .observe(start.elapsed().as_secs_f64());
     pushed
-}
-
-/// The request's `Idempotency-Key`, when it has one: 1 to 255 printable
-/// ASCII characters (a UUID, say), given once. A push repeated with the same
-/// key and body within the dedupe window is stored once (see
-/// [`crate::push::push_id`]).
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Reply> {
-    let mut given = headers.get_all(IDEMPOTENCY_KEY).iter();
-    let Some(value) = given.next() else {
-        return Ok(None);
-    };
-    if given.next().is_some() {
-        return Err(Reply::param("Idempotency-Key given more than once"));
-    }
-    let bytes = value.as_bytes();
-    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x20..0x7f).contains(b)) {
-        return Err(Reply::param(
-            "Idempotency-Key must be 1 to 255 printable ASCII characters",
-        ));
-    }
-    // Printable ASCII is UTF-8: cannot fail.
-    Ok(value.to_str().ok())
 }
 
 /// Parses `{"m": <message as a JSON string, or the JSON itself>, "k": "a,b,c"}`.
@@ -230,37 +204,6 @@ mod tests {
         assert!(parse_multi(br#"{"m":"1"}"#).is_err());
         assert!(parse_multi(br#"{"m":"1","k":""}"#).is_err());
         assert!(parse_multi(b"nope").is_err());
-    }
-
-    #[test]
-    fn idempotency_keys() {
-        let with = |values: &[&[u8]]| {
-            let mut h = HeaderMap::new();
-            for v in values {
-                h.append(
-                    IDEMPOTENCY_KEY,
-                    axum::http::HeaderValue::from_bytes(v).unwrap(),
-                );
-            }
-            h
-        };
-        assert_eq!(idempotency_key(&HeaderMap::new()).unwrap(), None);
-        assert_eq!(
-            idempotency_key(&with(&[b"order 1"])).unwrap(),
-            Some("order 1")
-        );
-        assert!(idempotency_key(&with(&[&[b'k'; 255]])).is_ok());
-        assert!(idempotency_key(&with(&[&[b'k'; 256]])).is_err());
-        assert!(idempotency_key(&with(&[b""])).is_err());
-        assert!(idempotency_key(&with(&[b"caf\xc3\xa9"])).is_err());
-        assert!(idempotency_key(&with(&[b"a", b"b"])).is_err());
-        // Same key and body: the same plain id, which storage accepts.
-        let id = push_id(Some("k"), b"{}");
-        assert_eq!(id, push_id(Some("k"), b"{}"));
-        assert!(pushcluster_core::key::check_push_id(&id).is_ok());
-        assert_ne!(id, push_id(Some("k"), b"{ }"));
-        assert_ne!(id, push_id(Some("k2"), b"{}"));
-        assert_ne!(push_id(None, b"{}"), push_id(None, b"{}"));
     }
 
     #[test]

@@ -14,6 +14,7 @@
 pub mod admin;
 pub mod clients;
 mod config;
+pub mod idempotency;
 pub mod metrics;
 pub mod public;
 pub mod push;

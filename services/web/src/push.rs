@@ -204,7 +204,7 @@ impl Pushes {
         })
     }
 
-    /// Pushes one private message under `push_id` (see [`push_id`]);
+    /// Pushes one private message under `push_id` (see [`crate::idempotency::push_id`]);
     /// returns its mid once stored.
     pub async fn push_private(
         &self,
@@ -293,7 +293,7 @@ impl Pushes {
 
     /// Pushes to many keys, one call per comet (with Redis: one store per
     /// key, pipelined on web's connection), each under `push_id` (see
-    /// [`push_id`]); returns the keys that failed.
+    /// [`crate::idempotency::push_id`]); returns the keys that failed.
     pub async fn multi_push(
         &self,
         keys: Vec<String>,
@@ -517,29 +517,5 @@ fn split_pushes(replied: Result<pb::MultiPushReply, tonic::Status>, n: usize) ->
         Err(s) => (0..n)
             .map(|_| CometPush::Failed(s.message().to_owned()))
             .collect(),
-    }
-}
-
-/// The id a push is stored under. Without an `Idempotency-Key` it is fresh
-/// (128 random bits, hex), so only web's own retries of one request dedupe.
-/// With one it follows from the key and the request's body, so a back end
-/// that repeats a request (its answer was lost) within the dedupe window
-/// gets the first mid back and nothing is stored twice; the same key with
-/// another body is another push, never a silently dropped one. Hashed: the
-/// id becomes part of a storage key, so it must be short and plain
-/// ([`pushcluster_core::key::check_push_id`]), and a prefix that random ids
-/// never have keeps the two kinds apart.
-pub fn push_id(idempotency_key: Option<&str>, body: &[u8]) -> String {
-    use sha1::{Digest, Sha1};
-    match idempotency_key {
-        None => format!("{:032x}", rand::random::<u128>()),
-        Some(k) => {
-            let mut h = Sha1::new();
-            h.update(b"pushcluster idempotency key\0");
-            h.update(k.as_bytes());
-            h.update(b"\0");
-            h.update(body);
-            format!("i{}", hex::encode(h.finalize()))
-        }
     }
 }
