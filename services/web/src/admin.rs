@@ -3,13 +3,12 @@
 //! `Authorization: Bearer <token>`. How a push is stored and delivered is
 //! [`crate::push`]'s business; this module reads and checks requests.
 
-use crate::idempotency::{idempotency_key, push_id};
+use crate::idempotency::{push_id, IdempotencyKey};
 use crate::reply::{status_reply, Reply, UNAUTHORIZED};
 use crate::request::{param, read_body, url_form, Params};
 use crate::AppState;
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
-use axum::http::HeaderMap;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -67,17 +66,16 @@ async fn authorize(State(s): State<Arc<AppState>>, req: Request, next: Next) -> 
 async fn push_private(
     State(s): State<Arc<AppState>>,
     Query(q): Params,
-    headers: HeaderMap,
+    IdempotencyKey(idempotency): IdempotencyKey,
     body: Body,
 ) -> Result<Reply, Reply> {
     let start = Instant::now();
     let pushed = async {
         let key = s.check_key(param(&q, "key"))?;
         let expire = s.expire(&q)?;
-        let idempotency = idempotency_key(&headers)?;
         let body = read_body(body, s.cfg.limits.max_message_bytes).await?;
         s.check_message(&body)?;
-        let push_id = push_id(idempotency, &body);
+        let push_id = push_id(idempotency.as_deref(), &body);
         let mid = s.pushes.push_private(key, body, expire, push_id).await?;
         Ok(Reply::ok(Some(json!({ "mid": mid }))))
     }
@@ -117,11 +115,10 @@ fn parse_multi(body: &[u8]) -> Result<(Bytes, Vec<String>), Reply> {
 async fn push_multi(
     State(s): State<Arc<AppState>>,
     Query(q): Params,
-    headers: HeaderMap,
+    IdempotencyKey(idempotency): IdempotencyKey,
     body: Body,
 ) -> Result<Reply, Reply> {
     let expire = s.expire(&q)?;
-    let idempotency = idempotency_key(&headers)?;
     let l = &s.cfg.limits;
     let limit = l.max_message_bytes * 2 + l.max_keys_per_multipush * (l.max_key_bytes + 1) + 64;
     let body = read_body(body, limit).await?;
@@ -137,7 +134,7 @@ async fn push_multi(
     for k in &keys {
         s.check_key(Some(k))?;
     }
-    let push_id = push_id(idempotency, &body);
+    let push_id = push_id(idempotency.as_deref(), &body);
     let failed = s.pushes.multi_push(keys, payload, expire, push_id).await;
     Ok(if failed.is_empty() {
         Reply::ok(None)
@@ -151,14 +148,13 @@ async fn push_multi(
 async fn broadcast(
     State(s): State<Arc<AppState>>,
     Query(q): Params,
-    headers: HeaderMap,
+    IdempotencyKey(idempotency): IdempotencyKey,
     body: Body,
 ) -> Result<Reply, Reply> {
     let expire = s.expire(&q)?;
-    let idempotency = idempotency_key(&headers)?;
     let body = read_body(body, s.cfg.limits.max_message_bytes).await?;
     s.check_message(&body)?;
-    let push_id = idempotency.map_or(String::new(), |k| push_id(Some(k), &body));
+    let push_id = idempotency.map_or(String::new(), |k| push_id(Some(&k), &body));
     let (mid, connections) = s.pushes.broadcast(body, expire, &push_id).await?;
     Ok(Reply::ok(Some(
         json!({ "mid": mid, "connections": connections }),

@@ -4,11 +4,27 @@
 //! own, and only web's own retries of it dedupe.
 
 use crate::reply::Reply;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
 use axum::http::HeaderMap;
 
 /// The header a back end names a push with, to repeat it safely
 /// (draft-ietf-httpapi-idempotency-key-header).
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
+
+/// A handler's view of the request's `Idempotency-Key` (see
+/// [`idempotency_key`]); a bad one is answered with 400 before the handler
+/// runs. Reads the one header rather than taking a copy of them all.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = Reply;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Reply> {
+        idempotency_key(&parts.headers).map(|k| Self(k.map(str::to_owned)))
+    }
+}
 
 /// The request's `Idempotency-Key`, when it has one: 1 to 255 printable
 /// ASCII characters (a UUID, say), given once. A push repeated with the same
