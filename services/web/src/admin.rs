@@ -76,7 +76,7 @@ async fn push_private(
         let body = read_body(body, s.cfg.limits.max_message_bytes).await?;
         s.check_message(&body)?;
         let push_id = push_id(idempotency.as_deref(), &body);
-        let mid = s.pushes.push_private(key, body, expire, push_id).await?;
+        let mid = s.pushes.push_private(key, body, expire, &push_id).await?;
         Ok(Reply::ok(Some(json!({ "mid": mid }))))
     }
     .await;
@@ -135,7 +135,7 @@ async fn push_multi(
         s.check_key(Some(k))?;
     }
     let push_id = push_id(idempotency.as_deref(), &body);
-    let failed = s.pushes.multi_push(keys, payload, expire, push_id).await;
+    let failed = s.pushes.multi_push(keys, payload, expire, &push_id).await;
     Ok(if failed.is_empty() {
         Reply::ok(None)
     } else {

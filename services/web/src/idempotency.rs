@@ -30,7 +30,7 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
 /// ASCII characters (a UUID, say), given once. A push repeated with the same
 /// key and body within the dedupe window is stored once (see
 /// [`push_id`]).
-pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Reply> {
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, Reply> {
     let mut given = headers.get_all(IDEMPOTENCY_KEY).iter();
     let Some(value) = given.next() else {
         return Ok(None);

@@ -211,11 +211,11 @@ impl Pushes {
         key: &str,
         payload: Bytes,
         expire: u64,
-        push_id: String,
+        push_id: &str,
     ) -> Result<i64, Reply> {
         if let PushPath::StoreInRedis(redis) = &self.path {
             return self
-                .store_in_redis(redis, key, payload, expire, &push_id)
+                .store_in_redis(redis, key, payload, expire, push_id)
                 .await;
         }
         let view = self.membership.view();
@@ -224,7 +224,7 @@ impl Pushes {
                 key: key.to_owned(),
                 payload: payload.clone(),
                 expire_seconds: expire,
-                push_id: push_id.clone(),
+                push_id: push_id.to_owned(),
             };
             let pusher = self
                 .pusher(&ep.rpc)
@@ -246,7 +246,7 @@ impl Pushes {
         }
         self.metrics.stored_without_comet.inc();
         let mid = self
-            .store_via_message_service(key, GID_PRIVATE, payload.clone(), expire, &push_id)
+            .store_via_message_service(key, GID_PRIVATE, payload.clone(), expire, push_id)
             .await?;
         // The comet that serves the key now: storing may have waited out a
         // failover.
@@ -299,9 +299,8 @@ impl Pushes {
         keys: Vec<String>,
         payload: Bytes,
         expire: u64,
-        push_id: String,
+        push_id: &str,
     ) -> Vec<String> {
-        let push_id = push_id.as_str();
         if let PushPath::StoreInRedis(_) = &self.path {
             return self.store_each(keys, payload, expire, push_id).await;
         }
