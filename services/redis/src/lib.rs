@@ -10,7 +10,9 @@
 //!   the master that the Sentinels name. The credentials are the data
 //!   nodes' (Sentinels are asked without them). A write that finds a
 //!   replica (`READONLY`) or no answer asks the Sentinels again, so a
-//!   failover costs the pushes in flight, not a restart.
+//!   failover costs the pushes in flight, not a restart; and the
+//!   Sentinels' `+switch-master` moves writes and subscriptions to the new
+//!   master at once, even off an old master that is still up.
 //! - `redis+cluster://[user:password@]node1:6379,node2:6379`: a Redis
 //!   Cluster, reached through any of its seed nodes; the client follows
 //!   `MOVED`/`ASK` and failovers.

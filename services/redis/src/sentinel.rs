@@ -7,98 +7,425 @@
 //! ([`crate::lost_master`]), and asks the Sentinels again on the next call.
 //! The call that saw the error fails (its caller retries, with its push id);
 //! the ones after it reach the new master as soon as the Sentinels name it.
+//!
+//! An old master that is still up answers no error: it keeps taking writes
+//! until the Sentinels turn it into a replica, which they do only when they
+//! next look at it (10 s later in the tests), and then its writes are gone
+//! and its subscribers hear nothing from the new master. So the follower
+//! and every subscription also listen to the Sentinels' own announcement
+//! of a failover (`+switch-master`, on each Sentinel's pub/sub) and move to
+//! the new master the moment it is made, as Jedis's and Lettuce's Sentinel
+//! pools do ([`Group::switches`]). The announced master is also the first
+//! one tried afterwards: the other Sentinels learn of the failover from its
+//! leader a second or two later, and until then name the old master, which
+//! answers `ROLE` as a master too.
 
-use crate::{lost_master, manager_config};
+use crate::{lost_master, manager_config, CONNECT_TIMEOUT};
+use futures::StreamExt;
 use redis::aio::{ConnectionLike, ConnectionManager};
-use redis::sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType};
-use redis::{Cmd, RedisConnectionInfo, RedisResult, Value};
-use std::sync::Mutex;
+use redis::{Cmd, IntoConnectionInfo, RedisConnectionInfo, RedisResult, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// The pub/sub channel on which a Sentinel announces a failover's end:
+/// `<master-name> <old-ip> <old-port> <new-ip> <new-port>`.
+const SWITCH_MASTER: &str = "+switch-master";
+
+/// Pause before listening to a Sentinel again after its connection failed,
+/// doubled up to the maximum.
+const LISTEN_RETRY: Duration = Duration::from_millis(200);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How long the Sentinels are waited for once the first has answered: a
+/// Sentinel that is down (or slow) costs a resolution this, not a timeout.
+const STRAGGLERS: Duration = Duration::from_millis(250);
+
+/// A Sentinel-watched group as a target names it; clones share what was
+/// heard of its failovers.
+#[derive(Clone)]
+pub(crate) struct Group {
+    /// The Sentinels' addresses (`host:port`).
+    pub(crate) sentinels: Vec<String>,
+    /// The master's name.
+    pub(crate) master: String,
+    /// How to talk to the data nodes (credentials, database).
+    pub(crate) node: RedisConnectionInfo,
+    /// The master the last `+switch-master` heard named.
+    announced: Arc<Mutex<Option<String>>>,
+}
+
+/// What one Sentinel says of the master: where it is, under which
+/// configuration epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Named {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) epoch: u64,
+}
+
+/// Reads a `SENTINEL MASTER <name>` reply (field, value, ...).
+fn named(fields: &HashMap<String, String>) -> Option<Named> {
+    Some(Named {
+        host: fields.get("ip")?.clone(),
+        port: fields.get("port")?.parse().ok()?,
+        epoch: fields
+            .get("config-epoch")
+            .and_then(|e| e.parse().ok())
+            .unwrap_or(0),
+    })
+}
+
+/// The masters the Sentinels name, in the order to try them: the newest
+/// configuration first and, within one, the address most Sentinels name
+/// (a Sentinel that voted in a failover may show its epoch before its new
+/// address); each address once.
+pub(crate) fn candidates(answers: &[Named]) -> Vec<Named> {
+    let mut votes: HashMap<(&str, u16, u64), usize> = HashMap::new();
+    for n in answers {
+        *votes.entry((&n.host, n.port, n.epoch)).or_default() += 1;
+    }
+    let mut ranked: Vec<(&Named, usize)> = Vec::new();
+    for n in answers {
+        if !ranked.iter().any(|(r, _)| r == &n) {
+            ranked.push((n, votes[&(n.host.as_str(), n.port, n.epoch)]));
+        }
+    }
+    ranked.sort_by(|(a, va), (b, vb)| b.epoch.cmp(&a.epoch).then(vb.cmp(va)));
+    let mut out: Vec<Named> = Vec::new();
+    for (n, _) in ranked {
+        if !out.iter().any(|o| o.host == n.host && o.port == n.port) {
+            out.push(n.clone());
+        }
+    }
+    out
+}
+
+async fn ask_sentinel(sentinel: &str, master: &str) -> RedisResult<Named> {
+    let client = redis::Client::open(format!("redis://{sentinel}"))?;
+    let asked = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("SENTINEL")
+            .arg("MASTER")
+            .arg(master)
+            .query_async::<HashMap<String, String>>(&mut conn)
+            .await
+    };
+    let fields = tokio::time::timeout(CONNECT_TIMEOUT, asked)
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    named(&fields).ok_or_else(|| {
+        redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            "a Sentinel's SENTINEL MASTER reply without ip and port",
+        ))
+    })
+}
+
+/// Whether the node behind `client` answers `ROLE` as a master.
+async fn is_master(client: &redis::Client) -> bool {
+    let role = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("ROLE")
+            .query_async::<Vec<Value>>(&mut conn)
+            .await
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, role).await {
+        Ok(Ok(r)) => matches!(r.first(), Some(Value::BulkString(b)) if b == b"master"),
+        _ => false,
+    }
+}
+
+/// The address (`host:port`) of a node a client is for.
+pub(crate) fn address(client: &redis::Client) -> String {
+    client.get_connection_info().addr().to_string()
+}
+
+/// Whether two `host:port` addresses name the same node (an IPv6 host may
+/// come with brackets or without).
+pub(crate) fn same_addr(a: &str, b: &str) -> bool {
+    let norm = |s: &str| s.replace(['[', ']'], "");
+    norm(a) == norm(b)
+}
+
+/// Splits `host:port` (an IPv6 host in brackets).
+fn host_port(addr: &str) -> Option<(String, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    Some((
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port.parse().ok()?,
+    ))
+}
+
+/// The new master's address in a `+switch-master` announcement, when it
+/// is about `master`.
+pub(crate) fn switched_to(master: &str, announcement: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(announcement).ok()?;
+    let parts: Vec<&str> = text.split_ascii_whitespace().collect();
+    match parts[..] {
+        [name, _, _, ip, port] if name == master && port.parse::<u16>().is_ok() => {
+            if ip.contains(':') {
+                Some(format!("[{ip}]:{port}"))
+            } else {
+                Some(format!("{ip}:{port}"))
+            }
+        }
+        _ => None,
+    }
+}
+
+impl Group {
+    pub(crate) fn new(sentinels: Vec<String>, master: String, node: RedisConnectionInfo) -> Self {
+        Self {
+            sentinels,
+            master,
+            node,
+            announced: Arc::default(),
+        }
+    }
+
+    fn client_of(&self, host: String, port: u16) -> RedisResult<redis::Client> {
+        let info = redis::ConnectionAddr::Tcp(host, port)
+            .into_connection_info()?
+            .set_redis_settings(self.node.clone());
+        redis::Client::open(info)
+    }
+
+    /// A client of the master now: the one last announced if it still
+    /// answers as a master, else the first the Sentinels name (see
+    /// [`candidates`]) that does. Every Sentinel is asked, and those that
+    /// have not answered [`STRAGGLERS`] after the first are not waited for.
+    pub(crate) async fn master_client(&self) -> RedisResult<redis::Client> {
+        let announced = self.announced.lock().ok().and_then(|a| a.clone());
+        if let Some((host, port)) = announced.as_deref().and_then(host_port) {
+            let client = self.client_of(host, port)?;
+            if is_master(&client).await {
+                return Ok(client);
+            }
+        }
+        let mut asked: futures::stream::FuturesUnordered<_> = self
+            .sentinels
+            .iter()
+            .map(|s| ask_sentinel(s, &self.master))
+            .collect();
+        let mut answers = Vec::new();
+        let mut last_error = None;
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            let next = match grace.as_mut() {
+                Some(g) => tokio::select! {
+                    a = asked.next() => a,
+                    () = g => None,
+                },
+                None => asked.next().await,
+            };
+            match next {
+                Some(Ok(n)) => {
+                    answers.push(n);
+                    if grace.is_none() {
+                        grace = Some(Box::pin(tokio::time::sleep(STRAGGLERS)));
+                    }
+                }
+                Some(Err(e)) => last_error = Some(e),
+                None => break,
+            }
+        }
+        for n in candidates(&answers) {
+            let client = self.client_of(n.host, n.port)?;
+            if is_master(&client).await {
+                return Ok(client);
+            }
+        }
+        Err(last_error.unwrap_or_else(|| {
+            redis::RedisError::from((
+                redis::ErrorKind::MasterNameNotFoundBySentinel,
+                "no Sentinel names a master of this name that answers as one",
+            ))
+        }))
+    }
+
+    /// The new master's address each time one of the Sentinels announces
+    /// that the master failed over (also kept as the one to try first).
+    /// Each Sentinel is listened to on its own connection, reconnected when
+    /// it drops (a Sentinel may be down while the others carry on); so a
+    /// failover usually comes once per Sentinel. The listeners stop when
+    /// the receiver is dropped.
+    pub(crate) fn switches(&self) -> mpsc::UnboundedReceiver<String> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        for s in &self.sentinels {
+            tokio::spawn(listen(s.clone(), self.clone(), tx.clone()));
+        }
+        rx
+    }
+
+    fn heard(&self, to: &str) {
+        if let Ok(mut a) = self.announced.lock() {
+            *a = Some(to.to_owned());
+        }
+    }
+}
+
+/// Listens to one Sentinel's announcements until `tx` is closed.
+async fn listen(sentinel: String, group: Group, tx: mpsc::UnboundedSender<String>) {
+    let mut pause = LISTEN_RETRY;
+    loop {
+        let heard = tokio::select! {
+            () = tx.closed() => return,
+            r = listen_once(&sentinel, &group, &tx) => r,
+        };
+        match heard {
+            Ok(()) => pause = LISTEN_RETRY,
+            Err(e) => {
+                tracing::debug!(sentinel, error = %e, "cannot listen to a sentinel's failovers");
+            }
+        }
+        tokio::select! {
+            () = tx.closed() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(LISTEN_RETRY_MAX);
+    }
+}
+
+/// One connection's worth of a Sentinel's announcements: Ok once it was
+/// subscribed and then closed.
+async fn listen_once(
+    sentinel: &str,
+    group: &Group,
+    tx: &mpsc::UnboundedSender<String>,
+) -> RedisResult<()> {
+    let client = redis::Client::open(format!("redis://{sentinel}"))?;
+    let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    pubsub.subscribe(SWITCH_MASTER).await?;
+    let mut messages = pubsub.on_message();
+    while let Some(m) = messages.next().await {
+        if let Some(to) = switched_to(&group.master, m.get_payload_bytes()) {
+            group.heard(&to);
+            if tx.send(to).is_err() {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
 
 /// The master of one Sentinel-watched group, followed across failovers.
 pub(crate) struct Follower {
-    sentinels: tokio::sync::Mutex<SentinelClient>,
+    group: Group,
+    /// Held while the Sentinels are asked: one caller asks, the others
+    /// wait for its answer.
+    asking: tokio::sync::Mutex<()>,
+    followed: Arc<Followed>,
+    /// Listens to the Sentinels' `+switch-master` from the first call on
+    /// (a runtime is there then); stopped with the follower.
+    watcher: OnceLock<tokio::task::AbortHandle>,
+}
+
+/// What a follower follows now, shared with its watcher.
+#[derive(Default)]
+struct Followed {
     /// The manager for the master resolved last, with a generation so an
     /// error on an older one does not drop a newer one.
     current: Mutex<Option<(u64, ConnectionManager)>>,
-    generation: std::sync::atomic::AtomicU64,
+    generation: AtomicU64,
+    /// Failovers announced so far: a resolution that one overtook asks again.
+    switches: AtomicU64,
     master: Mutex<Option<String>>,
-    db: i64,
 }
 
-fn client(
-    sentinels: &[String],
-    master: &str,
-    node: &RedisConnectionInfo,
-) -> RedisResult<SentinelClient> {
-    SentinelClient::build(
-        sentinels
-            .iter()
-            .map(|s| format!("redis://{s}"))
-            .collect::<Vec<_>>(),
-        master.to_owned(),
-        Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(node.clone())),
-        SentinelServerType::Master,
-    )
-}
+impl Followed {
+    fn cached(&self) -> Option<(u64, ConnectionManager)> {
+        self.current.lock().ok().and_then(|c| c.clone())
+    }
 
-/// A client of the master the Sentinels name now.
-pub(crate) async fn master_client(
-    sentinels: &[String],
-    master: &str,
-    node: &RedisConnectionInfo,
-) -> RedisResult<redis::Client> {
-    client(sentinels, master, node)?.async_get_client().await
+    /// The Sentinels announced `to` as the master: a manager for any other
+    /// node is dropped, so the next call reaches `to`.
+    fn switched(&self, to: &str) {
+        self.switches.fetch_add(1, Ordering::SeqCst);
+        let following = self.master.lock().ok().and_then(|m| m.clone());
+        if following.as_deref().is_some_and(|m| same_addr(m, to)) {
+            return;
+        }
+        if let Ok(mut c) = self.current.lock() {
+            if c.take().is_some() {
+                tracing::info!(
+                    from = following.as_deref().unwrap_or("-"),
+                    to,
+                    "redis sentinel: the sentinels switched the master; following the new one"
+                );
+            }
+        }
+    }
 }
 
 impl Follower {
-    pub(crate) fn new(
-        sentinels: &[String],
-        master: &str,
-        node: &RedisConnectionInfo,
-    ) -> RedisResult<Self> {
-        Ok(Self {
-            sentinels: tokio::sync::Mutex::new(client(sentinels, master, node)?),
-            current: Mutex::new(None),
-            generation: Default::default(),
-            master: Mutex::new(None),
-            db: node.db(),
-        })
+    pub(crate) fn new(group: Group) -> Self {
+        Self {
+            group,
+            asking: tokio::sync::Mutex::new(()),
+            followed: Arc::default(),
+            watcher: OnceLock::new(),
+        }
     }
 
     pub(crate) fn db(&self) -> i64 {
-        self.db
+        self.group.node.db()
     }
 
     pub(crate) fn master(&self) -> Option<String> {
-        self.master.lock().ok().and_then(|m| m.clone())
+        self.followed.master.lock().ok().and_then(|m| m.clone())
     }
 
-    fn cached(&self) -> Option<(u64, ConnectionManager)> {
-        self.current.lock().ok().and_then(|c| c.clone())
+    /// Starts listening to the Sentinels' failovers, once.
+    fn watch(&self) {
+        self.watcher.get_or_init(|| {
+            let mut heard = self.group.switches();
+            let followed = self.followed.clone();
+            tokio::spawn(async move {
+                while let Some(to) = heard.recv().await {
+                    followed.switched(&to);
+                }
+            })
+            .abort_handle()
+        });
     }
 
     /// The manager for the current master, asking the Sentinels when there
     /// is none (one caller asks; the others wait for its answer).
     pub(crate) async fn conn(&self) -> RedisResult<(u64, ConnectionManager)> {
-        if let Some(c) = self.cached() {
+        if let Some(c) = self.followed.cached() {
             return Ok(c);
         }
-        let mut sentinels = self.sentinels.lock().await;
-        if let Some(c) = self.cached() {
+        self.watch();
+        let _asking = self.asking.lock().await;
+        if let Some(c) = self.followed.cached() {
             return Ok(c);
         }
-        let client = sentinels.async_get_client().await?;
-        let addr = client.get_connection_info().addr().to_string();
+        // A failover announced while the Sentinels were being asked may
+        // have made their answer stale: ask again (a few times at most).
+        let mut tries = 0;
+        let client = loop {
+            let before = self.followed.switches.load(Ordering::SeqCst);
+            let client = self.group.master_client().await?;
+            tries += 1;
+            if tries == 3 || self.followed.switches.load(Ordering::SeqCst) == before {
+                break client;
+            }
+        };
+        let addr = address(&client);
         let manager = ConnectionManager::new_with_config(client, manager_config()).await?;
-        let generation = self
-            .generation
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            + 1;
+        let generation = self.followed.generation.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::info!(master = %addr, "redis sentinel: following the master");
-        if let Ok(mut m) = self.master.lock() {
+        if let Ok(mut m) = self.followed.master.lock() {
             *m = Some(addr);
         }
-        if let Ok(mut c) = self.current.lock() {
+        if let Ok(mut c) = self.followed.current.lock() {
             *c = Some((generation, manager.clone()));
         }
         Ok((generation, manager))
@@ -108,7 +435,7 @@ impl Follower {
         if !lost_master(e) {
             return;
         }
-        if let Ok(mut c) = self.current.lock() {
+        if let Ok(mut c) = self.followed.current.lock() {
             if c.as_ref().is_some_and(|(g, _)| *g == generation) {
                 tracing::warn!(error = %e, "redis sentinel: the master moved or went away; asking the sentinels again");
                 *c = None;
@@ -137,5 +464,89 @@ impl Follower {
             self.failed(generation, e);
         }
         r
+    }
+}
+
+impl Drop for Follower {
+    fn drop(&mut self) {
+        if let Some(w) = self.watcher.get() {
+            w.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_switch_announcement_names_the_new_master_of_its_group() {
+        let a = b"pcmaster 127.0.0.1 6379 127.0.0.1 6380";
+        assert_eq!(
+            switched_to("pcmaster", a).as_deref(),
+            Some("127.0.0.1:6380")
+        );
+        assert_eq!(switched_to("other", a), None, "another group's failover");
+        assert_eq!(
+            switched_to("m", b"m ::1 6379 ::1 6380").as_deref(),
+            Some("[::1]:6380")
+        );
+        assert_eq!(switched_to("m", b"m 10.0.0.1 6379 10.0.0.2"), None);
+        assert_eq!(switched_to("m", b"m a 1 b port"), None);
+        assert_eq!(switched_to("m", &[0xff, 0xfe]), None);
+    }
+
+    fn named(host: &str, port: u16, epoch: u64) -> Named {
+        Named {
+            host: host.into(),
+            port,
+            epoch,
+        }
+    }
+
+    #[test]
+    fn the_newest_configuration_comes_first_and_each_address_once() {
+        // Two Sentinels still name the old master (epoch 0); the leader of
+        // the failover already names the new one (epoch 1).
+        let answers = vec![named("a", 1, 0), named("b", 2, 1), named("a", 1, 0)];
+        assert_eq!(
+            candidates(&answers),
+            vec![named("b", 2, 1), named("a", 1, 0)]
+        );
+        assert!(candidates(&[]).is_empty());
+        // A Sentinel that voted shows the new epoch with the old address
+        // until it hears the new one: most Sentinels decide the tie.
+        let answers = vec![named("a", 1, 1), named("b", 2, 1), named("b", 2, 1)];
+        assert_eq!(
+            candidates(&answers),
+            vec![named("b", 2, 1), named("a", 1, 1)]
+        );
+    }
+
+    #[test]
+    fn a_sentinel_master_reply_gives_address_and_epoch() {
+        let reply: std::collections::HashMap<String, String> = [
+            ("name", "pcmaster"),
+            ("ip", "10.0.0.2"),
+            ("port", "6380"),
+            ("config-epoch", "3"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(super::named(&reply), Some(named("10.0.0.2", 6380, 3)));
+        let mut no_port = reply.clone();
+        no_port.remove("port");
+        assert_eq!(super::named(&no_port), None);
+    }
+
+    #[test]
+    fn addresses_compare_with_or_without_brackets() {
+        assert!(same_addr("[::1]:6380", "::1:6380"));
+        assert_eq!(host_port("[::1]:6380"), Some(("::1".into(), 6380)));
+        assert_eq!(host_port("10.0.0.1:6380"), Some(("10.0.0.1".into(), 6380)));
+        assert_eq!(host_port("nope"), None);
+        assert!(same_addr("127.0.0.1:6380", "127.0.0.1:6380"));
+        assert!(!same_addr("127.0.0.1:6380", "127.0.0.1:6381"));
     }
 }

@@ -11,11 +11,13 @@
 //! delivered: whoever subscribes reads what it missed from the store.
 //!
 //! The stream ends when the connection is lost, including any one node's
-//! connection of a cluster: the subscriber starts again with a new one and
-//! reads what it missed, rather than trust a silent resubscription.
+//! connection of a cluster, and behind Sentinels when they announce a
+//! failover (the old master, if still up, hears nothing of the new one's
+//! messages): the subscriber starts again with a new one and reads what it
+//! missed, rather than trust a silent resubscription.
 
 use crate::target::Kind;
-use crate::{Error, Target};
+use crate::{sentinel, Error, Target};
 use futures::stream::BoxStream;
 use futures::StreamExt;
 use redis::cluster_async::ClusterConnection;
@@ -86,15 +88,45 @@ impl Subscriber {
                 stream,
             ));
         }
+        // Behind Sentinels, listen for failovers before asking for the
+        // master, so none between the two goes unheard.
+        let switches = match &target.kind {
+            Kind::Sentinel(group) => Some(group.switches()),
+            _ => None,
+        };
         let client = target.master_client().await?;
         let (sink, stream) = client.get_async_pubsub().await?.split();
+        let stream = stream.map(Event::Message);
+        let stream = match switches {
+            Some(heard) => stream
+                .take_until(switched_away(heard, sentinel::address(&client)))
+                .boxed(),
+            None => stream.boxed(),
+        };
         Ok((
             SubscriberHandle {
                 inner: Handle::Node(sink),
             },
-            stream.map(Event::Message).boxed(),
+            stream,
         ))
     }
+}
+
+/// Resolves when the Sentinels announce a master other than `subscribed`:
+/// the subscription is on the old master, which hears nothing of the new
+/// one's messages, so its stream ends and the subscriber starts again on
+/// the new one (reading what it missed from the store).
+async fn switched_away(
+    mut heard: tokio::sync::mpsc::UnboundedReceiver<String>,
+    subscribed: String,
+) {
+    while let Some(to) = heard.recv().await {
+        if !sentinel::same_addr(&to, &subscribed) {
+            tracing::info!(from = %subscribed, %to, "redis sentinel: the sentinels switched the master; subscribing again");
+            return;
+        }
+    }
+    std::future::pending::<()>().await;
 }
 
 /// The pushes of a cluster connection as events, ending at the first

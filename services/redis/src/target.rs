@@ -25,11 +25,7 @@ pub struct Target {
 #[derive(Clone)]
 pub(crate) enum Kind {
     Single(redis::Client),
-    Sentinel {
-        sentinels: Vec<String>,
-        master: String,
-        node: redis::RedisConnectionInfo,
-    },
+    Sentinel(sentinel::Group),
     Cluster {
         nodes: Vec<String>,
         username: Option<String>,
@@ -84,11 +80,7 @@ impl Target {
                 node = node.set_password(p);
             }
             Ok(Self {
-                kind: Kind::Sentinel {
-                    sentinels: parts.hosts,
-                    master: master.to_owned(),
-                    node,
-                },
+                kind: Kind::Sentinel(sentinel::Group::new(parts.hosts, master.to_owned(), node)),
                 redacted: redact(url),
             })
         } else if let Some(rest) = url.strip_prefix(CLUSTER) {
@@ -117,7 +109,7 @@ impl Target {
     pub fn mode(&self) -> Mode {
         match self.kind {
             Kind::Single(_) => Mode::Single,
-            Kind::Sentinel { .. } => Mode::Sentinel,
+            Kind::Sentinel(_) => Mode::Sentinel,
             Kind::Cluster { .. } => Mode::Cluster,
         }
     }
@@ -138,11 +130,9 @@ impl Target {
                 client.clone(),
                 manager_config(),
             )?),
-            Kind::Sentinel {
-                sentinels,
-                master,
-                node,
-            } => Inner::Sentinel(Arc::new(sentinel::Follower::new(sentinels, master, node)?)),
+            Kind::Sentinel(group) => {
+                Inner::Sentinel(Arc::new(sentinel::Follower::new(group.clone())))
+            }
             Kind::Cluster { .. } => {
                 Inner::Cluster(Arc::new(LazyCluster::new(self.cluster_builder().build()?)))
             }
@@ -176,11 +166,7 @@ impl Target {
     pub async fn master_client(&self) -> Result<redis::Client, Error> {
         match &self.kind {
             Kind::Single(c) => Ok(c.clone()),
-            Kind::Sentinel {
-                sentinels,
-                master,
-                node,
-            } => Ok(sentinel::master_client(sentinels, master, node).await?),
+            Kind::Sentinel(group) => Ok(group.master_client().await?),
             Kind::Cluster { .. } => Err(Error::Url {
                 url: self.redacted.clone(),
                 why: "a Redis Cluster has no single master".into(),
@@ -212,7 +198,7 @@ impl Target {
                     redis::cmd("PING").query_async::<()>(&mut conn).await?;
                     Ok(Topology::Single)
                 }
-                Kind::Sentinel { .. } => {
+                Kind::Sentinel(_) => {
                     let client = self.master_client().await?;
                     Ok(Topology::Sentinel {
                         master: client.get_connection_info().addr().to_string(),
@@ -364,17 +350,12 @@ mod tests {
         assert_eq!(t.mode(), Mode::Single);
         let t = Target::parse("redis+sentinel://a:26379,b,[::1]:26380/mymaster/3").unwrap();
         assert_eq!(t.mode(), Mode::Sentinel);
-        let Kind::Sentinel {
-            sentinels,
-            master,
-            node,
-        } = &t.kind
-        else {
+        let Kind::Sentinel(group) = &t.kind else {
             panic!("sentinel")
         };
-        assert_eq!(sentinels, &["a:26379", "b:26379", "[::1]:26380"]);
-        assert_eq!(master, "mymaster");
-        assert_eq!(node.db(), 3);
+        assert_eq!(group.sentinels, ["a:26379", "b:26379", "[::1]:26380"]);
+        assert_eq!(group.master, "mymaster");
+        assert_eq!(group.node.db(), 3);
         let t = Target::parse("redis+cluster://u:p%40ss@n1:7000,n2").unwrap();
         let Kind::Cluster {
             nodes,
@@ -429,10 +410,10 @@ e 10.0.0.5:6379@16379 master - 0 0 0 connected
         let url = pushcluster_core::ops::with_password("redis+sentinel://s1,s2/m", "p@ss:/w");
         assert_eq!(url, "redis+sentinel://:p%40ss%3A%2Fw@s1,s2/m");
         assert_eq!(redact(&url), "redis+sentinel://***@s1,s2/m");
-        let Kind::Sentinel { node, .. } = Target::parse(&url).unwrap().kind else {
+        let Kind::Sentinel(group) = Target::parse(&url).unwrap().kind else {
             panic!("sentinel")
         };
-        assert_eq!(node.password(), Some("p@ss:/w"));
+        assert_eq!(group.node.password(), Some("p@ss:/w"));
         assert_eq!(
             pushcluster_core::ops::with_password("redis://admin:old@h:1/0", "new"),
             "redis://admin:new@h:1/0"

@@ -534,3 +534,80 @@ async fn shutdown_nosave(port: u16) {
         .query_async::<()>(&mut conn)
         .await;
 }
+
+/// A key's sequence goes back while the comets' live feed stays up: what
+/// a Sentinel failover without WAIT does to a key whose last writes the
+/// promoted replica never had. The next pushes take mids the followers
+/// already saw; the comet, offered a mid at or below the last it
+/// delivered, reads the stored sequence, finds it behind and has the
+/// key's followers resync (told of the reset) instead of dropping the new
+/// messages as seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_that_went_back_under_a_live_feed_resets_its_followers() {
+    let redis = RedisServer::start();
+    let c = Cluster::start(Options {
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    });
+    let api = c.client();
+    let mut followers = Vec::new();
+    let mut keys = Vec::new();
+    for p in PROTOS {
+        let k = format!("back-{p:?}");
+        followers.push(Followers::start(&api, std::slice::from_ref(&k), p));
+        keys.push(k);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for n in 1..=10 {
+        for k in &keys {
+            api.push(k, &format!(r#"{{"n":{n}}}"#), Some(600))
+                .await
+                .expect("push");
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    for k in &keys {
+        // As a replica that had only the first 5 would have it.
+        redis::pipe()
+            .cmd("SET")
+            .arg(format!("pc:k:{{{k}}}:s"))
+            .arg(5)
+            .ignore()
+            .cmd("LTRIM")
+            .arg(format!("pc:k:{{{k}}}:m"))
+            .arg(0)
+            .arg(4)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("set the sequence back");
+    }
+    let mut last = BTreeMap::new();
+    for k in &keys {
+        let mid = api
+            .push(k, r#"{"after":true}"#, Some(600))
+            .await
+            .expect("push");
+        assert_eq!(mid, 6, "{k}: the sequence did not go back");
+        last.insert(k.clone(), mid);
+    }
+    for f in followers {
+        for (k, seen) in f.finish(&last, &c).await {
+            assert_eq!(seen.resets, 1, "{k}: not told of the reset: {seen:?}");
+            assert_eq!(
+                seen.mids[seen.epoch_start..],
+                [1, 2, 3, 4, 5, 6],
+                "{k}: the resynced sequence"
+            );
+        }
+    }
+    let resets: f64 = comets_metric(&c, "pushcluster_comet_live_resets_total")
+        .iter()
+        .sum();
+    assert!(resets >= 3.0, "the comets counted {resets} resets");
+}

@@ -379,3 +379,62 @@ async fn a_sentinel_failover_without_wait_reports_what_it_lost() {
     eprintln!("without WAIT: {lost} acknowledged pushes lost in the failover");
     assert_eq!(pushed.failed, 0);
 }
+
+/// Stops the master (SIGSTOP: a stalled process, a paused VM), waits for
+/// the Sentinels to promote a replica and lets the old master go on: it
+/// comes back still a master, with its clients' connections open, until
+/// the Sentinels next look at it and make it a replica.
+fn stall_sentinel_master(group: &mut RedisSentinels) {
+    let victim = group.master_index().expect("a master");
+    let t = Instant::now();
+    group.nodes[victim].signal("STOP");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let now = loop {
+        if let Some(now) = group.master_index().filter(|&m| m != victim) {
+            break now;
+        }
+        if Instant::now() > deadline {
+            group.nodes[victim].signal("CONT");
+            panic!("the sentinels promoted no replica");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    group.nodes[victim].signal("CONT");
+    eprintln!(
+        "sentinel: master {victim} stopped, node {now} promoted after {:?}; the old master goes on",
+        t.elapsed()
+    );
+}
+
+/// With the old master back and still taking writes, a writer that stayed
+/// on it would have its pushes acknowledged there and lost when it becomes
+/// a replica, and comets subscribed to it would hear nothing of the new
+/// master. Everyone follows the Sentinels' announcement instead: with WAIT
+/// (the old master has no replica left to confirm) nothing acknowledged
+/// is lost and nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sentinel_master_that_comes_back_is_left_at_once() {
+    let mut group = RedisSentinels::start(2);
+    let c = cluster_on(&group.url(), WAIT_ONE);
+    let (pushed, lost) = under_traffic(&c, Duration::from_secs(3), true, || {
+        stall_sentinel_master(&mut group);
+    })
+    .await;
+    assert_eq!(lost, 0, "WAIT durability lost acknowledged pushes");
+    assert_eq!(pushed.failed, 0);
+}
+
+/// The same without WAIT: the pushes the old master took while stalled are
+/// lost (reported), and the ones after the promotion reach the new master
+/// and every follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_sentinel_master_without_wait_reports_what_it_lost() {
+    let mut group = RedisSentinels::start(2);
+    let c = cluster_on(&group.url(), Durability::default());
+    let (pushed, lost) = under_traffic(&c, Duration::from_secs(3), false, || {
+        stall_sentinel_master(&mut group);
+    })
+    .await;
+    eprintln!("stalled master without WAIT: {lost} acknowledged pushes lost");
+    assert_eq!(pushed.failed, 0);
+}
