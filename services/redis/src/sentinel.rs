@@ -19,6 +19,18 @@
 //! one tried afterwards: the other Sentinels learn of the failover from its
 //! leader a second or two later, and until then name the old master, which
 //! answers `ROLE` as a master too.
+//!
+//! `+switch-master` comes only once every replica was re-pointed at the new
+//! master; until a replica takes its `REPLICAOF`, it still replicates the
+//! old master. An old master that comes back in that time (a stalled one,
+//! let go) takes the writes queued to it and a replica confirms their
+//! `WAIT`, and then the replica resyncs from the new master and they are
+//! gone (CI saw 5 acknowledged mids reused, `WAIT 1` with two replicas).
+//! So the leader's earlier `+promoted-slave` (the replica answers as a
+//! master) counts as the announcement too, and an answer that arrives from
+//! an old master after an announcement named another is not trusted: the
+//! call fails as `MASTERDOWN`, and its caller retries on the new master
+//! (a push under its push id, which the new master may not have).
 
 use crate::{lost_master, manager_config, CONNECT_TIMEOUT};
 use futures::StreamExt;
@@ -33,6 +45,11 @@ use tokio::sync::mpsc;
 /// The pub/sub channel on which a Sentinel announces a failover's end:
 /// `<master-name> <old-ip> <old-port> <new-ip> <new-port>`.
 const SWITCH_MASTER: &str = "+switch-master";
+
+/// The channel on which the failover's leader announces that the replica
+/// it chose answers as a master:
+/// `slave <ip:port> <ip> <port> @ <master-name> <old-ip> <old-port>`.
+const PROMOTED: &str = "+promoted-slave";
 
 /// Pause before listening to a Sentinel again after its connection failed,
 /// doubled up to the maximum.
@@ -178,6 +195,33 @@ pub(crate) fn switched_to(master: &str, announcement: &[u8]) -> Option<String> {
     }
 }
 
+/// The new master's address in a `+promoted-slave` announcement, when the
+/// replica promoted is one of `master`'s.
+pub(crate) fn promoted(master: &str, announcement: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(announcement).ok()?;
+    let parts: Vec<&str> = text.split_ascii_whitespace().collect();
+    match parts[..] {
+        ["slave", _, ip, port, "@", name, _, _] if name == master => {
+            port.parse::<u16>().ok()?;
+            if ip.contains(':') {
+                Some(format!("[{ip}]:{port}"))
+            } else {
+                Some(format!("{ip}:{port}"))
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The new master a Sentinel's message on `channel` announces, if any.
+fn announced(master: &str, channel: &str, payload: &[u8]) -> Option<String> {
+    match channel {
+        SWITCH_MASTER => switched_to(master, payload),
+        PROMOTED => promoted(master, payload),
+        _ => None,
+    }
+}
+
 impl Group {
     pub(crate) fn new(sentinels: Vec<String>, master: String, node: RedisConnectionInfo) -> Self {
         Self {
@@ -302,10 +346,10 @@ async fn listen_once(
     let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    pubsub.subscribe(SWITCH_MASTER).await?;
+    pubsub.subscribe(&[SWITCH_MASTER, PROMOTED]).await?;
     let mut messages = pubsub.on_message();
     while let Some(m) = messages.next().await {
-        if let Some(to) = switched_to(&group.master, m.get_payload_bytes()) {
+        if let Some(to) = announced(&group.master, m.get_channel_name(), m.get_payload_bytes()) {
             group.heard(&to);
             if tx.send(to).is_err() {
                 break;
@@ -336,6 +380,9 @@ struct Followed {
     generation: AtomicU64,
     /// Failovers announced so far: a resolution that one overtook asks again.
     switches: AtomicU64,
+    /// Managers of this generation or older were for a master that an
+    /// announcement has since replaced: their answers are not trusted.
+    left: AtomicU64,
     master: Mutex<Option<String>>,
 }
 
@@ -352,6 +399,8 @@ impl Followed {
         if following.as_deref().is_some_and(|m| same_addr(m, to)) {
             return;
         }
+        self.left
+            .fetch_max(self.generation.load(Ordering::SeqCst), Ordering::SeqCst);
         if let Ok(mut c) = self.current.lock() {
             if c.take().is_some() {
                 tracing::info!(
@@ -420,7 +469,7 @@ impl Follower {
         };
         let addr = address(&client);
         let manager = ConnectionManager::new_with_config(client, manager_config()).await?;
-        let generation = self.followed.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let generation = self.followed.generation.fetch_add(1, Ordering::SeqCst) + 1;
         tracing::info!(master = %addr, "redis sentinel: following the master");
         if let Ok(mut m) = self.followed.master.lock() {
             *m = Some(addr);
@@ -443,13 +492,25 @@ impl Follower {
         }
     }
 
-    pub(crate) async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
-        let (generation, mut conn) = self.conn().await?;
-        let r = conn.req_packed_command(cmd).await;
+    /// `r` as answered on `generation`'s manager: failed if a failover was
+    /// announced away from its master meanwhile (see the module doc).
+    fn answered<T>(&self, generation: u64, r: RedisResult<T>) -> RedisResult<T> {
         if let Err(e) = &r {
             self.failed(generation, e);
         }
+        if generation <= self.followed.left.load(Ordering::SeqCst) {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown),
+                "answered by a master the sentinels have since replaced",
+            )));
+        }
         r
+    }
+
+    pub(crate) async fn command(&self, cmd: &Cmd) -> RedisResult<Value> {
+        let (generation, mut conn) = self.conn().await?;
+        let r = conn.req_packed_command(cmd).await;
+        self.answered(generation, r)
     }
 
     pub(crate) async fn commands(
@@ -460,10 +521,7 @@ impl Follower {
     ) -> RedisResult<Vec<Value>> {
         let (generation, mut conn) = self.conn().await?;
         let r = conn.req_packed_commands(pipeline, offset, count).await;
-        if let Err(e) = &r {
-            self.failed(generation, e);
-        }
-        r
+        self.answered(generation, r)
     }
 }
 
@@ -494,6 +552,25 @@ mod tests {
         assert_eq!(switched_to("m", b"m 10.0.0.1 6379 10.0.0.2"), None);
         assert_eq!(switched_to("m", b"m a 1 b port"), None);
         assert_eq!(switched_to("m", &[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn a_promotion_names_the_replica_that_is_now_master() {
+        let a = b"slave 127.0.0.1:6380 127.0.0.1 6380 @ pcmaster 127.0.0.1 6379";
+        assert_eq!(promoted("pcmaster", a).as_deref(), Some("127.0.0.1:6380"));
+        assert_eq!(promoted("other", a), None, "another group's replica");
+        assert_eq!(
+            announced("pcmaster", PROMOTED, a).as_deref(),
+            Some("127.0.0.1:6380")
+        );
+        assert_eq!(announced("pcmaster", SWITCH_MASTER, a), None);
+        assert_eq!(announced("pcmaster", "+sdown", a), None);
+        assert_eq!(
+            promoted("m", b"slave [::1]:6380 ::1 6380 @ m ::1 6379").as_deref(),
+            Some("[::1]:6380")
+        );
+        assert_eq!(promoted("m", b"master m 127.0.0.1 6379"), None);
+        assert_eq!(promoted("m", b"slave x 127.0.0.1 port @ m h 1"), None);
     }
 
     fn named(host: &str, port: u16, epoch: u64) -> Named {

@@ -420,6 +420,10 @@ async fn a_stalled_sentinel_master_that_comes_back_is_left_at_once() {
         stall_sentinel_master(&mut group);
     })
     .await;
+    eprintln!(
+        "web retried {} store calls (answers from the old master after the promotion among them)",
+        pushcluster_systest::metric(c.web.ops_port, "pushcluster_web_store_retries_total")
+    );
     assert_eq!(lost, 0, "WAIT durability lost acknowledged pushes");
     assert_eq!(pushed.failed, 0);
 }
