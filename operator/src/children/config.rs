@@ -153,6 +153,14 @@ fn redis_durability(pc: &PushCluster) -> pushcluster_redis::Durability {
     }
 }
 
+/// The longest subscriber token lifetime comets and web accept (0: any).
+fn subscriber_token_max_seconds(pc: &PushCluster) -> u64 {
+    match pc.spec.auth.subscriber_token_max_lifetime_seconds {
+        Some(s) => s.max(0) as u64,
+        None => pushcluster_core::token::DEFAULT_MAX_LIFETIME_SECONDS,
+    }
+}
+
 /// The one prefix every cluster used before prefixes were per cluster.
 pub const LEGACY_KEY_PREFIX: &str = "pc";
 
@@ -181,6 +189,7 @@ fn service_configs(pc: &PushCluster, facts: &Facts) -> ServiceConfigs {
     let redis_url = redis_url(pc);
     let durability = redis_durability(pc);
     let key_prefix = redis_key_prefix(pc).unwrap_or_else(|| LEGACY_KEY_PREFIX.into());
+    let token_max = subscriber_token_max_seconds(pc);
     let comet = push_comet::Config {
         membership: membership(pc),
         ws_listen: on_all_interfaces(s.comet.ports.ws),
@@ -199,6 +208,7 @@ fn service_configs(pc: &PushCluster, facts: &Facts) -> ServiceConfigs {
             redis_durability: durability,
             ..Default::default()
         },
+        subscriber_token_max_seconds: token_max,
         max_subscribers_per_key: s.comet.max_subscribers_per_key.max(1) as usize,
         queue_depth: s.comet.queue_depth.max(1) as usize,
         listener_limits: listener_limits(s.comet.max_connections, s.comet.max_connections_per_ip),
@@ -232,6 +242,7 @@ fn service_configs(pc: &PushCluster, facts: &Facts) -> ServiceConfigs {
             ..Default::default()
         },
         private_jsonp: s.auth.private_jsonp,
+        subscriber_token_max_seconds: token_max,
         listener_limits: listener_limits(s.web.max_connections, s.web.max_connections_per_ip),
         membership: membership(pc),
         advertise: super::listeners::client_addresses(pc, &facts.listener_endpoints(pc)),

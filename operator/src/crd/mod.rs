@@ -634,6 +634,12 @@ pub struct AuthSpec {
     /// reply, so only the token then protects it. Off by default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub private_jsonp: bool,
+    /// How far ahead a subscriber token's expiry may lie, in seconds: comets
+    /// and web refuse a token minted for longer, so a leaked one is good for
+    /// a bounded time (default 604800, a week; 0 accepts any expiry).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self >= 0").message("auth.subscriberTokenMaxLifetimeSeconds must be at least 0 (0: no bound)"))]
+    pub subscriber_token_max_lifetime_seconds: Option<i64>,
 }
 
 /// Scheduling passed to every pod of the cluster.

@@ -1090,3 +1090,23 @@ fn connection_caps_from_the_spec_reach_the_listeners() {
         defaults.header_timeout_seconds
     );
 }
+
+#[test]
+fn the_subscriber_token_lifetime_bound_reaches_comets_and_web() {
+    let bounds = |pc: &PushCluster| {
+        let cfg = config::configs(pc, &Facts::default()).unwrap();
+        let comet: push_comet::Config = serde_yaml::from_str(&cfg["comet.yaml"]).unwrap();
+        let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
+        (
+            comet.subscriber_token_max_seconds,
+            web.subscriber_token_max_seconds,
+        )
+    };
+    let mut pc = example("pushcluster-minimal.yaml");
+    let week = pushcluster_core::token::DEFAULT_MAX_LIFETIME_SECONDS;
+    assert_eq!(bounds(&pc), (week, week));
+    pc.spec.auth.subscriber_token_max_lifetime_seconds = Some(3600);
+    assert_eq!(bounds(&pc), (3600, 3600));
+    pc.spec.auth.subscriber_token_max_lifetime_seconds = Some(0);
+    assert_eq!(bounds(&pc), (0, 0), "0 lifts the bound");
+}

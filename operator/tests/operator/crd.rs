@@ -133,6 +133,10 @@ fn cel_rejects_bad_specs_with_clear_messages() {
             "standbys must be between 0 and 64",
         ),
         (
+            json!({"auth": {"subscriberTokenMaxLifetimeSeconds": -1}}),
+            "subscriberTokenMaxLifetimeSeconds must be at least 0",
+        ),
+        (
             json!({"comet": {"workerThreads": -1}}),
             "workerThreads must be between 0 and 64",
         ),

@@ -188,9 +188,13 @@ impl Comet {
         }
         if let Some(secret) = &self.cfg.subscriber_secret {
             let now = pushcluster_core::token::unix_now();
-            if let Err(e) =
-                pushcluster_core::token::verify(secret.as_bytes(), &sub.key, &sub.token, now)
-            {
+            if let Err(e) = pushcluster_core::token::verify(
+                secret.as_bytes(),
+                &sub.key,
+                &sub.token,
+                now,
+                self.cfg.subscriber_token_max_seconds,
+            ) {
                 tracing::debug!(key = %sub.key, error = %e, "subscriber token refused");
                 self.metrics.token_refusals.inc();
                 return Err(Refusal::Auth);

@@ -64,6 +64,10 @@ pub struct Config {
     /// Secret for subscriber tokens; when unset, tokens are not checked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscriber_secret: Option<String>,
+    /// How far ahead a subscriber token's expiry may lie (seconds; 0: any):
+    /// a token minted for longer is refused, so a leaked one is good for a
+    /// bounded time.
+    pub subscriber_token_max_seconds: u64,
     /// The cluster's internal RPC token: required on calls to this comet and
     /// sent on calls to the message service; unset, calls are not checked.
     /// Give it through `PUSH_RPC_TOKEN` (a Secret), not the config file.
@@ -138,6 +142,7 @@ impl Default for Config {
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
             cors_origins: Default::default(),
             subscriber_secret: None,
+            subscriber_token_max_seconds: pushcluster_core::token::DEFAULT_MAX_LIFETIME_SECONDS,
             rpc_token: None,
             limits: Limits::default(),
         }

@@ -57,7 +57,7 @@ fn checks(c: &mut Criterion) {
     let token = pushcluster_core::token::mint(b"secret", "alice", u64::MAX / 2);
     c.bench_function("token/verify", |b| {
         b.iter(|| {
-            pushcluster_core::token::verify(b"secret", black_box("alice"), black_box(&token), 0)
+            pushcluster_core::token::verify(b"secret", black_box("alice"), black_box(&token), 0, 0)
         })
     });
 }

@@ -30,6 +30,9 @@ pub struct Config {
     /// comets' subscribe does. Give it through `PUSH_SUBSCRIBER_SECRET`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subscriber_secret: Option<String>,
+    /// How far ahead a subscriber token's expiry may lie (seconds; 0: any),
+    /// as on the comets.
+    pub subscriber_token_max_seconds: u64,
     /// Whether private reads may answer JSONP (`cb`/`callback`) while
     /// subscriber tokens are on: a JSONP reply is readable by any web page
     /// that includes it, so it is off unless a deployment needs it for old
@@ -109,6 +112,7 @@ impl Default for Config {
             message_url: "http://127.0.0.1:8070".into(),
             admin_token: None,
             subscriber_secret: None,
+            subscriber_token_max_seconds: pushcluster_core::token::DEFAULT_MAX_LIFETIME_SECONDS,
             private_jsonp: false,
             rpc_token: None,
             store: Default::default(),

@@ -262,7 +262,8 @@ fn authorize_read(
         ));
     }
     let token = param(q, "token").unwrap_or_default();
-    token::verify(secret.as_bytes(), key, token, token::unix_now()).map_err(|e| {
+    let max = s.cfg.subscriber_token_max_seconds;
+    token::verify(secret.as_bytes(), key, token, token::unix_now(), max).map_err(|e| {
         Reply::err(
             UNAUTHORIZED,
             format!("private read of {key:?} needs the key's subscriber token (token= or Authorization: Bearer): {e}"),

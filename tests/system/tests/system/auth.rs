@@ -35,6 +35,7 @@ async fn private_reads_need_the_keys_token_when_subscriber_tokens_are_on() {
     let alice = pushcluster_core::token::mint(secret.as_bytes(), "alice", now + 60);
     let bob = pushcluster_core::token::mint(secret.as_bytes(), "bob", now + 60);
     let expired = pushcluster_core::token::mint(secret.as_bytes(), "alice", now - 1);
+    let too_long = pushcluster_core::token::mint(secret.as_bytes(), "alice", now + 30 * 86400);
     let p = &c.public_url;
     for (what, url) in [
         (
@@ -48,6 +49,10 @@ async fn private_reads_need_the_keys_token_when_subscriber_tokens_are_on() {
         (
             "/1/msg/get with an expired token",
             format!("{p}/1/msg/get?k=alice&m=0&token={expired}"),
+        ),
+        (
+            "/1/msg/get with a token good for 30 days",
+            format!("{p}/1/msg/get?k=alice&m=0&token={too_long}"),
         ),
         (
             "/1/time/get?k= without a token",

@@ -364,7 +364,13 @@ async fn subscriber_tokens_are_verified() {
     let good = pushcluster_core::token::mint(secret.as_bytes(), "alice", now + 60);
     let for_bob = pushcluster_core::token::mint(secret.as_bytes(), "bob", now + 60);
     let expired = pushcluster_core::token::mint(secret.as_bytes(), "alice", now - 1);
+    // Signed, but good for a year: beyond the default bound of a week.
+    let too_long = pushcluster_core::token::mint(secret.as_bytes(), "alice", now + 365 * 86400);
     assert_eq!(ws_first_frame(ws, "key=alice&heartbeat=30").await, "-a\r\n");
+    assert_eq!(
+        ws_first_frame(ws, &format!("key=alice&heartbeat=30&token={too_long}")).await,
+        "-a\r\n"
+    );
     assert_eq!(
         ws_first_frame(ws, &format!("key=alice&heartbeat=30&token={for_bob}")).await,
         "-a\r\n"
@@ -388,10 +394,10 @@ async fn subscriber_tokens_are_verified() {
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 401);
-    // Three WebSocket refusals and one SSE: each counted, the good ones not.
+    // Four WebSocket refusals and one SSE: each counted, the good ones not.
     assert_eq!(
         c.comet_metric(0, "pushcluster_comet_token_refusals_total"),
-        4.0
+        5.0
     );
 }
 
