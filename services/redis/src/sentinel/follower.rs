@@ -36,8 +36,16 @@ struct Followed {
 }
 
 impl Followed {
+    /// The current manager, unless an announcement has left its master
+    /// (one made while an announcement came in is not kept: every answer
+    /// on it would be refused).
     fn cached(&self) -> Option<(u64, ConnectionManager)> {
-        self.current.lock().ok().and_then(|c| c.clone())
+        let left = self.left.load(Ordering::SeqCst);
+        let mut c = self.current.lock().ok()?;
+        if c.as_ref().is_some_and(|(g, _)| *g <= left) {
+            *c = None;
+        }
+        c.clone()
     }
 
     /// The Sentinels announced `to` as the master: a manager for any other
