@@ -170,10 +170,17 @@ fn base_args(port: u16) -> Vec<String> {
     ]
 }
 
+/// `redis-server`'s own log goes to the test's output when
+/// `PUSHCLUSTER_TEST_REDIS_LOGS` is set (a Sentinel's failover steps, say).
 fn launch(args: &[String]) -> Child {
+    let log = if std::env::var_os("PUSHCLUSTER_TEST_REDIS_LOGS").is_some() {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    };
     Command::new("redis-server")
         .args(args)
-        .stdout(Stdio::null())
+        .stdout(log)
         .spawn()
         .unwrap_or_else(|e| {
             panic!("cannot start redis-server ({e}): install it with `apt-get install -y redis-server` (make test does)")

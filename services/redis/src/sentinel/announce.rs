@@ -16,6 +16,15 @@ const SWITCH_MASTER: &str = "+switch-master";
 /// `slave <ip:port> <ip> <port> @ <master-name> <old-ip> <old-port>`.
 const PROMOTED: &str = "+promoted-slave";
 
+/// The channel on which the failover's leader names the replica it chose,
+/// just before it tells it `REPLICAOF NO ONE` (same form as [`PROMOTED`]).
+/// The leader sees the promotion only at its next `INFO` of the replica,
+/// up to a second later; a master that is still up (one the Sentinels
+/// wrongly took for down, under load) takes writes all that second that
+/// the replica, no longer replicating, never gets. So the writers leave it
+/// at the selection and wait for the replica to answer as a master.
+const SELECTED: &str = "+selected-slave";
+
 /// Pause before listening to a Sentinel again after its connection failed,
 /// doubled up to the maximum.
 const LISTEN_RETRY: Duration = Duration::from_millis(200);
@@ -38,9 +47,9 @@ fn switched_to(master: &str, announcement: &[u8]) -> Option<String> {
     }
 }
 
-/// The new master's address in a `+promoted-slave` announcement, when the
-/// replica promoted is one of `master`'s.
-fn promoted(master: &str, announcement: &[u8]) -> Option<String> {
+/// The replica's address in a `+selected-slave` or `+promoted-slave`
+/// announcement, when it is one of `master`'s.
+fn replica_named(master: &str, announcement: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(announcement).ok()?;
     let parts: Vec<&str> = text.split_ascii_whitespace().collect();
     match parts[..] {
@@ -60,7 +69,7 @@ fn promoted(master: &str, announcement: &[u8]) -> Option<String> {
 fn announced(master: &str, channel: &str, payload: &[u8]) -> Option<String> {
     match channel {
         SWITCH_MASTER => switched_to(master, payload),
-        PROMOTED => promoted(master, payload),
+        PROMOTED | SELECTED => replica_named(master, payload),
         _ => None,
     }
 }
@@ -98,7 +107,9 @@ async fn listen_once(
     let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    pubsub.subscribe(&[SWITCH_MASTER, PROMOTED]).await?;
+    pubsub
+        .subscribe(&[SWITCH_MASTER, SELECTED, PROMOTED])
+        .await?;
     let mut messages = pubsub.on_message();
     while let Some(m) = messages.next().await {
         if let Some(to) = announced(&group.master, m.get_channel_name(), m.get_payload_bytes()) {
@@ -135,19 +146,26 @@ mod tests {
     #[test]
     fn a_promotion_names_the_replica_that_is_now_master() {
         let a = b"slave 127.0.0.1:6380 127.0.0.1 6380 @ pcmaster 127.0.0.1 6379";
-        assert_eq!(promoted("pcmaster", a).as_deref(), Some("127.0.0.1:6380"));
-        assert_eq!(promoted("other", a), None, "another group's replica");
+        assert_eq!(
+            replica_named("pcmaster", a).as_deref(),
+            Some("127.0.0.1:6380")
+        );
+        assert_eq!(replica_named("other", a), None, "another group's replica");
         assert_eq!(
             announced("pcmaster", PROMOTED, a).as_deref(),
+            Some("127.0.0.1:6380")
+        );
+        assert_eq!(
+            announced("pcmaster", SELECTED, a).as_deref(),
             Some("127.0.0.1:6380")
         );
         assert_eq!(announced("pcmaster", SWITCH_MASTER, a), None);
         assert_eq!(announced("pcmaster", "+sdown", a), None);
         assert_eq!(
-            promoted("m", b"slave [::1]:6380 ::1 6380 @ m ::1 6379").as_deref(),
+            replica_named("m", b"slave [::1]:6380 ::1 6380 @ m ::1 6379").as_deref(),
             Some("[::1]:6380")
         );
-        assert_eq!(promoted("m", b"master m 127.0.0.1 6379"), None);
-        assert_eq!(promoted("m", b"slave x 127.0.0.1 port @ m h 1"), None);
+        assert_eq!(replica_named("m", b"master m 127.0.0.1 6379"), None);
+        assert_eq!(replica_named("m", b"slave x 127.0.0.1 port @ m h 1"), None);
     }
 }

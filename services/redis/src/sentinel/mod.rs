@@ -26,11 +26,15 @@
 //! let go) takes the writes queued to it and a replica confirms their
 //! `WAIT`, and then the replica resyncs from the new master and they are
 //! gone (CI saw 5 acknowledged mids reused, `WAIT 1` with two replicas).
-//! So the leader's earlier `+promoted-slave` (the replica answers as a
-//! master) counts as the announcement too, and an answer that arrives from
-//! an old master after an announcement named another is not trusted: the
-//! call fails as `MASTERDOWN`, and its caller retries on the new master
-//! (a push under its push id, which the new master may not have).
+//! So the leader's earlier `+selected-slave` (the replica it chose, just
+//! before `REPLICAOF NO ONE`) and `+promoted-slave` (the replica answers as
+//! a master, which the leader sees only at its next `INFO`, up to a second
+//! later) count as announcements too: the writers leave the old master at
+//! the selection and wait for the replica to answer as a master. An answer
+//! that arrives from an old master after an announcement named another is
+//! not trusted: the call fails as `MASTERDOWN`, and its caller retries on
+//! the new master (a push under its push id, which the new master may not
+//! have).
 
 mod announce;
 mod follower;
@@ -48,6 +52,12 @@ use tokio::sync::mpsc;
 /// How long the Sentinels are waited for once the first has answered: a
 /// Sentinel that is down (or slow) costs a resolution this, not a timeout.
 const STRAGGLERS: Duration = Duration::from_millis(250);
+
+/// How long a replica announced as selected is waited for to answer as a
+/// master (the leader tells it within a tick, 100 ms, of selecting it), and
+/// how often it is asked meanwhile.
+const PROMOTION_WAIT: Duration = Duration::from_secs(3);
+const PROMOTION_POLL: Duration = Duration::from_millis(20);
 
 /// A Sentinel-watched group as a target names it; clones share what was
 /// heard of its failovers.
@@ -131,17 +141,28 @@ async fn ask_sentinel(sentinel: &str, master: &str) -> RedisResult<Named> {
     })
 }
 
-/// Whether the node behind `client` answers `ROLE` as a master.
-async fn is_master(client: &redis::Client) -> bool {
-    let role = async {
+/// What a node answers to `ROLE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Master,
+    Replica,
+}
+
+/// The role the node behind `client` answers, `None` if it does not.
+async fn role(client: &redis::Client) -> Option<Role> {
+    let asked = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("ROLE")
             .query_async::<Vec<Value>>(&mut conn)
             .await
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, role).await {
-        Ok(Ok(r)) => matches!(r.first(), Some(Value::BulkString(b)) if b == b"master"),
-        _ => false,
+    match tokio::time::timeout(CONNECT_TIMEOUT, asked).await {
+        Ok(Ok(r)) => match r.first() {
+            Some(Value::BulkString(b)) if b == b"master" => Some(Role::Master),
+            Some(Value::BulkString(b)) if b == b"slave" => Some(Role::Replica),
+            _ => None,
+        },
+        _ => None,
     }
 }
 
@@ -193,8 +214,26 @@ impl Group {
         let announced = self.announced.lock().ok().and_then(|a| a.clone());
         if let Some((host, port)) = announced.as_deref().and_then(host_port) {
             let client = self.client_of(host, port)?;
-            if is_master(&client).await {
-                return Ok(client);
+            // A replica just selected is waited for: the Sentinels still
+            // name the old master, which may be up and would take writes
+            // that the new one never gets.
+            let until = tokio::time::Instant::now() + PROMOTION_WAIT;
+            loop {
+                match role(&client).await {
+                    Some(Role::Master) => return Ok(client),
+                    Some(Role::Replica) if tokio::time::Instant::now() < until => {
+                        tokio::time::sleep(PROMOTION_POLL).await;
+                    }
+                    _ => break,
+                }
+            }
+            // Not promoted (the failover was aborted) or gone: the
+            // Sentinels' word stands, and the announcement is not tried
+            // first again.
+            if let Ok(mut a) = self.announced.lock() {
+                if *a == announced {
+                    *a = None;
+                }
             }
         }
         let mut asked: futures::stream::FuturesUnordered<_> = self
@@ -226,7 +265,7 @@ impl Group {
         }
         for n in candidates(&answers) {
             let client = self.client_of(n.host, n.port)?;
-            if is_master(&client).await {
+            if role(&client).await == Some(Role::Master) {
                 return Ok(client);
             }
         }
