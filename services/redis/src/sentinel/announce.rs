@@ -30,19 +30,23 @@ const SELECTED: &str = "+selected-slave";
 const LISTEN_RETRY: Duration = Duration::from_millis(200);
 const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// `ip` and `port` as one address (an IPv6 host in brackets), if the port
+/// is one.
+fn address_of(ip: &str, port: &str) -> Option<String> {
+    port.parse::<u16>().ok()?;
+    if ip.contains(':') {
+        Some(format!("[{ip}]:{port}"))
+    } else {
+        Some(format!("{ip}:{port}"))
+    }
+}
+
 /// The new master's address in a `+switch-master` announcement, when it
 /// is about `master`.
 fn switched_to(master: &str, announcement: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(announcement).ok()?;
-    let parts: Vec<&str> = text.split_ascii_whitespace().collect();
-    match parts[..] {
-        [name, _, _, ip, port] if name == master && port.parse::<u16>().is_ok() => {
-            if ip.contains(':') {
-                Some(format!("[{ip}]:{port}"))
-            } else {
-                Some(format!("{ip}:{port}"))
-            }
-        }
+    match text.split_ascii_whitespace().collect::<Vec<_>>()[..] {
+        [name, _, _, ip, port] if name == master => address_of(ip, port),
         _ => None,
     }
 }
@@ -51,16 +55,8 @@ fn switched_to(master: &str, announcement: &[u8]) -> Option<String> {
 /// announcement, when it is one of `master`'s.
 fn replica_named(master: &str, announcement: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(announcement).ok()?;
-    let parts: Vec<&str> = text.split_ascii_whitespace().collect();
-    match parts[..] {
-        ["slave", _, ip, port, "@", name, _, _] if name == master => {
-            port.parse::<u16>().ok()?;
-            if ip.contains(':') {
-                Some(format!("[{ip}]:{port}"))
-            } else {
-                Some(format!("{ip}:{port}"))
-            }
-        }
+    match text.split_ascii_whitespace().collect::<Vec<_>>()[..] {
+        ["slave", _, ip, port, "@", name, _, _] if name == master => address_of(ip, port),
         _ => None,
     }
 }
