@@ -15,8 +15,8 @@ pub(crate) struct Follower {
     /// wait for its answer.
     asking: tokio::sync::Mutex<()>,
     followed: Arc<Followed>,
-    /// Listens to the Sentinels' `+switch-master` from the first call on
-    /// (a runtime is there then); stopped with the follower.
+    /// Listens to the Sentinels' failover announcements from the first
+    /// call on (a runtime is there then); stopped with the follower.
     watcher: OnceLock<tokio::task::AbortHandle>,
 }
 

@@ -141,6 +141,23 @@ async fn ask_sentinel(sentinel: &str, master: &str) -> RedisResult<Named> {
     })
 }
 
+/// Whether the node behind `client` answers as a master within
+/// [`PROMOTION_WAIT`]: a replica just selected is waited for, since the
+/// Sentinels still name the old master, which may be up and would take
+/// writes that the new one never gets.
+async fn answers_as_master(client: &redis::Client) -> bool {
+    let until = tokio::time::Instant::now() + PROMOTION_WAIT;
+    loop {
+        match role(client).await {
+            Some(Role::Master) => return true,
+            Some(Role::Replica) if tokio::time::Instant::now() < until => {
+                tokio::time::sleep(PROMOTION_POLL).await;
+            }
+            _ => return false,
+        }
+    }
+}
+
 /// What a node answers to `ROLE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -206,26 +223,17 @@ impl Group {
         redis::Client::open(info)
     }
 
-    /// A client of the master now: the one last announced if it still
-    /// answers as a master, else the first the Sentinels name (see
-    /// [`candidates`]) that does. Every Sentinel is asked, and those that
-    /// have not answered [`STRAGGLERS`] after the first are not waited for.
+    /// A client of the master now: the one last announced once it answers
+    /// as a master (see [`answers_as_master`]), else the first the
+    /// Sentinels name (see [`candidates`]) that does. Every Sentinel is
+    /// asked, and those that have not answered [`STRAGGLERS`] after the
+    /// first are not waited for.
     pub(crate) async fn master_client(&self) -> RedisResult<redis::Client> {
         let announced = self.announced.lock().ok().and_then(|a| a.clone());
         if let Some((host, port)) = announced.as_deref().and_then(host_port) {
             let client = self.client_of(host, port)?;
-            // A replica just selected is waited for: the Sentinels still
-            // name the old master, which may be up and would take writes
-            // that the new one never gets.
-            let until = tokio::time::Instant::now() + PROMOTION_WAIT;
-            loop {
-                match role(&client).await {
-                    Some(Role::Master) => return Ok(client),
-                    Some(Role::Replica) if tokio::time::Instant::now() < until => {
-                        tokio::time::sleep(PROMOTION_POLL).await;
-                    }
-                    _ => break,
-                }
+            if answers_as_master(&client).await {
+                return Ok(client);
             }
             // Not promoted (the failover was aborted) or gone: the
             // Sentinels' word stands, and the announcement is not tried
