@@ -138,6 +138,14 @@ fn pod_env() -> Vec<EnvVar> {
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         env_value("PUSH_LOG_JSON", "true".into()),
+        // This operator may be newer than the image the spec names: a
+        // setting it renders that the image does not know is dropped with
+        // a warning rather than stopping the pod (a rolling update
+        // included). See `pushcluster_core::config_file`.
+        env_value(
+            pushcluster_core::config_file::UNKNOWN_SETTINGS_ENV,
+            "warn".into(),
+        ),
     ]
 }
 

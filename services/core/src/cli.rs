@@ -2,7 +2,8 @@
 //! `push-web`) share on their command lines, and the one way they start:
 //! a runtime, tracing, the YAML config with flags laid over it, SIGTERM.
 
-use crate::ops::{cancel_on_signal, init_tracing, load_yaml, runtime, ConfigError};
+use crate::config_file::{load_yaml, ConfigError, UnknownSettings};
+use crate::ops::{cancel_on_signal, init_tracing, runtime};
 use std::future::Future;
 use std::path::Path;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,11 @@ pub struct CommonArgs {
     /// variable.
     #[arg(long, env = "PUSH_REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// What to do with a setting in the config file that this version does
+    /// not know: refuse to start (a typo), or warn and go on without it
+    /// (what the operator sets: it may be newer than the image).
+    #[arg(long, env = crate::config_file::UNKNOWN_SETTINGS_ENV, value_enum, default_value = "refuse")]
+    pub unknown_settings: UnknownSettings,
 }
 
 impl CommonArgs {
@@ -96,7 +102,7 @@ where
     let rt = runtime(threads).map_err(StartError::Runtime)?;
     rt.block_on(async move {
         init_tracing(log_json);
-        let mut cfg: C = load_yaml(path).map_err(StartError::Config)?;
+        let mut cfg: C = load_yaml(path, common.unknown_settings).map_err(StartError::Config)?;
         configure(&mut cfg);
         let cancel = CancellationToken::new();
         cancel_on_signal(cancel.clone());

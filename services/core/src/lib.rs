@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod cli;
+pub mod config_file;
 pub mod cors;
 pub mod frame;
 /// Helpers for tests (a seeded generator for property tests); behind the

@@ -208,28 +208,6 @@ pub fn init_tracing(json: bool) {
     }
 }
 
-/// Reads a YAML config file into `T`, or `T::default()` when no path is given.
-pub fn load_yaml<T: serde::de::DeserializeOwned + Default>(
-    path: Option<&std::path::Path>,
-) -> Result<T, ConfigError> {
-    match path {
-        None => Ok(T::default()),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read(p.into(), e))?;
-            serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse(p.into(), e))
-        }
-    }
-}
-
-/// A config file that could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config {0}: {1}")]
-    Read(std::path::PathBuf, std::io::Error),
-    #[error("invalid config {0}: {1}")]
-    Parse(std::path::PathBuf, serde_yaml::Error),
-}
-
 /// `url` with its credentials (`user:password@`) masked, for logs.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {

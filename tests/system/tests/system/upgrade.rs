@@ -76,3 +76,76 @@ async fn pushes_reach_an_older_comet_and_message_service_over_unary_calls() {
     );
     assert!(batches >= 1, "no AppendBatch reached the message service");
 }
+
+/// A config written by a newer operator, with settings this binary does
+/// not know (top level and nested): refused by default, naming the
+/// setting; started, with a warning naming each, under
+/// `PUSH_UNKNOWN_SETTINGS=warn`, which the operator sets on every pod.
+#[test]
+fn settings_of_a_newer_operator_are_refused_unless_told_to_warn() {
+    use pushcluster_systest::{bin_dir, free_port, http_status};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ops = free_port();
+    let config = dir.path().join("message.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:{}\nops_listen: 127.0.0.1:{ops}\nstorage: {{ path: {}, redis_durability: {{ replicas: 0, timeout_ms: 1000 }} }}\nretention: {{ max_backlog: 10, newer_retention: 5 }}\nnewer_setting: true\n",
+            free_port(),
+            dir.path().join("m.redb").display(),
+        ),
+    )
+    .expect("write config");
+    let binary = bin_dir().join("push-message");
+    assert!(
+        binary.exists(),
+        "build the binaries first (`cargo build --workspace --bins`)"
+    );
+
+    let refused = Command::new(&binary)
+        .arg("--config")
+        .arg(&config)
+        .env_remove("PUSH_UNKNOWN_SETTINGS")
+        .output()
+        .expect("run push-message");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "started with unknown settings: {stderr}"
+    );
+    assert!(
+        stderr.contains("unknown field `newer_setting`")
+            || stderr.contains("unknown field `newer_retention`"),
+        "the refusal names a setting: {stderr}"
+    );
+
+    let log = dir.path().join("warn.log");
+    let mut child = Command::new(&binary)
+        .arg("--config")
+        .arg(&config)
+        .env("PUSH_UNKNOWN_SETTINGS", "warn")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start push-message");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        let up = http_status(ops, "/readyz") == Some(200);
+        if up || std::time::Instant::now() > deadline {
+            break up;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(ready, "not ready with PUSH_UNKNOWN_SETTINGS=warn: {text}");
+    for setting in ["newer_setting", "retention.newer_retention"] {
+        assert!(
+            text.contains(setting) && text.contains("does not know"),
+            "no warning naming {setting}: {text}"
+        );
+    }
+}
