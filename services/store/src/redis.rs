@@ -7,7 +7,8 @@
 //! order, each `"<mid> <expires-at-ms> <payload>"`). The public channel uses
 //! `<ns>:g:{all}:*`. A list, not a sorted set: a sorted-set score is a double,
 //! the seed's precision problem; list positions follow from contiguous mids.
-//! The list lives as long as its longest-lived message; the sequence and its
+//! The list lives as long as its longest-lived message (and up to a quarter
+//! of that message's life longer, see `APPEND`); the sequence and its
 //! epoch as long as `idle_ttl` after the last append.
 //!
 //! Every newly stored private message is also published, in the same script,
@@ -47,8 +48,13 @@ use std::time::Duration;
 // in the replication stream, whichever connection made it.
 // A new sequence (mid 1) gets a new epoch, ARGV[3] (now, in ms), kept as
 // long as the sequence; so does a sequence older than epochs at its next
-// append. Fences are compared as 20-digit strings: Lua numbers are doubles, exact
-// only to 2^53. A refused append returns -1 and the fence in force. Every
+// append. The list's life is extended past its newest message's by a
+// quarter of that message's (at most an hour), so that the pushes to a key
+// in that time skip the PEXPIRE (one call of eight, and one command less in
+// the replication stream and the AOF); readers skip expired entries, so a
+// list outliving its messages only holds memory a little longer. Fences
+// are compared as 20-digit strings: Lua numbers are doubles, exact only to
+// 2^53. A refused append returns -1 and the fence in force. Every
 // redis.call costs the script a round through Redis's command dispatch, so
 // there are as few as the semantics allow (RPUSH's reply is the length; the
 // expiry, an integer string, is concatenated rather than formatted). Numbers
@@ -95,7 +101,9 @@ local len = redis.call('RPUSH', KEYS[2], head .. ARGV[2] .. ' ' .. ARGV[1])
 local keep = tonumber(ARGV[4])
 if len > keep then redis.call('LTRIM', KEYS[2], len - keep, -1) end
 local want = tonumber(ARGV[2]) - tonumber(ARGV[3])
-if redis.call('PTTL', KEYS[2]) < want then redis.call('PEXPIRE', KEYS[2], string.format('%d', want)) end
+if redis.call('PTTL', KEYS[2]) < want then
+  redis.call('PEXPIRE', KEYS[2], string.format('%d', want + math.min(math.floor(want / 4), 3600000)))
+end
 if ARGV[6] ~= '' then redis.call('SET', KEYS[3], m, 'PX', ARGV[7]) end
 if ARGV[9] ~= '' then
   local signed = head

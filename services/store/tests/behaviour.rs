@@ -565,6 +565,46 @@ async fn redis_sentinel_backend_passes_the_suite() {
     redis_suite(group.url(), Fences::PerShard, Default::default()).await;
 }
 
+/// A key's message list lives as long as its newest message and at most a
+/// quarter of that longer (an hour at most), so that the pushes to a busy
+/// key in that time leave its expiry alone: a message of 60 s gives the
+/// list 75 s; later ones within the quarter do not extend it, a longer one
+/// does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_list_outlives_its_newest_message_by_at_most_a_quarter() {
+    let server = RedisServer::start();
+    let s = RedisStore::connect(&server.url(), "life", retention(100))
+        .await
+        .unwrap();
+    let mut raw = server.conn();
+    let list = "life:k:{k}:m";
+    let pttl =
+        |raw: &mut redis::Connection| -> i64 { redis::cmd("PTTL").arg(list).query(raw).unwrap() };
+    let minute = Duration::from_secs(60);
+    s.append(Channel::Private("k"), b("1"), minute)
+        .await
+        .unwrap();
+    let first = pttl(&mut raw);
+    assert!((70_000..=75_000).contains(&first), "list lives {first} ms");
+    s.append(Channel::Private("k"), b("2"), minute)
+        .await
+        .unwrap();
+    assert!(
+        pttl(&mut raw) <= first,
+        "a second minute-long message moved the expiry"
+    );
+    s.append(Channel::Private("k"), b("3"), HOUR).await.unwrap();
+    let long = pttl(&mut raw);
+    assert!(
+        (4_400_000..=4_500_000).contains(&long),
+        "an hour-long message: the list lives {long} ms"
+    );
+    assert_eq!(
+        s.fetch(Channel::Private("k"), 0, 10).await.unwrap().len(),
+        3
+    );
+}
+
 /// A lazily connected store is made while Redis is down; its appends fail
 /// (nothing hangs) until Redis is up, then succeed on the same store.
 /// 1,000 messages of 60 KiB on one key (60 MB of backlog) read in 2 MiB

@@ -9,7 +9,8 @@
 
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 pub use pushcluster_core::ret::{INTERNAL, NO_NODE, OK, PARAM, UNAUTHORIZED};
 
@@ -90,18 +91,39 @@ pub fn valid_callback(c: &str) -> bool {
         && !c.starts_with('.')
 }
 
+/// The body of every reply, written straight from the [`Reply`]: building
+/// it as a `serde_json::Value` first cost every push a map of three owned
+/// entries (issue 29).
+#[derive(Serialize)]
+struct Envelope<'a> {
+    ret: u32,
+    msg: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a Value>,
+}
+
+impl Envelope<'_> {
+    fn to_json(&self) -> String {
+        // Serializing a struct of a number, a string and a Value cannot fail.
+        serde_json::to_string(self)
+            .unwrap_or_else(|_| r#"{"ret":65535,"msg":"unencodable reply"}"#.into())
+    }
+}
+
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
-        let mut body = json!({"ret": self.ret, "msg": self.msg});
-        if let Some(d) = self.data {
-            body["data"] = d;
+        let body = Envelope {
+            ret: self.ret,
+            msg: &self.msg,
+            data: self.data.as_ref(),
         }
+        .to_json();
         let ret = Ret(self.ret);
         let mut res = match self.callback {
             None => (
                 self.status,
                 [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-                body.to_string(),
+                body,
             )
                 .into_response(),
             Some(cb) => (
@@ -148,5 +170,25 @@ mod tests {
         assert!(!valid_callback("a b"));
         assert!(!valid_callback(".x"));
         assert_eq!(Reply::ok(None).jsonp(Some("x;alert(1)")).ret(), PARAM);
+    }
+
+    #[test]
+    fn envelopes_are_gopush_cluster_replies() {
+        let data = serde_json::json!({"mid": 5});
+        let ok = Envelope {
+            ret: OK,
+            msg: "ok",
+            data: Some(&data),
+        };
+        assert_eq!(ok.to_json(), r#"{"ret":0,"msg":"ok","data":{"mid":5}}"#);
+        let err = Envelope {
+            ret: PARAM,
+            msg: "key \"a\" is too long",
+            data: None,
+        };
+        assert_eq!(
+            err.to_json(),
+            r#"{"ret":65534,"msg":"key \"a\" is too long"}"#
+        );
     }
 }
