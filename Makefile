@@ -9,7 +9,7 @@ IMAGE ?= ghcr.io/pushcluster/pushcluster:0.1.0
 help:
 	@echo "make run    - build (release) and start a local cluster: web, message (embedded store), two comets"
 	@echo "make test   - install what tests need (redis-server), lint, build, run every test"
-	@echo "make lint   - cargo fmt --check and clippy -D warnings"
+	@echo "make lint   - cargo fmt --check, clippy -D warnings and the API docs without a broken link"
 	@echo "make js-test - the JS client's tests (Node) and its demo page in headless Chromium"
 	@echo "make chart-lint - helm lint of charts/pushcluster-operator (Helm's library)"
 	@echo "make monitoring-test - promtool check and unit tests of the alerts (Debian's prometheus)"
@@ -33,9 +33,12 @@ release:
 run: release
 	BIN=target/release scripts/run-local.sh
 
+# The docs check: an intra-doc link that rustdoc cannot resolve (or one from
+# public docs to a private item) is a broken link in the generated docs.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps -q
 
 # The operator's Helm chart, linted by Helm's own library.
 chart-lint:

@@ -279,7 +279,7 @@ pub fn config_map(pc: &PushCluster, facts: &Facts) -> Result<ConfigMap> {
 
 /// The config hash each component's pods carry: of its own configuration
 /// only, so a change restarts only the component it concerns. The shard
-/// count is in no config (see [`membership`]), so a reshard restarts nothing.
+/// count is in no config (see `membership`), so a reshard restarts nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigHashes {
     pub comet: String,

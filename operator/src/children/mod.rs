@@ -4,7 +4,7 @@
 //!
 //! Every object is a k8s-openapi struct built with `..Default::default()`;
 //! every one carries the cluster's labels and a controller owner reference to
-//! the PushCluster ([`meta`]), so deleting it deletes everything. The order of
+//! the PushCluster (`meta`), so deleting it deletes everything. The order of
 //! [`desired`] is the apply order: config and RBAC before the pods that use
 //! them, policies before the pods they protect.
 

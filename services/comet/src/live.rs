@@ -16,7 +16,7 @@
 //!   published to this comet. Clients dedupe by mid.
 //! - Once a subscription is confirmed the comet reads the key's last stored
 //!   mid, and from then on delivers a key's messages only in mid order, one
-//!   after another ([`Registry::offer_live`]). A message that skips ahead
+//!   after another (`Registry::offer_live`). A message that skips ahead
 //!   (a gap) is not delivered as it came: the messages after the last one
 //!   delivered are read from the store instead, which has every real one.
 //!   A forged PUBLISH with an invented mid is thus never delivered.
@@ -33,11 +33,11 @@
 //!   of one key may arrive out of order: the later mid is a gap, filled from
 //!   the store up to that mid, and the earlier one is dropped as delivered.
 //! - The subscribing connection is checked with a PING every second; one
-//!   unanswered for [`PING_DEADLINE`] (a half-open connection: Redis lost, a
+//!   unanswered for `PING_DEADLINE` (a half-open connection: Redis lost, a
 //!   partition) counts as lost, as does a closed one. While it is lost the
 //!   comet reports unready and new connections wait, but open ones stay:
 //!   once subscribed again, each key's messages stored meanwhile are read
-//!   from the store and delivered ([`Resubscribed::Fill`]). A Redis restart
+//!   from the store and delivered (`Resubscribed::Fill`). A Redis restart
 //!   costs clients a pause, not a reconnect.
 //! - A key whose sequence went backwards, or started again under a new
 //!   epoch (Redis lost its data), has its clients reconnect: their fetch

@@ -1,8 +1,8 @@
 //! The comet's push path, chosen once at start-up from the storage kind
-//! ([`PushPath`]): where a push it is sent is stored, and how stored private
+//! (`PushPath`): where a push it is sent is stored, and how stored private
 //! messages reach its connections.
 //!
-//! On Redis ([`PushPath::LiveFromRedis`]), web stores private pushes itself
+//! On Redis (`PushPath::LiveFromRedis`), web stores private pushes itself
 //! and the comet learns of them on live channels ([`crate::live`]); pushes
 //! that still reach a comet over gRPC, from a web of the previous release,
 //! are stored here and come back on the live channel.
@@ -18,7 +18,7 @@
 //!
 //! Without Redis the embedded store has exactly one writer, the message pod,
 //! so appends go through the message service, and the comet queues what it
-//! stored on the key's connections ([`PushPath::StoreThenQueue`]).
+//! stored on the key's connections (`PushPath::StoreThenQueue`).
 //! The message service stays the front for reads, deletes, broadcasts and
 //! web's stores for keys no comet serves.
 

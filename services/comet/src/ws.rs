@@ -9,7 +9,7 @@
 //!
 //! The handshake is checked here and the framing is the comet's own
 //! ([`pushcluster_core::websocket`]), driven by a hand-written future
-//! ([`Conn`]): an idle subscriber is then its socket, its mailbox and this
+//! (`Conn`): an idle subscriber is then its socket, its mailbox and this
 //! small struct, with no read or write buffer until bytes actually wait.
 //! A general WebSocket library kept ~2 KB of buffers and codec state per
 //! connection (see docs/benchmarks.md, S1).

@@ -108,7 +108,7 @@ pub async fn serve_ops(
 /// per CPU the process may use when 0 (this honours a cgroup CPU limit, so a
 /// pod limited to one CPU gets one).
 ///
-/// The runtime keeps a timer armed (see [`keep_a_timer_armed`]).
+/// The runtime keeps a timer armed (see `keep_a_timer_armed`).
 ///
 /// One thread means tokio's current-thread scheduler: no thread hands work to
 /// another, which on a one-CPU process saves a context switch per hop. In S3

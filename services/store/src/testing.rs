@@ -1,7 +1,7 @@
 //! Test support: real `redis-server` processes on free loopback ports,
-//! stopped on drop: one node ([`RedisServer`]), a Redis Cluster of masters
-//! with a replica each ([`RedisClusterServers`]) and a master with replicas
-//! watched by Sentinels ([`RedisSentinels`]).
+//! stopped on drop: one node (`RedisServer`), a Redis Cluster of masters
+//! with a replica each (`RedisClusterServers`) and a master with replicas
+//! watched by Sentinels (`RedisSentinels`).
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};

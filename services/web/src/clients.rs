@@ -57,8 +57,8 @@ impl Clients {
         Ok(c)
     }
 
-    /// Whether the comet at `rpc` answers a call within [`PROBE_DEADLINE`].
-    /// One call per address per [`PROBE_FRESH`]: when a comet dies, the
+    /// Whether the comet at `rpc` answers a call within `PROBE_DEADLINE`.
+    /// One call per address per `PROBE_FRESH`: when a comet dies, the
     /// thousands of clients that lost it together ask about it together,
     /// and all share that one answer.
     pub async fn comet_answers(&self, rpc: &str) -> bool {

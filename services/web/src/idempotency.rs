@@ -13,7 +13,7 @@ use axum::http::HeaderMap;
 const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// A handler's view of the request's `Idempotency-Key` (see
-/// [`idempotency_key`]); a bad one is answered with 400 before the handler
+/// `idempotency_key`); a bad one is answered with 400 before the handler
 /// runs. Reads the one header rather than taking a copy of them all.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct IdempotencyKey(pub Option<String>);

@@ -520,7 +520,7 @@ impl Registry {
     }
 
     /// Queues `d` on every connection; returns how many took it. The
-    /// connections are woken by the [`Pacer`], a slice at a time.
+    /// connections are woken by the `Pacer`, a slice at a time.
     pub fn broadcast(&self, d: &Arc<Delivery>) -> u64 {
         let mut n = 0;
         let mut wakers = Vec::new();
