@@ -65,6 +65,12 @@ pub struct AppendOpts<'a> {
     /// `fence.shard` was seen, in one atomic step with the write; otherwise
     /// the shard's newest token becomes `fence.token`.
     pub fence: Option<Fence>,
+    /// `push_id` was made for this append and is used for the first time:
+    /// nothing can be stored under it yet, so the store need not look it up
+    /// (it still records it, for a retry, which must not set this). A
+    /// store whose client may send a command twice by itself (a Redis
+    /// Cluster's) looks it up all the same.
+    pub first_use: bool,
 }
 
 impl<'a> AppendOpts<'a> {
@@ -73,7 +79,13 @@ impl<'a> AppendOpts<'a> {
         Self {
             push_id: (!push_id.is_empty()).then_some(push_id),
             fence: None,
+            first_use: false,
         }
+    }
+
+    /// The same, with [`AppendOpts::first_use`] set as given.
+    pub fn first_use(self, first_use: bool) -> Self {
+        Self { first_use, ..self }
     }
 
     /// The options a push carries on the wire: an empty push id is none,

@@ -9,7 +9,8 @@
 //! the seed's precision problem; list positions follow from contiguous mids.
 //! The list lives as long as its longest-lived message (and up to a quarter
 //! of that message's life longer, see `APPEND`); the sequence and its
-//! epoch as long as `idle_ttl` after the last append.
+//! epoch as long as `idle_ttl` after the last append (and up to a quarter
+//! longer).
 //!
 //! Every newly stored private message is also published, in the same script,
 //! on its key's live channel (see [`live`]): the comets that hold connections
@@ -45,10 +46,21 @@ use std::time::Duration;
 // writer to publish (the first writer may have failed between its WAIT and
 // its publish), after writing its id again: the WAIT that follows on this
 // connection then covers the first attempt's write, which came before it
-// in the replication stream, whichever connection made it.
+// in the replication stream, whichever connection made it. ARGV[15] set:
+// the push id is used for the first time (`AppendOpts::first_use`), so
+// the lookup is skipped; it is recorded all the same. Not on a Redis
+// Cluster: its client sends a command again by itself after a broken
+// connection or a timeout, when the first sending may have run, and only
+// the lookup makes that second run return the first mid.
 // A new sequence (mid 1) gets a new epoch, ARGV[3] (now, in ms), kept as
 // long as the sequence; so does a sequence older than epochs at its next
-// append. The list's life is extended past its newest message's by a
+// append. The sequence and its epoch live `idle_ttl` (ARGV[5]) and a quarter
+// more after an append, renewed together once less than `idle_ttl` and an
+// eighth is left (every eighth of `idle_ttl`, on a busy key): one PTTL per
+// append rather than two PEXPIREs. A writer of
+// a release before this one sets exactly `idle_ttl`, below the renewal
+// mark, so the next append here renews both (and gives an older sequence
+// its epoch) whatever came between. The list's life is extended past its newest message's by a
 // quarter of that message's (at most an hour), so that the pushes to a key
 // in that time skip the PEXPIRE (one call of eight, and one command less in
 // the replication stream and the AOF); readers skip expired entries, so a
@@ -75,7 +87,7 @@ elseif ARGV[8] ~= '' then
   if cur and cur > ARGV[8] then return {-1, cur, ''} end
   if not cur or ARGV[8] > cur then redis.call('SET', KEYS[4], ARGV[8]) end
 end
-if ARGV[6] ~= '' then
+if ARGV[6] ~= '' and ARGV[15] == '' then
   local seen = redis.call('GET', KEYS[3])
   if seen then
     local entry = ''
@@ -91,9 +103,13 @@ if ARGV[6] ~= '' then
   end
 end
 local mid = redis.call('INCR', KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-if mid == 1 or redis.call('PEXPIRE', KEYS[5], ARGV[5]) == 0 then
-  redis.call('SET', KEYS[5], ARGV[3], 'PX', ARGV[5])
+local life = tonumber(ARGV[5])
+if mid == 1 or redis.call('PTTL', KEYS[1]) < life + math.floor(life / 8) then
+  local keep = string.format('%d', life + math.floor(life / 4))
+  redis.call('PEXPIRE', KEYS[1], keep)
+  if mid == 1 or redis.call('PEXPIRE', KEYS[5], keep) == 0 then
+    redis.call('SET', KEYS[5], ARGV[3], 'PX', keep)
+  end
 end
 local m = string.format('%d', mid)
 local head = m .. ' '
@@ -472,7 +488,8 @@ impl Store for RedisStore {
                 Some(f) if cluster => f.shard.to_string(),
                 _ => String::new(),
             })
-            .arg(if durable { "1" } else { "" });
+            .arg(if durable { "1" } else { "" })
+            .arg(if opts.first_use && !cluster { "1" } else { "" });
             c
         };
         // The script and its WAIT in one pipeline: see

@@ -306,12 +306,13 @@ async fn concurrent_appends_get_unique_contiguous_mids<S: Store>(s: Arc<S>) {
 }
 
 async fn idempotent_appends_store_once<S: Store>(s: &S) {
+    // The first attempt skips the lookup of its new id but records it.
     let first = s
         .append_with(
             Channel::Private("i"),
             b("1"),
             HOUR,
-            AppendOpts::dedupe("push-1"),
+            AppendOpts::dedupe("push-1").first_use(true),
         )
         .await
         .unwrap();
@@ -602,6 +603,58 @@ async fn a_message_list_outlives_its_newest_message_by_at_most_a_quarter() {
     assert_eq!(
         s.fetch(Channel::Private("k"), 0, 10).await.unwrap().len(),
         3
+    );
+}
+
+/// A key's sequence and its epoch live `idle_ttl` and up to a quarter more
+/// after an append, renewed together (once per eighth of `idle_ttl`), not
+/// on every append; a sequence an older release wrote (its expiry exactly
+/// `idle_ttl`, and from before epochs, none) is renewed and gets its epoch
+/// at its next append here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sequence_and_its_epoch_are_renewed_together_not_on_every_append() {
+    let server = RedisServer::start();
+    let s = RedisStore::connect(&server.url(), "idle", retention(100))
+        .await
+        .unwrap();
+    let mut raw = server.conn();
+    let (seq, epoch) = ("idle:k:{k}:s", "idle:k:{k}:e");
+    let pttl = |raw: &mut redis::Connection, key: &str| -> i64 {
+        redis::cmd("PTTL").arg(key).query(raw).unwrap()
+    };
+    let idle = Retention::default().idle_ttl_seconds as i64 * 1000;
+    let renewed = idle + idle / 4;
+    let close = |got: i64| (renewed - 10_000..=renewed).contains(&got);
+    assert_eq!(
+        s.append(Channel::Private("k"), b("1"), HOUR).await.unwrap(),
+        1
+    );
+    let first = pttl(&mut raw, seq);
+    assert!(close(first), "a new sequence lives {first} ms");
+    assert!(close(pttl(&mut raw, epoch)), "its epoch lives as long");
+    assert_eq!(
+        s.append(Channel::Private("k"), b("2"), HOUR).await.unwrap(),
+        2
+    );
+    assert!(pttl(&mut raw, seq) <= first, "renewed on the second append");
+
+    // As a writer of an earlier release left it: idle_ttl, and no epoch.
+    let _: () = redis::pipe()
+        .cmd("PEXPIRE")
+        .arg(seq)
+        .arg(idle)
+        .cmd("DEL")
+        .arg(epoch)
+        .query(&mut raw)
+        .unwrap();
+    assert_eq!(
+        s.append(Channel::Private("k"), b("3"), HOUR).await.unwrap(),
+        3
+    );
+    assert!(close(pttl(&mut raw, seq)), "renewed after an older writer");
+    assert!(
+        close(pttl(&mut raw, epoch)),
+        "the older sequence got its epoch"
     );
 }
 

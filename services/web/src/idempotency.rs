@@ -72,6 +72,13 @@ pub fn push_id(idempotency_key: Option<&str>, body: &[u8]) -> String {
     }
 }
 
+/// Whether web made `push_id` itself (no `Idempotency-Key`): such an id is
+/// new with its request, so no store holds anything under it before web's
+/// first attempt to store that request.
+pub fn made_here(push_id: &str) -> bool {
+    !push_id.is_empty() && !push_id.starts_with('i')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +112,9 @@ mod tests {
         assert_ne!(id, push_id(Some("k"), b"{ }"));
         assert_ne!(id, push_id(Some("k2"), b"{}"));
         assert_ne!(push_id(None, b"{}"), push_id(None, b"{}"));
+        // Only the ids web makes itself are new with their request.
+        assert!(!made_here(&id));
+        assert!((0..100).all(|_| made_here(&push_id(None, b"{}"))));
+        assert!(!made_here(""));
     }
 }
