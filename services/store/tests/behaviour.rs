@@ -566,6 +566,22 @@ async fn redis_sentinel_backend_passes_the_suite() {
     redis_suite(group.url(), Fences::PerShard, Default::default()).await;
 }
 
+/// A Redis, a store on it under `ns`, and a plain connection to look at
+/// its keys with.
+async fn store_and_raw_conn(ns: &str) -> (RedisServer, RedisStore, redis::Connection) {
+    let server = RedisServer::start();
+    let s = RedisStore::connect(&server.url(), ns, retention(100))
+        .await
+        .unwrap();
+    let raw = server.conn();
+    (server, s, raw)
+}
+
+/// A key's remaining life in ms (-2: no such key, -1: no expiry).
+fn pttl_of(raw: &mut redis::Connection, key: &str) -> i64 {
+    redis::cmd("PTTL").arg(key).query(raw).unwrap()
+}
+
 /// A key's message list lives as long as its newest message and at most a
 /// quarter of that longer (an hour at most), so that the pushes to a busy
 /// key in that time leave its expiry alone: a message of 60 s gives the
@@ -573,14 +589,8 @@ async fn redis_sentinel_backend_passes_the_suite() {
 /// does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_list_outlives_its_newest_message_by_at_most_a_quarter() {
-    let server = RedisServer::start();
-    let s = RedisStore::connect(&server.url(), "life", retention(100))
-        .await
-        .unwrap();
-    let mut raw = server.conn();
-    let list = "life:k:{k}:m";
-    let pttl =
-        |raw: &mut redis::Connection| -> i64 { redis::cmd("PTTL").arg(list).query(raw).unwrap() };
+    let (_server, s, mut raw) = store_and_raw_conn("life").await;
+    let pttl = |raw: &mut redis::Connection| pttl_of(raw, "life:k:{k}:m");
     let minute = Duration::from_secs(60);
     s.append(Channel::Private("k"), b("1"), minute)
         .await
@@ -613,15 +623,8 @@ async fn a_message_list_outlives_its_newest_message_by_at_most_a_quarter() {
 /// at its next append here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sequence_and_its_epoch_are_renewed_together_not_on_every_append() {
-    let server = RedisServer::start();
-    let s = RedisStore::connect(&server.url(), "idle", retention(100))
-        .await
-        .unwrap();
-    let mut raw = server.conn();
+    let (_server, s, mut raw) = store_and_raw_conn("idle").await;
     let (seq, epoch) = ("idle:k:{k}:s", "idle:k:{k}:e");
-    let pttl = |raw: &mut redis::Connection, key: &str| -> i64 {
-        redis::cmd("PTTL").arg(key).query(raw).unwrap()
-    };
     let idle = Retention::default().idle_ttl_seconds as i64 * 1000;
     let renewed = idle + idle / 4;
     let close = |got: i64| (renewed - 10_000..=renewed).contains(&got);
@@ -629,14 +632,17 @@ async fn a_sequence_and_its_epoch_are_renewed_together_not_on_every_append() {
         s.append(Channel::Private("k"), b("1"), HOUR).await.unwrap(),
         1
     );
-    let first = pttl(&mut raw, seq);
+    let first = pttl_of(&mut raw, seq);
     assert!(close(first), "a new sequence lives {first} ms");
-    assert!(close(pttl(&mut raw, epoch)), "its epoch lives as long");
+    assert!(close(pttl_of(&mut raw, epoch)), "its epoch lives as long");
     assert_eq!(
         s.append(Channel::Private("k"), b("2"), HOUR).await.unwrap(),
         2
     );
-    assert!(pttl(&mut raw, seq) <= first, "renewed on the second append");
+    assert!(
+        pttl_of(&mut raw, seq) <= first,
+        "renewed on the second append"
+    );
 
     // As a writer of an earlier release left it: idle_ttl, and no epoch.
     let _: () = redis::pipe()
@@ -651,9 +657,12 @@ async fn a_sequence_and_its_epoch_are_renewed_together_not_on_every_append() {
         s.append(Channel::Private("k"), b("3"), HOUR).await.unwrap(),
         3
     );
-    assert!(close(pttl(&mut raw, seq)), "renewed after an older writer");
     assert!(
-        close(pttl(&mut raw, epoch)),
+        close(pttl_of(&mut raw, seq)),
+        "renewed after an older writer"
+    );
+    assert!(
+        close(pttl_of(&mut raw, epoch)),
         "the older sequence got its epoch"
     );
 }
