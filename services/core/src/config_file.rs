@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 use std::path::{Path, PathBuf};
 
-/// The variable (and `--unknown-settings` the flag) that picks an
-/// [`UnknownSettings`].
+/// The variable that picks an [`UnknownSettings`] (the flag is
+/// `--unknown-settings`).
 pub const UNKNOWN_SETTINGS_ENV: &str = "PUSH_UNKNOWN_SETTINGS";
 
 /// What a service does with a setting in its config file that it does not know.
@@ -94,9 +94,8 @@ fn parse_dropping_unknown<T: DeserializeOwned>(text: &str) -> Result<(T, Vec<Str
         };
         let path = e.path().clone();
         let message = e.inner().to_string();
-        let removed = (dropped.len() < MAX_DROPPED)
-            .then(|| unknown_field(&message))
-            .flatten()
+        let removed = unknown_field(&message)
+            .filter(|_| dropped.len() < MAX_DROPPED)
             .and_then(|field| remove(&mut doc, &path, field));
         match removed {
             Some(setting) => dropped.push(setting),

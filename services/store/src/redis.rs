@@ -54,18 +54,18 @@ use std::time::Duration;
 // the lookup makes that second run return the first mid.
 // A new sequence (mid 1) gets a new epoch, ARGV[3] (now, in ms), kept as
 // long as the sequence; so does a sequence older than epochs at its next
-// append. The sequence and its epoch live `idle_ttl` (ARGV[5]) and a quarter
-// more after an append, renewed together once less than `idle_ttl` and an
-// eighth is left (every eighth of `idle_ttl`, on a busy key): one PTTL per
-// append rather than two PEXPIREs. A writer of
-// a release before this one sets exactly `idle_ttl`, below the renewal
-// mark, so the next append here renews both (and gives an older sequence
-// its epoch) whatever came between. The list's life is extended past its newest message's by a
-// quarter of that message's (at most an hour), so that the pushes to a key
-// in that time skip the PEXPIRE (one call of eight, and one command less in
-// the replication stream and the AOF); readers skip expired entries, so a
-// list outliving its messages only holds memory a little longer. Fences
-// are compared as 20-digit strings: Lua numbers are doubles, exact only to
+// append. The sequence and its epoch live `idle_ttl` (ARGV[5]) and a
+// quarter more after an append, renewed together once less than `idle_ttl`
+// and an eighth is left (every eighth of `idle_ttl`, on a busy key): one
+// PTTL per append rather than two PEXPIREs. A writer of a release before
+// this one sets exactly `idle_ttl`, below the renewal mark, so the next
+// append here renews both (and gives an older sequence its epoch) whatever
+// came between. The list's life is extended past its newest message's by
+// a quarter of that message's (at most an hour), so that the pushes to a
+// key in that time skip the PEXPIRE (one command less in the replication
+// stream and the AOF too); readers skip expired entries, so a list
+// outliving its messages only holds memory a little longer. Fences are
+// compared as 20-digit strings: Lua numbers are doubles, exact only to
 // 2^53. A refused append returns -1 and the fence in force. Every
 // redis.call costs the script a round through Redis's command dispatch, so
 // there are as few as the semantics allow (RPUSH's reply is the length; the

@@ -106,7 +106,7 @@ impl Envelope<'_> {
     fn to_json(&self) -> String {
         // Serializing a struct of a number, a string and a Value cannot fail.
         serde_json::to_string(self)
-            .unwrap_or_else(|_| r#"{"ret":65535,"msg":"unencodable reply"}"#.into())
+            .unwrap_or_else(|_| format!(r#"{{"ret":{INTERNAL},"msg":"unencodable reply"}}"#))
     }
 }
 
