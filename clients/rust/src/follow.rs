@@ -168,8 +168,8 @@ impl State {
         self.seen.mids.push(m);
     }
 
-    /// Notes that mid `m` came live on the current connection.
-    fn live(&mut self, m: i64) {
+    /// Notes that mid `m` came live on the current connection at `at`.
+    fn live(&mut self, m: i64, at: Instant) {
         let conn = self.seen.connections;
         match self.live_on.entry((self.seen.resets, m)) {
             std::collections::hash_map::Entry::Occupied(first) => {
@@ -179,7 +179,7 @@ impl State {
             }
             std::collections::hash_map::Entry::Vacant(v) => {
                 v.insert(conn);
-                self.seen.live_at.push((m, Instant::now()));
+                self.seen.live_at.push((m, at));
             }
         }
     }
@@ -284,10 +284,15 @@ impl Follow {
             };
             match frame {
                 Ok(Frame::Message(m)) => {
-                    st.live(m.mid);
+                    let arrived = Instant::now();
+                    // A frame after a hole the follower could not fill is
+                    // dropped unapplied: the next connection asks for it
+                    // again (SSE's Last-Event-ID), so it only counts as
+                    // delivered live once kept.
                     if m.mid > st.seen.last() + 1 && self.catch_up(st, Some(m.mid)).await.is_err() {
                         return Ended::Reconnect;
                     }
+                    st.live(m.mid, arrived);
                     st.apply(m.mid);
                     // A sequence began while connected: learn its epoch,
                     // which the next fetch carries to tell a restart.
@@ -403,17 +408,18 @@ mod tests {
     #[test]
     fn tells_a_mid_delivered_live_by_two_connections() {
         let mut st = state();
+        let now = Instant::now();
         st.up();
-        st.live(1);
-        st.live(1);
+        st.live(1, now);
+        st.live(1, now);
         st.down();
         st.up();
-        st.live(2);
-        st.live(1);
+        st.live(2, now);
+        st.live(1, now);
         assert_eq!(st.seen.live_twice, vec![1]);
         // A new sequence's mid 1 is another message.
         st.reset();
-        st.live(1);
+        st.live(1, now);
         assert_eq!(st.seen.live_twice, vec![1]);
     }
 
