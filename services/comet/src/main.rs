@@ -63,6 +63,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
+    if let Some(ca) = &a.common.redis_ca_file {
+        pushcluster_redis::trust_ca_file(ca)?;
+    }
     let common = a.common.clone();
     let configure = |cfg: &mut Config| {
         set(&mut cfg.shard, a.shard);

@@ -36,6 +36,12 @@ pub struct CommonArgs {
     /// variable.
     #[arg(long, env = "PUSH_REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// PEM file of the certificate authorities a Redis reached over TLS
+    /// (`rediss://`, `rediss+sentinel://`, `rediss+cluster://`) must chain
+    /// to; unset, the system's roots. Every Redis connection of the process
+    /// trusts it. Ignored, with a warning, for a plain `redis://` URL.
+    #[arg(long, env = "PUSH_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// What to do with a setting in the config file that this version does
     /// not know: refuse to start (a typo), or warn and go on without it
     /// (what the operator sets: it may be newer than the image).

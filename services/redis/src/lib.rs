@@ -4,8 +4,7 @@
 //! `redis://` URL before (config files, `PUSH_REDIS_URL`, flags) takes the
 //! other modes too:
 //!
-//! - `redis://[user:password@]host:port[/db]` (or `rediss://`, `unix://`):
-//!   one node.
+//! - `redis://[user:password@]host:port[/db]` (or `unix://`): one node.
 //! - `redis+sentinel://[user:password@]sentinel1:26379,sentinel2:26379/<master>[/db]`:
 //!   the master that the Sentinels name. The credentials are the data
 //!   nodes' (Sentinels are asked without them). A write that finds a
@@ -17,6 +16,11 @@
 //!   Cluster, reached through any of its seed nodes; the client follows
 //!   `MOVED`/`ASK` and failovers.
 //!
+//! Each scheme with `rediss` in place of `redis` (`rediss://`,
+//! `rediss+sentinel://`, `rediss+cluster://`) connects over TLS, to
+//! Sentinels and data nodes alike, verifying each server's certificate and
+//! name against the system's roots or the CAs of [`trust_ca_file`].
+//!
 //! [`Conn`] is one handle over all three that scripts and pipelines run
 //! on, and [`Durability`] how long an acknowledged write waits for
 //! replicas (`WAIT`).
@@ -25,9 +29,11 @@ mod cluster;
 mod sentinel;
 mod subscriber;
 mod target;
+mod tls;
 
 pub use subscriber::{Event, Subscriber, SubscriberHandle};
 pub use target::{Target, Topology};
+pub use tls::{read_ca_file, trust_ca_file};
 
 use cluster::LazyCluster;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -48,6 +54,8 @@ pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error("redis URL {url:?}: {why}")]
     Url { url: String, why: String },
+    #[error("Redis CA file {path}: {why}")]
+    Ca { path: String, why: String },
     #[error(transparent)]
     Redis(#[from] RedisError),
     #[error("stored on the master, but its replication could not be confirmed: {0}")]

@@ -3,6 +3,7 @@
 //! looks like now ([`Topology`]).
 
 use crate::cluster::LazyCluster;
+use crate::tls::Tls;
 use crate::{
     manager_config, sentinel, Conn, Error, Inner, Mode, CONNECT_TIMEOUT, RESPONSE_TIMEOUT,
 };
@@ -30,6 +31,7 @@ pub(crate) enum Kind {
         nodes: Vec<String>,
         username: Option<String>,
         password: Option<String>,
+        tls: Tls,
     },
 }
 
@@ -45,17 +47,44 @@ impl std::fmt::Display for Target {
     }
 }
 
-const SENTINEL: &str = "redis+sentinel://";
-const CLUSTER: &str = "redis+cluster://";
+const SENTINEL: &str = "+sentinel://";
+const CLUSTER: &str = "+cluster://";
+
+/// The scheme's TLS choice (`rediss…` on) and the URL after `redis` or
+/// `rediss`; `None` for a scheme of neither family.
+fn tls_scheme(url: &str) -> Option<(bool, &str)> {
+    if let Some(rest) = url.strip_prefix("rediss") {
+        Some((true, rest))
+    } else {
+        url.strip_prefix("redis").map(|rest| (false, rest))
+    }
+}
 
 impl Target {
-    /// Parses a URL of any mode.
+    /// Parses a URL of any mode; a `rediss` scheme trusts the CAs of
+    /// [`crate::trust_ca_file`], or the system's roots.
     pub fn parse(url: &str) -> Result<Self, Error> {
+        Self::parse_trusting(url, None)
+    }
+
+    /// Parses a URL of any mode; a `rediss` scheme trusts the CAs in
+    /// `ca_pem` when given.
+    pub fn parse_trusting(url: &str, ca_pem: Option<Vec<u8>>) -> Result<Self, Error> {
         let bad = |why: &str| Error::Url {
             url: redact(url),
             why: why.to_owned(),
         };
-        if let Some(rest) = url.strip_prefix(SENTINEL) {
+        let (on, rest) = tls_scheme(url).unwrap_or((false, url));
+        // The process-wide CAs go with whatever URL; ones given for this
+        // URL say it was meant to be TLS.
+        if ca_pem.is_some() && !on {
+            return Err(bad(
+                "a CA file is given for Redis but the URL is not TLS: use rediss://, \
+                 rediss+sentinel:// or rediss+cluster://",
+            ));
+        }
+        let tls = Tls::new(on, ca_pem);
+        if let Some(rest) = rest.strip_prefix(SENTINEL) {
             let parts = Authority::split(rest, 26379).map_err(|w| bad(&w))?;
             let mut path = parts.path.split('/').filter(|p| !p.is_empty());
             let master = path
@@ -80,10 +109,15 @@ impl Target {
                 node = node.set_password(p);
             }
             Ok(Self {
-                kind: Kind::Sentinel(sentinel::Group::new(parts.hosts, master.to_owned(), node)),
+                kind: Kind::Sentinel(sentinel::Group::new(
+                    parts.hosts,
+                    master.to_owned(),
+                    node,
+                    tls,
+                )),
                 redacted: redact(url),
             })
-        } else if let Some(rest) = url.strip_prefix(CLUSTER) {
+        } else if let Some(rest) = rest.strip_prefix(CLUSTER) {
             let parts = Authority::split(rest, 6379).map_err(|w| bad(&w))?;
             if !parts.path.trim_matches('/').is_empty() && parts.path.trim_matches('/') != "0" {
                 return Err(bad("a Redis Cluster has only database 0"));
@@ -93,11 +127,12 @@ impl Target {
                     nodes: parts.hosts,
                     username: parts.username,
                     password: parts.password,
+                    tls,
                 },
                 redacted: redact(url),
             })
         } else {
-            let client = redis::Client::open(url).map_err(|e| bad(&e.to_string()))?;
+            let client = tls.open(url).map_err(|e| bad(&e.to_string()))?;
             Ok(Self {
                 kind: Kind::Single(client),
                 redacted: redact(url),
@@ -145,13 +180,18 @@ impl Target {
             nodes,
             username,
             password,
+            tls,
         } = &self.kind
         else {
             unreachable!("cluster_builder on a cluster target only")
         };
-        let mut b = ClusterClientBuilder::new(nodes.iter().map(|n| format!("redis://{n}")))
+        let scheme = if tls.on { "rediss" } else { "redis" };
+        let mut b = ClusterClientBuilder::new(nodes.iter().map(|n| format!("{scheme}://{n}")))
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT);
+        if let Some(certs) = tls.certs().filter(|_| tls.on) {
+            b = b.certs(certs);
+        }
         if let Some(u) = username {
             b = b.username(u);
         }
@@ -361,14 +401,62 @@ mod tests {
             nodes,
             username,
             password,
+            tls,
         } = &t.kind
         else {
             panic!("cluster")
         };
+        assert!(!tls.on);
         assert_eq!(nodes, &["n1:7000", "n2:6379"]);
         assert_eq!(username.as_deref(), Some("u"));
         assert_eq!(password.as_deref(), Some("p@ss"));
         assert_eq!(t.to_string(), "redis+cluster://***@n1:7000,n2");
+    }
+
+    #[test]
+    fn rediss_schemes_connect_over_tls() {
+        let t = Target::parse("rediss://h:6380/1").unwrap();
+        let Kind::Single(client) = &t.kind else {
+            panic!("single")
+        };
+        assert!(matches!(
+            client.get_connection_info().addr(),
+            redis::ConnectionAddr::TcpTls {
+                insecure: false,
+                ..
+            }
+        ));
+        let t = Target::parse("rediss+sentinel://a:26379,b/m").unwrap();
+        let Kind::Sentinel(group) = &t.kind else {
+            panic!("sentinel")
+        };
+        assert!(group.tls.on);
+        assert_eq!(group.sentinels, ["a:26379", "b:26379"]);
+        let t = Target::parse("rediss+cluster://n1:7000").unwrap();
+        let Kind::Cluster { tls, nodes, .. } = &t.kind else {
+            panic!("cluster")
+        };
+        assert!(tls.on);
+        assert_eq!(nodes, &["n1:7000"]);
+        assert_eq!(t.to_string(), "rediss+cluster://n1:7000");
+        let Kind::Sentinel(group) = Target::parse("redis+sentinel://a/m").unwrap().kind else {
+            panic!("sentinel")
+        };
+        assert!(!group.tls.on);
+    }
+
+    #[test]
+    fn a_ca_for_a_plain_url_is_refused() {
+        let ca = pushcluster_core::tls::testing::TestCa::new("test CA");
+        for url in ["redis://h", "redis+cluster://n1", "redis+sentinel://s/m"] {
+            let e = Target::parse_trusting(url, Some(ca.pem.clone().into_bytes()))
+                .err()
+                .unwrap_or_else(|| panic!("{url} taken"))
+                .to_string();
+            assert!(e.contains("rediss://"), "{url}: {e}");
+        }
+        let t = Target::parse_trusting("rediss+cluster://n1", Some(ca.pem.into_bytes())).unwrap();
+        assert_eq!(t.mode(), Mode::Cluster);
     }
 
     #[test]

@@ -261,6 +261,13 @@ impl RedisStore {
         Ok(Self::over(conn, target, ns, retention))
     }
 
+    /// Connects to a parsed `target` (one that trusts a given CA, say),
+    /// prefixing every key with `ns`.
+    pub async fn connect_to(target: Target, ns: &str, retention: Retention) -> Result<Self> {
+        let conn = target.connect().await?;
+        Ok(Self::over(conn, target, ns, retention))
+    }
+
     /// Like [`Self::connect`], but connects on first use and reconnects
     /// after a failure: a process that starts while Redis is down (a comet
     /// in a rollout, say) comes up, and its appends fail until Redis answers.

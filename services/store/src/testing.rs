@@ -118,6 +118,37 @@ impl RedisServer {
         server
     }
 
+    /// A node that takes TLS connections only, on a free port of
+    /// 127.0.0.1, serving the certificate and key (PEM files) given;
+    /// clients need no certificate of their own.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+        let port = free_port();
+        let mut all = base_args(0);
+        all.extend(
+            [
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &cert.display().to_string(),
+                "--tls-key-file",
+                &key.display().to_string(),
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(String::from),
+        );
+        Self::spawn_raw(port, all)
+    }
+
+    /// Its `rediss://` URL (for a node of [`Self::start_tls`]).
+    pub fn tls_url(&self) -> String {
+        format!("rediss://127.0.0.1:{}/", self.port)
+    }
+
     /// Kills it (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -54,11 +54,20 @@ pub struct Proc {
     /// Path polled after start: `/readyz`, or `/healthz` for a lease-mode
     /// comet, which is only ready once it holds a shard.
     wait_path: &'static str,
+    /// Environment variables it starts with (besides `RUST_LOG`).
+    env: Vec<(String, String)>,
 }
 
 impl Proc {
-    fn spawn(dir: &Path, name: &str, bin_name: &str, config: &str, ops_port: u16) -> Self {
-        Self::spawn_waiting(dir, name, bin_name, config, ops_port, "/readyz")
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        bin_name: &str,
+        config: &str,
+        ops_port: u16,
+        env: Vec<(String, String)>,
+    ) -> Self {
+        Self::spawn_waiting(dir, name, bin_name, config, ops_port, "/readyz", env)
     }
 
     fn spawn_waiting(
@@ -68,6 +77,7 @@ impl Proc {
         config: &str,
         ops_port: u16,
         wait_path: &'static str,
+        env: Vec<(String, String)>,
     ) -> Self {
         let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, config).expect("write config");
@@ -79,6 +89,7 @@ impl Proc {
             child: None,
             ops_port,
             wait_path,
+            env,
         };
         p.start();
         p
@@ -105,6 +116,7 @@ impl Proc {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -277,6 +289,9 @@ pub struct Options {
     /// SSE behind TLS on a port of their own (`CometAddrs::wss`), web its
     /// public API (`Cluster::public_tls_port`), re-reading them every second.
     pub tls_dir: Option<std::path::PathBuf>,
+    /// CAs every service trusts for a `rediss://` Redis
+    /// (`PUSH_REDIS_CA_FILE`).
+    pub redis_ca_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -304,6 +319,7 @@ impl Default for Options {
             listener_limits: pushcluster_core::serve::ListenerLimits::default(),
             redis_durability: pushcluster_redis::Durability::default(),
             tls_dir: None,
+            redis_ca_file: None,
         }
     }
 }
@@ -374,6 +390,11 @@ impl Cluster {
             max_keys_per_multipush: 50,
             ..Limits::default()
         };
+        let env: Vec<(String, String)> = opts
+            .redis_ca_file
+            .iter()
+            .map(|f| ("PUSH_REDIS_CA_FILE".to_owned(), f.display().to_string()))
+            .collect();
         let msg_port = free_port();
         let msg_ops = free_port();
         let mut message_cfg = push_message::Config {
@@ -392,6 +413,7 @@ impl Cluster {
             "push-message",
             &yaml(&message_cfg),
             msg_ops,
+            env.clone(),
         );
         let older_message = opts
             .older_rpc
@@ -479,6 +501,7 @@ impl Cluster {
                 &yaml(&cfg),
                 ops,
                 wait_path,
+                env.clone(),
             ));
             if opts.lease_redis.is_some() && i < opts.shards {
                 // The first comets take their preferred shards before standbys start.
@@ -537,7 +560,7 @@ impl Cluster {
             comets: static_comets,
             ..push_web::Config::default()
         };
-        let web = Proc::spawn(dir.path(), "web", "push-web", &yaml(&web_cfg), ops);
+        let web = Proc::spawn(dir.path(), "web", "push-web", &yaml(&web_cfg), ops, env);
         Self {
             dir,
             message,

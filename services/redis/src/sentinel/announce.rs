@@ -99,7 +99,7 @@ async fn listen_once(
     group: &Group,
     tx: &mpsc::UnboundedSender<String>,
 ) -> RedisResult<()> {
-    let client = redis::Client::open(format!("redis://{sentinel}"))?;
+    let client = group.tls.client_of_addr(sentinel)?;
     let mut pubsub = tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;

@@ -41,9 +41,10 @@ mod follower;
 
 pub(crate) use follower::Follower;
 
+use crate::tls::Tls;
 use crate::CONNECT_TIMEOUT;
 use futures::StreamExt;
-use redis::{IntoConnectionInfo, RedisConnectionInfo, RedisResult, Value};
+use redis::{RedisConnectionInfo, RedisResult, Value};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,6 +70,8 @@ pub(crate) struct Group {
     pub(crate) master: String,
     /// How to talk to the data nodes (credentials, database).
     pub(crate) node: RedisConnectionInfo,
+    /// Plain or TLS, to the Sentinels and the data nodes alike.
+    pub(crate) tls: Tls,
     /// The master the last announcement (`+promoted-slave`,
     /// `+switch-master`) named.
     announced: Arc<Mutex<Option<String>>>,
@@ -120,8 +123,8 @@ pub(crate) fn candidates(answers: &[Named]) -> Vec<Named> {
     out
 }
 
-async fn ask_sentinel(sentinel: &str, master: &str) -> RedisResult<Named> {
-    let client = redis::Client::open(format!("redis://{sentinel}"))?;
+async fn ask_sentinel(sentinel: &str, master: &str, tls: &Tls) -> RedisResult<Named> {
+    let client = tls.client_of_addr(sentinel)?;
     let asked = async {
         let mut conn = client.get_multiplexed_async_connection().await?;
         redis::cmd("SENTINEL")
@@ -196,7 +199,7 @@ pub(crate) fn same_addr(a: &str, b: &str) -> bool {
 }
 
 /// Splits `host:port` (an IPv6 host in brackets).
-fn host_port(addr: &str) -> Option<(String, u16)> {
+pub(crate) fn host_port(addr: &str) -> Option<(String, u16)> {
     let (host, port) = addr.rsplit_once(':')?;
     Some((
         host.trim_start_matches('[')
@@ -207,20 +210,23 @@ fn host_port(addr: &str) -> Option<(String, u16)> {
 }
 
 impl Group {
-    pub(crate) fn new(sentinels: Vec<String>, master: String, node: RedisConnectionInfo) -> Self {
+    pub(crate) fn new(
+        sentinels: Vec<String>,
+        master: String,
+        node: RedisConnectionInfo,
+        tls: Tls,
+    ) -> Self {
         Self {
             sentinels,
             master,
             node,
+            tls,
             announced: Arc::default(),
         }
     }
 
     fn client_of(&self, host: String, port: u16) -> RedisResult<redis::Client> {
-        let info = redis::ConnectionAddr::Tcp(host, port)
-            .into_connection_info()?
-            .set_redis_settings(self.node.clone());
-        redis::Client::open(info)
+        self.tls.client(host, port, self.node.clone())
     }
 
     /// A client of the master now: the one last announced once it answers
@@ -247,7 +253,7 @@ impl Group {
         let mut asked: futures::stream::FuturesUnordered<_> = self
             .sentinels
             .iter()
-            .map(|s| ask_sentinel(s, &self.master))
+            .map(|s| ask_sentinel(s, &self.master, &self.tls))
             .collect();
         let mut answers = Vec::new();
         let mut last_error = None;

@@ -150,3 +150,42 @@ async fn a_rotated_certificate_reaches_new_connections_and_keeps_open_ones() {
         3
     );
 }
+
+/// Redis that takes TLS connections only: every service reaches it over
+/// `rediss://`, trusting the CA in `PUSH_REDIS_CA_FILE`, and pushes are
+/// stored, delivered live (web's script publishes, the comet's subscription
+/// hears it) and fetched as on plain TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_reach_a_tls_redis_with_the_ca_file() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = TestCa::new("redis test CA");
+    ca.leaf(&["127.0.0.1", "localhost"]).write_to(dir.path());
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, &ca.pem).expect("write CA");
+    let redis = pushcluster_systest::RedisServer::start_tls(
+        &dir.path().join("tls.crt"),
+        &dir.path().join("tls.key"),
+    );
+    let c = Cluster::start(Options {
+        redis_url: Some(redis.tls_url()),
+        redis_ca_file: Some(ca_file),
+        ..Options::default()
+    });
+    let mut sub =
+        pushcluster_systest::subscribe(&c, "tls-redis", pushcluster_systest::Transport::Ws, true)
+            .await;
+    let api = c.client();
+    for n in 1..=3 {
+        let mid = api
+            .push("tls-redis", &format!(r#"{{"n": {n}}}"#), Some(600))
+            .await
+            .expect("push");
+        assert_eq!(mid, n);
+    }
+    let got = collect(&mut sub, 3, Duration::from_secs(5)).await;
+    let mids: Vec<i64> = got.iter().map(|m| m.mid).collect();
+    assert_eq!(mids, [1, 2, 3]);
+    let (stored, _) = api.fetch("tls-redis", 0, None).await.expect("fetch");
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[2].msg, serde_json::json!({"n": 3}));
+}

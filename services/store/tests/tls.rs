@@ -1,0 +1,97 @@
+//! Redis over TLS: a real `redis-server` that takes TLS connections only,
+//! with a certificate of a test CA. The store appends, fetches and hears
+//! its live channel through `rediss://` when it trusts that CA, and a
+//! client that does not (another CA, or plain TCP) gets no data through.
+
+use bytes::Bytes;
+use futures::StreamExt;
+use pushcluster_core::tls::testing::TestCa;
+use pushcluster_redis::{Event, Subscriber, Target};
+use pushcluster_store::redis::{live, RedisStore};
+use pushcluster_store::testing::RedisServer;
+use pushcluster_store::{Channel, Retention, Store};
+use std::time::Duration;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A TLS-only Redis with a certificate for 127.0.0.1 from `ca`.
+fn tls_server(ca: &TestCa, dir: &std::path::Path) -> RedisServer {
+    let leaf = ca.leaf(&["127.0.0.1", "localhost"]);
+    leaf.write_to(dir);
+    RedisServer::start_tls(&dir.join("tls.crt"), &dir.join("tls.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_works_over_tls_with_the_servers_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("redis test CA");
+    let server = tls_server(&ca, dir.path());
+    let target = Target::parse_trusting(&server.tls_url(), Some(ca.pem.clone().into_bytes()))
+        .expect("a rediss URL with a CA");
+
+    let (mut sub, mut events) = Subscriber::connect(&target, false)
+        .await
+        .expect("a subscription over TLS");
+    sub.subscribe(vec![live::channel("tls", "k")])
+        .await
+        .unwrap();
+
+    let store = RedisStore::connect_to(target, "tls", Retention::default())
+        .await
+        .expect("connected over TLS");
+    for (i, p) in ["{\"n\":1}", "{\"n\":2}"].into_iter().enumerate() {
+        let mid = store
+            .append(Channel::Private("k"), Bytes::from(p), HOUR)
+            .await
+            .unwrap();
+        assert_eq!(mid, i as i64 + 1);
+    }
+    let got = store.fetch(Channel::Private("k"), 0, 10).await.unwrap();
+    let mids: Vec<i64> = got.iter().map(|m| m.mid).collect();
+    assert_eq!(mids, [1, 2]);
+    assert_eq!(got[1].payload, Bytes::from("{\"n\":2}"));
+
+    let mut live_mids = Vec::new();
+    while live_mids.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("a live message within 5 s")
+            .expect("the subscription is open");
+        if let Event::Message(m) = event {
+            live_mids.push(
+                live::decode(m.get_payload_bytes())
+                    .expect("a live message")
+                    .mid,
+            );
+        }
+    }
+    assert_eq!(live_mids, [1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_trust_the_server_gets_nothing_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = tls_server(&TestCa::new("redis test CA"), dir.path());
+
+    // Both at once: the connection manager retries a refused handshake for
+    // about ten seconds before it gives up.
+    let other = TestCa::new("another CA");
+    let target = Target::parse_trusting(&server.tls_url(), Some(other.pem.into_bytes())).unwrap();
+    let untrusted = RedisStore::connect_to(target, "tls", Retention::default());
+    // Plain TCP to the TLS port: the server never answers in RESP.
+    let plain = format!("redis://127.0.0.1:{}/", server.port());
+    let plain = tokio::time::timeout(
+        Duration::from_secs(3),
+        RedisStore::connect(&plain, "tls", Retention::default()),
+    );
+    let (untrusted, plain) = tokio::join!(untrusted, plain);
+    let e = untrusted
+        .err()
+        .expect("a certificate of an unknown CA is refused")
+        .to_string();
+    assert!(e.contains("invalid peer certificate"), "{e}");
+    assert!(
+        !matches!(plain, Ok(Ok(_))),
+        "a plain connection to a TLS port must not work"
+    );
+}
