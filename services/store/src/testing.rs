@@ -250,17 +250,55 @@ pub struct RedisClusterServers {
     /// Node ids, in the order of `nodes`.
     pub ids: Vec<String>,
     dir: tempfile::TempDir,
+    /// The nodes' TLS ports (of [`Self::start_tls`]), in the same order.
+    tls_ports: Vec<u16>,
 }
 
 impl RedisClusterServers {
     /// Starts `masters` masters and as many replicas and joins them.
     pub fn start(masters: usize) -> Self {
+        Self::start_with(masters, None)
+    }
+
+    /// As [`Self::start`], each node also taking TLS connections on a port
+    /// of its own ([`Self::tls_url`]) with `tls`'s certificate, key and CA
+    /// (PEM files), the cluster bus and replication over TLS too; the plain
+    /// ports stay for the test's own set-up.
+    pub fn start_tls(masters: usize, tls: [&std::path::Path; 3]) -> Self {
+        Self::start_with(masters, Some(tls))
+    }
+
+    fn start_with(masters: usize, tls: Option<[&std::path::Path; 3]>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let buses: Vec<u16> = (0..masters * 2).map(|_| free_port()).collect();
+        let tls_ports: Vec<u16> = tls
+            .map(|_| (0..masters * 2).map(|_| free_port()).collect())
+            .unwrap_or_default();
         let nodes: Vec<RedisServer> = buses
             .iter()
-            .map(|bus| {
+            .enumerate()
+            .map(|(i, bus)| {
                 let port = free_port();
+                let tls_args: Vec<String> = match tls {
+                    Some([cert, key, ca]) => [
+                        "--tls-port".into(),
+                        tls_ports[i].to_string(),
+                        "--tls-cert-file".into(),
+                        cert.display().to_string(),
+                        "--tls-key-file".into(),
+                        key.display().to_string(),
+                        "--tls-ca-cert-file".into(),
+                        ca.display().to_string(),
+                        "--tls-auth-clients".into(),
+                        "optional".into(),
+                        "--tls-cluster".into(),
+                        "yes".into(),
+                        "--tls-replication".into(),
+                        "yes".into(),
+                    ]
+                    .into(),
+                    None => Vec::new(),
+                };
                 RedisServer::spawn_with(
                     port,
                     [
@@ -293,6 +331,7 @@ impl RedisClusterServers {
                         "--dir".into(),
                         dir.path().display().to_string(),
                     ])
+                    .chain(tls_args)
                     .collect(),
                 )
             })
@@ -304,7 +343,12 @@ impl RedisClusterServers {
             .map(|(n, bus)| ("127.0.0.1".to_owned(), n.port, *bus))
             .collect();
         let ids = form_cluster(&urls, &meet, masters);
-        let cluster = Self { nodes, ids, dir };
+        let cluster = Self {
+            nodes,
+            ids,
+            dir,
+            tls_ports,
+        };
         cluster.wait_healthy();
         cluster
     }
@@ -341,6 +385,16 @@ impl RedisClusterServers {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// `rediss+cluster://` URL naming every node's TLS port as a seed.
+    pub fn tls_url(&self) -> String {
+        let seeds: Vec<String> = self
+            .tls_ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("rediss+cluster://{}", seeds.join(","))
     }
 
     /// Index in `nodes` of the master that serves `key`'s slot now, asked
@@ -471,53 +525,108 @@ pub struct RedisSentinels {
     /// The master's name.
     pub master: String,
     _dir: tempfile::TempDir,
+    /// TLS ports (of [`Self::start_tls`]): the data nodes', then the
+    /// Sentinels'.
+    tls_ports: Vec<u16>,
 }
 
 impl RedisSentinels {
     /// Starts a master, `replicas` replicas and three Sentinels, and waits
     /// until every Sentinel knows every replica and the other Sentinels.
     pub fn start(replicas: usize) -> Self {
+        Self::start_with(replicas, None)
+    }
+
+    /// As [`Self::start`], every node and Sentinel also taking TLS
+    /// connections on a port of its own with `tls`'s certificate, key and
+    /// CA (PEM files), and replication and the Sentinels' own connections
+    /// over TLS: clients reach it by [`Self::tls_url`]. The plain ports
+    /// stay for the test's own set-up.
+    pub fn start_tls(replicas: usize, tls: [&std::path::Path; 3]) -> Self {
+        Self::start_with(replicas, Some(tls))
+    }
+
+    fn start_with(replicas: usize, tls: Option<[&std::path::Path; 3]>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let tls_args = |port: u16| -> Vec<String> {
+            match tls {
+                Some([cert, key, ca]) => vec![
+                    "--tls-port".into(),
+                    port.to_string(),
+                    "--tls-cert-file".into(),
+                    cert.display().to_string(),
+                    "--tls-key-file".into(),
+                    key.display().to_string(),
+                    "--tls-ca-cert-file".into(),
+                    ca.display().to_string(),
+                    "--tls-auth-clients".into(),
+                    "optional".into(),
+                    "--tls-replication".into(),
+                    "yes".into(),
+                ],
+                None => Vec::new(),
+            }
+        };
+        // Where replicas and Sentinels reach a node: its TLS port with TLS.
+        let mut tls_ports = Vec::new();
+        let mut reach = |plain: u16| -> (u16, Vec<String>) {
+            if tls.is_some() {
+                let p = free_port();
+                tls_ports.push(p);
+                (p, tls_args(p))
+            } else {
+                (plain, Vec::new())
+            }
+        };
+        let port = free_port();
+        let (master_at, extra) = reach(port);
         let master = RedisServer::spawn_with(
-            free_port(),
+            port,
             ["--save", "", "--appendonly", "no"]
                 .map(String::from)
-                .to_vec(),
+                .into_iter()
+                .chain(extra)
+                .collect(),
         );
         let mut nodes = vec![master];
         for _ in 0..replicas {
             let port = free_port();
+            let (_, extra) = reach(port);
             nodes.push(RedisServer::spawn_with(
                 port,
-                vec![
+                [
                     "--save".into(),
                     "".into(),
                     "--appendonly".into(),
                     "no".into(),
                     "--replicaof".into(),
                     "127.0.0.1".into(),
-                    nodes[0].port.to_string(),
-                ],
+                    master_at.to_string(),
+                ]
+                .into_iter()
+                .chain(extra)
+                .collect(),
             ));
         }
         let name = "pcmaster".to_owned();
         let sentinels: Vec<RedisServer> = (0..3)
             .map(|i| {
                 let port = free_port();
+                let (_, extra) = reach(port);
                 let conf = dir.path().join(format!("sentinel-{i}.conf"));
                 std::fs::write(
                     &conf,
                     format!(
-                        "sentinel monitor {name} 127.0.0.1 {} 2\n\
+                        "sentinel monitor {name} 127.0.0.1 {master_at} 2\n\
                          sentinel down-after-milliseconds {name} 1000\n\
                          sentinel failover-timeout {name} 10000\n\
                          sentinel parallel-syncs {name} 2\n",
-                        nodes[0].port
                     ),
                 )
                 .expect("sentinel config");
                 let mut args = vec![conf.display().to_string(), "--sentinel".into()];
                 args.extend(base_args(port));
+                args.extend(extra);
                 RedisServer::spawn_raw(port, args)
             })
             .collect();
@@ -526,6 +635,7 @@ impl RedisSentinels {
             sentinels,
             master: name,
             _dir: dir,
+            tls_ports,
         };
         wait_for(
             Duration::from_secs(30),
@@ -567,6 +677,15 @@ impl RedisSentinels {
             .map(|s| format!("127.0.0.1:{}", s.port))
             .collect();
         format!("redis+sentinel://{}/{}", s.join(","), self.master)
+    }
+
+    /// `rediss+sentinel://` URL naming the Sentinels' TLS ports.
+    pub fn tls_url(&self) -> String {
+        let s: Vec<String> = self.tls_ports[self.nodes.len()..]
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("rediss+sentinel://{}/{}", s.join(","), self.master)
     }
 
     /// Index in `nodes` of the master the first live Sentinel names.

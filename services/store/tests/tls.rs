@@ -95,3 +95,80 @@ async fn a_client_that_does_not_trust_the_server_gets_nothing_through() {
         "a plain connection to a TLS port must not work"
     );
 }
+
+/// A Redis Cluster whose nodes talk TLS to clients, to each other and to
+/// their replicas: the store reaches every slot over `rediss+cluster://`
+/// (the client follows the nodes' TLS ports), with the append waiting for
+/// a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_works_on_a_redis_cluster_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("redis test CA");
+    ca.leaf(&["127.0.0.1", "localhost"]).write_to(dir.path());
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let cluster = pushcluster_store::testing::RedisClusterServers::start_tls(
+        3,
+        [
+            &dir.path().join("tls.crt"),
+            &dir.path().join("tls.key"),
+            &ca_file,
+        ],
+    );
+    let target = Target::parse_trusting(&cluster.tls_url(), Some(ca.pem.into_bytes())).unwrap();
+    let store = RedisStore::connect_to(target, "tlsc", Retention::default())
+        .await
+        .expect("connected over TLS")
+        .durability(pushcluster_redis::Durability {
+            replicas: 1,
+            timeout_ms: 2000,
+        });
+    // Keys spread over the three masters' slots.
+    let keys: Vec<String> = (0..12).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        for n in 1..=2 {
+            let mid = store
+                .append(Channel::Private(k), Bytes::from(format!("{n}")), HOUR)
+                .await
+                .unwrap_or_else(|e| panic!("append to {k}: {e}"));
+            assert_eq!(mid, n);
+        }
+    }
+    for k in &keys {
+        let got = store.fetch(Channel::Private(k), 0, 10).await.unwrap();
+        assert_eq!(got.iter().map(|m| m.mid).collect::<Vec<_>>(), [1, 2], "{k}");
+    }
+}
+
+/// A master and replicas behind Sentinels, all over TLS: the store asks
+/// the Sentinels over `rediss+sentinel://` and writes to the master they
+/// name over TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_works_behind_sentinels_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("redis test CA");
+    ca.leaf(&["127.0.0.1", "localhost"]).write_to(dir.path());
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let group = pushcluster_store::testing::RedisSentinels::start_tls(
+        1,
+        [
+            &dir.path().join("tls.crt"),
+            &dir.path().join("tls.key"),
+            &ca_file,
+        ],
+    );
+    let target = Target::parse_trusting(&group.tls_url(), Some(ca.pem.into_bytes())).unwrap();
+    let store = RedisStore::connect_to(target, "tlss", Retention::default())
+        .await
+        .expect("connected over TLS");
+    for n in 1..=3 {
+        let mid = store
+            .append(Channel::Private("k"), Bytes::from(format!("{n}")), HOUR)
+            .await
+            .unwrap();
+        assert_eq!(mid, n);
+    }
+    let got = store.fetch(Channel::Private("k"), 0, 10).await.unwrap();
+    assert_eq!(got.iter().map(|m| m.mid).collect::<Vec<_>>(), [1, 2, 3]);
+}
