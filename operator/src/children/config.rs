@@ -80,25 +80,10 @@ pub fn redis_key_prefix(pc: &PushCluster) -> Option<String> {
 /// The Redis URL the services are configured with, in the form
 /// `pushcluster_redis::Target` parses: `url` itself (mode Single; none when
 /// the URL is in `secretRef`), `redis+sentinel://<addresses>/<master>/<db>`
-/// or `redis+cluster://<nodes>`. The password, when kept apart, joins it in
-/// the pod (`PUSH_REDIS_PASSWORD`).
+/// or `redis+cluster://<nodes>` (`rediss+…` with `tls`). The password,
+/// when kept apart, joins it in the pod (`PUSH_REDIS_PASSWORD`).
 pub fn redis_url(pc: &PushCluster) -> Option<String> {
-    let r = pc.spec.storage.redis.as_ref()?;
-    match r.mode.unwrap_or_default() {
-        RedisMode::Single => r.url.clone(),
-        RedisMode::Sentinel => r.sentinel.as_ref().map(|s| {
-            format!(
-                "redis+sentinel://{}/{}/{}",
-                s.addresses.join(","),
-                s.master_name,
-                s.db
-            )
-        }),
-        RedisMode::Cluster => r
-            .cluster
-            .as_ref()
-            .map(|c| format!("redis+cluster://{}", c.nodes.join(","))),
-    }
+    redis_url_qualified(pc, |hostports| hostports.join(","))
 }
 
 /// [`redis_url`] for a client outside the cluster's namespace (the
@@ -106,8 +91,7 @@ pub fn redis_url(pc: &PushCluster) -> Option<String> {
 /// namespace, which only that namespace's pods find by its short name, so it
 /// gets `.<namespace>` (the same name through the cluster's DNS search).
 pub fn redis_url_from(pc: &PushCluster, namespace: &str) -> Option<String> {
-    let r = pc.spec.storage.redis.as_ref()?;
-    let qualify = |hostports: &[String]| -> String {
+    redis_url_qualified(pc, |hostports| {
         hostports
             .iter()
             .map(|h| match h.rsplit_once(':') {
@@ -118,13 +102,20 @@ pub fn redis_url_from(pc: &PushCluster, namespace: &str) -> Option<String> {
             })
             .collect::<Vec<_>>()
             .join(",")
-    };
+    })
+}
+
+/// The URL of the spec's Redis, its Sentinels' or seed nodes' addresses
+/// written by `hosts`.
+fn redis_url_qualified(pc: &PushCluster, hosts: impl Fn(&[String]) -> String) -> Option<String> {
+    let r = pc.spec.storage.redis.as_ref()?;
+    let scheme = if r.tls.is_some() { "rediss" } else { "redis" };
     match r.mode.unwrap_or_default() {
-        RedisMode::Single => redis_url(pc),
+        RedisMode::Single => r.url.clone(),
         RedisMode::Sentinel => r.sentinel.as_ref().map(|s| {
             format!(
-                "redis+sentinel://{}/{}/{}",
-                qualify(&s.addresses),
+                "{scheme}+sentinel://{}/{}/{}",
+                hosts(&s.addresses),
                 s.master_name,
                 s.db
             )
@@ -132,7 +123,7 @@ pub fn redis_url_from(pc: &PushCluster, namespace: &str) -> Option<String> {
         RedisMode::Cluster => r
             .cluster
             .as_ref()
-            .map(|c| format!("redis+cluster://{}", qualify(&c.nodes))),
+            .map(|c| format!("{scheme}+cluster://{}", hosts(&c.nodes))),
     }
 }
 

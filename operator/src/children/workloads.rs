@@ -13,7 +13,7 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    EnvVarSource, HTTPGetAction, KeyToPath, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
     Volume, VolumeMount, VolumeResourceRequirements,
@@ -124,7 +124,52 @@ fn redis_url_env(pc: &PushCluster) -> Vec<EnvVar> {
     ]
     .into_iter()
     .flatten()
+    .chain(redis_ca(pc).map(|_| env_value("PUSH_REDIS_CA_FILE", REDIS_CA_FILE.into())))
     .collect()
+}
+
+/// Where the Redis CA of `storage.redis.tls.caSecretRef` is mounted.
+const REDIS_CA_DIR: &str = "/etc/pushcluster-redis-ca";
+/// The CA file in it (`PUSH_REDIS_CA_FILE`).
+const REDIS_CA_FILE: &str = "/etc/pushcluster-redis-ca/ca.crt";
+
+/// The Secret key holding Redis's CA, when the spec names one.
+fn redis_ca(pc: &PushCluster) -> Option<&SecretKeyRef> {
+    pc.spec
+        .storage
+        .redis
+        .as_ref()?
+        .tls
+        .as_ref()?
+        .ca_secret_ref
+        .as_ref()
+}
+
+/// The volume and mount of Redis's CA (its one key as `ca.crt`), when the
+/// spec names one: every component reaches Redis.
+fn redis_ca_volume(pc: &PushCluster) -> Option<(Volume, VolumeMount)> {
+    let s = redis_ca(pc)?;
+    Some((
+        Volume {
+            name: "redis-ca".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(s.name.clone()),
+                items: Some(vec![KeyToPath {
+                    key: s.key.clone(),
+                    path: "ca.crt".into(),
+                    ..KeyToPath::default()
+                }]),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: "redis-ca".into(),
+            mount_path: REDIS_CA_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ))
 }
 
 /// `PUSH_WORKER_THREADS` when the spec sets it (the binaries' default otherwise).
@@ -229,6 +274,10 @@ fn pod_template(pc: &PushCluster, hash: &str, p: PodParts<'_>) -> PodTemplateSpe
         ..VolumeMount::default()
     }];
     mounts.extend(p.mounts);
+    if let Some((volume, mount)) = redis_ca_volume(pc) {
+        volumes.push(volume);
+        mounts.push(mount);
+    }
     let mut ports: Vec<ContainerPort> = p
         .ports
         .iter()

@@ -137,25 +137,43 @@ async fn redis_topology(
     }
     let mut url = children::config::redis_url_from(pc, ns)?;
     if let Some(s) = &r.password_secret_ref {
-        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
-            Api::namespaced(ctx.client.clone(), ns);
-        let password = match secrets.get_opt(&s.name).await {
-            Ok(found) => found
-                .and_then(|sec| sec.data)
-                .and_then(|d| d.get(&s.key).cloned())
-                .map(|v| String::from_utf8_lossy(&v.0).into_owned()),
-            Err(e) => return Some(Err(format!("reading Secret {}: {e}", s.name))),
-        };
-        match password {
-            Some(p) => url = pushcluster_core::ops::with_password(&url, &p),
-            None => return Some(Err(format!("Secret {} has no key {}", s.name, s.key))),
+        match secret_value(ctx, ns, s).await {
+            Ok(p) => {
+                let p = String::from_utf8_lossy(&p);
+                url = pushcluster_core::ops::with_password(&url, &p);
+            }
+            Err(e) => return Some(Err(e)),
         }
     }
-    let target = match pushcluster_redis::Target::parse(&url) {
+    let ca = match r.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        Some(s) => match secret_value(ctx, ns, s).await {
+            Ok(pem) => Some(pem),
+            Err(e) => return Some(Err(e)),
+        },
+        None => None,
+    };
+    let target = match pushcluster_redis::Target::parse_trusting(&url, ca) {
         Ok(t) => t,
         Err(e) => return Some(Err(e.to_string())),
     };
     Some(target.topology(REDIS_LOOK).await.map_err(|e| e.to_string()))
+}
+
+/// The value of a Secret's key, or why it cannot be read.
+async fn secret_value(
+    ctx: &Context,
+    ns: &str,
+    s: &crate::crd::SecretKeyRef,
+) -> std::result::Result<Vec<u8>, String> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
+    match secrets.get_opt(&s.name).await {
+        Ok(found) => found
+            .and_then(|sec| sec.data)
+            .and_then(|d| d.get(&s.key).cloned())
+            .map(|v| v.0)
+            .ok_or_else(|| format!("Secret {} has no key {}", s.name, s.key)),
+        Err(e) => Err(format!("reading Secret {}: {e}", s.name)),
+    }
 }
 
 /// One row per shard `0..spec.comet.shards`: its Lease's holder, since when,

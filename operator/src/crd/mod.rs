@@ -450,6 +450,7 @@ impl Default for EmbeddedSpec {
 #[x_kube(validation = Rule::new("!has(self.mode) || self.mode == 'Single' || (!has(self.url) && !has(self.secretRef))").message("storage.redis.url and storage.redis.secretRef name one node: with mode Sentinel give storage.redis.sentinel, with mode Cluster storage.redis.cluster (and the password in storage.redis.passwordSecretRef)"))]
 #[x_kube(validation = Rule::new("(has(self.mode) && self.mode == 'Sentinel') == has(self.sentinel)").message("storage.redis.sentinel (masterName and addresses) goes with mode Sentinel, and only with it"))]
 #[x_kube(validation = Rule::new("(has(self.mode) && self.mode == 'Cluster') == has(self.cluster)").message("storage.redis.cluster (seed nodes) goes with mode Cluster, and only with it"))]
+#[x_kube(validation = Rule::new("!has(self.tls) || !has(self.url) || self.url.startsWith('rediss://')").message("storage.redis.tls needs a TLS URL: write storage.redis.url as rediss://host:port"))]
 #[x_kube(validation = Rule::new("!has(self.passwordSecretRef) || !has(self.secretRef)").message("storage.redis.secretRef holds a whole URL with its password: drop passwordSecretRef, or give the URL in storage.redis.url"))]
 #[x_kube(validation = Rule::new("has(self.keyPrefix) == has(oldSelf.keyPrefix) && (!has(self.keyPrefix) || self.keyPrefix == oldSelf.keyPrefix)").message("storage.redis.keyPrefix cannot change on a live cluster: the stored messages and sequences would stay under the old prefix; create a new PushCluster instead"))]
 pub struct RedisSpec {
@@ -486,6 +487,24 @@ pub struct RedisSpec {
     /// When a push counts as stored. Default: once the master has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub durability: Option<RedisDurabilitySpec>,
+    /// Reach Redis over TLS: data nodes and Sentinels alike, each server's
+    /// certificate and name verified. Mode Single then needs a `rediss://`
+    /// URL (a URL in `secretRef` is used as it is: `rediss://` there
+    /// turns TLS on with the system's roots without this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RedisTlsSpec>,
+}
+
+/// How Redis's certificates are verified.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisTlsSpec {
+    /// A Secret key holding the certificate authorities (PEM) the servers'
+    /// certificates chain to, for a Redis with a private CA (cert-manager's
+    /// `ca.crt`, say). Default: the image's system roots, which managed
+    /// Redis services' certificates chain to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
 }
 
 /// How Redis is deployed.

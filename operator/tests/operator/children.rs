@@ -579,6 +579,69 @@ fn sentinel_and_cluster_modes_reach_every_service() {
     );
 }
 
+/// `storage.redis.tls` turns the Sentinel and Cluster URLs into their
+/// `rediss` forms, and its CA Secret key reaches every pod as a file that
+/// `PUSH_REDIS_CA_FILE` names; without a CA, no volume and no variable.
+#[test]
+fn redis_tls_reaches_every_service_with_its_ca() {
+    let mut pc = example("pushcluster-full.yaml");
+    let redis = |v: serde_json::Value| -> push_operator::crd::RedisSpec {
+        serde_json::from_value(v).expect("redis spec")
+    };
+    pc.spec.storage.redis = Some(redis(serde_json::json!({
+        "mode": "Cluster",
+        "cluster": {"nodes": ["rc-0.redis:6380"]},
+        "tls": {"caSecretRef": {"name": "redis-ca", "key": "ca.crt"}}
+    })));
+    let cfg = config::configs(&pc, &Facts::default()).unwrap();
+    let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
+    let url = web.store.redis_url.as_deref().unwrap();
+    assert_eq!(url, "rediss+cluster://rc-0.redis:6380");
+    pushcluster_redis::Target::parse(url).expect("the services parse it");
+    for d in [
+        workloads::message_deployment(&pc, "h"),
+        workloads::web_deployment(&pc, "h"),
+        workloads::comet_deployment(&pc, "h"),
+    ] {
+        let spec = pod(d);
+        let env = env_of(spec.clone());
+        let file = env["PUSH_REDIS_CA_FILE"].value.clone().unwrap();
+        let mount = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "redis-ca")
+            .expect("the CA is mounted");
+        assert_eq!(format!("{}/ca.crt", mount.mount_path), file);
+        assert_eq!(mount.read_only, Some(true));
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "redis-ca")
+            .and_then(|v| v.secret.clone())
+            .expect("a Secret volume");
+        assert_eq!(volume.secret_name.as_deref(), Some("redis-ca"));
+        let items = volume.items.unwrap();
+        assert_eq!(
+            (items[0].key.as_str(), items[0].path.as_str()),
+            ("ca.crt", "ca.crt")
+        );
+    }
+    pc.spec.storage.redis = Some(redis(serde_json::json!({
+        "mode": "Sentinel",
+        "sentinel": {"masterName": "m", "addresses": ["s:26379"]},
+        "tls": {}
+    })));
+    assert_eq!(
+        config::redis_url_from(&pc, "team-a").as_deref(),
+        Some("rediss+sentinel://s.team-a:26379/m/0")
+    );
+    let spec = pod(workloads::web_deployment(&pc, "h"));
+    assert!(!env_of(spec.clone()).contains_key("PUSH_REDIS_CA_FILE"));
+    assert!(!spec.volumes.iter().flatten().any(|v| v.name == "redis-ca"));
+}
+
 #[test]
 fn worker_threads_reach_comets_and_web_only_when_set() {
     let mut pc = example("pushcluster-minimal.yaml");

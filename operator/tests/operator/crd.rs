@@ -193,6 +193,10 @@ fn cel_rejects_bad_specs_with_clear_messages() {
             "holds a whole URL with its password",
         ),
         (
+            json!({"storage": {"redis": {"url": "redis://r:6379", "tls": {}}}}),
+            "storage.redis.tls needs a TLS URL",
+        ),
+        (
             json!({"listeners": [{"name": "a", "type": "Ingress", "host": "p.example.com"}]}),
             "give host (web) and shardHost",
         ),
@@ -271,6 +275,8 @@ fn cel_rejects_bad_specs_with_clear_messages() {
         json!({"mode": "Sentinel", "sentinel": {"masterName": "mymaster", "addresses": ["redis-sentinel.redis:26379"]}, "passwordSecretRef": {"name": "redis", "key": "password"}, "durability": {"replicas": 1}}),
         json!({"mode": "Cluster", "cluster": {"nodes": ["redis-cluster-0.redis:6379", "redis-cluster-1.redis:6379"]}}),
         json!({"mode": "Single", "url": "redis://r:6379", "passwordSecretRef": {"name": "redis", "key": "password"}}),
+        json!({"url": "rediss://r:6380", "tls": {"caSecretRef": {"name": "redis-ca", "key": "ca.crt"}}}),
+        json!({"mode": "Cluster", "cluster": {"nodes": ["redis-cluster-0.redis:6379"]}, "tls": {}}),
     ] {
         let mut ok = base.clone();
         ok["spec"] = json!({"message": {"replicas": 2}, "storage": {"redis": redis.clone()}});

@@ -1,0 +1,136 @@
+//! The minimal example on a Redis that takes TLS connections only, with a
+//! certificate of a private CA: `storage.redis.url: rediss://push-redis:6379`
+//! and `storage.redis.tls.caSecretRef` naming the CA's Secret. The operator
+//! mounts the CA into every pod; web, the comets and the message service
+//! reach Redis over TLS (there is no plain port to fall back on), and
+//! followers on every transport get every push live with none lost.
+
+use pushcluster_client::http::Client as HttpApi;
+use pushcluster_core::tls::testing::TestCa;
+use pushcluster_e2e::setup::{apply_yaml, first_push, redis_image, secret, ChartOperator};
+use pushcluster_e2e::traffic::{Load, ServiceProxy, Traffic};
+use pushcluster_e2e::{apply_example_with, credentials, full_cluster, wait_ready, TestNamespace};
+use serde_json::json;
+use std::time::{Duration, Instant};
+
+const LIMIT: Duration = Duration::from_secs(240);
+
+/// A Redis Deployment listening with TLS only (`--port 0`), its certificate
+/// from Secret `push-redis-tls`, and its Service.
+async fn deploy_tls_redis(namespace: &str) -> anyhow::Result<()> {
+    let redis = format!(
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: push-redis}}
+spec:
+  selector: {{matchLabels: {{app: push-redis}}}}
+  template:
+    metadata: {{labels: {{app: push-redis}}}}
+    spec:
+      containers:
+        - name: redis
+          image: {image}
+          command: [redis-server, --port, "0", --tls-port, "6379", --tls-cert-file, /tls/tls.crt, --tls-key-file, /tls/tls.key, --tls-auth-clients, "no", --save, "", --appendonly, "no", --protected-mode, "no"]
+          ports: [{{name: redis, containerPort: 6379}}]
+          readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
+          volumeMounts: [{{name: tls, mountPath: /tls, readOnly: true}}]
+      volumes:
+        - name: tls
+          secret: {{secretName: push-redis-tls}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: push-redis}}
+spec:
+  selector: {{app: push-redis}}
+  ports: [{{name: redis, port: 6379, targetPort: 6379}}]
+"#,
+        image = redis_image()
+    );
+    apply_yaml(namespace, redis).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_minimal_example_on_a_tls_redis_with_a_private_ca() -> anyhow::Result<()> {
+    let Some((client, images)) = full_cluster().await else {
+        return Ok(());
+    };
+    let op = ChartOperator::install(&client, &images, "pco-tls").await?;
+    let ns = TestNamespace::create(&client, "redis-tls").await?;
+    let result = async {
+        let ca = TestCa::new("e2e Redis CA");
+        let n = &ns.name;
+        let leaf = ca.leaf(&[
+            "push-redis",
+            &format!("push-redis.{n}"),
+            &format!("push-redis.{n}.svc"),
+            &format!("push-redis.{n}.svc.cluster.local"),
+        ]);
+        secret(
+            &client,
+            n,
+            "push-redis-tls",
+            json!({"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem}),
+        )
+        .await?;
+        secret(&client, n, "redis-ca", json!({"ca.crt": ca.pem})).await?;
+        deploy_tls_redis(n).await?;
+
+        let (n2, image) = (n.clone(), images.image());
+        let name = tokio::task::spawn_blocking(move || {
+            apply_example_with("pushcluster-minimal.yaml", &n2, &image, |pc| {
+                pc["spec"]["storage"] = json!({"redis": {
+                    "url": "rediss://push-redis:6379",
+                    "tls": {"caSecretRef": {"name": "redis-ca", "key": "ca.crt"}}
+                }});
+                Ok(())
+            })
+        })
+        .await??;
+        let t = Instant::now();
+        wait_ready(&client, n, &name, 2, LIMIT).await?;
+        println!(
+            "PASS TLS kubectl apply pushcluster-minimal.yaml on rediss://push-redis:6379 with storage.redis.tls.caSecretRef: Ready in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+
+        let creds = credentials(&client, n, &name).await?;
+        let admin = ServiceProxy::start(&client, n, &format!("{name}-web-admin"), "admin").await?;
+        let public = ServiceProxy::start(&client, n, &format!("{name}-web"), "public").await?;
+        let api = HttpApi::new(&public.url(), &admin.url(), Some(creds.admin_token.clone()));
+        let m1 = first_push(&api, "tls-k", r#"{"n":1}"#).await?;
+        let m2 = api.push("tls-k", r#"{"n":2}"#, None).await?;
+        anyhow::ensure!(m2 == m1 + 1, "mids {m1}, {m2} are not contiguous");
+
+        let load = Load {
+            keys: 12,
+            rate: 50,
+            prefix: "tls".into(),
+            subscriber_secret: Some(creds.subscriber_secret.clone()),
+        };
+        let traffic = Traffic::start(api.clone(), &load).await;
+        anyhow::ensure!(
+            traffic.all_connected(LIMIT).await,
+            "followers did not all reach a comet"
+        );
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        let started = traffic.started();
+        let outcome = traffic.finish(Duration::from_secs(60)).await;
+        let f = outcome.figures(started, Instant::now());
+        let problems = outcome.problems();
+        anyhow::ensure!(
+            f.lost == 0 && f.failed == 0 && f.acked > 0 && f.delivered_live > 0 && problems.is_empty(),
+            "traffic over TLS to Redis: {f}; {problems:?}"
+        );
+        println!(
+            "PASS TLS services reach Redis over TLS only (the CA mounted from its Secret): followers on WebSocket, TCP and SSE, acked={} lost={} failed_pushes={} delivered_live={} p99_delivery={:?}",
+            f.acked, f.lost, f.failed, f.delivered_live, f.p99_delivery
+        );
+        anyhow::Ok(())
+    }
+    .await;
+    ns.delete().await?;
+    op.uninstall().await?;
+    result
+}
