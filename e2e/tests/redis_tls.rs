@@ -1,9 +1,11 @@
 //! The minimal example on a Redis that takes TLS connections only, with a
-//! certificate of a private CA: `storage.redis.url: rediss://push-redis:6379`
-//! and `storage.redis.tls.caSecretRef` naming the CA's Secret. The operator
-//! mounts the CA into every pod; web, the comets and the message service
-//! reach Redis over TLS (there is no plain port to fall back on), and
-//! followers on every transport get every push live with none lost.
+//! certificate of a private CA, and asks clients for a certificate of
+//! theirs (`tls-auth-clients yes`): `storage.redis.url:
+//! rediss://push-redis:6379`, `storage.redis.tls.caSecretRef` naming the
+//! CA's Secret and `tls.clientCertSecretRef` the pods' certificate. The
+//! operator mounts both into every pod; web, the comets and the message
+//! service reach Redis over TLS (there is no plain port to fall back on),
+//! and followers on every transport get every push live with none lost.
 
 use pushcluster_client::http::Client as HttpApi;
 use pushcluster_core::tls::testing::TestCa;
@@ -16,7 +18,8 @@ use std::time::{Duration, Instant};
 const LIMIT: Duration = Duration::from_secs(240);
 
 /// A Redis Deployment listening with TLS only (`--port 0`), its certificate
-/// from Secret `push-redis-tls`, and its Service.
+/// and the CA its clients' certificates must come from in Secret
+/// `push-redis-tls`, and its Service.
 async fn deploy_tls_redis(namespace: &str) -> anyhow::Result<()> {
     let redis = format!(
         r#"
@@ -31,7 +34,7 @@ spec:
       containers:
         - name: redis
           image: {image}
-          command: [redis-server, --port, "0", --tls-port, "6379", --tls-cert-file, /tls/tls.crt, --tls-key-file, /tls/tls.key, --tls-auth-clients, "no", --save, "", --appendonly, "no", --protected-mode, "no"]
+          command: [redis-server, --port, "0", --tls-port, "6379", --tls-cert-file, /tls/tls.crt, --tls-key-file, /tls/tls.key, --tls-ca-cert-file, /tls/ca.crt, --tls-auth-clients, "yes", --save, "", --appendonly, "no", --protected-mode, "no"]
           ports: [{{name: redis, containerPort: 6379}}]
           readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
           volumeMounts: [{{name: tls, mountPath: /tls, readOnly: true}}]
@@ -71,10 +74,18 @@ async fn the_minimal_example_on_a_tls_redis_with_a_private_ca() -> anyhow::Resul
             &client,
             n,
             "push-redis-tls",
-            json!({"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem}),
+            json!({"tls.crt": leaf.cert_pem, "tls.key": leaf.key_pem, "ca.crt": ca.pem}),
         )
         .await?;
         secret(&client, n, "redis-ca", json!({"ca.crt": ca.pem})).await?;
+        let pods = ca.leaf(&["pushcluster"]);
+        secret(
+            &client,
+            n,
+            "push-redis-client",
+            json!({"tls.crt": pods.cert_pem, "tls.key": pods.key_pem}),
+        )
+        .await?;
         deploy_tls_redis(n).await?;
 
         let (n2, image) = (n.clone(), images.image());
@@ -82,7 +93,10 @@ async fn the_minimal_example_on_a_tls_redis_with_a_private_ca() -> anyhow::Resul
             apply_example_with("pushcluster-minimal.yaml", &n2, &image, |pc| {
                 pc["spec"]["storage"] = json!({"redis": {
                     "url": "rediss://push-redis:6379",
-                    "tls": {"caSecretRef": {"name": "redis-ca", "key": "ca.crt"}}
+                    "tls": {
+                        "caSecretRef": {"name": "redis-ca", "key": "ca.crt"},
+                        "clientCertSecretRef": {"name": "push-redis-client"}
+                    }
                 }});
                 Ok(())
             })
@@ -91,7 +105,7 @@ async fn the_minimal_example_on_a_tls_redis_with_a_private_ca() -> anyhow::Resul
         let t = Instant::now();
         wait_ready(&client, n, &name, 2, LIMIT).await?;
         println!(
-            "PASS TLS kubectl apply pushcluster-minimal.yaml on rediss://push-redis:6379 with storage.redis.tls.caSecretRef: Ready in {:.1} s",
+            "PASS TLS kubectl apply pushcluster-minimal.yaml on rediss://push-redis:6379 (client certificates required) with storage.redis.tls caSecretRef and clientCertSecretRef: Ready in {:.1} s",
             t.elapsed().as_secs_f64()
         );
 
@@ -124,7 +138,7 @@ async fn the_minimal_example_on_a_tls_redis_with_a_private_ca() -> anyhow::Resul
             "traffic over TLS to Redis: {f}; {problems:?}"
         );
         println!(
-            "PASS TLS services reach Redis over TLS only (the CA mounted from its Secret): followers on WebSocket, TCP and SSE, acked={} lost={} failed_pushes={} delivered_live={} p99_delivery={:?}",
+            "PASS TLS services reach Redis over TLS only (its CA and their certificate mounted from Secrets): followers on WebSocket, TCP and SSE, acked={} lost={} failed_pushes={} delivered_live={} p99_delivery={:?}",
             f.acked, f.lost, f.failed, f.delivered_live, f.p99_delivery
         );
         anyhow::Ok(())

@@ -124,7 +124,7 @@ fn redis_url_env(pc: &PushCluster) -> Vec<EnvVar> {
     ]
     .into_iter()
     .flatten()
-    .chain(redis_ca(pc).map(|_| env_value("PUSH_REDIS_CA_FILE", REDIS_CA_FILE.into())))
+    .chain(redis_tls_env(pc))
     .collect()
 }
 
@@ -132,44 +132,80 @@ fn redis_url_env(pc: &PushCluster) -> Vec<EnvVar> {
 const REDIS_CA_DIR: &str = "/etc/pushcluster-redis-ca";
 /// The CA file in it (`PUSH_REDIS_CA_FILE`).
 const REDIS_CA_FILE: &str = "/etc/pushcluster-redis-ca/ca.crt";
+/// Where the client certificate of `tls.clientCertSecretRef` is mounted.
+const REDIS_CLIENT_DIR: &str = "/etc/pushcluster-redis-client";
 
-/// The Secret key holding Redis's CA, when the spec names one.
-fn redis_ca(pc: &PushCluster) -> Option<&SecretKeyRef> {
-    pc.spec
-        .storage
-        .redis
-        .as_ref()?
-        .tls
-        .as_ref()?
-        .ca_secret_ref
-        .as_ref()
+/// `storage.redis.tls`, when the spec has it.
+fn redis_tls(pc: &PushCluster) -> Option<&crate::crd::RedisTlsSpec> {
+    pc.spec.storage.redis.as_ref()?.tls.as_ref()
 }
 
-/// The volume and mount of Redis's CA (its one key as `ca.crt`), when the
-/// spec names one: every component reaches Redis.
-fn redis_ca_volume(pc: &PushCluster) -> Option<(Volume, VolumeMount)> {
-    let s = redis_ca(pc)?;
-    Some((
-        Volume {
-            name: "redis-ca".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(s.name.clone()),
-                items: Some(vec![KeyToPath {
-                    key: s.key.clone(),
-                    path: "ca.crt".into(),
-                    ..KeyToPath::default()
-                }]),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        VolumeMount {
-            name: "redis-ca".into(),
-            mount_path: REDIS_CA_DIR.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
-    ))
+/// The variables naming the Redis TLS files [`redis_tls_volumes`] mounts.
+fn redis_tls_env(pc: &PushCluster) -> Vec<EnvVar> {
+    let Some(tls) = redis_tls(pc) else {
+        return Vec::new();
+    };
+    let mut env = Vec::new();
+    if tls.ca_secret_ref.is_some() {
+        env.push(env_value("PUSH_REDIS_CA_FILE", REDIS_CA_FILE.into()));
+    }
+    if tls.client_cert_secret_ref.is_some() {
+        for (var, file) in [
+            ("PUSH_REDIS_CLIENT_CERT_FILE", "tls.crt"),
+            ("PUSH_REDIS_CLIENT_KEY_FILE", "tls.key"),
+        ] {
+            env.push(env_value(var, format!("{REDIS_CLIENT_DIR}/{file}")));
+        }
+    }
+    env
+}
+
+/// The volumes and mounts of Redis's CA (its one key as `ca.crt`) and of
+/// the client certificate, as the spec names them: every component
+/// reaches Redis.
+fn redis_tls_volumes(pc: &PushCluster) -> Vec<(Volume, VolumeMount)> {
+    let Some(tls) = redis_tls(pc) else {
+        return Vec::new();
+    };
+    let secret = |volume: &str, name: &str, items: Option<Vec<KeyToPath>>, dir: &str| {
+        (
+            Volume {
+                name: volume.into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(name.to_owned()),
+                    items,
+                    ..SecretVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            VolumeMount {
+                name: volume.into(),
+                mount_path: dir.into(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        )
+    };
+    let only = |key: &str, path: &str| {
+        Some(vec![KeyToPath {
+            key: key.to_owned(),
+            path: path.to_owned(),
+            ..KeyToPath::default()
+        }])
+    };
+    let mut out = Vec::new();
+    if let Some(ca) = &tls.ca_secret_ref {
+        out.push(secret(
+            "redis-ca",
+            &ca.name,
+            only(&ca.key, "ca.crt"),
+            REDIS_CA_DIR,
+        ));
+    }
+    if let Some(c) = &tls.client_cert_secret_ref {
+        out.push(secret("redis-client", &c.name, None, REDIS_CLIENT_DIR));
+    }
+    out
 }
 
 /// `PUSH_WORKER_THREADS` when the spec sets it (the binaries' default otherwise).
@@ -274,7 +310,7 @@ fn pod_template(pc: &PushCluster, hash: &str, p: PodParts<'_>) -> PodTemplateSpe
         ..VolumeMount::default()
     }];
     mounts.extend(p.mounts);
-    if let Some((volume, mount)) = redis_ca_volume(pc) {
+    for (volume, mount) in redis_tls_volumes(pc) {
         volumes.push(volume);
         mounts.push(mount);
     }

@@ -145,18 +145,41 @@ async fn redis_topology(
             Err(e) => return Some(Err(e)),
         }
     }
-    let ca = match r.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
-        Some(s) => match secret_value(ctx, ns, s).await {
-            Ok(pem) => Some(pem),
-            Err(e) => return Some(Err(e)),
-        },
-        None => None,
+    let tls = match redis_tls(r, ctx, ns).await {
+        Ok(t) => t,
+        Err(e) => return Some(Err(e)),
     };
-    let target = match pushcluster_redis::Target::parse_trusting(&url, ca) {
+    let target = match pushcluster_redis::Target::parse_with(&url, tls) {
         Ok(t) => t,
         Err(e) => return Some(Err(e.to_string())),
     };
     Some(target.topology(REDIS_LOOK).await.map_err(|e| e.to_string()))
+}
+
+/// The CA and client certificate `storage.redis.tls` names, read from
+/// their Secrets (none without `tls`).
+async fn redis_tls(
+    r: &crate::crd::RedisSpec,
+    ctx: &Context,
+    ns: &str,
+) -> std::result::Result<Option<pushcluster_redis::TlsSettings>, String> {
+    let Some(tls) = &r.tls else {
+        return Ok(None);
+    };
+    let mut settings = pushcluster_redis::TlsSettings::default();
+    if let Some(ca) = &tls.ca_secret_ref {
+        settings = pushcluster_redis::TlsSettings::trusting(secret_value(ctx, ns, ca).await?);
+    }
+    if let Some(c) = &tls.client_cert_secret_ref {
+        let key = |k: &str| crate::crd::SecretKeyRef {
+            name: c.name.clone(),
+            key: k.into(),
+        };
+        let cert = secret_value(ctx, ns, &key("tls.crt")).await?;
+        let private = secret_value(ctx, ns, &key("tls.key")).await?;
+        settings = settings.showing(cert, private);
+    }
+    Ok(Some(settings))
 }
 
 /// The value of a Secret's key, or why it cannot be read.

@@ -505,6 +505,19 @@ pub struct RedisTlsSpec {
     /// Redis services' certificates chain to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeyRef>,
+    /// A `kubernetes.io/tls` Secret (`tls.crt`, `tls.key`) whose
+    /// certificate the pods show a Redis that asks clients for one
+    /// (`tls-auth-clients yes`, redis-server's default with TLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_secret_ref: Option<SecretRef>,
+}
+
+/// A Secret in the PushCluster's namespace.
+#[derive(KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+pub struct SecretRef {
+    /// Secret name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// How Redis is deployed.

@@ -580,8 +580,10 @@ fn sentinel_and_cluster_modes_reach_every_service() {
 }
 
 /// `storage.redis.tls` turns the Sentinel and Cluster URLs into their
-/// `rediss` forms, and its CA Secret key reaches every pod as a file that
-/// `PUSH_REDIS_CA_FILE` names; without a CA, no volume and no variable.
+/// `rediss` forms; its CA Secret key and client certificate Secret reach
+/// every pod as files that `PUSH_REDIS_CA_FILE` and
+/// `PUSH_REDIS_CLIENT_CERT_FILE`/`_KEY_FILE` name; without them, no volume
+/// and no variable.
 #[test]
 fn redis_tls_reaches_every_service_with_its_ca() {
     let mut pc = example("pushcluster-full.yaml");
@@ -591,7 +593,7 @@ fn redis_tls_reaches_every_service_with_its_ca() {
     pc.spec.storage.redis = Some(redis(serde_json::json!({
         "mode": "Cluster",
         "cluster": {"nodes": ["rc-0.redis:6380"]},
-        "tls": {"caSecretRef": {"name": "redis-ca", "key": "ca.crt"}}
+        "tls": {"caSecretRef": {"name": "redis-ca", "key": "ca.crt"}, "clientCertSecretRef": {"name": "push-redis-client"}}
     })));
     let cfg = config::configs(&pc, &Facts::default()).unwrap();
     let web: push_web::Config = serde_yaml::from_str(&cfg["web.yaml"]).unwrap();
@@ -627,6 +629,30 @@ fn redis_tls_reaches_every_service_with_its_ca() {
             (items[0].key.as_str(), items[0].path.as_str()),
             ("ca.crt", "ca.crt")
         );
+        // The client certificate: the whole kubernetes.io/tls Secret.
+        let mount = spec.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "redis-client")
+            .expect("the client certificate is mounted");
+        for (var, file) in [
+            ("PUSH_REDIS_CLIENT_CERT_FILE", "tls.crt"),
+            ("PUSH_REDIS_CLIENT_KEY_FILE", "tls.key"),
+        ] {
+            assert_eq!(
+                env[var].value.as_deref(),
+                Some(format!("{}/{file}", mount.mount_path).as_str())
+            );
+        }
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "redis-client")
+            .and_then(|v| v.secret.clone())
+            .expect("a Secret volume");
+        assert_eq!(volume.secret_name.as_deref(), Some("push-redis-client"));
     }
     pc.spec.storage.redis = Some(redis(serde_json::json!({
         "mode": "Sentinel",
@@ -638,8 +664,14 @@ fn redis_tls_reaches_every_service_with_its_ca() {
         Some("rediss+sentinel://s.team-a:26379/m/0")
     );
     let spec = pod(workloads::web_deployment(&pc, "h"));
-    assert!(!env_of(spec.clone()).contains_key("PUSH_REDIS_CA_FILE"));
-    assert!(!spec.volumes.iter().flatten().any(|v| v.name == "redis-ca"));
+    let env = env_of(spec.clone());
+    assert!(!env.contains_key("PUSH_REDIS_CA_FILE"));
+    assert!(!env.contains_key("PUSH_REDIS_CLIENT_CERT_FILE"));
+    assert!(!spec
+        .volumes
+        .iter()
+        .flatten()
+        .any(|v| v.name.starts_with("redis-")));
 }
 
 #[test]

@@ -42,6 +42,21 @@ pub struct CommonArgs {
     /// trusts it. Ignored, with a warning, for a plain `redis://` URL.
     #[arg(long, env = "PUSH_REDIS_CA_FILE")]
     pub redis_ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate shown to a Redis that asks TLS clients for one
+    /// (`tls-auth-clients yes`, redis-server's default), with its key.
+    #[arg(
+        long,
+        env = "PUSH_REDIS_CLIENT_CERT_FILE",
+        requires = "redis_client_key_file"
+    )]
+    pub redis_client_cert_file: Option<std::path::PathBuf>,
+    /// PEM private key of `--redis-client-cert-file`.
+    #[arg(
+        long,
+        env = "PUSH_REDIS_CLIENT_KEY_FILE",
+        requires = "redis_client_cert_file"
+    )]
+    pub redis_client_key_file: Option<std::path::PathBuf>,
     /// What to do with a setting in the config file that this version does
     /// not know: refuse to start (a typo), or warn and go on without it
     /// (what the operator sets: it may be newer than the image).

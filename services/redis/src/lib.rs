@@ -19,7 +19,8 @@
 //! Each scheme with `rediss` in place of `redis` (`rediss://`,
 //! `rediss+sentinel://`, `rediss+cluster://`) connects over TLS, to
 //! Sentinels and data nodes alike, verifying each server's certificate and
-//! name against the system's roots or the CAs of [`trust_ca_file`].
+//! name against the system's roots or the CAs of [`TlsSettings`], showing
+//! its client certificate to a Redis that asks for one.
 //!
 //! [`Conn`] is one handle over all three that scripts and pipelines run
 //! on, and [`Durability`] how long an acknowledged write waits for
@@ -33,7 +34,7 @@ mod tls;
 
 pub use subscriber::{Event, Subscriber, SubscriberHandle};
 pub use target::{Target, Topology};
-pub use tls::{read_ca_file, trust_ca_file};
+pub use tls::TlsSettings;
 
 use cluster::LazyCluster;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -54,8 +55,8 @@ pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Error {
     #[error("redis URL {url:?}: {why}")]
     Url { url: String, why: String },
-    #[error("Redis CA file {path}: {why}")]
-    Ca { path: String, why: String },
+    #[error("Redis TLS file {path}: {why}")]
+    TlsFile { path: String, why: String },
     #[error(transparent)]
     Redis(#[from] RedisError),
     #[error("stored on the master, but its replication could not be confirmed: {0}")]

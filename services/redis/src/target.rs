@@ -4,6 +4,7 @@
 
 use crate::cluster::LazyCluster;
 use crate::tls::Tls;
+use crate::TlsSettings;
 use crate::{
     manager_config, sentinel, Conn, Error, Inner, Mode, CONNECT_TIMEOUT, RESPONSE_TIMEOUT,
 };
@@ -61,29 +62,28 @@ fn tls_scheme(url: &str) -> Option<(bool, &str)> {
 }
 
 impl Target {
-    /// Parses a URL of any mode; a `rediss` scheme trusts the CAs of
-    /// [`crate::trust_ca_file`], or the system's roots.
+    /// Parses a URL of any mode; a `rediss` scheme uses the installed
+    /// [`TlsSettings`] (the system's roots when none).
     pub fn parse(url: &str) -> Result<Self, Error> {
-        Self::parse_trusting(url, None)
+        Self::parse_with(url, None)
     }
 
-    /// Parses a URL of any mode; a `rediss` scheme trusts the CAs in
-    /// `ca_pem` when given.
-    pub fn parse_trusting(url: &str, ca_pem: Option<Vec<u8>>) -> Result<Self, Error> {
+    /// Parses a URL of any mode; a `rediss` scheme uses `tls` when given.
+    pub fn parse_with(url: &str, tls: Option<TlsSettings>) -> Result<Self, Error> {
         let bad = |why: &str| Error::Url {
             url: redact(url),
             why: why.to_owned(),
         };
         let (on, rest) = tls_scheme(url).unwrap_or((false, url));
-        // The process-wide CAs go with whatever URL; ones given for this
-        // URL say it was meant to be TLS.
-        if ca_pem.is_some() && !on {
+        // The process-wide settings go with whatever URL; ones given for
+        // this URL say it was meant to be TLS.
+        if tls.as_ref().is_some_and(TlsSettings::is_set) && !on {
             return Err(bad(
-                "a CA file is given for Redis but the URL is not TLS: use rediss://, \
+                "TLS settings are given for Redis but the URL is not TLS: use rediss://, \
                  rediss+sentinel:// or rediss+cluster://",
             ));
         }
-        let tls = Tls::new(on, ca_pem);
+        let tls = Tls::new(on, tls);
         if let Some(rest) = rest.strip_prefix(SENTINEL) {
             let parts = Authority::split(rest, 26379).map_err(|w| bad(&w))?;
             let mut path = parts.path.split('/').filter(|p| !p.is_empty());
@@ -189,7 +189,7 @@ impl Target {
         let mut b = ClusterClientBuilder::new(nodes.iter().map(|n| format!("{scheme}://{n}")))
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT);
-        if let Some(certs) = tls.certs().filter(|_| tls.on) {
+        if let Some(certs) = tls.certs() {
             b = b.certs(certs);
         }
         if let Some(u) = username {
@@ -449,13 +449,20 @@ mod tests {
     fn a_ca_for_a_plain_url_is_refused() {
         let ca = pushcluster_core::tls::testing::TestCa::new("test CA");
         for url in ["redis://h", "redis+cluster://n1", "redis+sentinel://s/m"] {
-            let e = Target::parse_trusting(url, Some(ca.pem.clone().into_bytes()))
-                .err()
-                .unwrap_or_else(|| panic!("{url} taken"))
-                .to_string();
+            let e = Target::parse_with(
+                url,
+                Some(TlsSettings::trusting(ca.pem.clone().into_bytes())),
+            )
+            .err()
+            .unwrap_or_else(|| panic!("{url} taken"))
+            .to_string();
             assert!(e.contains("rediss://"), "{url}: {e}");
         }
-        let t = Target::parse_trusting("rediss+cluster://n1", Some(ca.pem.into_bytes())).unwrap();
+        let t = Target::parse_with(
+            "rediss+cluster://n1",
+            Some(TlsSettings::trusting(ca.pem.into_bytes())),
+        )
+        .unwrap();
         assert_eq!(t.mode(), Mode::Cluster);
     }
 

@@ -1,48 +1,122 @@
-//! Connections to Redis over TLS: the `rediss` schemes, and which
-//! certificate authorities a server's certificate may chain to.
+//! Connections to Redis over TLS: the `rediss` schemes, which certificate
+//! authorities a server's certificate may chain to, and the certificate
+//! this side shows a Redis that asks for one.
 //!
-//! Managed Redis services often take TLS connections only, and a Redis in
-//! the cluster may use a private CA. A process trusts one set of CAs for
-//! every Redis connection it makes ([`trust_ca_file`], from
-//! `PUSH_REDIS_CA_FILE` in the binaries), the way OpenSSL's `SSL_CERT_FILE`
-//! works, rather than threading a path through the store's, the message
-//! service's and the leases' configs; without one, the system's roots (and
-//! `SSL_CERT_FILE`) are used. Certificates are always verified, host names
-//! included: there is no insecure mode.
+//! Managed Redis services often take TLS connections only, a Redis in the
+//! cluster may use a private CA, and `redis-server` with TLS asks clients
+//! for a certificate unless told otherwise (`tls-auth-clients`). A process
+//! uses one [`TlsSettings`] for every Redis connection it makes
+//! ([`TlsSettings::install`], from `PUSH_REDIS_CA_FILE` and
+//! `PUSH_REDIS_CLIENT_CERT_FILE`/`_KEY_FILE` in the binaries), the way
+//! OpenSSL's `SSL_CERT_FILE` works, rather than threading paths through the
+//! store's, the message service's and the leases' configs; without CAs, the
+//! system's roots (and `SSL_CERT_FILE`) are used. Certificates are always
+//! verified, host names included: there is no insecure mode.
 
 use crate::Error;
 use redis::{
-    ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult, TlsCertificates,
+    ClientTlsConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisResult,
+    TlsCertificates,
 };
+use rustls::pki_types::pem::PemObject;
 use std::path::Path;
 use std::sync::OnceLock;
 
-/// CAs trusted by every target parsed after [`trust_ca_file`] (PEM).
-static TRUSTED: OnceLock<Vec<u8>> = OnceLock::new();
+/// The settings of every target parsed after [`TlsSettings::install`].
+static INSTALLED: OnceLock<TlsSettings> = OnceLock::new();
 
-/// Makes the PEM certificates in `path` the CAs that every Redis TLS
-/// connection of this process trusts (in place of the system's roots).
-/// Called once, at start-up; a second call keeps the first file.
-pub fn trust_ca_file(path: &Path) -> Result<(), Error> {
-    let pem = read_ca_file(path)?;
-    let _ = TRUSTED.set(pem);
-    Ok(())
+/// What Redis TLS connections trust and show: CAs and a client
+/// certificate, each PEM and checked when read.
+#[derive(Clone, Default)]
+pub struct TlsSettings {
+    /// CAs the servers' certificates must chain to; none: the system's.
+    ca: Option<Vec<u8>>,
+    /// Certificate and key shown to a server that asks for one.
+    client: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-/// Reads and checks a PEM file of CA certificates.
-pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, Error> {
-    let bad = |why: String| Error::Ca {
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca", &self.ca.is_some())
+            .field("client", &self.client.is_some())
+            .finish()
+    }
+}
+
+impl TlsSettings {
+    /// Reads the files given: a CA bundle, and a client certificate with
+    /// its key (both or neither).
+    pub fn from_files(
+        ca: Option<&Path>,
+        client_cert: Option<&Path>,
+        client_key: Option<&Path>,
+    ) -> Result<Self, Error> {
+        let ca = ca.map(|p| read(p, check_certificates)).transpose()?;
+        let client = match (client_cert, client_key) {
+            (Some(c), Some(k)) => Some((read(c, check_certificates)?, read(k, check_key)?)),
+            (None, None) => None,
+            (Some(p), None) | (None, Some(p)) => {
+                return Err(Error::TlsFile {
+                    path: p.display().to_string(),
+                    why: "a Redis client certificate needs its key, and a key its certificate"
+                        .into(),
+                })
+            }
+        };
+        Ok(Self { ca, client })
+    }
+
+    /// Trusting the CAs in `pem` (not checked: test and operator use).
+    pub fn trusting(pem: Vec<u8>) -> Self {
+        Self {
+            ca: Some(pem),
+            client: None,
+        }
+    }
+
+    /// These settings, showing `cert` and `key` (PEM) when asked.
+    pub fn showing(mut self, cert: Vec<u8>, key: Vec<u8>) -> Self {
+        self.client = Some((cert, key));
+        self
+    }
+
+    /// Whether anything is set (CAs or a client certificate).
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.client.is_some()
+    }
+
+    /// Makes these the settings of every Redis target this process parses
+    /// from now on. Called once, at start-up; a second call keeps the first.
+    pub fn install(self) {
+        let _ = INSTALLED.set(self);
+    }
+
+    /// What redis-rs takes, when anything is set.
+    fn certificates(&self) -> Option<TlsCertificates> {
+        self.is_set().then(|| TlsCertificates {
+            client_tls: self.client.clone().map(|(cert, key)| ClientTlsConfig {
+                client_cert: cert,
+                client_key: key,
+            }),
+            root_cert: self.ca.clone(),
+        })
+    }
+}
+
+/// Reads `path` and checks it with `check`.
+fn read(path: &Path, check: fn(&[u8]) -> Result<(), String>) -> Result<Vec<u8>, Error> {
+    let bad = |why: String| Error::TlsFile {
         path: path.display().to_string(),
         why,
     };
     let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    check_pem(&pem).map_err(bad)?;
+    check(&pem).map_err(bad)?;
     Ok(pem)
 }
 
 /// Whether `pem` holds at least one certificate and nothing unreadable.
-fn check_pem(pem: &[u8]) -> Result<(), String> {
-    use rustls::pki_types::pem::PemObject;
+fn check_certificates(pem: &[u8]) -> Result<(), String> {
     let mut n = 0;
     for cert in rustls::pki_types::CertificateDer::pem_slice_iter(pem) {
         cert.map_err(|e| format!("not PEM certificates: {e}"))?;
@@ -54,34 +128,39 @@ fn check_pem(pem: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// How a target's connections are made: plain TCP or TLS, and the CAs.
+/// Whether `pem` holds a private key.
+fn check_key(pem: &[u8]) -> Result<(), String> {
+    rustls::pki_types::PrivateKeyDer::from_pem_slice(pem)
+        .map(|_| ())
+        .map_err(|e| format!("no PEM private key in it: {e}"))
+}
+
+/// How a target's connections are made: plain TCP or TLS, with settings.
 #[derive(Clone, Default)]
 pub(crate) struct Tls {
     /// Connections use TLS (a `rediss` scheme).
     pub(crate) on: bool,
-    /// CAs in PEM; none: the system's roots.
-    roots: Option<Vec<u8>>,
+    settings: TlsSettings,
 }
 
 impl Tls {
-    /// TLS on or off, trusting `roots` or else what [`trust_ca_file`] set.
-    pub(crate) fn new(on: bool, roots: Option<Vec<u8>>) -> Self {
-        let roots = roots.or_else(|| TRUSTED.get().cloned());
-        if !on && roots.is_some() {
+    /// TLS on or off, with `settings` or else the installed ones.
+    pub(crate) fn new(on: bool, settings: Option<TlsSettings>) -> Self {
+        let settings = settings
+            .or_else(|| INSTALLED.get().cloned())
+            .unwrap_or_default();
+        if !on && settings.is_set() {
             tracing::warn!(
-                "a Redis CA file is set but the Redis URL is not TLS (rediss://): \
+                "Redis TLS files are set but the Redis URL is not TLS (rediss://): \
                  connecting without TLS"
             );
         }
-        Self { on, roots }
+        Self { on, settings }
     }
 
-    /// The certificates for redis-rs, when CAs are given.
+    /// The certificates for redis-rs, when TLS is on and anything is set.
     pub(crate) fn certs(&self) -> Option<TlsCertificates> {
-        self.roots.clone().map(|root| TlsCertificates {
-            client_tls: None,
-            root_cert: Some(root),
-        })
+        self.settings.certificates().filter(|_| self.on)
     }
 
     /// A client of `host:port` with `settings` (credentials, database).
@@ -107,7 +186,7 @@ impl Tls {
 
     /// A client of a parsed URL or connection info.
     pub(crate) fn open(&self, info: impl IntoConnectionInfo) -> RedisResult<redis::Client> {
-        match self.certs().filter(|_| self.on) {
+        match self.certs() {
             Some(certs) => redis::Client::build_with_tls(info, certs),
             None => redis::Client::open(info),
         }
@@ -132,24 +211,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ca_files_must_hold_certificates() {
+    fn tls_files_are_checked_when_read() {
         let dir = std::env::temp_dir().join(format!("pc-ca-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let empty = dir.join("empty.pem");
         std::fs::write(&empty, "just text\n").unwrap();
-        let e = read_ca_file(&empty).unwrap_err().to_string();
+        let e = TlsSettings::from_files(Some(&empty), None, None)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("no certificate") && e.contains("empty.pem"),
             "{e}"
         );
-        let e = read_ca_file(&dir.join("absent.pem"))
+        let absent = dir.join("absent.pem");
+        let e = TlsSettings::from_files(Some(&absent), None, None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("absent.pem"), "{e}");
+
         let ca = pushcluster_core::tls::testing::TestCa::new("test CA");
         let good = dir.join("ca.pem");
         std::fs::write(&good, &ca.pem).unwrap();
-        assert!(read_ca_file(&good).is_ok());
+        let leaf = ca.leaf(&["client"]);
+        leaf.write_to(&dir);
+        let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+        let s = TlsSettings::from_files(Some(&good), Some(&cert), Some(&key)).unwrap();
+        assert!(s.ca.is_some() && s.client.is_some());
+        let e = TlsSettings::from_files(None, Some(&cert), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs its key"), "{e}");
+        let e = TlsSettings::from_files(None, Some(&cert), Some(&good))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no PEM private key"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -120,10 +120,18 @@ impl RedisServer {
 
     /// A node that takes TLS connections only, on a free port of
     /// 127.0.0.1, serving the certificate and key (PEM files) given;
-    /// clients need no certificate of their own.
-    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Self {
+    /// with `client_ca`, clients must show a certificate it issued
+    /// (`tls-auth-clients yes`), else they need none.
+    pub fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> Self {
         let port = free_port();
         let mut all = base_args(0);
+        if let Some(ca) = client_ca {
+            all.extend(["--tls-ca-cert-file".into(), ca.display().to_string()]);
+        }
         all.extend(
             [
                 "--tls-port",
@@ -133,7 +141,7 @@ impl RedisServer {
                 "--tls-key-file",
                 &key.display().to_string(),
                 "--tls-auth-clients",
-                "no",
+                if client_ca.is_some() { "yes" } else { "no" },
                 "--save",
                 "",
                 "--appendonly",

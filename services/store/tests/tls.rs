@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use futures::StreamExt;
 use pushcluster_core::tls::testing::TestCa;
-use pushcluster_redis::{Event, Subscriber, Target};
+use pushcluster_redis::{Event, Subscriber, Target, TlsSettings};
 use pushcluster_store::redis::{live, RedisStore};
 use pushcluster_store::testing::RedisServer;
 use pushcluster_store::{Channel, Retention, Store};
@@ -18,7 +18,7 @@ const HOUR: Duration = Duration::from_secs(3600);
 fn tls_server(ca: &TestCa, dir: &std::path::Path) -> RedisServer {
     let leaf = ca.leaf(&["127.0.0.1", "localhost"]);
     leaf.write_to(dir);
-    RedisServer::start_tls(&dir.join("tls.crt"), &dir.join("tls.key"))
+    RedisServer::start_tls(&dir.join("tls.crt"), &dir.join("tls.key"), None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,8 +26,11 @@ async fn a_store_works_over_tls_with_the_servers_ca() {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("redis test CA");
     let server = tls_server(&ca, dir.path());
-    let target = Target::parse_trusting(&server.tls_url(), Some(ca.pem.clone().into_bytes()))
-        .expect("a rediss URL with a CA");
+    let target = Target::parse_with(
+        &server.tls_url(),
+        Some(TlsSettings::trusting(ca.pem.clone().into_bytes())),
+    )
+    .expect("a rediss URL with a CA");
 
     let (mut sub, mut events) = Subscriber::connect(&target, false)
         .await
@@ -76,7 +79,11 @@ async fn a_client_that_does_not_trust_the_server_gets_nothing_through() {
     // Both at once: the connection manager retries a refused handshake for
     // about ten seconds before it gives up.
     let other = TestCa::new("another CA");
-    let target = Target::parse_trusting(&server.tls_url(), Some(other.pem.into_bytes())).unwrap();
+    let target = Target::parse_with(
+        &server.tls_url(),
+        Some(TlsSettings::trusting(other.pem.into_bytes())),
+    )
+    .unwrap();
     let untrusted = RedisStore::connect_to(target, "tls", Retention::default());
     // Plain TCP to the TLS port: the server never answers in RESP.
     let plain = format!("redis://127.0.0.1:{}/", server.port());
@@ -115,7 +122,11 @@ async fn a_store_works_on_a_redis_cluster_over_tls() {
             &ca_file,
         ],
     );
-    let target = Target::parse_trusting(&cluster.tls_url(), Some(ca.pem.into_bytes())).unwrap();
+    let target = Target::parse_with(
+        &cluster.tls_url(),
+        Some(TlsSettings::trusting(ca.pem.into_bytes())),
+    )
+    .unwrap();
     let store = RedisStore::connect_to(target, "tlsc", Retention::default())
         .await
         .expect("connected over TLS")
@@ -158,7 +169,11 @@ async fn a_store_works_behind_sentinels_over_tls() {
             &ca_file,
         ],
     );
-    let target = Target::parse_trusting(&group.tls_url(), Some(ca.pem.into_bytes())).unwrap();
+    let target = Target::parse_with(
+        &group.tls_url(),
+        Some(TlsSettings::trusting(ca.pem.into_bytes())),
+    )
+    .unwrap();
     let store = RedisStore::connect_to(target, "tlss", Retention::default())
         .await
         .expect("connected over TLS");
@@ -171,4 +186,45 @@ async fn a_store_works_behind_sentinels_over_tls() {
     }
     let got = store.fetch(Channel::Private("k"), 0, 10).await.unwrap();
     assert_eq!(got.iter().map(|m| m.mid).collect::<Vec<_>>(), [1, 2, 3]);
+}
+
+/// A Redis that asks clients for a certificate (`tls-auth-clients yes`,
+/// redis-server's default): a client showing one its CA issued gets in,
+/// one showing none is turned away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_asks_for_client_certificates_takes_ours() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("redis test CA");
+    ca.leaf(&["127.0.0.1", "localhost"]).write_to(dir.path());
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let server = RedisServer::start_tls(
+        &dir.path().join("tls.crt"),
+        &dir.path().join("tls.key"),
+        Some(&ca_file),
+    );
+    let client = ca.leaf(&["pushcluster"]);
+    let mine = TlsSettings::trusting(ca.pem.clone().into_bytes())
+        .showing(client.cert_pem.into_bytes(), client.key_pem.into_bytes());
+    let target = Target::parse_with(&server.tls_url(), Some(mine)).unwrap();
+    let store = RedisStore::connect_to(target, "mtls", Retention::default())
+        .await
+        .expect("connected with a client certificate");
+    let mid = store
+        .append(Channel::Private("k"), Bytes::from("1"), HOUR)
+        .await
+        .unwrap();
+    assert_eq!(mid, 1);
+
+    let without = Target::parse_with(
+        &server.tls_url(),
+        Some(TlsSettings::trusting(ca.pem.into_bytes())),
+    )
+    .unwrap();
+    assert!(
+        RedisStore::connect_to(without, "mtls", Retention::default())
+            .await
+            .is_err(),
+        "a client without a certificate must be turned away"
+    );
 }

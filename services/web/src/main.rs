@@ -60,9 +60,13 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    if let Some(ca) = &a.common.redis_ca_file {
-        pushcluster_redis::trust_ca_file(ca)?;
-    }
+    let c = &a.common;
+    pushcluster_redis::TlsSettings::from_files(
+        c.redis_ca_file.as_deref(),
+        c.redis_client_cert_file.as_deref(),
+        c.redis_client_key_file.as_deref(),
+    )?
+    .install();
     let common = a.common.clone();
     let configure = |cfg: &mut Config| {
         set(&mut cfg.public_listen, a.public_listen);

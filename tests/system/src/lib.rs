@@ -292,6 +292,9 @@ pub struct Options {
     /// CAs every service trusts for a `rediss://` Redis
     /// (`PUSH_REDIS_CA_FILE`).
     pub redis_ca_file: Option<std::path::PathBuf>,
+    /// Certificate and key every service shows a Redis that asks for one
+    /// (`PUSH_REDIS_CLIENT_CERT_FILE`, `PUSH_REDIS_CLIENT_KEY_FILE`).
+    pub redis_client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Default for Options {
@@ -320,6 +323,7 @@ impl Default for Options {
             redis_durability: pushcluster_redis::Durability::default(),
             tls_dir: None,
             redis_ca_file: None,
+            redis_client_cert: None,
         }
     }
 }
@@ -390,11 +394,16 @@ impl Cluster {
             max_keys_per_multipush: 50,
             ..Limits::default()
         };
-        let env: Vec<(String, String)> = opts
+        let file = |var: &str, f: &Path| (var.to_owned(), f.display().to_string());
+        let mut env: Vec<(String, String)> = opts
             .redis_ca_file
             .iter()
-            .map(|f| ("PUSH_REDIS_CA_FILE".to_owned(), f.display().to_string()))
+            .map(|f| file("PUSH_REDIS_CA_FILE", f))
             .collect();
+        if let Some((cert, key)) = &opts.redis_client_cert {
+            env.push(file("PUSH_REDIS_CLIENT_CERT_FILE", cert));
+            env.push(file("PUSH_REDIS_CLIENT_KEY_FILE", key));
+        }
         let msg_port = free_port();
         let msg_ops = free_port();
         let mut message_cfg = push_message::Config {

@@ -151,12 +151,14 @@ async fn a_rotated_certificate_reaches_new_connections_and_keeps_open_ones() {
     );
 }
 
-/// Redis that takes TLS connections only: every service reaches it over
-/// `rediss://`, trusting the CA in `PUSH_REDIS_CA_FILE`, and pushes are
-/// stored, delivered live (web's script publishes, the comet's subscription
-/// hears it) and fetched as on plain TCP.
+/// Redis that takes TLS connections only and asks clients for a
+/// certificate: every service reaches it over `rediss://`, trusting the CA
+/// in `PUSH_REDIS_CA_FILE` and showing the certificate of
+/// `PUSH_REDIS_CLIENT_CERT_FILE`, and pushes are stored, delivered live
+/// (web's script publishes, the comet's subscription hears it) and fetched
+/// as on plain TCP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn services_reach_a_tls_redis_with_the_ca_file() {
+async fn services_reach_a_tls_redis_that_asks_for_their_certificate() {
     let dir = tempfile::tempdir().expect("dir");
     let ca = TestCa::new("redis test CA");
     ca.leaf(&["127.0.0.1", "localhost"]).write_to(dir.path());
@@ -165,10 +167,16 @@ async fn services_reach_a_tls_redis_with_the_ca_file() {
     let redis = pushcluster_systest::RedisServer::start_tls(
         &dir.path().join("tls.crt"),
         &dir.path().join("tls.key"),
+        Some(&ca_file),
     );
+    let client = ca.leaf(&["pushcluster"]);
+    let (cert, key) = (dir.path().join("client.crt"), dir.path().join("client.key"));
+    std::fs::write(&cert, &client.cert_pem).expect("write client certificate");
+    std::fs::write(&key, &client.key_pem).expect("write client key");
     let c = Cluster::start(Options {
         redis_url: Some(redis.tls_url()),
         redis_ca_file: Some(ca_file),
+        redis_client_cert: Some((cert, key)),
         ..Options::default()
     });
     let mut sub =
