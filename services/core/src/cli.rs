@@ -65,6 +65,15 @@ pub struct CommonArgs {
 }
 
 impl CommonArgs {
+    /// The Redis TLS files the flags name: CAs, client certificate, key.
+    pub fn redis_tls_files(&self) -> (Option<&Path>, Option<&Path>, Option<&Path>) {
+        (
+            self.redis_ca_file.as_deref(),
+            self.redis_client_cert_file.as_deref(),
+            self.redis_client_key_file.as_deref(),
+        )
+    }
+
     /// Lays `--redis-url` over the config's Redis URL `field`, then joins
     /// `--redis-password` to whichever URL is in force.
     pub fn lay_redis_url(&self, field: &mut Option<String>) {

@@ -41,13 +41,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    let c = &a.common;
-    pushcluster_redis::TlsSettings::from_files(
-        c.redis_ca_file.as_deref(),
-        c.redis_client_cert_file.as_deref(),
-        c.redis_client_key_file.as_deref(),
-    )?
-    .install();
+    let (ca, cert, key) = a.common.redis_tls_files();
+    pushcluster_redis::TlsSettings::from_files(ca, cert, key)?.install();
     let common = a.common.clone();
     let configure = |cfg: &mut Config| {
         set(&mut cfg.listen, a.listen);

@@ -197,6 +197,27 @@ impl RedisServer {
     }
 }
 
+/// A node's TLS port `port` beside its plain one, with the certificate,
+/// key and CA of `files`; replication over TLS, client certificates
+/// optional.
+fn tls_node_args(port: u16, [cert, key, ca]: [&std::path::Path; 3]) -> Vec<String> {
+    let path = |p: &std::path::Path| p.display().to_string();
+    vec![
+        "--tls-port".into(),
+        port.to_string(),
+        "--tls-cert-file".into(),
+        path(cert),
+        "--tls-key-file".into(),
+        path(key),
+        "--tls-ca-cert-file".into(),
+        path(ca),
+        "--tls-auth-clients".into(),
+        "optional".into(),
+        "--tls-replication".into(),
+        "yes".into(),
+    ]
+}
+
 /// The port, the loopback bind and warning-level logs.
 fn base_args(port: u16) -> Vec<String> {
     vec![
@@ -288,23 +309,10 @@ impl RedisClusterServers {
             .map(|(i, bus)| {
                 let port = free_port();
                 let tls_args: Vec<String> = match tls {
-                    Some([cert, key, ca]) => [
-                        "--tls-port".into(),
-                        tls_ports[i].to_string(),
-                        "--tls-cert-file".into(),
-                        cert.display().to_string(),
-                        "--tls-key-file".into(),
-                        key.display().to_string(),
-                        "--tls-ca-cert-file".into(),
-                        ca.display().to_string(),
-                        "--tls-auth-clients".into(),
-                        "optional".into(),
-                        "--tls-cluster".into(),
-                        "yes".into(),
-                        "--tls-replication".into(),
-                        "yes".into(),
-                    ]
-                    .into(),
+                    Some(files) => tls_node_args(tls_ports[i], files)
+                        .into_iter()
+                        .chain(["--tls-cluster".into(), "yes".into()])
+                        .collect(),
                     None => Vec::new(),
                 };
                 RedisServer::spawn_with(
@@ -556,34 +564,16 @@ impl RedisSentinels {
 
     fn start_with(replicas: usize, tls: Option<[&std::path::Path; 3]>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let tls_args = |port: u16| -> Vec<String> {
-            match tls {
-                Some([cert, key, ca]) => vec![
-                    "--tls-port".into(),
-                    port.to_string(),
-                    "--tls-cert-file".into(),
-                    cert.display().to_string(),
-                    "--tls-key-file".into(),
-                    key.display().to_string(),
-                    "--tls-ca-cert-file".into(),
-                    ca.display().to_string(),
-                    "--tls-auth-clients".into(),
-                    "optional".into(),
-                    "--tls-replication".into(),
-                    "yes".into(),
-                ],
-                None => Vec::new(),
-            }
-        };
         // Where replicas and Sentinels reach a node: its TLS port with TLS.
         let mut tls_ports = Vec::new();
         let mut reach = |plain: u16| -> (u16, Vec<String>) {
-            if tls.is_some() {
-                let p = free_port();
-                tls_ports.push(p);
-                (p, tls_args(p))
-            } else {
-                (plain, Vec::new())
+            match tls {
+                Some(files) => {
+                    let p = free_port();
+                    tls_ports.push(p);
+                    (p, tls_node_args(p, files))
+                }
+                None => (plain, Vec::new()),
             }
         };
         let port = free_port();

@@ -21,6 +21,22 @@ fn tls_server(ca: &TestCa, dir: &std::path::Path) -> RedisServer {
     RedisServer::start_tls(&dir.join("tls.crt"), &dir.join("tls.key"), None)
 }
 
+/// A test CA, and in a temporary directory a server certificate of it for
+/// 127.0.0.1 and localhost: certificate, key and the CA's certificate.
+fn server_files() -> (tempfile::TempDir, TestCa, [std::path::PathBuf; 3]) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new("redis test CA");
+    ca.leaf(&["127.0.0.1", "localhost"]).write_to(dir.path());
+    let ca_file = dir.path().join("ca.crt");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let files = [
+        dir.path().join("tls.crt"),
+        dir.path().join("tls.key"),
+        ca_file,
+    ];
+    (dir, ca, files)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_works_over_tls_with_the_servers_ca() {
     let dir = tempfile::tempdir().unwrap();
@@ -109,18 +125,10 @@ async fn a_client_that_does_not_trust_the_server_gets_nothing_through() {
 /// a replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_works_on_a_redis_cluster_over_tls() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("redis test CA");
-    ca.leaf(&["127.0.0.1", "localhost"]).write_to(dir.path());
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (_dir, ca, files) = server_files();
     let cluster = pushcluster_store::testing::RedisClusterServers::start_tls(
         3,
-        [
-            &dir.path().join("tls.crt"),
-            &dir.path().join("tls.key"),
-            &ca_file,
-        ],
+        files.each_ref().map(|f| f.as_path()),
     );
     let target = Target::parse_with(
         &cluster.tls_url(),
@@ -156,18 +164,10 @@ async fn a_store_works_on_a_redis_cluster_over_tls() {
 /// name over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_works_behind_sentinels_over_tls() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("redis test CA");
-    ca.leaf(&["127.0.0.1", "localhost"]).write_to(dir.path());
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (_dir, ca, files) = server_files();
     let group = pushcluster_store::testing::RedisSentinels::start_tls(
         1,
-        [
-            &dir.path().join("tls.crt"),
-            &dir.path().join("tls.key"),
-            &ca_file,
-        ],
+        files.each_ref().map(|f| f.as_path()),
     );
     let target = Target::parse_with(
         &group.tls_url(),
@@ -193,16 +193,9 @@ async fn a_store_works_behind_sentinels_over_tls() {
 /// one showing none is turned away.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_asks_for_client_certificates_takes_ours() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("redis test CA");
-    ca.leaf(&["127.0.0.1", "localhost"]).write_to(dir.path());
-    let ca_file = dir.path().join("ca.crt");
-    std::fs::write(&ca_file, &ca.pem).unwrap();
-    let server = RedisServer::start_tls(
-        &dir.path().join("tls.crt"),
-        &dir.path().join("tls.key"),
-        Some(&ca_file),
-    );
+    let (_dir, ca, files) = server_files();
+    let [cert, key, ca_file] = &files;
+    let server = RedisServer::start_tls(cert, key, Some(ca_file));
     let client = ca.leaf(&["pushcluster"]);
     let mine = TlsSettings::trusting(ca.pem.clone().into_bytes())
         .showing(client.cert_pem.into_bytes(), client.key_pem.into_bytes());
