@@ -283,13 +283,30 @@ pub struct ConfigHashes {
 pub fn config_hashes(pc: &PushCluster, facts: &Facts) -> Result<ConfigHashes> {
     let c = service_configs(pc, facts);
     let creds = &facts.creds;
+    // Every component reaches Redis. Without Redis TLS files the hashes
+    // stay what they were before they counted, so an operator upgrade
+    // rolls no cluster that has none.
+    let tls = &facts.redis_tls;
+    let with_tls = |h: String| {
+        if tls.is_empty() {
+            h
+        } else {
+            hash_of(&(h, tls))
+        }
+    };
     Ok(ConfigHashes {
-        comet: hash_of(&(
+        comet: with_tls(hash_of(&(
             serde_yaml::to_string(&c.comet)?,
             creds.pick(&[SUBSCRIBER_SECRET, RPC_TOKEN]),
-        )),
-        message: hash_of(&(serde_yaml::to_string(&c.message)?, creds.pick(&[RPC_TOKEN]))),
-        web: hash_of(&(serde_yaml::to_string(&c.web)?, creds.pick(&CREDENTIAL_KEYS))),
+        ))),
+        message: with_tls(hash_of(&(
+            serde_yaml::to_string(&c.message)?,
+            creds.pick(&[RPC_TOKEN]),
+        ))),
+        web: with_tls(hash_of(&(
+            serde_yaml::to_string(&c.web)?,
+            creds.pick(&CREDENTIAL_KEYS),
+        ))),
     })
 }
 

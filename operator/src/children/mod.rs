@@ -231,6 +231,10 @@ pub struct Facts {
     pub listener_services: listeners::LiveServices,
     /// Whether the Gateway API's HTTPRoute is installed.
     pub gateway_api: bool,
+    /// Digests of the Redis TLS files the pods mount from Secrets
+    /// (`storage.redis.tls`), by `<secret>/<key>`: a renewed CA or client
+    /// certificate rolls the pods, which read them at start.
+    pub redis_tls: BTreeMap<String, String>,
 }
 
 impl Facts {

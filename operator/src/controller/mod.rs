@@ -109,6 +109,7 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
         claim_access,
         listener_services: observe::listener_services(pc, ctx, &ns).await?,
         gateway_api: observe::gateway_api(pc, ctx).await,
+        redis_tls: observe::redis_tls_digests(pc, ctx, &ns).await?,
     };
     let mut written = Vec::new();
     let desired = children::desired(pc, &facts)?;

@@ -13,6 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams};
 use kube::ResourceExt;
+use std::collections::BTreeMap;
 
 /// Reads the workloads, Leases and comet pods of `pc`.
 pub async fn observe(pc: &PushCluster, ctx: &Context, ns: &str, facts: &Facts) -> Result<Observed> {
@@ -180,6 +181,43 @@ async fn redis_tls(
         settings = settings.showing(cert, private);
     }
     Ok(Some(settings))
+}
+
+/// Digests of the Secret keys `storage.redis.tls` mounts into the pods,
+/// by `<secret>/<key>` (`absent` for a key not there yet: the pods wait
+/// for it, and its arrival rolls nothing that ran without it).
+pub(crate) async fn redis_tls_digests(
+    pc: &PushCluster,
+    ctx: &Context,
+    ns: &str,
+) -> Result<BTreeMap<String, String>> {
+    let Some(tls) = pc.spec.storage.redis.as_ref().and_then(|r| r.tls.as_ref()) else {
+        return Ok(BTreeMap::new());
+    };
+    let mut wanted: Vec<(String, String)> = Vec::new();
+    if let Some(ca) = &tls.ca_secret_ref {
+        wanted.push((ca.name.clone(), ca.key.clone()));
+    }
+    if let Some(c) = &tls.client_cert_secret_ref {
+        for key in ["tls.crt", "tls.key"] {
+            wanted.push((c.name.clone(), key.into()));
+        }
+    }
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut out = BTreeMap::new();
+    for (name, key) in wanted {
+        let value = secrets
+            .get_opt(&name)
+            .await?
+            .and_then(|s| s.data)
+            .and_then(|d| d.get(&key).cloned());
+        let digest = value.map_or_else(
+            || "absent".to_owned(),
+            |v| children::config::hash_of(&hex::encode(&v.0)),
+        );
+        out.insert(format!("{name}/{key}"), digest);
+    }
+    Ok(out)
 }
 
 /// The value of a Secret's key, or why it cannot be read.

@@ -804,6 +804,42 @@ fn every_component_reads_its_credentials_from_the_generated_secret() {
     assert_eq!(e.credentials_secret.as_deref(), Some("push-credentials"));
 }
 
+/// A renewed Redis CA or client certificate (a new digest of its Secret
+/// key) rolls every component, all of which reach Redis; a cluster without
+/// Redis TLS keeps the hashes it had before they counted.
+#[test]
+fn a_renewed_redis_certificate_rolls_every_component() {
+    let mut pc = example("pushcluster-full.yaml");
+    let plain = children::config_hashes(&pc, &Facts::default()).unwrap();
+    pc.spec.storage.redis.as_mut().unwrap().tls = Some(
+        serde_json::from_value(serde_json::json!({"clientCertSecretRef": {"name": "c"}})).unwrap(),
+    );
+    let no_tls_facts = children::config_hashes(&pc, &Facts::default()).unwrap();
+    let digests = |cert: &str| Facts {
+        redis_tls: [("c/tls.crt", cert), ("c/tls.key", "k")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        ..Facts::default()
+    };
+    let first = children::config_hashes(&pc, &digests("one")).unwrap();
+    let renewed = children::config_hashes(&pc, &digests("two")).unwrap();
+    for (a, b) in [
+        (&first.comet, &renewed.comet),
+        (&first.message, &renewed.message),
+        (&first.web, &renewed.web),
+        (&no_tls_facts.web, &first.web),
+    ] {
+        assert_ne!(a, b);
+    }
+    assert_eq!(
+        children::config_hashes(&pc, &digests("two")).unwrap(),
+        renewed
+    );
+    // The tls field itself is in no config: without digests, as before.
+    assert_eq!(plain, no_tls_facts);
+}
+
 #[test]
 fn rotating_a_credential_rolls_exactly_the_pods_that_read_it() {
     let pc = example("pushcluster-minimal.yaml");
