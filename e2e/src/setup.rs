@@ -135,15 +135,32 @@ pub async fn secret(
 /// file on a PersistentVolumeClaim (fsynced on every write), and a Service.
 /// A deleted pod comes back with every acknowledged write.
 pub async fn deploy_redis(namespace: &str) -> anyhow::Result<()> {
-    let redis = format!(
-        r#"
+    let claim = r#"
 apiVersion: v1
 kind: PersistentVolumeClaim
-metadata: {{name: push-redis-data}}
+metadata: {name: push-redis-data}
 spec:
   accessModes: [ReadWriteOnce]
-  resources: {{requests: {{storage: 1Gi}}}}
----
+  resources: {requests: {storage: 1Gi}}
+---"#;
+    let redis = redis_yaml(
+        r#"--port, "6379", --save, "", --appendonly, "yes", --appendfsync, always, --dir, /data"#,
+        (
+            "data",
+            "/data",
+            "persistentVolumeClaim: {claimName: push-redis-data}",
+        ),
+    );
+    apply_yaml(namespace, format!("{claim}{redis}")).await
+}
+
+/// A Deployment `push-redis` (one pod, replaced whole: `Recreate`) running
+/// `redis-server` with `args` (a YAML flow list's items) and `volume`
+/// (name, mount path, source) mounted, ready once port 6379 takes
+/// connections, and its Service.
+pub fn redis_yaml(args: &str, (volume, mount, source): (&str, &str, &str)) -> String {
+    format!(
+        r#"
 apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: push-redis}}
@@ -156,13 +173,13 @@ spec:
       containers:
         - name: redis
           image: {image}
-          command: [redis-server, --port, "6379", --save, "", --appendonly, "yes", --appendfsync, always, --dir, /data, --protected-mode, "no"]
+          command: [redis-server, {args}, --protected-mode, "no"]
           ports: [{{name: redis, containerPort: 6379}}]
           readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
-          volumeMounts: [{{name: data, mountPath: /data}}]
+          volumeMounts: [{{name: {volume}, mountPath: {mount}}}]
       volumes:
-        - name: data
-          persistentVolumeClaim: {{claimName: push-redis-data}}
+        - name: {volume}
+          {source}
 ---
 apiVersion: v1
 kind: Service
@@ -172,8 +189,7 @@ spec:
   ports: [{{name: redis, port: 6379, targetPort: 6379}}]
 "#,
         image = redis_image()
-    );
-    apply_yaml(namespace, redis).await
+    )
 }
 
 /// The image Redis pods run (`E2E_REDIS_IMAGE`, default `redis:7`; the

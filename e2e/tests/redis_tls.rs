@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use pushcluster_client::http::Client as HttpApi;
 use pushcluster_core::tls::testing::TestCa;
-use pushcluster_e2e::setup::{apply_yaml, first_push, redis_image, secret, ChartOperator};
+use pushcluster_e2e::setup::{apply_yaml, first_push, redis_yaml, secret, ChartOperator};
 use pushcluster_e2e::traffic::{Load, ServiceProxy, Traffic};
 use pushcluster_e2e::{
     apply_example_with, credentials, full_cluster, pods_of, rollout_status, wait, wait_ready,
@@ -27,35 +27,9 @@ const LIMIT: Duration = Duration::from_secs(240);
 /// and the CA its clients' certificates must come from in Secret
 /// `push-redis-tls`, and its Service.
 async fn deploy_tls_redis(namespace: &str) -> anyhow::Result<()> {
-    let redis = format!(
-        r#"
-apiVersion: apps/v1
-kind: Deployment
-metadata: {{name: push-redis}}
-spec:
-  selector: {{matchLabels: {{app: push-redis}}}}
-  template:
-    metadata: {{labels: {{app: push-redis}}}}
-    spec:
-      containers:
-        - name: redis
-          image: {image}
-          command: [redis-server, --port, "0", --tls-port, "6379", --tls-cert-file, /tls/tls.crt, --tls-key-file, /tls/tls.key, --tls-ca-cert-file, /tls/ca.crt, --tls-auth-clients, "yes", --save, "", --appendonly, "no", --protected-mode, "no"]
-          ports: [{{name: redis, containerPort: 6379}}]
-          readinessProbe: {{tcpSocket: {{port: 6379}}, periodSeconds: 1}}
-          volumeMounts: [{{name: tls, mountPath: /tls, readOnly: true}}]
-      volumes:
-        - name: tls
-          secret: {{secretName: push-redis-tls}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: push-redis}}
-spec:
-  selector: {{app: push-redis}}
-  ports: [{{name: redis, port: 6379, targetPort: 6379}}]
-"#,
-        image = redis_image()
+    let redis = redis_yaml(
+        r#"--port, "0", --tls-port, "6379", --tls-cert-file, /tls/tls.crt, --tls-key-file, /tls/tls.key, --tls-ca-cert-file, /tls/ca.crt, --tls-auth-clients, "yes", --save, "", --appendonly, "no""#,
+        ("tls", "/tls", "secret: {secretName: push-redis-tls}"),
     );
     apply_yaml(namespace, redis).await
 }
