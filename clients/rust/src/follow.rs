@@ -214,6 +214,18 @@ impl Follow {
         self.control.stopping() && last >= self.until.load(Ordering::SeqCst)
     }
 
+    /// Done, and storage agrees: a sequence that went back (Redis lost
+    /// writes) can leave the follower past `until` in the old sequence
+    /// while the comet's reset is still on its way, so a last fetch from
+    /// its last mid asks. Storage out of reach leaves it at `done`.
+    async fn finished(&self, st: &mut State) -> bool {
+        if !self.done(st.seen.last()) {
+            return false;
+        }
+        let _ = self.catch_up(st, None).await;
+        self.done(st.seen.last())
+    }
+
     async fn connect(&self, addr: &str, last: i64, epoch: u64) -> crate::Result<Subscriber> {
         let p = Params {
             key: self.key.clone(),
@@ -272,7 +284,7 @@ impl Follow {
         }
         let mut beat = tokio::time::interval(HEARTBEAT_EVERY);
         beat.tick().await;
-        while !self.done(st.seen.last()) {
+        while !self.finished(st).await {
             let frame = tokio::select! {
                 f = sub.next_timeout(Duration::from_millis(300)) => f,
                 _ = beat.tick() => {
@@ -335,7 +347,7 @@ impl Follow {
         // point at the dead comet for a moment after web knows better).
         let mut lost: Option<String> = None;
         let mut may_wait = true;
-        while !self.done(st.seen.last()) {
+        while !self.finished(&mut st).await {
             let resolved = match lost.take() {
                 Some(gone) => {
                     self.api
