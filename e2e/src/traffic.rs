@@ -200,6 +200,7 @@ pub struct Traffic {
     attempts: Arc<Mutex<Vec<Attempt>>>,
     stop_push: CancellationToken,
     pusher: Option<JoinHandle<()>>,
+    stalls: Arc<Mutex<Vec<(Instant, Duration)>>>,
 }
 
 /// Settings of a traffic run.
@@ -252,6 +253,8 @@ impl Traffic {
             attempts.clone(),
             stop_push.clone(),
         ));
+        let stalls: Arc<Mutex<Vec<(Instant, Duration)>>> = Arc::default();
+        tokio::spawn(watch_runtime(stalls.clone(), stop_push.clone()));
         Self {
             api,
             started: Instant::now(),
@@ -262,6 +265,7 @@ impl Traffic {
             attempts,
             stop_push,
             pusher: Some(pusher),
+            stalls,
         }
     }
 
@@ -332,6 +336,32 @@ impl Traffic {
             keys: self.keys.clone(),
             attempts,
             seen,
+            stalls: std::mem::take(&mut *self.stalls.lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+}
+
+/// How late a timer of the test's own runtime may fire before it counts as
+/// a stall of the test process (its pusher and followers share it).
+const STALL: Duration = Duration::from_millis(20);
+
+/// Records each time a 5 ms timer of this runtime fired more than [`STALL`]
+/// late: the test process (or its host) was not running its tasks, and the
+/// pushes and deliveries it timed then look slower than the cluster was.
+async fn watch_runtime(stalls: Arc<Mutex<Vec<(Instant, Duration)>>>, stop: CancellationToken) {
+    let period = Duration::from_millis(5);
+    loop {
+        let start = Instant::now();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(period) => {}
+        }
+        let late = start.elapsed().saturating_sub(period);
+        if late > STALL {
+            stalls
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((start, late));
         }
     }
 }
@@ -386,6 +416,8 @@ pub struct Outcome {
     pub attempts: Vec<Attempt>,
     /// Per key: its transport and what its follower saw (None: it never caught up).
     pub seen: BTreeMap<String, (Proto, Option<Seen>)>,
+    /// When the test's runtime fired a timer over 20 ms late, and by how much.
+    pub stalls: Vec<(Instant, Duration)>,
 }
 
 /// Figures of one time window (an event, or the whole run).
@@ -573,6 +605,51 @@ impl Outcome {
         f
     }
 
+    /// The `n` pushes sent in `[from, to)` that took longest to reach their
+    /// follower live, slowest first: when each was sent (from `from`), its
+    /// key and transport, how long its acknowledgement and its delivery
+    /// took. Slow answers as well point at the push path (proxy, web,
+    /// storage); prompt answers at the comets or the followers; many keys
+    /// at one moment at the host or the test process.
+    pub fn slowest_deliveries(&self, from: Instant, to: Instant, n: usize) -> Vec<String> {
+        let mut slow: Vec<(Duration, String)> = Vec::new();
+        for a in self.attempts.iter().filter(|a| a.at >= from && a.at < to) {
+            let (Ok(m), Some((proto, Some(s)))) = (&a.result, self.seen.get(&a.key)) else {
+                continue;
+            };
+            let Some((_, t)) = s.live_at.iter().find(|(mid, _)| mid == m) else {
+                continue;
+            };
+            let delivery = t.saturating_duration_since(a.at);
+            let line = format!(
+                "+{:.3}s {} ({proto:?}) mid {m}: acked {:.1} ms, delivered {:.1} ms",
+                a.at.duration_since(from).as_secs_f64(),
+                a.key,
+                a.done.saturating_duration_since(a.at).as_secs_f64() * 1000.0,
+                delivery.as_secs_f64() * 1000.0
+            );
+            slow.push((delivery, line));
+        }
+        slow.sort_by_key(|s| std::cmp::Reverse(s.0));
+        slow.into_iter().take(n).map(|(_, l)| l).collect()
+    }
+
+    /// The test runtime's stalls that began in `[from, to)`: when (from
+    /// `from`) and how long, as `+1.234s 57 ms`.
+    pub fn stalls_in(&self, from: Instant, to: Instant) -> Vec<String> {
+        self.stalls
+            .iter()
+            .filter(|(t, _)| *t >= from && *t < to)
+            .map(|(t, d)| {
+                format!(
+                    "+{:.3}s {} ms",
+                    t.duration_since(from).as_secs_f64(),
+                    d.as_millis()
+                )
+            })
+            .collect()
+    }
+
     /// [`Outcome::figures`] of the followers on `protos` only (and the
     /// pushes to their keys).
     pub fn figures_of(&self, protos: &[Proto], from: Instant, to: Instant) -> Figures {
@@ -605,6 +682,7 @@ impl Outcome {
                 .cloned()
                 .collect(),
             seen,
+            stalls: self.stalls.clone(),
         };
         part.figures(from, to)
     }

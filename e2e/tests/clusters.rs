@@ -941,6 +941,13 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
         println!(
             "INFO {what} on {example}: before the outage {steady}; during the outage {during}; from the outage to the end {whole}; leases before {before:?} after {after:?}"
         );
+        println!(
+            "INFO slowest deliveries before the outage: {:?}; during it: {:?}; the test process stalled before: {:?}, during: {:?}",
+            outcome.slowest_deliveries(warm, settled, 8),
+            outcome.slowest_deliveries(settled, resumed, 8),
+            outcome.stalls_in(warm, settled),
+            outcome.stalls_in(settled, resumed)
+        );
         if fault == Fault::MessagePods {
             // A follower may be told to reconnect (and fetch by mid), if
             // within a second; none may be left waiting or lose anything.
