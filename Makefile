@@ -76,6 +76,7 @@ js-test:
 bench: deps
 	$(CARGO) bench -p pushcluster-core --bench core
 	$(CARGO) bench -p pushcluster-store --bench store
+	$(CARGO) bench -p pushcluster-store --bench sweep
 	SERVERS=pushcluster OUT=target/bench REPORT=target/bench/benchmarks.md bench/compare/run
 	@cat target/bench/benchmarks.md
 

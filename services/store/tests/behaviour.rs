@@ -779,6 +779,62 @@ async fn embedded_data_survives_a_restart() {
     assert_eq!(s.sequence(Channel::Public).await.unwrap().last, 1);
 }
 
+/// A sweep pass forgets a sequence left idle past `idle_ttl` (its next
+/// append starts again at 1 under a new epoch) and leaves one still in use;
+/// a pass over more entries than one step looks at goes step by step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_sweep_forgets_idle_sequences() {
+    let dir = tempfile::tempdir().unwrap();
+    let retention = Retention {
+        idle_ttl_seconds: 1,
+        ..Retention::default()
+    };
+    let s = Arc::new(EmbeddedStore::open(&dir.path().join("db.redb"), retention).unwrap());
+    for _ in 0..2 {
+        s.append(Channel::Private("idle"), b("{}"), HOUR)
+            .await
+            .unwrap();
+    }
+    let epoch = s.sequence(Channel::Private("idle")).await.unwrap().epoch;
+    // Concurrent, so the writer groups them: one fsync per batch.
+    let mut appends = tokio::task::JoinSet::new();
+    for i in 0..3000 {
+        let s = s.clone();
+        appends.spawn(async move {
+            s.append(
+                Channel::Private(&format!("k{i}")),
+                b("{}"),
+                Duration::from_millis(1),
+            )
+            .await
+        });
+    }
+    while let Some(r) = appends.join_next().await {
+        assert_eq!(r.unwrap().unwrap(), 1);
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    s.append(Channel::Private("busy"), b("{}"), HOUR)
+        .await
+        .unwrap();
+    s.sweep().await.unwrap();
+    assert_eq!(s.sequence(Channel::Private("idle")).await.unwrap().last, 0);
+    assert_eq!(s.sequence(Channel::Private("k2999")).await.unwrap().last, 0);
+    assert_eq!(s.sequence(Channel::Private("busy")).await.unwrap().last, 1);
+    assert_eq!(
+        s.append(Channel::Private("idle"), b("{}"), HOUR)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(s.sequence(Channel::Private("idle")).await.unwrap().epoch > epoch);
+    assert_eq!(
+        s.append(Channel::Private("busy"), b("{}"), HOUR)
+            .await
+            .unwrap(),
+        2
+    );
+}
+
 /// A newly stored private message is published on its key's live channel,
 /// in mid order; a retried push id, a fenced-off append and a broadcast are
 /// not.

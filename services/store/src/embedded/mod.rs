@@ -3,7 +3,10 @@
 //! All writes go through one writer thread that groups whatever appends are
 //! waiting into a single transaction and one fsync, then answers each; the
 //! durability of every acknowledged append costs a share of one fsync. Reads
-//! run on MVCC snapshots beside it.
+//! run on MVCC snapshots beside it. Expired entries go a bounded step at a
+//! time ([`EmbeddedStore::sweep`]).
+
+mod sweep;
 
 use crate::{
     now_ms, AppendOpts, Channel, Fence, Fetched, Page, Result, Retention, Seq, Store, StoreError,
@@ -31,7 +34,8 @@ const FENCES: TableDefinition<u32, u64> = TableDefinition::new("fences");
 
 /// How many queued writes one transaction takes at most.
 const MAX_BATCH: usize = 512;
-/// How often expired messages and idle sequences are swept.
+/// How often a sweep pass starts (expired messages, forgotten push ids and
+/// idle sequences); a pass is as many steps as the file needs.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 fn channel_name(ch: Channel<'_>) -> String {
@@ -58,7 +62,8 @@ enum Op {
         fence: Fence,
         reply: oneshot::Sender<Result<i64>>,
     },
-    Sweep,
+    /// One sweep step; answers true once the pass is through.
+    Sweep { reply: oneshot::Sender<Result<i64>> },
 }
 
 /// redb-backed store.
@@ -96,13 +101,40 @@ impl EmbeddedStore {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let Some(tx) = sweeper.upgrade() else { return };
-                if tx.send(Op::Sweep).await.is_err() {
-                    return;
+                // A step at a time, each behind the appends queued before
+                // it; the store dropped, the pass and the task end.
+                loop {
+                    let Some(tx) = sweeper.upgrade() else { return };
+                    let (reply, rx) = oneshot::channel();
+                    if tx.send(Op::Sweep { reply }).await.is_err() {
+                        return;
+                    }
+                    drop(tx);
+                    match rx.await {
+                        Ok(Ok(0)) => continue,
+                        Ok(Ok(_)) => break,
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, "embedded store sweep failed; trying at the next pass");
+                            break;
+                        }
+                        Err(_) => return,
+                    }
                 }
             }
         });
         Ok(Self { db, writes })
+    }
+
+    /// Runs a whole sweep pass now, step by step: drops expired messages,
+    /// push ids past their dedupe window and idle sequences. The store does
+    /// this every minute on its own.
+    pub async fn sweep(&self) -> Result<()> {
+        loop {
+            let (reply, rx) = oneshot::channel();
+            if self.submit(Op::Sweep { reply }, rx).await? != 0 {
+                return Ok(());
+            }
+        }
     }
 
     /// Hands `op` to the writer thread and waits for its durable result.
@@ -127,6 +159,7 @@ impl EmbeddedStore {
 
 fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Op>, retention: Retention) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut sweep_at = sweep::Cursor::default();
     while let Some(op) = rx.blocking_recv() {
         batch.push(op);
         while batch.len() < MAX_BATCH {
@@ -135,7 +168,13 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Op>, retention: Retention) {
                 Err(_) => break,
             }
         }
-        match apply(&db, &mut batch, &retention) {
+        // A failed transaction left the file as it was: so is the cursor.
+        let before = sweep_at.clone();
+        let applied = apply(&db, &mut batch, &retention, &mut sweep_at);
+        if applied.is_err() {
+            sweep_at = before;
+        }
+        match applied {
             Ok(results) => {
                 for (op, r) in batch.drain(..).zip(results) {
                     match (op, r) {
@@ -148,7 +187,9 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Op>, retention: Retention) {
                         (Op::RaiseFence { reply, .. }, r) => {
                             let _ = reply.send(r);
                         }
-                        (Op::Sweep, _) => {}
+                        (Op::Sweep { reply }, r) => {
+                            let _ = reply.send(r);
+                        }
                     }
                 }
             }
@@ -165,7 +206,9 @@ fn writer(db: Arc<Database>, mut rx: mpsc::Receiver<Op>, retention: Retention) {
                         Op::RaiseFence { reply, .. } => {
                             let _ = reply.send(Err(StoreError::Corrupt(e.to_string())));
                         }
-                        Op::Sweep => {}
+                        Op::Sweep { reply } => {
+                            let _ = reply.send(Err(StoreError::Corrupt(e.to_string())));
+                        }
                     }
                 }
             }
@@ -179,6 +222,7 @@ fn apply(
     db: &Database,
     batch: &mut [Op],
     retention: &Retention,
+    sweep_at: &mut sweep::Cursor,
 ) -> Result<Vec<Result<i64>>, redb::Error> {
     let now = now_ms();
     let tx = db.begin_write()?;
@@ -256,22 +300,23 @@ fn apply(
                     }
                     out.push(Ok(current.max(f.token) as i64));
                 }
-                Op::Sweep => {
-                    msgs.retain(|_, (expire_at, _)| expire_at > now)?;
-                    ids.retain(|_, (_, until)| until > now)?;
-                    let idle_ms = retention.idle_ttl_seconds.saturating_mul(1000);
-                    seq.retain(|_, (_, touched)| touched.saturating_add(idle_ms) > now)?;
-                    let mut gone = Vec::new();
-                    for item in epochs.iter()? {
-                        let (chan, _) = item?;
-                        if seq.get(chan.value())?.is_none() {
-                            gone.push(chan.value().to_owned());
+                Op::Sweep { .. } => {
+                    let tables = sweep::Tables {
+                        msgs: &mut msgs,
+                        ids: &mut ids,
+                        seq: &mut seq,
+                        epochs: &mut epochs,
+                    };
+                    match sweep::step(tables, sweep_at, now, retention)? {
+                        Some(next) => {
+                            *sweep_at = next;
+                            out.push(Ok(0));
+                        }
+                        None => {
+                            *sweep_at = sweep::Cursor::default();
+                            out.push(Ok(1));
                         }
                     }
-                    for chan in gone {
-                        epochs.remove(chan.as_str())?;
-                    }
-                    out.push(Ok(0));
                 }
             }
         }
