@@ -508,3 +508,67 @@ pub async fn credentials(
         rpc_token: get("rpc-token")?,
     })
 }
+
+/// Observations of histogram `metric` (those whose labels contain `label`)
+/// summed over the ops endpoints of `component`'s pods of `cluster`: all of
+/// them, and those over `over` seconds (by the widest bucket not above it).
+/// For telling where a slow push spent its time.
+pub async fn histogram_tail(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+    component: &str,
+    metric: &str,
+    label: &str,
+    over: f64,
+) -> anyhow::Result<(u64, u64)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let lp = ListParams::default().labels(&format!(
+        "app.kubernetes.io/instance={cluster},app.kubernetes.io/component={component}"
+    ));
+    let (mut all, mut within) = (0u64, 0u64);
+    for p in pods.list(&lp).await?.items {
+        let ip = p.status.as_ref().and_then(|s| s.pod_ip.clone());
+        let port = p
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|c| c.name.as_deref() == Some("ops"))
+            .map(|c| c.container_port);
+        let (Some(ip), Some(port)) = (ip, port) else {
+            continue;
+        };
+        let mut conn = tokio::net::TcpStream::connect((ip.as_str(), port as u16)).await?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: ops\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text).await?;
+        let mut best: Option<(f64, u64)> = None;
+        for line in text.lines().filter(|l| l.contains(label)) {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            if name.starts_with(&format!("{metric}_count")) {
+                all += value as u64;
+            } else if name.starts_with(&format!("{metric}_bucket")) {
+                let le = name
+                    .split("le=\"")
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .and_then(|v| v.parse::<f64>().ok());
+                if let Some(le) = le.filter(|le| *le <= over) {
+                    if best.is_none_or(|(b, _)| le > b) {
+                        best = Some((le, value as u64));
+                    }
+                }
+            }
+        }
+        within += best.map_or(0, |(_, n)| n);
+    }
+    Ok((all, all.saturating_sub(within)))
+}

@@ -941,6 +941,9 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
         println!(
             "INFO {what} on {example}: before the outage {steady}; during the outage {during}; from the outage to the end {whole}; leases before {before:?} after {after:?}"
         );
+        let web = pushcluster_e2e::histogram_tail(&client, &ns.name, &name, "web", "pushcluster_web_push_latency_seconds", "", 0.052).await;
+        let message = pushcluster_e2e::histogram_tail(&client, &ns.name, &name, "message", "pushcluster_store_latency_seconds", "op=\"append\"", 0.052).await;
+        println!("INFO pushes over 51.2 ms (all, over) by web's own clock: {web:?}; appends by the message service's: {message:?}");
         println!(
             "INFO slowest deliveries before the outage: {:?}; during it: {:?}; the test process stalled before: {:?}, during: {:?}",
             outcome.slowest_deliveries(warm, settled, 8),
