@@ -944,6 +944,10 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
         let web = pushcluster_e2e::histogram_tail(&client, &ns.name, &name, "web", "pushcluster_web_push_latency_seconds", "", 0.052).await;
         let message = pushcluster_e2e::histogram_tail(&client, &ns.name, &name, "message", "pushcluster_store_latency_seconds", "op=\"append\"", 0.052).await;
         println!("INFO pushes over 51.2 ms (all, over) by web's own clock: {web:?}; appends by the message service's: {message:?}");
+        for component in ["web", "message", "comet"] {
+            let lag = pushcluster_e2e::histogram_tail(&client, &ns.name, &name, component, "pushcluster_runtime_lag_seconds", "", 0.05).await;
+            println!("INFO {component} pods' runtimes: (ticks, ticks over 50 ms late) {lag:?}");
+        }
         println!(
             "INFO slowest deliveries before the outage: {:?}; during it: {:?}; the test process stalled before: {:?}, during: {:?}",
             outcome.slowest_deliveries(warm, settled, 8),

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 /// in-flight pushes, flushes queued messages, closes connections.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut reg = MetricsRegistry::default();
+    pushcluster_core::ops::register_runtime_metrics(&mut reg);
     let background = CancellationToken::new();
     let owner_cancel = CancellationToken::new();
     // The store vouches for this comet's shard while the lease backend

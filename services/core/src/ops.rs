@@ -134,20 +134,55 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 /// the services set (the Redis client's is 500 ms).
 const TIMER_ANCHOR: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// A tick this late means the runtime ran nothing for that long: logged.
+const STALL_WARN: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How late the runtime's anchor timer fired, tick by tick: every request
+/// and frame of the process waited as long. Shared by the runtime, built
+/// before any registry, and the registry that [`register_runtime_metrics`]
+/// gives it to.
+static RUNTIME_LAG: std::sync::LazyLock<prometheus_client::metrics::histogram::Histogram> =
+    std::sync::LazyLock::new(|| {
+        prometheus_client::metrics::histogram::Histogram::new([
+            0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ])
+    });
+
+/// Registers `pushcluster_runtime_lag_seconds`, how late the runtime ran a
+/// timer due every 100 ms: a blocking call on a runtime thread, CPU
+/// starvation (a CPU limit, a busy node) or a paused VM all show here, and
+/// every connection of the process waited as long.
+pub fn register_runtime_metrics(reg: &mut Registry) {
+    reg.register(
+        "pushcluster_runtime_lag_seconds",
+        "How late the async runtime ran a timer due every 100 ms (time nothing ran)",
+        RUNTIME_LAG.clone(),
+    );
+}
+
 /// Keeps one timer at most [`TIMER_ANCHOR`] away registered for the
-/// runtime's whole life.
+/// runtime's whole life, and measures how late it fires.
 ///
 /// tokio wakes its I/O driver through an eventfd whenever a timer is
 /// registered that expires before the driver's next planned wake-up. On an
 /// otherwise idle timer wheel each RPC's deadline is such a timer, so every
 /// call paid a write(2) and a spurious epoll wake-up (measured in S3, see
 /// docs/benchmarks.md). With an earlier timer always armed, a deadline
-/// seconds away is never the earliest and costs nothing.
+/// seconds away is never the earliest and costs nothing. The tick it
+/// already takes measures the runtime's lag for free.
 async fn keep_a_timer_armed() {
     let mut tick = tokio::time::interval(TIMER_ANCHOR);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        let due = tick.tick().await;
+        let late = due.elapsed();
+        RUNTIME_LAG.observe(late.as_secs_f64());
+        if late >= STALL_WARN {
+            tracing::warn!(
+                late_ms = late.as_millis() as u64,
+                "the runtime ran nothing for a while (a blocking call, CPU starvation or a paused host): every connection waited as long"
+            );
+        }
     }
 }
 
@@ -281,5 +316,32 @@ mod tests {
         let auto = runtime(0).unwrap();
         let cpus = std::thread::available_parallelism().unwrap().get();
         assert_eq!(auto.metrics().num_workers(), cpus);
+    }
+
+    /// The sum of the lag histogram as `/metrics` shows it.
+    fn lag_sum() -> f64 {
+        let mut reg = Registry::default();
+        register_runtime_metrics(&mut reg);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("pushcluster_runtime_lag_seconds_sum "))
+            .and_then(|v| v.parse().ok())
+            .expect("the lag sum is exported")
+    }
+
+    #[test]
+    fn a_runtime_that_blocks_shows_its_lag() {
+        let rt = runtime(1).unwrap();
+        let before = lag_sum();
+        rt.block_on(async {
+            // Let the anchor timer start, block the only thread past its
+            // next tick, then give it a tick to notice.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        });
+        let lag = lag_sum() - before;
+        assert!(lag >= 0.25, "lag counted: {lag} s");
     }
 }

@@ -508,6 +508,7 @@ pub enum Error {
 /// Runs the service until `cancel` fires; in-flight requests finish first.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut registry = Registry::default();
+    pushcluster_core::ops::register_runtime_metrics(&mut registry);
     let require = pushcluster_proto::auth::RequireToken::new(cfg.rpc_token.as_deref())
         .map_err(|e| Error::Config(format!("rpc_token: {e}")))?;
     let store = Arc::new(open_store(&cfg).await?);

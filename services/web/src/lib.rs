@@ -91,6 +91,7 @@ async fn every_response(
 /// Runs web until `cancel` fires; in-flight requests finish first.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let mut reg = Registry::default();
+    pushcluster_core::ops::register_runtime_metrics(&mut reg);
     let role = pushcluster_lease::Role::Router {
         comets: cfg.comets.clone(),
     };
