@@ -441,6 +441,9 @@ pub struct Figures {
     /// Push-to-delivery time of the pushes sent in the window that reached
     /// their follower live: the 99th percentile, and how many there were.
     pub p99_delivery: Option<Duration>,
+    /// The 95th percentile of the same: a host's occasional fsync stall
+    /// (a few pushes each) moves the p99 of a short window, not this.
+    pub p95_delivery: Option<Duration>,
     pub delivered_live: usize,
     /// Up to three distinct errors of failed pushes.
     pub failure_samples: Vec<String>,
@@ -585,8 +588,11 @@ impl Outcome {
         }
         delays.sort();
         f.delivered_live = delays.len();
-        f.p99_delivery = (!delays.is_empty())
-            .then(|| delays[((delays.len() - 1) as f64 * 0.99).round() as usize]);
+        let quantile = |q: f64| {
+            (!delays.is_empty()).then(|| delays[((delays.len() - 1) as f64 * q).round() as usize])
+        };
+        f.p99_delivery = quantile(0.99);
+        f.p95_delivery = quantile(0.95);
         for (_, s) in self.seen.values() {
             let Some(s) = s else {
                 f.still_down += 1;

