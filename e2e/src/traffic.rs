@@ -4,8 +4,9 @@
 //! all of it into per-event figures (time without a comet, failed pushes,
 //! lost messages, whether every key's mid sequence continued).
 //!
-//! Just over 500 lines, kept whole: the followers, the pusher and the
-//! bookkeeping share one record of what was pushed and seen.
+//! Over 700 lines, kept whole: the followers, the pusher, the watch on the
+//! test's own runtime and the bookkeeping (figures per window, the slowest
+//! deliveries, the stalls) share one record of what was pushed and seen.
 
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};

@@ -43,6 +43,32 @@ fn after<K>(key: Option<K>) -> Bound<K> {
     key.map_or(Bound::Unbounded, Bound::Excluded)
 }
 
+/// Looks at up to [`STEP`] entries of `table` after `lower`, each key made
+/// owned by `own`: those `due` says go, and the last one looked at when
+/// the table has more (a step that saw fewer reached its end).
+fn scan<K, V, O: Clone>(
+    table: &Table<'_, K, V>,
+    lower: Bound<K::SelfType<'_>>,
+    own: impl for<'k> Fn(K::SelfType<'k>) -> O,
+    mut due: impl for<'k> FnMut(&O, V::SelfType<'k>) -> Result<bool, redb::Error>,
+) -> Result<(Vec<O>, Option<O>), redb::Error>
+where
+    K: redb::Key + 'static,
+    V: redb::Value + 'static,
+{
+    let (mut gone, mut last, mut seen) = (Vec::new(), None, 0);
+    for item in table.range((lower, Bound::Unbounded))?.take(STEP) {
+        let (k, v) = item?;
+        seen += 1;
+        let key = own(k.value());
+        if due(&key, v.value())? {
+            gone.push(key.clone());
+        }
+        last = Some(key);
+    }
+    Ok((gone, last.filter(|_| seen == STEP)))
+}
+
 /// One step from `at`, at `now` (ms): drops what is due among the next
 /// [`STEP`] entries of one table; where the next step starts, or `None`
 /// once the pass has been through every table.
@@ -52,104 +78,57 @@ pub(super) fn step(
     now: u64,
     retention: &Retention,
 ) -> Result<Option<Cursor>, redb::Error> {
-    // A step that saw fewer than STEP entries reached its table's end.
+    let chan = |c: &str| c.to_owned();
     Ok(match at {
         Cursor::Msgs(from) => {
-            let mut due = Vec::new();
-            let mut last = None;
-            let mut seen = 0;
             let lower = after(from.as_ref().map(|(c, m)| (c.as_str(), *m)));
-            for item in t.msgs.range((lower, Bound::Unbounded))?.take(STEP) {
-                let (k, v) = item?;
-                seen += 1;
-                let (chan, mid) = k.value();
-                if v.value().0 <= now {
-                    due.push((chan.to_owned(), mid));
-                }
-                last = Some((chan.to_owned(), mid));
+            let (gone, more) = scan(
+                t.msgs,
+                lower,
+                |(c, m)| (c.to_owned(), m),
+                |_, (expire_at, _)| Ok(expire_at <= now),
+            )?;
+            for (c, mid) in &gone {
+                t.msgs.remove((c.as_str(), *mid))?;
             }
-            for (chan, mid) in &due {
-                t.msgs.remove((chan.as_str(), *mid))?;
-            }
-            match last {
-                Some(k) if seen == STEP => Some(Cursor::Msgs(Some(k))),
-                _ => Some(Cursor::Ids(None)),
-            }
+            Some(more.map_or(Cursor::Ids(None), |k| Cursor::Msgs(Some(k))))
         }
         Cursor::Ids(from) => {
-            let mut due = Vec::new();
-            let mut last = None;
-            let mut seen = 0;
             let lower = after(from.as_ref().map(|(c, id)| (c.as_str(), id.as_str())));
-            for item in t.ids.range((lower, Bound::Unbounded))?.take(STEP) {
-                let (k, v) = item?;
-                seen += 1;
-                let (chan, id) = k.value();
-                if v.value().1 <= now {
-                    due.push((chan.to_owned(), id.to_owned()));
-                }
-                last = Some((chan.to_owned(), id.to_owned()));
+            let (gone, more) = scan(
+                t.ids,
+                lower,
+                |(c, id)| (c.to_owned(), id.to_owned()),
+                |_, (_, until)| Ok(until <= now),
+            )?;
+            for (c, id) in &gone {
+                t.ids.remove((c.as_str(), id.as_str()))?;
             }
-            for (chan, id) in &due {
-                t.ids.remove((chan.as_str(), id.as_str()))?;
-            }
-            match last {
-                Some(k) if seen == STEP => Some(Cursor::Ids(Some(k))),
-                _ => Some(Cursor::Seqs(None)),
-            }
+            Some(more.map_or(Cursor::Seqs(None), |k| Cursor::Ids(Some(k))))
         }
         Cursor::Seqs(from) => {
             let idle_ms = retention.idle_ttl_seconds.saturating_mul(1000);
-            let mut due = Vec::new();
-            let mut last = None;
-            let mut seen = 0;
-            for item in t
-                .seq
-                .range::<&str>((after(from.as_deref()), Bound::Unbounded))?
-                .take(STEP)
-            {
-                let (k, v) = item?;
-                seen += 1;
-                let chan = k.value();
-                if v.value().1.saturating_add(idle_ms) <= now {
-                    due.push(chan.to_owned());
-                }
-                last = Some(chan.to_owned());
-            }
+            let (gone, more) = scan(t.seq, after(from.as_deref()), chan, |_, (_, touched)| {
+                Ok(touched.saturating_add(idle_ms) <= now)
+            })?;
             // A forgotten sequence starts again at 1 under a new epoch.
-            for chan in &due {
-                t.seq.remove(chan.as_str())?;
-                t.epochs.remove(chan.as_str())?;
+            for c in &gone {
+                t.seq.remove(c.as_str())?;
+                t.epochs.remove(c.as_str())?;
             }
-            match last {
-                Some(k) if seen == STEP => Some(Cursor::Seqs(Some(k))),
-                _ => Some(Cursor::Epochs(None)),
-            }
+            Some(more.map_or(Cursor::Epochs(None), |k| Cursor::Seqs(Some(k))))
         }
         Cursor::Epochs(from) => {
             // Epochs whose sequence went some other way (files written
             // before sequences and epochs were dropped together).
-            let mut due = Vec::new();
-            let mut last = None;
-            let mut seen = 0;
-            for item in t
-                .epochs
-                .range::<&str>((after(from.as_deref()), Bound::Unbounded))?
-                .take(STEP)
-            {
-                let (k, _) = item?;
-                seen += 1;
-                let chan = k.value();
-                if t.seq.get(chan)?.is_none() {
-                    due.push(chan.to_owned());
-                }
-                last = Some(chan.to_owned());
+            let seq = &*t.seq;
+            let (gone, more) = scan(t.epochs, after(from.as_deref()), chan, |c, _| {
+                Ok(seq.get(c.as_str())?.is_none())
+            })?;
+            for c in &gone {
+                t.epochs.remove(c.as_str())?;
             }
-            for chan in &due {
-                t.epochs.remove(chan.as_str())?;
-            }
-            last.filter(|_| seen == STEP)
-                .map(|k| Cursor::Epochs(Some(k)))
+            more.map(|k| Cursor::Epochs(Some(k)))
         }
     })
 }
