@@ -80,8 +80,8 @@ impl Refusal {
 /// A lazily connected, authenticated client of the message service.
 pub(crate) fn message_client(cfg: &Config) -> Result<MessageClient<AuthChannel>, Error> {
     let token = RpcToken::new(cfg.rpc_token.as_deref()).map_err(Error::RpcToken)?;
-    let channel = tonic::transport::Endpoint::from_shared(cfg.message_url.clone())
-        .map_err(Error::MessageUrl)?
+    let tls = pushcluster_proto::tls::ClientTls::load(cfg.rpc_tls.as_ref())?;
+    let channel = pushcluster_proto::tls::endpoint(&cfg.message_url, tls.as_ref())?
         .connect_timeout(Duration::from_secs(2))
         .timeout(STORE_DEADLINE)
         .tcp_nodelay(true)

@@ -73,6 +73,10 @@ pub struct Config {
     /// Give it through `PUSH_RPC_TOKEN` (a Secret), not the config file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rpc_token: Option<String>,
+    /// TLS on the internal gRPC ports (certificates from the cluster's
+    /// `<name>-rpc-tls` Secret); unset, they are plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_tls: Option<pushcluster_proto::tls::RpcTls>,
     /// Input limits.
     pub limits: Limits,
 }
@@ -144,6 +148,7 @@ impl Default for Config {
             subscriber_secret: None,
             subscriber_token_max_seconds: pushcluster_core::token::DEFAULT_MAX_LIFETIME_SECONDS,
             rpc_token: None,
+            rpc_tls: None,
             limits: Limits::default(),
         }
     }

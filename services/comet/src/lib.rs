@@ -49,8 +49,8 @@ pub enum Error {
     Membership(#[from] pushcluster_lease::Error),
     #[error("rpc_token: {0}")]
     RpcToken(#[source] pushcluster_proto::auth::InvalidToken),
-    #[error("message_url: {0}")]
-    MessageUrl(#[source] tonic::transport::Error),
+    #[error("internal RPC: {0}")]
+    Rpc(#[from] pushcluster_proto::tls::RpcTlsError),
     #[error("store: {0}")]
     Store(#[source] pushcluster_store::StoreError),
     #[error("listener: {0}")]

@@ -96,13 +96,18 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let bypassed = matches!(comet.path, crate::storage::PushPath::StoreThenQueue(_))
         .then(|| tokio::spawn(crate::bypassed::follow(comet.clone(), background.clone())));
     let require = RequireToken::new(comet.cfg.rpc_token.as_deref()).map_err(Error::RpcToken)?;
+    let rpc_tls = comet
+        .cfg
+        .rpc_tls
+        .as_ref()
+        .map(pushcluster_proto::tls::ServerTls::load)
+        .transpose()?;
     let rpc_task = tokio::spawn({
         let stop = stop_accepting.clone();
         let svc = rpc::CometRpc::new(comet.clone())
             .draining_on(stop.clone())
             .into_server();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(rpc_listener).with_nodelay(Some(true));
+        let incoming = pushcluster_proto::tls::incoming(rpc_listener, rpc_tls);
         tonic::transport::Server::builder()
             .layer(tonic::service::InterceptorLayer::new(require))
             .add_service(svc)

@@ -46,6 +46,10 @@ pub struct Config {
     /// config file.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rpc_token: Option<String>,
+    /// TLS on the internal gRPC ports (certificates from the cluster's
+    /// `<name>-rpc-tls` Secret); unset, they are plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_tls: Option<pushcluster_proto::tls::RpcTls>,
 }
 
 /// Storage backend selection: Redis when `redis_url` is set, else embedded.
@@ -88,6 +92,7 @@ impl Default for Config {
             fetch_limit: 1000,
             fetch_max_bytes: 2 << 20,
             rpc_token: None,
+            rpc_tls: None,
         }
     }
 }
@@ -526,7 +531,13 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     tracing::info!(addr = %cfg.listen, "message gRPC listening");
     ready.set(true);
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let tls = cfg
+        .rpc_tls
+        .as_ref()
+        .map(pushcluster_proto::tls::ServerTls::load)
+        .transpose()
+        .map_err(|e| Error::Config(format!("rpc_tls: {e}")))?;
+    let incoming = pushcluster_proto::tls::incoming(listener, tls);
     let shutdown = cancel.clone();
     let max = pushcluster_proto::max_rpc_bytes(cfg.limits.max_message_bytes);
     tonic::transport::Server::builder()

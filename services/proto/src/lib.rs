@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod pipeline;
+pub mod tls;
 
 /// The gRPC message size every pushcluster server and client allows, from
 /// the largest message a push may carry: a batch of 256 such messages plus

@@ -3,12 +3,13 @@
 
 use crate::Error;
 use pushcluster_proto::auth::{AuthChannel, RpcToken};
+use pushcluster_proto::tls::{endpoint, ClientTls};
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_proto::v1::message_client::MessageClient;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// The message service's client and the comets' clients.
 pub struct Clients {
@@ -17,28 +18,32 @@ pub struct Clients {
     comets: Mutex<HashMap<String, CometClient<AuthChannel>>>,
     probes: Mutex<HashMap<String, (Instant, Probe)>>,
     rpc_token: RpcToken,
+    tls: Option<ClientTls>,
     timeout_ms: u64,
     max_bytes: usize,
 }
 
 impl Clients {
-    /// Clients that send `rpc_token`, wait `timeout_ms` per call and carry
-    /// messages up to `max_bytes`.
+    /// Clients that send `rpc_token`, connect with `tls` when given, wait
+    /// `timeout_ms` per call and carry messages up to `max_bytes`.
     pub fn new(
         message_url: &str,
         rpc_token: Option<&str>,
+        tls: Option<ClientTls>,
         timeout_ms: u64,
         max_bytes: usize,
     ) -> Result<Self, Error> {
         let rpc_token = RpcToken::new(rpc_token).map_err(Error::RpcToken)?;
-        let message = MessageClient::new(rpc_token.on(channel(message_url, timeout_ms)?))
-            .max_decoding_message_size(max_bytes)
-            .max_encoding_message_size(max_bytes);
+        let message =
+            MessageClient::new(rpc_token.on(channel(message_url, tls.as_ref(), timeout_ms)?))
+                .max_decoding_message_size(max_bytes)
+                .max_encoding_message_size(max_bytes);
         Ok(Self {
             message,
             comets: Mutex::new(HashMap::new()),
             probes: Mutex::new(HashMap::new()),
             rpc_token,
+            tls,
             timeout_ms,
             max_bytes,
         })
@@ -50,9 +55,13 @@ impl Clients {
         if let Some(c) = map.get(rpc) {
             return Ok(c.clone());
         }
-        let c = CometClient::new(self.rpc_token.on(channel(rpc, self.timeout_ms)?))
-            .max_decoding_message_size(self.max_bytes)
-            .max_encoding_message_size(self.max_bytes);
+        let c = CometClient::new(self.rpc_token.on(channel(
+            rpc,
+            self.tls.as_ref(),
+            self.timeout_ms,
+        )?))
+        .max_decoding_message_size(self.max_bytes)
+        .max_encoding_message_size(self.max_bytes);
         map.insert(rpc.to_owned(), c.clone());
         Ok(c)
     }
@@ -102,12 +111,8 @@ const PROBE_FRESH: Duration = Duration::from_millis(100);
 /// cut off counts as gone after this.
 const PROBE_DEADLINE: Duration = Duration::from_millis(300);
 
-fn channel(url: &str, timeout_ms: u64) -> Result<Channel, Error> {
-    Ok(Endpoint::from_shared(url.to_owned())
-        .map_err(|source| Error::Endpoint {
-            url: url.to_owned(),
-            source,
-        })?
+fn channel(url: &str, tls: Option<&ClientTls>, timeout_ms: u64) -> Result<Channel, Error> {
+    Ok(endpoint(url, tls)?
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_millis(timeout_ms.max(1)))
         .tcp_nodelay(true)

@@ -42,6 +42,10 @@ pub struct Config {
     /// the message service. Give it through `PUSH_RPC_TOKEN`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rpc_token: Option<String>,
+    /// TLS on the internal gRPC ports (certificates from the cluster's
+    /// `<name>-rpc-tls` Secret); unset, they are plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_tls: Option<pushcluster_proto::tls::RpcTls>,
     /// The cluster's Redis store, when it has one: web then stores private
     /// pushes in it itself (see [`crate::push::PushPath`]); unset, they go
     /// through the comets. Give a URL with a password through
@@ -115,6 +119,7 @@ impl Default for Config {
             subscriber_token_max_seconds: pushcluster_core::token::DEFAULT_MAX_LIFETIME_SECONDS,
             private_jsonp: false,
             rpc_token: None,
+            rpc_tls: None,
             store: Default::default(),
             comets: vec![ShardEndpoint {
                 shard: 0,

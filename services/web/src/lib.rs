@@ -48,12 +48,8 @@ pub enum Error {
     Membership(#[from] pushcluster_lease::Error),
     #[error("rpc_token: {0}")]
     RpcToken(#[source] pushcluster_proto::auth::InvalidToken),
-    #[error("{url}: {source}")]
-    Endpoint {
-        url: String,
-        #[source]
-        source: tonic::transport::Error,
-    },
+    #[error("internal RPC: {0}")]
+    Rpc(#[from] pushcluster_proto::tls::RpcTlsError),
     #[error("store: {0}")]
     Store(#[source] pushcluster_store::StoreError),
     #[error("listener: {0}")]

@@ -9,6 +9,7 @@ use crate::request::param;
 use crate::{Config, Error};
 use prometheus_client::registry::Registry;
 use pushcluster_core::membership::Membership;
+use pushcluster_proto::tls::ClientTls;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -40,6 +41,7 @@ impl AppState {
         let clients = Arc::new(Clients::new(
             &cfg.message_url,
             cfg.rpc_token.as_deref(),
+            ClientTls::load(cfg.rpc_tls.as_ref())?,
             cfg.rpc_timeout_ms,
             cfg.max_rpc_bytes(),
         )?);

@@ -295,6 +295,8 @@ pub struct Options {
     /// Certificate and key every service shows a Redis that asks for one
     /// (`PUSH_REDIS_CLIENT_CERT_FILE`, `PUSH_REDIS_CLIENT_KEY_FILE`).
     pub redis_client_cert: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// TLS on the internal gRPC ports of every service (`rpc_tls`).
+    pub rpc_tls: Option<pushcluster_proto::tls::RpcTls>,
 }
 
 impl Default for Options {
@@ -323,6 +325,7 @@ impl Default for Options {
             redis_durability: pushcluster_redis::Durability::default(),
             tls_dir: None,
             redis_ca_file: None,
+            rpc_tls: None,
             redis_client_cert: None,
         }
     }
@@ -410,6 +413,7 @@ impl Cluster {
             listen: local(msg_port),
             ops_listen: local(msg_ops),
             rpc_token: opts.rpc_token.clone(),
+            rpc_tls: opts.rpc_tls.clone(),
             limits: limits.clone(),
             ..push_message::Config::default()
         };
@@ -499,6 +503,7 @@ impl Cluster {
                 heartbeat_grace_seconds: opts.heartbeat_grace_seconds,
                 subscriber_secret: opts.subscriber_secret.clone(),
                 rpc_token: opts.rpc_token.clone(),
+                rpc_tls: opts.rpc_tls.clone(),
                 limits: limits.clone(),
                 listener_limits: opts.listener_limits.clone(),
                 ..push_comet::Config::default()
@@ -560,6 +565,7 @@ impl Cluster {
             admin_token: opts.admin_token.clone(),
             subscriber_secret: opts.subscriber_secret.clone(),
             rpc_token: opts.rpc_token.clone(),
+            rpc_tls: opts.rpc_tls.clone(),
             rpc_timeout_ms: 3000,
             drain_delay_ms: opts.web_drain_delay_ms,
             membership,

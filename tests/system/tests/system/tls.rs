@@ -197,3 +197,94 @@ async fn services_reach_a_tls_redis_that_asks_for_their_certificate() {
     assert_eq!(stored.len(), 3);
     assert_eq!(stored[2].msg, serde_json::json!({"n": 3}));
 }
+
+/// A call to the comet's gRPC port with `tls` (plaintext when `None`) and
+/// the cluster's token: whether it was answered.
+async fn comet_answers(
+    c: &Cluster,
+    tls: Option<&pushcluster_proto::tls::RpcTls>,
+) -> Result<(), String> {
+    use pushcluster_proto::tls::{endpoint, ClientTls};
+    let url = format!("http://127.0.0.1:{}", c.comet_addrs[0].rpc_port);
+    let tls = ClientTls::load(tls).map_err(|e| e.to_string())?;
+    let channel = endpoint(&url, tls.as_ref())
+        .map_err(|e| e.to_string())?
+        .timeout(Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let token = pushcluster_proto::auth::RpcToken::new(c.opts.rpc_token.as_deref())
+        .map_err(|e| e.to_string())?;
+    pushcluster_proto::v1::comet_client::CometClient::new(token.on(channel))
+        .stats(pushcluster_proto::v1::StatsRequest {})
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("call: {e}"))
+}
+
+/// The internal RPC over TLS as a cluster runs it once the operator's
+/// switch completed: web reaches the comets and the comets the message
+/// service only with the cluster CA's certificate, both ends checked. Pushes
+/// are stored and delivered; a plaintext call, one without a client
+/// certificate and one with another CA's are refused on the same port.
+#[tokio::test]
+async fn the_internal_rpc_runs_over_tls_and_refuses_plaintext_and_strangers() {
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = TestCa::new("cluster RPC CA");
+    let name = "rpc.test.pushcluster.internal";
+    ca.leaf(&[name]).write_to(dir.path());
+    std::fs::write(dir.path().join("ca.crt"), &ca.pem).expect("write CA");
+    let tls = pushcluster_proto::tls::RpcTls {
+        ca_file: dir.path().join("ca.crt"),
+        cert_file: dir.path().join("tls.crt"),
+        key_file: dir.path().join("tls.key"),
+        server_name: name.into(),
+        connect: true,
+        accept_plaintext: false,
+    };
+    let c = Cluster::start(Options {
+        rpc_tls: Some(tls.clone()),
+        ..Options::default()
+    });
+    let mut sub =
+        pushcluster_systest::subscribe(&c, "rpc-tls", pushcluster_systest::Transport::Ws, true)
+            .await;
+    let api = c.client();
+    for n in 1..=3 {
+        let mid = api
+            .push("rpc-tls", &format!(r#"{{"n": {n}}}"#), Some(600))
+            .await
+            .unwrap_or_else(|e| panic!("push {n}: {e}\n{}", c.logs()));
+        assert_eq!(mid, n);
+    }
+    let got = collect(&mut sub, 3, Duration::from_secs(5)).await;
+    let mids: Vec<i64> = got.iter().map(|m| m.mid).collect();
+    assert_eq!(mids, [1, 2, 3]);
+    let (stored, _) = api.fetch("rpc-tls", 0, None).await.expect("fetch");
+    assert_eq!(
+        stored.len(),
+        3,
+        "stored through the message service over TLS"
+    );
+
+    comet_answers(&c, Some(&tls))
+        .await
+        .expect("the cluster's certificate is answered");
+    let plain = comet_answers(&c, None).await;
+    assert!(plain.is_err(), "a plaintext call was answered");
+    let stranger_dir = tempfile::tempdir().expect("dir");
+    let other = TestCa::new("another cluster's CA");
+    other.leaf(&[name]).write_to(stranger_dir.path());
+    let stranger = pushcluster_proto::tls::RpcTls {
+        cert_file: stranger_dir.path().join("tls.crt"),
+        key_file: stranger_dir.path().join("tls.key"),
+        ..tls.clone()
+    };
+    let refused = comet_answers(&c, Some(&stranger)).await;
+    assert!(refused.is_err(), "another CA's certificate was answered");
+    assert!(
+        c.logs()
+            .contains("plaintext, and this cluster's internal RPC takes TLS only"),
+        "the comet says why it closed the plaintext connection"
+    );
+}
