@@ -21,6 +21,8 @@ pub enum Error {
     Json(#[from] serde_json::Error),
     #[error("the PushCluster has no namespace")]
     NoNamespace,
+    #[error("internal RPC TLS: {0}")]
+    RpcTls(#[from] crate::children::rpc_tls::MintError),
 }
 
 impl Error {
@@ -30,6 +32,7 @@ impl Error {
             Error::Kube(_) => "kube",
             Error::Yaml(_) | Error::Json(_) => "render",
             Error::NoNamespace => "no_namespace",
+            Error::RpcTls(_) => "rpc_tls",
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The PushCluster's status as a pure function of what was observed:
 //! conditions (an enum of types and reasons), rollouts, the shard table.
 
-use crate::children::{self, credentials_name, secure};
+use crate::children::{self, credentials_name, rpc_tls, secure};
 use crate::crd::{ComponentStatus, PushCluster, PushClusterStatus, ShardStatus};
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -185,6 +185,9 @@ pub struct Observed {
     pub redis: Option<Result<pushcluster_redis::Topology, String>>,
     /// Where each listener reaches web and the comets.
     pub listeners: Vec<crate::crd::ListenerEndpoints>,
+    /// Pods of the cluster being deleted (still serving or calling others
+    /// with the template they started from).
+    pub terminating: usize,
 }
 
 /// The status of `pc` given what was observed: `Ready` only when every shard
@@ -223,6 +226,18 @@ pub fn status_of(pc: &PushCluster, o: &Observed) -> PushClusterStatus {
         left.push(format!(
             "shards {} held by comets of an older generation",
             stale.join(",")
+        ));
+    }
+    // The internal RPC's next TLS step once every pod runs this one.
+    let (rpc_now, rpc_target) = (rpc_tls::current(pc), rpc_tls::target(pc));
+    let settled =
+        o.comet.complete() && o.message.complete() && o.web.complete() && o.terminating == 0;
+    let rpc_next = rpc_tls::step_toward(rpc_now, rpc_target, settled);
+    if rpc_now != rpc_target {
+        left.push(format!(
+            "internal RPC TLS at step {}, on the way to {}",
+            rpc_step_name(rpc_now),
+            rpc_step_name(rpc_target)
         ));
     }
     let gen = pc.metadata.generation;
@@ -307,6 +322,18 @@ pub fn status_of(pc: &PushCluster, o: &Observed) -> PushClusterStatus {
             }
             s
         }),
+        rpc_tls: rpc_next,
+    }
+}
+
+/// A step's name as the status shows it (`Plaintext` when none).
+pub fn rpc_step_name(step: Option<crate::crd::RpcTlsStep>) -> &'static str {
+    use crate::crd::RpcTlsStep::*;
+    match step {
+        None => "Plaintext",
+        Some(Accepting) => "Accepting",
+        Some(Connecting) => "Connecting",
+        Some(Required) => "Required",
     }
 }
 
@@ -412,6 +439,7 @@ mod tests {
             current_comets: current.iter().map(|s| s.to_string()).collect(),
             redis: None,
             listeners: Vec::new(),
+            terminating: 0,
         }
     }
 
@@ -451,6 +479,63 @@ mod tests {
             (s.master, s.problem.as_deref()),
             (None, Some("no answer within 2s"))
         );
+    }
+
+    #[test]
+    fn the_rpc_tls_steps_advance_only_when_every_pod_runs_the_last_one() {
+        use crate::crd::RpcTlsStep::{Accepting, Connecting, Required};
+        let mut pc: PushCluster = serde_json::from_value(
+            json!({"metadata": {"name": "push", "generation": 4}, "spec": {}}),
+        )
+        .unwrap();
+        let settled = observed(&[Some("a")], &["a"]);
+        assert_eq!(
+            status_of(&pc, &settled).rpc_tls,
+            Some(Required),
+            "a new cluster"
+        );
+        // A cluster from before TLS: plaintext, then one step per settled look.
+        pc.status = Some(PushClusterStatus {
+            observed_generation: Some(3),
+            ..Default::default()
+        });
+        let s = status_of(&pc, &settled);
+        assert_eq!(s.rpc_tls, Some(Accepting));
+        let p = cond(&s, ConditionType::Progressing);
+        assert_eq!(p.status, "True");
+        assert!(
+            p.message
+                .contains("internal RPC TLS at step Plaintext, on the way to Required"),
+            "{}",
+            p.message
+        );
+        pc.status = Some(s);
+        let mut rolling = settled.clone();
+        rolling.web.updated = 1;
+        assert_eq!(
+            status_of(&pc, &rolling).rpc_tls,
+            Some(Accepting),
+            "web still rolling"
+        );
+        let mut draining = settled.clone();
+        draining.terminating = 1;
+        assert_eq!(
+            status_of(&pc, &draining).rpc_tls,
+            Some(Accepting),
+            "an old pod still terminating"
+        );
+        let s = status_of(&pc, &settled);
+        assert_eq!(s.rpc_tls, Some(Connecting));
+        pc.status = Some(s);
+        let s = status_of(&pc, &settled);
+        assert_eq!(s.rpc_tls, Some(Required));
+        pc.status = Some(s);
+        let s = status_of(&pc, &settled);
+        assert_eq!(s.rpc_tls, Some(Required));
+        assert_eq!(cond(&s, ConditionType::Progressing).status, "False");
+        // Asked for plaintext: the same steps back.
+        pc.spec.auth.plaintext_rpc = true;
+        assert_eq!(status_of(&pc, &settled).rpc_tls, Some(Connecting));
     }
 
     fn cond(s: &PushClusterStatus, type_: ConditionType) -> &Condition {

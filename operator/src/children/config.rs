@@ -181,6 +181,7 @@ fn service_configs(pc: &PushCluster, facts: &Facts) -> ServiceConfigs {
     let durability = redis_durability(pc);
     let key_prefix = redis_key_prefix(pc).unwrap_or_else(|| LEGACY_KEY_PREFIX.into());
     let token_max = subscriber_token_max_seconds(pc);
+    let rpc_tls = super::rpc_tls::config(pc, super::rpc_tls::current(pc));
     let comet = push_comet::Config {
         membership: membership(pc),
         ws_listen: on_all_interfaces(s.comet.ports.ws),
@@ -203,11 +204,13 @@ fn service_configs(pc: &PushCluster, facts: &Facts) -> ServiceConfigs {
         max_subscribers_per_key: s.comet.max_subscribers_per_key.max(1) as usize,
         queue_depth: s.comet.queue_depth.max(1) as usize,
         listener_limits: listener_limits(s.comet.max_connections, s.comet.max_connections_per_ip),
+        rpc_tls: rpc_tls.clone(),
         ..push_comet::Config::default()
     };
     let mut message = push_message::Config {
         listen: on_all_interfaces(MESSAGE_PORT),
         ops_listen: on_all_interfaces(MESSAGE_OPS),
+        rpc_tls: rpc_tls.clone(),
         ..push_message::Config::default()
     };
     message.storage.path = "/data/messages.redb".into();
@@ -237,6 +240,7 @@ fn service_configs(pc: &PushCluster, facts: &Facts) -> ServiceConfigs {
         listener_limits: listener_limits(s.web.max_connections, s.web.max_connections_per_ip),
         membership: membership(pc),
         advertise: super::listeners::client_addresses(pc, &facts.listener_endpoints(pc)),
+        rpc_tls,
         ..push_web::Config::default()
     };
     ServiceConfigs {
@@ -287,12 +291,17 @@ pub fn config_hashes(pc: &PushCluster, facts: &Facts) -> Result<ConfigHashes> {
     // stay what they were before they counted, so an operator upgrade
     // rolls no cluster that has none.
     let tls = &facts.redis_tls;
-    let with_tls = |h: String| {
+    let with_redis_tls = |h: String| {
         if tls.is_empty() {
             h
         } else {
             hash_of(&(h, tls))
         }
+    };
+    // Likewise every component mounts the RPC certificate, once it has one.
+    let with_tls = |h: String| match &facts.rpc_tls {
+        None => with_redis_tls(h),
+        Some(d) => hash_of(&(with_redis_tls(h), d)),
     };
     Ok(ConfigHashes {
         comet: with_tls(hash_of(&(

@@ -13,6 +13,7 @@ pub mod credentials;
 pub mod listeners;
 pub mod network;
 pub mod rbac;
+pub mod rpc_tls;
 pub mod services;
 pub mod workloads;
 
@@ -235,6 +236,9 @@ pub struct Facts {
     /// (`storage.redis.tls`), by `<secret>/<key>`: a renewed CA or client
     /// certificate rolls the pods, which read them at start.
     pub redis_tls: BTreeMap<String, String>,
+    /// Digest of what the pods mount of the RPC TLS Secret, while the
+    /// internal RPC runs TLS at all: a renewed certificate rolls them.
+    pub rpc_tls: Option<String>,
 }
 
 impl Facts {

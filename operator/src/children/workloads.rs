@@ -314,6 +314,10 @@ fn pod_template(pc: &PushCluster, hash: &str, p: PodParts<'_>) -> PodTemplateSpe
         volumes.push(volume);
         mounts.push(mount);
     }
+    if let Some((volume, mount)) = super::rpc_tls::volume(pc, super::rpc_tls::current(pc)) {
+        volumes.push(volume);
+        mounts.push(mount);
+    }
     let mut ports: Vec<ContainerPort> = p
         .ports
         .iter()

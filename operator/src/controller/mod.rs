@@ -12,6 +12,7 @@ pub mod credentials;
 pub mod gc;
 pub mod metrics;
 pub mod observe;
+pub mod rpc_tls;
 pub mod storage;
 
 use crate::children::{self, MANAGER};
@@ -110,6 +111,17 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
         listener_services: observe::listener_services(pc, ctx, &ns).await?,
         gateway_api: observe::gateway_api(pc, ctx).await,
         redis_tls: observe::redis_tls_digests(pc, ctx, &ns).await?,
+        rpc_tls: match rpc_tls::ensure_rpc_tls(pc, ctx, &ns).await {
+            Ok(d) => d,
+            Err(e) => {
+                let msg = format!(
+                    "RPC TLS Secret {}: {e}",
+                    children::rpc_tls::rpc_tls_name(pc)
+                );
+                degrade(pc, ctx, Reason::CredentialsFailed, &msg).await;
+                return Err(e);
+            }
+        },
     };
     let mut written = Vec::new();
     let desired = children::desired(pc, &facts)?;
@@ -147,7 +159,23 @@ async fn reconcile_inner(pc: &PushCluster, ctx: &Context) -> Result<Action> {
     // Node ports and load balancer addresses arrive after the apply: look
     // again soon, so web's config gets them.
     let converging = !status::is_true(&status, ConditionType::Ready)
-        || observed.listeners != facts.listener_endpoints(pc);
+        || observed.listeners != facts.listener_endpoints(pc)
+        || status.rpc_tls != children::rpc_tls::target(pc);
+    let rpc_now = children::rpc_tls::current(pc);
+    if status.rpc_tls != rpc_now {
+        publish(
+            ctx,
+            pc,
+            EventType::Normal,
+            "RpcTlsStep",
+            &format!(
+                "internal RPC TLS: every pod runs step {}, next {}",
+                status::rpc_step_name(rpc_now),
+                status::rpc_step_name(status.rpc_tls)
+            ),
+        )
+        .await;
+    }
     if pc.status.as_ref() != Some(&status) {
         write_status(pc, ctx, &ns, &status).await?;
     }

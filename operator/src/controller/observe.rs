@@ -3,7 +3,7 @@
 
 use super::gc::shard_of;
 use super::Context;
-use crate::children::{self, cluster_query, selector_query, Facts, CONFIG_HASH};
+use crate::children::{self, cluster_query, Facts, CONFIG_HASH};
 use crate::crd::{PushCluster, ShardStatus};
 use crate::status::{Observed, Rollout};
 use crate::Result;
@@ -35,14 +35,22 @@ pub async fn observe(pc: &PushCluster, ctx: &Context, ns: &str, facts: &Facts) -
     let shards = shard_table(pc, ctx, ns).await?;
     let hash = children::config_hashes(pc, facts)?.comet;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), ns);
-    let comet_pods = ListParams::default().labels(&selector_query(pc, "comet"));
-    let current_comets = pods
-        .list(&comet_pods)
+    let cluster_pods = pods
+        .list(&ListParams::default().labels(&cluster_query(pc)))
         .await?
-        .items
+        .items;
+    let terminating = cluster_pods
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+        .count();
+    let comet_labels = children::selector(pc, "comet");
+    let current_comets = cluster_pods
         .into_iter()
         .filter(|p| {
-            p.annotations().get(CONFIG_HASH) == Some(&hash)
+            comet_labels
+                .iter()
+                .all(|(k, v)| p.labels().get(k) == Some(v))
+                && p.annotations().get(CONFIG_HASH) == Some(&hash)
                 && p.spec
                     .as_ref()
                     .and_then(|s| s.containers.first())
@@ -71,6 +79,7 @@ pub async fn observe(pc: &PushCluster, ctx: &Context, ns: &str, facts: &Facts) -
         shards,
         current_comets,
         redis,
+        terminating,
     })
 }
 

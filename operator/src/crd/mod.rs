@@ -16,8 +16,8 @@ pub use listeners::{
     GatewayRef, IssuerKind, IssuerRef, ListenerPorts, ListenerSpec, ListenerTls, ListenerType,
 };
 pub use status::{
-    ComponentStatus, EndpointsStatus, ListenerEndpoints, PushClusterStatus, ShardAddresses,
-    ShardStatus, StorageStatus,
+    ComponentStatus, EndpointsStatus, ListenerEndpoints, PushClusterStatus, RpcTlsStep,
+    ShardAddresses, ShardStatus, StorageStatus,
 };
 
 /// Desired state of a push cluster.
@@ -666,6 +666,15 @@ pub struct AuthSpec {
     /// reply, so only the token then protects it. Off by default.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub private_jsonp: bool,
+    /// The internal gRPC ports (web → comets, comets and web → the message
+    /// service) in plaintext, for a mesh or CNI that encrypts pod traffic
+    /// already. Off by default: they run TLS with a certificate of the
+    /// cluster's own CA on both ends (Secret `<name>-rpc-tls`); switching
+    /// either way rolls the pods three times, so no call between an old and
+    /// a new pod fails (`status.rpcTls` says where it is). `insecure`
+    /// implies it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plaintext_rpc: bool,
     /// How far ahead a subscriber token's expiry may lie, in seconds: comets
     /// and web refuse a token minted for longer, so a leaked one is good for
     /// a bounded time (default 604800, a week; 0 accepts any expiry).

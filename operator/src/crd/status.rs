@@ -34,6 +34,26 @@ pub struct PushClusterStatus {
     /// What the cluster keeps in Redis (absent on the embedded store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageStatus>,
+    /// Where the internal gRPC ports are on the way to TLS (absent:
+    /// plaintext). The pods run the step named here; the next one is taken
+    /// once every rollout of it completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_tls: Option<RpcTlsStep>,
+}
+
+/// A step of switching the internal gRPC ports to TLS, in order; switching
+/// back to plaintext takes them in reverse.
+#[derive(
+    schemars::JsonSchema, Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
+)]
+pub enum RpcTlsStep {
+    /// Servers take TLS beside plaintext; clients still dial in plaintext.
+    Accepting,
+    /// Clients dial with TLS; servers still take plaintext from pods of the
+    /// step before.
+    Connecting,
+    /// TLS only: servers refuse plaintext.
+    Required,
 }
 
 /// Where in Redis the cluster's data lives.

@@ -203,8 +203,12 @@ fn facts(fake: &Shared) -> Facts {
         .get(&format!("{SECRETS}/push-credentials"))
         .map(|s| CredentialDigests::of(&serde_json::from_value(s.clone()).unwrap()))
         .unwrap_or_default();
+    let rpc_tls = f.objects.get(&format!("{SECRETS}/push-rpc-tls")).map(|s| {
+        push_operator::children::rpc_tls::digest(&serde_json::from_value(s.clone()).unwrap())
+    });
     Facts {
         creds,
+        rpc_tls,
         ..Facts::default()
     }
 }
@@ -303,6 +307,11 @@ async fn first_reconcile_applies_every_object_then_reports_status() {
         (Method::POST, EVENTS.into()),
         (Method::GET, format!("{STATEFULSETS}/push-message")),
         (Method::GET, "/version".into()),
+        // A new cluster runs its internal RPC over TLS from the start: the
+        // CA and the pods' certificate, created and announced.
+        (Method::GET, format!("{SECRETS}/push-rpc-tls")),
+        (Method::POST, SECRETS.into()),
+        (Method::POST, EVENTS.into()),
     ];
     let digests = facts(&fake);
     assert_eq!(
@@ -336,6 +345,7 @@ async fn first_reconcile_applies_every_object_then_reports_status() {
     }
     let status = &log.last().unwrap().body["status"];
     assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(status["rpcTls"], "Required");
     assert_eq!(status["readyShards"], 0);
     assert_eq!(status["shards"].as_array().unwrap().len(), 2);
     let ready = status["conditions"]
@@ -377,6 +387,7 @@ async fn a_no_op_reconcile_writes_nothing() {
     let mut want: Vec<(Method, String)> = vec![
         (Method::GET, format!("{SECRETS}/push-credentials")),
         (Method::GET, format!("{STATEFULSETS}/push-message")),
+        (Method::GET, format!("{SECRETS}/push-rpc-tls")),
     ];
     want.extend(
         desired(&pc, &facts(&fake))
