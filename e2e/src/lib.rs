@@ -509,6 +509,36 @@ pub async fn credentials(
     })
 }
 
+/// The internal RPC's TLS material of `cluster` (its `<cluster>-rpc-tls`
+/// Secret, what its pods mount) written to files under `dir`, as a client
+/// of its gRPC ports would use it.
+pub async fn rpc_tls_files(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<pushcluster_proto::tls::RpcTls> {
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client.clone(), namespace);
+    let name = format!("{cluster}-rpc-tls");
+    let data = secrets.get(&name).await?.data.unwrap_or_default();
+    std::fs::create_dir_all(dir)?;
+    for key in ["ca.crt", "tls.crt", "tls.key"] {
+        let v = data
+            .get(key)
+            .with_context(|| format!("{name} has no {key}"))?;
+        std::fs::write(dir.join(key), &v.0)?;
+    }
+    Ok(pushcluster_proto::tls::RpcTls {
+        ca_file: dir.join("ca.crt"),
+        cert_file: dir.join("tls.crt"),
+        key_file: dir.join("tls.key"),
+        server_name: format!("rpc.{cluster}.{namespace}.pushcluster.internal"),
+        connect: true,
+        accept_plaintext: false,
+    })
+}
+
 /// Observations of histogram `metric` (those whose labels contain `label`)
 /// summed over the ops endpoints of `component`'s pods of `cluster`: all of
 /// them, and those over `over` seconds (by the widest bucket not above it).

@@ -17,10 +17,11 @@ use pushcluster_e2e::setup::{
 };
 use pushcluster_e2e::traffic::{ready_endpoints, Load, ServiceProxy, Traffic};
 use pushcluster_e2e::{
-    apply_example, credentials, full_cluster, helm, kill9, kubectl, rollout_status, root, wait,
-    wait_ready, TestNamespace,
+    apply_example, credentials, full_cluster, helm, kill9, kubectl, rollout_status, root,
+    rpc_tls_files, wait, wait_ready, TestNamespace,
 };
 use pushcluster_proto::auth::RpcToken;
+use pushcluster_proto::tls::{endpoint, ClientTls, RpcTls};
 use pushcluster_proto::v1::comet_client::CometClient;
 use pushcluster_proto::v1::message_client::MessageClient;
 use serde_json::json;
@@ -346,13 +347,33 @@ async fn two_clusters_on_one_redis_share_nothing() -> anyhow::Result<()> {
     result
 }
 
-/// gRPC to `addr` (`host:port`) with `token` (none: no credentials): the
-/// code the server answers a Fetch with.
-async fn grpc_fetch(addr: &str, token: Option<&str>) -> anyhow::Result<tonic::Code> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+/// A channel to `addr` (`host:port`) over `tls` (plaintext when `None`), or
+/// why none could be made (the server closed a plaintext connection or
+/// refused the certificate).
+async fn grpc_channel(
+    addr: &str,
+    tls: Option<&RpcTls>,
+) -> anyhow::Result<Result<tonic::transport::Channel, String>> {
+    let tls = ClientTls::load(tls)?;
+    Ok(endpoint(&format!("http://{addr}"), tls.as_ref())?
         .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
         .connect()
-        .await?;
+        .await
+        .map_err(|e| format!("{e:?}")))
+}
+
+/// gRPC Fetch to `addr` over `tls` with `token` (none: no credentials): the
+/// code the server answers, or why the connection failed.
+async fn grpc_fetch(
+    addr: &str,
+    tls: Option<&RpcTls>,
+    token: Option<&str>,
+) -> anyhow::Result<Result<tonic::Code, String>> {
+    let channel = match grpc_channel(addr, tls).await? {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
     let mut c = MessageClient::new(RpcToken::new(token)?.on(channel));
     let req = pushcluster_proto::v1::FetchRequest {
         key: "k".into(),
@@ -361,28 +382,33 @@ async fn grpc_fetch(addr: &str, token: Option<&str>) -> anyhow::Result<tonic::Co
         limit: 0,
         epoch: 0,
     };
-    Ok(match c.fetch(req).await {
+    Ok(Ok(match c.fetch(req).await {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),
-    })
+    }))
 }
 
-/// gRPC Push to a comet at `addr` with `token`: the code it answers.
-async fn grpc_push(addr: &str, token: Option<&str>) -> anyhow::Result<tonic::Code> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await?;
+/// gRPC Push to a comet at `addr` over `tls` with `token`: the code it
+/// answers, or why the connection failed.
+async fn grpc_push(
+    addr: &str,
+    tls: Option<&RpcTls>,
+    token: Option<&str>,
+) -> anyhow::Result<Result<tonic::Code, String>> {
+    let channel = match grpc_channel(addr, tls).await? {
+        Ok(c) => c,
+        Err(e) => return Ok(Err(e)),
+    };
     let mut c = CometClient::new(RpcToken::new(token)?.on(channel));
     let req = pushcluster_proto::v1::PushRequest {
         key: "grpc-probe".into(),
         payload: b"{}".to_vec().into(),
         ..Default::default()
     };
-    Ok(match c.push(req).await {
+    Ok(Ok(match c.push(req).await {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),
-    })
+    }))
 }
 
 /// The first ready endpoint of Service `service` on `port`, as `host:port`.
@@ -468,6 +494,11 @@ async fn two_tenants_one_operator_secure_by_default() -> anyhow::Result<()> {
                 && status.conditions.iter().any(|c| c.type_ == "AuthEnabled" && c.status == "True"),
             "status does not name the Secret or AuthEnabled: {status:?}"
         );
+        anyhow::ensure!(
+            status.rpc_tls == Some(push_operator::crd::RpcTlsStep::Required),
+            "a new cluster's internal RPC is not TLS-only from the start: {:?}",
+            status.rpc_tls
+        );
         let mut proxies = Vec::new();
         for ns in [&a, &b] {
             let public = ServiceProxy::start(&client, &ns.name, "push-web", "public").await?;
@@ -526,21 +557,39 @@ async fn two_tenants_one_operator_secure_by_default() -> anyhow::Result<()> {
             "tenant a sees {in_a:?}"
         );
         // gRPC straight to tenant b's pods, as a pod of another namespace
-        // could (NetworkPolicy is not enforced here): refused without b's
-        // rpc-token, with a's, and answered with b's own.
+        // could (NetworkPolicy is not enforced here): in plaintext, or over
+        // TLS with a's certificate, no connection at all; with b's
+        // certificate, refused without b's rpc-token or with a's, and
+        // answered with b's own.
         let message_b = endpoint_of(&client, &b.name, "push-message", "grpc").await?;
         let comet_b = endpoint_of(&client, &b.name, "push-comets", "rpc").await?;
-        for (what, code) in [
-            ("gRPC Fetch to b's message service without a token", grpc_fetch(&message_b, None).await?),
-            ("gRPC Fetch to b's message service with a's rpc-token", grpc_fetch(&message_b, Some(&creds[0].rpc_token)).await?),
-            ("gRPC Push to b's comet without a token", grpc_push(&comet_b, None).await?),
-            ("gRPC Push to b's comet with a's rpc-token", grpc_push(&comet_b, Some(&creds[0].rpc_token)).await?),
+        let dir = std::env::temp_dir().join(format!("pushcluster-e2e-tenants-{}", std::process::id()));
+        let tls_a = rpc_tls_files(&client, &a.name, "push", &dir.join("a")).await?;
+        let tls_b = rpc_tls_files(&client, &b.name, "push", &dir.join("b")).await?;
+        // a's certificate, asking for b's server name: only the CA differs.
+        let a_as_b = RpcTls { server_name: tls_b.server_name.clone(), ..tls_a.clone() };
+        let (b_token, a_token) = (Some(creds[1].rpc_token.as_str()), Some(creds[0].rpc_token.as_str()));
+        for (what, r) in [
+            ("gRPC Fetch to b's message service in plaintext with b's rpc-token", grpc_fetch(&message_b, None, b_token).await?),
+            ("gRPC Push to b's comet in plaintext with b's rpc-token", grpc_push(&comet_b, None, b_token).await?),
+            ("gRPC Fetch to b's message service with a's certificate and b's rpc-token", grpc_fetch(&message_b, Some(&a_as_b), b_token).await?),
+            ("gRPC Push to b's comet with a's certificate and b's rpc-token", grpc_push(&comet_b, Some(&a_as_b), b_token).await?),
         ] {
-            anyhow::ensure!(code == tonic::Code::Unauthenticated, "{what}: {code:?}");
+            anyhow::ensure!(r.is_err(), "{what}: connected, answered {r:?}");
             refused.push(what);
         }
-        let own = grpc_fetch(&message_b, Some(&creds[1].rpc_token)).await?;
-        anyhow::ensure!(own == tonic::Code::Ok, "b's own rpc-token: {own:?}");
+        for (what, r) in [
+            ("gRPC Fetch to b's message service without a token", grpc_fetch(&message_b, Some(&tls_b), None).await?),
+            ("gRPC Fetch to b's message service with a's rpc-token", grpc_fetch(&message_b, Some(&tls_b), a_token).await?),
+            ("gRPC Push to b's comet without a token", grpc_push(&comet_b, Some(&tls_b), None).await?),
+            ("gRPC Push to b's comet with a's rpc-token", grpc_push(&comet_b, Some(&tls_b), a_token).await?),
+        ] {
+            anyhow::ensure!(r == Ok(tonic::Code::Unauthenticated), "{what}: {r:?}");
+            refused.push(what);
+        }
+        let own = grpc_fetch(&message_b, Some(&tls_b), b_token).await?;
+        anyhow::ensure!(own == Ok(tonic::Code::Ok), "b's own certificate and rpc-token: {own:?}");
+        let _ = std::fs::remove_dir_all(&dir);
         // What a comet's ServiceAccount may do: write only its own Leases.
         let n = a.name.clone();
         let can = tokio::task::spawn_blocking(move || {
