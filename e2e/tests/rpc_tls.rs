@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 
 const LIMIT: Duration = Duration::from_secs(300);
 
-/// The step `status.rpcTls` names (`Plaintext` when absent) and whether the
-/// cluster says it is still progressing.
-async fn step(client: &Client, ns: &str, name: &str) -> anyhow::Result<(String, bool)> {
+/// The step `status.rpcTls` names (`Plaintext` when absent) and, while the
+/// cluster says it is still progressing, what it says is left.
+async fn step(client: &Client, ns: &str, name: &str) -> anyhow::Result<(String, Option<String>)> {
     let pc = Api::<PushCluster>::namespaced(client.clone(), ns)
         .get(name)
         .await?;
@@ -35,7 +35,8 @@ async fn step(client: &Client, ns: &str, name: &str) -> anyhow::Result<(String, 
     let progressing = status
         .conditions
         .iter()
-        .any(|c| c.type_ == "Progressing" && c.status == "True");
+        .find(|c| c.type_ == "Progressing" && c.status == "True")
+        .map(|c| c.message.clone());
     Ok((
         push_operator::status::rpc_step_name(status.rpc_tls).to_owned(),
         progressing,
@@ -65,12 +66,12 @@ async fn switch(
         if seen.last().map(|(s, _)| s) != Some(&now) {
             seen.push((now.clone(), t.elapsed().as_secs_f64()));
         }
-        if now == last && !progressing {
+        if now == last && progressing.is_none() {
             return Ok(seen);
         }
         anyhow::ensure!(
             t.elapsed() < LIMIT,
-            "still at {now} (progressing {progressing}) after {LIMIT:?}; seen {seen:?}"
+            "still at {now} after {LIMIT:?} (progressing: {progressing:?}); seen {seen:?}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -533,9 +533,17 @@ mod tests {
         let s = status_of(&pc, &settled);
         assert_eq!(s.rpc_tls, Some(Required));
         assert_eq!(cond(&s, ConditionType::Progressing).status, "False");
-        // Asked for plaintext: the same steps back.
+        // Asked for plaintext: the same steps back, the last one written
+        // as null (a merge patch that left it out would keep the old step).
         pc.spec.auth.plaintext_rpc = true;
-        assert_eq!(status_of(&pc, &settled).rpc_tls, Some(Connecting));
+        for want in [Some(Connecting), Some(Accepting), None] {
+            let s = status_of(&pc, &settled);
+            assert_eq!(s.rpc_tls, want);
+            pc.status = Some(s);
+        }
+        let written = serde_json::to_value(pc.status.as_ref().unwrap()).unwrap();
+        assert_eq!(written["rpcTls"], serde_json::Value::Null);
+        assert!(written.as_object().unwrap().contains_key("rpcTls"));
     }
 
     fn cond(s: &PushClusterStatus, type_: ConditionType) -> &Condition {

@@ -13,9 +13,12 @@ use kube::runtime::events::EventType;
 use serde_json::json;
 
 /// Makes the Secret current and returns the digest of what the pods mount;
-/// `None` when the cluster neither runs nor heads for TLS.
+/// `None` while they mount nothing (plaintext, also on the way to TLS: the
+/// Secret is made then, for the next step's pods, but rolling these for it
+/// would be a rollout for nothing).
 pub async fn ensure_rpc_tls(pc: &PushCluster, ctx: &Context, ns: &str) -> Result<Option<String>> {
-    if rpc_tls::current(pc).is_none() && rpc_tls::target(pc).is_none() {
+    let mounted = rpc_tls::current(pc).is_some();
+    if !mounted && rpc_tls::target(pc).is_none() {
         return Ok(None);
     }
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -28,7 +31,7 @@ pub async fn ensure_rpc_tls(pc: &PushCluster, ctx: &Context, ns: &str) -> Result
             "generated a CA and the pods' certificate",
         ),
         Some(s) => match renewal(pc, s, now).map_err(Error::RpcTls)? {
-            None => return Ok(Some(digest(s))),
+            None => return Ok(mounted.then(|| digest(s))),
             Some(w) => (w, "renewed the pods' certificate"),
         },
     };
@@ -58,5 +61,5 @@ pub async fn ensure_rpc_tls(pc: &PushCluster, ctx: &Context, ns: &str) -> Result
         &format!("{what} in Secret {name}"),
     )
     .await;
-    Ok(Some(digest(&written)))
+    Ok(mounted.then(|| digest(&written)))
 }

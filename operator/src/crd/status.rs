@@ -37,7 +37,9 @@ pub struct PushClusterStatus {
     /// Where the internal gRPC ports are on the way to TLS (absent:
     /// plaintext). The pods run the step named here; the next one is taken
     /// once every rollout of it completed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // Written as null when plaintext, not left out: the status is written
+    // with a merge patch, which keeps a field it does not name.
+    #[serde(default)]
     pub rpc_tls: Option<RpcTlsStep>,
 }
 

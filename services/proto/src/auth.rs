@@ -2,15 +2,13 @@
 //! the message service carries `authorization: Bearer <token>`, and every
 //! server refuses a call without the right one (`UNAUTHENTICATED`).
 //!
-//! A shared bearer token rather than mTLS: the operator already owns one
-//! Secret per cluster, a token rotates by deleting its key there (pods roll
-//! and pick the new value up), and no certificate authority, expiry or
-//! reload path has to be run. What mTLS would add, encryption on the pod
-//! network, belongs to the network layer (a CNI or mesh with encryption);
-//! the token is what keeps a pod of another cluster or namespace out, and
-//! the generated NetworkPolicies keep it from even connecting. Streams are
-//! checked once, when they open, so the cost on the push path is one header
-//! per batch stream, not per push.
+//! The token is what keeps a pod of another cluster or namespace out even
+//! where the internal RPC runs in plaintext (`auth.plaintextRpc`, or while a
+//! switch to TLS rolls out, see `crate::tls`); with TLS it is checked as
+//! well as the certificate. It rotates by deleting its key in the operator's
+//! Secret (pods roll and pick the new value up). Streams are checked once,
+//! when they open, so the cost on the push path is one header per batch
+//! stream, not per push.
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
