@@ -275,6 +275,17 @@ impl Traffic {
         &self.api
     }
 
+    /// [`Traffic::start`], then waits up to `limit` until every follower is
+    /// on a comet (an error if one is not by then).
+    pub async fn start_connected(api: Api2, load: &Load, limit: Duration) -> anyhow::Result<Self> {
+        let traffic = Self::start(api, load).await;
+        anyhow::ensure!(
+            traffic.all_connected(limit).await,
+            "followers did not all reach a comet within {limit:?}"
+        );
+        Ok(traffic)
+    }
+
     /// Waits until every follower is on a comet; false after `limit`.
     pub async fn all_connected(&self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;

@@ -38,12 +38,7 @@ async fn full_traffic(api: &HttpApi, prefix: &str) -> anyhow::Result<Traffic> {
         prefix: prefix.into(),
         subscriber_secret: Some("full-subscriber-secret".into()),
     };
-    let traffic = Traffic::start(api.clone(), &load).await;
-    anyhow::ensure!(
-        traffic.all_connected(LIMIT).await,
-        "followers did not all reach a comet"
-    );
-    Ok(traffic)
+    Traffic::start_connected(api.clone(), &load, LIMIT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,11 +103,7 @@ async fn the_minimal_example_on_a_tls_redis_with_a_private_ca() -> anyhow::Resul
             prefix: "tls".into(),
             subscriber_secret: Some(creds.subscriber_secret.clone()),
         };
-        let traffic = Traffic::start(api.clone(), &load).await;
-        anyhow::ensure!(
-            traffic.all_connected(LIMIT).await,
-            "followers did not all reach a comet"
-        );
+        let traffic = Traffic::start_connected(api.clone(), &load, LIMIT).await?;
         tokio::time::sleep(Duration::from_secs(8)).await;
 
         // cert-manager renews the pods' certificate: the operator sees the

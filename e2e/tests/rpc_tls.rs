@@ -159,11 +159,7 @@ async fn the_internal_rpc_switches_to_tls_and_back_under_traffic() -> anyhow::Re
             prefix: "rpc".into(),
             subscriber_secret: Some(creds.subscriber_secret.clone()),
         };
-        let traffic = Traffic::start(api.clone(), &load).await;
-        anyhow::ensure!(
-            traffic.all_connected(LIMIT).await,
-            "followers did not all reach a comet"
-        );
+        let traffic = Traffic::start_connected(api.clone(), &load, LIMIT).await?;
         tokio::time::sleep(Duration::from_secs(5)).await;
 
         let on = switch(&client, n, &name, false, "Required").await?;
